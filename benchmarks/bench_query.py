@@ -1,0 +1,177 @@
+"""Fused liif_cuda.query against the reference query (python/liif_reference.py) on the CPU.
+
+Both run in this process on the same inputs (C = 64 features, the published MLP 580-256x4-3, a full
+output grid at each scale), interleaved, after a warm-up run each; the table reports the median time
+of the repeats, queries per second and the speed ratio. Peak memory is measured for each variant in
+isolation, in a fresh subprocess per (size, scale, variant): the rise of the process's peak resident
+set (VmHWM) over its resident set just before the call, so it counts everything the call allocates,
+the output included. Results go to benchmarks/results/ as JSON with the machine and versions.
+
+Run on an otherwise idle machine: a build or test run on another core distorts CPU timings.
+
+    python benchmarks/bench_query.py                 # the full grid (about 15 minutes on 2 cores)
+    python benchmarks/bench_query.py --sizes 64 --scales 4
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import liif_reference as ref  # noqa: E402
+
+import liif_cuda  # noqa: E402
+
+CHANNELS = 64
+HIDDEN = [256, 256, 256, 256]
+
+
+def make_inputs(size, scale, dtype=torch.float32):
+    g = torch.Generator().manual_seed(size * 100 + scale)
+    feat = torch.randn(1, CHANNELS, size, size, generator=g, dtype=dtype)
+    torch.manual_seed(0)
+    imnet = ref.MLP(ref.imnet_in_dim(CHANNELS), 3, HIDDEN).to(dtype)
+    out_size = size * scale
+    coord = ref.make_coord((out_size, out_size), dtype=dtype).unsqueeze(0)
+    cell = ref.make_cell(coord, (out_size, out_size))
+    return feat, coord, cell, imnet
+
+
+def run_variant(name, feat, coord, cell, imnet):
+    with torch.no_grad():
+        if name == "reference":
+            return ref.batched_query_rgb(feat, coord, cell, imnet)
+        return liif_cuda.query(feat, coord, cell, imnet)
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_memory(size, scale, variant):
+    """Runs in a fresh process: peak resident memory added by one call, in bytes."""
+    feat, coord, cell, imnet = make_inputs(size, scale)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _rss_kib("VmRSS")
+    out = run_variant(variant, feat, coord, cell, imnet)
+    peak = _rss_kib("VmHWM")
+    del out
+    return (peak - before) * 1024
+
+
+def peak_memory_in_subprocess(size, scale, variant):
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", f"{size},{scale},{variant}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def time_pair(size, scale, repeats):
+    feat, coord, cell, imnet = make_inputs(size, scale)
+    times = {"reference": [], "fused": []}
+    outs = {}
+    for name in times:  # warm-up, and the outputs for the accuracy column
+        outs[name] = run_variant(name, feat, coord, cell, imnet)
+    for _ in range(repeats):
+        for name in times:
+            t0 = time.perf_counter()
+            run_variant(name, feat, coord, cell, imnet)
+            times[name].append(time.perf_counter() - t0)
+    r, f = outs["reference"], outs["fused"]
+    rel_err = ((f - r).norm() / r.norm()).item()
+    return {k: statistics.median(v) for k, v in times.items()}, times, rel_err
+
+
+def machine_info():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "liif_cuda": liif_cuda.__version__,
+        "build": liif_cuda.build_info(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="32,64,128", help="LR sizes (square), comma-separated")
+    parser.add_argument("--scales", default="2,4,8", help="upscaling factors, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_probe:
+        size, scale, variant = args.memory_probe.split(",")
+        print(measure_peak_memory(int(size), int(scale), variant))
+        return
+
+    rows = []
+    header = (f"{'LR':>8} {'scale':>5} {'queries':>9} {'ref q/s':>10} {'fused q/s':>10} "
+              f"{'speed-up':>8} {'ref peak MiB':>12} {'fused peak MiB':>14} {'mem ratio':>9} "
+              f"{'rel err':>8}")
+    print(header)
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for scale in [int(s) for s in args.scales.split(",")]:
+            queries = (size * scale) ** 2
+            med, all_times, rel_err = time_pair(size, scale, args.repeats)
+            mem = {v: peak_memory_in_subprocess(size, scale, v) for v in ("reference", "fused")}
+            row = {
+                "lr_size": [size, size], "scale": scale, "queries": queries,
+                "median_s": med, "times_s": all_times,
+                "queries_per_s": {k: queries / v for k, v in med.items()},
+                "speedup": med["reference"] / med["fused"],
+                "peak_memory_bytes": mem,
+                "memory_ratio": mem["fused"] / mem["reference"],
+                "relative_error": rel_err,
+            }
+            rows.append(row)
+            print(f"{size:>4}x{size:<3} {scale:>5} {queries:>9} "
+                  f"{row['queries_per_s']['reference']:>10.0f} {row['queries_per_s']['fused']:>10.0f} "
+                  f"{row['speedup']:>7.2f}x {mem['reference'] / 2**20:>12.1f} "
+                  f"{mem['fused'] / 2**20:>14.1f} {row['memory_ratio']:>9.3f} {rel_err:>8.1e}",
+                  flush=True)
+
+    result = {
+        "benchmark": "bench_query (CPU, float32, C=64, MLP 580-256x4-3, reference chunk 30000)",
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"cpu_query_{time.strftime('%Y%m%d')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {os.path.relpath(out, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

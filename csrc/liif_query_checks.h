@@ -1,0 +1,93 @@
+// Argument checks of liif_cuda::query shared by the CPU and CUDA kernels.
+//
+// The Python wrapper (liif_cuda/_validation.py) checks the same conditions first and raises ValueError
+// with the same wording; these checks are the safety net for direct calls of torch.ops.liif_cuda.query,
+// so that no input can make a kernel read out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace liif {
+
+struct QueryShape {
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t height = 0;
+  int64_t width = 0;
+  int64_t queries = 0;
+  int64_t feat_dim = 0;  // width of the feature part of the MLP input: 9C with feat_unfold, else C
+  int64_t in_dim = 0;    // feat_dim + 2 (+ 2 with cell_decode)
+  int64_t out_dim = 0;
+  std::vector<int64_t> layer_widths;  // output width of every Linear layer, the last one is out_dim
+};
+
+inline QueryShape check_query_inputs(const at::Tensor& feat, const at::Tensor& coords,
+                                     const c10::optional<at::Tensor>& cells,
+                                     const std::vector<at::Tensor>& weights,
+                                     const std::vector<at::Tensor>& biases, bool feat_unfold,
+                                     bool cell_decode) {
+  TORCH_CHECK(feat.dim() == 4, "liif_cuda.query: feat must be (B, C, H, W), got ", feat.dim(),
+              " dimensions");
+  TORCH_CHECK(feat.scalar_type() == at::kFloat || feat.scalar_type() == at::kDouble,
+              "liif_cuda.query: feat must be float32 or float64, got ", feat.scalar_type());
+  QueryShape s;
+  s.batch = feat.size(0);
+  s.channels = feat.size(1);
+  s.height = feat.size(2);
+  s.width = feat.size(3);
+  TORCH_CHECK(s.channels > 0 && s.height > 0 && s.width > 0,
+              "liif_cuda.query: feat must have C, H, W >= 1, got ", feat.sizes());
+
+  auto check_same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == feat.scalar_type(), "liif_cuda.query: ", name,
+                " must have feat's dtype ", feat.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == feat.device(), "liif_cuda.query: ", name,
+                " must be on feat's device ", feat.device(), ", got ", t.device());
+  };
+  auto check_points = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 3 && t.size(2) == 2, "liif_cuda.query: ", name,
+                " must be (B, Q, 2), got ", t.sizes());
+    TORCH_CHECK(t.size(0) == s.batch, "liif_cuda.query: ", name, " has batch size ", t.size(0),
+                " but feat has ", s.batch);
+    check_same(t, name);
+  };
+  check_points(coords, "coords");
+  s.queries = coords.size(1);
+  if (cell_decode) {
+    TORCH_CHECK(cells.has_value(), "liif_cuda.query: cells is required when cell_decode=True");
+    check_points(*cells, "cells");
+    TORCH_CHECK(cells->size(1) == s.queries, "liif_cuda.query: cells has ", cells->size(1),
+                " queries but coords has ", s.queries);
+  }
+
+  TORCH_CHECK(!weights.empty(), "liif_cuda.query: the MLP needs at least one Linear layer");
+  TORCH_CHECK(weights.size() == biases.size(), "liif_cuda.query: got ", weights.size(),
+              " weights but ", biases.size(), " biases");
+  s.feat_dim = s.channels * (feat_unfold ? 9 : 1);
+  s.in_dim = s.feat_dim + 2 + (cell_decode ? 2 : 0);
+  int64_t expected_in = s.in_dim;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor& w = weights[l];
+    const at::Tensor& b = biases[l];
+    check_same(w, "an MLP weight");
+    check_same(b, "an MLP bias");
+    TORCH_CHECK(w.dim() == 2, "liif_cuda.query: weights[", l, "] must be (out, in), got ",
+                w.sizes());
+    TORCH_CHECK(w.size(1) == expected_in, "liif_cuda.query: weights[", l, "] takes ", w.size(1),
+                " inputs, expected ", expected_in,
+                l == 0 ? " (C*9 with feat_unfold or C, + 2 coordinates, + 2 with cell_decode)"
+                       : " (the previous layer's width)");
+    TORCH_CHECK(w.size(0) > 0, "liif_cuda.query: weights[", l, "] has no outputs");
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "liif_cuda.query: biases[", l,
+                "] must be (", w.size(0), ",), got ", b.sizes());
+    s.layer_widths.push_back(w.size(0));
+    expected_in = w.size(0);
+  }
+  s.out_dim = s.layer_widths.back();
+  return s;
+}
+
+}  // namespace liif

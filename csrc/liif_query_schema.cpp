@@ -1,0 +1,11 @@
+// The schema of the fused LIIF query. Kernels register themselves per dispatch key in cpu/ and cuda/;
+// fake (meta) and autograd support are registered from Python (liif_cuda/_registration.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(liif_cuda, m) {
+  // (B, C, H, W) features, (B, Q, 2) coordinates and cells in (y, x) order, the MLP as per-layer
+  // (out, in) weights and (out,) biases -> (B, Q, out_dim). See python/liif_reference.py:query_rgb.
+  m.def(
+      "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
+      "bool local_ensemble, bool feat_unfold, bool cell_decode) -> Tensor");
+}

@@ -1,0 +1,53 @@
+"""The per-query geometry of csrc/liif_geometry.h, restated with torch operations.
+
+Used by the recompute-based backward. Every operation is a separately rounded torch operation on the
+coordinates' dtype with the same Python constants as the reference, so the cells chosen here are the
+cells the kernels chose in the forward pass.
+"""
+
+import torch
+
+CLAMP_LO = -1 + 1e-6
+CLAMP_HI = 1 - 1e-6
+ENSEMBLE_EPS = 1e-6
+AREA_EPS = 1e-9
+
+
+def neighbour_shifts(height, width, local_ensemble):
+    """(shift_y, shift_x) per neighbour, in the reference's order (coordinate 0 in the outer loop)."""
+    if not local_ensemble:
+        return [(0.0, 0.0)]
+    ry = 2 / height / 2
+    rx = 2 / width / 2
+    return [(vy * ry + ENSEMBLE_EPS, vx * rx + ENSEMBLE_EPS) for vy in (-1, 1) for vx in (-1, 1)]
+
+
+def _nearest_index(c, size):
+    # grid_sample(mode="nearest", align_corners=False): round half to even of ((c + 1) * size - 1) / 2.
+    return torch.round(((c + 1) * size - 1) / 2).clamp_(0, size - 1).long()
+
+
+def neighbour_geometry(coords, height, width, local_ensemble):
+    """For coords (B, Q, 2) with finite values: flat cell index iy*W+ix (B, Q, K), relative
+    coordinates (B, Q, K, 2) scaled by (H, W), and blend weights (B, Q, K). Differentiable in coords
+    through the relative coordinates, as in the reference."""
+    plain = coords.detach()
+    indices, rels, areas = [], [], []
+    for shift_y, shift_x in neighbour_shifts(height, width, local_ensemble):
+        sy = (plain[..., 0] + shift_y).clamp(CLAMP_LO, CLAMP_HI)
+        sx = (plain[..., 1] + shift_x).clamp(CLAMP_LO, CLAMP_HI)
+        iy = _nearest_index(sy, height)
+        ix = _nearest_index(sx, width)
+        centre_y = (-1 + 1 / height) + (2 / height) * iy.to(coords.dtype)
+        centre_x = (-1 + 1 / width) + (2 / width) * ix.to(coords.dtype)
+        rel_y = (coords[..., 0] - centre_y) * height
+        rel_x = (coords[..., 1] - centre_x) * width
+        indices.append(iy * width + ix)
+        rels.append(torch.stack([rel_y, rel_x], dim=-1))
+        areas.append((rel_y * rel_x).abs() + AREA_EPS)
+    total = areas[0]
+    for a in areas[1:]:
+        total = total + a
+    # Each prediction takes the area of the diagonally opposite neighbour (k <-> K-1-k).
+    weights = torch.stack([a / total for a in reversed(areas)], dim=-1)
+    return torch.stack(indices, dim=-1), torch.stack(rels, dim=-2), weights

@@ -1,0 +1,45 @@
+"""Fake (meta) and autograd registration of the C++ operator liif_cuda::query."""
+
+import torch
+
+from ._backward import query_backward
+from ._validation import check_query_args
+
+
+@torch.library.register_fake("liif_cuda::query")
+def _query_fake(feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode):
+    shape = check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
+    return feat.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode = inputs
+    ctx.num_layers = len(weights)
+    ctx.flags = (local_ensemble, feat_unfold, cell_decode)
+    ctx.has_cells = cells is not None
+    saved = [feat, coords, *weights, *biases]
+    if cells is not None:
+        saved.append(cells)
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    n = ctx.num_layers
+    feat, coords = saved[0], saved[1]
+    weights, biases = list(saved[2:2 + n]), list(saved[2 + n:2 + 2 * n])
+    cells = saved[2 + 2 * n] if ctx.has_cells else None
+    need_feat, need_coords, need_cells, need_w, need_b = ctx.needs_input_grad[:5]
+    needs = [bool(need_feat), bool(need_coords), bool(need_cells) and cells is not None,
+             *[bool(x) for x in need_w], *[bool(x) for x in need_b]]
+    grads = query_backward(grad_out.contiguous(), feat, coords, cells, weights, biases,
+                           *ctx.flags, needs)
+
+    def pick(i):
+        return grads[i] if needs[i] else None
+
+    return (pick(0), pick(1), pick(2), [pick(3 + i) for i in range(n)],
+            [pick(3 + n + i) for i in range(n)], None, None, None)
+
+
+torch.library.register_autograd("liif_cuda::query", _backward, setup_context=_setup_context)
