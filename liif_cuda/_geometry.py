@@ -29,9 +29,9 @@ def _nearest_index(c, size):
 
 def neighbour_geometry(coords, height, width, local_ensemble):
     """For coords (B, Q, 2) with finite values: flat cell index iy*W+ix (B, Q, K), relative
-    coordinates (B, Q, K, 2) scaled by (H, W), and blend weights (B, Q, K). Differentiable in coords
-    through the relative coordinates, as in the reference."""
-    plain = coords.detach()
+    coordinates (B, Q, K, 2) scaled by (H, W), blend weights (B, Q, K) and the neighbours' own
+    areas (B, Q, K), before the diagonal swap."""
+    plain = coords
     indices, rels, areas = [], [], []
     for shift_y, shift_x in neighbour_shifts(height, width, local_ensemble):
         sy = (plain[..., 0] + shift_y).clamp(CLAMP_LO, CLAMP_HI)
@@ -50,4 +50,5 @@ def neighbour_geometry(coords, height, width, local_ensemble):
         total = total + a
     # Each prediction takes the area of the diagonally opposite neighbour (k <-> K-1-k).
     weights = torch.stack([a / total for a in reversed(areas)], dim=-1)
-    return torch.stack(indices, dim=-1), torch.stack(rels, dim=-2), weights
+    return (torch.stack(indices, dim=-1), torch.stack(rels, dim=-2), weights,
+            torch.stack(areas, dim=-1))

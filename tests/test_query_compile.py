@@ -1,0 +1,69 @@
+"""The operator's registration: opcheck (schema, fake, autograd, AOT dispatch) and torch.compile."""
+
+import pytest
+import torch
+from helpers import make_mlp, random_cells
+
+import liif_cuda
+
+
+def op_args(requires_grad, dtype=torch.float32, cell_decode=True):
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 3, 4, 5, generator=g, dtype=dtype)
+    coords = torch.rand(2, 9, 2, generator=g, dtype=dtype) * 2 - 1
+    cells = random_cells(2, 9, g, dtype) if cell_decode else None
+    mlp = make_mlp(27 + 2 + (2 if cell_decode else 0), [8, 6], 3, dtype)
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    weights = [w.detach().clone().requires_grad_(requires_grad) for w in weights]
+    biases = [b.detach().clone().requires_grad_(requires_grad) for b in biases]
+    feat.requires_grad_(requires_grad)
+    return (feat, coords, cells, weights, biases, True, True, cell_decode)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("cell_decode", [True, False])
+def test_opcheck(requires_grad, cell_decode):
+    torch.library.opcheck(torch.ops.liif_cuda.query.default,
+                          op_args(requires_grad, cell_decode=cell_decode))
+
+
+def test_opcheck_backward_op():
+    feat, coords, cells, weights, biases, *flags = op_args(False)
+    grad_out = torch.randn(2, 9, 3)
+    needs = [True, True, True] + [True] * (2 * len(weights))
+    torch.library.opcheck(torch.ops.liif_cuda.query_backward.default,
+                          (grad_out, feat, coords, cells, weights, biases, *flags, needs),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    mlp = make_mlp(31, [16, 16], 3, torch.float32)
+
+    @torch.compile(fullgraph=True)
+    def upscale(feat, coords, cells):
+        return liif_cuda.query(feat, coords, cells, mlp).clamp(-1, 1) * 0.5 + 0.5
+
+    g = torch.Generator().manual_seed(1)
+    for q in (20, 37):  # a second shape exercises recompilation / dynamic shapes
+        feat = torch.randn(1, 3, 6, 7, generator=g)
+        coords = torch.rand(1, q, 2, generator=g) * 2 - 1
+        cells = random_cells(1, q, g, torch.float32)
+        expected = liif_cuda.query(feat, coords, cells, mlp).clamp(-1, 1) * 0.5 + 0.5
+        torch.testing.assert_close(upscale(feat, coords, cells), expected)
+
+
+def test_compile_backward():
+    mlp = make_mlp(31, [8], 3, torch.float32)
+
+    @torch.compile(fullgraph=True)
+    def loss(feat, coords, cells):
+        return liif_cuda.query(feat, coords, cells, mlp).square().sum()
+
+    g = torch.Generator().manual_seed(2)
+    feat = torch.randn(1, 3, 5, 5, generator=g, requires_grad=True)
+    coords = torch.rand(1, 30, 2, generator=g) * 2 - 1
+    cells = random_cells(1, 30, g, torch.float32)
+    loss(feat, coords, cells).backward()
+    eager = feat.detach().clone().requires_grad_()
+    liif_cuda.query(eager, coords, cells, mlp).square().sum().backward()
+    torch.testing.assert_close(feat.grad, eager.grad)

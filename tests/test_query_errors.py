@@ -1,0 +1,101 @@
+"""Bad input gets a clear exception naming the argument, from the wrapper and from the raw op."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import make_mlp
+
+import liif_cuda
+
+
+def good():
+    feat = torch.randn(2, 3, 4, 5)
+    coords = torch.rand(2, 6, 2) * 2 - 1
+    cells = torch.full((2, 6, 2), 0.1)
+    mlp = make_mlp(31, [8], 3, torch.float32)
+    return feat, coords, cells, mlp
+
+
+CASES = {
+    "feat rank": (lambda f, c, ce, m: (f[0], c, ce, m), {}, r"feat must be \(B, C, H, W\)"),
+    "coords rank": (lambda f, c, ce, m: (f, c[0], ce, m), {}, r"coords must be \(B, Q, 2\)"),
+    "coords last dim": (lambda f, c, ce, m: (f, torch.rand(2, 6, 3), ce, m), {},
+                        r"coords must be \(B, Q, 2\)"),
+    "coords batch": (lambda f, c, ce, m: (f, c[:1], ce, m), {}, "coords has batch size 1"),
+    "cells queries": (lambda f, c, ce, m: (f, c, ce[:, :4], m), {}, "cells has 4 queries"),
+    "cells batch": (lambda f, c, ce, m: (f, c, ce[:1], m), {}, "cells has batch size 1"),
+    "cells missing": (lambda f, c, ce, m: (f, c, None, m), {}, "cells is required"),
+    "coords dtype": (lambda f, c, ce, m: (f, c.double(), ce, m), {},
+                     "coords must have feat's dtype"),
+    "cells dtype": (lambda f, c, ce, m: (f, c, ce.double(), m), {}, "cells must have feat's dtype"),
+    "weight dtype": (lambda f, c, ce, m: (f, c, ce, m.double()), {},
+                     "imnet layer 0 weight must have feat's dtype"),
+    "coords device": (lambda f, c, ce, m: (f, c.to("meta"), ce, m), {},
+                      "coords must be on feat's device"),
+    "feat integer": (lambda f, c, ce, m: (f.long(), c, ce, m), {},
+                     "feat must be a floating-point tensor"),
+    "coords integer": (lambda f, c, ce, m: (f, c.long(), ce, m), {},
+                       "coords must be a floating-point tensor"),
+    "half mixed": (lambda f, c, ce, m: (f.half(), c, ce, m), {}, "must share feat's dtype"),
+    "first layer width": (lambda f, c, ce, m: (f, c, ce, make_mlp(30, [8], 3, torch.float32)),
+                          {}, "the first layer takes 30 inputs.*gives 31"),
+    "flags vs mlp": (lambda f, c, ce, m: (f, c, ce, m), {"feat_unfold": False},
+                     "the first layer takes 31 inputs.*gives 7"),
+    "cell flag vs mlp": (lambda f, c, ce, m: (f, c, ce, m), {"cell_decode": False},
+                         "the first layer takes 31 inputs.*gives 29"),
+    "layer chain": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8, 31), torch.randn(8)),
+                                                    (torch.randn(3, 7), torch.randn(3))]), {},
+                    "layer 1 takes 7 inputs but layer 0 outputs 8"),
+    "bias shape": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8, 31), torch.randn(7))]), {},
+                   r"layer 0 bias must be \(8,\)"),
+    "weight rank": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8), torch.randn(8))]), {},
+                    r"layer 0 weight must be \(out, in\)"),
+    "empty map": (lambda f, c, ce, m: (torch.randn(2, 3, 0, 5), c, ce, m), {},
+                  "feat must have C, H, W >= 1"),
+    "imnet type": (lambda f, c, ce, m: (f, c, ce, "mlp"), {}, "imnet: expected an nn.Sequential"),
+    "imnet activation": (lambda f, c, ce, m: (f, c, ce, nn.Sequential(nn.Linear(31, 8), nn.Tanh(),
+                                                                      nn.Linear(8, 3))), {},
+                         "expected nn.ReLU at position 1"),
+    "imnet trailing relu": (lambda f, c, ce, m: (f, c, ce, nn.Sequential(nn.Linear(31, 3),
+                                                                         nn.ReLU())), {},
+                            "must end with an nn.Linear"),
+    "imnet empty": (lambda f, c, ce, m: (f, c, ce, []), {}, "needs at least one"),
+    "imnet pair": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(3, 31),)]), {},
+                   r"item 0 must be a \(weight, bias\) pair"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_raises_value_error(name):
+    make, flags, message = CASES[name]
+    args = make(*good())
+    with pytest.raises(ValueError, match=message):
+        liif_cuda.query(*args, **flags)
+
+
+RAW_CASES = {
+    "feat rank": lambda f, c, ce, w, b: (f[0], c, ce, w, b),
+    "coords shape": lambda f, c, ce, w, b: (f, c[..., :1], ce, w, b),
+    "coords batch": lambda f, c, ce, w, b: (f, c[:1], ce, w, b),
+    "cells queries": lambda f, c, ce, w, b: (f, c, ce[:, :2], w, b),
+    "cells missing": lambda f, c, ce, w, b: (f, c, None, w, b),
+    "dtype": lambda f, c, ce, w, b: (f, c.double(), ce, w, b),
+    "integer feat": lambda f, c, ce, w, b: (f.int(), c.int(), ce.int(), [x.int() for x in w],
+                                            [x.int() for x in b]),
+    "first layer": lambda f, c, ce, w, b: (f, c, ce, [w[0][:, 1:]] + w[1:], b),
+    "bias": lambda f, c, ce, w, b: (f, c, ce, w, [b[0][1:]] + b[1:]),
+    "count": lambda f, c, ce, w, b: (f, c, ce, w, b[:1]),
+    "no layers": lambda f, c, ce, w, b: (f, c, ce, [], []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW_CASES))
+def test_raw_operator_checks_its_arguments(name):
+    """torch.ops.liif_cuda.query called directly (no wrapper) still fails cleanly, never reads out
+    of bounds."""
+    feat, coords, cells, mlp = good()
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    args = RAW_CASES[name](feat, coords, cells, [w.detach() for w in weights],
+                           [b.detach() for b in biases])
+    with pytest.raises(RuntimeError, match="liif_cuda.query"):
+        torch.ops.liif_cuda.query(*args, True, True, True)

@@ -1,0 +1,198 @@
+"""The fused query against the reference query_rgb (python/liif_reference.py) on the CPU."""
+
+import pytest
+import torch
+from conftest import TOLERANCE, relative_error
+from helpers import border_coords, make_mlp, random_cells
+from hypothesis import given
+from hypothesis import strategies as st
+
+import liif_cuda
+import liif_reference as ref
+
+
+@st.composite
+def query_problems(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    flags = dict(local_ensemble=draw(st.booleans()), feat_unfold=draw(st.booleans()),
+                 cell_decode=draw(st.booleans()))
+    batch = draw(st.integers(1, 3))
+    channels = draw(st.integers(1, 6))
+    height = draw(st.integers(1, 9))
+    width = draw(st.integers(1, 9))
+    # From far fewer (query, neighbour) rows than LR cells (per-row products) to far more
+    # (precomputed first-layer map), and past one tile of 256 rows.
+    queries = draw(st.sampled_from([1, 2, 5, 17, 40, 70, 150]))
+    hidden = draw(st.lists(st.integers(1, 24), min_size=0, max_size=3))
+    out_dim = draw(st.integers(1, 4))
+    placement = draw(st.sampled_from(["inside", "outside", "borders", "mixed"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    contiguous = draw(st.booleans())
+    return dict(dtype=dtype, flags=flags, batch=batch, channels=channels, height=height,
+                width=width, queries=queries, hidden=hidden, out_dim=out_dim, placement=placement,
+                seed=seed, contiguous=contiguous)
+
+
+def build(problem):
+    g = torch.Generator().manual_seed(problem["seed"])
+    dtype, B, Q = problem["dtype"], problem["batch"], problem["queries"]
+    C, H, W = problem["channels"], problem["height"], problem["width"]
+    feat = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    uniform = (torch.rand(B, Q, 2, generator=g, dtype=dtype) * 2 - 1)
+    if problem["placement"] == "inside":
+        coords = uniform
+    elif problem["placement"] == "outside":
+        coords = uniform * 1.5
+    elif problem["placement"] == "borders":
+        coords = border_coords(H, W, B, Q, g, dtype)
+    else:
+        pick = torch.rand(B, Q, 1, generator=g) < 0.5
+        coords = torch.where(pick, border_coords(H, W, B, Q, g, dtype), uniform * 1.2)
+    cells = random_cells(B, Q, g, dtype)
+    if not problem["contiguous"]:
+        feat = feat.transpose(2, 3).contiguous().transpose(2, 3)  # channels-last-like strides
+        coords = coords.transpose(0, 1).contiguous().transpose(0, 1)
+        cells = torch.cat([cells, cells], dim=-1)[..., ::2]
+    flags = problem["flags"]
+    in_dim = ref.imnet_in_dim(C, flags["feat_unfold"], flags["cell_decode"])
+    mlp = make_mlp(in_dim, problem["hidden"], problem["out_dim"], dtype, seed=problem["seed"] % 1000)
+    return feat, coords, cells, mlp
+
+
+@given(query_problems())
+def test_fused_matches_reference(problem):
+    feat, coords, cells, mlp = build(problem)
+    flags = problem["flags"]
+    with torch.no_grad():
+        expected = ref.query_rgb(feat, coords, cells, mlp, **flags)
+        out = liif_cuda.query(feat, coords, cells, mlp, **flags)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert relative_error(out, expected) <= TOLERANCE[problem["dtype"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,size,queries", [(1, 16, 1000), (2, 7, 333), (1, 40, 50)])
+def test_published_shape(dtype, batch, size, queries):
+    """C = 64 and the published MLP 580-256x4-3: several tiles, a partial last tile, and both the
+    precomputed-map (many queries) and per-row (few queries, large map) first layers."""
+    g = torch.Generator().manual_seed(size)
+    feat = torch.randn(batch, 64, size, size, generator=g, dtype=dtype)
+    coords = torch.rand(batch, queries, 2, generator=g, dtype=dtype) * 2 - 1
+    cells = random_cells(batch, queries, g, dtype)
+    mlp = make_mlp(580, [256] * 4, 3, dtype)
+    with torch.no_grad():
+        expected = ref.query_rgb(feat, coords, cells, mlp)
+        out = liif_cuda.query(feat, coords, cells, mlp)
+    assert relative_error(out, expected) <= TOLERANCE[dtype]
+
+
+def test_full_grid_matches_chunked_reference():
+    """A whole output image, as the evaluation runs it: the reference in 30000-query chunks."""
+    g = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, 64, 20, 24, generator=g)
+    coord = ref.make_coord((70, 85)).unsqueeze(0)
+    cell = ref.make_cell(coord, (70, 85))
+    mlp = make_mlp(580, [256] * 4, 3, torch.float32)
+    with torch.no_grad():
+        expected = ref.batched_query_rgb(feat, coord, cell, mlp, bsize=1000)
+        out = liif_cuda.query(feat, coord, cell, mlp)
+    assert relative_error(out, expected) <= TOLERANCE[torch.float32]
+
+
+def test_results_do_not_depend_on_thread_count():
+    g = torch.Generator().manual_seed(4)
+    feat = torch.randn(2, 8, 9, 11, generator=g)
+    coords = torch.rand(2, 900, 2, generator=g) * 2 - 1
+    cells = random_cells(2, 900, g, torch.float32)
+    mlp = make_mlp(76, [32, 32], 3, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = liif_cuda.query(feat, coords, cells, mlp)
+        torch.set_num_threads(max(2, threads))
+        many = liif_cuda.query(feat, coords, cells, mlp)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_zero_queries_returns_empty():
+    feat = torch.randn(2, 3, 4, 5)
+    coords = torch.empty(2, 0, 2)
+    mlp = make_mlp(31, [8], 3, torch.float32)
+    out = liif_cuda.query(feat, coords, coords.clone(), mlp)
+    assert out.shape == (2, 0, 3)
+
+
+def test_imnet_forms_agree():
+    """Sequential, a module with .layers, and (weight, bias) pairs, with and without biases."""
+    g = torch.Generator().manual_seed(5)
+    feat = torch.randn(1, 4, 5, 6, generator=g)
+    coords = torch.rand(1, 30, 2, generator=g) * 2 - 1
+    cells = random_cells(1, 30, g, torch.float32)
+    mlp = make_mlp(40, [16, 8], 2, torch.float32)
+    pairs = [(m.weight, m.bias) for m in mlp.layers if isinstance(m, torch.nn.Linear)]
+    expected = ref.query_rgb(feat, coords, cells, mlp)
+    for imnet in (mlp, mlp.layers, pairs, tuple(pairs)):
+        assert relative_error(liif_cuda.query(feat, coords, cells, imnet), expected) <= 1e-5
+    no_bias = torch.nn.Sequential(torch.nn.Linear(40, 16, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Linear(16, 2))
+    expected = ref.query_rgb(feat, coords, cells, no_bias)
+    out = liif_cuda.query(feat, coords, cells, [(no_bias[0].weight, None),
+                                                (no_bias[2].weight, no_bias[2].bias)])
+    assert relative_error(out, expected) <= 1e-5
+    assert relative_error(liif_cuda.query(feat, coords, cells, no_bias), expected) <= 1e-5
+
+
+def test_cells_ignored_without_cell_decode():
+    g = torch.Generator().manual_seed(6)
+    feat = torch.randn(1, 3, 4, 4, generator=g)
+    coords = torch.rand(1, 10, 2, generator=g) * 2 - 1
+    mlp = make_mlp(29, [8], 3, torch.float32)
+    expected = ref.query_rgb(feat, coords, None, mlp, cell_decode=False)
+    out = liif_cuda.query(feat, coords, None, mlp, cell_decode=False)
+    assert relative_error(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32(dtype):
+    g = torch.Generator().manual_seed(7)
+    feat = torch.randn(1, 4, 6, 6, generator=g).to(dtype)
+    coords = (torch.rand(1, 50, 2, generator=g) * 2 - 1).to(dtype)
+    cells = random_cells(1, 50, g, torch.float32).to(dtype)
+    mlp = make_mlp(40, [16], 3, torch.float32).to(dtype)
+    out = liif_cuda.query(feat, coords, cells, mlp)
+    assert out.dtype == dtype
+    expected = liif_cuda.query(feat.float(), coords.float(), cells.float(), mlp.float())
+    assert torch.equal(out, expected.to(dtype))
+
+
+def test_non_finite_coordinates_give_nan_and_stay_in_bounds():
+    g = torch.Generator().manual_seed(8)
+    feat = torch.randn(2, 4, 5, 5, generator=g)
+    coords = torch.rand(2, 6, 2, generator=g) * 2 - 1
+    coords[0, 1, 0] = float("nan")
+    coords[0, 2, 1] = float("inf")
+    coords[1, 3, 0] = -float("inf")
+    coords[1, 4] = float("nan")
+    cells = random_cells(2, 6, g, torch.float32)
+    mlp = make_mlp(40, [16], 3, torch.float32)
+    out = liif_cuda.query(feat, coords, cells, mlp)
+    bad = ~torch.isfinite(coords).all(-1)
+    assert torch.isnan(out[bad]).all()
+    expected = ref.query_rgb(feat, coords, cells, mlp)
+    assert torch.isnan(expected[bad]).all()  # the reference's result, too
+    assert relative_error(out[~bad], expected[~bad]) <= 1e-5
+
+
+def test_huge_coordinates_are_clamped_like_the_reference():
+    g = torch.Generator().manual_seed(9)
+    feat = torch.randn(1, 4, 5, 7, generator=g)
+    coords = torch.tensor([[[1e30, -1e30], [-3.0, 2.0], [1.0, -1.0], [0.999999, -0.999999]]])
+    cells = random_cells(1, 4, g, torch.float32)
+    mlp = make_mlp(40, [16], 3, torch.float32)
+    expected = ref.query_rgb(feat, coords, cells, mlp)
+    out = liif_cuda.query(feat, coords, cells, mlp)
+    finite = torch.isfinite(expected).all(-1)
+    assert torch.equal(torch.isfinite(out).all(-1), finite)
+    assert relative_error(out[finite], expected[finite]) <= 1e-5
