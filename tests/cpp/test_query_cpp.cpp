@@ -1,0 +1,80 @@
+// C++-level checks of the shared geometry header and of the operator through the dispatcher.
+// Built and run by CMake (ctest); the full comparison against the reference is in the Python tests.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+
+#include "liif_geometry.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::fprintf(stderr, "FAILED: %s\n", what);
+    ++failures;
+  }
+}
+
+void test_nearest_index() {
+  // ((c + 1) * n - 1) / 2 rounded half to even: c = 0 on a 2-wide axis is 0.5 -> 0, on 4 -> 1.5 -> 2.
+  expect(liif::nearest_index(0.0f, 2.0f, 2) == 0, "half rounds to even (0.5 -> 0)");
+  expect(liif::nearest_index(0.0f, 4.0f, 4) == 2, "half rounds to even (1.5 -> 2)");
+  expect(liif::nearest_index(-1.0f, 4.0f, 4) == 0, "left edge");
+  expect(liif::nearest_index(2.0f, 4.0f, 4) == 3, "beyond the right edge stays in bounds");
+  expect(liif::nearest_index(std::numeric_limits<float>::quiet_NaN(), 4.0f, 4) == 0,
+         "NaN maps to a valid index");
+}
+
+void test_neighbours() {
+  const auto g = liif::make_feature_grid<double>(5, 7, true);
+  liif::Neighbour<double> nb[4];
+  expect(liif::query_neighbours(g, 0.1, -0.3, nb), "finite query accepted");
+  double total = 0;
+  for (int k = 0; k < 4; ++k) {
+    total += nb[k].weight;
+    expect(nb[k].iy >= 0 && nb[k].iy < 5 && nb[k].ix >= 0 && nb[k].ix < 7, "cell inside the map");
+    expect(std::fabs(nb[k].rel_y) <= 2 && std::fabs(nb[k].rel_x) <= 2, "neighbour is adjacent");
+  }
+  expect(std::fabs(total - 1) < 1e-12, "blend weights sum to one");
+  expect(!liif::query_neighbours(g, std::numeric_limits<double>::infinity(), 0.0, nb),
+         "infinite coordinate rejected");
+}
+
+void test_operator_runs() {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("liif_cuda::query", "");
+  auto typed = op.typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, at::TensorList,
+                                   at::TensorList, bool, bool, bool)>();
+  at::manual_seed(0);
+  const at::Tensor feat = at::randn({2, 3, 4, 5});
+  const at::Tensor coords = at::rand({2, 11, 2}) * 2 - 1;
+  const at::Tensor cells = at::full({2, 11, 2}, 0.1);
+  const std::vector<at::Tensor> weights = {at::randn({8, 31}), at::randn({3, 8})};
+  const std::vector<at::Tensor> biases = {at::randn({8}), at::randn({3})};
+  const at::Tensor out = typed.call(feat, coords, cells, weights, biases, true, true, true);
+  expect(out.sizes() == at::IntArrayRef({2, 11, 3}), "output shape");
+  expect(at::isfinite(out).all().item<bool>(), "finite output");
+  bool threw = false;
+  try {
+    typed.call(feat, coords.narrow(2, 0, 1), cells, weights, biases, true, true, true);
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  expect(threw, "bad coords shape raises");
+}
+
+}  // namespace
+
+int main() {
+  test_nearest_index();
+  test_neighbours();
+  test_operator_runs();
+  if (failures == 0) std::printf("all C++ checks passed\n");
+  return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
