@@ -17,7 +17,7 @@ fi
 
 echo "== building liif_cuda"
 .venv/bin/python -m pip install --quiet --no-build-isolation .
-.venv/bin/python -c "import liif_cuda, torch; print('liif_cuda', liif_cuda.__version__, 'torch', torch.__version__, liif_cuda.build_info())"
+.venv/bin/python -P -c "import liif_cuda, torch; print('liif_cuda', liif_cuda.__version__, 'torch', torch.__version__, liif_cuda.build_info())"
 
 echo "== C++ tests (CMake)"
 mkdir -p build
