@@ -95,6 +95,31 @@ def time_pair(size, scale, repeats):
     return {k: statistics.median(v) for k, v in times.items()}, times, rel_err
 
 
+def flops_per_query(size, scale):
+    """MLP arithmetic of the fused op per query (multiply-add = 2): the hidden and last layers and
+    the coordinate/cell columns for each of the 4 neighbours, plus this query's share of the
+    precomputed first-layer map (one 576 -> 256 product per LR pixel)."""
+    widths = HIDDEN + [3]
+    per_neighbour = 2 * 4 * widths[0] + sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+    precompute = 2 * 9 * CHANNELS * widths[0] * size * size / (size * scale) ** 2
+    return 4 * per_neighbour + precompute
+
+
+def matmul_rate(repeats=5):
+    """FLOP/s of a float32 (4096 x 256) @ (256 x 256) product through ATen on all threads: the
+    arithmetic floor the fused op is measured against."""
+    a, w, out = torch.randn(4096, 256), torch.randn(256, 256), torch.empty(4096, 256)
+    for _ in range(20):
+        torch.mm(a, w, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            torch.mm(a, w, out=out)
+        times.append((time.perf_counter() - t0) / 50)
+    return 2 * 4096 * 256 * 256 / statistics.median(times)
+
+
 def machine_info():
     cpu = platform.processor()
     try:
@@ -131,10 +156,13 @@ def main():
         print(measure_peak_memory(int(size), int(scale), variant))
         return
 
+    rate = matmul_rate()
+    print(f"ATen float32 matmul (4096x256 @ 256x256, {torch.get_num_threads()} threads): "
+          f"{rate / 1e9:.1f} GFLOP/s")
     rows = []
     header = (f"{'LR':>8} {'scale':>5} {'queries':>9} {'ref q/s':>10} {'fused q/s':>10} "
               f"{'speed-up':>8} {'ref peak MiB':>12} {'fused peak MiB':>14} {'mem ratio':>9} "
-              f"{'rel err':>8}")
+              f"{'rel err':>8} {'% floor':>7}")
     print(header)
     for size in [int(s) for s in args.sizes.split(",")]:
         for scale in [int(s) for s in args.scales.split(",")]:
@@ -149,12 +177,17 @@ def main():
                 "peak_memory_bytes": mem,
                 "memory_ratio": mem["fused"] / mem["reference"],
                 "relative_error": rel_err,
+                "flops_per_query": flops_per_query(size, scale),
             }
+            floor_qps = rate / row["flops_per_query"]
+            row["floor_queries_per_s"] = floor_qps
+            row["fraction_of_floor"] = row["queries_per_s"]["fused"] / floor_qps
             rows.append(row)
             print(f"{size:>4}x{size:<3} {scale:>5} {queries:>9} "
                   f"{row['queries_per_s']['reference']:>10.0f} {row['queries_per_s']['fused']:>10.0f} "
                   f"{row['speedup']:>7.2f}x {mem['reference'] / 2**20:>12.1f} "
-                  f"{mem['fused'] / 2**20:>14.1f} {row['memory_ratio']:>9.3f} {rel_err:>8.1e}",
+                  f"{mem['fused'] / 2**20:>14.1f} {row['memory_ratio']:>9.3f} {rel_err:>8.1e} "
+                  f"{100 * row['fraction_of_floor']:>6.0f}%",
                   flush=True)
 
     result = {
@@ -163,6 +196,7 @@ def main():
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "repeats": args.repeats,
         "machine": machine_info(),
+        "matmul_flops_per_s": rate,
         "rows": rows,
     }
     out = args.out or os.path.join(ROOT, "benchmarks", "results",

@@ -1,0 +1,60 @@
+"""Forward + backward of the query as in training: peak memory and time, fused op vs reference.
+
+Published MLP (580-256x4-3), a 64x64 float32 feature map and a 256x256 query grid (65,536 queries),
+loss = sum of squares, gradients for the feature map and every MLP parameter. The reference runs its
+`query_rgb` unchunked, as the original training does. Each variant runs in a fresh process; the peak is
+the rise of the resident set (VmHWM) over the resident set before the forward pass.
+
+    python benchmarks/bench_backward_memory.py
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import liif_reference as ref  # noqa: E402
+
+import liif_cuda  # noqa: E402
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe(variant):
+    torch.manual_seed(0)
+    mlp = ref.MLP(580, 3, [256] * 4)
+    feat = torch.randn(1, 64, 64, 64, requires_grad=True)
+    coord = ref.make_coord((256, 256)).unsqueeze(0)
+    cell = ref.make_cell(coord, (256, 256))
+    query = liif_cuda.query if variant == "fused" else ref.query_rgb
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    query(feat, coord, cell, mlp).square().sum().backward()
+    seconds = time.perf_counter() - t0
+    peak = _status_bytes("VmHWM") - before
+    print(f"{variant:>9}: forward + backward {seconds:6.2f} s, peak memory +{peak / 2**20:7.1f} MiB")
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--probe":
+        probe(sys.argv[2])
+        return
+    for variant in ("reference", "fused"):
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", variant], check=True)
+
+
+if __name__ == "__main__":
+    main()
