@@ -30,3 +30,12 @@ def border_coords(height, width, batch, queries, generator, dtype):
 def random_cells(batch, queries, generator, dtype):
     return (torch.rand(batch, queries, 2, generator=generator, dtype=torch.float64) * 0.5
             + 1e-3).to(dtype)
+
+
+def random_inputs(batch, channels, height, width, queries, seed=0, dtype=torch.float32,
+                  spread=1.0):
+    """feat (B, C, H, W), coords uniform in [-spread, spread] and cells (B, Q, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    feat = torch.randn(batch, channels, height, width, generator=g, dtype=dtype)
+    coords = (torch.rand(batch, queries, 2, generator=g, dtype=dtype) * 2 - 1) * spread
+    return feat, coords, random_cells(batch, queries, g, dtype)

@@ -3,17 +3,15 @@
 import pytest
 import torch
 from conftest import relative_error
-from helpers import make_mlp, random_cells
+from helpers import make_mlp, random_inputs
 
 import liif_cuda
 import liif_reference as ref
 
 
 def small_problem(flags, seed=0, batch=2, channels=2, height=3, width=4, queries=7):
-    g = torch.Generator().manual_seed(seed)
-    feat = torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64)
-    coords = torch.rand(batch, queries, 2, generator=g, dtype=torch.float64) * 2.2 - 1.1
-    cells = random_cells(batch, queries, g, torch.float64)
+    feat, coords, cells = random_inputs(batch, channels, height, width, queries, seed=seed,
+                                        dtype=torch.float64, spread=1.1)
     in_dim = ref.imnet_in_dim(channels, flags["feat_unfold"], flags["cell_decode"])
     mlp = make_mlp(in_dim, [5, 4], 2, torch.float64, seed=seed)
     return feat, coords, cells, mlp
@@ -64,10 +62,8 @@ def test_gradients_equal_reference(flags):
 
 
 def test_gradients_published_shape_float32():
-    g = torch.Generator().manual_seed(2)
-    feat = torch.randn(1, 64, 8, 8, generator=g, requires_grad=True)
-    coords = torch.rand(1, 300, 2, generator=g) * 2 - 1
-    cells = random_cells(1, 300, g, torch.float32)
+    feat, coords, cells = random_inputs(1, 64, 8, 8, 300, seed=2)
+    feat.requires_grad_()
     mlp_a = make_mlp(580, [256] * 4, 3, torch.float32)
     mlp_b = make_mlp(580, [256] * 4, 3, torch.float32)
     feat_b = feat.detach().clone().requires_grad_()

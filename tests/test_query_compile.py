@@ -2,16 +2,14 @@
 
 import pytest
 import torch
-from helpers import make_mlp, random_cells
+from helpers import make_mlp, random_inputs
 
 import liif_cuda
 
 
 def op_args(requires_grad, dtype=torch.float32, cell_decode=True):
-    g = torch.Generator().manual_seed(0)
-    feat = torch.randn(2, 3, 4, 5, generator=g, dtype=dtype)
-    coords = torch.rand(2, 9, 2, generator=g, dtype=dtype) * 2 - 1
-    cells = random_cells(2, 9, g, dtype) if cell_decode else None
+    feat, coords, cells = random_inputs(2, 3, 4, 5, 9, dtype=dtype)
+    cells = cells if cell_decode else None
     mlp = make_mlp(27 + 2 + (2 if cell_decode else 0), [8, 6], 3, dtype)
     weights, biases = liif_cuda.mlp_parameters(mlp)
     weights = [w.detach().clone().requires_grad_(requires_grad) for w in weights]
@@ -43,11 +41,8 @@ def test_compile_fullgraph():
     def upscale(feat, coords, cells):
         return liif_cuda.query(feat, coords, cells, mlp).clamp(-1, 1) * 0.5 + 0.5
 
-    g = torch.Generator().manual_seed(1)
     for q in (20, 37):  # a second shape exercises recompilation / dynamic shapes
-        feat = torch.randn(1, 3, 6, 7, generator=g)
-        coords = torch.rand(1, q, 2, generator=g) * 2 - 1
-        cells = random_cells(1, q, g, torch.float32)
+        feat, coords, cells = random_inputs(1, 3, 6, 7, q, seed=q)
         expected = liif_cuda.query(feat, coords, cells, mlp).clamp(-1, 1) * 0.5 + 0.5
         torch.testing.assert_close(upscale(feat, coords, cells), expected)
 
@@ -59,10 +54,8 @@ def test_compile_backward():
     def loss(feat, coords, cells):
         return liif_cuda.query(feat, coords, cells, mlp).square().sum()
 
-    g = torch.Generator().manual_seed(2)
-    feat = torch.randn(1, 3, 5, 5, generator=g, requires_grad=True)
-    coords = torch.rand(1, 30, 2, generator=g) * 2 - 1
-    cells = random_cells(1, 30, g, torch.float32)
+    feat, coords, cells = random_inputs(1, 3, 5, 5, 30, seed=2)
+    feat.requires_grad_()
     loss(feat, coords, cells).backward()
     eager = feat.detach().clone().requires_grad_()
     liif_cuda.query(eager, coords, cells, mlp).square().sum().backward()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TOLERANCE, relative_error
-from helpers import border_coords, make_mlp, random_cells
+from helpers import border_coords, make_mlp, random_cells, random_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,10 +75,7 @@ def test_fused_matches_reference(problem):
 def test_published_shape(dtype, batch, size, queries):
     """C = 64 and the published MLP 580-256x4-3: several tiles, a partial last tile, and both the
     precomputed-map (many queries) and per-row (few queries, large map) first layers."""
-    g = torch.Generator().manual_seed(size)
-    feat = torch.randn(batch, 64, size, size, generator=g, dtype=dtype)
-    coords = torch.rand(batch, queries, 2, generator=g, dtype=dtype) * 2 - 1
-    cells = random_cells(batch, queries, g, dtype)
+    feat, coords, cells = random_inputs(batch, 64, size, size, queries, seed=size, dtype=dtype)
     mlp = make_mlp(580, [256] * 4, 3, dtype)
     with torch.no_grad():
         expected = ref.query_rgb(feat, coords, cells, mlp)
@@ -100,10 +97,7 @@ def test_full_grid_matches_chunked_reference():
 
 
 def test_results_do_not_depend_on_thread_count():
-    g = torch.Generator().manual_seed(4)
-    feat = torch.randn(2, 8, 9, 11, generator=g)
-    coords = torch.rand(2, 900, 2, generator=g) * 2 - 1
-    cells = random_cells(2, 900, g, torch.float32)
+    feat, coords, cells = random_inputs(2, 8, 9, 11, 900, seed=4)
     mlp = make_mlp(76, [32, 32], 3, torch.float32)
     threads = torch.get_num_threads()
     try:
@@ -126,10 +120,7 @@ def test_zero_queries_returns_empty():
 
 def test_imnet_forms_agree():
     """Sequential, a module with .layers, and (weight, bias) pairs, with and without biases."""
-    g = torch.Generator().manual_seed(5)
-    feat = torch.randn(1, 4, 5, 6, generator=g)
-    coords = torch.rand(1, 30, 2, generator=g) * 2 - 1
-    cells = random_cells(1, 30, g, torch.float32)
+    feat, coords, cells = random_inputs(1, 4, 5, 6, 30, seed=5)
     mlp = make_mlp(40, [16, 8], 2, torch.float32)
     pairs = [(m.weight, m.bias) for m in mlp.layers if isinstance(m, torch.nn.Linear)]
     expected = ref.query_rgb(feat, coords, cells, mlp)
@@ -145,9 +136,7 @@ def test_imnet_forms_agree():
 
 
 def test_cells_ignored_without_cell_decode():
-    g = torch.Generator().manual_seed(6)
-    feat = torch.randn(1, 3, 4, 4, generator=g)
-    coords = torch.rand(1, 10, 2, generator=g) * 2 - 1
+    feat, coords, _ = random_inputs(1, 3, 4, 4, 10, seed=6)
     mlp = make_mlp(29, [8], 3, torch.float32)
     expected = ref.query_rgb(feat, coords, None, mlp, cell_decode=False)
     out = liif_cuda.query(feat, coords, None, mlp, cell_decode=False)
@@ -156,10 +145,7 @@ def test_cells_ignored_without_cell_decode():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_float32(dtype):
-    g = torch.Generator().manual_seed(7)
-    feat = torch.randn(1, 4, 6, 6, generator=g).to(dtype)
-    coords = (torch.rand(1, 50, 2, generator=g) * 2 - 1).to(dtype)
-    cells = random_cells(1, 50, g, torch.float32).to(dtype)
+    feat, coords, cells = (t.to(dtype) for t in random_inputs(1, 4, 6, 6, 50, seed=7))
     mlp = make_mlp(40, [16], 3, torch.float32).to(dtype)
     out = liif_cuda.query(feat, coords, cells, mlp)
     assert out.dtype == dtype
@@ -168,14 +154,11 @@ def test_half_inputs_are_computed_in_float32(dtype):
 
 
 def test_non_finite_coordinates_give_nan_and_stay_in_bounds():
-    g = torch.Generator().manual_seed(8)
-    feat = torch.randn(2, 4, 5, 5, generator=g)
-    coords = torch.rand(2, 6, 2, generator=g) * 2 - 1
+    feat, coords, cells = random_inputs(2, 4, 5, 5, 6, seed=8)
     coords[0, 1, 0] = float("nan")
     coords[0, 2, 1] = float("inf")
     coords[1, 3, 0] = -float("inf")
     coords[1, 4] = float("nan")
-    cells = random_cells(2, 6, g, torch.float32)
     mlp = make_mlp(40, [16], 3, torch.float32)
     out = liif_cuda.query(feat, coords, cells, mlp)
     bad = ~torch.isfinite(coords).all(-1)
@@ -186,10 +169,8 @@ def test_non_finite_coordinates_give_nan_and_stay_in_bounds():
 
 
 def test_huge_coordinates_are_clamped_like_the_reference():
-    g = torch.Generator().manual_seed(9)
-    feat = torch.randn(1, 4, 5, 7, generator=g)
+    feat, _, cells = random_inputs(1, 4, 5, 7, 4, seed=9)
     coords = torch.tensor([[[1e30, -1e30], [-3.0, 2.0], [1.0, -1.0], [0.999999, -0.999999]]])
-    cells = random_cells(1, 4, g, torch.float32)
     mlp = make_mlp(40, [16], 3, torch.float32)
     expected = ref.query_rgb(feat, coords, cells, mlp)
     out = liif_cuda.query(feat, coords, cells, mlp)

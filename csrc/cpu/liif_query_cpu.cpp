@@ -56,7 +56,7 @@ struct QueryPlan {
   // Feature map (direct path): element (b, c, y, x) at feat + b*fs[0] + c*fs[1] + y*fs[2] + x*fs[3].
   const scalar_t* feat = nullptr;
   int64_t fs[4] = {0, 0, 0, 0};
-  // Weights. layers[l] = (weight (out, in), bias (out,)), contiguous.
+  // The MLP: per layer a contiguous (out, in) weight and (out,) bias.
   std::vector<at::Tensor> weights, biases;
   at::Tensor first_feature_weight;  // (width0, feat_dim): the feature columns of layer 0
   // Columns of layer 0 for rel_y, rel_x (and cell_y*H, cell_x*W), each contiguous over the width.
