@@ -18,6 +18,9 @@ CSRC = os.path.join("csrc")
 # geometry's multiply-adds, whose rounding must match the reference (csrc/liif_geometry.h).
 # torch's headers are included as system headers so that -Werror applies to our code only.
 CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off"]
+# ATen's parallel_for is a header template expanded into our code: without OpenMP it runs serially.
+# The libgomp that torch ships is already loaded when the extension loads, so it serves both.
+OPENMP_FLAGS = ["-fopenmp"]
 CXX_FLAGS += [f"-isystem{p}" for p in include_paths()]
 
 
@@ -31,7 +34,8 @@ def extension():
         "liif_cuda._C",
         sources,
         include_dirs=[os.path.join(ROOT, CSRC)],
-        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+        extra_link_args=OPENMP_FLAGS,
     )
 
 

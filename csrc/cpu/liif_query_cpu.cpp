@@ -285,8 +285,9 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
   p.feat = feat.const_data_ptr<scalar_t>();
   for (int d = 0; d < 4; ++d) p.fs[d] = feat.stride(d);
   for (size_t l = 0; l < weights.size(); ++l) {
-    p.weights.push_back(weights[l].contiguous());
-    p.biases.push_back(biases[l].contiguous());
+    // Detached: the kernel computes values only (autograd is registered around the operator).
+    p.weights.push_back(weights[l].detach().contiguous());
+    p.biases.push_back(biases[l].detach().contiguous());
     p.max_width = std::max(p.max_width, shape.layer_widths[l]);
   }
   p.first_feature_weight = p.weights[0].narrow(1, 0, shape.feat_dim).contiguous();
@@ -310,11 +311,13 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
     int64_t pitch = 0;
     if (p.precomputed) map = precompute_first_layer<scalar_t>(feat[b], p, feat_unfold, &pitch);
     const scalar_t* map_data = p.precomputed ? map.const_data_ptr<scalar_t>() : nullptr;
-    // One worker per thread takes tiles from a shared counter, so a core slowed by other work
-    // does not leave the other waiting at the end of the image.
+    // Each thread's call takes tiles from a shared counter rather than its own range, so a core
+    // slowed by other work does not leave the other waiting at the end of the image.
     std::atomic<int64_t> next_tile{0};
-    const int64_t workers = std::min<int64_t>(at::get_num_threads(), tiles);
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::parallel_for(0, tiles, 1, [&](int64_t, int64_t) {
+      // Worker threads do not inherit the caller's dispatch state: skip autograd in the ATen calls
+      // below, as the calling thread does.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       TileScratch<scalar_t> scratch(p, feat.options());
       for (int64_t t = next_tile++; t < tiles; t = next_tile++) {
         const int64_t q0 = t * queries_per_tile;
