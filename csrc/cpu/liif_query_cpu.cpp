@@ -59,8 +59,9 @@ struct QueryPlan {
   // The MLP: per layer a contiguous (out, in) weight and (out,) bias.
   std::vector<at::Tensor> weights, biases;
   at::Tensor first_feature_weight;  // (width0, feat_dim): the feature columns of layer 0
-  // Columns of layer 0 for rel_y, rel_x (and cell_y*H, cell_x*W), each contiguous over the width.
-  at::Tensor first_extra_columns;  // (2 or 4, width0)
+  // Columns of layer 0 for rel_y, rel_x, cell_y*H, cell_x*W, each contiguous over the width; the
+  // cell columns are zeros without cell_decode.
+  at::Tensor first_extra_columns;  // (4, width0)
   const scalar_t* extra_column[4] = {nullptr, nullptr, nullptr, nullptr};
   int64_t max_width = 0;
 };
@@ -87,7 +88,7 @@ LIIF_SIMD_CLONES void add_bias_relu(scalar_t* x, const scalar_t* bias, int64_t r
 }
 
 // One row of layer 0: the feature part `src` (precomputed or already multiplied; may alias `row`)
-// plus the coordinate and cell terms, then ReLU. Without cell_decode the caller passes zero cells.
+// plus the coordinate and cell terms, then ReLU (without cell_decode, cells and columns are zero).
 template <typename scalar_t>
 LIIF_SIMD_CLONES void first_layer_row(const scalar_t* src, scalar_t* row, int64_t width,
                                       scalar_t rel_y, scalar_t rel_x, const scalar_t* wy,
@@ -164,9 +165,15 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
     s.valid[i] = query_neighbours(p.grid, p.coords.at(b, q, 0), p.coords.at(b, q, 1), nb);
     if (!s.valid[i]) {
       // The output of this query is NaN; give its rows a harmless cell so the tile can run unchanged.
-      for (int k = 0; k < nn; ++k) nb[k] = Neighbour<scalar_t>{0, 0, scalar_t(0), scalar_t(0), scalar_t(0)};
+      for (int k = 0; k < nn; ++k) {
+        nb[k] = Neighbour<scalar_t>{0, 0, scalar_t(0), scalar_t(0), scalar_t(0)};
+      }
     }
-    if (p.cell_decode) scaled_cell(p.grid, p.cells.at(b, q, 0), p.cells.at(b, q, 1), &s.cell[2 * i]);
+    if (p.cell_decode) {
+      scaled_cell(p.grid, p.cells.at(b, q, 0), p.cells.at(b, q, 1), &s.cell[2 * i]);
+    } else {
+      s.cell[2 * i] = s.cell[2 * i + 1] = scalar_t(0);  // meets the zero cell columns
+    }
   }
 
   // 2. Layer 0: feature part (precomputed row, or gathered unfolded vector times the feature
@@ -193,14 +200,9 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
     scalar_t* row = a + r * width0;
     const scalar_t* src =
         precomputed_map != nullptr ? precomputed_map + (nb.iy * map_pitch + nb.ix) * width0 : row;
-    if (p.cell_decode) {
-      const scalar_t* cell = &s.cell[2 * (r / nn)];
-      first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, wy, wx, cell[0], cell[1], wcy, wcx,
-                      relu0);
-    } else {
-      first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, wy, wx, scalar_t(0), scalar_t(0), wy,
-                      wx, relu0);
-    }
+    const scalar_t* cell = &s.cell[2 * (r / nn)];
+    first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, wy, wx, cell[0], cell[1], wcy, wcx,
+                    relu0);
   }
 
   // 3. Remaining layers: product, then bias and ReLU (not after the last layer) in one pass.
@@ -291,9 +293,12 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
     p.max_width = std::max(p.max_width, shape.layer_widths[l]);
   }
   p.first_feature_weight = p.weights[0].narrow(1, 0, shape.feat_dim).contiguous();
-  p.first_extra_columns = p.weights[0].narrow(1, shape.feat_dim, shape.in_dim - shape.feat_dim)
-                              .t()
-                              .contiguous();
+  p.first_extra_columns = p.weights[0].narrow(1, shape.feat_dim, shape.in_dim - shape.feat_dim).t();
+  if (!cell_decode) {
+    p.first_extra_columns = at::cat({p.first_extra_columns, p.first_extra_columns.new_zeros(
+                                                                {2, shape.layer_widths[0]})});
+  }
+  p.first_extra_columns = p.first_extra_columns.contiguous();
   const at::Tensor& extra = p.first_extra_columns;
   for (int64_t i = 0; i < extra.size(0); ++i) {
     p.extra_column[i] = extra.const_data_ptr<scalar_t>() + i * extra.size(1);
