@@ -1,12 +1,10 @@
 import os
 import sys
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
 # The suite runs on a 2-core machine in CI: keep example counts moderate and time unbounded.
@@ -15,11 +13,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                   reason="needs a CUDA GPU (none visible)")
-requires_shared = pytest.mark.skipif(not os.path.isdir(SHARED),
-                                     reason=f"needs the shared test data in {SHARED}")
 
 
 def relative_error(out, ref):

@@ -63,11 +63,14 @@ def build(problem):
 def test_fused_matches_reference(problem):
     feat, coords, cells, mlp = build(problem)
     flags = problem["flags"]
+    inputs = [feat, coords, cells, *mlp.parameters()]
+    before = [t.detach().clone() for t in inputs]
     with torch.no_grad():
         expected = ref.query_rgb(feat, coords, cells, mlp, **flags)
         out = liif_cuda.query(feat, coords, cells, mlp, **flags)
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert relative_error(out, expected) <= TOLERANCE[problem["dtype"]]
+    assert all(torch.equal(t, b) for t, b in zip(inputs, before)), "an input was modified"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -177,3 +180,17 @@ def test_huge_coordinates_are_clamped_like_the_reference():
     finite = torch.isfinite(expected).all(-1)
     assert torch.equal(torch.isfinite(out).all(-1), finite)
     assert relative_error(out[finite], expected[finite]) <= 1e-5
+
+
+@pytest.mark.parametrize("feat_unfold", [True, False])
+def test_one_pixel_map_leaves_the_mlp_untouched(feat_unfold):
+    """A 1x1 map makes the first-layer map a single row: it must not alias the first bias."""
+    feat, coords, cells = random_inputs(2, 3, 1, 1, 5, seed=10)
+    mlp = make_mlp(ref.imnet_in_dim(3, feat_unfold), [], 2, torch.float32)
+    before = [p.detach().clone() for p in mlp.parameters()]
+    first = liif_cuda.query(feat, coords, cells, mlp, feat_unfold=feat_unfold)
+    second = liif_cuda.query(feat, coords, cells, mlp, feat_unfold=feat_unfold)
+    assert all(torch.equal(p, b) for p, b in zip(mlp.parameters(), before))
+    assert torch.equal(first, second)
+    expected = ref.query_rgb(feat, coords, cells, mlp, feat_unfold=feat_unfold)
+    assert relative_error(first, expected) <= TOLERANCE[torch.float32]

@@ -263,7 +263,9 @@ at::Tensor precompute_first_layer(const at::Tensor& feat_b, const QueryPlan<scal
       p.first_feature_weight.view({width0, C, taps_per_side * taps_per_side})
           .permute({2, 0, 1})
           .contiguous();
-  at::Tensor map = p.biases[0].unsqueeze(0).expand({out_rows, width0}).contiguous();
+  // A fresh buffer: `contiguous()` of the expanded bias would alias the bias itself for one row.
+  at::Tensor map = at::empty({out_rows, width0}, feat_b.options());
+  map.copy_(p.biases[0].unsqueeze(0).expand({out_rows, width0}));
   for (int64_t dy = 0; dy < taps_per_side; ++dy) {
     for (int64_t dx = 0; dx < taps_per_side; ++dx) {
       const int64_t tap = dy * taps_per_side + dx;
