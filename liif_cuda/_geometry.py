@@ -31,11 +31,10 @@ def neighbour_geometry(coords, height, width, local_ensemble):
     """For coords (B, Q, 2) with finite values: flat cell index iy*W+ix (B, Q, K), relative
     coordinates (B, Q, K, 2) scaled by (H, W), blend weights (B, Q, K) and the neighbours' own
     areas (B, Q, K), before the diagonal swap."""
-    plain = coords
     indices, rels, areas = [], [], []
     for shift_y, shift_x in neighbour_shifts(height, width, local_ensemble):
-        sy = (plain[..., 0] + shift_y).clamp(CLAMP_LO, CLAMP_HI)
-        sx = (plain[..., 1] + shift_x).clamp(CLAMP_LO, CLAMP_HI)
+        sy = (coords[..., 0] + shift_y).clamp(CLAMP_LO, CLAMP_HI)
+        sx = (coords[..., 1] + shift_x).clamp(CLAMP_LO, CLAMP_HI)
         iy = _nearest_index(sy, height)
         ix = _nearest_index(sx, width)
         centre_y = (-1 + 1 / height) + (2 / height) * iy.to(coords.dtype)
