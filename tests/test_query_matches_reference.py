@@ -74,10 +74,12 @@ def test_fused_matches_reference(problem):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch,size,queries", [(1, 16, 1000), (2, 7, 333), (1, 40, 50)])
+@pytest.mark.parametrize("batch,size,queries", [(1, 16, 1000), (2, 7, 333), (1, 40, 50),
+                                                (2, 40, 300)])
 def test_published_shape(dtype, batch, size, queries):
     """C = 64 and the published MLP 580-256x4-3: several tiles, a partial last tile, and both the
-    precomputed-map (many queries) and per-row (few queries, large map) first layers."""
+    precomputed-map (many queries) and per-row (few queries, large map: 40x40 with 50 or 300
+    queries, one tile or several) first layers."""
     feat, coords, cells = random_inputs(batch, 64, size, size, queries, seed=size, dtype=dtype)
     mlp = make_mlp(580, [256] * 4, 3, dtype)
     with torch.no_grad():
