@@ -61,7 +61,7 @@ def query_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Option
     for start in range(0, coords.shape[1], chunk):
         stop = min(start + chunk, coords.shape[1])
         g = grad_out[:, start:stop]
-        index, rel, blend, area = neighbour_geometry(coords[:, start:stop], H, W, local_ensemble)
+        index, rel, blend, total = neighbour_geometry(coords[:, start:stop], H, W, local_ensemble)
         K = index.shape[-1]
         extra = rel
         if cells is not None:
@@ -97,7 +97,6 @@ def query_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Option
             grad_cells[:, start:stop] = grad_extra[..., 2:].sum(2) * size
 
         # Blend weights: blend_k = area_opp(k) / total, area_j = |rel_y_j * rel_x_j| + 1e-9.
-        total = area.sum(-1, keepdim=True)
         grad_area = (grad_blend.flip(-1) - (grad_blend * blend).sum(-1, keepdim=True)) / total
         prod = rel[..., 0] * rel[..., 1]
         grad_prod = grad_area * torch.sign(prod)

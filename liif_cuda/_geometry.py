@@ -29,8 +29,8 @@ def _nearest_index(c, size):
 
 def neighbour_geometry(coords, height, width, local_ensemble):
     """For coords (B, Q, 2) with finite values: flat cell index iy*W+ix (B, Q, K), relative
-    coordinates (B, Q, K, 2) scaled by (H, W), blend weights (B, Q, K) and the neighbours' own
-    areas (B, Q, K), before the diagonal swap."""
+    coordinates (B, Q, K, 2) scaled by (H, W), blend weights (B, Q, K) and the total area (B, Q, 1)
+    the weights are divided by."""
     indices, rels, areas = [], [], []
     for shift_y, shift_x in neighbour_shifts(height, width, local_ensemble):
         sy = (coords[..., 0] + shift_y).clamp(CLAMP_LO, CLAMP_HI)
@@ -50,4 +50,4 @@ def neighbour_geometry(coords, height, width, local_ensemble):
     # Each prediction takes the area of the diagonally opposite neighbour (k <-> K-1-k).
     weights = torch.stack([a / total for a in reversed(areas)], dim=-1)
     return (torch.stack(indices, dim=-1), torch.stack(rels, dim=-2), weights,
-            torch.stack(areas, dim=-1))
+            total.unsqueeze(-1))
