@@ -16,12 +16,12 @@ CSRC = os.path.join("csrc")
 
 # Our sources build warning-free; -ffp-contract=off keeps the compiler from fusing the per-query
 # geometry's multiply-adds, whose rounding must match the reference (csrc/liif_geometry.h).
-# torch's headers are included as system headers so that -Werror applies to our code only.
 CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off"]
+# torch's headers are included as system headers so that -Werror applies to our code only.
+CXX_FLAGS += [f"-isystem{p}" for p in include_paths()]
 # ATen's parallel_for is a header template expanded into our code: without OpenMP it runs serially.
 # The libgomp that torch ships is already loaded when the extension loads, so it serves both.
 OPENMP_FLAGS = ["-fopenmp"]
-CXX_FLAGS += [f"-isystem{p}" for p in include_paths()]
 
 
 def extension():
