@@ -3,9 +3,8 @@
 // the library was built.
 #include <Python.h>
 
-#ifndef LIIF_CUDA_ARCHS
-#define LIIF_CUDA_ARCHS ""
-#endif
+// LIIF_WITH_CUDA and LIIF_CUDA_ARCHS, written by setup.py.
+#include "liif_build_config.h"
 
 static PyObject* build_info(PyObject*, PyObject*) {
 #ifdef LIIF_WITH_CUDA

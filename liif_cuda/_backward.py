@@ -13,6 +13,7 @@ forward + backward raise the peak resident memory by 172 to 244 MiB (the unchunk
 in training: 1838 MiB); see benchmarks/bench_backward_memory.py.
 """
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -24,6 +25,21 @@ from ._geometry import neighbour_geometry
 CHUNK_QUERIES = 2048  # queries per recompute chunk, summed over the batch
 
 
+@contextlib.contextmanager
+def _float32_convolutions(device):
+    """cuDNN runs float32 convolutions on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32),
+    with a 1e-3 error; the gradients here stay in full float32, as the CUDA forward's map does."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
 @torch.library.custom_op("liif_cuda::query_backward", mutates_args=())
 def query_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Optional[Tensor],
                    weights: List[Tensor], biases: List[Tensor], local_ensemble: bool,
@@ -33,6 +49,13 @@ def query_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Option
     `needs_grad` has one flag per returned gradient. Queries whose coordinates are not finite (their
     output is NaN) contribute nothing to the other gradients; their own coordinate gradient is NaN.
     """
+    with _float32_convolutions(feat.device):
+        return _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble,
+                               feat_unfold, cell_decode, needs_grad)
+
+
+def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
+                    cell_decode, needs_grad):
     L = len(weights)
     B, C, H, W = feat.shape
     feat_dim = C * (9 if feat_unfold else 1)

@@ -22,3 +22,15 @@ def relative_error(out, ref):
 
 # Accuracy bounds of the fused query against the reference (issue 2: 1e-5 float32, 1e-12 float64).
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _cuda_skip_reason():
+    import liif_cuda
+    if not liif_cuda.build_info()["cuda"]:
+        return "liif_cuda was built without CUDA kernels (CPU torch or no CUDA toolkit at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible (the CUDA kernels are checked by tests/test_cuda_harness.py here)"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()

@@ -1,6 +1,7 @@
 """Inputs for the query tests."""
 
 import torch
+from hypothesis import strategies as st
 
 import liif_reference as ref
 
@@ -39,3 +40,51 @@ def random_inputs(batch, channels, height, width, queries, seed=0, dtype=torch.f
     feat = torch.randn(batch, channels, height, width, generator=g, dtype=dtype)
     coords = (torch.rand(batch, queries, 2, generator=g, dtype=dtype) * 2 - 1) * spread
     return feat, coords, random_cells(batch, queries, g, dtype)
+
+
+@st.composite
+def query_problems(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    flags = dict(local_ensemble=draw(st.booleans()), feat_unfold=draw(st.booleans()),
+                 cell_decode=draw(st.booleans()))
+    batch = draw(st.integers(1, 3))
+    channels = draw(st.integers(1, 6))
+    height = draw(st.integers(1, 9))
+    width = draw(st.integers(1, 9))
+    # From far fewer (query, neighbour) rows than LR cells (per-row products) to far more
+    # (precomputed first-layer map), and past one tile of 256 rows.
+    queries = draw(st.sampled_from([1, 2, 5, 17, 40, 70, 150]))
+    hidden = draw(st.lists(st.integers(1, 24), min_size=0, max_size=3))
+    out_dim = draw(st.integers(1, 4))
+    placement = draw(st.sampled_from(["inside", "outside", "borders", "mixed"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    contiguous = draw(st.booleans())
+    return dict(dtype=dtype, flags=flags, batch=batch, channels=channels, height=height,
+                width=width, queries=queries, hidden=hidden, out_dim=out_dim, placement=placement,
+                seed=seed, contiguous=contiguous)
+
+
+def build(problem):
+    g = torch.Generator().manual_seed(problem["seed"])
+    dtype, B, Q = problem["dtype"], problem["batch"], problem["queries"]
+    C, H, W = problem["channels"], problem["height"], problem["width"]
+    feat = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    uniform = (torch.rand(B, Q, 2, generator=g, dtype=dtype) * 2 - 1)
+    if problem["placement"] == "inside":
+        coords = uniform
+    elif problem["placement"] == "outside":
+        coords = uniform * 1.5
+    elif problem["placement"] == "borders":
+        coords = border_coords(H, W, B, Q, g, dtype)
+    else:
+        pick = torch.rand(B, Q, 1, generator=g) < 0.5
+        coords = torch.where(pick, border_coords(H, W, B, Q, g, dtype), uniform * 1.2)
+    cells = random_cells(B, Q, g, dtype)
+    if not problem["contiguous"]:
+        feat = feat.transpose(2, 3).contiguous().transpose(2, 3)  # channels-last-like strides
+        coords = coords.transpose(0, 1).contiguous().transpose(0, 1)
+        cells = torch.cat([cells, cells], dim=-1)[..., ::2]
+    flags = problem["flags"]
+    in_dim = ref.imnet_in_dim(C, flags["feat_unfold"], flags["cell_decode"])
+    mlp = make_mlp(in_dim, problem["hidden"], problem["out_dim"], dtype, seed=problem["seed"] % 1000)
+    return feat, coords, cells, mlp

@@ -1,0 +1,71 @@
+// The CUDA kernel of liif_cuda::query at the Tensor level: checks, device guard, the first-layer map
+// as one cuDNN convolution, the launch on the current stream and its error check. Registered for the
+// CUDA dispatch key. The kernels themselves are in liif_query_kernel.cuh.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../liif_query_checks.h"
+#include "liif_query_cuda_launcher.h"
+#include "liif_query_prepare.h"
+
+namespace liif {
+namespace cuda {
+namespace {
+
+// The first-layer map in full float32 (or float64): cuDNN would otherwise run float32 convolutions
+// on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), a 1e-3 error. Deterministic
+// algorithms only, so that repeated queries give identical outputs.
+at::Tensor convolve_exact(const at::Tensor& input, const at::Tensor& weight, int64_t padding) {
+  // Channels-last operands make cuDNN write (B, H, W, width0) directly, the layout the kernel reads.
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  if (at::globalContext().userEnabledCuDNN()) {
+    return at::cudnn_convolution(x, w, {padding, padding}, {1, 1}, {1, 1}, 1,
+                                 /*benchmark=*/false, /*deterministic=*/true,
+                                 /*allow_tf32=*/false);
+  }
+  // cuDNN switched off by the user: ATen's own convolution (im2col and cuBLAS, which keeps float32
+  // unless torch.backends.cuda.matmul.allow_tf32 asks otherwise).
+  return at::conv2d(x, w, {}, 1, padding);
+}
+
+at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
+                      const c10::optional<at::Tensor>& cells, at::TensorList weights,
+                      at::TensorList biases, bool local_ensemble, bool feat_unfold,
+                      bool cell_decode) {
+  const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
+  const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
+  TORCH_CHECK(feat.is_cuda(), "liif_cuda.query (CUDA kernel): feat must be a CUDA tensor");
+  const c10::cuda::CUDAGuard device_guard(feat.device());
+  if (shape.batch * shape.queries * shape.out_dim == 0) {
+    return at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
+  }
+  int max_shared = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        feat.device().index()));
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cuda", [&] {
+    PreparedQuery<scalar_t> prepared =
+        prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
+                                cell_decode, shape, convolve_exact);
+    const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared));
+    const cudaError_t err = launch_query_kernel(prepared.params, plan,
+                                                c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, "liif_cuda.query (CUDA kernel): launch failed: ",
+                cudaGetErrorString(err));
+    // The temporaries go back to the caching allocator, which keeps them for this stream until
+    // the kernel is done with them.
+    out = prepared.out;
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace liif
+
+TORCH_LIBRARY_IMPL(liif_cuda, CUDA, m) { m.impl("query", &liif::cuda::query_cuda); }

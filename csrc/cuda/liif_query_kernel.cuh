@@ -1,0 +1,377 @@
+// The CUDA kernels of the fused LIIF query (after the first-layer map, see liif_query_cuda.cpp).
+//
+// One block decodes a tile of consecutive queries (all batch elements flattened) in four steps:
+//   1. geometry: one thread per query finds its (up to) four LR cells, relative coordinates and blend
+//      weights (csrc/liif_geometry.h, shared with the CPU kernel) and keeps them in shared memory;
+//   2. layer 0: each (query, neighbour) row reads its LR cell's row of the precomputed map and adds the
+//      bias and the coordinate and cell terms, then ReLU, into shared memory;
+//   3. hidden layers, on shared-memory activations: in the specialised kernel (published shape, every
+//      hidden layer 256 wide, float32) as a register-tiled product whose weights stream through two
+//      shared-memory chunks; in the generic kernel (any widths, float32 or float64) one output per
+//      thread and step, reading the weights through the cache;
+//   4. last layer and blend: predictions per row, then each thread blends one (query, channel) over
+//      the neighbours in the reference's order and writes the output. Nothing else reaches global
+//      memory.
+//
+// This file is also compiled by the host compiler inside the host execution harness (tests/harness),
+// which runs the kernels without a GPU. It therefore uses only what the harness emulates: blockIdx.x,
+// threadIdx.x, blockDim.x, __syncthreads(), dynamic shared memory (LIIF_DYNAMIC_SHARED) and float4.
+// No warp primitives, atomics, asynchronous copies or static __shared__ arrays.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../liif_geometry.h"
+#include "liif_query_launch.h"
+
+#if defined(__CUDACC__)
+#define LIIF_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#elif !defined(LIIF_HOST_EXECUTION_HARNESS)
+#error "liif_query_kernel.cuh: compile with nvcc, or include tests/harness/cuda_host_emulation.h first"
+#endif
+
+namespace liif {
+namespace cuda {
+
+// Pointers into one block's shared memory, in the order of SharedLayout (liif_query_launch.h).
+template <typename T>
+struct BlockShared {
+  T* act;        // activation buffer(s)
+  T* weights;    // the fast kernel's two weight chunks (reused for the last layer's predictions)
+  T* rel_y;      // per row
+  T* rel_x;      // per row
+  T* blend;      // per row: blend weight of the row's prediction
+  T* cell_y;     // per query: cell_y * H (0 without cell_decode)
+  T* cell_x;     // per query: cell_x * W
+  int* cell;     // per row: LR cell b*H*W + iy*W + ix, or -1 for rows without a decodable query
+  int* state;    // per query: 1 decode, 0 write NaN (non-finite coordinate), -1 past the last query
+};
+
+template <typename T>
+__device__ __forceinline__ BlockShared<T> carve_shared(unsigned char* base, const SharedLayout& l) {
+  BlockShared<T> s;
+  T* t = reinterpret_cast<T*>(base);
+  s.act = t;
+  t += l.act_elements;
+  s.weights = t;
+  t += l.weight_elements;
+  s.rel_y = t;
+  t += l.rows;
+  s.rel_x = t;
+  t += l.rows;
+  s.blend = t;
+  t += l.rows;
+  s.cell_y = t;
+  t += l.queries;
+  s.cell_x = t;
+  t += l.queries;
+  s.cell = reinterpret_cast<int*>(t);
+  s.state = s.cell + l.rows;
+  return s;
+}
+
+// Step 1: geometry of the block's queries [first, first + queries).
+template <typename T>
+__device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T>& s, int64_t first,
+                              int queries) {
+  const int nn = p.grid.num_neighbours;
+  for (int i = static_cast<int>(threadIdx.x); i < queries; i += static_cast<int>(blockDim.x)) {
+    const int64_t q = first + i;
+    Neighbour<T> nb[kMaxNeighbours];
+    T cell[2] = {T(0), T(0)};
+    int state = -1;
+    if (q < p.total_queries) {
+      state = query_neighbours(p.grid, p.coords[2 * q], p.coords[2 * q + 1], nb) ? 1 : 0;
+      if (p.cells != nullptr) scaled_cell(p.grid, p.cells[2 * q], p.cells[2 * q + 1], cell);
+    }
+    s.state[i] = state;
+    s.cell_y[i] = cell[0];
+    s.cell_x[i] = cell[1];
+    const int64_t image = q / p.queries_per_image;
+    for (int k = 0; k < nn; ++k) {
+      const int r = i * nn + k;
+      if (state == 1) {
+        // The host checks that B * H * W fits an int.
+        s.cell[r] = static_cast<int>((image * p.grid.height + nb[k].iy) * p.grid.width + nb[k].ix);
+        s.rel_y[r] = nb[k].rel_y;
+        s.rel_x[r] = nb[k].rel_x;
+        s.blend[r] = nb[k].weight;
+      } else {
+        s.cell[r] = -1;
+        s.rel_y[r] = s.rel_x[r] = s.blend[r] = T(0);
+      }
+    }
+  }
+}
+
+// Step 2: layer 0 of every row into s.act (row pitch `pitch`); ReLU unless it is the only layer.
+// Rows without a query get zeros, which keep the following layers finite.
+template <typename T>
+__device__ void first_layer(const QueryKernelParams<T>& p, const BlockShared<T>& s, int rows,
+                            int pitch) {
+  const int width = p.widths[0];
+  const int nn = p.grid.num_neighbours;
+  const bool relu = p.num_layers > 1;
+  const T* wy = p.extra_columns;
+  const T* wx = wy + width;
+  const T* wcy = wx + width;
+  const T* wcx = wcy + width;
+  for (int e = static_cast<int>(threadIdx.x); e < rows * width; e += static_cast<int>(blockDim.x)) {
+    const int r = e / width;
+    const int j = e - r * width;
+    const int cell = s.cell[r];
+    T v = T(0);
+    if (cell >= 0) {
+      const int q = r / nn;
+      v = p.map[static_cast<int64_t>(cell) * width + j] + p.first_bias[j];
+      v = v + s.rel_y[r] * wy[j] + s.rel_x[r] * wx[j] + s.cell_y[q] * wcy[j] + s.cell_x[q] * wcx[j];
+      // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
+      if (relu && v < T(0)) v = T(0);
+    }
+    s.act[r * pitch + j] = v;
+  }
+}
+
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
+
+// Step 3, specialised: act (64 x 256) <- relu(act @ wt + bias) in place, wt being (256 in, 256 out).
+//
+// Thread t = 32 * rg + cg computes rows {4rg .. 4rg+3, 32+4rg .. 32+4rg+3} and columns
+// {4cg .. 4cg+3, 128+4cg .. 128+4cg+3}: 64 accumulators in registers. All lanes of a warp share rg,
+// so their activation loads are broadcasts; their weight loads are consecutive float4s, free of bank
+// conflicts, and so are the float4 stores of the result. The weights stream in chunks of kFastChunk
+// input rows, double-buffered: chunk c+1 is fetched through registers while chunk c is multiplied.
+__device__ __forceinline__ int fast_row(int rg, int i) { return (i < 4 ? 0 : 32 - 4) + 4 * rg + i; }
+
+__device__ void fast_hidden_layer(const float* __restrict__ wt, const float* __restrict__ bias,
+                                  float* act, float* wbuf) {
+  constexpr int kChunkVectors = kFastChunk * kFastWidth / 4;
+  constexpr int kVectorsPerThread = kChunkVectors / kThreadsPerBlock;
+  constexpr int kChunks = kFastWidth / kFastChunk;
+  static_assert(kChunkVectors % kThreadsPerBlock == 0, "a chunk is copied in whole float4s");
+  const int tid = static_cast<int>(threadIdx.x);
+  const int cg = tid % 32;
+  const int rg = tid / 32;
+  const float4* wt4 = reinterpret_cast<const float4*>(wt);
+  float4* wbuf4 = reinterpret_cast<float4*>(wbuf);
+
+  // Half a chunk in flight per thread at a time: the whole chunk would not fit 128 registers next
+  // to the 64 accumulators.
+  constexpr int kHalf = kVectorsPerThread / 2;
+  float4 staged[kHalf];
+  auto fetch = [&](int chunk, int half) {
+#pragma unroll
+    for (int v = 0; v < kHalf; ++v) {
+      staged[v] = wt4[chunk * kChunkVectors + (half * kHalf + v) * kThreadsPerBlock + tid];
+    }
+  };
+  auto store = [&](int chunk, int half) {
+#pragma unroll
+    for (int v = 0; v < kHalf; ++v) {
+      wbuf4[(chunk & 1) * kChunkVectors + (half * kHalf + v) * kThreadsPerBlock + tid] = staged[v];
+    }
+  };
+  fetch(0, 0);
+  store(0, 0);
+  fetch(0, 1);
+  store(0, 1);
+  __syncthreads();
+
+  float acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) acc[i][c] = 0.f;
+  }
+
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    // Chunk + 1 goes to the other buffer, which nobody reads during this chunk: its first half is
+    // fetched now and stored halfway through, the second half fetched then and stored at the end.
+    const bool more = chunk + 1 < kChunks;
+    if (more) fetch(chunk + 1, 0);
+    const float* w = wbuf + (chunk & 1) * kFastChunk * kFastWidth;
+    const float* a_chunk = act + chunk * kFastChunk;
+#pragma unroll
+    for (int kk = 0; kk < kFastChunk; kk += 2) {
+      if (kk == kFastChunk / 2 && more) {
+        store(chunk + 1, 0);
+        fetch(chunk + 1, 1);
+      }
+      // Two inputs per activation load: float4 would halve the loads again but, with the staged
+      // weights and the 64 accumulators, not fit 128 registers.
+      float2 a[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        a[i] = *reinterpret_cast<const float2*>(a_chunk + fast_row(rg, i) * kFastWidth + kk);
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const float* w_row = w + (kk + k) * kFastWidth;
+        const float4 lo = *reinterpret_cast<const float4*>(w_row + 4 * cg);
+        const float4 hi = *reinterpret_cast<const float4*>(w_row + 128 + 4 * cg);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float x = k == 0 ? a[i].x : a[i].y;
+          acc[i][0] += x * lo.x;
+          acc[i][1] += x * lo.y;
+          acc[i][2] += x * lo.z;
+          acc[i][3] += x * lo.w;
+          acc[i][4] += x * hi.x;
+          acc[i][5] += x * hi.y;
+          acc[i][6] += x * hi.z;
+          acc[i][7] += x * hi.w;
+        }
+      }
+    }
+    if (more) store(chunk + 1, 1);
+    // Chunk `chunk + 1` is in place and every thread is done with chunk `chunk` (and, after the
+    // last chunk, with the activations, which are overwritten next).
+    __syncthreads();
+  }
+
+  const float4 bias_lo = *reinterpret_cast<const float4*>(bias + 4 * cg);
+  const float4 bias_hi = *reinterpret_cast<const float4*>(bias + 128 + 4 * cg);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float* row = act + fast_row(rg, i) * kFastWidth;
+    float4 lo, hi;
+    lo.x = relu(acc[i][0] + bias_lo.x);
+    lo.y = relu(acc[i][1] + bias_lo.y);
+    lo.z = relu(acc[i][2] + bias_lo.z);
+    lo.w = relu(acc[i][3] + bias_lo.w);
+    hi.x = relu(acc[i][4] + bias_hi.x);
+    hi.y = relu(acc[i][5] + bias_hi.y);
+    hi.z = relu(acc[i][6] + bias_hi.z);
+    hi.w = relu(acc[i][7] + bias_hi.w);
+    *reinterpret_cast<float4*>(row + 4 * cg) = lo;
+    *reinterpret_cast<float4*>(row + 128 + 4 * cg) = hi;
+  }
+  __syncthreads();
+}
+
+// Step 3, generic: dst = relu(src @ wt + bias) for `rows` rows, wt being (in, out).
+template <typename T>
+__device__ void generic_hidden_layer(const T* __restrict__ wt, const T* __restrict__ bias, int in,
+                                     int out, const T* src, T* dst, int rows, int pitch) {
+  for (int e = static_cast<int>(threadIdx.x); e < rows * out; e += static_cast<int>(blockDim.x)) {
+    const int r = e / out;
+    const int j = e - r * out;
+    const T* a = src + r * pitch;
+    T sum = T(0);
+    for (int k = 0; k < in; ++k) sum += a[k] * wt[static_cast<int64_t>(k) * out + j];
+    const T v = sum + bias[j];
+    dst[r * pitch + j] = v < T(0) ? T(0) : v;
+  }
+  __syncthreads();
+}
+
+// Step 4: the last layer (unless layer 0 is the only one) into `preds`, then the blend.
+// `act` holds the last hidden activations (row pitch `pitch`); wt (in, out_dim) and bias are the
+// last layer's; `preds` has room for rows * out_dim values and is not `act`.
+template <typename T>
+__device__ void last_layer_and_blend(const QueryKernelParams<T>& p, const BlockShared<T>& s,
+                                     const SharedLayout& layout, const T* act, int pitch,
+                                     const T* __restrict__ wt, const T* __restrict__ bias, T* preds,
+                                     int64_t first) {
+  const int nn = p.grid.num_neighbours;
+  const int od = p.widths[p.num_layers - 1];
+  const T* pred = act;
+  int pred_pitch = pitch;
+  if (p.num_layers > 1) {
+    const int in = p.widths[p.num_layers - 2];
+    for (int e = static_cast<int>(threadIdx.x); e < layout.rows * od;
+         e += static_cast<int>(blockDim.x)) {
+      const int r = e / od;
+      const int o = e - r * od;
+      const T* a = act + r * pitch;
+      // Lanes work on different rows; each starts at its own input so that they read different
+      // shared-memory banks instead of queueing on one.
+      int k = static_cast<int>(threadIdx.x % 32) % in;
+      T sum = T(0);
+      for (int t = 0; t < in; ++t) {
+        sum += a[k] * wt[k * od + o];
+        if (++k == in) k = 0;
+      }
+      preds[r * od + o] = sum + bias[o];
+    }
+    __syncthreads();
+    pred = preds;
+    pred_pitch = od;
+  }
+  for (int e = static_cast<int>(threadIdx.x); e < layout.queries * od;
+       e += static_cast<int>(blockDim.x)) {
+    const int q = e / od;
+    const int o = e - q * od;
+    const int state = s.state[q];
+    if (state < 0) continue;
+    T v;
+    if (state == 0) {
+      v = T(NAN);
+    } else {
+      // ret = 0; ret = ret + pred_k * weight_k, in neighbour order, as the reference accumulates.
+      v = T(0);
+      for (int k = 0; k < nn; ++k) {
+        const int r = q * nn + k;
+        v = v + pred[r * pred_pitch + o] * s.blend[r];
+      }
+    }
+    p.out[(first + q) * od + o] = v;
+  }
+}
+
+// The published shape in float32: hidden layers 256 wide, out_dim <= kFastMaxOutDim; 64 rows per
+// block. Two blocks fit an H100 SM (registers capped at 128 per thread for that).
+__global__ void __launch_bounds__(kThreadsPerBlock, 2)
+    liif_query_fast_kernel(const QueryKernelParams<float> p) {
+  LIIF_DYNAMIC_SHARED(smem);
+  const SharedLayout layout = fast_layout(p.grid.num_neighbours);
+  const BlockShared<float> s = carve_shared<float>(smem, layout);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+  load_geometry(p, s, first, layout.queries);
+  __syncthreads();
+  first_layer(p, s, layout.rows, kFastWidth);
+  __syncthreads();
+  const float* w = p.weights;
+  const float* b = p.biases;
+  for (int l = 1; l + 1 < p.num_layers; ++l) {
+    fast_hidden_layer(w, b, s.act, s.weights);
+    w += kFastWidth * kFastWidth;
+    b += kFastWidth;
+  }
+  last_layer_and_blend(p, s, layout, s.act, kFastWidth, w, b, s.weights, first);
+}
+
+// Any widths, depth and out_dim, float32 or float64: p.queries_per_block queries per block and two
+// activation buffers of p.act_pitch (the widest layer) per row.
+template <typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    liif_query_generic_kernel(const QueryKernelParams<T> p) {
+  LIIF_DYNAMIC_SHARED(smem);
+  const SharedLayout layout =
+      generic_layout(p.queries_per_block, p.grid.num_neighbours, p.act_pitch);
+  const BlockShared<T> s = carve_shared<T>(smem, layout);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+  load_geometry(p, s, first, layout.queries);
+  __syncthreads();
+  first_layer(p, s, layout.rows, p.act_pitch);
+  __syncthreads();
+  T* cur = s.act;
+  T* nxt = s.act + layout.rows * p.act_pitch;
+  const T* w = p.weights;
+  const T* b = p.biases;
+  for (int l = 1; l + 1 < p.num_layers; ++l) {
+    const int in = p.widths[l - 1];
+    const int out = p.widths[l];
+    generic_hidden_layer(w, b, in, out, cur, nxt, layout.rows, p.act_pitch);
+    T* t = cur;
+    cur = nxt;
+    nxt = t;
+    w += static_cast<int64_t>(in) * out;
+    b += out;
+  }
+  last_layer_and_blend(p, s, layout, cur, p.act_pitch, w, b, nxt, first);
+}
+
+}  // namespace cuda
+}  // namespace liif

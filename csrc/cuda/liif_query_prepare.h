@@ -1,0 +1,109 @@
+// Tensor-level preparation of a CUDA query launch, shared by the CUDA operator (liif_query_cuda.cpp)
+// and the host execution harness (tests/harness), so that the harness checks everything the GPU runs
+// except the convolution backend and the launch itself.
+//
+// Layer 0 is split by its inputs (spec section 3): its feature columns act on the 3x3-unfolded (or
+// plain) features of an LR cell only, so they are applied once per LR cell as a convolution, the
+// "first-layer map" (B, H, W, width0); the coordinate and cell columns and the bias are added per row
+// in the kernel. The other layers are transposed to (in, out) and packed into one buffer.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <climits>
+#include <vector>
+
+#include "../liif_query_checks.h"
+#include "liif_query_launch.h"
+
+namespace liif {
+namespace cuda {
+
+template <typename T>
+struct PreparedQuery {
+  // Owners of the memory the parameters point to; they must outlive the launch.
+  at::Tensor map, extra_columns, first_bias, weights, biases, coords, cells, out;
+  QueryKernelParams<T> params;
+};
+
+// `convolve(input (B, C, H, W), weight (width0, C, k, k), padding)` returns (B, width0, H, W) in any
+// memory layout, without bias, computed in T without reduced-precision shortcuts.
+template <typename T, typename Convolve>
+PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
+                               const c10::optional<at::Tensor>& cells,
+                               const std::vector<at::Tensor>& weights,
+                               const std::vector<at::Tensor>& biases, bool local_ensemble,
+                               bool feat_unfold, bool cell_decode, const QueryShape& shape,
+                               Convolve&& convolve) {
+  const int num_layers = static_cast<int>(weights.size());
+  TORCH_CHECK(num_layers <= kMaxLayers, "liif_cuda.query (CUDA kernel): the MLP has ", num_layers,
+              " Linear layers, at most ", kMaxLayers, " are supported");
+  TORCH_CHECK(shape.batch * shape.height * shape.width <= INT_MAX,
+              "liif_cuda.query (CUDA kernel): B * H * W = ",
+              shape.batch * shape.height * shape.width, " LR cells, at most ", INT_MAX,
+              " are supported; split the batch");
+  for (int64_t w : shape.layer_widths) {
+    TORCH_CHECK(w <= INT_MAX / kGenericMaxRows,
+                "liif_cuda.query (CUDA kernel): layer width ", w, " is too large");
+  }
+
+  PreparedQuery<T> p;
+  QueryKernelParams<T>& k = p.params;
+  // Detached: the kernels compute values only (autograd is registered around the operator).
+  const at::Tensor w0 = weights[0].detach();
+  const int64_t width0 = shape.layer_widths[0];
+  const int64_t taps = feat_unfold ? 3 : 1;
+  // Feature columns c*9 + ky*3 + kx are exactly a (width0, C, 3, 3) convolution weight.
+  const at::Tensor conv_weight =
+      w0.narrow(1, 0, shape.feat_dim).reshape({width0, shape.channels, taps, taps});
+  p.map = convolve(feat.detach(), conv_weight, taps / 2).permute({0, 2, 3, 1}).contiguous();
+
+  at::Tensor extra = w0.narrow(1, shape.feat_dim, shape.in_dim - shape.feat_dim).t();
+  if (!cell_decode) extra = at::cat({extra, extra.new_zeros({2, width0})});
+  p.extra_columns = extra.contiguous();
+  p.first_bias = biases[0].detach().contiguous();
+
+  std::vector<at::Tensor> packed_w, packed_b;
+  for (int l = 1; l < num_layers; ++l) {
+    packed_w.push_back(weights[l].detach().t().reshape(-1));
+    packed_b.push_back(biases[l].detach().reshape(-1));
+  }
+  // A dummy element keeps the pointers valid for a one-layer MLP, which reads neither.
+  p.weights = packed_w.empty() ? feat.new_zeros({1}) : at::cat(packed_w);
+  p.biases = packed_b.empty() ? feat.new_zeros({1}) : at::cat(packed_b);
+  p.coords = coords.contiguous();
+  if (cell_decode) p.cells = cells->contiguous();
+  p.out = at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
+
+  k.map = p.map.template const_data_ptr<T>();
+  k.coords = p.coords.template const_data_ptr<T>();
+  k.cells = cell_decode ? p.cells.template const_data_ptr<T>() : nullptr;
+  k.extra_columns = p.extra_columns.template const_data_ptr<T>();
+  k.first_bias = p.first_bias.template const_data_ptr<T>();
+  k.weights = p.weights.template const_data_ptr<T>();
+  k.biases = p.biases.template const_data_ptr<T>();
+  k.out = p.out.template data_ptr<T>();
+  k.grid = make_feature_grid<T>(shape.height, shape.width, local_ensemble);
+  k.total_queries = shape.batch * shape.queries;
+  k.queries_per_image = shape.queries;
+  k.num_layers = num_layers;
+  for (int l = 0; l < num_layers; ++l) k.widths[l] = static_cast<int>(shape.layer_widths[l]);
+  return p;
+}
+
+// Completes the parameters with the plan's block shape; raises when no kernel can run the MLP.
+template <typename T>
+LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes) {
+  const LaunchPlan plan = plan_launch(p.params, max_shared_bytes);
+  TORCH_CHECK(plan.path != KernelPath::kNone,
+              "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
+              max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
+  TORCH_CHECK(plan.blocks <= INT_MAX, "liif_cuda.query (CUDA kernel): too many queries (",
+              p.params.total_queries, ") for one launch; split them");
+  p.params.queries_per_block = plan.queries_per_block;
+  p.params.act_pitch = plan.act_pitch;
+  return plan;
+}
+
+}  // namespace cuda
+}  // namespace liif
