@@ -46,10 +46,11 @@ def cuda_requested():
     mode = os.environ.get("LIIF_CUDA_BUILD", "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
         raise SystemExit(f"LIIF_CUDA_BUILD must be auto, 1 or 0, got {mode!r}")
-    available = torch.version.cuda is not None and CUDA_HOME is not None
+    nvcc_found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    available = torch.version.cuda is not None and nvcc_found
     if mode == "1" and not available:
         why = ("torch is a CPU build" if torch.version.cuda is None
-               else "no CUDA toolkit found (set CUDA_HOME, e.g. CUDA_HOME=/usr/local/cuda)")
+               else f"no nvcc in CUDA_HOME={CUDA_HOME} (set CUDA_HOME, e.g. /usr/local/cuda)")
         raise SystemExit(f"LIIF_CUDA_BUILD=1 but the CUDA kernels cannot be built: {why}")
     return available if mode == "auto" else mode == "1"
 

@@ -29,6 +29,9 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
             (LIIF's `MLP`, mmediting's `MLPRefiner`), or a sequence of (weight, bias) pairs.
         local_ensemble, feat_unfold, cell_decode: LIIF's three flags (all True in published models).
 
+    Devices: CPU tensors run the CPU kernel, CUDA tensors the CUDA kernel (when liif_cuda was built
+    with it, see `liif_cuda.build_info()`), on the tensors' device and the current stream.
+
     Dtypes: float32 and float64 are computed in their own precision. float16 and bfloat16 inputs are
     computed in float32 and the result is returned in the input dtype. All tensors, MLP parameters
     included, must share one dtype and device.

@@ -17,20 +17,19 @@ namespace cuda {
 namespace {
 
 // The first-layer map in full float32 (or float64): cuDNN would otherwise run float32 convolutions
-// on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), a 1e-3 error. Deterministic
-// algorithms only, so that repeated queries give identical outputs.
+// on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), a 1e-3 error. at::_convolution
+// takes that choice as an argument (no global state), and otherwise picks the backend as
+// torch.nn.functional.conv2d does (cuDNN if enabled, splitting inputs too large for 32-bit indexing).
+// Deterministic algorithms only, so that repeated queries give identical outputs.
 at::Tensor convolve_exact(const at::Tensor& input, const at::Tensor& weight, int64_t padding) {
   // Channels-last operands make cuDNN write (B, H, W, width0) directly, the layout the kernel reads.
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  if (at::globalContext().userEnabledCuDNN()) {
-    return at::cudnn_convolution(x, w, {padding, padding}, {1, 1}, {1, 1}, 1,
-                                 /*benchmark=*/false, /*deterministic=*/true,
-                                 /*allow_tf32=*/false);
-  }
-  // cuDNN switched off by the user: ATen's own convolution (im2col and cuBLAS, which keeps float32
-  // unless torch.backends.cuda.matmul.allow_tf32 asks otherwise).
-  return at::conv2d(x, w, {}, 1, padding);
+  return at::_convolution(x, w, c10::nullopt, /*stride=*/{1, 1}, {padding, padding},
+                          /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
+                          /*groups=*/1, /*benchmark=*/false, /*deterministic=*/true,
+                          /*cudnn_enabled=*/at::globalContext().userEnabledCuDNN(),
+                          /*allow_tf32=*/false);
 }
 
 at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
