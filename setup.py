@@ -46,11 +46,19 @@ def cuda_requested():
     mode = os.environ.get("LIIF_CUDA_BUILD", "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
         raise SystemExit(f"LIIF_CUDA_BUILD must be auto, 1 or 0, got {mode!r}")
-    nvcc_found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    available = torch.version.cuda is not None and nvcc_found
+    # torch guesses CUDA_HOME from nvcc's location when the variable is unset; a toolkit needs both
+    # nvcc and the runtime headers there.
+    toolkit = CUDA_HOME is not None and all(
+        os.path.exists(os.path.join(CUDA_HOME, *part))
+        for part in (("bin", "nvcc"), ("include", "cuda_runtime_api.h")))
+    available = torch.version.cuda is not None and toolkit
+    if mode == "auto" and torch.version.cuda is not None and not toolkit:
+        print(f"liif_cuda: no complete CUDA toolkit at CUDA_HOME={CUDA_HOME} (nvcc and "
+              f"include/cuda_runtime_api.h); building the CPU kernel only")
     if mode == "1" and not available:
         why = ("torch is a CPU build" if torch.version.cuda is None
-               else f"no nvcc in CUDA_HOME={CUDA_HOME} (set CUDA_HOME, e.g. /usr/local/cuda)")
+               else f"no nvcc and CUDA headers in CUDA_HOME={CUDA_HOME} (set CUDA_HOME, "
+                    f"e.g. /usr/local/cuda)")
         raise SystemExit(f"LIIF_CUDA_BUILD=1 but the CUDA kernels cannot be built: {why}")
     return available if mode == "auto" else mode == "1"
 
@@ -101,5 +109,5 @@ setup(
     packages=find_packages(include=["liif_cuda", "liif_cuda.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=[f"torch=={torch_major_minor}.*", "numpy"],
+    install_requires=[f"torch=={torch_major_minor}.*", "numpy", "Pillow", "tqdm"],
 )

@@ -1,4 +1,5 @@
-"""liif_cuda: the LIIF query (Local Implicit Image Function, CVPR 2021) as one fused PyTorch operator."""
+"""liif_cuda: LIIF (Local Implicit Image Function, CVPR 2021) with its query as one fused PyTorch
+operator, the published models and checkpoints, and an upscaler."""
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
@@ -15,4 +16,11 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["query", "mlp_parameters", "build_info", "__version__"]
+from . import models  # noqa: E402
+from .checkpoints import CheckpointError  # noqa: E402
+from .load import load_model  # noqa: E402
+from .patch import patch  # noqa: E402
+from .upscale import upscale  # noqa: E402
+
+__all__ = ["query", "mlp_parameters", "build_info", "models", "load_model", "CheckpointError",
+           "patch", "upscale", "__version__"]

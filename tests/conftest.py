@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -34,3 +35,11 @@ def _cuda_skip_reason():
 
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
+
+
+# The project's shared data (test images, official weights), next to the checkout; never committed.
+SHARED = os.environ.get("LIIF_SHARED_DIR", os.path.join(os.path.dirname(ROOT), "shared"))
+OFFICIAL_WEIGHTS = os.path.join(SHARED, "weights", "edsr-baseline-liif.pth")
+requires_shared = pytest.mark.skipif(
+    not os.path.isfile(OFFICIAL_WEIGHTS),
+    reason=f"the shared data ({SHARED}: official weights, Set5) is not next to this checkout")

@@ -1,0 +1,169 @@
+"""upscale(): super-resolve an image to any scale or size with a LIIF model, in bounded memory.
+
+The features are computed in overlapping tiles of the LR image and the queries in chunks:
+  - each tile of `tile` x `tile` LR pixels is encoded with a margin of the encoder's receptive radius
+    (+2 cells for the query's neighbours and 3x3 unfold), so its features equal the whole image's;
+  - the output pixels whose centre falls in the tile are decoded from the tile's features, their
+    coordinates mapped into the tile's feature crop (the same point, rounded once to float32), in
+    chunks of at most `chunk` queries.
+An image no larger than one tile is encoded whole and queried with the reference's own coordinates.
+Memory beyond the input and output images is one tile's encoder activations and one chunk's query.
+"""
+
+import functools
+
+import torch
+
+from ._query import query
+from .images import from_tensor, resize_alpha, to_tensor
+from .load import DEFAULT_MODEL, load_model
+
+PRECISIONS = ("fp32",)
+DEFAULT_CHUNK = 1 << 18     # queries per fused-op call
+MARGIN = 2                  # feature cells a query reads beyond its own: ensemble neighbour + unfold
+
+
+def pixel_centres(n):
+    """make_coord's centres of n pixels over [-1, 1], in float32, computed as the original does."""
+    r = 1.0 / n
+    return (-1 + r) + (2 * r) * torch.arange(n).float()
+
+
+def output_size(in_h, in_w, scale=None, size=None):
+    """(out_h, out_w) from a scale (a number, or (scale_y, scale_x)) or a size (width, height)."""
+    if (scale is None) == (size is None):
+        raise ValueError("give exactly one of scale and size")
+    if size is not None:
+        try:
+            out_w, out_h = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"size must be (width, height), got {size!r}") from None
+        if out_w < 1 or out_h < 1:
+            raise ValueError(f"size must be positive, got {out_w}x{out_h}")
+        return out_h, out_w
+    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else tuple(scale)
+    for s in (sy, sx):
+        if not (isinstance(s, (int, float)) and s > 0 and s == s and s != float("inf")):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return max(1, round(in_h * sy)), max(1, round(in_w * sx))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(name, device):
+    return load_model(name, device=device)
+
+
+def default_device():
+    from . import build_info
+    return "cuda" if build_info()["cuda"] and torch.cuda.is_available() else "cpu"
+
+
+def _tiles(n, tile):
+    return [(start, min(n, start + tile)) for start in range(0, n, tile)]
+
+
+def _owned(n_out, n_in, start, stop):
+    """Output indices whose pixel centre lies in LR cells [start, stop): floor((2i+1) n_in / 2 n_out)."""
+    idx = torch.arange(n_out)
+    cell = torch.div((2 * idx + 1) * n_in, 2 * n_out, rounding_mode="floor")
+    return idx[(cell >= start) & (cell < stop)]
+
+
+def _to_crop(centres, n, start, stop):
+    """Global coordinates -> coordinates in the feature crop [start, stop) of n cells, and the factor
+    that scales cells. The identity (exactly) for the whole axis."""
+    if start == 0 and stop == n:
+        return centres, 1.0
+    crop = stop - start
+    mapped = ((centres.double() + 1) * n - 2 * start) / crop - 1
+    return mapped.float(), n / crop
+
+
+@torch.no_grad()
+def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, progress=None):
+    """(1, 3, H, W) image in [0, 1] on the model's device -> (1, 3, out_h, out_w) on the CPU, float32."""
+    _, _, H, W = img.shape
+    device = img.device
+    encoder = model.encoder
+    radius = getattr(encoder, "receptive_radius", None)
+    if radius is None:
+        raise ValueError("the model's encoder has no receptive_radius: it cannot be tiled")
+    tile = tile or getattr(encoder, "default_tile", 512)
+    inp = model.normalise(img)
+    out = torch.empty(out_h, out_w, 3)
+    centres_y, centres_x = pixel_centres(out_h), pixel_centres(out_w)
+    flags = dict(local_ensemble=model.local_ensemble, feat_unfold=model.feat_unfold,
+                 cell_decode=model.cell_decode)
+    for y0, y1 in _tiles(H, tile):
+        rows = _owned(out_h, H, y0, y1)
+        fy0, fy1 = max(0, y0 - MARGIN), min(H, y1 + MARGIN)      # feature crop
+        ey0, ey1 = max(0, fy0 - radius), min(H, fy1 + radius)    # encoder input
+        cy, cell_fy = _to_crop(centres_y[rows], H, fy0, fy1)
+        for x0, x1 in _tiles(W, tile):
+            cols = _owned(out_w, W, x0, x1)
+            if len(rows) == 0 or len(cols) == 0:
+                continue
+            fx0, fx1 = max(0, x0 - MARGIN), min(W, x1 + MARGIN)
+            ex0, ex1 = max(0, fx0 - radius), min(W, fx1 + radius)
+            feat = encoder(inp[:, :, ey0:ey1, ex0:ex1])
+            feat = feat[:, :, fy0 - ey0:fy1 - ey0, fx0 - ex0:fx1 - ex0].contiguous()
+            cx, cell_fx = _to_crop(centres_x[cols], W, fx0, fx1)
+            cell = torch.tensor([2 / out_h * cell_fy, 2 / out_w * cell_fx], dtype=torch.float32)
+            if cell_fy == 1.0 and cell_fx == 1.0:
+                # As make_cell: ones * (2 / out_h) in float32, exactly.
+                cell = torch.tensor([2 / out_h, 2 / out_w], dtype=torch.float32)
+            rows_per_chunk = max(1, chunk // len(cols))
+            for r0 in range(0, len(rows), rows_per_chunk):
+                ys = cy[r0:r0 + rows_per_chunk]
+                coord = torch.stack(torch.meshgrid(ys, cx, indexing="ij"), -1).view(1, -1, 2)
+                cells = cell.view(1, 1, 2).expand(1, coord.shape[1], 2)
+                pred = query(feat, coord.to(device), cells.to(device), model.imnet, **flags)
+                pred = model.denormalise(pred).clamp_(0, 1).view(len(ys), len(cols), 3)
+                out[rows[r0:r0 + len(ys)].unsqueeze(1), cols.unsqueeze(0)] = pred.float().cpu()
+                if progress is not None:
+                    progress.update(coord.shape[1])
+    return out.permute(2, 0, 1).unsqueeze(0)
+
+
+def upscale(image, scale=None, size=None, model=None, device=None, precision="fp32", *, tile=None,
+            chunk=DEFAULT_CHUNK, progress=False):
+    """Super-resolves `image` with a LIIF model; returns the same kind of image.
+
+    Args:
+        image: numpy array (H, W) or (H, W, C) (uint8, uint16 or float in [0, 1]), PIL image, or tensor
+            (C, H, W) / (1, C, H, W) in [0, 1]. Grayscale and alpha: see liif_cuda.images.
+        scale: output / input size, any number > 0 (non-integer too), or (scale_y, scale_x).
+        size: (width, height) of the output instead of a scale.
+        model: a LIIF model, a checkpoint path or a pretrained name (default "edsr-baseline-liif").
+        device: "cpu" or "cuda" (default: the model's device, else CUDA when available).
+        precision: "fp32" (exact; lower precisions come with the tensor-core path).
+        tile: LR tile size for the encoder (default: the encoder's `default_tile`).
+        chunk: queries per fused-operator call.
+        progress: show a tqdm progress bar over the output pixels.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    rgb, alpha, kind = to_tensor(image)
+    _, _, H, W = rgb.shape
+    out_h, out_w = output_size(H, W, scale, size)
+    if model is None or isinstance(model, str):
+        device = str(device or default_device())
+        model = _cached_model(model or DEFAULT_MODEL, device)
+    else:
+        params = next(model.parameters(), None)
+        model_device = params.device if params is not None else torch.device("cpu")
+        if device is not None and torch.device(device) != model_device:
+            model = model.to(device)
+        device = device or model_device
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=out_h * out_w, unit="px", unit_scale=True, desc="upscale")
+    try:
+        result = super_resolve(model, rgb.to(device), out_h, out_w, tile, chunk, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if alpha is not None:
+        alpha = resize_alpha(alpha, out_h, out_w)
+    return from_tensor(result, alpha, kind)

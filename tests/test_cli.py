@@ -1,0 +1,152 @@
+"""The liif-cuda command line, end to end on small images with a small checkpoint, and its errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import liif_cuda
+from liif_cuda import cli
+from liif_cuda.models import LIIF, EDSRBaseline
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16])
+    path = tmp_path_factory.mktemp("ck") / "small.pth"
+    args = {"encoder_spec": {"name": "edsr-baseline", "args": {"no_upsampling": True}},
+            "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "hidden_list": [16]}}}
+    torch.save({"model": {"name": "liif", "args": args, "sd": model.state_dict()}}, path)
+    return str(path)
+
+
+@pytest.fixture
+def image(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    path = tmp_path / "in.png"
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_upscale_end_to_end(tmp_path, image, checkpoint, capsys):
+    out = tmp_path / "out.png"
+    assert run("upscale", image, "-o", out, "--scale", 2.5, "--model", checkpoint,
+               "--device", "cpu") == 0
+    result = Image.open(out)
+    assert result.size == (35, 25) and result.mode == "RGB"
+    expected = liif_cuda.upscale(Image.open(image), scale=2.5, model=liif_cuda.load_model(checkpoint))
+    assert np.array_equal(np.array(result), np.array(expected))
+    assert "35x25 from 14x10" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".liif-cuda-")] == []
+
+
+def test_console_script(tmp_path, image, checkpoint):
+    """The installed `liif-cuda` entry point, as a user runs it."""
+    exe = shutil.which("liif-cuda", path=os.path.dirname(sys.executable)) or shutil.which("liif-cuda")
+    assert exe, "the liif-cuda console script is not installed"
+    out = tmp_path / "out.jpg"
+    res = subprocess.run([exe, "upscale", image, "-o", str(out), "--size", "31x9", "--model",
+                          checkpoint, "--device", "cpu"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert Image.open(out).size == (31, 9)
+
+
+@pytest.mark.parametrize("suffix,mode", [("png", "L"), ("webp", "RGB"), ("tif", "RGBA"),
+                                          ("jpg", "RGB")])
+def test_formats_and_modes(tmp_path, checkpoint, suffix, mode):
+    arr = np.random.default_rng(1).integers(0, 256, (8, 9, len(mode)), dtype=np.uint8)
+    src = tmp_path / f"in.{suffix}"
+    Image.fromarray(arr[:, :, 0] if mode == "L" else arr, mode).save(src)
+    out = tmp_path / f"out.{suffix}"
+    assert run("upscale", src, "-o", out, "--scale", 2, "--model", checkpoint) == 0
+    result = Image.open(out)
+    assert result.size == (18, 16) and result.mode == mode
+
+
+def test_rgba_to_jpeg_drops_alpha_with_a_notice(tmp_path, checkpoint, capsys):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((5, 5, 4), np.uint8), "RGBA").save(src)
+    assert run("upscale", src, "-o", tmp_path / "out.jpg", "--scale", 2, "--model",
+               checkpoint) == 0
+    assert "alpha" in capsys.readouterr().err
+
+
+def error_of(capsys, *argv):
+    status = run(*argv)
+    err = capsys.readouterr().err.strip()
+    assert status != 0
+    assert len(err.splitlines()) == 1 and err.startswith("liif-cuda: error:"), err
+    return status, err
+
+
+def test_never_overwrites_without_flag(tmp_path, image, checkpoint, capsys):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"precious")
+    _, err = error_of(capsys, "upscale", image, "-o", out, "--scale", 2, "--model", checkpoint)
+    assert "--overwrite" in err and out.read_bytes() == b"precious"
+    assert run("upscale", image, "-o", out, "--scale", 2, "--model", checkpoint,
+               "--overwrite") == 0
+    assert Image.open(out).size == (28, 20)
+
+
+def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkeypatch):
+    def broken_save(self, fp, format=None, **kw):
+        fp.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    out = tmp_path / "out.png"
+    status = run("upscale", image, "-o", out, "--scale", 2, "--model", checkpoint)
+    assert status != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["upscale", "{tmp}/missing.png", "-o", "{tmp}/o.png", "--scale", "2"], "does not exist"),
+    (["upscale", "{tmp}", "-o", "{tmp}/o.png", "--scale", "2"], "not a file"),
+    (["upscale", "{tmp}/junk.png", "-o", "{tmp}/o.png", "--scale", "2"], "cannot be read"),
+    (["upscale", "{tmp}/in.bmp", "-o", "{tmp}/o.png", "--scale", "2"], "unsupported format"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "0"], "--scale must be > 0"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-2"], "--scale must be > 0"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "12by4"], "WIDTHxHEIGHT"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
+    (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
+    (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "400000x300000"], "GiB"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--model", "{tmp}/junk.png"],
+     "model:"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--model", "nonexistent"],
+     "neither a checkpoint file nor a pretrained name"),
+])
+def test_errors_are_one_line(tmp_path, image, checkpoint, capsys, argv, match):
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    (tmp_path / "in.bmp").write_bytes(b"BM")
+    argv = [a.format(tmp=tmp_path, img=image) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", checkpoint]
+    _, err = error_of(capsys, *argv)
+    assert match in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_sixteen_bit_png_is_refused(tmp_path, checkpoint, capsys):
+    src = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(src)
+    _, err = error_of(capsys, "upscale", src, "-o", tmp_path / "o.png", "--scale", 2, "--model",
+                      checkpoint)
+    assert "16-bit PNG" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["upscale", "x.png", "-o", "y.png", "--scale", "2", "--size", "4x4"])
+    assert exc.value.code == 2

@@ -1,0 +1,129 @@
+"""The models through the fused op against the python/ reference models, and patch()."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import OFFICIAL_WEIGHTS, SHARED, relative_error, requires_shared
+from PIL import Image
+
+import liif_cuda
+import liif_reference as ref
+import liif_reference_models as refm
+from liif_cuda.models import LIIF, RDN, EDSRBaseline
+
+
+def copy_into_reference(model, encoder="edsr"):
+    reference = refm.LIIF(refm.EDSR(n_resblocks=2, n_feats=8) if encoder == "edsr"
+                          else refm.RDN(G0=8, D=2, C=2, G=4), hidden_list=[16])
+    missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("_mean" in k for k in missing)
+    return reference.eval()
+
+
+@pytest.mark.parametrize("encoder", ["edsr", "rdn"])
+def test_encoders_and_model_match_reference(encoder):
+    torch.manual_seed(0)
+    enc = EDSRBaseline(n_resblocks=2, n_feats=8) if encoder == "edsr" else \
+        RDN(g0=8, n_blocks=2, n_layers=2, growth=4)
+    model = LIIF(enc, hidden_list=[16]).eval()
+    reference = copy_into_reference(model, encoder)
+    inp = torch.rand(2, 3, 10, 13)
+    coord = torch.rand(2, 77, 2) * 2 - 1
+    cell = torch.full((2, 77, 2), 0.03)
+    with torch.no_grad():
+        assert torch.equal(model.encoder(inp), reference.encoder(inp))
+        assert relative_error(model(inp, coord, cell), reference(inp, coord, cell)) <= 1e-5
+
+
+def test_receptive_radius_is_a_bound():
+    """Changing one input pixel changes no feature farther than the stated radius, and some feature
+    at that distance (the bound is tight)."""
+    torch.manual_seed(1)
+    for enc in (EDSRBaseline(n_resblocks=2, n_feats=4), RDN(g0=4, n_blocks=2, n_layers=2, growth=2)):
+        x = torch.rand(1, 3, 41, 41)
+        y = x.clone()
+        y[0, :, 20, 20] += 1
+        with torch.no_grad():
+            diff = (enc(x) - enc(y)).abs().amax(dim=(0, 1))
+        changed = torch.nonzero(diff > 0)
+        reach = (changed - 20).abs().max().item()
+        assert reach == enc.receptive_radius
+
+
+def test_normalisations():
+    model = LIIF(EDSRBaseline(n_resblocks=1, n_feats=4), hidden_list=[8],
+                 normalisation="mmedit-edsr")
+    img = torch.rand(1, 3, 2, 2)
+    mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
+    assert torch.allclose(model.normalise(img), img - mean)
+    assert torch.allclose(model.denormalise(torch.zeros(5, 3)), mean.view(1, 3).expand(5, 3))
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        LIIF(EDSRBaseline(n_resblocks=1, n_feats=4), normalisation="imagenet")
+
+
+class MMEditStyleLIIF(torch.nn.Module):
+    """mmediting's interface: query_rgb(feature, coord, cell=None)."""
+
+    def __init__(self, reference):
+        super().__init__()
+        self.imnet = reference.imnet
+        self.local_ensemble, self.feat_unfold, self.cell_decode = True, True, True
+
+    def query_rgb(self, feature, coord, cell=None):
+        return ref.query_rgb(feature, coord, cell, self.imnet)
+
+
+def test_patch_original_and_mmedit_models():
+    torch.manual_seed(2)
+    reference = copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16]))
+    inp = torch.rand(1, 3, 8, 9)
+    coord = torch.rand(1, 60, 2) * 2 - 1
+    cell = torch.full((1, 60, 2), 0.1)
+    with torch.no_grad():
+        expected = reference(inp, coord, cell)
+        feat = reference.feat
+        mm = MMEditStyleLIIF(reference)
+        expected_mm = mm.query_rgb(feat, coord, cell)
+        assert liif_cuda.patch(reference) is reference
+        assert relative_error(reference(inp, coord, cell), expected) <= 1e-5
+        liif_cuda.patch(mm)
+        assert relative_error(mm.query_rgb(feat, coord, cell), expected_mm) <= 1e-5
+        reference.local_ensemble = False  # flags are read at every call
+        expected = ref.query_rgb(feat, coord, cell, reference.imnet, local_ensemble=False)
+        assert relative_error(reference.query_rgb(coord, cell), expected) <= 1e-5
+
+
+def test_patch_rejects_non_liif():
+    with pytest.raises(TypeError, match="no query_rgb"):
+        liif_cuda.patch(torch.nn.Linear(2, 2))
+    model = MMEditStyleLIIF(copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8),
+                                                     hidden_list=[16])))
+    model.imnet = None
+    with pytest.raises(TypeError, match="imnet"):
+        liif_cuda.patch(model)
+
+
+def set5_images():
+    folder = os.path.join(SHARED, "data", "Set5")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
+@requires_shared
+@pytest.mark.parametrize("scale", [4, 2.7])
+def test_official_model_on_set5_matches_reference(scale):
+    """Official weights on every Set5 image (centre 120x120 crops, LR by Pillow bicubic): the fused
+    model's output equals the reference model's within 1e-5 relative."""
+    ours = liif_cuda.load_model(OFFICIAL_WEIGHTS)
+    theirs = refm.load_original(OFFICIAL_WEIGHTS)
+    for path in set5_images():
+        hr = Image.open(path).convert("RGB")
+        left, top = (hr.width - 120) // 2, (hr.height - 120) // 2
+        hr = hr.crop((left, top, left + 120, top + 120))
+        lr_size = round(120 / scale)
+        lr = hr.resize((lr_size, lr_size), Image.BICUBIC)
+        x = torch.from_numpy(np.array(lr)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+        expected = refm.upscale_reference(theirs, x, 120, 120)
+        out = liif_cuda.upscale(x[0], size=(120, 120), model=ours)
+        assert relative_error(out, expected[0]) <= 1e-5, path

@@ -1,0 +1,126 @@
+"""upscale(): tiling equals the untiled computation, any scale and size, every image kind."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import relative_error
+from PIL import Image
+
+import liif_cuda
+import liif_reference_models as refm
+from liif_cuda.images import LUMA, resize_alpha
+from liif_cuda.models import LIIF, RDN, EDSRBaseline
+from liif_cuda.upscale import output_size
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[32, 32]).eval()
+
+
+def reference_upscale(model, img, out_h, out_w):
+    """The original procedure with the reference model holding the same weights."""
+    reference = refm.LIIF(refm.EDSR(n_resblocks=2, n_feats=8), hidden_list=[32, 32])
+    reference.load_state_dict(model.state_dict(), strict=False)
+    return refm.upscale_reference(reference.eval(), img, out_h, out_w)[0]
+
+
+@pytest.mark.parametrize("tile", [None, 5, 8, 13])
+@pytest.mark.parametrize("out_hw", [(53, 61), (20, 44), (17, 13)])
+def test_tiles_equal_the_whole_image(model, tile, out_hw):
+    """Tiles of 5 to 13 LR pixels (smaller than the receptive radius, uneven last tiles),
+    non-integer and unequal scales, and a downscale: the same result as the reference on the whole
+    image."""
+    img = torch.rand(3, 16, 19, generator=torch.Generator().manual_seed(1))
+    out = liif_cuda.upscale(img, size=out_hw[::-1], model=model, tile=tile, chunk=97)
+    assert out.shape == (3, *out_hw)
+    assert relative_error(out, reference_upscale(model, img[None], *out_hw)) <= 1e-5
+
+
+def test_rdn_tiles(model):
+    torch.manual_seed(3)
+    rdn = LIIF(RDN(g0=8, n_blocks=2, n_layers=2, growth=4), hidden_list=[16]).eval()
+    img = torch.rand(3, 14, 12)
+    whole = liif_cuda.upscale(img, scale=2.5, model=rdn)
+    tiled = liif_cuda.upscale(img, scale=2.5, model=rdn, tile=6)
+    assert relative_error(tiled, whole) <= 1e-5
+
+
+def test_output_size():
+    assert output_size(10, 20, scale=2.5) == (25, 50)
+    assert output_size(10, 20, scale=(2, 3)) == (20, 60)
+    assert output_size(10, 20, size=(33, 7)) == (7, 33)
+    for bad in (0, -1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be"):
+            output_size(10, 20, scale=bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        output_size(10, 20, scale=2, size=(3, 3))
+    with pytest.raises(ValueError, match="exactly one"):
+        output_size(10, 20)
+    with pytest.raises(ValueError, match="size must be positive"):
+        output_size(10, 20, size=(0, 5))
+
+
+def test_image_kinds_agree(model):
+    rng = np.random.default_rng(4)
+    rgb8 = rng.integers(0, 256, (12, 15, 3), dtype=np.uint8)
+    as_float = liif_cuda.upscale(rgb8.astype(np.float32) / 255, scale=2, model=model)
+    out8 = liif_cuda.upscale(rgb8, scale=2, model=model)
+    assert out8.dtype == np.uint8 and out8.shape == (24, 30, 3)
+    assert np.array_equal(out8, np.clip(np.rint(as_float * 255), 0, 255).astype(np.uint8))
+    pil = liif_cuda.upscale(Image.fromarray(rgb8), scale=2, model=model)
+    assert isinstance(pil, Image.Image) and pil.mode == "RGB" and np.array_equal(np.array(pil), out8)
+    tensor_in = torch.from_numpy(rgb8).permute(2, 0, 1).float() / 255
+    tensor = liif_cuda.upscale(tensor_in, scale=2, model=model)
+    assert torch.allclose(tensor.permute(1, 2, 0), torch.from_numpy(as_float))
+    batched = liif_cuda.upscale(tensor_in[None], scale=2, model=model)
+    assert batched.shape == (1, 3, 24, 30) and torch.equal(batched[0], tensor)
+    rgb16 = rgb8.astype(np.uint16) * 257
+    out16 = liif_cuda.upscale(rgb16, scale=2, model=model)
+    assert out16.dtype == np.uint16
+    assert np.abs(out16.astype(np.int64) - np.rint(as_float * 65535)).max() <= 1
+
+
+def test_grayscale_policy(model):
+    gray = np.random.default_rng(5).integers(0, 256, (10, 9), dtype=np.uint8)
+    out = liif_cuda.upscale(gray, scale=3, model=model)
+    assert out.shape == (30, 27) and out.dtype == np.uint8
+    rgb = liif_cuda.upscale(np.repeat(gray[:, :, None], 3, 2).astype(np.float32) / 255, scale=3,
+                            model=model)
+    luma = sum(w * rgb[:, :, i] for i, w in enumerate(LUMA))
+    assert np.array_equal(out, np.clip(np.rint(luma * 255), 0, 255).astype(np.uint8))
+    pil = liif_cuda.upscale(Image.fromarray(gray), scale=3, model=model)
+    assert pil.mode == "L" and np.array_equal(np.array(pil), out)
+
+
+def test_alpha_policy(model):
+    rng = np.random.default_rng(6)
+    rgba = rng.integers(0, 256, (8, 11, 4), dtype=np.uint8)
+    out = liif_cuda.upscale(Image.fromarray(rgba, "RGBA"), scale=2.5, model=model)
+    assert out.mode == "RGBA" and out.size == (28, 20)
+    arr = np.array(out)
+    rgb_only = liif_cuda.upscale(rgba[:, :, :3], scale=2.5, model=model)
+    assert np.array_equal(arr[:, :, :3], rgb_only)
+    alpha = resize_alpha(torch.from_numpy(rgba[:, :, 3:]).permute(2, 0, 1)[None].float() / 255,
+                         20, 28)
+    assert np.array_equal(arr[:, :, 3], np.rint(alpha[0, 0].numpy() * 255).astype(np.uint8))
+    la = liif_cuda.upscale(Image.fromarray(rgba[:, :, [0, 3]], "LA"), scale=2, model=model)
+    assert la.mode == "LA"
+
+
+@pytest.mark.parametrize("image,match", [
+    (np.zeros((4, 4, 5), np.uint8), "C in 1..4"),
+    (np.zeros((4,), np.uint8), "C in 1..4"),
+    (np.zeros((4, 4, 3), np.int32), "uint8, uint16 or floating"),
+    (torch.zeros(2, 3, 4, 4), "C, H, W"),
+    (torch.zeros(3, 4, 4, dtype=torch.uint8), "floating point"),
+])
+def test_bad_images(model, image, match):
+    with pytest.raises(ValueError, match=match):
+        liif_cuda.upscale(image, scale=2, model=model)
+
+
+def test_bad_precision(model):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        liif_cuda.upscale(np.zeros((4, 4, 3), np.uint8), scale=2, model=model, precision="fp8")
