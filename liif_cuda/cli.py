@@ -2,6 +2,9 @@
 
     liif-cuda upscale INPUT -o OUTPUT (--scale S | --size WxH) [--model NAME|PATH]
                       [--device cpu|cuda] [--precision fp32] [--overwrite]
+    liif-cuda eval --model NAME|PATH|bicubic --data DIR [--data DIR ...] --scales 2,3,4
+                   --protocol mmedit|mmagic|paper|classic [--lr-dir DIR] [--resize pillow|matlab]
+                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32] [--json PATH]
 
 Errors (bad paths, unreadable files, bad scales or sizes, outputs too large for memory, existing
 outputs without --overwrite) print one line to stderr and exit with status 2 (usage) or 1 (other);
@@ -137,6 +140,37 @@ def upscale_command(args):
           f"{time.perf_counter() - start:.1f} s")
 
 
+def parse_scales(text):
+    try:
+        scales = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--scales must be numbers separated by commas, got {text!r}", 2) from None
+    if not scales or any(not s > 0 for s in scales):
+        raise CliError(f"--scales must be numbers > 0, got {text!r}", 2)
+    return scales
+
+
+def eval_command(args):
+    from .checkpoints import CheckpointError
+    from .evaluation import evaluate, format_table
+    from .pretrained import WeightsNotFound
+    scales = parse_scales(args.scales)
+    for folder in args.data:
+        if not os.path.isdir(folder):
+            raise CliError(f"--data {folder} is not a folder")
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        raise CliError(f"--json {args.json} exists; pass --overwrite to replace it")
+    try:
+        results = evaluate(args.model, args.data, scales, protocol=args.protocol,
+                           lr_dir=args.lr_dir, resize=args.resize, crop=args.crop, div2k=args.div2k,
+                           device=args.device, precision=args.precision, json_path=args.json)
+    except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
+        raise CliError(str(exc)) from None
+    print(format_table(results))
+    if args.json:
+        print(f"per-image values: {args.json}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="liif-cuda", description="LIIF super-resolution")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +187,25 @@ def build_parser():
     up.add_argument("--precision", choices=["fp32"], default="fp32")
     up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     up.set_defaults(func=upscale_command)
+
+    ev = sub.add_parser("eval", help="PSNR / SSIM on image folders under a published protocol")
+    ev.add_argument("--model", default="edsr-baseline-liif",
+                    help="pretrained name, checkpoint path, or 'bicubic' (MATLAB bicubic baseline)")
+    ev.add_argument("--data", action="append", required=True, help="folder of HR images (repeat)")
+    ev.add_argument("--scales", default="2,3,4,6,12,18,24,30", help="comma-separated, e.g. 2,3,4")
+    ev.add_argument("--protocol", choices=["mmedit", "mmagic", "paper", "classic"],
+                    default="mmedit")
+    ev.add_argument("--lr-dir", default=None, help="read LR images from here (X<s>/<name>x<s>.png)")
+    ev.add_argument("--resize", choices=["pillow", "matlab"], default="pillow",
+                    help="how LR images are made from HR ones")
+    ev.add_argument("--crop", type=int, default=None,
+                    help="border pixels excluded by the mmedit/mmagic metrics (default: the scale)")
+    ev.add_argument("--div2k", action="store_true", help="paper protocol: RGB, shave scale + 6")
+    ev.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ev.add_argument("--precision", choices=["fp32"], default="fp32")
+    ev.add_argument("--json", default=None, help="write per-image values here")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    ev.set_defaults(func=eval_command)
     return parser
 
 

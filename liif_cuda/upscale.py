@@ -134,8 +134,10 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
             (C, H, W) / (1, C, H, W) in [0, 1]. Grayscale and alpha: see liif_cuda.images.
         scale: output / input size, any number > 0 (non-integer too), or (scale_y, scale_x).
         size: (width, height) of the output instead of a scale.
-        model: a LIIF model, a checkpoint path or a pretrained name (default "edsr-baseline-liif").
-        device: "cpu" or "cuda" (default: the model's device, else CUDA when available).
+        model: a LIIF model, a checkpoint path or a pretrained name (default "edsr-baseline-liif";
+            names and paths are loaded once per process and device).
+        device: "cpu" or "cuda" (default: the model's device, else CUDA when available). A model
+            object on another device is moved there (nn.Module.to, in place).
         precision: "fp32" (exact; lower precisions come with the tensor-core path).
         tile: LR tile size for the encoder (default: the encoder's `default_tile`).
         chunk: queries per fused-operator call.

@@ -1,0 +1,113 @@
+"""evaluate(): PSNR / SSIM of a model on image folders at several scales, under a published protocol."""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from .matlab_resize import imresize
+from .protocols import PROTOCOLS, finish_prediction, make_sample, score
+
+IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
+def list_images(folder):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"data folder {folder} holds no images")
+    return [os.path.join(folder, f) for f in files]
+
+
+def bicubic_upscale(lr, out_h, out_w):
+    """The classic bicubic baseline: MATLAB imresize of the 8-bit LR, rounded to 8 bits."""
+    return imresize(lr, output_shape=(out_h, out_w)).astype(np.float64) / 255
+
+
+def predict(model, lr, out_h, out_w, device, precision):
+    """(out_h, out_w, 3) float prediction in [0, 1] (before the protocol's rounding)."""
+    if model == "bicubic":
+        return bicubic_upscale(lr, out_h, out_w)
+    from ..upscale import upscale
+    out = upscale(lr.astype(np.float32) / 255, size=(out_w, out_h), model=model, device=device,
+                  precision=precision)
+    return out.astype(np.float64)
+
+
+def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow", crop=None,
+             div2k=False, device=None, precision="fp32", json_path=None, progress=True):
+    """Scores `model` (a LIIF model, a name or path for load_model, or "bicubic") on every image of
+    every folder in `data` at every scale. Returns {dataset: {scale: {"psnr", "ssim", "images"}}}
+    with per-image values; writes it as JSON to `json_path` if given."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if resize not in ("pillow", "matlab"):
+        raise ValueError(f"resize must be 'pillow' or 'matlab', got {resize!r}")
+    data = [data] if isinstance(data, str) else list(data)
+    if lr_dir is not None and len(data) != 1:
+        raise ValueError("lr_dir goes with exactly one data folder")
+    scales = [float(s) for s in scales]
+    if any(not s > 0 for s in scales):
+        raise ValueError(f"scales must be > 0, got {scales}")
+    if model != "bicubic" and not isinstance(model, torch.nn.Module):
+        from ..load import load_model
+        from ..upscale import default_device
+        device = device or default_device()
+        model = load_model(model, device=device)
+    files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(v) for v in files.values()) * len(scales), unit="img",
+                   desc="evaluate")
+    results = {}
+    try:
+        for dataset, paths in files.items():
+            results[dataset] = {}
+            for scale in scales:
+                images = []
+                for path in paths:
+                    sample = make_sample(path, scale, protocol, resize, lr_dir)
+                    out_h, out_w = sample.gt.shape[:2]
+                    pred = predict(model, sample.lr, out_h, out_w, device, precision)
+                    values = score(finish_prediction(pred, protocol), sample.gt, scale, protocol,
+                                   crop, div2k, sample.gray)
+                    images.append({"image": sample.name, **values})
+                    if bar is not None:
+                        bar.update(1)
+                ssims = [i["ssim"] for i in images if i["ssim"] is not None]
+                results[dataset][f"{scale:g}"] = {
+                    "psnr": float(np.mean([i["psnr"] for i in images])),
+                    "ssim": float(np.mean(ssims)) if ssims else None,
+                    "images": images,
+                }
+    finally:
+        if bar is not None:
+            bar.close()
+    if json_path:
+        record = {"protocol": protocol, "resize": resize, "crop": crop, "div2k": div2k,
+                  "lr_dir": lr_dir, "precision": precision, "results": results}
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=1)
+    return results
+
+
+def format_table(results):
+    """The model card's layout: one row per scale, PSNR / SSIM per dataset, four decimals."""
+    datasets = list(results)
+    scales = list(next(iter(results.values())))
+    header = "| scale | " + " | ".join(f"{d} PSNR / SSIM" for d in datasets) + " |"
+    lines = [header, "|" + "---|" * (len(datasets) + 1)]
+    for s in scales:
+        cells = []
+        for d in datasets:
+            r = results[d][s]
+            ssim = f"{r['ssim']:.4f}" if r["ssim"] is not None else "-"
+            cells.append(f"{r['psnr']:.4f} / {ssim}")
+        lines.append(f"| x{s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate", "format_table"]

@@ -1,0 +1,122 @@
+"""The evaluation protocols of LIIF's published tables (spec section 6): how the LR input and the ground
+truth are made from an HR file, how the prediction is rounded, and how it is scored.
+
+- "mmedit" (mmediting 0.x, the model card): GT = HR cropped top-left to a multiple of 12 (GTmod12), then
+  to round(h_lr * s) x round(w_lr * s) with h_lr = floor(H / s + 1e-9); LR by Pillow bicubic of the 8-bit
+  GT; prediction clamped to [0, 1] and rounded to 8 bits; RGB PSNR and SSIM with `crop` pixels removed
+  (default the scale), SSIM of the Blue channel only (mmediting 0.x's quirk, see metrics.py).
+- "mmagic" (mmagic 1.x): as "mmedit" but the prediction is clamped to [0, 255] and not rounded, and SSIM
+  averages the three channels.
+- "paper" (the LIIF paper): GT = HR cropped by the same floor rule; LR by Pillow bicubic, or read from
+  `lr_dir` (the MATLAB-bicubic LR files of the x2-x4 benchmark runs); prediction clamped to [0, 1];
+  PSNR of the Y difference with shave = scale (RGB with shave = scale + 6 for DIV2K); no SSIM.
+- "classic" (the bicubic rows of the SR literature, EDSR/RCAN-style MATLAB scoring): GT cropped to a
+  multiple of the scale; PSNR of MATLAB's 8-bit Y channel (rgb2ycbcr on uint8: rounded), a grayscale
+  file's own values taken as Y, shave = scale; no SSIM. Use it with `resize="matlab"` and the
+  "bicubic" model for the classic rows.
+`resize="matlab"` makes the LR with MATLAB's bicubic imresize instead of Pillow's.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .matlab_resize import imresize
+from .metrics import psnr_rgb, psnr_y, ssim_mmedit
+
+PROTOCOLS = ("mmedit", "mmagic", "paper", "classic")
+
+
+@dataclass
+class Sample:
+    name: str
+    lr: np.ndarray   # (h, w, 3) uint8
+    gt: np.ndarray   # (H, W, 3) uint8; the output size
+    gray: bool       # the file is single-channel (replicated to RGB here)
+
+
+def read_rgb(path):
+    """An image file as (H, W, 3) uint8, grayscale replicated, as LIIF's loaders (.convert('RGB'))."""
+    return read_image(path)[0]
+
+
+def read_image(path):
+    """(the image as (H, W, 3) uint8 RGB, whether the file is grayscale)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")), im.mode in ("L", "LA", "I", "I;16", "1")
+
+
+def lr_shape(h, w, scale):
+    return math.floor(h / scale + 1e-9), math.floor(w / scale + 1e-9)
+
+
+def crop_for_scale(hr, scale):
+    h_lr, w_lr = lr_shape(*hr.shape[:2], scale)
+    return hr[:round(h_lr * scale), :round(w_lr * scale)]
+
+
+def downscale(gt, scale, resize="pillow"):
+    h_lr, w_lr = lr_shape(*gt.shape[:2], scale)
+    if resize == "matlab":
+        return imresize(gt, output_shape=(h_lr, w_lr))
+    return np.asarray(Image.fromarray(gt).resize((w_lr, h_lr), Image.BICUBIC))
+
+
+def find_lr_file(lr_dir, name, scale):
+    stem = os.path.splitext(name)[0]
+    s = f"{scale:g}"
+    for folder in (os.path.join(lr_dir, f"X{s}"), os.path.join(lr_dir, f"x{s}"), lr_dir):
+        for candidate in (f"{stem}x{s}", f"{stem}_x{s}", stem):
+            for ext in (".png", ".bmp", ".jpg", ".tif"):
+                path = os.path.join(folder, candidate + ext)
+                if os.path.isfile(path):
+                    return path
+    raise FileNotFoundError(f"no LR file for {name} at x{s} under {lr_dir} (tried X{s}/{stem}x{s}.png "
+                            f"and similar)")
+
+
+def make_sample(path, scale, protocol, resize="pillow", lr_dir=None):
+    hr, gray = read_image(path)
+    if protocol in ("mmedit", "mmagic"):
+        hr = hr[:hr.shape[0] - hr.shape[0] % 12, :hr.shape[1] - hr.shape[1] % 12]  # GTmod12
+    gt = crop_for_scale(hr, scale)
+    if lr_dir is not None:
+        lr = read_rgb(find_lr_file(lr_dir, os.path.basename(path), scale))
+    else:
+        lr = downscale(gt, scale, resize)
+    return Sample(os.path.basename(path), lr, gt, gray)
+
+
+def finish_prediction(pred, protocol):
+    """(H, W, 3) float prediction in model range [0, 1] -> the values the protocol scores, 0..255."""
+    pred = np.clip(pred, 0, 1) * 255
+    return np.round(pred) if protocol in ("mmedit", "classic") else pred
+
+
+def matlab_y(rgb255):
+    """MATLAB rgb2ycbcr's Y of uint8 RGB values: 16 + (65.481 R + 128.553 G + 24.966 B) / 255,
+    rounded as MATLAB returns uint8."""
+    x = np.asarray(rgb255, dtype=np.float64)
+    return np.round(16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255)
+
+
+def score(pred255, gt, scale, protocol, crop=None, div2k=False, gray=False):
+    """{'psnr': ..., 'ssim': ... or None} of one image, values in [0, 255]."""
+    gt = gt.astype(np.float64)
+    if protocol == "classic":
+        shave = math.ceil(scale)
+        if gray:
+            a, b = pred255[..., :1], gt[..., :1]
+        else:
+            a, b = matlab_y(pred255)[..., None], matlab_y(gt)[..., None]
+        return {"psnr": psnr_rgb(a, b, crop=shave), "ssim": None}
+    if protocol == "paper":
+        if div2k:
+            return {"psnr": psnr_rgb(pred255, gt, crop=math.ceil(scale) + 6), "ssim": None}
+        return {"psnr": psnr_y(pred255 / 255, gt / 255, shave=math.ceil(scale)), "ssim": None}
+    crop = math.ceil(scale) if crop is None else crop
+    return {"psnr": psnr_rgb(pred255, gt, crop),
+            "ssim": ssim_mmedit(pred255, gt, crop, first_channel_only=protocol == "mmedit")}

@@ -1,0 +1,212 @@
+"""Evaluation: metrics against scikit-image, the protocols' quirks, MATLAB bicubic, and the published
+numbers (those read ../shared and skip with the reason where it is absent)."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+from conftest import OFFICIAL_WEIGHTS, SHARED, requires_shared
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import liif_cuda
+from liif_cuda import cli
+from liif_cuda.evaluation import evaluate, format_table, imresize, psnr_rgb, psnr_y, ssim_mmedit
+from liif_cuda.evaluation.protocols import (crop_for_scale, finish_prediction, lr_shape,
+                                            make_sample, matlab_y, score)
+
+SET5 = os.path.join(SHARED, "data", "Set5")
+SET14 = os.path.join(SHARED, "data", "Set14")
+
+
+def skimage_ssim(a, b, channel_axis=None):
+    return structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 data_range=255, channel_axis=channel_axis)
+
+
+def noisy_pair(seed, shape=(37, 45, 3)):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, shape).astype(np.float64)
+    return a, np.clip(a + rng.normal(0, 15, shape), 0, 255)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_match_scikit_image_on_random_images(seed):
+    a, b = noisy_pair(seed)
+    assert psnr_rgb(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), abs=1e-10)
+    assert ssim_mmedit(a, b) == pytest.approx(skimage_ssim(a, b, channel_axis=2), abs=1e-10)
+    c = 3
+    assert psnr_rgb(a, b, crop=c) == pytest.approx(
+        peak_signal_noise_ratio(a[c:-c, c:-c], b[c:-c, c:-c], data_range=255), abs=1e-10)
+
+
+@requires_shared
+def test_metrics_match_scikit_image_on_real_images():
+    hr = np.asarray(Image.open(os.path.join(SET5, "butterfly.png")).convert("RGB")).astype(np.float64)
+    blurred = np.asarray(Image.fromarray(hr.astype(np.uint8)).resize((128, 128), Image.BICUBIC)
+                         .resize((256, 256), Image.BICUBIC)).astype(np.float64)
+    assert psnr_rgb(blurred, hr) == pytest.approx(peak_signal_noise_ratio(hr, blurred,
+                                                                          data_range=255), abs=1e-10)
+    assert ssim_mmedit(blurred, hr) == pytest.approx(skimage_ssim(blurred, hr, 2), abs=1e-10)
+
+
+def test_mmedit_ssim_scores_only_blue_when_cropping():
+    """mmediting 0.x's `img[c:-c, c:-c, None]` leaves one loop iteration over a BGR image: Blue."""
+    a, b = noisy_pair(7)
+    b[:, :, :2] = a[:, :, :2]  # red and green identical: all of the difference is in blue
+    blue = skimage_ssim(a[4:-4, 4:-4, 2], b[4:-4, 4:-4, 2])
+    assert ssim_mmedit(a, b, crop=4, first_channel_only=True) == pytest.approx(blue, abs=1e-12)
+    assert ssim_mmedit(a, b, crop=4) == pytest.approx((2 + blue) / 3, abs=1e-12)  # mmagic
+    # Without a crop mmediting 0.x scored all three channels.
+    assert ssim_mmedit(a, b, crop=0, first_channel_only=True) == pytest.approx(
+        skimage_ssim(a, b, channel_axis=2), abs=1e-12)
+
+
+def test_paper_psnr_is_the_y_difference():
+    a, b = noisy_pair(8)
+    a, b = a / 255, b / 255
+    y = ((a - b) * np.array([65.738, 129.057, 25.064]) / 256).sum(2)[2:-2, 2:-2]
+    assert psnr_y(a, b, shave=2) == pytest.approx(-10 * math.log10(np.mean(y ** 2)), abs=1e-12)
+    # The same as MATLAB's Y (65.481 / 255 = 65.738 / 256) in float, without the offset.
+    ya = 16 + (a * 255 * np.array([65.481, 128.553, 24.966]) / 255).sum(2)
+    yb = 16 + (b * 255 * np.array([65.481, 128.553, 24.966]) / 255).sum(2)
+    assert psnr_y(a, b, shave=2) == pytest.approx(
+        psnr_rgb(ya[..., None], yb[..., None], crop=2), abs=1e-3)
+
+
+def test_rounding_per_protocol():
+    pred = np.array([[[0.5 / 255, 1.2, -0.1]]])
+    assert np.array_equal(finish_prediction(pred, "mmedit"), [[[0.0, 255.0, 0.0]]])  # round half even
+    assert np.allclose(finish_prediction(pred, "mmagic"), [[[0.5, 255.0, 0.0]]])
+    assert np.allclose(finish_prediction(pred, "paper"), [[[0.5, 255.0, 0.0]]])
+    assert matlab_y(np.array([[255, 255, 255]])) == 235 and matlab_y(np.array([[0, 0, 0]])) == 16
+
+
+def test_lr_size_and_crop_rules():
+    assert lr_shape(256, 256, 3) == (85, 85)
+    assert lr_shape(30, 31, 2.5) == (12, 12)
+    assert lr_shape(21, 21, 0.7 * 10) == (3, 3)  # 21 / 7.000000000000001: floor(2.99..+1e-9) = 3
+    hr = np.zeros((257, 100, 3), np.uint8)
+    assert crop_for_scale(hr, 3).shape == (255, 99, 3)
+    assert crop_for_scale(hr, 2.5).shape == (255, 100, 3)
+
+
+def test_gt_mod12_and_grayscale(tmp_path):
+    path = tmp_path / "g.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 39), dtype=np.uint8)).save(path)
+    sample = make_sample(str(path), 4, "mmedit")
+    assert sample.gt.shape == (48, 36, 3) and sample.lr.shape == (12, 9, 3) and sample.gray
+    assert np.array_equal(sample.gt[:, :, 0], sample.gt[:, :, 2])  # read as RGB
+    paper = make_sample(str(path), 4, "paper")
+    assert paper.gt.shape == (48, 36, 3)  # floor rule only: 50 -> 48, 39 -> 36
+    assert make_sample(str(path), 5, "paper").gt.shape == (50, 35, 3)
+    # classic: a grayscale file's own values are Y
+    pred = sample.gt.astype(np.float64)
+    pred[10, 10] += 10
+    s = score(pred, sample.gt, 4, "classic", gray=True)
+    assert s["psnr"] == pytest.approx(psnr_rgb(pred[..., :1], sample.gt[..., :1].astype(float), 4))
+
+
+def test_lr_dir_files(tmp_path):
+    hr = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(hr).save(tmp_path / "img.png")
+    (tmp_path / "LR" / "X2").mkdir(parents=True)
+    lr = np.full((12, 12, 3), 7, np.uint8)
+    Image.fromarray(lr).save(tmp_path / "LR" / "X2" / "imgx2.png")
+    sample = make_sample(str(tmp_path / "img.png"), 2, "paper", lr_dir=str(tmp_path / "LR"))
+    assert np.array_equal(sample.lr, lr)
+    with pytest.raises(FileNotFoundError, match="no LR file"):
+        make_sample(str(tmp_path / "img.png"), 3, "paper", lr_dir=str(tmp_path / "LR"))
+
+
+def test_matlab_imresize_properties():
+    rng = np.random.default_rng(2)
+    const = np.full((9, 13, 3), 77, np.uint8)
+    assert np.array_equal(imresize(const, 1 / 3), np.full((3, 5, 3), 77, np.uint8))
+    assert np.array_equal(imresize(const, 2.5), np.full((23, 33, 3), 77, np.uint8))
+    ramp = np.tile(np.arange(40, dtype=np.float64), (6, 1))
+    down = imresize(ramp, 0.5)
+    # Antialiased cubic of a ramp: interior samples at the centre of each 2-pixel group.
+    assert np.allclose(down[:, 3:-3], np.arange(40).reshape(20, 2).mean(1)[3:-3])
+    up = imresize(ramp, 2)
+    assert np.allclose(up[:, 4:-4], (np.arange(80) / 2 - 0.25)[4:-4])
+    x = rng.integers(0, 256, (10, 12), dtype=np.uint8)
+    assert imresize(x, 0.5).dtype == np.uint8 and imresize(x, output_shape=(7, 3)).shape == (7, 3)
+
+
+@requires_shared
+@pytest.mark.parametrize("dataset,published", [
+    ("Set5", {2: 33.66, 3: 30.39, 4: 28.42}),
+    ("Set14", {2: 30.24, 3: 27.55, 4: 26.00}),
+])
+def test_classic_bicubic_rows(dataset, published):
+    results = evaluate("bicubic", [os.path.join(SHARED, "data", dataset)], [2, 3, 4],
+                       protocol="classic", resize="matlab", progress=False)
+    for scale, psnr in published.items():
+        assert results[dataset][f"{scale}"]["psnr"] == pytest.approx(psnr, abs=0.02)
+
+
+# The model card's rows (mmediting's retrained weights) and an independent implementation of the
+# mmedit protocol with the official weights (spec section 7, issue 6).
+CARD = {"Set5": {2: (35.7120, 0.9365), 3: (32.3655, 0.8913), 4: (30.2668, 0.8511)},
+        "Set14": {2: (31.6106, 0.8891), 3: (28.4605, 0.8039), 4: (26.8093, 0.7377)}}
+INDEPENDENT_SET5 = {2: (35.7339, 0.9367), 3: (32.3758, 0.8915), 4: (30.3137, 0.8515)}
+
+
+@pytest.fixture(scope="module")
+def official():
+    return liif_cuda.load_model(OFFICIAL_WEIGHTS)
+
+
+@requires_shared
+@pytest.mark.slow
+def test_official_weights_mmedit_protocol(official):
+    results = evaluate(official, [SET5, SET14], [2, 3, 4], protocol="mmedit", progress=False)
+    for dataset, rows in CARD.items():
+        for scale, (psnr, ssim) in rows.items():
+            r = results[dataset][f"{scale}"]
+            assert r["psnr"] == pytest.approx(psnr, abs=0.06), (dataset, scale)
+            assert r["ssim"] == pytest.approx(ssim, abs=0.002), (dataset, scale)
+    for scale, (psnr, ssim) in INDEPENDENT_SET5.items():
+        r = results["Set5"][f"{scale}"]
+        assert r["psnr"] == pytest.approx(psnr, abs=0.005), scale
+        assert r["ssim"] == pytest.approx(ssim, abs=0.0005), scale
+
+
+@requires_shared
+@pytest.mark.slow
+def test_fused_and_reference_give_the_same_psnr(official, monkeypatch):
+    """The python/ reference query in place of the fused one: the same PSNR to 0.001 dB."""
+    import liif_reference as ref
+
+    import liif_cuda.upscale
+    scales = [2, 4, 12]
+    ours = evaluate(official, [SET5], scales, protocol="mmedit", progress=False)
+    monkeypatch.setattr(liif_cuda.upscale, "query", ref.query_rgb)
+    theirs = evaluate(official, [SET5], scales, protocol="mmedit", progress=False)
+    for s in scales:
+        assert ours["Set5"][f"{s}"]["psnr"] == pytest.approx(theirs["Set5"][f"{s}"]["psnr"],
+                                                             abs=0.001)
+
+
+def test_eval_cli(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "--model", "bicubic", "--data", str(folder), "--scales", "2,3",
+                     "--protocol", "classic", "--resize", "matlab", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| x2 |" in text and "| x3 |" in text and out.exists()
+    import json
+    record = json.loads(out.read_text())
+    assert len(record["results"]["tiny"]["2"]["images"]) == 2
+    assert cli.main(["eval", "--model", "bicubic", "--data", str(folder), "--scales", "2",
+                     "--json", str(out)]) != 0  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["eval", "--data", str(tmp_path / "none"), "--scales", "2"]) != 0
+    assert cli.main(["eval", "--data", str(folder), "--scales", "0,2"]) != 0
+    assert format_table({"a": {"2": {"psnr": 1.0, "ssim": None}}}).endswith("| x2 | 1.0000 / - |")
