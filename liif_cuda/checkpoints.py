@@ -51,28 +51,16 @@ _UNUSED_ORIGINAL = re.compile(r"^encoder\.(sub_mean|add_mean)\.")
 _PREPROCESSOR = re.compile(r"^data_preprocessor\.")
 
 
-def _rename(state, rules, layout, extra=None):
+def _rename(state, rules, layout):
     out = {}
     for key, value in state.items():
-        new = None
-        for pattern, replacement in rules + (extra or []):
+        for pattern, replacement in rules:
             if re.match(pattern, key):
-                new = re.sub(pattern, replacement, key)
+                out[re.sub(pattern, replacement, key)] = value
                 break
-        if new is None:
+        else:
             raise CheckpointError(f"checkpoint looks like the {layout} layout but has the unexpected "
                                   f"key {key!r}")
-        out[new] = value
-    return out
-
-
-def _rename_edsr_after_body(state, layout):
-    """mmediting's `conv_after_body` (or `encoder.1` in the old layout) is body.<n_blocks>."""
-    n_blocks = _count(state, r"^encoder\.body\.(\d+)\.body\.0\.weight$")
-    out = {}
-    for key, value in state.items():
-        key = re.sub(r"^(conv_after_body|encoder\.1)\.", f"encoder.body.{n_blocks}.", key)
-        out[key] = value
     return out
 
 
@@ -117,16 +105,19 @@ def to_original_names(obj, source="checkpoint"):
     preprocessor = {k: v for k, v in state.items() if _PREPROCESSOR.match(k)}
     state = {k: v for k, v in state.items() if not _PREPROCESSOR.match(k)}
     if layout == MMEDIT_OLD:
-        state = _rename(state, _MM_OLD_RENAMES, layout, [(r"^encoder\.1\.", "encoder.1.")])
-        state = _rename_edsr_after_body(state, layout)
+        # The conv after the residual blocks is body.<number of blocks> in the original names.
+        n_blocks = _count(state, r"^encoder\.0\.(\d+)\.conv1\.weight$")
+        state = _rename(state, _MM_OLD_RENAMES + [(r"^encoder\.1\.", f"encoder.body.{n_blocks}.")],
+                        layout)
     else:
         if not all(k.startswith("generator.") for k in state):
             odd = [k for k in state if not k.startswith("generator.")][:5]
             raise CheckpointError(f"checkpoint looks like the {layout} layout but has keys outside "
                                   f"'generator.': {odd}")
         state = {k[len("generator."):]: v for k, v in state.items()}
-        state = _rename(state, _MM_RENAMES, layout, [(r"^conv_after_body\.", "conv_after_body.")])
-        state = _rename_edsr_after_body(state, layout)
+        n_blocks = _count(state, r"^body\.(\d+)\.conv1\.weight$")
+        state = _rename(state, _MM_RENAMES + [(r"^conv_after_body\.", f"encoder.body.{n_blocks}.")],
+                        layout)
     is_rdn = any(k.startswith("encoder.SFENet1.") for k in state)
     normalisation = "mmedit-rdn" if is_rdn else "mmedit-edsr"
     if preprocessor and not is_rdn:
