@@ -20,7 +20,7 @@ from . import models  # noqa: E402
 from .checkpoints import CheckpointError  # noqa: E402
 from .load import load_model  # noqa: E402
 from .patch import patch  # noqa: E402
-from .upscale import upscale  # noqa: E402
+from .upscaling import upscale  # noqa: E402
 
 __all__ = ["query", "mlp_parameters", "build_info", "models", "load_model", "CheckpointError",
            "patch", "upscale", "__version__"]

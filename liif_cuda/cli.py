@@ -103,7 +103,7 @@ def write_atomically(image, path, overwrite):
 def upscale_command(args):
     import torch
 
-    from .upscale import default_device, output_size, upscale
+    from .upscaling import default_device, output_size, upscale
     if args.scale is not None and not args.scale > 0:
         raise CliError(f"--scale must be > 0, got {args.scale}", 2)
     size = parse_size(args.size) if args.size else None

@@ -180,10 +180,10 @@ def test_fused_and_reference_give_the_same_psnr(official, monkeypatch):
     """The python/ reference query in place of the fused one: the same PSNR to 0.001 dB."""
     import liif_reference as ref
 
-    import liif_cuda.upscale
+    import liif_cuda.upscaling
     scales = [2, 4, 12]
     ours = evaluate(official, [SET5], scales, protocol="mmedit", progress=False)
-    monkeypatch.setattr(liif_cuda.upscale, "query", ref.query_rgb)
+    monkeypatch.setattr(liif_cuda.upscaling, "query", ref.query_rgb)
     theirs = evaluate(official, [SET5], scales, protocol="mmedit", progress=False)
     for s in scales:
         assert ours["Set5"][f"{s}"]["psnr"] == pytest.approx(theirs["Set5"][f"{s}"]["psnr"],

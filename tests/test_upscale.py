@@ -10,7 +10,7 @@ import liif_cuda
 import liif_reference_models as refm
 from liif_cuda.images import LUMA, resize_alpha
 from liif_cuda.models import LIIF, RDN, EDSRBaseline
-from liif_cuda.upscale import output_size
+from liif_cuda.upscaling import output_size
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 
 import liif_cuda
-from liif_cuda.upscale import default_device
+from liif_cuda.upscaling import default_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

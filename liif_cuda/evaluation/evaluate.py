@@ -30,7 +30,7 @@ def predict(model, lr, out_h, out_w, device, precision):
     """(out_h, out_w, 3) float prediction in [0, 1] (before the protocol's rounding)."""
     if model == "bicubic":
         return bicubic_upscale(lr, out_h, out_w)
-    from ..upscale import upscale
+    from ..upscaling import upscale
     out = upscale(lr.astype(np.float32) / 255, size=(out_w, out_h), model=model, device=device,
                   precision=precision)
     return out.astype(np.float64)
@@ -53,7 +53,7 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         raise ValueError(f"scales must be > 0, got {scales}")
     if model != "bicubic" and not isinstance(model, torch.nn.Module):
         from ..load import load_model
-        from ..upscale import default_device
+        from ..upscaling import default_device
         device = device or default_device()
         model = load_model(model, device=device)
     files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
