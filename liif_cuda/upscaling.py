@@ -108,10 +108,8 @@ def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, prog
             feat = encoder(inp[:, :, ey0:ey1, ex0:ex1])
             feat = feat[:, :, fy0 - ey0:fy1 - ey0, fx0 - ex0:fx1 - ex0].contiguous()
             cx, cell_fx = _to_crop(centres_x[cols], W, fx0, fx1)
+            # make_cell's 2 / out_h in float32; the factor is exactly 1 for an untiled axis.
             cell = torch.tensor([2 / out_h * cell_fy, 2 / out_w * cell_fx], dtype=torch.float32)
-            if cell_fy == 1.0 and cell_fx == 1.0:
-                # As make_cell: ones * (2 / out_h) in float32, exactly.
-                cell = torch.tensor([2 / out_h, 2 / out_w], dtype=torch.float32)
             rows_per_chunk = max(1, chunk // len(cols))
             for r0 in range(0, len(rows), rows_per_chunk):
                 ys = cy[r0:r0 + rows_per_chunk]

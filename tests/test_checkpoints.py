@@ -23,8 +23,7 @@ HIDDEN = [16, 16]
 def small_model(encoder="edsr", seed=0, **flags):
     torch.manual_seed(seed)
     enc = EDSRBaseline(**EDSR_ARGS) if encoder == "edsr" else RDN(**RDN_ARGS)
-    norm = "original"
-    return LIIF(enc, hidden_list=HIDDEN, normalisation=norm, **flags).eval()
+    return LIIF(enc, hidden_list=HIDDEN, normalisation="original", **flags).eval()
 
 
 def original_checkpoint(model, encoder="edsr"):
