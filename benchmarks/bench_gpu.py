@@ -1,11 +1,16 @@
-"""Fused liif_cuda.query against the reference query (python/liif_reference.py) on a CUDA GPU, float32.
+"""Fused liif_cuda.query, every precision, against the reference query (python/liif_reference.py) on a
+CUDA GPU.
 
-Both run in this process on the same inputs: C = 64 features, the published MLP 580-256x4-3, a full
-output grid; the reference exactly as LIIF evaluates (30000-query chunks). Each variant is warmed up,
-then timed `--repeats` times with CUDA events (median reported), interleaved with the other. Peak
-memory is the rise of torch.cuda.max_memory_allocated over the memory allocated before the call
-(inputs and model excluded, output included). TF32 is off for the reference's products (PyTorch's
-default for matmul); the fused op never uses it. Results go to benchmarks/results/ as JSON with the
+All variants run in this process on the same inputs: C = 64 features, the published MLP
+580-256x4-3, a full output grid; the reference exactly as LIIF evaluates (30000-query chunks), in
+float32 and under torch.autocast float16; the fused op with precision fp32, tf32, bf16 and fp16. Each
+variant is warmed up, then timed `--repeats` times with CUDA events (median reported), interleaved
+with the others. Peak memory is the rise of torch.cuda.max_memory_allocated over the memory allocated
+before the call (inputs and model excluded, output included). Relative errors are against the float32
+reference. TF32 is off for the reference's float32 products (PyTorch's default for matmul). TFLOP/s
+count the MLP arithmetic the fused op needs (mlp_flops_per_query, with the first-layer algebra), for
+every variant, and are compared with the card's dense peak for the variant's arithmetic (a table of
+published peaks below; none for unknown cards). Results go to benchmarks/results/ as JSON with the
 device and versions.
 
     python benchmarks/bench_gpu.py                       # 480x270 -> 1920x1080 and 128x128 x4
@@ -13,7 +18,6 @@ device and versions.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,11 +32,36 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
 # (LR width, LR height, scale): the issue's 1080p frame and a square x4 case.
 DEFAULT_CASES = "480x270x4,128x128x4"
+# variant: (runner, precision), the precision naming the arithmetic whose peak applies.
+VARIANTS = {
+    "reference": ("reference", "fp32"),
+    "reference-autocast-fp16": ("reference", "fp16"),
+    "fused-fp32": ("fused", "fp32"),
+    "fused-tf32": ("fused", "tf32"),
+    "fused-bf16": ("fused", "bf16"),
+    "fused-fp16": ("fused", "fp16"),
+}
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of the device name.
+DENSE_PEAK_TFLOPS = [
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0, "fp16": 835.0}),
+    ("H100", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),   # SXM5 (80GB HBM3)
+    ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+]
+
+
+def dense_peak(device_name):
+    for key, peaks in DENSE_PEAK_TFLOPS:
+        if key in device_name:
+            return peaks
+    return None
 
 
 def make_inputs(width, height, scale):
@@ -47,10 +76,12 @@ def make_inputs(width, height, scale):
 
 
 def run_variant(name, feat, coord, cell, imnet):
+    runner, precision = VARIANTS[name]
     with torch.no_grad():
-        if name == "reference":
-            return ref.batched_query_rgb(feat, coord, cell, imnet, bsize=30000)
-        return liif_cuda.query(feat, coord, cell, imnet)
+        if runner == "reference":
+            with torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+                return ref.batched_query_rgb(feat, coord, cell, imnet, bsize=30000)
+        return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
 
 
 def timed(name, inputs):
@@ -114,62 +145,68 @@ def main():
         raise SystemExit("liif_cuda was built without CUDA kernels")
 
     info = device_info()
+    peaks = dense_peak(info["device"])
+    info["dense_peak_tflops"] = peaks
     print(f"{info['device']} (sm_{info['compute_capability'].replace('.', '')}), torch "
-          f"{info['torch']}, CUDA {info['cuda_runtime']}")
-    header = (f"{'LR':>9} {'out':>11} {'queries':>9} {'ref ms':>8} {'fused ms':>9} {'ref q/s':>11} "
-              f"{'fused q/s':>11} {'speed-up':>8} {'ref MiB':>8} {'fused MiB':>9} {'mem':>6} "
-              f"{'rel err':>8} {'TFLOP/s':>7}")
-    print(header)
+          f"{info['torch']}, CUDA {info['cuda_runtime']}; dense peak TFLOP/s: {peaks}")
     rows = []
     for case in args.cases.split(","):
         width, height, scale = (int(v) for v in case.lower().split("x"))
         inputs = make_inputs(width, height, scale)
         queries = inputs[1].shape[1]
-        outs = {name: run_variant(name, *inputs) for name in ("reference", "fused")}  # warm-up
-        rel_err = ((outs["fused"] - outs["reference"]).norm() / outs["reference"].norm()).item()
-        del outs
-        times = {"reference": [], "fused": []}
+        flops = mlp_flops_per_query(width, height, scale) * queries
+        outs = {name: run_variant(name, *inputs).float() for name in VARIANTS}  # warm-up
+        reference = outs["reference"]
+        rel_err = {k: ((v - reference).norm() / reference.norm()).item() for k, v in outs.items()}
+        del outs, reference
+        times = {name: [] for name in VARIANTS}
         for _ in range(args.repeats):
             for name in times:
                 times[name].append(timed(name, inputs))
         med = {k: statistics.median(v) for k, v in times.items()}
         mem = {name: peak_memory(name, inputs) for name in times}
-        flops = mlp_flops_per_query(width, height, scale) * queries
+        tflops = {k: flops / v / 1e12 for k, v in med.items()}
         row = {
             "lr_size_wh": [width, height], "scale": scale,
             "out_size_wh": [width * scale, height * scale], "queries": queries,
             "median_s": med, "times_s": times,
             "queries_per_s": {k: queries / v for k, v in med.items()},
-            "speedup": med["reference"] / med["fused"],
-            "peak_memory_bytes": mem, "memory_ratio": mem["fused"] / mem["reference"],
+            "speedup_vs_reference": {k: med["reference"] / v for k, v in med.items()},
+            "speedup_vs_reference_autocast_fp16":
+                {k: med["reference-autocast-fp16"] / v for k, v in med.items()},
+            "peak_memory_bytes": mem,
+            "memory_ratio": {k: v / mem["reference"] for k, v in mem.items()},
             "relative_error": rel_err,
-            "fused_mlp_flops": flops, "fused_tflops_per_s": flops / med["fused"] / 1e12,
+            "mlp_flops": flops, "tflops_per_s": tflops,
+            "fraction_of_dense_peak": None if peaks is None else
+                {k: tflops[k] / peaks[VARIANTS[k][1]] for k in VARIANTS},
         }
         rows.append(row)
-        print(f"{width:>4}x{height:<4} {width * scale:>5}x{height * scale:<5} {queries:>9} "
-              f"{med['reference'] * 1e3:>8.1f} {med['fused'] * 1e3:>9.1f} "
-              f"{row['queries_per_s']['reference']:>11.3e} {row['queries_per_s']['fused']:>11.3e} "
-              f"{row['speedup']:>7.2f}x {mem['reference'] / 2**20:>8.0f} {mem['fused'] / 2**20:>9.0f} "
-              f"{row['memory_ratio']:>6.3f} {rel_err:>8.1e} {row['fused_tflops_per_s']:>7.1f}",
-              flush=True)
+        print(f"\nLR {width}x{height} -> {width * scale}x{height * scale}, {queries} queries, "
+              f"{flops / 1e12:.2f} TFLOP needed")
+        print(f"{'variant':<24} {'ms':>8} {'q/s':>10} {'vs ref':>7} {'vs ref16':>8} {'MiB':>7} "
+              f"{'mem':>6} {'rel err':>8} {'TFLOP/s':>8} {'% peak':>6}")
+        for k in VARIANTS:
+            frac = row["fraction_of_dense_peak"]
+            print(f"{k:<24} {med[k] * 1e3:>8.2f} {queries / med[k]:>10.3e} "
+                  f"{row['speedup_vs_reference'][k]:>6.2f}x "
+                  f"{row['speedup_vs_reference_autocast_fp16'][k]:>7.2f}x "
+                  f"{mem[k] / 2**20:>7.0f} {row['memory_ratio'][k]:>6.3f} {rel_err[k]:>8.1e} "
+                  f"{tflops[k]:>8.1f} {'' if frac is None else f'{100 * frac[k]:.1f}':>6}",
+                  flush=True)
         del inputs
         torch.cuda.empty_cache()
 
     result = {
-        "benchmark": "bench_gpu (CUDA, float32, C=64, MLP 580-256x4-3, reference chunk 30000)",
+        "benchmark": "bench_gpu (CUDA, C=64, MLP 580-256x4-3, reference chunk 30000; fused fp32, "
+                     "tf32, bf16, fp16; reference float32 and autocast fp16)",
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "repeats": args.repeats,
         "machine": info,
         "rows": rows,
     }
-    out = args.out or os.path.join(
-        ROOT, "benchmarks", "results",
-        f"gpu_query_{info['device'].replace(' ', '_')}_{time.strftime('%Y%m%d')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    write_results(result, f"gpu_query_{info['device'].replace(' ', '_')}", args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run on an otherwise idle machine: a build or test run on another core distorts C
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
@@ -199,12 +199,7 @@ def main():
         "matmul_flops_per_s": rate,
         "rows": rows,
     }
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"cpu_query_{time.strftime('%Y%m%d')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    write_results(result, "cpu_query", args.out)
 
 
 if __name__ == "__main__":

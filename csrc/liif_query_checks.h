@@ -8,9 +8,24 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace liif {
+
+// liif_cuda.query's `precision`: the arithmetic the MLP's hidden layers may use ("fp32" exact;
+// "tf32", "bf16", "fp16" on CUDA tensor cores, see csrc/cuda). The CPU kernel computes float32 for
+// all four. Reduced precisions apply to float32 tensors (the Python wrapper converts float16 and
+// bfloat16 inputs); float64 is always computed in float64.
+inline void check_precision(const at::Tensor& feat, c10::string_view precision) {
+  TORCH_CHECK(precision == "fp32" || precision == "tf32" || precision == "bf16" ||
+                  precision == "fp16",
+              "liif_cuda.query: precision must be one of 'fp32', 'tf32', 'bf16', 'fp16', got '",
+              std::string(precision), "'");
+  TORCH_CHECK(precision == "fp32" || feat.scalar_type() == at::kFloat,
+              "liif_cuda.query: precision '", std::string(precision),
+              "' needs float32 tensors, got ", feat.scalar_type());
+}
 
 struct QueryShape {
   int64_t batch = 0;

@@ -5,7 +5,9 @@
 TORCH_LIBRARY(liif_cuda, m) {
   // (B, C, H, W) features, (B, Q, 2) coordinates and cells in (y, x) order, the MLP as per-layer
   // (out, in) weights and (out,) biases -> (B, Q, out_dim). See python/liif_reference.py:query_rgb.
+  // `precision`: "fp32" (exact), "tf32", "bf16" or "fp16" (the hidden layers' arithmetic on CUDA
+  // tensor cores; see csrc/liif_query_checks.h).
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
-      "bool local_ensemble, bool feat_unfold, bool cell_decode) -> Tensor");
+      "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision=\"fp32\") -> Tensor");
 }

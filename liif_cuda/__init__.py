@@ -6,7 +6,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C
 from . import _registration  # noqa: F401  (fake and autograd kernels of liif_cuda::query)
 from ._mlp import mlp_parameters
-from ._query import query
+from ._query import PRECISIONS, query
 
 __version__ = "0.1.0"
 
@@ -22,5 +22,5 @@ from .load import load_model  # noqa: E402
 from .patch import patch  # noqa: E402
 from .upscaling import upscale  # noqa: E402
 
-__all__ = ["query", "mlp_parameters", "build_info", "models", "load_model", "CheckpointError",
+__all__ = ["query", "PRECISIONS", "mlp_parameters", "build_info", "models", "load_model", "CheckpointError",
            "patch", "upscale", "__version__"]

@@ -7,6 +7,16 @@ from ._validation import SUPPORTED_DTYPES, check_query_args
 
 _COMPUTED_IN_FLOAT32 = (torch.float16, torch.bfloat16)
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+_AUTOCAST_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _autocast_dtype(device_type):
+    """The autocast dtype in effect for `device_type`, or None."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
 
 def _check_floating(t, name):
     if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
@@ -14,7 +24,8 @@ def _check_floating(t, name):
         raise ValueError(f"{name} must be a floating-point tensor, got {kind}")
 
 
-def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, cell_decode=True):
+def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, cell_decode=True,
+          precision=None):
     """LIIF's `query_rgb` as one fused operator: (B, Q, out_dim) predictions for query points.
 
     Args:
@@ -28,13 +39,24 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         imnet: the MLP: an `nn.Sequential` of Linear/ReLU, a module with such a `.layers`
             (LIIF's `MLP`, mmediting's `MLPRefiner`), or a sequence of (weight, bias) pairs.
         local_ensemble, feat_unfold, cell_decode: LIIF's three flags (all True in published models).
+        precision: the arithmetic of the MLP's hidden layers. "fp32" (exact, the default), or, on
+            CUDA tensor cores with float32 accumulation, "tf32" (relative error about 2e-4), "fp16"
+            (about 2e-4) or "bf16" (about 1.5e-3). Layer 0, the last layer and the blend stay
+            float32. The tensor-core kernel runs the published MLP shape (hidden layers all 256
+            wide, out_dim <= 128) on GPUs of compute capability 8.0 and newer; other MLPs and GPUs,
+            and the CPU, compute float32 whatever the precision. None (the default): "fp32", or,
+            inside `torch.autocast` for feat's device type, the autocast dtype's path.
 
     Devices: CPU tensors run the CPU kernel, CUDA tensors the CUDA kernel (when liif_cuda was built
     with it, see `liif_cuda.build_info()`), on the tensors' device and the current stream.
 
     Dtypes: float32 and float64 are computed in their own precision. float16 and bfloat16 inputs are
     computed in float32 and the result is returned in the input dtype. All tensors, MLP parameters
-    included, must share one dtype and device.
+    included, must share one dtype and device. A reduced `precision` needs float32, float16 or
+    bfloat16 inputs. Inside `torch.autocast` (for feat's device type) the inputs may have any
+    floating dtypes: they are converted to float32, the result comes back in the autocast dtype, as
+    for PyTorch's own autocast operators, and `precision` defaults to the autocast dtype's path
+    ("fp16" or "bf16"; computed in float32 on the CPU). float64 feat is left alone by autocast.
 
     Autograd: gradients flow to feat, coords, cells and every MLP weight and bias. The backward pass
     recomputes the forward in chunks (see liif_cuda/_backward.py for its memory cost); double
@@ -51,20 +73,42 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         _check_floating(w, f"imnet layer {i} weight")
         _check_floating(b, f"imnet layer {i} bias")
 
-    dtype = feat.dtype
-    if dtype in _COMPUTED_IN_FLOAT32:
-        def up(t):
-            if t.dtype != dtype:
-                raise ValueError(f"all inputs must share feat's dtype {dtype}, got {t.dtype}")
-            return t.float()
-        feat, coords = up(feat), up(coords)
-        cells = None if cells is None else up(cells)
-        weights = [up(w) for w in weights]
-        biases = [up(b) for b in biases]
-    elif dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"feat must be float32, float64, float16 or bfloat16, got {dtype}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    # float64 is not eligible for autocast (as in PyTorch): it is computed as it is.
+    autocast_dtype = None
+    if isinstance(feat, torch.Tensor) and feat.dtype != torch.float64:
+        autocast_dtype = _autocast_dtype(feat.device.type)
+    if autocast_dtype is not None:
+        # As autocast does for the operators it runs in float32: every input to float32, and the
+        # result in the autocast dtype.
+        out_dtype = autocast_dtype
+        if precision is None:
+            precision = _AUTOCAST_PRECISION.get(autocast_dtype, "fp32")
+        feat, coords = feat.float(), coords.float()
+        cells = None if cells is None else cells.float()
+        weights = [w.float() for w in weights]
+        biases = [b.float() for b in biases]
+    else:
+        precision = precision or "fp32"
+        out_dtype = feat.dtype
+        if out_dtype in _COMPUTED_IN_FLOAT32:
+            def up(t):
+                if t.dtype != out_dtype:
+                    raise ValueError(
+                        f"all inputs must share feat's dtype {out_dtype}, got {t.dtype}")
+                return t.float()
+            feat, coords = up(feat), up(coords)
+            cells = None if cells is None else up(cells)
+            weights = [up(w) for w in weights]
+            biases = [up(b) for b in biases]
+        elif out_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"feat must be float32, float64, float16 or bfloat16, got {out_dtype}")
+    if precision != "fp32" and feat.dtype != torch.float32:
+        raise ValueError(f"precision={precision!r} needs float32, float16 or bfloat16 inputs, "
+                         f"got {feat.dtype} (float64 is always computed in float64)")
 
     check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
     out = torch.ops.liif_cuda.query(feat, coords, cells, weights, biases,
-                                    local_ensemble, feat_unfold, cell_decode)
-    return out.to(dtype)
+                                    local_ensemble, feat_unfold, cell_decode, precision)
+    return out.to(out_dtype)

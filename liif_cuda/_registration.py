@@ -7,13 +7,14 @@ from ._validation import check_query_args
 
 
 @torch.library.register_fake("liif_cuda::query")
-def _query_fake(feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode):
+def _query_fake(feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
+                precision="fp32"):
     shape = check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
     return feat.new_empty(shape)
 
 
 def _setup_context(ctx, inputs, output):
-    feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode = inputs
+    feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode = inputs[:8]
     ctx.num_layers = len(weights)
     ctx.flags = (local_ensemble, feat_unfold, cell_decode)
     ctx.has_cells = cells is not None
@@ -24,6 +25,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    # The gradients are those of the exact (float32 / float64) function, whatever the forward's
+    # precision: the backward operator recomputes the forward in the inputs' dtype.
     saved = ctx.saved_tensors
     n = ctx.num_layers
     feat, coords = saved[0], saved[1]
@@ -39,7 +42,7 @@ def _backward(ctx, grad_out):
         return grads[i] if needs[i] else None
 
     return (pick(0), pick(1), pick(2), [pick(3 + i) for i in range(n)],
-            [pick(3 + n + i) for i in range(n)], None, None, None)
+            [pick(3 + n + i) for i in range(n)], None, None, None, None)
 
 
 torch.library.register_autograd("liif_cuda::query", _backward, setup_context=_setup_context)

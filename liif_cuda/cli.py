@@ -1,10 +1,10 @@
 """The `liif-cuda` command line.
 
     liif-cuda upscale INPUT -o OUTPUT (--scale S | --size WxH) [--model NAME|PATH]
-                      [--device cpu|cuda] [--precision fp32] [--overwrite]
+                      [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16] [--overwrite]
     liif-cuda eval --model NAME|PATH|bicubic --data DIR [--data DIR ...] --scales 2,3,4
                    --protocol mmedit|mmagic|paper|classic [--lr-dir DIR] [--resize pillow|matlab]
-                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32] [--json PATH]
+                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16] [--json PATH]
 
 Errors (bad paths, unreadable files, bad scales or sizes, outputs too large for memory, existing
 outputs without --overwrite) print one line to stderr and exit with status 2 (usage) or 1 (other);
@@ -23,6 +23,10 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"
 # Bytes per output pixel the upscaler holds at the end: float32 RGB result, its copy in the output
 # dtype and the encoded image, with room to spare.
 BYTES_PER_OUTPUT_PIXEL = 40
+# liif_cuda.PRECISIONS, spelled out so that the parser is built without importing torch.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+PRECISION_HELP = ("query arithmetic: fp32 exact (default); tf32, bf16, fp16 on CUDA tensor cores "
+                  "(float32 on the CPU)")
 
 
 class CliError(Exception):
@@ -184,7 +188,7 @@ def build_parser():
                     help="pretrained name or checkpoint path (default edsr-baseline-liif)")
     up.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: CUDA when available, else CPU")
-    up.add_argument("--precision", choices=["fp32"], default="fp32")
+    up.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     up.set_defaults(func=upscale_command)
 
@@ -202,7 +206,7 @@ def build_parser():
                     help="border pixels excluded by the mmedit/mmagic metrics (default: the scale)")
     ev.add_argument("--div2k", action="store_true", help="paper protocol: RGB, shave scale + 6")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ev.add_argument("--precision", choices=["fp32"], default="fp32")
+    ev.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     ev.add_argument("--json", default=None, help="write per-image values here")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     ev.set_defaults(func=eval_command)

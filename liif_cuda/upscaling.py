@@ -14,11 +14,10 @@ import functools
 
 import torch
 
-from ._query import query
+from ._query import PRECISIONS, query
 from .images import from_tensor, resize_alpha, to_tensor
 from .load import DEFAULT_MODEL, load_model
 
-PRECISIONS = ("fp32",)
 DEFAULT_CHUNK = 1 << 18     # queries per fused-op call
 MARGIN = 2                  # feature cells a query reads beyond its own: ensemble neighbour + unfold
 
@@ -80,8 +79,10 @@ def _to_crop(centres, n, start, stop):
 
 
 @torch.no_grad()
-def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, progress=None):
-    """(1, 3, H, W) image in [0, 1] on the model's device -> (1, 3, out_h, out_w) on the CPU, float32."""
+def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, progress=None,
+                  precision="fp32"):
+    """(1, 3, H, W) image in [0, 1] on the model's device -> (1, 3, out_h, out_w) on the CPU, float32.
+    `precision` is the query's (liif_cuda.query); the encoder runs in float32."""
     _, _, H, W = img.shape
     device = img.device
     encoder = model.encoder
@@ -93,7 +94,7 @@ def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, prog
     out = torch.empty(out_h, out_w, 3)
     centres_y, centres_x = pixel_centres(out_h), pixel_centres(out_w)
     flags = dict(local_ensemble=model.local_ensemble, feat_unfold=model.feat_unfold,
-                 cell_decode=model.cell_decode)
+                 cell_decode=model.cell_decode, precision=precision)
     for y0, y1 in _tiles(H, tile):
         rows = _owned(out_h, H, y0, y1)
         fy0, fy1 = max(0, y0 - MARGIN), min(H, y1 + MARGIN)      # feature crop
@@ -136,7 +137,8 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
             names and paths are loaded once per process and device).
         device: "cpu" or "cuda" (default: the model's device, else CUDA when available). A model
             object on another device is moved there (nn.Module.to, in place).
-        precision: "fp32" (exact; lower precisions come with the tensor-core path).
+        precision: the query's arithmetic, "fp32" (exact), "tf32", "bf16" or "fp16" (CUDA tensor
+            cores; float32 elsewhere, see liif_cuda.query). The encoder runs in float32.
         tile: LR tile size for the encoder (default: the encoder's `default_tile`).
         chunk: queries per fused-operator call.
         progress: show a tqdm progress bar over the output pixels.
@@ -160,7 +162,7 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
         from tqdm import tqdm
         bar = tqdm(total=out_h * out_w, unit="px", unit_scale=True, desc="upscale")
     try:
-        result = super_resolve(model, rgb.to(device), out_h, out_w, tile, chunk, bar)
+        result = super_resolve(model, rgb.to(device), out_h, out_w, tile, chunk, bar, precision)
     finally:
         if bar is not None:
             bar.close()

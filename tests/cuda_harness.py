@@ -6,6 +6,9 @@ import os
 import torch
 import torch.utils.cpp_extension
 
+import liif_cuda
+import liif_reference as ref
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -14,7 +17,7 @@ SHARED_SM86 = 101376   # sm_86 / sm_89: the smallest, the fast kernel just fits
 SHARED_SM90 = 232448   # sm_90 (H100)
 SHARED_DEFAULT = 49152  # without opting in: too small for the fast kernel, the generic one runs
 
-FAST, GENERIC = 1, 2
+FAST, GENERIC, TENSOR_CORE = 1, 2, 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,3 +38,22 @@ def load():
         verbose=False,
     )
     return torch.ops.liif_cuda_harness.query
+
+
+FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
+
+
+def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, precision="fp32",
+        **flags):
+    """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE)."""
+    flags = {**FLAGS, **flags}
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    with torch.no_grad():
+        return load()(feat, coords, cells if flags["cell_decode"] else None, weights, biases,
+                      flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"],
+                      precision, shared, reverse_order)
+
+
+def reference(feat, coords, cells, mlp, **flags):
+    with torch.no_grad():
+        return ref.query_rgb(feat, coords, cells, mlp, **{**FLAGS, **flags})

@@ -42,6 +42,17 @@ def random_inputs(batch, channels, height, width, queries, seed=0, dtype=torch.f
     return feat, coords, random_cells(batch, queries, g, dtype)
 
 
+def published_problem(batch, height, width, queries, seed=None, spread=1.2, borders=None):
+    """C = 64 features and the published MLP 580-256x4-3 (float32); the first `borders` (default
+    half) of each image's coordinates on LR pixel borders, the others uniform in [-spread, spread]."""
+    seed = queries if seed is None else seed
+    g = torch.Generator().manual_seed(seed)
+    feat, coords, cells = random_inputs(batch, 64, height, width, queries, seed=seed, spread=spread)
+    borders = queries // 2 if borders is None else borders
+    coords[:, :borders] = border_coords(height, width, batch, borders, g, torch.float32)
+    return feat, coords, cells, make_mlp(580, [256] * 4, 3, torch.float32)
+
+
 @st.composite
 def query_problems(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
@@ -87,4 +98,43 @@ def build(problem):
     flags = problem["flags"]
     in_dim = ref.imnet_in_dim(C, flags["feat_unfold"], flags["cell_decode"])
     mlp = make_mlp(in_dim, problem["hidden"], problem["out_dim"], dtype, seed=problem["seed"] % 1000)
+    return feat, coords, cells, mlp
+
+
+# The tensor-core kernel (liif_cuda.query's reduced precisions).
+
+REDUCED = ["tf32", "bf16", "fp16"]
+
+
+@st.composite
+def tensor_core_problems(draw):
+    """The shapes the tensor-core kernel takes: hidden layers 256 wide, out_dim <= 128."""
+    return dict(
+        precision=draw(st.sampled_from(REDUCED)),
+        flags=dict(local_ensemble=draw(st.booleans()), feat_unfold=draw(st.booleans()),
+                   cell_decode=draw(st.booleans())),
+        batch=draw(st.integers(1, 2)), channels=draw(st.integers(1, 6)),
+        height=draw(st.integers(1, 8)), width=draw(st.integers(1, 8)),
+        # At least 17 x 3 outputs: the model's error over a handful of outputs is too noisy a scale.
+        queries=draw(st.sampled_from([17, 40])),
+        depth=draw(st.integers(1, 3)), out_dim=draw(st.sampled_from([3, 8])),
+        placement=draw(st.sampled_from(["inside", "outside", "borders"])),
+        seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def build_tensor_core_problem(problem):
+    """feat, coords, cells (float32, CPU) and the MLP of a tensor_core_problems() example."""
+    g = torch.Generator().manual_seed(problem["seed"])
+    B, C, H, W, Q = (problem[k] for k in ("batch", "channels", "height", "width", "queries"))
+    feat = torch.randn(B, C, H, W, generator=g)
+    if problem["placement"] == "borders":
+        coords = border_coords(H, W, B, Q, g, torch.float32)
+    else:
+        spread = 1.0 if problem["placement"] == "inside" else 1.4
+        coords = (torch.rand(B, Q, 2, generator=g) * 2 - 1) * spread
+    cells = random_cells(B, Q, g, torch.float32)
+    flags = problem["flags"]
+    in_dim = ref.imnet_in_dim(C, flags["feat_unfold"], flags["cell_decode"])
+    mlp = make_mlp(in_dim, [256] * problem["depth"], problem["out_dim"], torch.float32,
+                   seed=problem["seed"] % 1000)
     return feat, coords, cells, mlp

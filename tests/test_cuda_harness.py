@@ -10,29 +10,14 @@ between the specialised (published-shape) and the generic kernel.
 import pytest
 import torch
 from conftest import TOLERANCE, relative_error
-from cuda_harness import FAST, GENERIC, SHARED_DEFAULT, SHARED_SM86, SHARED_SM90, load
-from helpers import border_coords, build, make_mlp, query_problems, random_inputs
+from cuda_harness import (FAST, GENERIC, SHARED_DEFAULT, SHARED_SM86, SHARED_SM90, load,
+                          reference, run)
+from helpers import build, make_mlp, published_problem, query_problems, random_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
 import liif_cuda
 import liif_reference as ref
-
-FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
-
-
-def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, **flags):
-    flags = {**FLAGS, **flags}
-    weights, biases = liif_cuda.mlp_parameters(mlp)
-    with torch.no_grad():
-        return load()(feat, coords, cells if flags["cell_decode"] else None, weights, biases,
-                      flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"], shared,
-                      reverse_order)
-
-
-def reference(feat, coords, cells, mlp, **flags):
-    with torch.no_grad():
-        return ref.query_rgb(feat, coords, cells, mlp, **{**FLAGS, **flags})
 
 
 @given(query_problems(), st.sampled_from([SHARED_DEFAULT, SHARED_SM86]), st.booleans())
@@ -57,12 +42,7 @@ def test_generic_kernel_matches_reference(problem, shared, reverse_order):
 ])
 def test_published_shape(shared, path, batch, height, width, queries):
     """C = 64 and the published MLP 580-256x4-3, coordinates on pixel borders and outside the map."""
-    g = torch.Generator().manual_seed(queries)
-    feat, coords, cells = random_inputs(batch, 64, height, width, queries, seed=queries,
-                                        spread=1.2)
-    half = queries // 2
-    coords[:, :half] = border_coords(height, width, batch, half, g, torch.float32)
-    mlp = make_mlp(580, [256] * 4, 3, torch.float32)
+    feat, coords, cells, mlp = published_problem(batch, height, width, queries)
     out, used = run(feat, coords, cells, mlp, shared)
     assert used == path
     assert relative_error(out, reference(feat, coords, cells, mlp)) <= TOLERANCE[torch.float32]

@@ -124,3 +124,11 @@ def test_bad_images(model, image, match):
 def test_bad_precision(model):
     with pytest.raises(ValueError, match="precision must be one of"):
         liif_cuda.upscale(np.zeros((4, 4, 3), np.uint8), scale=2, model=model, precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_reduced_precisions_compute_float32_on_the_cpu(model, precision):
+    image = np.random.default_rng(1).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    exact = liif_cuda.upscale(image, scale=1.7, model=model, device="cpu")
+    out = liif_cuda.upscale(image, scale=1.7, model=model, device="cpu", precision=precision)
+    assert np.array_equal(out, exact)

@@ -338,9 +338,11 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
 at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
                      const c10::optional<at::Tensor>& cells, at::TensorList weights,
                      at::TensorList biases, bool local_ensemble, bool feat_unfold,
-                     bool cell_decode) {
+                     bool cell_decode, c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
+  // Every precision computes float32 here: the reduced ones are a CUDA tensor-core matter.
+  check_precision(feat, precision);
   TORCH_CHECK(feat.device().is_cpu(), "liif_cuda.query (CPU kernel): feat must be a CPU tensor");
   at::Tensor out = at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
   if (out.numel() == 0) return out;

@@ -16,12 +16,14 @@ namespace liif {
 namespace cuda {
 namespace {
 
-// The first-layer map in full float32 (or float64): cuDNN would otherwise run float32 convolutions
-// on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), a 1e-3 error. at::_convolution
-// takes that choice as an argument (no global state), and otherwise picks the backend as
-// torch.nn.functional.conv2d does (cuDNN if enabled, splitting inputs too large for 32-bit indexing).
+// The first-layer map in full float32 (or float64) for precision "fp32": cuDNN would otherwise run
+// float32 convolutions on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), a 1e-3
+// error. at::_convolution takes that choice as an argument (no global state), and otherwise picks the
+// backend as torch.nn.functional.conv2d does (cuDNN if enabled, splitting inputs too large for 32-bit
+// indexing). The reduced precisions allow TF32 here: the map's error then stays below theirs.
 // Deterministic algorithms only, so that repeated queries give identical outputs.
-at::Tensor convolve_exact(const at::Tensor& input, const at::Tensor& weight, int64_t padding) {
+at::Tensor convolve(const at::Tensor& input, const at::Tensor& weight, int64_t padding,
+                    bool allow_tf32) {
   // Channels-last operands make cuDNN write (B, H, W, width0) directly, the layout the kernel reads.
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
@@ -29,29 +31,33 @@ at::Tensor convolve_exact(const at::Tensor& input, const at::Tensor& weight, int
                           /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
                           /*groups=*/1, /*benchmark=*/false, /*deterministic=*/true,
                           /*cudnn_enabled=*/at::globalContext().userEnabledCuDNN(),
-                          /*allow_tf32=*/false);
+                          allow_tf32);
 }
 
 at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
                       const c10::optional<at::Tensor>& cells, at::TensorList weights,
                       at::TensorList biases, bool local_ensemble, bool feat_unfold,
-                      bool cell_decode) {
+                      bool cell_decode, c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
+  check_precision(feat, precision);
   TORCH_CHECK(feat.is_cuda(), "liif_cuda.query (CUDA kernel): feat must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(feat.device());
   if (shape.batch * shape.queries * shape.out_dim == 0) {
     return at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
   }
-  int max_shared = 0;
+  int max_shared = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         feat.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, feat.device().index()));
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cuda", [&] {
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
-                                cell_decode, shape, convolve_exact);
-    const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared));
+                                cell_decode, parse_precision(precision), shape, convolve);
+    const LaunchPlan plan =
+        plan_prepared_query(prepared, static_cast<size_t>(max_shared), /*has_tensor_cores=*/major >= 8);
     const cudaError_t err = launch_query_kernel(prepared.params, plan,
                                                 c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "liif_cuda.query (CUDA kernel): launch failed: ",

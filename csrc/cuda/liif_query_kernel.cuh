@@ -7,26 +7,32 @@
 //      bias and the coordinate and cell terms, then ReLU, into shared memory;
 //   3. hidden layers, on shared-memory activations: in the specialised kernel (published shape, every
 //      hidden layer 256 wide, float32) as a register-tiled product whose weights stream through two
-//      shared-memory chunks; in the generic kernel (any widths, float32 or float64) one output per
-//      thread and step, reading the weights through the cache;
-//   4. last layer and blend: predictions per row, then each thread blends one (query, channel) over
-//      the neighbours in the reference's order and writes the output. Nothing else reaches global
-//      memory.
+//      shared-memory chunks; in the tensor-core kernel (same shape, tf32 / bf16 / fp16 operands,
+//      float32 accumulation) as WMMA tiles with the weights streamed by asynchronous copies; in the
+//      generic kernel (any widths, float32 or float64) one output per thread and step, reading the
+//      weights through the cache;
+//   4. last layer and blend, in T (float32 for the tensor-core kernel): predictions per row, then each
+//      thread blends one (query, channel) over the neighbours in the reference's order and writes the
+//      output. Nothing else reaches global memory.
 //
 // This file is also compiled by the host compiler inside the host execution harness (tests/harness),
 // which runs the kernels without a GPU. It therefore uses only what the harness emulates: blockIdx.x,
-// threadIdx.x, blockDim.x, __syncthreads(), dynamic shared memory (LIIF_DYNAMIC_SHARED) and float4.
-// No warp primitives, atomics, asynchronous copies or static __shared__ arrays.
+// threadIdx.x, blockDim.x, __syncthreads(), __syncwarp(), dynamic shared memory
+// (LIIF_DYNAMIC_SHARED), float2/float4, and what liif_tensor_core.cuh names (operand types, WMMA
+// fragments, asynchronous copies). No other warp primitives, no atomics or static __shared__ arrays.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../liif_geometry.h"
 #include "liif_query_launch.h"
+#include "liif_tensor_core.cuh"
 
 #if defined(__CUDACC__)
-#define LIIF_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+// 128-byte alignment: WMMA fragment pointers must be 32-byte aligned (the offsets are, by layout).
+#define LIIF_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #elif !defined(LIIF_HOST_EXECUTION_HARNESS)
 #error "liif_query_kernel.cuh: compile with nvcc, or include tests/harness/cuda_host_emulation.h first"
 #endif
@@ -34,11 +40,21 @@
 namespace liif {
 namespace cuda {
 
-// Pointers into one block's shared memory, in the order of SharedLayout (liif_query_launch.h).
+// How activations are stored in shared memory: as T itself in the float32 / float64 kernels
+// (Operand<P> of liif_tensor_core.cuh for the tensor-core kernel).
 template <typename T>
+struct Exact {
+  using storage = T;
+  static __device__ __forceinline__ T store(T v) { return v; }
+  static __device__ __forceinline__ T load(T v) { return v; }
+};
+
+// Pointers into one block's shared memory, in the order of SharedLayout (liif_query_launch.h).
+// A is the type of the activations and weight chunks; geometry is in T.
+template <typename T, typename A = T>
 struct BlockShared {
-  T* act;        // activation buffer(s)
-  T* weights;    // the fast kernel's two weight chunks (reused for the last layer's predictions)
+  A* act;        // activation buffer(s)
+  A* weights;    // the two weight chunks (reused for the last layer's predictions, in T)
   T* rel_y;      // per row
   T* rel_x;      // per row
   T* blend;      // per row: blend weight of the row's prediction
@@ -48,14 +64,13 @@ struct BlockShared {
   int* state;    // per query: 1 decode, 0 write NaN (non-finite coordinate), -1 past the last query
 };
 
-template <typename T>
-__device__ __forceinline__ BlockShared<T> carve_shared(unsigned char* base, const SharedLayout& l) {
-  BlockShared<T> s;
-  T* t = reinterpret_cast<T*>(base);
-  s.act = t;
-  t += l.act_elements;
-  s.weights = t;
-  t += l.weight_elements;
+template <typename T, typename A = T>
+__device__ __forceinline__ BlockShared<T, A> carve_shared(unsigned char* base,
+                                                          const SharedLayout& l) {
+  BlockShared<T, A> s;
+  s.act = reinterpret_cast<A*>(base);
+  s.weights = reinterpret_cast<A*>(base + l.act_bytes);
+  T* t = reinterpret_cast<T*>(base + l.act_bytes + l.weight_bytes);
   s.rel_y = t;
   t += l.rows;
   s.rel_x = t;
@@ -72,8 +87,8 @@ __device__ __forceinline__ BlockShared<T> carve_shared(unsigned char* base, cons
 }
 
 // Step 1: geometry of the block's queries [first, first + queries).
-template <typename T>
-__device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T>& s, int64_t first,
+template <typename T, typename A>
+__device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T, A>& s, int64_t first,
                               int queries) {
   const int nn = p.grid.num_neighbours;
   for (int i = static_cast<int>(threadIdx.x); i < queries; i += static_cast<int>(blockDim.x)) {
@@ -105,11 +120,12 @@ __device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T
   }
 }
 
-// Step 2: layer 0 of every row into s.act (row pitch `pitch`); ReLU unless it is the only layer.
-// Rows without a query get zeros, which keep the following layers finite.
-template <typename T>
-__device__ void first_layer(const QueryKernelParams<T>& p, const BlockShared<T>& s, int rows,
-                            int pitch) {
+// Step 2: layer 0 of every row into s.act (row pitch `pitch`), computed in T and stored as
+// Op::storage; ReLU unless it is the only layer. Rows without a query get zeros, which keep the
+// following layers finite.
+template <typename T, typename Op = Exact<T>>
+__device__ void first_layer(const QueryKernelParams<T>& p,
+                            const BlockShared<T, typename Op::storage>& s, int rows, int pitch) {
   const int width = p.widths[0];
   const int nn = p.grid.num_neighbours;
   const bool relu = p.num_layers > 1;
@@ -129,7 +145,7 @@ __device__ void first_layer(const QueryKernelParams<T>& p, const BlockShared<T>&
       // `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
       if (relu && v < T(0)) v = T(0);
     }
-    s.act[r * pitch + j] = v;
+    s.act[r * pitch + j] = Op::store(v);
   }
 }
 
@@ -266,38 +282,45 @@ __device__ void generic_hidden_layer(const T* __restrict__ wt, const T* __restri
   __syncthreads();
 }
 
-// Step 4: the last layer (unless layer 0 is the only one) into `preds`, then the blend.
-// `act` holds the last hidden activations (row pitch `pitch`); wt (in, out_dim) and bias are the
-// last layer's; `preds` has room for rows * out_dim values and is not `act`.
-template <typename T>
-__device__ void last_layer_and_blend(const QueryKernelParams<T>& p, const BlockShared<T>& s,
-                                     const SharedLayout& layout, const T* act, int pitch,
+// Step 4: the last layer (unless layer 0 is the only one) into `preds`, then the blend, in T.
+// `act` holds the last hidden activations as Op::storage (row pitch `pitch`); wt (in, out_dim) and
+// bias are the last layer's; `preds` has room for rows * out_dim values and is not `act`.
+template <typename T, typename Op = Exact<T>>
+__device__ void last_layer_and_blend(const QueryKernelParams<T>& p,
+                                     const BlockShared<T, typename Op::storage>& s,
+                                     const SharedLayout& layout,
+                                     const typename Op::storage* act, int pitch,
                                      const T* __restrict__ wt, const T* __restrict__ bias, T* preds,
                                      int64_t first) {
   const int nn = p.grid.num_neighbours;
   const int od = p.widths[p.num_layers - 1];
-  const T* pred = act;
-  int pred_pitch = pitch;
+  const T* pred = preds;
+  int pred_pitch = od;
+  if constexpr (std::is_same_v<typename Op::storage, T>) {
+    // A one-layer MLP: layer 0's outputs are the predictions.
+    if (p.num_layers == 1) {
+      pred = act;
+      pred_pitch = pitch;
+    }
+  }
   if (p.num_layers > 1) {
     const int in = p.widths[p.num_layers - 2];
     for (int e = static_cast<int>(threadIdx.x); e < layout.rows * od;
          e += static_cast<int>(blockDim.x)) {
       const int r = e / od;
       const int o = e - r * od;
-      const T* a = act + r * pitch;
+      const typename Op::storage* a = act + r * pitch;
       // Lanes work on different rows; each starts at its own input so that they read different
       // shared-memory banks instead of queueing on one.
       int k = static_cast<int>(threadIdx.x % 32) % in;
       T sum = T(0);
       for (int t = 0; t < in; ++t) {
-        sum += a[k] * wt[k * od + o];
+        sum += Op::load(a[k]) * wt[k * od + o];
         if (++k == in) k = 0;
       }
       preds[r * od + o] = sum + bias[o];
     }
     __syncthreads();
-    pred = preds;
-    pred_pitch = od;
   }
   for (int e = static_cast<int>(threadIdx.x); e < layout.queries * od;
        e += static_cast<int>(blockDim.x)) {
@@ -349,7 +372,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     liif_query_generic_kernel(const QueryKernelParams<T> p) {
   LIIF_DYNAMIC_SHARED(smem);
   const SharedLayout layout =
-      generic_layout(p.queries_per_block, p.grid.num_neighbours, p.act_pitch);
+      generic_layout<T>(p.queries_per_block, p.grid.num_neighbours, p.act_pitch);
   const BlockShared<T> s = carve_shared<T>(smem, layout);
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
   load_geometry(p, s, first, layout.queries);
@@ -372,6 +395,146 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
   last_layer_and_blend(p, s, layout, cur, p.act_pitch, w, b, nxt, first);
 }
+
+#if defined(LIIF_TENSOR_CORES)
+// Step 3 on tensor cores: act (64 x 256, pitch tensor_core_pitch(P)) <- relu(act @ wt + bias) in
+// place; wt is (256 in, 256 out) in the operand type in global memory, bias float32. Accumulation in
+// float32; the result is rounded to the operand type once, when stored.
+//
+// Warp w = 4 * wm + wn computes rows 32wm .. 32wm+31 and columns 64wn .. 64wn+63 as 2 x 4 WMMA
+// accumulator tiles of 16 x 16. The weights stream through two shared-memory chunks of
+// tensor_core_chunk(P) input rows (16 KiB each), filled by asynchronous copies: chunk c+1 is in
+// flight while chunk c is multiplied, with one barrier per chunk.
+template <Precision P>
+__device__ void tensor_core_hidden_layer(const typename Operand<P>::storage* __restrict__ wt,
+                                         const float* __restrict__ bias,
+                                         typename Operand<P>::storage* act,
+                                         typename Operand<P>::storage* wbuf) {
+  namespace wmma = nvcuda::wmma;
+  using Op = Operand<P>;
+  using S = typename Op::storage;
+  constexpr int kPitch = tensor_core_pitch(P);
+  constexpr int kChunk = tensor_core_chunk(P);
+  constexpr int kChunks = kFastWidth / kChunk;
+  constexpr int kPerCopy = 16 / static_cast<int>(sizeof(S));  // operands per 16-byte copy
+  constexpr int kCopiesPerRow = kFastWidth / kPerCopy;
+  constexpr int kCopiesPerThread = kChunk * kCopiesPerRow / kThreadsPerBlock;
+  static_assert(kChunk * kCopiesPerRow % kThreadsPerBlock == 0, "a chunk is copied by all threads");
+  static_assert(kFastWidth % kChunk == 0 && kChunk % Op::k == 0, "chunks hold whole k-steps");
+  // The k-steps of a chunk, unrolled, except for tf32, whose fragment loads (no ldmatrix for 32-bit
+  // operands) would then need more than 128 registers.
+  constexpr int kStepsUnrolled = P == Precision::kTf32 ? 1 : kChunk / Op::k;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int row0 = 32 * (warp / 4);
+  const int col0 = 64 * (warp % 4);
+
+  auto fetch = [&](int chunk) {
+    S* dst = wbuf + (chunk & 1) * kChunk * kPitch;
+    const S* src = wt + chunk * kChunk * kFastWidth;
+#pragma unroll
+    for (int v = 0; v < kCopiesPerThread; ++v) {
+      const int copy = v * kThreadsPerBlock + tid;
+      const int row = copy / kCopiesPerRow;
+      const int col = (copy % kCopiesPerRow) * kPerCopy;
+      async_copy_16(dst + row * kPitch + col, src + row * kFastWidth + col);
+    }
+    async_copy_commit();
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, Op::k, float> acc[2][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  fetch(0);
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
+    // This thread's copies of `chunk` have landed; after the barrier everybody's have, and every
+    // warp is done with chunk - 1, whose buffer the next fetch overwrites.
+    async_copy_wait<0>();
+    __syncthreads();
+    if (chunk + 1 < kChunks) fetch(chunk + 1);
+    const S* w = wbuf + (chunk & 1) * kChunk * kPitch;
+#pragma unroll(kStepsUnrolled)
+    for (int kk = 0; kk < kChunk; kk += Op::k) {
+      // One B fragment at a time next to both A fragments: fewer live registers than loading all
+      // four first (128 per thread, for two blocks per SM).
+      wmma::fragment<wmma::matrix_a, 16, 16, Op::k, typename Op::fragment_type, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, Op::k, typename Op::fragment_type, wmma::row_major> b;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], act + (row0 + 16 * i) * kPitch + chunk * kChunk + kk, kPitch);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::load_matrix_sync(b, w + kk * kPitch + col0 + 16 * j, kPitch);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], a[i], b, acc[i][j]);
+      }
+    }
+  }
+  // Every warp is done reading the activations (overwritten next) and the weight chunks (the
+  // per-warp staging area of the results below).
+  __syncthreads();
+
+  // Fragment element positions are opaque: each tile goes through a 16 x 16 float32 staging area
+  // of the warp, from which each lane takes 8 elements, adds the bias, applies ReLU and stores.
+  float* staging = reinterpret_cast<float*>(wbuf) + warp * 16 * 16;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      wmma::store_matrix_sync(staging, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 16 * 16; e += 32) {
+        const int r = row0 + 16 * i + e / 16;
+        const int c = col0 + 16 * j + e % 16;
+        act[r * kPitch + c] = Op::store(relu(staging[e] + bias[c]));
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+}
+
+// The published shape on tensor cores (a reduced `precision`): hidden layers 256 wide, out_dim <=
+// kTensorCoreMaxOutDim, 64 rows per block; layer 0, the last layer and the blend in float32.
+template <Precision P>
+__global__ void __launch_bounds__(kThreadsPerBlock, 2)
+    liif_query_tensor_core_kernel(const QueryKernelParams<float> p) {
+  using Op = Operand<P>;
+  using S = typename Op::storage;
+  LIIF_DYNAMIC_SHARED(smem);
+  const SharedLayout layout = tensor_core_layout(P, p.grid.num_neighbours);
+  const BlockShared<float, S> s = carve_shared<float, S>(smem, layout);
+  constexpr int kPitch = tensor_core_pitch(P);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+  load_geometry(p, s, first, layout.queries);
+  __syncthreads();
+  first_layer<float, Op>(p, s, layout.rows, kPitch);
+  __syncthreads();
+  const S* w = static_cast<const S*>(p.operand_weights);
+  const float* b = p.biases;
+  for (int l = 1; l + 1 < p.num_layers; ++l) {
+    tensor_core_hidden_layer<P>(w, b, s.act, s.weights);
+    w += kFastWidth * kFastWidth;
+    b += kFastWidth;
+  }
+  const float* last_w = p.weights + static_cast<int64_t>(p.num_layers - 2) * kFastWidth * kFastWidth;
+  last_layer_and_blend<float, Op>(p, s, layout, s.act, kPitch, last_w, b,
+                                  reinterpret_cast<float*>(s.weights), first);
+}
+#else
+// Targets older than sm_80 (never launched there, see LIIF_TENSOR_CORES).
+template <Precision P>
+__global__ void liif_query_tensor_core_kernel(const QueryKernelParams<float>) {
+  __trap();
+}
+#endif  // LIIF_TENSOR_CORES
 
 }  // namespace cuda
 }  // namespace liif

@@ -9,32 +9,45 @@
 namespace liif {
 namespace cuda {
 
+namespace {
+
+template <typename Kernel, typename Params>
+cudaError_t launch(Kernel kernel, const Params& params, const LaunchPlan& plan, cudaStream_t stream) {
+  const int shared = static_cast<int>(plan.shared_bytes);
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(static_cast<unsigned>(plan.blocks)), dim3(kThreadsPerBlock), plan.shared_bytes,
+           stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
 template <typename T>
 cudaError_t launch_query_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan,
                                 cudaStream_t stream) {
   if (plan.blocks == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(plan.blocks));
-  const dim3 block(kThreadsPerBlock);
-  const int shared = static_cast<int>(plan.shared_bytes);
-  cudaError_t err = cudaSuccess;
-  if (plan.path == KernelPath::kFast) {
-    if constexpr (std::is_same_v<T, float>) {
-      err = cudaFuncSetAttribute(liif_query_fast_kernel,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
-      if (err != cudaSuccess) return err;
-      liif_query_fast_kernel<<<grid, block, plan.shared_bytes, stream>>>(params);
-    } else {
-      return cudaErrorInvalidValue;  // the host never plans the float32 kernel for float64
-    }
-  } else if (plan.path == KernelPath::kGeneric) {
-    err = cudaFuncSetAttribute(liif_query_generic_kernel<T>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
-    if (err != cudaSuccess) return err;
-    liif_query_generic_kernel<T><<<grid, block, plan.shared_bytes, stream>>>(params);
-  } else {
-    return cudaErrorInvalidValue;
+  if (plan.path == KernelPath::kGeneric) {
+    return launch(liif_query_generic_kernel<T>, params, plan, stream);
   }
-  return cudaGetLastError();
+  // The other kernels are float32 only; the host never plans them for float64.
+  if constexpr (std::is_same_v<T, float>) {
+    if (plan.path == KernelPath::kFast) return launch(liif_query_fast_kernel, params, plan, stream);
+    if (plan.path == KernelPath::kTensorCore) {
+      switch (params.precision) {
+        case Precision::kTf32:
+          return launch(liif_query_tensor_core_kernel<Precision::kTf32>, params, plan, stream);
+        case Precision::kBf16:
+          return launch(liif_query_tensor_core_kernel<Precision::kBf16>, params, plan, stream);
+        case Precision::kFp16:
+          return launch(liif_query_tensor_core_kernel<Precision::kFp16>, params, plan, stream);
+        case Precision::kFp32:
+          break;
+      }
+    }
+  }
+  return cudaErrorInvalidValue;
 }
 
 template cudaError_t launch_query_kernel<float>(const QueryKernelParams<float>&, const LaunchPlan&,

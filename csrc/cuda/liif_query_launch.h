@@ -28,6 +28,26 @@ constexpr int kFastMaxOutDim = 2 * kFastChunk * kFastWidth / kFastRows;
 // The generic kernel: (query, neighbour) rows per block when they fit in shared memory.
 constexpr int kGenericMaxRows = 64;
 
+// Arithmetic of the hidden layers (liif_cuda.query's `precision`). kFp32 is exact; the others run
+// the tensor-core kernel when it applies (tensor_core_path_applies) and float32 otherwise.
+enum class Precision : int { kFp32 = 0, kTf32 = 1, kBf16 = 2, kFp16 = 3 };
+
+// The tensor-core kernel: the published shape (hidden layers 256 wide) with 64 rows per block; the
+// activations live in shared memory as the operand type (2 bytes for bf16/fp16, a float rounded to
+// tf32), weights stream through two chunks of kTensorCoreChunk(P) input rows. Rows are padded by 16
+// bytes so that the fragment loads of 8 consecutive rows hit different banks.
+constexpr int kTensorCoreRows = 64;
+constexpr int kTensorCoreMaxOutDim = 128;
+
+LIIF_HOST_DEVICE constexpr int operand_bytes(Precision p) { return p == Precision::kTf32 ? 4 : 2; }
+LIIF_HOST_DEVICE constexpr int tensor_core_pitch(Precision p) {
+  return kFastWidth + 16 / operand_bytes(p);
+}
+// One chunk is 16 KiB of weights in global memory in either case: 1024 16-byte copies.
+LIIF_HOST_DEVICE constexpr int tensor_core_chunk(Precision p) {
+  return 16 * 1024 / (kFastWidth * operand_bytes(p));
+}
+
 template <typename T>
 struct QueryKernelParams {
   // Layer 0's feature part per LR cell, without bias: (B, H, W, width0) contiguous.
@@ -42,6 +62,10 @@ struct QueryKernelParams {
   // likewise. Layer l's weight starts at sum_{m < l} in_m * out_m.
   const T* weights = nullptr;
   const T* biases = nullptr;
+  // The tensor-core kernel's operands: layers 1 .. L-2 (the hidden ones) as `weights`, converted to
+  // the operand type of `precision` (__half, __nv_bfloat16, or float rounded to tf32).
+  const void* operand_weights = nullptr;
+  Precision precision = Precision::kFp32;
   T* out = nullptr;  // (B * Q, out_dim)
   FeatureGrid<T> grid{};
   int64_t total_queries = 0;  // B * Q
@@ -52,7 +76,7 @@ struct QueryKernelParams {
   int queries_per_block = 0;
 };
 
-enum class KernelPath : int { kNone = 0, kFast = 1, kGeneric = 2 };
+enum class KernelPath : int { kNone = 0, kFast = 1, kGeneric = 2, kTensorCore = 3 };
 
 struct LaunchPlan {
   KernelPath path = KernelPath::kNone;
@@ -62,32 +86,43 @@ struct LaunchPlan {
   size_t shared_bytes = 0;
 };
 
-// Shared memory of one block, in this order: activation buffers, weight buffers (fast kernel),
-// per row (LR cell index, rel_y, rel_x, blend weight), per query (cell_y, cell_x, state).
+// Shared memory of one block, in this order: activation buffers, weight buffers (fast and
+// tensor-core kernels), per row (rel_y, rel_x, blend weight in T, LR cell index), per query (cell_y,
+// cell_x in T, state). Sizes in bytes, multiples of 32 (tensor-core fragments need 32-byte
+// alignment).
 struct SharedLayout {
   int rows = 0;
   int queries = 0;
-  int act_elements = 0;     // all activation buffers together
-  int weight_elements = 0;  // the fast kernel's two weight chunks; 0 for the generic kernel
+  int act_bytes = 0;     // all activation buffers together
+  int weight_bytes = 0;  // the two weight chunks; 0 for the generic kernel
 };
 
 template <typename T>
 inline size_t shared_bytes(const SharedLayout& s) {
-  return sizeof(T) * (static_cast<size_t>(s.act_elements) + s.weight_elements + 3 * s.rows +
-                      2 * s.queries) +
+  return static_cast<size_t>(s.act_bytes) + s.weight_bytes +
+         sizeof(T) * (3 * static_cast<size_t>(s.rows) + 2 * s.queries) +
          sizeof(int) * (static_cast<size_t>(s.rows) + s.queries);
 }
 
+LIIF_HOST_DEVICE constexpr int round_up_32(int bytes) { return (bytes + 31) / 32 * 32; }
+
 LIIF_HOST_DEVICE SharedLayout fast_layout(int num_neighbours) {
-  return {kFastRows, kFastRows / num_neighbours, kFastRows * kFastWidth,
-          2 * kFastChunk * kFastWidth};
+  return {kFastRows, kFastRows / num_neighbours,
+          static_cast<int>(sizeof(float)) * kFastRows * kFastWidth,
+          static_cast<int>(sizeof(float)) * 2 * kFastChunk * kFastWidth};
 }
 
+template <typename T>
 LIIF_HOST_DEVICE SharedLayout generic_layout(int queries, int num_neighbours, int max_width) {
   const int rows = queries * num_neighbours;
-  return {rows, queries, 2 * rows * max_width, 0};
+  return {rows, queries, round_up_32(static_cast<int>(sizeof(T)) * 2 * rows * max_width), 0};
 }
 
+LIIF_HOST_DEVICE SharedLayout tensor_core_layout(Precision p, int num_neighbours) {
+  return {kTensorCoreRows, kTensorCoreRows / num_neighbours,
+          operand_bytes(p) * kTensorCoreRows * tensor_core_pitch(p),
+          operand_bytes(p) * 2 * tensor_core_chunk(p) * tensor_core_pitch(p)};
+}
 // The specialised kernel runs the published MLP shape in float32: hidden layers all 256 wide.
 template <typename T>
 inline bool fast_path_applies(const QueryKernelParams<T>& p) {
@@ -98,13 +133,30 @@ inline bool fast_path_applies(const QueryKernelParams<T>& p) {
   return p.widths[p.num_layers - 1] <= kFastMaxOutDim;
 }
 
+// The tensor-core kernel: a reduced precision asked for, the published shape as above, out_dim <=
+// 128 (its predictions reuse the weight buffers) and a GPU with tensor cores for all three operand
+// types (compute capability 8.0 or newer).
+template <typename T>
+inline bool tensor_core_path_applies(const QueryKernelParams<T>& p, bool has_tensor_cores) {
+  return has_tensor_cores && p.precision != Precision::kFp32 && fast_path_applies(p) &&
+         p.widths[p.num_layers - 1] <= kTensorCoreMaxOutDim;
+}
+
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
+// A reduced precision that the tensor-core kernel cannot run falls back to the float32 kernels.
 template <typename T>
-inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes) {
+inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
+                              bool has_tensor_cores) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
-  if (fast_path_applies(p) && shared_bytes<float>(fast_layout(nn)) <= max_shared_bytes) {
+  if (tensor_core_path_applies(p, has_tensor_cores) &&
+      shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
+    plan.path = KernelPath::kTensorCore;
+    plan.queries_per_block = kTensorCoreRows / nn;
+    plan.act_pitch = tensor_core_pitch(p.precision);
+    plan.shared_bytes = shared_bytes<float>(tensor_core_layout(p.precision, nn));
+  } else if (fast_path_applies(p) && shared_bytes<float>(fast_layout(nn)) <= max_shared_bytes) {
     plan.path = KernelPath::kFast;
     plan.queries_per_block = kFastRows / nn;
     plan.act_pitch = kFastWidth;
@@ -113,7 +165,7 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
     int max_width = 0;
     for (int l = 0; l < p.num_layers; ++l) max_width = max_width > p.widths[l] ? max_width : p.widths[l];
     for (int q = kGenericMaxRows / nn; q >= 1; --q) {
-      const size_t bytes = shared_bytes<T>(generic_layout(q, nn, max_width));
+      const size_t bytes = shared_bytes<T>(generic_layout<T>(q, nn, max_width));
       if (bytes <= max_shared_bytes) {
         plan.path = KernelPath::kGeneric;
         plan.queries_per_block = q;

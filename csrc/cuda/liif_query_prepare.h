@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <climits>
+#include <string>
 #include <vector>
 
 #include "../liif_query_checks.h"
@@ -22,19 +23,40 @@ namespace cuda {
 template <typename T>
 struct PreparedQuery {
   // Owners of the memory the parameters point to; they must outlive the launch.
-  at::Tensor map, extra_columns, first_bias, weights, biases, coords, cells, out;
+  at::Tensor map, extra_columns, first_bias, weights, biases, operand_weights, coords, cells, out;
   QueryKernelParams<T> params;
 };
 
-// `convolve(input (B, C, H, W), weight (width0, C, k, k), padding)` returns (B, width0, H, W) in any
-// memory layout, without bias, computed in T without reduced-precision shortcuts.
+// "fp32" | "tf32" | "bf16" | "fp16" (liif_cuda.query's `precision`).
+inline Precision parse_precision(c10::string_view name) {
+  if (name == "fp32") return Precision::kFp32;
+  if (name == "tf32") return Precision::kTf32;
+  if (name == "bf16") return Precision::kBf16;
+  if (name == "fp16") return Precision::kFp16;
+  TORCH_CHECK(false, "liif_cuda.query: precision must be one of 'fp32', 'tf32', 'bf16', 'fp16', got '",
+              std::string(name), "'");
+}
+
+// float32 values rounded to TF32 (10 mantissa bits) to nearest, ties away from zero: what
+// cvt.rna.tf32.f32 (wmma::__float_to_tf32) does. Adding half of the dropped range to the magnitude
+// bits carries into the kept ones; NaN stays NaN.
+inline at::Tensor round_to_tf32(const at::Tensor& x) {
+  const at::Tensor bits = x.contiguous().view(at::kInt);
+  const at::Tensor rounded =
+      bits.add(0x1000).bitwise_and(static_cast<int64_t>(~0x1FFF)).view(at::kFloat);
+  return at::where(x.isnan(), x, rounded);
+}
+
+// `convolve(input (B, C, H, W), weight (width0, C, k, k), padding, allow_tf32)` returns
+// (B, width0, H, W) in any memory layout, without bias, computed in T, on TF32 tensor cores only if
+// `allow_tf32` (a reduced precision was asked for).
 template <typename T, typename Convolve>
 PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
                                const c10::optional<at::Tensor>& cells,
                                const std::vector<at::Tensor>& weights,
                                const std::vector<at::Tensor>& biases, bool local_ensemble,
-                               bool feat_unfold, bool cell_decode, const QueryShape& shape,
-                               Convolve&& convolve) {
+                               bool feat_unfold, bool cell_decode, Precision precision,
+                               const QueryShape& shape, Convolve&& convolve) {
   const int num_layers = static_cast<int>(weights.size());
   TORCH_CHECK(num_layers <= kMaxLayers, "liif_cuda.query (CUDA kernel): the MLP has ", num_layers,
               " Linear layers, at most ", kMaxLayers, " are supported");
@@ -56,7 +78,9 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
   // Feature columns c*9 + ky*3 + kx are exactly a (width0, C, 3, 3) convolution weight.
   const at::Tensor conv_weight =
       w0.narrow(1, 0, shape.feat_dim).reshape({width0, shape.channels, taps, taps});
-  p.map = convolve(feat.detach(), conv_weight, taps / 2).permute({0, 2, 3, 1}).contiguous();
+  p.map = convolve(feat.detach(), conv_weight, taps / 2, precision != Precision::kFp32)
+              .permute({0, 2, 3, 1})
+              .contiguous();
 
   at::Tensor extra = w0.narrow(1, shape.feat_dim, shape.in_dim - shape.feat_dim).t();
   if (!cell_decode) extra = at::cat({extra, extra.new_zeros({2, width0})});
@@ -87,14 +111,18 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
   k.total_queries = shape.batch * shape.queries;
   k.queries_per_image = shape.queries;
   k.num_layers = num_layers;
+  k.precision = precision;
   for (int l = 0; l < num_layers; ++l) k.widths[l] = static_cast<int>(shape.layer_widths[l]);
   return p;
 }
 
-// Completes the parameters with the plan's block shape; raises when no kernel can run the MLP.
+// Completes the parameters with the plan's block shape (and, for the tensor-core kernel, its
+// operand weights); raises when no kernel can run the MLP. `has_tensor_cores`: the device has
+// compute capability 8.0 or newer.
 template <typename T>
-LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes) {
-  const LaunchPlan plan = plan_launch(p.params, max_shared_bytes);
+LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes,
+                               bool has_tensor_cores) {
+  const LaunchPlan plan = plan_launch(p.params, max_shared_bytes, has_tensor_cores);
   TORCH_CHECK(plan.path != KernelPath::kNone,
               "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
               max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
@@ -102,6 +130,19 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes) {
               p.params.total_queries, ") for one launch; split them");
   p.params.queries_per_block = plan.queries_per_block;
   p.params.act_pitch = plan.act_pitch;
+  if (plan.path == KernelPath::kTensorCore) {
+    // The hidden layers lead the packed weights (all 256 x 256); the last layer stays float32.
+    const int64_t hidden = static_cast<int64_t>(p.params.num_layers - 2) * kFastWidth * kFastWidth;
+    const at::Tensor w = p.weights.narrow(0, 0, hidden);
+    switch (p.params.precision) {
+      case Precision::kTf32: p.operand_weights = round_to_tf32(w); break;
+      case Precision::kBf16: p.operand_weights = w.to(at::kBFloat16); break;
+      default: p.operand_weights = w.to(at::kHalf); break;
+    }
+    // A two-layer MLP has no hidden layer to read; keep the pointer valid anyway.
+    if (hidden == 0) p.operand_weights = p.weights.new_zeros({8});
+    p.params.operand_weights = p.operand_weights.const_data_ptr();
+  }
   return plan;
 }
 

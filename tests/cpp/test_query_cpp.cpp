@@ -50,23 +50,34 @@ void test_operator_runs() {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("liif_cuda::query", "");
   auto typed = op.typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, at::TensorList,
-                                   at::TensorList, bool, bool, bool)>();
+                                   at::TensorList, bool, bool, bool, c10::string_view)>();
   at::manual_seed(0);
   const at::Tensor feat = at::randn({2, 3, 4, 5});
   const at::Tensor coords = at::rand({2, 11, 2}) * 2 - 1;
   const at::Tensor cells = at::full({2, 11, 2}, 0.1);
   const std::vector<at::Tensor> weights = {at::randn({8, 31}), at::randn({3, 8})};
   const std::vector<at::Tensor> biases = {at::randn({8}), at::randn({3})};
-  const at::Tensor out = typed.call(feat, coords, cells, weights, biases, true, true, true);
+  const at::Tensor out =
+      typed.call(feat, coords, cells, weights, biases, true, true, true, "fp32");
   expect(out.sizes() == at::IntArrayRef({2, 11, 3}), "output shape");
   expect(at::isfinite(out).all().item<bool>(), "finite output");
   bool threw = false;
   try {
-    typed.call(feat, coords.narrow(2, 0, 1), cells, weights, biases, true, true, true);
+    typed.call(feat, coords.narrow(2, 0, 1), cells, weights, biases, true, true, true, "fp32");
   } catch (const c10::Error&) {
     threw = true;
   }
   expect(threw, "bad coords shape raises");
+  // The CPU computes float32 for every precision.
+  const at::Tensor bf16 = typed.call(feat, coords, cells, weights, biases, true, true, true, "bf16");
+  expect(at::equal(bf16, out), "precision bf16 computes float32 on the CPU");
+  threw = false;
+  try {
+    typed.call(feat, coords, cells, weights, biases, true, true, true, "fp8");
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  expect(threw, "unknown precision raises");
 }
 
 }  // namespace

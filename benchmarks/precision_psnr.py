@@ -1,0 +1,83 @@
+"""What the reduced precisions cost on a published metric, predicted on the CPU: the official
+EDSR-baseline-LIIF weights on Set5 under the mmedit protocol at x2, x4 and x12, decoded by the
+reference query (python/liif_reference.py) whose MLP rounds exactly where liif_cuda's tensor-core
+kernel rounds (python/liif_rounding_model.py), against the same with no rounding. Issue 4 asks each
+path to stay within 0.005 dB of float32; tests/test_query_cuda_precision.py checks the kernel itself
+on a GPU. Writes benchmarks/results/precision_psnr_<date>.json.
+
+    python benchmarks/precision_psnr.py --data ../shared/data --weights ../shared/weights/edsr-baseline-liif.pth
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import liif_reference_models as reference_models  # noqa: E402
+from liif_rounding_model import KernelRounding  # noqa: E402
+
+from liif_cuda.evaluation.evaluate import list_images  # noqa: E402
+from liif_cuda.evaluation.protocols import finish_prediction, make_sample, score  # noqa: E402
+from results_file import write_results  # noqa: E402
+
+PRECISIONS = ["fp32", "tf32", "bf16", "fp16"]
+SCALES = [2, 4, 12]
+
+
+def set5_psnr(model, imnet, paths, scale):
+    model.imnet = imnet
+    values = []
+    for path in paths:
+        sample = make_sample(path, scale, "mmedit")
+        out_h, out_w = sample.gt.shape[:2]
+        img = torch.from_numpy(sample.lr.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        pred = reference_models.upscale_reference(model, img, out_h, out_w)
+        pred = pred[0].permute(1, 2, 0).double().numpy()
+        values.append(score(finish_prediction(pred, "mmedit"), sample.gt, scale, "mmedit",
+                            gray=sample.gray)["psnr"])
+    return float(np.mean(values))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+    parser.add_argument("--weights", default=os.path.join(os.path.dirname(ROOT), "shared", "weights",
+                                                          "edsr-baseline-liif.pth"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model = reference_models.load_original(args.weights)
+    exact_imnet = model.imnet
+    paths = list_images(os.path.join(args.data, "Set5"))
+    psnr = {}
+    start = time.time()
+    for precision in PRECISIONS:
+        imnet = exact_imnet if precision == "fp32" else KernelRounding(exact_imnet, precision)
+        psnr[precision] = {f"{s}": set5_psnr(model, imnet, paths, s) for s in SCALES}
+        print(precision, {s: f"{v:.4f}" for s, v in psnr[precision].items()},
+              f"{time.time() - start:.0f} s", flush=True)
+    difference = {p: {s: psnr[p][s] - psnr["fp32"][s] for s in psnr[p]} for p in PRECISIONS[1:]}
+    print("difference to fp32 (dB):")
+    for p, d in difference.items():
+        print(f"  {p}: " + ", ".join(f"x{s} {v:+.4f}" for s, v in d.items()))
+    result = {
+        "benchmark": "precision_psnr (Set5, mmedit protocol, official weights, reference query with "
+                     "the tensor-core kernel's rounding model)",
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "threads": torch.get_num_threads()},
+        "psnr": psnr, "difference_db": difference,
+    }
+    write_results(result, "precision_psnr", args.out)
+
+
+if __name__ == "__main__":
+    main()

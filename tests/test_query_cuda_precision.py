@@ -1,0 +1,143 @@
+"""The reduced precisions on a GPU: the tensor-core kernel against the float32 reference, autocast,
+CUDA graphs, torch.compile, and the PSNR of the official weights on Set5 per precision. Skipped, with
+the reason, without a GPU; tests/test_tensor_core_harness.py runs the same kernel on the host."""
+
+import pytest
+import torch
+from conftest import (CUDA_SKIP_REASON, OFFICIAL_WEIGHTS, PRECISION_TOLERANCE, SHARED, TOLERANCE,
+                      relative_error, requires_shared)
+from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
+                     random_inputs, tensor_core_problems)
+from hypothesis import given
+from liif_rounding_model import KernelRounding
+
+import liif_cuda
+import liif_reference as ref
+
+pytestmark = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+
+
+def has_tensor_cores():
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def published(batch=2, height=30, width=40, queries=5000, seed=0):
+    feat, coords, cells, mlp = published_problem(batch, height, width, queries, seed=seed,
+                                                 spread=1.1, borders=100)
+    return feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda()
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_published_shape(precision):
+    feat, coords, cells, mlp = published()
+    with torch.no_grad():
+        expected = ref.query_rgb(feat, coords, cells, mlp)
+        out = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+    assert out.dtype == torch.float32
+    error = relative_error(out, expected)
+    assert error <= PRECISION_TOLERANCE[precision]
+    if has_tensor_cores():
+        assert error > TOLERANCE[torch.float32]  # the tensor-core kernel really ran
+
+
+@given(tensor_core_problems())
+def test_tensor_core_kernel_matches_reference(problem):
+    """As on the host (test_tensor_core_harness.py): within twice the error of the kernel's own
+    rounding model computed exactly."""
+    feat, coords, cells, mlp = build_tensor_core_problem(problem)
+    flags, precision = problem["flags"], problem["precision"]
+    with torch.no_grad():
+        exact = ref.query_rgb(feat, coords, cells, mlp, **flags)
+        model = ref.query_rgb(feat, coords, cells, KernelRounding(mlp, precision), **flags)
+        out = liif_cuda.query(feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda(), **flags,
+                              precision=precision).cpu()
+    bound = 2 * relative_error(model, exact) + TOLERANCE[torch.float32]
+    assert relative_error(out, exact) <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast(dtype):
+    """Under autocast the fp16 / bf16 path runs and the result has the autocast dtype; the
+    encoder's output may come in that dtype too."""
+    feat, coords, cells, mlp = published(seed=1)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    with torch.no_grad():
+        expected = ref.query_rgb(feat, coords, cells, mlp)
+        explicit = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        with torch.autocast("cuda", dtype=dtype):
+            out = liif_cuda.query(feat, coords, cells, mlp)
+            from_half = liif_cuda.query(feat.to(dtype), coords, cells, mlp)
+    assert out.dtype == dtype and from_half.dtype == dtype
+    assert torch.equal(out, explicit.to(dtype))
+    assert relative_error(out.float(), expected) <= PRECISION_TOLERANCE[precision] + 2 ** -8
+    assert relative_error(from_half.float(), expected) <= 2 * PRECISION_TOLERANCE[precision] + 2 ** -8
+
+
+def test_cpu_tensors_ignore_cuda_autocast():
+    feat, coords, cells = random_inputs(1, 4, 5, 5, 20, seed=2)
+    mlp = make_mlp(ref.imnet_in_dim(4), [256, 256], 3, torch.float32)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        out = liif_cuda.query(feat, coords, cells, mlp)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_deterministic_and_graph_capturable(precision):
+    feat, coords, cells, mlp = published(batch=1, queries=3000, seed=3)
+    with torch.no_grad():
+        first = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        assert torch.equal(first, liif_cuda.query(feat, coords, cells, mlp, precision=precision))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, first)
+
+
+def test_compile_under_autocast():
+    feat, coords, cells, mlp = published(batch=1, queries=1000, seed=4)
+
+    @torch.compile(fullgraph=True)
+    def f(feat, coords, cells):
+        with torch.autocast("cuda", dtype=torch.float16):
+            return liif_cuda.query(feat, coords, cells, mlp)
+
+    with torch.no_grad():
+        out = f(feat, coords, cells)
+        expected = liif_cuda.query(feat, coords, cells, mlp, precision="fp16")
+    assert out.dtype == torch.float16
+    assert torch.equal(out, expected.half())
+
+
+def test_gradients_are_the_float32_ones():
+    feat, coords, cells, mlp = published(batch=1, height=8, width=8, queries=500, seed=5)
+    leaf = feat.clone().requires_grad_()
+    liif_cuda.query(leaf, coords, cells, mlp).sum().backward()
+    expected = leaf.grad.clone()
+    leaf.grad = None
+    liif_cuda.query(leaf, coords, cells, mlp, precision="bf16").sum().backward()
+    torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
+
+
+@requires_shared
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", REDUCED)
+def test_set5_psnr_matches_fp32(precision):
+    """Issue 4: with the official weights, each path's PSNR on Set5 (mmedit protocol) is within
+    0.005 dB of the float32 path at x2, x4 and x12."""
+    import os
+
+    from liif_cuda.evaluation import evaluate
+    model = liif_cuda.load_model(OFFICIAL_WEIGHTS, device="cuda")
+    data = os.path.join(SHARED, "data", "Set5")
+    scales = [2, 4, 12]
+    exact = evaluate(model, data, scales, device="cuda", precision="fp32", progress=False)
+    reduced = evaluate(model, data, scales, device="cuda", precision=precision, progress=False)
+    for s in exact["Set5"]:
+        assert abs(reduced["Set5"][s]["psnr"] - exact["Set5"][s]["psnr"]) <= 0.005, s

@@ -1,0 +1,117 @@
+"""`precision` and torch.autocast at the Python level, on the CPU (the tensor-core kernel itself:
+tests/test_tensor_core_harness.py on the host, tests/test_query_cuda.py on a GPU).
+
+On the CPU every precision computes float32 (documented in liif_cuda.query): the results equal the
+"fp32" ones exactly, in the dtype the same call returns on CUDA.
+"""
+
+import pytest
+import torch
+from helpers import REDUCED, make_mlp, random_inputs
+
+import liif_cuda
+import liif_reference as ref
+
+
+@pytest.fixture(scope="module")
+def problem():
+    feat, coords, cells = random_inputs(2, 4, 6, 5, 50, seed=7, spread=1.1)
+    return feat, coords, cells, make_mlp(ref.imnet_in_dim(4), [256, 256], 3, torch.float32)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_cpu_computes_float32_for_every_precision(problem, precision):
+    feat, coords, cells, mlp = problem
+    with torch.no_grad():
+        exact = liif_cuda.query(feat, coords, cells, mlp)
+        out = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_returns_the_autocast_dtype(problem, dtype):
+    """As PyTorch's autocast operators do: inputs of any floating dtype, result in the autocast
+    dtype; on the CPU the values are the float32 ones, rounded once."""
+    feat, coords, cells, mlp = problem
+    feat = feat.to(dtype)  # as an encoder under autocast returns it; mixed dtypes are fine
+    with torch.no_grad():
+        exact = liif_cuda.query(feat.float(), coords, cells, mlp)
+        with torch.autocast("cpu", dtype=dtype):
+            out = liif_cuda.query(feat, coords, cells, mlp)
+    assert out.dtype == dtype
+    assert torch.equal(out, exact.to(dtype))
+
+
+def test_explicit_precision_inside_autocast(problem):
+    feat, coords, cells, mlp = problem
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = liif_cuda.query(feat, coords, cells, mlp, precision="fp32")
+    assert out.dtype == torch.bfloat16
+
+
+
+
+def test_autocast_leaves_float64_alone(problem):
+    feat, coords, cells, mlp = problem
+    with torch.no_grad():
+        expected = liif_cuda.query(feat.double(), coords.double(), cells.double(), mlp.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = liif_cuda.query(feat.double(), coords.double(), cells.double(), mlp)
+    mlp.float()
+    assert out.dtype == torch.float64
+    assert torch.equal(out, expected)
+
+
+def test_gradients_under_autocast_are_the_float32_ones(problem):
+    feat, coords, cells, mlp = problem
+    feat = feat.clone().requires_grad_()
+    liif_cuda.query(feat, coords, cells, mlp).square().sum().backward()
+    expected = feat.grad.clone()
+    feat.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = liif_cuda.query(feat, coords, cells, mlp)
+    out.float().square().sum().backward()
+    assert feat.grad.dtype == torch.float32
+    # The backward sees the bfloat16-rounded output's gradient, so only close.
+    assert ((feat.grad - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_compile_under_autocast(problem):
+    feat, coords, cells, mlp = problem
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(feat, coords, cells):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return liif_cuda.query(feat, coords, cells, mlp)
+
+    with torch.no_grad():
+        out = f(feat, coords, cells)
+        expected = liif_cuda.query(feat, coords, cells, mlp)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.to(torch.bfloat16))
+
+
+def test_opcheck_with_a_precision(problem):
+    feat, coords, cells, mlp = problem
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    torch.library.opcheck(torch.ops.liif_cuda.query.default,
+                          (feat, coords, cells, weights, biases, True, True, True, "bf16"))
+
+
+def test_bad_precisions(problem):
+    feat, coords, cells, mlp = problem
+    with pytest.raises(ValueError, match="precision must be one of"):
+        liif_cuda.query(feat, coords, cells, mlp, precision="int8")
+    with pytest.raises(ValueError, match="precision='bf16' needs float32"):
+        liif_cuda.query(feat.double(), coords.double(), cells.double(), mlp.double(),
+                        precision="bf16")
+    mlp.float()
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    with pytest.raises(RuntimeError, match="precision must be one of"):
+        torch.ops.liif_cuda.query(feat, coords, cells, weights, biases, True, True, True, "fp8")
+
+
+def test_cli_offers_the_same_precisions():
+    from liif_cuda import cli
+    assert cli.PRECISIONS == liif_cuda.PRECISIONS == ("fp32", "tf32", "bf16", "fp16")
