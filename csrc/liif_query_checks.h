@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -16,15 +17,20 @@ namespace liif {
 // liif_cuda.query's `precision`: the arithmetic the MLP's hidden layers may use ("fp32" exact;
 // "tf32", "bf16", "fp16" on CUDA tensor cores, see csrc/cuda). The CPU kernel computes float32 for
 // all four. Reduced precisions apply to float32 tensors (the Python wrapper converts float16 and
-// bfloat16 inputs); float64 is always computed in float64.
-inline void check_precision(const at::Tensor& feat, c10::string_view precision) {
-  TORCH_CHECK(precision == "fp32" || precision == "tf32" || precision == "bf16" ||
-                  precision == "fp16",
+// bfloat16 inputs); float64 is always computed in float64. Returns the precision's index in
+// kPrecisionNames (the values of liif::cuda::Precision).
+inline constexpr const char* kPrecisionNames[] = {"fp32", "tf32", "bf16", "fp16"};
+
+inline int check_precision(const at::Tensor& feat, c10::string_view precision) {
+  constexpr int count = static_cast<int>(std::size(kPrecisionNames));
+  int index = 0;
+  while (index < count && precision != kPrecisionNames[index]) ++index;
+  TORCH_CHECK(index < count,
               "liif_cuda.query: precision must be one of 'fp32', 'tf32', 'bf16', 'fp16', got '",
               std::string(precision), "'");
-  TORCH_CHECK(precision == "fp32" || feat.scalar_type() == at::kFloat,
-              "liif_cuda.query: precision '", std::string(precision),
-              "' needs float32 tensors, got ", feat.scalar_type());
+  TORCH_CHECK(index == 0 || feat.scalar_type() == at::kFloat, "liif_cuda.query: precision '",
+              std::string(precision), "' needs float32 tensors, got ", feat.scalar_type());
+  return index;
 }
 
 struct QueryShape {

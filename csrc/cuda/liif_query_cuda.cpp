@@ -40,7 +40,7 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
                       bool cell_decode, c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
-  check_precision(feat, precision);
+  const Precision arithmetic = parse_precision(feat, precision);
   TORCH_CHECK(feat.is_cuda(), "liif_cuda.query (CUDA kernel): feat must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(feat.device());
   if (shape.batch * shape.queries * shape.out_dim == 0) {
@@ -55,7 +55,7 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cuda", [&] {
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
-                                cell_decode, parse_precision(precision), shape, convolve);
+                                cell_decode, arithmetic, shape, convolve);
     const LaunchPlan plan =
         plan_prepared_query(prepared, static_cast<size_t>(max_shared), /*has_tensor_cores=*/major >= 8);
     const cudaError_t err = launch_query_kernel(prepared.params, plan,

@@ -11,7 +11,6 @@
 #include <ATen/ATen.h>
 
 #include <climits>
-#include <string>
 #include <vector>
 
 #include "../liif_query_checks.h"
@@ -27,14 +26,12 @@ struct PreparedQuery {
   QueryKernelParams<T> params;
 };
 
-// "fp32" | "tf32" | "bf16" | "fp16" (liif_cuda.query's `precision`).
-inline Precision parse_precision(c10::string_view name) {
-  if (name == "fp32") return Precision::kFp32;
-  if (name == "tf32") return Precision::kTf32;
-  if (name == "bf16") return Precision::kBf16;
-  if (name == "fp16") return Precision::kFp16;
-  TORCH_CHECK(false, "liif_cuda.query: precision must be one of 'fp32', 'tf32', 'bf16', 'fp16', got '",
-              std::string(name), "'");
+// liif_cuda.query's `precision`, checked against feat (csrc/liif_query_checks.h).
+inline Precision parse_precision(const at::Tensor& feat, c10::string_view name) {
+  static_assert(static_cast<int>(Precision::kFp32) == 0 && static_cast<int>(Precision::kTf32) == 1 &&
+                    static_cast<int>(Precision::kBf16) == 2 && static_cast<int>(Precision::kFp16) == 3,
+                "Precision's values are the indices of kPrecisionNames");
+  return static_cast<Precision>(check_precision(feat, name));
 }
 
 // float32 values rounded to TF32 (10 mantissa bits) to nearest, ties away from zero: what
@@ -134,13 +131,13 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes,
     // The hidden layers lead the packed weights (all 256 x 256); the last layer stays float32.
     const int64_t hidden = static_cast<int64_t>(p.params.num_layers - 2) * kFastWidth * kFastWidth;
     const at::Tensor w = p.weights.narrow(0, 0, hidden);
-    switch (p.params.precision) {
-      case Precision::kTf32: p.operand_weights = round_to_tf32(w); break;
-      case Precision::kBf16: p.operand_weights = w.to(at::kBFloat16); break;
-      default: p.operand_weights = w.to(at::kHalf); break;
+    if (hidden == 0) {
+      p.operand_weights = p.weights.new_zeros({8});  // a two-layer MLP reads none; a valid pointer
+    } else if (p.params.precision == Precision::kTf32) {
+      p.operand_weights = round_to_tf32(w);
+    } else {
+      p.operand_weights = w.to(p.params.precision == Precision::kBf16 ? at::kBFloat16 : at::kHalf);
     }
-    // A two-layer MLP has no hidden layer to read; keep the pointer valid anyway.
-    if (hidden == 0) p.operand_weights = p.weights.new_zeros({8});
     p.params.operand_weights = p.operand_weights.const_data_ptr();
   }
   return plan;

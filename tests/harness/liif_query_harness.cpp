@@ -28,26 +28,11 @@ at::Tensor convolve_on_host(const at::Tensor& input, const at::Tensor& weight, i
 
 template <typename T>
 void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool reverse_order) {
+  const QueryKernel<T> kernel = planned_kernel<T>(plan, params.precision);
+  TORCH_CHECK(kernel != nullptr, "host harness: no kernel for this plan");
   const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
-  const unsigned blocks = static_cast<unsigned>(plan.blocks);
-  auto run = [&](auto kernel) {
-    liif_harness::launch(blocks, kThreadsPerBlock, plan.shared_bytes, [&] { kernel(params); },
-                         reverse_order, workers);
-  };
-  if (plan.path == KernelPath::kFast || plan.path == KernelPath::kTensorCore) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (plan.path == KernelPath::kFast) return run(liif_query_fast_kernel);
-      switch (params.precision) {
-        case Precision::kTf32: return run(liif_query_tensor_core_kernel<Precision::kTf32>);
-        case Precision::kBf16: return run(liif_query_tensor_core_kernel<Precision::kBf16>);
-        case Precision::kFp16: return run(liif_query_tensor_core_kernel<Precision::kFp16>);
-        case Precision::kFp32: break;
-      }
-    }
-    TORCH_CHECK(false, "host harness: the fast and tensor-core kernels are float32 only");
-  }
-  liif_harness::launch(blocks, kThreadsPerBlock, plan.shared_bytes,
-                       [&] { liif_query_generic_kernel<T>(params); }, reverse_order, workers);
+  liif_harness::launch(static_cast<unsigned>(plan.blocks), kThreadsPerBlock, plan.shared_bytes,
+                       [&] { kernel(params); }, reverse_order, workers);
 }
 
 // Returns the output and the kernel that ran (1 fast, 2 generic, 3 tensor cores). `max_shared_bytes`
@@ -62,13 +47,13 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
-  liif::check_precision(feat, precision);
+  const Precision arithmetic = parse_precision(feat, precision);
   at::Tensor out;
   int64_t path = 0;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_query_host_harness", [&] {
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
-                                cell_decode, parse_precision(precision), shape, convolve_on_host);
+                                cell_decode, arithmetic, shape, convolve_on_host);
     const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
                                                 /*has_tensor_cores=*/true);
     run_kernel(prepared.params, plan, reverse_order);
@@ -161,7 +146,7 @@ at::Tensor round_operands(const at::Tensor& x, c10::string_view precision) {
     using Op = decltype(op);
     for (int64_t i = 0; i < in.numel(); ++i) dst[i] = Op::load(Op::store(src[i]));
   };
-  switch (parse_precision(precision)) {
+  switch (parse_precision(x, precision)) {
     case Precision::kTf32: apply(Operand<Precision::kTf32>{}); break;
     case Precision::kBf16: apply(Operand<Precision::kBf16>{}); break;
     case Precision::kFp16: apply(Operand<Precision::kFp16>{}); break;
