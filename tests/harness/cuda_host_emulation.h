@@ -23,7 +23,8 @@
 //     32-byte aligned and leading dimensions multiples of 16 bytes, as on the GPU; a tf32 operand
 //     that was not rounded to tf32 (low 13 mantissa bits set) is an error.
 //   - __half, __nv_bfloat16 and __float_to_tf32: bit-exact storage and round-to-nearest conversions
-//     (ties to even for fp16 and bf16, away from zero for tf32, as cvt.rna.tf32.f32).
+//     (ties to even for fp16 and bf16, c10's conversions; away from zero for tf32, as
+//     cvt.rna.tf32.f32).
 //   - Asynchronous copies (async_copy_16 / _commit / _wait): a copy reads its source when issued and
 //     lands in shared memory only when its thread waits for its group, so a read before the wait,
 //     or by another thread before the barrier after the wait, sees stale or NaN bytes. Both
@@ -44,6 +45,8 @@
 
 #define LIIF_HOST_EXECUTION_HARNESS 1
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -271,44 +274,12 @@ inline float bits_float(uint32_t u) {
 
 }  // namespace liif_harness
 
-// Round to nearest, ties to even; overflow to infinity; NaN stays NaN.
-inline __half __float2half_rn(float f) {
-  const uint32_t x = liif_harness::float_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  const uint32_t mag = x & 0x7FFFFFFFu;
-  if (mag > 0x7F800000u) return {static_cast<uint16_t>(sign | 0x7E00u)};
-  if (mag >= 0x477FF000u) return {static_cast<uint16_t>(sign | 0x7C00u)};  // >= 65520: infinity
-  if (mag < 0x38800000u) {
-    // Below 2^-14: a multiple of 2^-24 (subnormal); scaling by 2^24 is exact, lrintf rounds to
-    // nearest even. 1024 is the smallest normal, whose encoding follows on.
-    return {static_cast<uint16_t>(sign | std::lrintf(std::fabs(f) * 16777216.0f))};
-  }
-  uint32_t h = (((mag >> 23) - 127 + 15) << 10) | ((mag & 0x7FFFFFu) >> 13);
-  const uint32_t rest = mag & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry moves into the exponent
-  return {static_cast<uint16_t>(sign | h)};
-}
-
-inline float __half2float(__half h) {
-  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-  const uint32_t exponent = (h.bits >> 10) & 0x1Fu;
-  const uint32_t mantissa = h.bits & 0x3FFu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact
-    const float v = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  if (exponent == 31) return liif_harness::bits_float(sign | 0x7F800000u | (mantissa << 13));
-  return liif_harness::bits_float(sign | ((exponent - 15 + 127) << 23) | (mantissa << 13));
-}
-
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  const uint32_t x = liif_harness::float_bits(f);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return {static_cast<uint16_t>((x >> 16) | 0x40u)};
-  return {static_cast<uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16)};
-}
-
+// c10's conversions: round to nearest, ties to even; overflow to infinity; NaN stays NaN.
+inline __half __float2half_rn(float f) { return {c10::Half(f).x}; }
+inline float __half2float(__half h) { return c10::Half(h.bits, c10::Half::from_bits()); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {c10::BFloat16(f).x}; }
 inline float __bfloat162float(__nv_bfloat16 b) {
-  return liif_harness::bits_float(static_cast<uint32_t>(b.bits) << 16);
+  return c10::BFloat16(b.bits, c10::BFloat16::from_bits());
 }
 
 // ---------------------------------------------------------------------------------------------
