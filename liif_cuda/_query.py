@@ -76,34 +76,30 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     # float64 is not eligible for autocast (as in PyTorch): it is computed as it is.
-    autocast_dtype = None
-    if isinstance(feat, torch.Tensor) and feat.dtype != torch.float64:
-        autocast_dtype = _autocast_dtype(feat.device.type)
+    autocast_dtype = None if feat.dtype == torch.float64 else _autocast_dtype(feat.device.type)
+    to_float32 = None
     if autocast_dtype is not None:
         # As autocast does for the operators it runs in float32: every input to float32, and the
         # result in the autocast dtype.
         out_dtype = autocast_dtype
-        if precision is None:
-            precision = _AUTOCAST_PRECISION.get(autocast_dtype, "fp32")
-        feat, coords = feat.float(), coords.float()
-        cells = None if cells is None else cells.float()
-        weights = [w.float() for w in weights]
-        biases = [b.float() for b in biases]
+        precision = precision or _AUTOCAST_PRECISION.get(autocast_dtype, "fp32")
+        to_float32 = torch.Tensor.float
     else:
         precision = precision or "fp32"
         out_dtype = feat.dtype
         if out_dtype in _COMPUTED_IN_FLOAT32:
-            def up(t):
+            def to_float32(t):
                 if t.dtype != out_dtype:
                     raise ValueError(
                         f"all inputs must share feat's dtype {out_dtype}, got {t.dtype}")
                 return t.float()
-            feat, coords = up(feat), up(coords)
-            cells = None if cells is None else up(cells)
-            weights = [up(w) for w in weights]
-            biases = [up(b) for b in biases]
         elif out_dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"feat must be float32, float64, float16 or bfloat16, got {out_dtype}")
+    if to_float32 is not None:
+        feat, coords = to_float32(feat), to_float32(coords)
+        cells = None if cells is None else to_float32(cells)
+        weights = [to_float32(w) for w in weights]
+        biases = [to_float32(b) for b in biases]
     if precision != "fp32" and feat.dtype != torch.float32:
         raise ValueError(f"precision={precision!r} needs float32, float16 or bfloat16 inputs, "
                          f"got {feat.dtype} (float64 is always computed in float64)")
