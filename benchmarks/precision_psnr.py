@@ -23,26 +23,21 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import liif_reference_models as reference_models  # noqa: E402
 from liif_rounding_model import KernelRounding  # noqa: E402
 
-from liif_cuda.evaluation.evaluate import list_images  # noqa: E402
-from liif_cuda.evaluation.protocols import finish_prediction, make_sample, score  # noqa: E402
+from liif_cuda.evaluation import evaluate  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 PRECISIONS = ["fp32", "tf32", "bf16", "fp16"]
 SCALES = [2, 4, 12]
 
 
-def set5_psnr(model, imnet, paths, scale):
-    model.imnet = imnet
-    values = []
-    for path in paths:
-        sample = make_sample(path, scale, "mmedit")
-        out_h, out_w = sample.gt.shape[:2]
-        img = torch.from_numpy(sample.lr.astype(np.float32) / 255).permute(2, 0, 1)[None]
+def reference_predictor(model, imnet):
+    """evaluate()'s model: the reference upscaling with `imnet` as the decoding MLP."""
+    def predict(lr, out_h, out_w):
+        model.imnet = imnet
+        img = torch.from_numpy(lr.astype(np.float32) / 255).permute(2, 0, 1)[None]
         pred = reference_models.upscale_reference(model, img, out_h, out_w)
-        pred = pred[0].permute(1, 2, 0).double().numpy()
-        values.append(score(finish_prediction(pred, "mmedit"), sample.gt, scale, "mmedit",
-                            gray=sample.gray)["psnr"])
-    return float(np.mean(values))
+        return pred[0].permute(1, 2, 0).double().numpy()
+    return predict
 
 
 def main():
@@ -54,12 +49,14 @@ def main():
     args = parser.parse_args()
     model = reference_models.load_original(args.weights)
     exact_imnet = model.imnet
-    paths = list_images(os.path.join(args.data, "Set5"))
+    data = os.path.join(args.data, "Set5")
     psnr = {}
     start = time.time()
     for precision in PRECISIONS:
         imnet = exact_imnet if precision == "fp32" else KernelRounding(exact_imnet, precision)
-        psnr[precision] = {f"{s}": set5_psnr(model, imnet, paths, s) for s in SCALES}
+        results = evaluate(reference_predictor(model, imnet), data, SCALES, protocol="mmedit",
+                           progress=False)
+        psnr[precision] = {s: v["psnr"] for s, v in results["Set5"].items()}
         print(precision, {s: f"{v:.4f}" for s, v in psnr[precision].items()},
               f"{time.time() - start:.0f} s", flush=True)
     difference = {p: {s: psnr[p][s] - psnr["fp32"][s] for s in psnr[p]} for p in PRECISIONS[1:]}

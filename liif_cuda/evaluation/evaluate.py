@@ -28,8 +28,10 @@ def bicubic_upscale(lr, out_h, out_w):
 
 def predict(model, lr, out_h, out_w, device, precision):
     """(out_h, out_w, 3) float prediction in [0, 1] (before the protocol's rounding)."""
-    if model == "bicubic":
+    if isinstance(model, str):  # "bicubic"; names and paths are loaded by evaluate()
         return bicubic_upscale(lr, out_h, out_w)
+    if not isinstance(model, torch.nn.Module):
+        return np.asarray(model(lr, out_h, out_w), dtype=np.float64)
     from ..upscaling import upscale
     out = upscale(lr.astype(np.float32) / 255, size=(out_w, out_h), model=model, device=device,
                   precision=precision)
@@ -38,9 +40,10 @@ def predict(model, lr, out_h, out_w, device, precision):
 
 def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow", crop=None,
              div2k=False, device=None, precision="fp32", json_path=None, progress=True):
-    """Scores `model` (a LIIF model, a name or path for load_model, or "bicubic") on every image of
-    every folder in `data` at every scale. Returns {dataset: {scale: {"psnr", "ssim", "images"}}}
-    with per-image values; writes it as JSON to `json_path` if given."""
+    """Scores `model` on every image of every folder in `data` at every scale. `model`: a LIIF
+    model, a name or path for load_model, "bicubic", or any function (lr uint8 (h, w, 3), out_h,
+    out_w) -> (out_h, out_w, 3) float prediction in [0, 1]. Returns {dataset: {scale: {"psnr",
+    "ssim", "images"}}} with per-image values; writes it as JSON to `json_path` if given."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if resize not in ("pillow", "matlab"):
@@ -51,7 +54,7 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     scales = [float(s) for s in scales]
     if any(not s > 0 for s in scales):
         raise ValueError(f"scales must be > 0, got {scales}")
-    if model != "bicubic" and not isinstance(model, torch.nn.Module):
+    if isinstance(model, str) and model != "bicubic":
         from ..load import load_model
         from ..upscaling import default_device
         device = device or default_device()
