@@ -1,9 +1,11 @@
 """Inputs for the query tests."""
 
 import torch
+from conftest import TOLERANCE, relative_error
 from hypothesis import strategies as st
 
 import liif_reference as ref
+from liif_rounding_model import KernelRounding
 
 
 def make_mlp(in_dim, hidden, out_dim, dtype, seed=0):
@@ -138,3 +140,15 @@ def build_tensor_core_problem(problem):
     mlp = make_mlp(in_dim, [256] * problem["depth"], problem["out_dim"], torch.float32,
                    seed=problem["seed"] % 1000)
     return feat, coords, cells, mlp
+
+
+def rounding_model_bound(feat, coords, cells, mlp, precision, flags):
+    """The float32 reference for a tensor-core result, and the bound on its relative error: twice
+    the error of the kernel's own rounding model computed exactly (liif_rounding_model), plus
+    float32's 1e-5. The reference is float32 because float64 would choose other neighbours on
+    pixel borders."""
+    with torch.no_grad():
+        exact = ref.query_rgb(feat, coords, cells, mlp, **flags)
+        model = ref.query_rgb(feat, coords, cells, KernelRounding(mlp, precision), **flags)
+    bound = 2 * relative_error(model, exact) + TOLERANCE[torch.float32]
+    return exact, bound

@@ -7,9 +7,8 @@ import torch
 from conftest import (CUDA_SKIP_REASON, OFFICIAL_WEIGHTS, PRECISION_TOLERANCE, SHARED, TOLERANCE,
                       relative_error, requires_shared)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
-                     random_inputs, tensor_core_problems)
+                     random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given
-from liif_rounding_model import KernelRounding
 
 import liif_cuda
 import liif_reference as ref
@@ -46,12 +45,10 @@ def test_tensor_core_kernel_matches_reference(problem):
     rounding model computed exactly."""
     feat, coords, cells, mlp = build_tensor_core_problem(problem)
     flags, precision = problem["flags"], problem["precision"]
+    exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags)
     with torch.no_grad():
-        exact = ref.query_rgb(feat, coords, cells, mlp, **flags)
-        model = ref.query_rgb(feat, coords, cells, KernelRounding(mlp, precision), **flags)
         out = liif_cuda.query(feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda(), **flags,
                               precision=precision).cpu()
-    bound = 2 * relative_error(model, exact) + TOLERANCE[torch.float32]
     assert relative_error(out, exact) <= bound
 
 

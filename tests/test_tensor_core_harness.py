@@ -21,10 +21,10 @@ from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, SHARED_DEFAULT, SHARED_SM86, SHARED_SM90,
                           TENSOR_CORE, load, reference, run)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
-                     random_inputs, tensor_core_problems)
+                     random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from liif_rounding_model import KernelRounding, tf32_round_nearest_away
+from liif_rounding_model import tf32_round_nearest_away
 
 import liif_reference as ref
 
@@ -44,12 +44,9 @@ def test_tensor_core_kernel_matches_reference(problem, shared, reverse_order):
         assert relative_error(out, expected) <= TOLERANCE[torch.float32]
         return
     assert path == TENSOR_CORE
-    # Against the float32 reference (float64 would choose other neighbours on pixel borders).
-    exact = reference(feat, coords, cells, mlp, **flags)
-    model = reference(feat, coords, cells, KernelRounding(mlp, precision), **flags)
+    exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags)
     assert out.shape == exact.shape and out.dtype == torch.float32
-    error = relative_error(out, exact)
-    assert error <= 2 * relative_error(model, exact) + TOLERANCE[torch.float32]
+    assert relative_error(out, exact) <= bound
 
 
 @pytest.mark.parametrize("precision", REDUCED)
