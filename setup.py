@@ -8,15 +8,24 @@ torch are present; no GPU is needed. Environment:
   LIIF_CUDA_BUILD=auto|1|0   auto (default) as above; 1 requires CUDA (and fails without it); 0 CPU only
   TORCH_CUDA_ARCH_LIST       GPU targets, default "8.0;8.6;8.9;9.0+PTX" (A100, RTX 30, RTX 40 / L4,
                              H100, and PTX for newer GPUs)
+  LIIF_WERROR=1|0            1 (default, and CI): warnings in our sources and register spills fail
+                             the build; 0 keeps them warnings (an untried compiler or header set)
 nvcc prints the ptxas report (registers, shared memory, spills) of every kernel into the build log
-(`pip install -v`), and the build fails if a kernel spills registers to local memory.
+(`pip install -v`), and, with LIIF_WERROR=1, the build fails if a kernel spills registers to local memory.
 """
 
 import glob
 import os
 
+import setuptools
 import torch
 from setuptools import find_packages, setup
+
+# pyproject.toml's `license = "BSD-3-Clause"` (an SPDX expression) needs setuptools 77; with
+# --no-build-isolation the installed setuptools is used whatever pyproject.toml asks for.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise SystemExit(f"liif_cuda needs setuptools >= 77 to build, found {setuptools.__version__}: "
+                     f"pip install 'setuptools>=77' (or build without --no-build-isolation)")
 from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,
                                        include_paths)
 
@@ -24,22 +33,32 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
+
+def werror():
+    mode = os.environ.get("LIIF_WERROR", "1").strip()
+    if mode not in ("1", "0"):
+        raise SystemExit(f"LIIF_WERROR must be 1 or 0, got {mode!r}")
+    return mode == "1"
+
+
+WERROR = werror()
 # Our sources build warning-free; -ffp-contract=off keeps the compiler from fusing the per-query
 # geometry's multiply-adds, whose rounding must match the reference (csrc/liif_geometry.h).
-CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off"]
+CXX_FLAGS = ["-O3", "-Wall", "-Wextra", "-ffp-contract=off"] + (["-Werror"] if WERROR else [])
 # ATen's parallel_for is a header template expanded into our code: without OpenMP it runs serially.
 # The libgomp that torch ships is already loaded when the extension loads, so it serves both.
 OPENMP_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = [
     "-O3",
     "-lineinfo",  # source lines in profilers, no effect on the code
+    # No --use_fast_math: the geometry's roundings must match the reference, and the MLP stays IEEE.
+] + ([
     # The CUDA translation unit includes no torch header, so every warning is ours: all are errors.
     "-Werror=all-warnings",
     "-Xcompiler=-Wall,-Wextra,-Werror",
     # ptxas: print registers, shared memory and spills per kernel, and fail on any spill.
     "-Xptxas=-v,-warn-spills,-Werror",
-    # No --use_fast_math: the geometry's roundings must match the reference, and the MLP stays IEEE.
-]
+] if WERROR else ["-Xcompiler=-Wall,-Wextra", "-Xptxas=-v,-warn-spills"])
 
 
 def cuda_requested():

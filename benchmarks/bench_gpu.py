@@ -14,7 +14,11 @@ published peaks below; none for unknown cards). Results go to benchmarks/results
 device and versions.
 
     python benchmarks/bench_gpu.py                       # 480x270 -> 1920x1080 and 128x128 x4
-    python benchmarks/bench_gpu.py --cases 128x128x4 --repeats 20
+    python benchmarks/bench_gpu.py --cases 128x128x4 --repeats 20 --variants reference,fused-bf16
+    python benchmarks/bench_gpu.py --device cpu --cases 16x12x2 --out /tmp/x.json   # dry run
+
+The JSON is rewritten after every case, so an interrupted run keeps the cases it finished. A variant
+that raises is reported with its error and left out of the remaining cases (the reference must run).
 """
 
 import argparse
@@ -64,13 +68,13 @@ def dense_peak(device_name):
     return None
 
 
-def make_inputs(width, height, scale):
+def make_inputs(width, height, scale, device):
     g = torch.Generator().manual_seed(width * 1000 + height + scale)
-    feat = torch.randn(1, CHANNELS, height, width, generator=g).cuda()
+    feat = torch.randn(1, CHANNELS, height, width, generator=g).to(device)
     torch.manual_seed(0)
-    imnet = ref.MLP(ref.imnet_in_dim(CHANNELS), 3, HIDDEN).cuda()
+    imnet = ref.MLP(ref.imnet_in_dim(CHANNELS), 3, HIDDEN).to(device)
     out_hw = (height * scale, width * scale)
-    coord = ref.make_coord(out_hw, device="cuda").unsqueeze(0)
+    coord = ref.make_coord(out_hw, device=device).unsqueeze(0)
     cell = ref.make_cell(coord, out_hw)
     return feat, coord, cell, imnet
 
@@ -79,12 +83,17 @@ def run_variant(name, feat, coord, cell, imnet):
     runner, precision = VARIANTS[name]
     with torch.no_grad():
         if runner == "reference":
-            with torch.autocast("cuda", dtype=torch.float16, enabled=precision == "fp16"):
+            with torch.autocast(feat.device.type, dtype=torch.float16,
+                                enabled=precision == "fp16" and feat.is_cuda):
                 return ref.batched_query_rgb(feat, coord, cell, imnet, bsize=30000)
         return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
 
 
 def timed(name, inputs):
+    if not inputs[0].is_cuda:
+        t0 = time.perf_counter()
+        run_variant(name, *inputs)
+        return time.perf_counter() - t0
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     run_variant(name, *inputs)
@@ -94,6 +103,8 @@ def timed(name, inputs):
 
 
 def peak_memory(name, inputs):
+    if not inputs[0].is_cuda:
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -115,7 +126,11 @@ def mlp_flops_per_query(width, height, scale):
     return 4 * per_neighbour + precompute
 
 
-def device_info():
+def device_info(device):
+    if device == "cpu":
+        return {"device": "cpu (dry run)", "torch": torch.__version__,
+                "python": platform.python_version(), "platform": platform.platform(),
+                "liif_cuda": liif_cuda.__version__, "build": liif_cuda.build_info()}
     props = torch.cuda.get_device_properties(0)
     return {
         "device": torch.cuda.get_device_name(0),
@@ -133,70 +148,95 @@ def device_info():
     }
 
 
+def measure_case(case, variants, repeats, device, peaks, failed):
+    """One case's row; variants that raise are recorded in `failed` (name -> error) and skipped."""
+    width, height, scale = (int(v) for v in case.lower().split("x"))
+    inputs = make_inputs(width, height, scale, device)
+    queries = inputs[1].shape[1]
+    flops = mlp_flops_per_query(width, height, scale) * queries
+    outs = {}
+    for name in variants:  # warm-up, and the outputs for the errors
+        if name in failed:
+            continue
+        try:
+            outs[name] = run_variant(name, *inputs).float()
+        except Exception as e:  # noqa: BLE001  (reported, the others go on)
+            if name == "reference":
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"{name} failed: {failed[name]}", flush=True)
+    names = list(outs)
+    reference = outs["reference"]
+    rel_err = {k: ((v - reference).norm() / reference.norm()).item() for k, v in outs.items()}
+    nan = {k: int(v.isnan().sum()) for k, v in outs.items()}
+    del outs, reference
+    times = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:  # interleaved, so that drifting clocks touch every variant alike
+            times[name].append(timed(name, inputs))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem = {name: peak_memory(name, inputs) for name in names}
+    tflops = {k: flops / v / 1e12 for k, v in med.items()}
+    row = {
+        "lr_size_wh": [width, height], "scale": scale,
+        "out_size_wh": [width * scale, height * scale], "queries": queries,
+        "median_s": med, "times_s": times,
+        "queries_per_s": {k: queries / v for k, v in med.items()},
+        "speedup_vs_reference": {k: med["reference"] / v for k, v in med.items()},
+        "speedup_vs_reference_autocast_fp16": None if "reference-autocast-fp16" not in med else
+            {k: med["reference-autocast-fp16"] / v for k, v in med.items()},
+        "peak_memory_bytes": mem,
+        "memory_ratio": None if mem["reference"] is None else
+            {k: v / mem["reference"] for k, v in mem.items()},
+        "relative_error": rel_err, "nan_count": nan,
+        "mlp_flops": flops, "tflops_per_s": tflops,
+        "fraction_of_dense_peak": None if peaks is None else
+            {k: tflops[k] / peaks[VARIANTS[k][1]] for k in names},
+    }
+    print(f"\nLR {width}x{height} -> {width * scale}x{height * scale}, {queries} queries, "
+          f"{flops / 1e12:.2f} TFLOP needed")
+    print(f"{'variant':<24} {'ms':>8} {'q/s':>10} {'vs ref':>7} {'vs ref16':>8} {'MiB':>7} "
+          f"{'mem':>6} {'rel err':>8} {'TFLOP/s':>8} {'% peak':>6}")
+    frac = row["fraction_of_dense_peak"]
+    vs16 = row["speedup_vs_reference_autocast_fp16"]
+    ratio = row["memory_ratio"]
+    for k in names:
+        cells = [f"{k:<24}", f"{med[k] * 1e3:>8.2f}", f"{queries / med[k]:>10.3e}",
+                 f"{row['speedup_vs_reference'][k]:>6.2f}x",
+                 f"{'' if vs16 is None else f'{vs16[k]:.2f}x':>8}",
+                 f"{'' if ratio is None else f'{mem[k] / 2**20:.0f}':>7}",
+                 f"{'' if ratio is None else f'{ratio[k]:.3f}':>6}", f"{rel_err[k]:>8.1e}",
+                 f"{tflops[k]:>8.1f}", f"{'' if frac is None else f'{100 * frac[k]:.1f}':>6}"]
+        print(" ".join(cells), flush=True)
+    del inputs
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=DEFAULT_CASES, help="WxHxSCALE, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, among {', '.join(VARIANTS)} (reference always runs)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per variant")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a dry run of this script on tiny cases")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py needs a CUDA GPU")
-    if not liif_cuda.build_info()["cuda"]:
+    variants = ["reference"] + [v for v in args.variants.split(",") if v and v != "reference"]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose among {', '.join(VARIANTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu for a dry run)")
+    if args.device == "cuda" and not liif_cuda.build_info()["cuda"]:
         raise SystemExit("liif_cuda was built without CUDA kernels")
 
-    info = device_info()
+    info = device_info(args.device)
     peaks = dense_peak(info["device"])
     info["dense_peak_tflops"] = peaks
-    print(f"{info['device']} (sm_{info['compute_capability'].replace('.', '')}), torch "
-          f"{info['torch']}, CUDA {info['cuda_runtime']}; dense peak TFLOP/s: {peaks}")
-    rows = []
-    for case in args.cases.split(","):
-        width, height, scale = (int(v) for v in case.lower().split("x"))
-        inputs = make_inputs(width, height, scale)
-        queries = inputs[1].shape[1]
-        flops = mlp_flops_per_query(width, height, scale) * queries
-        outs = {name: run_variant(name, *inputs).float() for name in VARIANTS}  # warm-up
-        reference = outs["reference"]
-        rel_err = {k: ((v - reference).norm() / reference.norm()).item() for k, v in outs.items()}
-        del outs, reference
-        times = {name: [] for name in VARIANTS}
-        for _ in range(args.repeats):
-            for name in times:
-                times[name].append(timed(name, inputs))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        mem = {name: peak_memory(name, inputs) for name in times}
-        tflops = {k: flops / v / 1e12 for k, v in med.items()}
-        row = {
-            "lr_size_wh": [width, height], "scale": scale,
-            "out_size_wh": [width * scale, height * scale], "queries": queries,
-            "median_s": med, "times_s": times,
-            "queries_per_s": {k: queries / v for k, v in med.items()},
-            "speedup_vs_reference": {k: med["reference"] / v for k, v in med.items()},
-            "speedup_vs_reference_autocast_fp16":
-                {k: med["reference-autocast-fp16"] / v for k, v in med.items()},
-            "peak_memory_bytes": mem,
-            "memory_ratio": {k: v / mem["reference"] for k, v in mem.items()},
-            "relative_error": rel_err,
-            "mlp_flops": flops, "tflops_per_s": tflops,
-            "fraction_of_dense_peak": None if peaks is None else
-                {k: tflops[k] / peaks[VARIANTS[k][1]] for k in VARIANTS},
-        }
-        rows.append(row)
-        print(f"\nLR {width}x{height} -> {width * scale}x{height * scale}, {queries} queries, "
-              f"{flops / 1e12:.2f} TFLOP needed")
-        print(f"{'variant':<24} {'ms':>8} {'q/s':>10} {'vs ref':>7} {'vs ref16':>8} {'MiB':>7} "
-              f"{'mem':>6} {'rel err':>8} {'TFLOP/s':>8} {'% peak':>6}")
-        for k in VARIANTS:
-            frac = row["fraction_of_dense_peak"]
-            print(f"{k:<24} {med[k] * 1e3:>8.2f} {queries / med[k]:>10.3e} "
-                  f"{row['speedup_vs_reference'][k]:>6.2f}x "
-                  f"{row['speedup_vs_reference_autocast_fp16'][k]:>7.2f}x "
-                  f"{mem[k] / 2**20:>7.0f} {row['memory_ratio'][k]:>6.3f} {rel_err[k]:>8.1e} "
-                  f"{tflops[k]:>8.1f} {'' if frac is None else f'{100 * frac[k]:.1f}':>6}",
-                  flush=True)
-        del inputs
-        torch.cuda.empty_cache()
-
+    print(f"{info['device']}, torch {info['torch']}; dense peak TFLOP/s: {peaks}", flush=True)
     result = {
         "benchmark": "bench_gpu (CUDA, C=64, MLP 580-256x4-3, reference chunk 30000; fused fp32, "
                      "tf32, bf16, fp16; reference float32 and autocast fp16)",
@@ -204,10 +244,15 @@ def main():
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "repeats": args.repeats,
         "machine": info,
-        "rows": rows,
+        "rows": [],
+        "failed_variants": {},
     }
-    write_results(result, f"gpu_query_{info['device'].replace(' ', '_')}", args.out)
+    for case in args.cases.split(","):
+        result["rows"].append(measure_case(case, variants, args.repeats, args.device, peaks,
+                                           result["failed_variants"]))
+        write_results(result, f"gpu_query_{info['device'].replace(' ', '_')}", args.out)
+    return 1 if result["failed_variants"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,34 +1,174 @@
 #!/usr/bin/env bash
-# On a GPU machine without network: build liif_cuda against the torch already installed, run the whole
-# test suite (CUDA tests included) and the GPU benchmark, and leave the results in
-# benchmarks/results/ (and in $OUT when set, as the device tool collects it).
+# The check of a lent GPU (H100 / H200, no network, minutes counted): build liif_cuda for this GPU,
+# check and time every kernel path in a short process of its own, run the GPU benchmark, then the
+# CUDA test files, then (time permitting) compute-sanitizer and Nsight Compute on small cases.
 #
-#   bash benchmarks/gpu_check.sh            # PYTHON=python3 by default
-set -euo pipefail
+#   bash benchmarks/gpu_check.sh RESULTS_DIR            # on the GPU machine (RESULTS_DIR=$OUT there)
+#   bash benchmarks/gpu_check.sh RESULTS_DIR --dry-run  # anywhere: the same steps on the CPU, no build
+#
+# Every step has its own timeout, writes its log into RESULTS_DIR as it runs (at most 8 files, no
+# sub-folders, so the device tool brings all of them back) and never stops the others: a failed
+# path is left out of the benchmark, a failed build ends the run. Optional steps are skipped when
+# the time budget (GPU_CHECK_BUDGET_S, default 400 s) would be exceeded. Files:
+#   summary.txt  environment, then one line per step (status, seconds), then the verdict
+#   build.log  paths.log  paths.jsonl  bench.log  gpu_query_<device>_<date>.json  pytest.log  tools.log
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, LIIF_SHARED_DIR (default ./shared if
+# present: Set5 and the official weights for the slow PSNR tests).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "$0")/.."
+
+RESULTS=${1:-${OUT:-}}
+DRY_RUN=0
+[ "${2:-}" = "--dry-run" ] && DRY_RUN=1
+if [ -z "$RESULTS" ]; then
+  echo "usage: bash benchmarks/gpu_check.sh RESULTS_DIR [--dry-run]" >&2
+  exit 2
+fi
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
 PYTHON=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
+SUMMARY=$RESULTS/summary.txt
+DEVICE=cuda
+[ $DRY_RUN = 1 ] && DEVICE=cpu
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
-LOGS=${OUT:-build}/gpu_check
-mkdir -p "$LOGS" build
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOGS/nvidia-smi.txt"
+if [ -z "${LIIF_SHARED_DIR:-}" ] && [ -d shared/weights ]; then
+  export LIIF_SHARED_DIR=$PWD/shared
+fi
+# The CUDA test files (the others run in CI): every one of them skips without a GPU.
+CUDA_TESTS="tests/test_query_cuda.py tests/test_query_cuda_precision.py"
 
-echo "== build (no network: --no-build-isolation --no-deps)"
-# Only this GPU's architecture: a quicker build, and what the tests run on.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c \
-  'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-LIIF_CUDA_BUILD=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps . \
-  > "$LOGS/pip-install.log" 2>&1 || { tail -n 80 "$LOGS/pip-install.log"; exit 1; }
-grep -E "ptxas (info|warning|error) *: (Compiling entry|Used)" "$LOGS/pip-install.log" | sed -E 's/^ *//'
-(cd /tmp && "$PYTHON" -c "import liif_cuda, torch; print(liif_cuda.build_info(), torch.__version__)")
+: > "$SUMMARY"
+FAILED=()
 
-echo "== tests"
-status=0
-# -P: import the installed liif_cuda, not the source folder (which has no compiled _C).
-"$PYTHON" -P -m pytest -ra -p no:cacheprovider tests 2>&1 | tee "$LOGS/pytest.log" || status=$?
+note() { echo "$*" | tee -a "$SUMMARY"; }
 
-echo "== benchmark"
-"$PYTHON" benchmarks/bench_gpu.py 2>&1 | tee "$LOGS/bench_gpu.log"
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/gpu_query_*.json "$OUT/" 2>/dev/null || true; fi
-exit $status
+# step NAME TIMEOUT_S LOG required|optional COMMAND...: runs COMMAND with its output appended to
+# LOG, records the outcome; an optional step is skipped when it could overrun the budget.
+step() {
+  local name=$1 limit=$2 log=$3 kind=$4
+  shift 4
+  local left=$((BUDGET - SECONDS))
+  if [ "$kind" = optional ] && [ "$left" -lt "$limit" ]; then
+    note "$(printf '%-22s skipped (%d s left of the budget, needs %d)' "$name" "$left" "$limit")"
+    return 0
+  fi
+  local t0=$SECONDS rc
+  echo "== $name ($(date -u +%H:%M:%S), limit ${limit} s)" >> "$log"
+  timeout -k 5 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  local status=ok
+  if [ $rc = 124 ] || [ $rc = 137 ]; then status="TIMEOUT after ${limit} s"
+  elif [ $rc != 0 ]; then status="FAIL (exit $rc)"; fi
+  note "$(printf '%-22s %-24s %4d s' "$name" "$status" $((SECONDS - t0)))"
+  if [ "$status" != ok ]; then
+    FAILED+=("$name")
+    tail -n 25 "$log" | sed 's/^/    | /'
+  fi
+  return $rc
+}
+
+note "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$( \
+  git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)') $([ $DRY_RUN = 1 ] && echo 'DRY RUN')"
+{
+  command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  "$PYTHON" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.0f} GiB")
+try:
+    import setuptools
+    print("setuptools", setuptools.__version__)
+except ImportError:
+    print("setuptools missing")
+EOF
+  command -v nvcc > /dev/null && nvcc --version | tail -n 2 | head -n 1
+  [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1
+  gcc --version | head -n 1
+  echo "cpus $(nproc); shared data: ${LIIF_SHARED_DIR:-none}; budget ${BUDGET} s"
+} 2>&1 | tee -a "$SUMMARY"
+
+if [ $DRY_RUN = 0 ]; then
+  # Only this GPU's architecture, whatever the image presets: a quick build, and what runs here.
+  ARCH=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || {
+    note "no CUDA GPU visible to torch"; exit 1; }
+  export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  # LIIF_WERROR=0: an untried compiler's or header's warnings must not cost the lease (CI keeps
+  # them errors); the log keeps every warning and ptxas's report.
+  if ! step build 420 "$RESULTS/build.log" required env LIIF_WERROR=0 LIIF_CUDA_BUILD=1 \
+      "$PYTHON" -m pip install -v --no-build-isolation --no-deps --no-index .; then
+    note "verdict: the build failed (build.log); nothing else ran"
+    exit 1
+  fi
+  grep -E "ptxas (info|warning|error) *: (Compiling entry|Used)" "$RESULTS/build.log" \
+    | sed -E 's/^ *//' | tee -a "$SUMMARY"
+  note "$(grep -ciE "warning" "$RESULTS/build.log") lines with 'warning' in build.log"
+fi
+(cd /tmp && "$PYTHON" -c "import liif_cuda; print('liif_cuda', liif_cuda.__version__, liif_cuda.build_info())") \
+  2>&1 | tee -a "$SUMMARY"
+
+# One process per kernel path: a crash loses only that path.
+PATH_LIMIT=90
+[ $DRY_RUN = 1 ] && PATH_LIMIT=120
+VARIANTS=fused-fp32
+for p in $("$PYTHON" benchmarks/gpu_paths.py --list); do
+  if step "path $p" $PATH_LIMIT "$RESULTS/paths.log" required \
+      "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"; then
+    case $p in tf32|bf16|fp16) VARIANTS="$VARIANTS,fused-$p" ;; esac
+  fi
+  grep -E "^$p (ok|FAIL)" "$RESULTS/paths.log" | tail -n 1 | cut -c 1-400 | sed 's/^/    /'
+done
+
+TAG=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown)
+BENCH_JSON=$RESULTS/gpu_query_${TAG}_$(date -u +%Y%m%d).json
+if [ $DRY_RUN = 1 ]; then
+  step benchmark 120 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py --device cpu \
+    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --out "$BENCH_JSON"
+else
+  step benchmark 180 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
+    --variants "$VARIANTS,reference-autocast-fp16" --out "$BENCH_JSON"
+fi
+sed -n '/^variant/,/^$/p;/^LR /p' "$RESULTS/bench.log" | tail -n 20
+
+# -P: the installed liif_cuda, not the source folder (which has no compiled _C).
+# shellcheck disable=SC2086
+HYPOTHESIS_PROFILE=gpu step "cuda tests" 240 "$RESULTS/pytest.log" required \
+  "$PYTHON" -P -m pytest -ra -q -p no:cacheprovider $CUDA_TESTS
+tail -n 40 "$RESULTS/pytest.log" | grep -E "^(FAILED|ERROR)|passed|failed" | sed "s/^/    /"
+
+if [ $DRY_RUN = 0 ]; then
+  SMALL="--small --device cuda --no-profile"
+  # Nsight Compute on one launch of each kernel at the default size (about 46k queries), then
+  # compute-sanitizer on small problems (no caching allocator, so that memcheck sees each buffer).
+  if command -v ncu > /dev/null; then
+    for p in bf16 fast-fp32; do
+      step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
+        -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        "$PYTHON" benchmarks/gpu_paths.py $p --no-profile --repeats 0
+    done
+  fi
+  if command -v compute-sanitizer > /dev/null; then
+    # shellcheck disable=SC2086
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 90 "$RESULTS/tools.log" optional \
+      compute-sanitizer --tool memcheck --error-exitcode 3 \
+      "$PYTHON" benchmarks/gpu_paths.py fast-fp32 generic-fp32 bf16 tf32 $SMALL
+    # shellcheck disable=SC2086
+    step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py fast-fp32 bf16 $SMALL
+  fi
+fi
+
+if [ ${#FAILED[@]} = 0 ]; then
+  note "verdict: every step passed ($SECONDS s)"
+  exit 0
+fi
+note "verdict: failed: ${FAILED[*]} ($SECONDS s)"
+exit 1

@@ -5,7 +5,7 @@ from conftest import TOLERANCE, relative_error
 from hypothesis import strategies as st
 
 import liif_reference as ref
-from liif_rounding_model import KernelRounding
+from liif_rounding_model import KernelRounding, map_columns
 
 
 def make_mlp(in_dim, hidden, out_dim, dtype, seed=0):
@@ -142,13 +142,16 @@ def build_tensor_core_problem(problem):
     return feat, coords, cells, mlp
 
 
-def rounding_model_bound(feat, coords, cells, mlp, precision, flags):
+def rounding_model_bound(feat, coords, cells, mlp, precision, flags, tf32_map=False):
     """The float32 reference for a tensor-core result, and the bound on its relative error: twice
     the error of the kernel's own rounding model computed exactly (liif_rounding_model), plus
     float32's 1e-5. The reference is float32 because float64 would choose other neighbours on
-    pixel borders."""
+    pixel borders. `tf32_map`: the first-layer map is computed on TF32 tensor cores (the CUDA op on
+    a GPU), not exactly (the host execution harness)."""
+    model_mlp = KernelRounding(mlp, precision, map_columns(
+        mlp.layers[0].in_features, flags["cell_decode"]) if tf32_map else None)
     with torch.no_grad():
         exact = ref.query_rgb(feat, coords, cells, mlp, **flags)
-        model = ref.query_rgb(feat, coords, cells, KernelRounding(mlp, precision), **flags)
+        model = ref.query_rgb(feat, coords, cells, model_mlp, **flags)
     bound = 2 * relative_error(model, exact) + TOLERANCE[torch.float32]
     return exact, bound

@@ -58,10 +58,10 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
                                 cell_decode, arithmetic, shape, convolve);
     const LaunchPlan plan =
         plan_prepared_query(prepared, static_cast<size_t>(max_shared), /*has_tensor_cores=*/major >= 8);
-    const cudaError_t err = launch_query_kernel(prepared.params, plan,
-                                                c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == cudaSuccess, "liif_cuda.query (CUDA kernel): launch failed: ",
-                cudaGetErrorString(err));
+    const LaunchStatus status = launch_query_kernel(prepared.params, plan,
+                                                    c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",
+                status.stage, ": ", cudaGetErrorString(status.error));
     // The temporaries go back to the caching allocator, which keeps them for this stream until
     // the kernel is done with them.
     out = prepared.out;

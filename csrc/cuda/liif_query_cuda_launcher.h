@@ -9,11 +9,18 @@
 namespace liif {
 namespace cuda {
 
-// Launches the kernel `plan` names on `stream` (raising its dynamic shared-memory limit first) and
-// returns the launch's error code. Defined for float and double.
+// The outcome of a launch: the error code and the stage it came from, so that an error left pending
+// by earlier, unrelated work is not reported as this launch's.
+struct LaunchStatus {
+  cudaError_t error = cudaSuccess;
+  const char* stage = "";
+};
+
+// Launches the kernel `plan` names on `stream` (raising its dynamic shared-memory limit first).
+// Defined for float and double.
 template <typename T>
-cudaError_t launch_query_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan,
-                                cudaStream_t stream);
+LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan,
+                                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace liif

@@ -89,12 +89,13 @@ struct LaunchPlan {
 // Shared memory of one block, in this order: activation buffers, weight buffers (fast and
 // tensor-core kernels), per row (rel_y, rel_x, blend weight in T, LR cell index), per query (cell_y,
 // cell_x in T, state). Sizes in bytes, multiples of 32 (tensor-core fragments need 32-byte
-// alignment).
+// alignment), in 64 bits: the planner sizes layouts for layers far too wide to fit, and must see
+// that they do not.
 struct SharedLayout {
   int rows = 0;
   int queries = 0;
-  int act_bytes = 0;     // all activation buffers together
-  int weight_bytes = 0;  // the two weight chunks; 0 for the generic kernel
+  int64_t act_bytes = 0;     // all activation buffers together
+  int64_t weight_bytes = 0;  // the two weight chunks; 0 for the generic kernel
 };
 
 template <typename T>
@@ -104,7 +105,7 @@ inline size_t shared_bytes(const SharedLayout& s) {
          sizeof(int) * (static_cast<size_t>(s.rows) + s.queries);
 }
 
-LIIF_HOST_DEVICE constexpr int round_up_32(int bytes) { return (bytes + 31) / 32 * 32; }
+LIIF_HOST_DEVICE constexpr int64_t round_up_32(int64_t bytes) { return (bytes + 31) / 32 * 32; }
 
 LIIF_HOST_DEVICE SharedLayout fast_layout(int num_neighbours) {
   return {kFastRows, kFastRows / num_neighbours,
@@ -115,7 +116,9 @@ LIIF_HOST_DEVICE SharedLayout fast_layout(int num_neighbours) {
 template <typename T>
 LIIF_HOST_DEVICE SharedLayout generic_layout(int queries, int num_neighbours, int max_width) {
   const int rows = queries * num_neighbours;
-  return {rows, queries, round_up_32(static_cast<int>(sizeof(T)) * 2 * rows * max_width), 0};
+  return {rows, queries,
+          round_up_32(static_cast<int64_t>(sizeof(T)) * 2 * rows * static_cast<int64_t>(max_width)),
+          0};
 }
 
 LIIF_HOST_DEVICE SharedLayout tensor_core_layout(Precision p, int num_neighbours) {

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "cuda/liif_query_launch.h"
 #include "liif_geometry.h"
 
 namespace {
@@ -80,12 +81,29 @@ void test_operator_runs() {
   expect(threw, "unknown precision raises");
 }
 
+void test_plan_rejects_layers_too_wide_for_shared_memory() {
+  // One query's activations of a 2^24-wide layer take far more than any GPU's shared memory; the
+  // byte counts of the generic kernel's layout (about 2^33 for 16 queries) must not wrap around.
+  liif::cuda::QueryKernelParams<float> p;
+  p.grid = liif::make_feature_grid<float>(8, 8, true);
+  p.num_layers = 2;
+  p.widths[0] = 1 << 24;
+  p.widths[1] = 3;
+  p.total_queries = 100;
+  const auto plan = liif::cuda::plan_launch(p, 232448, true);
+  expect(plan.path == liif::cuda::KernelPath::kNone, "a 2^24-wide layer is not planned");
+  p.widths[0] = 200;
+  expect(liif::cuda::plan_launch(p, 232448, true).path == liif::cuda::KernelPath::kGeneric,
+         "a 200-wide hidden layer runs the generic kernel");
+}
+
 }  // namespace
 
 int main() {
   test_nearest_index();
   test_neighbours();
   test_operator_runs();
+  test_plan_rejects_layers_too_wide_for_shared_memory();
   if (failures == 0) std::printf("all C++ checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
