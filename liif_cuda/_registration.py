@@ -41,8 +41,13 @@ def _backward(ctx, grad_out):
     def pick(i):
         return grads[i] if needs[i] else None
 
-    return (pick(0), pick(1), pick(2), [pick(3 + i) for i in range(n)],
-            [pick(3 + n + i) for i in range(n)], None, None, None, None)
+    grads = (pick(0), pick(1), pick(2), [pick(3 + i) for i in range(n)],
+             [pick(3 + n + i) for i in range(n)], None, None, None, None)
+    # One gradient per argument the operator was called with: the dispatcher may leave out a
+    # trailing argument equal to its default (precision="fp32"), and torch 2.11 then refuses a
+    # gradient for it (later releases drop it themselves). needs_input_grad has one flag per
+    # argument passed.
+    return grads[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("liif_cuda::query", _backward, setup_context=_setup_context)

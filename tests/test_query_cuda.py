@@ -2,6 +2,8 @@
 torch.compile, CUDA graphs, streams and device errors. Skipped, with the reason, without a GPU; the
 kernels themselves are also executed on the host by tests/test_cuda_harness.py."""
 
+import copy
+
 import pytest
 import torch
 from conftest import CUDA_SKIP_REASON, TOLERANCE, relative_error
@@ -18,6 +20,11 @@ FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
 
 def to_cuda(*tensors):
     return [t.cuda() if t is not None else None for t in tensors]
+
+
+def cuda_copy(module):
+    """A copy on the GPU: Module.cuda() moves the module itself, which the CPU side still uses."""
+    return copy.deepcopy(module).cuda()
 
 
 @given(query_problems())
@@ -87,7 +94,7 @@ def test_non_finite_coordinates():
     coords[0, 1, 0] = float("nan")
     coords[1, 3, 1] = float("inf")
     mlp = make_mlp(40, [256, 256], 3, torch.float32)
-    out = liif_cuda.query(*to_cuda(feat, coords, cells), mlp.cuda()).cpu()
+    out = liif_cuda.query(*to_cuda(feat, coords, cells), cuda_copy(mlp)).cpu()
     bad = ~torch.isfinite(coords).all(-1)
     assert torch.isnan(out[bad]).all()
     expected = liif_cuda.query(feat, coords, cells, mlp)
@@ -198,7 +205,7 @@ def test_device_mismatch_is_a_clear_error():
     feat, coords, cells = random_inputs(1, 3, 4, 4, 5)
     mlp = make_mlp(31, [8], 3, torch.float32)
     with pytest.raises(ValueError, match="coords must be on feat's device"):
-        liif_cuda.query(feat.cuda(), coords, cells.cuda(), mlp.cuda())
+        liif_cuda.query(feat.cuda(), coords, cells.cuda(), cuda_copy(mlp))
     with pytest.raises(ValueError, match="device"):
         liif_cuda.query(feat.cuda(), coords.cuda(), cells.cuda(), mlp)  # MLP left on the CPU
     with pytest.raises(RuntimeError, match="must be on feat's device"):

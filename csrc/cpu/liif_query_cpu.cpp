@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -344,6 +345,9 @@ at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
   // Every precision computes float32 here: the reduced ones are a CUDA tensor-core matter.
   check_precision(feat, precision);
   TORCH_CHECK(feat.device().is_cpu(), "liif_cuda.query (CPU kernel): feat must be a CPU tensor");
+  // No autocast kernel is registered: inside torch.autocast the dispatcher falls through to this one
+  // with autocast still on, which must not reach the matrix products below.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor out = at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cpu", [&] {

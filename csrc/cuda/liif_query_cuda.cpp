@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "../liif_query_checks.h"
@@ -43,6 +44,10 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
   const Precision arithmetic = parse_precision(feat, precision);
   TORCH_CHECK(feat.is_cuda(), "liif_cuda.query (CUDA kernel): feat must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(feat.device());
+  // The operator has no autocast kernel: inside torch.autocast the dispatcher falls through to this
+  // one with autocast still on, and the convolution below would come back in the autocast dtype.
+  // The precision is the operator's own argument (liif_cuda.query maps autocast onto it).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (shape.batch * shape.queries * shape.out_dim == 0) {
     return at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
   }
