@@ -42,14 +42,18 @@ CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
 # (LR width, LR height, scale): the 1080p frame and a square x4 case.
 DEFAULT_CASES = "480x270x4,128x128x4"
-# variant: (runner, precision), the precision naming the arithmetic whose peak applies.
+# variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
+# applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice (mma.sync by default, or WMMA).
 VARIANTS = {
-    "reference": ("reference", "fp32"),
-    "reference-autocast-fp16": ("reference", "fp16"),
-    "fused-fp32": ("fused", "fp32"),
-    "fused-tf32": ("fused", "tf32"),
-    "fused-bf16": ("fused", "bf16"),
-    "fused-fp16": ("fused", "fp16"),
+    "reference": ("reference", "fp32", None),
+    "reference-autocast-fp16": ("reference", "fp16", None),
+    "fused-fp32": ("fused", "fp32", None),
+    "fused-tf32": ("fused", "tf32", "mma"),
+    "fused-bf16": ("fused", "bf16", "mma"),
+    "fused-fp16": ("fused", "fp16", "mma"),
+    "fused-tf32-wmma": ("fused", "tf32", "wmma"),
+    "fused-bf16-wmma": ("fused", "bf16", "wmma"),
+    "fused-fp16-wmma": ("fused", "fp16", "wmma"),
 }
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of the device name.
 DENSE_PEAK_TFLOPS = [
@@ -80,12 +84,14 @@ def make_inputs(width, height, scale, device):
 
 
 def run_variant(name, feat, coord, cell, imnet):
-    runner, precision = VARIANTS[name]
+    runner, precision, kernel = VARIANTS[name]
     with torch.no_grad():
         if runner == "reference":
             with torch.autocast(feat.device.type, dtype=torch.float16,
                                 enabled=precision == "fp16" and feat.is_cuda):
                 return ref.batched_query_rgb(feat, coord, cell, imnet, bsize=30000)
+        if kernel is not None:
+            os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = kernel  # read by the op at every call
         return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
 
 
@@ -239,7 +245,8 @@ def main():
     print(f"{info['device']}, torch {info['torch']}; dense peak TFLOP/s: {peaks}", flush=True)
     result = {
         "benchmark": "bench_gpu (CUDA, C=64, MLP 580-256x4-3, reference chunk 30000; fused fp32, "
-                     "tf32, bf16, fp16; reference float32 and autocast fp16)",
+                     "tf32, bf16, fp16 on the mma.sync and WMMA kernels; reference float32 and "
+                     "autocast fp16)",
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "repeats": args.repeats,

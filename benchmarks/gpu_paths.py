@@ -8,7 +8,8 @@ median time. benchmarks/gpu_check.sh runs every path this way before anything el
     python benchmarks/gpu_paths.py --list                    # the paths
     python benchmarks/gpu_paths.py fast-fp32 --device cpu --small   # dry run of the script itself
 
-Paths: forward kernels (fast-fp32, generic-fp32, generic-fp64, tf32, bf16, fp16), `backward`
+Paths: forward kernels (fast-fp32, generic-fp32, generic-fp64; tf32, bf16, fp16 on the mma.sync
+kernel and tf32-wmma, bf16-wmma, fp16-wmma on the WMMA kernel), `backward`
 (autograd against the reference's, float64 and float32, and a training-shape timing), `graph`
 (capture and replay equal the eager result), `large` (a 64M-query call, checked on a sample).
 Prints `PATH ok|FAIL ...` and appends a JSON line to --json. Exit status 1 when a check fails.
@@ -34,14 +35,18 @@ import liif_cuda  # noqa: E402
 # Issue 4's bounds against the float32 reference, and the exact paths' (tests/conftest.py).
 TOLERANCE = {"fp32": 1e-5, "fp64": 1e-12, "tf32": 5e-4, "fp16": 1e-3, "bf16": 4e-3}
 
-# path: (dtype, hidden widths, precision, kernel name expected in the profile)
+# path: (dtype, hidden widths, precision, kernel name expected in the profile); the reduced
+# precisions on the mma.sync kernel (the default) and on the WMMA kernel (LIIF_CUDA_TENSOR_CORE_KERNEL).
 FORWARD = {
     "fast-fp32": (torch.float32, [256] * 4, "fp32", "liif_query_fast_kernel"),
     "generic-fp32": (torch.float32, [96, 80, 64], "fp32", "liif_query_generic_kernel"),
     "generic-fp64": (torch.float64, [256] * 4, "fp32", "liif_query_generic_kernel"),
-    "tf32": (torch.float32, [256] * 4, "tf32", "liif_query_tensor_core_kernel"),
-    "bf16": (torch.float32, [256] * 4, "bf16", "liif_query_tensor_core_kernel"),
-    "fp16": (torch.float32, [256] * 4, "fp16", "liif_query_tensor_core_kernel"),
+    "tf32": (torch.float32, [256] * 4, "tf32", "liif_query_mma_kernel"),
+    "bf16": (torch.float32, [256] * 4, "bf16", "liif_query_mma_kernel"),
+    "fp16": (torch.float32, [256] * 4, "fp16", "liif_query_mma_kernel"),
+    "tf32-wmma": (torch.float32, [256] * 4, "tf32", "liif_query_tensor_core_kernel"),
+    "bf16-wmma": (torch.float32, [256] * 4, "bf16", "liif_query_tensor_core_kernel"),
+    "fp16-wmma": (torch.float32, [256] * 4, "fp16", "liif_query_tensor_core_kernel"),
 }
 PATHS = list(FORWARD) + ["backward", "graph", "large"]
 
@@ -114,6 +119,7 @@ class Runner:
 
 def forward_path(r, name):
     dtype, hidden, precision, kernel = FORWARD[name]
+    os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = "wmma" if name.endswith("-wmma") else "mma"
     feat, coords, cells, mlp = r.problem(dtype, hidden)
 
     def run():

@@ -17,7 +17,9 @@ SHARED_SM86 = 101376   # sm_86 / sm_89: the smallest, the fast kernel just fits
 SHARED_SM90 = 232448   # sm_90 (H100)
 SHARED_DEFAULT = 49152  # without opting in: too small for the fast kernel, the generic one runs
 
-FAST, GENERIC, TENSOR_CORE = 1, 2, 3
+# The kernel that ran (csrc/cuda/liif_query_launch.h, KernelPath): TENSOR_CORE is the WMMA kernel,
+# MMA the mma.sync one.
+FAST, GENERIC, TENSOR_CORE, MMA = 1, 2, 3, 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,18 +42,36 @@ def load():
     return torch.ops.liif_cuda_harness.query
 
 
+# Per-block shared memory of the A100 (sm_80): room for the mma.sync kernel in bf16 / fp16, not tf32.
+SHARED_SM80 = 166912
+
+
+def tensor_core_path(precision, local_ensemble, depth, out_dim, shared, kernel):
+    """The kernel the planner must choose for a reduced precision and an MLP of `depth` hidden
+    layers 256 wide (csrc/cuda/liif_query_launch.h, plan_launch): the mma.sync kernel where it is
+    preferred, there is a hidden-to-hidden layer, out_dim <= 32 and its 128 rows fit; else WMMA
+    (whose tf32 block without the local ensemble does not fit sm_86: then the exact FAST kernel)."""
+    mma_fits = shared >= (SHARED_SM90 if precision == "tf32" else SHARED_SM80)
+    if kernel == "mma" and depth >= 2 and out_dim <= 32 and mma_fits:
+        return MMA
+    if precision == "tf32" and shared == SHARED_SM86 and not local_ensemble:
+        return FAST
+    return TENSOR_CORE
+
+
 FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
 
 
 def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, precision="fp32",
-        **flags):
-    """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE)."""
+        tensor_core_kernel="mma", **flags):
+    """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE,
+    MMA). `tensor_core_kernel`: the one preferred for a reduced precision ("mma" or "wmma")."""
     flags = {**FLAGS, **flags}
     weights, biases = liif_cuda.mlp_parameters(mlp)
     with torch.no_grad():
         return load()(feat, coords, cells if flags["cell_decode"] else None, weights, biases,
                       flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"],
-                      precision, shared, reverse_order)
+                      precision, shared, reverse_order, tensor_core_kernel)
 
 
 def reference(feat, coords, cells, mlp, **flags):

@@ -9,6 +9,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../liif_query_checks.h"
 #include "liif_query_cuda_launcher.h"
 #include "liif_query_prepare.h"
@@ -33,6 +36,19 @@ at::Tensor convolve(const at::Tensor& input, const at::Tensor& weight, int64_t p
                           /*groups=*/1, /*benchmark=*/false, /*deterministic=*/true,
                           /*cudnn_enabled=*/at::globalContext().userEnabledCuDNN(),
                           allow_tf32);
+}
+
+// LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "mma"
+// (mma.sync, the default) or "wmma" (the kernel it replaces, kept until GPUs have measured both).
+// Read at every call, so that a benchmark can compare both in one process.
+TensorCoreKernel preferred_tensor_core_kernel() {
+  const char* value = std::getenv("LIIF_CUDA_TENSOR_CORE_KERNEL");
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "mma") == 0) {
+    return TensorCoreKernel::kMma;
+  }
+  TORCH_CHECK(std::strcmp(value, "wmma") == 0,
+              "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be mma or wmma, got '", value, "'");
+  return TensorCoreKernel::kWmma;
 }
 
 at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
@@ -62,7 +78,8 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve);
     const LaunchPlan plan =
-        plan_prepared_query(prepared, static_cast<size_t>(max_shared), /*has_tensor_cores=*/major >= 8);
+        plan_prepared_query(prepared, static_cast<size_t>(max_shared),
+                            /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel());
     const LaunchStatus status = launch_query_kernel(prepared.params, plan,
                                                     c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",

@@ -48,6 +48,36 @@ LIIF_HOST_DEVICE constexpr int tensor_core_chunk(Precision p) {
   return 16 * 1024 / (kFastWidth * operand_bytes(p));
 }
 
+// The mma.sync tensor-core kernel (same shape and precisions, sm_80+), built for the data movement:
+// 128 (query, neighbour) rows per block, so that each weight byte fetched from L2 serves 128 rows;
+// activations in shared memory as the operand type, rows padded by 16 bytes (ldmatrix's eight row
+// addresses then fall in distinct banks); the hidden layers' weights streamed through a ring of
+// kMmaStages chunks by asynchronous copies, kMmaStages - 1 chunks in flight. A chunk holds, for each
+// of the 256 output columns, 64 bytes of its inputs (32 bf16 / fp16 or 16 tf32 operands: two mma
+// k-steps), stored in rows padded to 80 bytes (again distinct banks). The last layer's per-warp
+// partial sums reuse the ring, which bounds out_dim.
+constexpr int kMmaRows = 128;
+constexpr int kMmaStages = 4;
+constexpr int kMmaChunkRowBytes = 64;
+constexpr int kMmaChunkPitch = kMmaChunkRowBytes + 16;
+constexpr int kMmaChunkBytes = kFastWidth * kMmaChunkPitch;
+constexpr int kMmaWarpsAlongColumns = 4;  // each warp: 64 rows x 64 columns of a layer's outputs
+constexpr int kMmaMaxOutDim = 32;
+static_assert(kMmaWarpsAlongColumns * kMmaRows * kMmaMaxOutDim * 4 <= kMmaStages * kMmaChunkBytes,
+              "the last layer's partial sums fit the weight ring");
+
+LIIF_HOST_DEVICE constexpr int mma_chunk_inputs(Precision p) {
+  return kMmaChunkRowBytes / operand_bytes(p);
+}
+LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
+  return kFastWidth * operand_bytes(p) + 16;
+}
+
+// Which tensor-core kernel runs the reduced precisions where both could (liif_cuda.query reads it
+// from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync (the default) or the WMMA kernel it replaces, kept
+// selectable until both have been measured on GPUs.
+enum class TensorCoreKernel : int { kMma = 0, kWmma = 1 };
+
 template <typename T>
 struct QueryKernelParams {
   // Layer 0's feature part per LR cell, without bias: (B, H, W, width0) contiguous.
@@ -76,7 +106,8 @@ struct QueryKernelParams {
   int queries_per_block = 0;
 };
 
-enum class KernelPath : int { kNone = 0, kFast = 1, kGeneric = 2, kTensorCore = 3 };
+// kTensorCore is the WMMA kernel, kMma the mma.sync one.
+enum class KernelPath : int { kNone = 0, kFast = 1, kGeneric = 2, kTensorCore = 3, kMma = 4 };
 
 struct LaunchPlan {
   KernelPath path = KernelPath::kNone;
@@ -126,6 +157,11 @@ LIIF_HOST_DEVICE SharedLayout tensor_core_layout(Precision p, int num_neighbours
           operand_bytes(p) * kTensorCoreRows * tensor_core_pitch(p),
           operand_bytes(p) * 2 * tensor_core_chunk(p) * tensor_core_pitch(p)};
 }
+LIIF_HOST_DEVICE SharedLayout mma_layout(Precision p, int num_neighbours) {
+  return {kMmaRows, kMmaRows / num_neighbours, static_cast<int64_t>(kMmaRows) * mma_act_pitch_bytes(p),
+          static_cast<int64_t>(kMmaStages) * kMmaChunkBytes};
+}
+
 // The specialised kernel runs the published MLP shape in float32: hidden layers all 256 wide.
 template <typename T>
 inline bool fast_path_applies(const QueryKernelParams<T>& p) {
@@ -145,16 +181,33 @@ inline bool tensor_core_path_applies(const QueryKernelParams<T>& p, bool has_ten
          p.widths[p.num_layers - 1] <= kTensorCoreMaxOutDim;
 }
 
+// The mma.sync kernel, where the tensor-core kernel applies: at least one hidden layer between the
+// first and the last (its main loop multiplies hidden layers only) and out_dim <= kMmaMaxOutDim.
+template <typename T>
+inline bool mma_path_applies(const QueryKernelParams<T>& p, bool has_tensor_cores) {
+  return tensor_core_path_applies(p, has_tensor_cores) && p.num_layers >= 3 &&
+         p.widths[p.num_layers - 1] <= kMmaMaxOutDim;
+}
+
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
-// A reduced precision that the tensor-core kernel cannot run falls back to the float32 kernels.
+// A reduced precision runs the mma.sync kernel (unless `preferred` is the WMMA kernel), else the
+// WMMA kernel (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32
+// kernels.
 template <typename T>
 inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
-                              bool has_tensor_cores) {
+                              bool has_tensor_cores,
+                              TensorCoreKernel preferred = TensorCoreKernel::kMma) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
-  if (tensor_core_path_applies(p, has_tensor_cores) &&
-      shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
+  if (preferred == TensorCoreKernel::kMma && mma_path_applies(p, has_tensor_cores) &&
+      shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes) {
+    plan.path = KernelPath::kMma;
+    plan.queries_per_block = kMmaRows / nn;
+    plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
+    plan.shared_bytes = shared_bytes<float>(mma_layout(p.precision, nn));
+  } else if (tensor_core_path_applies(p, has_tensor_cores) &&
+             shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
     plan.path = KernelPath::kTensorCore;
     plan.queries_per_block = kTensorCoreRows / nn;
     plan.act_pitch = tensor_core_pitch(p.precision);

@@ -117,9 +117,9 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
 // operand weights); raises when no kernel can run the MLP. `has_tensor_cores`: the device has
 // compute capability 8.0 or newer.
 template <typename T>
-LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes,
-                               bool has_tensor_cores) {
-  const LaunchPlan plan = plan_launch(p.params, max_shared_bytes, has_tensor_cores);
+LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, bool has_tensor_cores,
+                               TensorCoreKernel preferred = TensorCoreKernel::kMma) {
+  const LaunchPlan plan = plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred);
   TORCH_CHECK(plan.path != KernelPath::kNone,
               "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
               max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
@@ -127,10 +127,23 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes,
               p.params.total_queries, ") for one launch; split them");
   p.params.queries_per_block = plan.queries_per_block;
   p.params.act_pitch = plan.act_pitch;
-  if (plan.path == KernelPath::kTensorCore) {
-    // The hidden layers lead the packed weights (all 256 x 256); the last layer stays float32.
-    const int64_t hidden = static_cast<int64_t>(p.params.num_layers - 2) * kFastWidth * kFastWidth;
-    const at::Tensor w = p.weights.narrow(0, 0, hidden);
+  if (plan.path == KernelPath::kTensorCore || plan.path == KernelPath::kMma) {
+    // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
+    // stays float32.
+    const int64_t layers = p.params.num_layers - 2;
+    const int64_t hidden = layers * kFastWidth * kFastWidth;
+    at::Tensor w = p.weights.narrow(0, 0, hidden);
+    if (plan.path == KernelPath::kMma) {
+      // The mma.sync kernel streams each layer in chunks of `kc` inputs of every output column,
+      // each chunk contiguous: [layer][chunk][out][kc], i.e. the (out, in) weight cut along `in`.
+      const int64_t kc = mma_chunk_inputs(p.params.precision);
+      w = w.view({layers, kFastWidth, kFastWidth})
+              .transpose(1, 2)
+              .reshape({layers, kFastWidth, kFastWidth / kc, kc})
+              .permute({0, 2, 1, 3})
+              .contiguous()
+              .view({-1});
+    }
     if (hidden == 0) {
       p.operand_weights = p.weights.new_zeros({8});  // a two-layer MLP reads none; a valid pointer
     } else if (p.params.precision == Precision::kTf32) {

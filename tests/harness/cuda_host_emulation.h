@@ -31,10 +31,19 @@
 //     addresses must be 16-byte aligned.
 //   - An exception thrown inside a thread (the checks above) fails the launch with its message.
 //
+//   - Warp-wide instructions (ldmatrix, mma.sync and __shfl_xor_sync, what the mma.sync kernel
+//     uses): lanes 32w .. 32w+31 form warp w. Each lane hands in its own registers and yields; when
+//     the last lane of the warp has arrived, the instruction runs once on all lanes' registers with
+//     PTX's documented per-lane layouts (the fragment layouts of liif_tensor_core.cuh) and each lane
+//     resumes with its own result. Lanes of one warp in different instructions, or some at a
+//     barrier or returned while others wait in one, raise an error. ldmatrix addresses must be
+//     16-byte aligned rows inside the block's shared memory; tf32 operands must be rounded.
+//
 // Limits (what the harness does not model)
-//   - no warps: no warp primitives (__shfl_*, __ballot_*, ...) and no warp-level ordering:
-//     __syncwarp() does nothing (each lane's fragment store writes the whole tile, so a missing
-//     __syncwarp() goes unnoticed); no divergence or occupancy effects; timing means nothing;
+//   - warps only as above: no other warp primitives (__ballot_*, ...) and no warp-level ordering of
+//     ordinary memory accesses: __syncwarp() does nothing (each lane's WMMA fragment store writes the
+//     whole tile, so a missing __syncwarp() goes unnoticed); no divergence or occupancy effects;
+//     timing means nothing;
 //   - no atomics, no __threadfence, no static __shared__ arrays, no texture or constant memory;
 //   - memory is the host's: sequentially consistent, with no bounds checks of global memory (the
 //     harness tests compare results; out-of-range shared-memory reads stay inside the NaN-filled
@@ -95,11 +104,27 @@ struct PendingCopy {
   unsigned char bytes[16];
 };
 
+// Where a fiber stands in the current phase.
+enum class FiberState { kRunnable, kAtBarrier, kInWarpInstruction, kFinished };
+
+// The warp-wide instruction the lanes of one warp are in: each lane's input registers, and the
+// outputs once the last lane has arrived.
+struct WarpExchange {
+  static constexpr size_t kBytes = 64;
+  const char* instruction = nullptr;
+  unsigned arrived = 0;
+  int64_t completed = 0;  // instructions this warp has completed
+  unsigned char in[32][kBytes];
+  unsigned char out[32][kBytes];
+};
+
 struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
+  FiberState state = FiberState::kRunnable;
   bool finished = false;
   int64_t barriers = 0;
+  int64_t warp_instructions = 0;  // warp-wide instructions this lane has completed
   std::exception_ptr error;
   // Asynchronous copies issued and not yet committed, and committed groups not yet waited for.
   std::vector<PendingCopy> open_copies;
@@ -123,16 +148,24 @@ struct AlignedBuffer {
 // Runs the blocks one OS thread is given.
 class BlockRunner {
  public:
-  BlockRunner(unsigned threads, size_t shared_bytes) : fibers_(threads), shared_(shared_bytes) {
+  BlockRunner(unsigned threads, size_t shared_bytes)
+      : fibers_(threads), warps_((threads + 31) / 32), shared_(shared_bytes) {
     for (Fiber& f : fibers_) f.stack.resize(kStackBytes);
   }
 
   void run_block(const std::function<void()>& kernel, bool reverse_order) {
     kernel_ = &kernel;
     std::memset(shared_.data, 0xFF, shared_.size);
+    for (WarpExchange& w : warps_) {
+      w.instruction = nullptr;
+      w.arrived = 0;
+      w.completed = 0;
+    }
     for (Fiber& f : fibers_) {
+      f.state = FiberState::kRunnable;
       f.finished = false;
       f.barriers = 0;
+      f.warp_instructions = 0;
       f.error = nullptr;
       f.open_copies.clear();
       f.committed_copies.clear();
@@ -146,16 +179,41 @@ class BlockRunner {
     const unsigned n = static_cast<unsigned>(fibers_.size());
     for (int64_t phase = 0;; ++phase) {
       const bool reverse = reverse_order && (phase % 2 == 1);
-      for (unsigned i = 0; i < n; ++i) {
-        const unsigned t = reverse ? n - 1 - i : i;
-        if (fibers_[t].finished) continue;
-        current_ = t;
-        threadIdx.x = t;
-        swapcontext(&scheduler_, &fibers_[t].context);
-        if (fibers_[t].error) {
-          current_runner() = nullptr;
-          std::rethrow_exception(fibers_[t].error);
+      // Passes over the threads until each is at the barrier or has returned: a lane waiting in a
+      // warp-wide instruction resumes in a later pass, once the last lane of its warp has arrived.
+      for (bool resumed = true; resumed;) {
+        resumed = false;
+        for (unsigned i = 0; i < n; ++i) {
+          const unsigned t = reverse ? n - 1 - i : i;
+          Fiber& f = fibers_[t];
+          const bool ready =
+              f.state == FiberState::kRunnable ||
+              (f.state == FiberState::kInWarpInstruction &&
+               warps_[t / 32].completed > f.warp_instructions);
+          if (!ready) continue;
+          current_ = t;
+          threadIdx.x = t;
+          f.state = FiberState::kRunnable;
+          swapcontext(&scheduler_, &f.context);
+          resumed = true;
+          if (f.error) {
+            current_runner() = nullptr;
+            std::rethrow_exception(f.error);
+          }
         }
+      }
+      for (unsigned w = 0; w < warps_.size(); ++w) {
+        if (warps_[w].arrived != 0) {
+          current_runner() = nullptr;
+          throw std::runtime_error(
+              std::string("host harness: ") + warps_[w].instruction + " reached by " +
+              std::to_string(warps_[w].arrived) + " lanes of warp " + std::to_string(w) +
+              " while the others wait at a barrier or returned (block " +
+              std::to_string(blockIdx.x) + ")");
+        }
+      }
+      for (Fiber& f : fibers_) {
+        if (f.state == FiberState::kAtBarrier) f.state = FiberState::kRunnable;
       }
       unsigned finished = 0;
       for (const Fiber& f : fibers_) finished += f.finished ? 1 : 0;
@@ -175,7 +233,44 @@ class BlockRunner {
   void sync() {
     Fiber& f = fibers_[current_];
     ++f.barriers;
+    f.state = FiberState::kAtBarrier;
     swapcontext(&f.context, &scheduler_);
+  }
+
+  // A warp-wide instruction: this lane's `in_bytes` of input registers go in; when the last lane of
+  // the warp arrives, compute(in, out) runs once over all lanes' registers; this lane's `out_bytes`
+  // come back.
+  template <typename Compute>
+  void warp_instruction(const char* name, const void* in, size_t in_bytes, void* out,
+                        size_t out_bytes, Compute&& compute) {
+    const unsigned t = current_;
+    Fiber& f = fibers_[t];
+    WarpExchange& w = warps_[t / 32];
+    const unsigned lanes = std::min(32u, static_cast<unsigned>(fibers_.size()) - t / 32 * 32);
+    if (w.arrived == 0) {
+      w.instruction = name;
+    } else if (std::strcmp(w.instruction, name) != 0) {
+      throw std::runtime_error(std::string("host harness: lanes of warp ") + std::to_string(t / 32) +
+                               " in different warp-wide instructions: " + w.instruction + " and " +
+                               name);
+    }
+    std::memcpy(w.in[t % 32], in, in_bytes);
+    if (++w.arrived == lanes) {
+      compute(w.in, w.out, lanes);
+      w.arrived = 0;
+      ++w.completed;
+    } else {
+      f.state = FiberState::kInWarpInstruction;
+      swapcontext(&f.context, &scheduler_);
+    }
+    std::memcpy(out, w.out[t % 32], out_bytes);
+    ++f.warp_instructions;
+  }
+
+  // Whether [p, p + bytes) lies inside this block's shared memory.
+  bool in_shared_memory(const void* p, size_t bytes) const {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    return c >= shared_.data && c + bytes <= shared_.data + shared_.size;
   }
 
   Fiber& current_fiber() { return fibers_[current_]; }
@@ -196,10 +291,12 @@ class BlockRunner {
       self->fibers_[self->current_].error = std::current_exception();
     }
     self->fibers_[self->current_].finished = true;
+    self->fibers_[self->current_].state = FiberState::kFinished;
     // Returning resumes uc_link, the scheduler.
   }
 
   std::vector<Fiber> fibers_;
+  std::vector<WarpExchange> warps_;
   AlignedBuffer shared_;
   ucontext_t scheduler_{};
   const std::function<void()>* kernel_ = nullptr;
@@ -452,3 +549,128 @@ inline void async_copy_wait() {
 
 }  // namespace cuda
 }  // namespace liif
+
+// ---------------------------------------------------------------------------------------------
+// Warp-wide instructions of the mma.sync kernel (liif_tensor_core.cuh's names on the GPU).
+
+namespace liif_harness {
+
+enum class MmaOperands { kBf16, kFp16, kTf32 };
+
+using WarpRegisters = unsigned char[32][WarpExchange::kBytes];
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l addresses row l % 8 of matrix l / 8 and receives
+// in r[j] the 4 bytes at row l / 4, bytes 4 (l % 4) .. +3, of matrix j.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  BlockRunner* runner = BlockRunner::current_runner();
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0 || !runner->in_shared_memory(row, 16)) {
+    throw std::runtime_error("host harness: ldmatrix row address not 16-byte aligned inside the "
+                             "block's shared memory");
+  }
+  runner->warp_instruction("ldmatrix.x4", &row, sizeof row, r, sizeof r,
+                           [](const WarpRegisters& in, WarpRegisters& out, unsigned lanes) {
+    if (lanes != 32) throw std::runtime_error("host harness: ldmatrix needs a full warp");
+    const unsigned char* rows[32];
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(&rows[l], in[l], sizeof rows[l]);
+    for (unsigned l = 0; l < 32; ++l) {
+      uint32_t v[4];
+      for (int j = 0; j < 4; ++j) std::memcpy(&v[j], rows[8 * j + l / 4] + 4 * (l % 4), 4);
+      std::memcpy(out[l], v, sizeof v);
+    }
+  });
+}
+
+namespace detail {
+
+inline float half_bits_to_float(uint16_t bits, MmaOperands kind) {
+  return kind == MmaOperands::kBf16 ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                                    : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// The element of a 32-bit fragment register: 16-bit operands hold two (the lower-indexed one in
+// the low bits), tf32 one.
+inline float fragment_element(uint32_t reg, int half, MmaOperands kind) {
+  if (kind == MmaOperands::kTf32) {
+    const float v = bits_float(reg);
+    if (!std::isnan(v) && (reg & 0x1FFFu) != 0) {
+      throw std::runtime_error("host harness: an mma.sync tf32 operand was not rounded to tf32");
+    }
+    return v;
+  }
+  return half_bits_to_float(static_cast<uint16_t>(half == 0 ? reg : reg >> 16), kind);
+}
+
+struct MmaLane {
+  uint32_t a[4], b[2];
+  float c[4];
+};
+
+}  // namespace detail
+
+// mma.sync.aligned.m16n8k16 (bf16, fp16) / m16n8k8 (tf32) .row.col.f32: D = A B + C on the lanes'
+// fragments (layouts in liif_tensor_core.cuh), products exact and summed in float32.
+inline void mma_16x8(MmaOperands kind, float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                     uint32_t b1) {
+  detail::MmaLane lane_in{{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
+  BlockRunner::current_runner()->warp_instruction(
+      "mma.sync", &lane_in, sizeof lane_in, d, sizeof d,
+      [kind](const WarpRegisters& in, WarpRegisters& out, unsigned lanes) {
+    if (lanes != 32) throw std::runtime_error("host harness: mma.sync needs a full warp");
+    const int K = kind == MmaOperands::kTf32 ? 8 : 16;
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+      detail::MmaLane x;
+      std::memcpy(&x, in[l], sizeof x);
+      const int g = l / 4, t = l % 4;
+      if (kind == MmaOperands::kTf32) {
+        A[g][t] = detail::fragment_element(x.a[0], 0, kind);
+        A[g + 8][t] = detail::fragment_element(x.a[1], 0, kind);
+        A[g][t + 4] = detail::fragment_element(x.a[2], 0, kind);
+        A[g + 8][t + 4] = detail::fragment_element(x.a[3], 0, kind);
+        B[t][g] = detail::fragment_element(x.b[0], 0, kind);
+        B[t + 4][g] = detail::fragment_element(x.b[1], 0, kind);
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          A[g][2 * t + h] = detail::fragment_element(x.a[0], h, kind);
+          A[g + 8][2 * t + h] = detail::fragment_element(x.a[1], h, kind);
+          A[g][2 * t + 8 + h] = detail::fragment_element(x.a[2], h, kind);
+          A[g + 8][2 * t + 8 + h] = detail::fragment_element(x.a[3], h, kind);
+          B[2 * t + h][g] = detail::fragment_element(x.b[0], h, kind);
+          B[2 * t + 8 + h][g] = detail::fragment_element(x.b[1], h, kind);
+        }
+      }
+      C[g][2 * t] = x.c[0];
+      C[g][2 * t + 1] = x.c[1];
+      C[g + 8][2 * t] = x.c[2];
+      C[g + 8][2 * t + 1] = x.c[3];
+    }
+    for (int i = 0; i < 16; ++i) {
+      for (int j = 0; j < 8; ++j) {
+        float sum = C[i][j];
+        for (int k = 0; k < K; ++k) sum += A[i][k] * B[k][j];
+        C[i][j] = sum;
+      }
+    }
+    for (int l = 0; l < 32; ++l) {
+      const int g = l / 4, t = l % 4;
+      const float v[4] = {C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1]};
+      std::memcpy(out[l], v, sizeof v);
+    }
+  });
+}
+
+}  // namespace liif_harness
+
+// __shfl_xor_sync over the full warp: lane l receives lane (l ^ lane_mask)'s value.
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+  if (mask != 0xFFFFFFFFu) throw std::runtime_error("host harness: __shfl_xor_sync needs a full mask");
+  float result;
+  liif_harness::BlockRunner::current_runner()->warp_instruction(
+      "shfl.xor", &value, sizeof value, &result, sizeof result,
+      [lane_mask](const liif_harness::WarpRegisters& in, liif_harness::WarpRegisters& out,
+                  unsigned lanes) {
+    if (lanes != 32) throw std::runtime_error("host harness: __shfl_xor_sync needs a full warp");
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(out[l], in[l ^ static_cast<unsigned>(lane_mask)], 4);
+  });
+  return result;
+}

@@ -1,18 +1,20 @@
 // The CUDA query path run on the host: the same preparation as the CUDA operator
-// (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh, executed by
+// (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh and
+// liif_query_mma_kernel.cuh, executed by
 // the host emulation of cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query,
 // built by tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <thread>
 #include <tuple>
 
 // After torch's headers: the emulation defines CUDA's keywords and built-in variables.
 #include "cuda_host_emulation.h"
 
-#include "cuda/liif_query_kernel.cuh"
+#include "cuda/liif_query_mma_kernel.cuh"
 #include "cuda/liif_query_prepare.h"
 
 namespace {
@@ -35,15 +37,21 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
                        [&] { kernel(params); }, reverse_order, workers);
 }
 
-// Returns the output and the kernel that ran (1 fast, 2 generic, 3 tensor cores). `max_shared_bytes`
-// stands for the device's per-block shared-memory limit (101376 on sm_86/sm_89, 232448 on sm_90);
-// the emulated device has tensor cores.
+// Returns the output and the kernel that ran (KernelPath: 1 fast, 2 generic, 3 WMMA tensor cores,
+// 4 mma.sync tensor cores). `max_shared_bytes` stands for the device's per-block shared-memory limit
+// (101376 on sm_86/sm_89, 232448 on sm_90); the emulated device has tensor cores;
+// `tensor_core_kernel` ("mma" or "wmma") is the kernel preferred for the reduced precisions.
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
                                               bool local_ensemble, bool feat_unfold,
                                               bool cell_decode, c10::string_view precision,
-                                              int64_t max_shared_bytes, bool reverse_order) {
+                                              int64_t max_shared_bytes, bool reverse_order,
+                                              c10::string_view tensor_core_kernel) {
+  TORCH_CHECK(tensor_core_kernel == "mma" || tensor_core_kernel == "wmma",
+              "host harness: tensor_core_kernel must be mma or wmma");
+  const TensorCoreKernel preferred =
+      tensor_core_kernel == "mma" ? TensorCoreKernel::kMma : TensorCoreKernel::kWmma;
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
@@ -55,7 +63,7 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_on_host);
     const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
-                                                /*has_tensor_cores=*/true);
+                                                /*has_tensor_cores=*/true, preferred);
     run_kernel(prepared.params, plan, reverse_order);
     out = prepared.out;
     path = static_cast<int64_t>(plan.path);
@@ -159,6 +167,161 @@ void divergent_barrier() {
   liif_harness::launch(1, 4, 0, [] { divergent_barrier_kernel(); }, false, 1);
 }
 
+// The warp-wide instructions of the mma.sync kernel.
+
+// Lane l of each warp receives lane (l ^ lane_mask)'s value.
+__global__ void shuffle_kernel(float* out, int lane_mask) {
+  const unsigned t = blockIdx.x * blockDim.x + threadIdx.x;
+  out[t] = __shfl_xor_sync(0xFFFFFFFFu, static_cast<float>(t), lane_mask);
+}
+
+at::Tensor shuffle(int64_t threads, int64_t lane_mask, bool reverse_order) {
+  at::Tensor out = at::empty({2 * threads}, at::kFloat);
+  float* data = out.data_ptr<float>();
+  liif_harness::launch(2, static_cast<unsigned>(threads), 16, [&] {
+    shuffle_kernel(data, static_cast<int>(lane_mask)); }, reverse_order, 1);
+  return out;
+}
+
+// What a warp must not do: "instructions", even lanes shuffle while odd lanes load a matrix;
+// "barrier", lane 0 waits at a barrier while the others shuffle; "outside", ldmatrix rows outside
+// the block's shared memory.
+__global__ void warp_misuse_kernel(int mode) {
+  LIIF_DYNAMIC_SHARED(smem);
+  uint32_t r[4];
+  const unsigned lane = threadIdx.x % 32;
+  if (mode == 0) {
+    if (lane % 2 == 0) {
+      __shfl_xor_sync(0xFFFFFFFFu, 1.f, 1);
+    } else {
+      liif::cuda::ldmatrix_x4(r, smem + 16 * (lane % 8));
+    }
+  } else if (mode == 1) {
+    if (lane == 0) {
+      __syncthreads();
+    } else {
+      __shfl_xor_sync(0xFFFFFFFFu, 1.f, 1);
+      __syncthreads();
+    }
+  } else {
+    liif::cuda::ldmatrix_x4(r, smem + 1024 + 16 * lane);
+  }
+}
+
+void warp_misuse(c10::string_view mode) {
+  const int m = mode == "instructions" ? 0 : mode == "barrier" ? 1 : mode == "outside" ? 2 : -1;
+  TORCH_CHECK(m >= 0, "host harness: unknown misuse");
+  liif_harness::launch(1, 32, 1024, [&] { warp_misuse_kernel(m); }, false, 1);
+}
+
+// One warp computes D (16 x 16) = A (16 x K) B (K x 16) + C with two m16n8 mma.sync, K = 16 for
+// bf16 / fp16 and 8 for tf32 (float values already representable in the operand type). The
+// fragments come either straight from global memory by PTX's documented per-lane layouts, or from
+// shared memory by ldmatrix as the query kernel loads them (A as [row][k], B as [n][k] rows).
+template <Precision P>
+__global__ void mma_tile_kernel(const float* A, const float* B, const float* C, float* D,
+                                bool via_ldmatrix) {
+  using Op = Operand<P>;
+  using S = typename Op::storage;
+  constexpr int K = P == Precision::kTf32 ? 8 : 16;
+  constexpr int kPitch = K * static_cast<int>(sizeof(S)) + 16;  // bytes per shared-memory row
+  LIIF_DYNAMIC_SHARED(smem);
+  const int lane = static_cast<int>(threadIdx.x);
+  const int g = lane / 4, t = lane % 4;
+  auto bits = [](float v) -> uint32_t {
+    const S s = Op::store(v);
+    uint32_t u = 0;
+    std::memcpy(&u, &s, sizeof s);
+    return u;
+  };
+  // The register holding elements (row, col) and (row, col + 1) of 16-bit operands, or (row, col).
+  auto reg = [&](const float* m, int cols, int row, int col) -> uint32_t {
+    if (sizeof(S) == 4) return bits(m[row * cols + col]);
+    return bits(m[row * cols + col]) | (bits(m[row * cols + col + 1]) << 16);
+  };
+  uint32_t a[4], b[2][4];
+  if (!via_ldmatrix) {
+    // B (K x 16) as the column-major operand of each n8 tile: element (k, n) is B[k * 16 + n].
+    auto breg = [&](int k, int n) -> uint32_t {
+      if (sizeof(S) == 4) return bits(B[k * 16 + n]);
+      return bits(B[k * 16 + n]) | (bits(B[(k + 1) * 16 + n]) << 16);
+    };
+    if (sizeof(S) == 4) {
+      a[0] = reg(A, K, g, t);
+      a[1] = reg(A, K, g + 8, t);
+      a[2] = reg(A, K, g, t + 4);
+      a[3] = reg(A, K, g + 8, t + 4);
+      for (int n = 0; n < 2; ++n) {
+        b[n][0] = breg(t, 8 * n + g);
+        b[n][1] = breg(t + 4, 8 * n + g);
+      }
+    } else {
+      a[0] = reg(A, K, g, 2 * t);
+      a[1] = reg(A, K, g + 8, 2 * t);
+      a[2] = reg(A, K, g, 2 * t + 8);
+      a[3] = reg(A, K, g + 8, 2 * t + 8);
+      for (int n = 0; n < 2; ++n) {
+        b[n][0] = breg(2 * t, 8 * n + g);
+        b[n][1] = breg(2 * t + 8, 8 * n + g);
+      }
+    }
+  } else {
+    S* sa = reinterpret_cast<S*>(smem);
+    S* sb = reinterpret_cast<S*>(smem + 16 * kPitch);
+    if (lane == 0) {
+      for (int r = 0; r < 16; ++r) {
+        for (int k = 0; k < K; ++k) {
+          sa[r * kPitch / static_cast<int>(sizeof(S)) + k] = Op::store(A[r * K + k]);
+          sb[r * kPitch / static_cast<int>(sizeof(S)) + k] = Op::store(B[k * 16 + r]);
+        }
+      }
+    }
+    __syncthreads();
+    const int j = lane / 8;
+    uint32_t bb[4];
+    liif::cuda::ldmatrix_x4(a, smem + (lane % 8 + 8 * (j % 2)) * kPitch + 16 * (j / 2));
+    liif::cuda::ldmatrix_x4(bb, smem + (16 + lane % 8 + 8 * (j / 2)) * kPitch + 16 * (j % 2));
+    b[0][0] = bb[0];
+    b[0][1] = bb[1];
+    b[1][0] = bb[2];
+    b[1][1] = bb[3];
+  }
+  for (int n = 0; n < 2; ++n) {
+    float d[4] = {C[g * 16 + 8 * n + 2 * t], C[g * 16 + 8 * n + 2 * t + 1],
+                  C[(g + 8) * 16 + 8 * n + 2 * t], C[(g + 8) * 16 + 8 * n + 2 * t + 1]};
+    liif::cuda::mma_16x8<P>(d, a, b[n][0], b[n][1]);
+    D[g * 16 + 8 * n + 2 * t] = d[0];
+    D[g * 16 + 8 * n + 2 * t + 1] = d[1];
+    D[(g + 8) * 16 + 8 * n + 2 * t] = d[2];
+    D[(g + 8) * 16 + 8 * n + 2 * t + 1] = d[3];
+  }
+}
+
+at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                    c10::string_view precision, bool via_ldmatrix) {
+  const Precision p = parse_precision(a, precision);
+  const int64_t k = p == Precision::kTf32 ? 8 : 16;
+  TORCH_CHECK(p != Precision::kFp32 && a.sizes() == at::IntArrayRef({16, k}) &&
+              b.sizes() == at::IntArrayRef({k, 16}) && c.sizes() == at::IntArrayRef({16, 16}),
+              "host harness: mma_tile takes A (16, K), B (K, 16), C (16, 16)");
+  const at::Tensor A = a.contiguous(), B = b.contiguous(), C = c.contiguous();
+  at::Tensor D = at::empty({16, 16}, at::kFloat);
+  const float *pa = A.const_data_ptr<float>(), *pb = B.const_data_ptr<float>(),
+              *pc = C.const_data_ptr<float>();
+  float* pd = D.data_ptr<float>();
+  auto go = [&](auto kernel) {
+    liif_harness::launch(1, 32, 32 * (64 + 16), [&] { kernel(pa, pb, pc, pd, via_ldmatrix); },
+                         false, 1);
+  };
+  switch (p) {
+    case Precision::kTf32: go(mma_tile_kernel<Precision::kTf32>); break;
+    case Precision::kBf16: go(mma_tile_kernel<Precision::kBf16>); break;
+    case Precision::kFp16: go(mma_tile_kernel<Precision::kFp16>); break;
+    case Precision::kFp32: break;
+  }
+  return D;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(liif_cuda_harness, m) {
@@ -174,9 +337,15 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.impl("tf32_operand", c10::DispatchKey::CatchAll, &tf32_operand);
   m.def("divergent_barrier() -> ()");
   m.impl("divergent_barrier", c10::DispatchKey::CatchAll, &divergent_barrier);
+  m.def("shuffle(int threads, int lane_mask, bool reverse_order) -> Tensor");
+  m.impl("shuffle", c10::DispatchKey::CatchAll, &shuffle);
+  m.def("warp_misuse(str mode) -> ()");
+  m.impl("warp_misuse", c10::DispatchKey::CatchAll, &warp_misuse);
+  m.def("mma_tile(Tensor a, Tensor b, Tensor c, str precision, bool via_ldmatrix) -> Tensor");
+  m.impl("mma_tile", c10::DispatchKey::CPU, &mma_tile);
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision, "
-      "int max_shared_bytes, bool reverse_order) -> (Tensor, int)");
+      "int max_shared_bytes, bool reverse_order, str tensor_core_kernel=\"mma\") -> (Tensor, int)");
   m.impl("query", c10::DispatchKey::CPU, &query_on_host);
 }

@@ -1,0 +1,358 @@
+// The mma.sync tensor-core kernel of the fused query: the published shape (hidden layers 256 wide,
+// out_dim <= kMmaMaxOutDim, at least one hidden layer between the first and the last) with tf32,
+// bf16 or fp16 operands and float32 accumulation, sm_80 and newer. Same steps and roundings as the
+// WMMA kernel of liif_query_kernel.cuh (python/liif_rounding_model.py states them), built for the
+// data movement:
+//   - 128 (query, neighbour) rows per block: each weight byte fetched from L2 serves 128 rows;
+//   - the hidden layers' weights, packed on the host as [layer][chunk][out][kc] (chunks contiguous),
+//     stream through a ring of kMmaStages shared-memory chunks by asynchronous copies, kMmaStages - 1
+//     in flight, continuing across layer boundaries; the first ones are in flight while the geometry
+//     and layer 0 are computed; one barrier per chunk;
+//   - operands reach the tensor cores by ldmatrix (activations as the row-major A operand, weights
+//     as (out, in) rows, which is the column-major B operand), products by mma.sync m16n8k16 (bf16,
+//     fp16) or m16n8k8 (tf32); warp w owns rows 64 (w / 4) .. +63 and columns 64 (w % 4) .. +63 of
+//     every layer: 4 x 8 accumulator tiles in registers;
+//   - bias, ReLU and the rounding to the operand type are applied to the accumulators in registers
+//     and written as the next layer's operands; after the last hidden layer the last layer is
+//     folded into that epilogue (float32 weights, as in the rounding model): each lane's partial
+//     dot products, summed over the four lanes of a row by shuffles, then over the four column
+//     warps in a fixed order in the blend. Deterministic: no atomics.
+//
+// Compiled by nvcc and by the host execution harness (tests/harness/cuda_host_emulation.h), which
+// runs ldmatrix, mma.sync and __shfl_xor_sync as warp-wide operations on each lane's own registers
+// with their documented fragment layouts (liif_tensor_core.cuh), so a layout mistake fails there.
+#pragma once
+
+#include <cstdint>
+
+#include "liif_query_kernel.cuh"
+#include "liif_tensor_core.cuh"
+
+namespace liif {
+namespace cuda {
+
+#if defined(LIIF_TENSOR_CORES)
+
+constexpr int kMmaWarpRows = 64;  // rows of a warp's tile: 4 m16 tiles
+constexpr int kMmaWarpCols = 64;  // columns of a warp's tile: 8 n8 tiles
+static_assert(kThreadsPerBlock / 32 == (kMmaRows / kMmaWarpRows) * kMmaWarpsAlongColumns &&
+                  kMmaWarpsAlongColumns * kMmaWarpCols == kFastWidth,
+              "8 warps tile 128 rows x 256 columns");
+
+// Two operands stored together (one 32-bit store), and four (layer 0's 8-byte store).
+template <typename S>
+struct alignas(2 * sizeof(S)) OperandPair {
+  S lo, hi;
+};
+template <typename S>
+struct alignas(4 * sizeof(S)) OperandQuad {
+  S v[4];
+};
+
+// Chunk `chunk` of the packed hidden-layer weights into its ring slot: 256 rows of 64 bytes, four
+// 16-byte copies per thread, consecutive threads on consecutive global addresses.
+__device__ __forceinline__ void mma_fetch_chunk(const unsigned char* weights, int chunk,
+                                                unsigned char* ring) {
+  const unsigned char* src = weights + static_cast<int64_t>(chunk) * kFastWidth * kMmaChunkRowBytes;
+  unsigned char* dst = ring + (chunk % kMmaStages) * kMmaChunkBytes;
+  constexpr int kCopiesPerRow = kMmaChunkRowBytes / 16;
+  constexpr int kCopies = kFastWidth * kCopiesPerRow / kThreadsPerBlock;
+#pragma unroll
+  for (int v = 0; v < kCopies; ++v) {
+    const int copy = v * kThreadsPerBlock + static_cast<int>(threadIdx.x);
+    const int row = copy / kCopiesPerRow;
+    const int part = copy % kCopiesPerRow;
+    async_copy_16(dst + row * kMmaChunkPitch + 16 * part, src + row * kMmaChunkRowBytes + 16 * part);
+  }
+}
+
+// Layer 0 into the activations, as first_layer() computes it (map row + bias + coordinate and cell
+// terms, ReLU, one rounding), four columns per thread: thread t always handles columns
+// 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + 4i.
+template <Precision P>
+__device__ void mma_first_layer(const QueryKernelParams<float>& p,
+                                const BlockShared<float, unsigned char>& s) {
+  using Op = Operand<P>;
+  using S = typename Op::storage;
+  constexpr int kPitch = mma_act_pitch_bytes(P);
+  constexpr int kGroups = kFastWidth / 4;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int c = 4 * (tid % kGroups);
+  const int nn = p.grid.num_neighbours;
+  const float4 bias = *reinterpret_cast<const float4*>(p.first_bias + c);
+  const float4 wy = *reinterpret_cast<const float4*>(p.extra_columns + c);
+  const float4 wx = *reinterpret_cast<const float4*>(p.extra_columns + kFastWidth + c);
+  const float4 wcy = *reinterpret_cast<const float4*>(p.extra_columns + 2 * kFastWidth + c);
+  const float4 wcx = *reinterpret_cast<const float4*>(p.extra_columns + 3 * kFastWidth + c);
+  auto term = [](float m, float b, float ry, float wy_, float rx, float wx_, float cy, float wcy_,
+                 float cx, float wcx_) {
+    float v = m + b;
+    v = v + ry * wy_ + rx * wx_ + cy * wcy_ + cx * wcx_;
+    return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
+  };
+  for (int r = tid / kGroups; r < kMmaRows; r += kThreadsPerBlock / kGroups) {
+    const int cell = s.cell[r];
+    float4 v = {0.f, 0.f, 0.f, 0.f};
+    if (cell >= 0) {
+      const int q = r / nn;
+      const float ry = s.rel_y[r], rx = s.rel_x[r], cy = s.cell_y[q], cx = s.cell_x[q];
+      const float4 m =
+          *reinterpret_cast<const float4*>(p.map + static_cast<int64_t>(cell) * kFastWidth + c);
+      v.x = term(m.x, bias.x, ry, wy.x, rx, wx.x, cy, wcy.x, cx, wcx.x);
+      v.y = term(m.y, bias.y, ry, wy.y, rx, wx.y, cy, wcy.y, cx, wcx.y);
+      v.z = term(m.z, bias.z, ry, wy.z, rx, wx.z, cy, wcy.z, cx, wcx.z);
+      v.w = term(m.w, bias.w, ry, wy.w, rx, wx.w, cy, wcy.w, cx, wcx.w);
+    }
+    OperandQuad<S> quad;
+    quad.v[0] = Op::store(v.x);
+    quad.v[1] = Op::store(v.y);
+    quad.v[2] = Op::store(v.z);
+    quad.v[3] = Op::store(v.w);
+    *reinterpret_cast<OperandQuad<S>*>(s.act + r * kPitch + c * static_cast<int>(sizeof(S))) = quad;
+  }
+}
+
+// One chunk of a hidden layer: acc += act[:, chunk's inputs] x w (the ring slot), two k-steps.
+// `unit0`: the chunk's first 16-byte column unit in the activation rows.
+template <Precision P>
+__device__ __forceinline__ void mma_chunk(float (&acc)[4][8][4], const unsigned char* act,
+                                          const unsigned char* w, int unit0, int lane, int row0,
+                                          int col0) {
+  constexpr int kPitch = mma_act_pitch_bytes(P);
+  const int j = lane / 8;  // the ldmatrix matrix this lane addresses a row of
+#pragma unroll
+  for (int step = 0; step < 2; ++step) {
+    // A: matrix j is rows 8 (j % 2) .. +7, 16-byte unit j / 2 of the k-step (a[0] .. a[3]).
+    uint32_t a[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = row0 + 16 * i + lane % 8 + 8 * (j % 2);
+      ldmatrix_x4(a[i], act + row * kPitch + 16 * (unit0 + 2 * step + j / 2));
+    }
+    // B, two n8 tiles at a time: matrix j is output columns 8 (j / 2) .. +7, unit j % 2.
+#pragma unroll
+    for (int pair = 0; pair < 4; ++pair) {
+      uint32_t b[4];
+      const int n = col0 + 16 * pair + lane % 8 + 8 * (j / 2);
+      ldmatrix_x4(b, w + n * kMmaChunkPitch + 16 * (2 * step + j % 2));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        mma_16x8<P>(acc[i][2 * pair], a[i], b[0], b[1]);
+        mma_16x8<P>(acc[i][2 * pair + 1], a[i], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// The epilogue of a hidden layer followed by another: act <- round(relu(acc + bias)), each lane
+// writing its accumulators' pairs of columns (one 32-bit store for 16-bit operands).
+template <Precision P>
+__device__ __forceinline__ void mma_store_layer(const float (&acc)[4][8][4],
+                                                const float* __restrict__ bias, unsigned char* act,
+                                                int lane, int row0, int col0) {
+  using Op = Operand<P>;
+  using S = typename Op::storage;
+  constexpr int kPitch = mma_act_pitch_bytes(P);
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int jn = 0; jn < 8; ++jn) {
+    const int col = col0 + 8 * jn + 2 * t;
+    const float2 b = *reinterpret_cast<const float2*>(bias + col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 16 * i + g + 8 * h;
+        OperandPair<S> pair;
+        pair.lo = Op::store(relu(acc[i][jn][2 * h] + b.x));
+        pair.hi = Op::store(relu(acc[i][jn][2 * h + 1] + b.y));
+        *reinterpret_cast<OperandPair<S>*>(act + row * kPitch + col * static_cast<int>(sizeof(S))) =
+            pair;
+      }
+    }
+  }
+}
+
+// The epilogue of the last hidden layer with the last layer folded in: h = round(relu(acc + bias))
+// in registers, then for each output o this lane's partial dot products over its 16 columns with
+// the float32 weights wt (in, out_dim), summed over the 4 lanes that share the rows, written by
+// lane t = 0 to partials[warp column][row][o].
+template <Precision P>
+__device__ __forceinline__ void mma_fold_last_layer(float (&acc)[4][8][4],
+                                                    const float* __restrict__ bias,
+                                                    const float* __restrict__ wt, int out_dim,
+                                                    float* partials, int lane, int row0, int col0) {
+  using Op = Operand<P>;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int jn = 0; jn < 8; ++jn) {
+    const int col = col0 + 8 * jn + 2 * t;
+    const float2 b = *reinterpret_cast<const float2*>(bias + col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[i][jn][e] = Op::load(Op::store(relu(acc[i][jn][e] + (e % 2 == 0 ? b.x : b.y))));
+      }
+    }
+  }
+  float* mine = partials + (col0 / kMmaWarpCols) * kMmaRows * out_dim;
+  for (int o = 0; o < out_dim; ++o) {
+    float part[4][2] = {};
+#pragma unroll
+    for (int jn = 0; jn < 8; ++jn) {
+      const int col = col0 + 8 * jn + 2 * t;
+      const float w0 = wt[col * out_dim + o];
+      const float w1 = wt[(col + 1) * out_dim + o];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        part[i][0] += acc[i][jn][0] * w0 + acc[i][jn][1] * w1;
+        part[i][1] += acc[i][jn][2] * w0 + acc[i][jn][3] * w1;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float v = part[i][h];
+        v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+        v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+        if (t == 0) mine[(row0 + 16 * i + g + 8 * h) * out_dim + o] = v;
+      }
+    }
+  }
+}
+
+template <Precision P>
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+    liif_query_mma_kernel(const QueryKernelParams<float> p) {
+  LIIF_DYNAMIC_SHARED(smem);
+  const SharedLayout layout = mma_layout(P, p.grid.num_neighbours);
+  const BlockShared<float, unsigned char> s = carve_shared<float, unsigned char>(smem, layout);
+  unsigned char* ring = s.weights;
+  const unsigned char* weights = static_cast<const unsigned char*>(p.operand_weights);
+  const int hidden = p.num_layers - 2;
+  constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
+  const int chunks = hidden * kChunksPerLayer;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+
+  // The first chunks stream in while the geometry and layer 0 are computed. Every thread commits
+  // one group per chunk slot, empty past the last chunk, so that "chunk c has landed" is always
+  // "at most kMmaStages - 2 groups pending" at chunk c.
+  for (int c = 0; c < kMmaStages - 1; ++c) {
+    if (c < chunks) mma_fetch_chunk(weights, c, ring);
+    async_copy_commit();
+  }
+  load_geometry(p, s, first, layout.queries);
+  __syncthreads();
+  mma_first_layer<P>(p, s);
+
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int row0 = kMmaWarpRows * (warp / kMmaWarpsAlongColumns);
+  const int col0 = kMmaWarpCols * (warp % kMmaWarpsAlongColumns);
+  const int out_dim = p.widths[p.num_layers - 1];
+  const float* last_w = p.weights + static_cast<int64_t>(hidden) * kFastWidth * kFastWidth;
+  const float* last_b = p.biases + static_cast<int64_t>(hidden) * kFastWidth;
+  float* partials = reinterpret_cast<float*>(ring);
+  float acc[4][8][4];
+  int chunk = 0;
+  for (int l = 0; l < hidden; ++l) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int jn = 0; jn < 8; ++jn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][jn][e] = 0.f;
+      }
+    }
+    for (int c = 0; c < kChunksPerLayer; ++c, ++chunk) {
+      // This thread's copies of `chunk` have landed; after the barrier everybody's have, the
+      // activations written before it are visible, and every warp is done with chunk - 1, whose
+      // slot the next fetch refills.
+      async_copy_wait<kMmaStages - 2>();
+      __syncthreads();
+      if (chunk + kMmaStages - 1 < chunks) mma_fetch_chunk(weights, chunk + kMmaStages - 1, ring);
+      async_copy_commit();
+      mma_chunk<P>(acc, s.act, ring + (chunk % kMmaStages) * kMmaChunkBytes,
+                   c * (kMmaChunkRowBytes / 16), lane, row0, col0);
+    }
+    // Every warp is done reading this layer's activations (overwritten next) and the ring (the
+    // partial sums' place after the last layer); no copy is in flight after the last chunk.
+    __syncthreads();
+    const float* bias = p.biases + static_cast<int64_t>(l) * kFastWidth;
+    if (l + 1 < hidden) {
+      mma_store_layer<P>(acc, bias, s.act, lane, row0, col0);
+    } else {
+      mma_fold_last_layer<P>(acc, bias, last_w, out_dim, partials, lane, row0, col0);
+    }
+  }
+  __syncthreads();
+
+  // The blend, in the reference's order; each prediction is the last layer's bias plus the four
+  // column warps' partial sums, in a fixed order.
+  const int nn = p.grid.num_neighbours;
+  for (int e = static_cast<int>(threadIdx.x); e < layout.queries * out_dim;
+       e += static_cast<int>(blockDim.x)) {
+    const int q = e / out_dim;
+    const int o = e - q * out_dim;
+    const int state = s.state[q];
+    if (state < 0) continue;
+    float v;
+    if (state == 0) {
+      v = NAN;
+    } else {
+      v = 0.f;
+      for (int k = 0; k < nn; ++k) {
+        const int r = q * nn + k;
+        float pred = last_b[o];
+        for (int wc = 0; wc < kMmaWarpsAlongColumns; ++wc) {
+          pred += partials[(wc * kMmaRows + r) * out_dim + o];
+        }
+        v = v + pred * s.blend[r];
+      }
+    }
+    p.out[(first + q) * out_dim + o] = v;
+  }
+}
+
+#else
+// Targets older than sm_80 (never launched there, see LIIF_TENSOR_CORES).
+template <Precision P>
+__global__ void liif_query_mma_kernel(const QueryKernelParams<float>) {
+  __trap();
+}
+#endif  // LIIF_TENSOR_CORES
+
+// The kernel `plan` names for `precision`, or nullptr where there is none (the fast and tensor-core
+// kernels are float32 only; the host never plans them for float64). Shared by the CUDA launcher and
+// the host execution harness.
+template <typename T>
+using QueryKernel = void (*)(QueryKernelParams<T>);
+
+template <typename T>
+inline QueryKernel<T> planned_kernel(const LaunchPlan& plan, Precision precision) {
+  if (plan.path == KernelPath::kGeneric) return liif_query_generic_kernel<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    if (plan.path == KernelPath::kFast) return liif_query_fast_kernel;
+    if (plan.path == KernelPath::kTensorCore || plan.path == KernelPath::kMma) {
+      const bool mma = plan.path == KernelPath::kMma;
+      switch (precision) {
+        case Precision::kTf32:
+          return mma ? liif_query_mma_kernel<Precision::kTf32>
+                     : liif_query_tensor_core_kernel<Precision::kTf32>;
+        case Precision::kBf16:
+          return mma ? liif_query_mma_kernel<Precision::kBf16>
+                     : liif_query_tensor_core_kernel<Precision::kBf16>;
+        case Precision::kFp16:
+          return mma ? liif_query_mma_kernel<Precision::kFp16>
+                     : liif_query_tensor_core_kernel<Precision::kFp16>;
+        case Precision::kFp32: break;
+      }
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace cuda
+}  // namespace liif

@@ -1,0 +1,97 @@
+"""Mutation tests of the host execution harness: the mma.sync kernel with one fragment-layout or
+reduction mistake, of the kind that compiles and runs on a GPU, must fail the harness check that CI
+runs (tests/test_tensor_core_harness.py). Each mutant is a copy of csrc/ with one edit, built into
+its own harness in a subprocess (the harness registers a fixed operator namespace)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL = os.path.join("cuda", "liif_query_mma_kernel.cuh")
+
+# name: (original text in the kernel, the mutant's text)
+MUTATIONS = {
+    "A fragments: k halves taken as row halves": (
+        "const int row = row0 + 16 * i + lane % 8 + 8 * (j % 2);\n"
+        "      ldmatrix_x4(a[i], act + row * kPitch + 16 * (unit0 + 2 * step + j / 2));",
+        "const int row = row0 + 16 * i + lane % 8 + 8 * (j / 2);\n"
+        "      ldmatrix_x4(a[i], act + row * kPitch + 16 * (unit0 + 2 * step + j % 2));"),
+    "B fragments: the two n8 tiles' matrices interleaved": (
+        "const int n = col0 + 16 * pair + lane % 8 + 8 * (j / 2);\n"
+        "      ldmatrix_x4(b, w + n * kMmaChunkPitch + 16 * (2 * step + j % 2));",
+        "const int n = col0 + 16 * pair + lane % 8 + 8 * (j % 2);\n"
+        "      ldmatrix_x4(b, w + n * kMmaChunkPitch + 16 * (2 * step + j / 2));"),
+    "accumulators: rows g and g + 8 exchanged when stored": (
+        "const int row = row0 + 16 * i + g + 8 * h;\n        OperandPair<S> pair;",
+        "const int row = row0 + 16 * i + g + 8 * (1 - h);\n        OperandPair<S> pair;"),
+    "last layer: the row sum misses two lanes": (
+        "v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);",
+        "v += 0.f * __shfl_xor_sync(0xFFFFFFFFu, v, 2);"),
+}
+
+CHECK = textwrap.dedent("""
+    import os, sys, torch, torch.utils.cpp_extension
+    root, csrc, build = sys.argv[1:4]
+    sys.path[:0] = [os.path.join(root, "tests"), os.path.join(root, "python")]
+    torch.utils.cpp_extension.load(
+        name="liif_cuda_host_harness", is_python_module=False, build_directory=build,
+        sources=[os.path.join(root, "tests", "harness", "liif_query_harness.cpp")],
+        extra_include_paths=[csrc],
+        extra_cflags=["-O2", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-unknown-pragmas"])
+    print("built", flush=True)
+    import liif_cuda
+    from helpers import make_mlp, published_problem, rounding_model_bound
+    from conftest import relative_error
+    feat, coords, cells, published = published_problem(1, 3, 4, 70, seed=11)
+    flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
+    # Three and two hidden-to-hidden layers: an even number of epilogues could undo a mistake.
+    for mlp in (published, make_mlp(580, [256] * 3, 3, torch.float32, seed=12)):
+        w, b = liif_cuda.mlp_parameters(mlp)
+        for precision in ("bf16", "tf32"):
+            out, path = torch.ops.liif_cuda_harness.query(
+                feat, coords, cells, w, b, True, True, True, precision, 232448, False, "mma")
+            assert path == 4, path
+            exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags)
+            error = relative_error(out, exact)
+            print(len(w), precision, error, bound)
+            if not error <= bound:
+                sys.exit(3)
+    """)
+
+
+def run_check(csrc, build, cwd):
+    # Run outside the checkout: the installed liif_cuda, not the source folder, is imported.
+    return subprocess.run([sys.executable, "-c", CHECK, ROOT, csrc, build], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_mutations_are_distinct_edits():
+    text = open(os.path.join(ROOT, "csrc", KERNEL)).read()
+    for name, (original, _) in MUTATIONS.items():
+        assert text.count(original) == 1, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MUTATIONS) + [None])
+def test_harness_catches_the_mutant(name, tmp_path):
+    """None: the unmutated copy passes the same check (so that a failure means the mutation)."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
+    if name is not None:
+        path = csrc / KERNEL
+        original, mutant = MUTATIONS[name]
+        path.write_text(path.read_text().replace(original, mutant))
+    proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path))
+    log = proc.stdout + proc.stderr[-3000:]
+    assert "built" in proc.stdout, log  # the mutant compiles: what fails next is the check
+    if name is None:
+        assert proc.returncode == 0, log
+    else:
+        # An error beyond the rounding model's bound (exit 3), or the harness refusing what the
+        # kernel did (an exception naming the host harness).
+        assert proc.returncode == 3 or (proc.returncode == 1 and "host harness" in proc.stderr), log
