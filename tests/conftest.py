@@ -1,9 +1,14 @@
+import contextlib
 import os
 import sys
 
-import pytest
-import torch
-from hypothesis import HealthCheck, Phase, settings
+# cuBLAS is reproducible under torch.use_deterministic_algorithms(True) only with this workspace
+# setting, read when cuBLAS starts (CUDA tests that check bitwise reproducibility need it).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
@@ -20,6 +25,19 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for the block: on CUDA the recompute backward's
+    per-cell accumulation (index_add_) then runs without atomics, so gradients are bitwise
+    reproducible."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def relative_error(out, ref):

@@ -5,7 +5,7 @@ the reason, without a GPU; tests/test_tensor_core_harness.py runs the same kerne
 import pytest
 import torch
 from conftest import (CUDA_SKIP_REASON, OFFICIAL_WEIGHTS, PRECISION_TOLERANCE, SHARED, TOLERANCE,
-                      relative_error, requires_shared)
+                      deterministic_algorithms, relative_error, requires_shared)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given
@@ -113,12 +113,15 @@ def test_compile_under_autocast():
 
 
 def test_gradients_are_the_float32_ones():
+    """Whatever the forward's precision, the backward recomputes the exact function: identical
+    gradients (bitwise, with deterministic algorithms: no atomic adds in the backward)."""
     feat, coords, cells, mlp = published(batch=1, height=8, width=8, queries=500, seed=5)
     leaf = feat.clone().requires_grad_()
-    liif_cuda.query(leaf, coords, cells, mlp).sum().backward()
-    expected = leaf.grad.clone()
-    leaf.grad = None
-    liif_cuda.query(leaf, coords, cells, mlp, precision="bf16").sum().backward()
+    with deterministic_algorithms():
+        liif_cuda.query(leaf, coords, cells, mlp).sum().backward()
+        expected = leaf.grad.clone()
+        leaf.grad = None
+        liif_cuda.query(leaf, coords, cells, mlp, precision="bf16").sum().backward()
     torch.testing.assert_close(leaf.grad, expected, rtol=0, atol=0)
 
 

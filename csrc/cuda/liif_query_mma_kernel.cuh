@@ -68,7 +68,9 @@ __device__ __forceinline__ void mma_fetch_chunk(const unsigned char* weights, in
 
 // Layer 0 into the activations, as first_layer() computes it (map row + bias + coordinate and cell
 // terms, ReLU, one rounding), four columns per thread: thread t always handles columns
-// 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + 4i.
+// 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + 4i. The map
+// rows come from L2 (or HBM): each thread issues the loads of kBatch rows before it uses any, so
+// that their latencies overlap instead of adding up over its 32 rows.
 template <Precision P>
 __device__ void mma_first_layer(const QueryKernelParams<float>& p,
                                 const BlockShared<float, unsigned char>& s) {
@@ -76,6 +78,9 @@ __device__ void mma_first_layer(const QueryKernelParams<float>& p,
   using S = typename Op::storage;
   constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kGroups = kFastWidth / 4;
+  constexpr int kStride = kThreadsPerBlock / kGroups;  // rows between a thread's rows
+  constexpr int kBatch = 8;
+  static_assert(kMmaRows % (kStride * kBatch) == 0, "whole batches of rows");
   const int tid = static_cast<int>(threadIdx.x);
   const int c = 4 * (tid % kGroups);
   const int nn = p.grid.num_neighbours;
@@ -90,25 +95,35 @@ __device__ void mma_first_layer(const QueryKernelParams<float>& p,
     v = v + ry * wy_ + rx * wx_ + cy * wcy_ + cx * wcx_;
     return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
   };
-  for (int r = tid / kGroups; r < kMmaRows; r += kThreadsPerBlock / kGroups) {
-    const int cell = s.cell[r];
-    float4 v = {0.f, 0.f, 0.f, 0.f};
-    if (cell >= 0) {
-      const int q = r / nn;
-      const float ry = s.rel_y[r], rx = s.rel_x[r], cy = s.cell_y[q], cx = s.cell_x[q];
-      const float4 m =
-          *reinterpret_cast<const float4*>(p.map + static_cast<int64_t>(cell) * kFastWidth + c);
-      v.x = term(m.x, bias.x, ry, wy.x, rx, wx.x, cy, wcy.x, cx, wcx.x);
-      v.y = term(m.y, bias.y, ry, wy.y, rx, wx.y, cy, wcy.y, cx, wcx.y);
-      v.z = term(m.z, bias.z, ry, wy.z, rx, wx.z, cy, wcy.z, cx, wcx.z);
-      v.w = term(m.w, bias.w, ry, wy.w, rx, wx.w, cy, wcy.w, cx, wcx.w);
+  for (int first_row = tid / kGroups; first_row < kMmaRows; first_row += kStride * kBatch) {
+    float4 m[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int cell = s.cell[first_row + kStride * b];
+      m[b] = cell >= 0 ? *reinterpret_cast<const float4*>(
+                             p.map + static_cast<int64_t>(cell) * kFastWidth + c)
+                       : float4{0.f, 0.f, 0.f, 0.f};
     }
-    OperandQuad<S> quad;
-    quad.v[0] = Op::store(v.x);
-    quad.v[1] = Op::store(v.y);
-    quad.v[2] = Op::store(v.z);
-    quad.v[3] = Op::store(v.w);
-    *reinterpret_cast<OperandQuad<S>*>(s.act + r * kPitch + c * static_cast<int>(sizeof(S))) = quad;
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int r = first_row + kStride * b;
+      float4 v = {0.f, 0.f, 0.f, 0.f};
+      if (s.cell[r] >= 0) {
+        const int q = r / nn;
+        const float ry = s.rel_y[r], rx = s.rel_x[r], cy = s.cell_y[q], cx = s.cell_x[q];
+        v.x = term(m[b].x, bias.x, ry, wy.x, rx, wx.x, cy, wcy.x, cx, wcx.x);
+        v.y = term(m[b].y, bias.y, ry, wy.y, rx, wx.y, cy, wcy.y, cx, wcx.y);
+        v.z = term(m[b].z, bias.z, ry, wy.z, rx, wx.z, cy, wcy.z, cx, wcx.z);
+        v.w = term(m[b].w, bias.w, ry, wy.w, rx, wx.w, cy, wcy.w, cx, wcx.w);
+      }
+      OperandQuad<S> quad;
+      quad.v[0] = Op::store(v.x);
+      quad.v[1] = Op::store(v.y);
+      quad.v[2] = Op::store(v.z);
+      quad.v[3] = Op::store(v.w);
+      *reinterpret_cast<OperandQuad<S>*>(s.act + r * kPitch + c * static_cast<int>(sizeof(S))) =
+          quad;
+    }
   }
 }
 
