@@ -71,8 +71,13 @@ step() {
   return $rc
 }
 
+# The commit can be stale where only the working tree was copied: the sources' hash identifies them.
+SOURCES=$(find csrc liif_cuda python benchmarks tests setup.py -type f \( -name '*.py' -o -name '*.h' \
+  -o -name '*.cuh' -o -name '*.cu' -o -name '*.cpp' -o -name '*.sh' \) -not -path '*/__pycache__/*' \
+  | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c 1-12)
 note "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$( \
-  git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)') $([ $DRY_RUN = 1 ] && echo 'DRY RUN')"
+  git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)'), sources $SOURCES $( \
+  [ $DRY_RUN = 1 ] && echo 'DRY RUN')"
 {
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   "$PYTHON" - <<'EOF'

@@ -1,7 +1,8 @@
 """What the reduced precisions cost on a published metric, predicted on the CPU: the official
 EDSR-baseline-LIIF weights on Set5 under the mmedit protocol at x2, x4 and x12, decoded by the
 reference query (python/liif_reference.py) whose MLP rounds exactly where liif_cuda's tensor-core
-kernel rounds (python/liif_rounding_model.py), against the same with no rounding. Issue 4 asks each
+kernel rounds (python/liif_rounding_model.py, with the first-layer map exact, as the host harness
+computes it; a GPU may compute that map in TF32), against the same with no rounding. Issue 4 asks each
 path to stay within 0.005 dB of float32; tests/test_query_cuda_precision.py checks the kernel itself
 on a GPU. Writes benchmarks/results/precision_psnr_<date>.json.
 
