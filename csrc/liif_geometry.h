@@ -8,7 +8,9 @@
 //     step, 1e-9) are rounded once to the arithmetic type on the host (FeatureGrid below);
 //   - every per-query operation is an individually rounded IEEE operation; on the device the `_rn`
 //     intrinsics keep nvcc from contracting a multiply and an add into an FMA, and host code is compiled
-//     with -ffp-contract=off for the same reason.
+//     with -ffp-contract=off for the same reason;
+//   - except one: the source index of nearest sampling, which torch's grid_sample computes with a
+//     fused multiply-add where its compiled code has one (FeatureGrid::fused_index, nearest_index()).
 #pragma once
 
 #include <cmath>
@@ -53,6 +55,21 @@ LIIF_HOST_DEVICE double mul_rn(double a, double b) {
   return a * b;
 #endif
 }
+// a * b + c with a single rounding.
+LIIF_HOST_DEVICE float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+LIIF_HOST_DEVICE double fma_rn(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
 
 // Round half to even, as std::nearbyint in grid_sample's nearest mode (default rounding mode).
 LIIF_HOST_DEVICE float round_half_even(float v) {
@@ -92,14 +109,20 @@ struct FeatureGrid {
   T first_centre_x, step_x;
   T size_y, size_x;              // H and W, the scale of relative coordinates and cells
   T area_eps;                    // 1e-9
+  // Whether nearest sampling's source index is computed with a fused multiply-add, as torch's
+  // grid_sample computes it on the device and dtype at hand (see nearest_index()).
+  bool fused_index;
 };
 
 // Built on the host: the doubles below are the reference's Python floats, rounded to T exactly once.
+// `fused_index`: see FeatureGrid.
 template <typename T>
-FeatureGrid<T> make_feature_grid(int64_t height, int64_t width, bool local_ensemble) {
+FeatureGrid<T> make_feature_grid(int64_t height, int64_t width, bool local_ensemble,
+                                 bool fused_index) {
   FeatureGrid<T> g{};
   g.height = height;
   g.width = width;
+  g.fused_index = fused_index;
   const double ry = 2.0 / static_cast<double>(height) / 2.0;  // reference `rx`: coordinate 0
   const double rx = 2.0 / static_cast<double>(width) / 2.0;   // reference `ry`: coordinate 1
   if (local_ensemble) {
@@ -135,11 +158,17 @@ FeatureGrid<T> make_feature_grid(int64_t height, int64_t width, bool local_ensem
 }
 
 // grid_sample(mode="nearest", align_corners=False) source index along one axis of length `size`:
-// ((c + 1) * size - 1) / 2 rounded half to even. After the reference's clamp it always lies in
-// [0, size - 1]; the final bounds check only guards memory, it never changes a finite result.
+// ((c + 1) * size - 1) / 2 rounded half to even. torch computes it as written in CUDA, and as
+// (c + 1) * (size / 2) - 0.5 in its vectorised CPU kernel: the same value, since halving is exact.
+// Where the compiled code fuses the multiply and the subtraction into one FMA (CUDA, whose compiler
+// contracts by default, and CPU builds whose instruction set has FMA), a coordinate exactly on a cell
+// border can land on the other cell than with two roundings; `fused` follows torch on the device and
+// dtype at hand (the CPU kernel asks torch once, see csrc/cpu). After the reference's clamp the index
+// always lies in [0, size - 1]; the final bounds check only guards memory.
 template <typename T>
-LIIF_HOST_DEVICE int64_t nearest_index(T c, T size, int64_t n) {
-  const T src = add_rn(mul_rn(add_rn(c, T(1)), size), T(-1)) / T(2);
+LIIF_HOST_DEVICE int64_t nearest_index(T c, T size, int64_t n, bool fused) {
+  const T a = add_rn(c, T(1));
+  const T src = (fused ? fma_rn(a, size, T(-1)) : add_rn(mul_rn(a, size), T(-1))) / T(2);
   const T r = round_half_even(src);
   if (!(r >= T(0))) return 0;  // also catches NaN
   if (r > static_cast<T>(n - 1)) return n - 1;
@@ -171,8 +200,8 @@ LIIF_HOST_DEVICE bool query_neighbours(const FeatureGrid<T>& g, T cy, T cx, Neig
   for (int k = 0; k < g.num_neighbours; ++k) {
     const T sy = clamp_coordinate(add_rn(cy, g.shift_y[k]), g.clamp_lo, g.clamp_hi);
     const T sx = clamp_coordinate(add_rn(cx, g.shift_x[k]), g.clamp_lo, g.clamp_hi);
-    const int64_t iy = nearest_index(sy, g.size_y, g.height);
-    const int64_t ix = nearest_index(sx, g.size_x, g.width);
+    const int64_t iy = nearest_index(sy, g.size_y, g.height, g.fused_index);
+    const int64_t ix = nearest_index(sx, g.size_x, g.width, g.fused_index);
     const T centre_y = add_rn(g.first_centre_y, mul_rn(g.step_y, static_cast<T>(iy)));
     const T centre_x = add_rn(g.first_centre_x, mul_rn(g.step_x, static_cast<T>(ix)));
     // The relative coordinate uses the original, unshifted and unclamped query coordinate.

@@ -1,11 +1,13 @@
 """The per-query geometry of csrc/liif_geometry.h, restated with torch operations.
 
 Used by the recompute-based backward. Every operation is a separately rounded torch operation on the
-coordinates' dtype with the same Python constants as the reference, so the cells chosen here are the
-cells the kernels chose in the forward pass.
+coordinates' dtype with the same Python constants as the reference, and the cells are picked by
+torch's own grid_sample, as the reference picks them, so they are the cells the kernels chose in the
+forward pass (which follow grid_sample's rounding on each device).
 """
 
 import torch
+import torch.nn.functional as F
 
 CLAMP_LO = -1 + 1e-6
 CLAMP_HI = 1 - 1e-6
@@ -23,8 +25,14 @@ def neighbour_shifts(height, width, local_ensemble):
 
 
 def _nearest_index(c, size):
-    # grid_sample(mode="nearest", align_corners=False): round half to even of ((c + 1) * size - 1) / 2.
-    return torch.round(((c + 1) * size - 1) / 2).clamp_(0, size - 1).long()
+    """The cell grid_sample(mode="nearest", align_corners=False) picks along an axis of `size` cells
+    for coordinates c: sampled from a map that holds each cell's index (exact: size < 2^24), so that
+    the rounding is torch's own on this device and dtype (a fused multiply-add or not)."""
+    index_map = torch.arange(size, dtype=c.dtype, device=c.device).view(1, 1, 1, size)
+    flat = c.reshape(-1)
+    grid = torch.stack([flat, torch.zeros_like(flat)], dim=-1).view(1, 1, -1, 2)
+    cell = F.grid_sample(index_map, grid, mode="nearest", align_corners=False)
+    return cell.view(c.shape).long()
 
 
 def neighbour_geometry(coords, height, width, local_ensemble):

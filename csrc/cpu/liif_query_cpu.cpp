@@ -24,6 +24,7 @@
 
 #include "../liif_geometry.h"
 #include "../liif_query_checks.h"
+#include "grid_sample_rounding.h"
 
 namespace liif {
 namespace {
@@ -283,7 +284,8 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
                     bool cell_decode, const QueryShape& shape, at::Tensor& out) {
   QueryPlan<scalar_t> p;
   p.shape = shape;
-  p.grid = make_feature_grid<scalar_t>(shape.height, shape.width, local_ensemble);
+  p.grid = make_feature_grid<scalar_t>(shape.height, shape.width, local_ensemble,
+                                      cpu_grid_sample_fuses_index<scalar_t>());
   p.cell_decode = cell_decode;
   p.coords = strided3<scalar_t>(coords);
   if (cell_decode) p.cells = strided3<scalar_t>(*cells);

@@ -104,7 +104,9 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
   k.weights = p.weights.template const_data_ptr<T>();
   k.biases = p.biases.template const_data_ptr<T>();
   k.out = p.out.template data_ptr<T>();
-  k.grid = make_feature_grid<T>(shape.height, shape.width, local_ensemble);
+  // torch's CUDA grid_sample computes ((c + 1) * size - 1) / 2 as written, and nvcc contracts the
+  // multiply-add into an FMA (its default): the kernels pick cells with the fused rounding.
+  k.grid = make_feature_grid<T>(shape.height, shape.width, local_ensemble, /*fused_index=*/true);
   k.total_queries = shape.batch * shape.queries;
   k.queries_per_image = shape.queries;
   k.num_layers = num_layers;

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "cpu/grid_sample_rounding.h"
 #include "cuda/liif_query_launch.h"
 #include "liif_geometry.h"
 
@@ -24,16 +25,36 @@ void expect(bool ok, const char* what) {
 
 void test_nearest_index() {
   // ((c + 1) * n - 1) / 2 rounded half to even: c = 0 on a 2-wide axis is 0.5 -> 0, on 4 -> 1.5 -> 2.
-  expect(liif::nearest_index(0.0f, 2.0f, 2) == 0, "half rounds to even (0.5 -> 0)");
-  expect(liif::nearest_index(0.0f, 4.0f, 4) == 2, "half rounds to even (1.5 -> 2)");
-  expect(liif::nearest_index(-1.0f, 4.0f, 4) == 0, "left edge");
-  expect(liif::nearest_index(2.0f, 4.0f, 4) == 3, "beyond the right edge stays in bounds");
-  expect(liif::nearest_index(std::numeric_limits<float>::quiet_NaN(), 4.0f, 4) == 0,
-         "NaN maps to a valid index");
+  for (bool fused : {false, true}) {
+    expect(liif::nearest_index(0.0f, 2.0f, 2, fused) == 0, "half rounds to even (0.5 -> 0)");
+    expect(liif::nearest_index(0.0f, 4.0f, 4, fused) == 2, "half rounds to even (1.5 -> 2)");
+    expect(liif::nearest_index(-1.0f, 4.0f, 4, fused) == 0, "left edge");
+    expect(liif::nearest_index(2.0f, 4.0f, 4, fused) == 3, "beyond the right edge stays in bounds");
+    expect(liif::nearest_index(std::numeric_limits<float>::quiet_NaN(), 4.0f, 4, fused) == 0,
+           "NaN maps to a valid index");
+  }
+}
+
+// The probes that ask torch how its CPU grid_sample rounds really tell the two roundings apart.
+template <typename T>
+void test_source_index_probe() {
+  using Probe = liif::SourceIndexProbe<T>;
+  const T c = static_cast<T>(Probe::coordinate);
+  const T n = static_cast<T>(Probe::size);
+  expect(liif::nearest_index(c, n, Probe::size, /*fused=*/true) == 1, "probe: fused picks cell 1");
+  expect(liif::nearest_index(c, n, Probe::size, /*fused=*/false) == 0,
+         "probe: two roundings pick cell 0");
+  // This build of torch on this processor: one of the two (the CPU kernel follows it).
+  const at::Tensor input =
+      at::arange(Probe::size, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))
+          .view({1, 1, 1, Probe::size});
+  const at::Tensor grid = at::tensor({c, T(0)}).view({1, 1, 1, 2});
+  const double cell = at::grid_sampler(input, grid, 1, 0, false).item<double>();
+  expect(cell == (liif::cpu_grid_sample_fuses_index<T>() ? 1.0 : 0.0), "probe answer cached");
 }
 
 void test_neighbours() {
-  const auto g = liif::make_feature_grid<double>(5, 7, true);
+  const auto g = liif::make_feature_grid<double>(5, 7, true, true);
   liif::Neighbour<double> nb[4];
   expect(liif::query_neighbours(g, 0.1, -0.3, nb), "finite query accepted");
   double total = 0;
@@ -85,7 +106,7 @@ void test_plan_rejects_layers_too_wide_for_shared_memory() {
   // One query's activations of a 2^24-wide layer take far more than any GPU's shared memory; the
   // byte counts of the generic kernel's layout (about 2^33 for 16 queries) must not wrap around.
   liif::cuda::QueryKernelParams<float> p;
-  p.grid = liif::make_feature_grid<float>(8, 8, true);
+  p.grid = liif::make_feature_grid<float>(8, 8, true, true);
   p.num_layers = 2;
   p.widths[0] = 1 << 24;
   p.widths[1] = 3;
@@ -101,6 +122,8 @@ void test_plan_rejects_layers_too_wide_for_shared_memory() {
 
 int main() {
   test_nearest_index();
+  test_source_index_probe<float>();
+  test_source_index_probe<double>();
   test_neighbours();
   test_operator_runs();
   test_plan_rejects_layers_too_wide_for_shared_memory();
