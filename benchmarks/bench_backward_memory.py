@@ -21,14 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
-
-
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from results_file import process_status_kib, reset_peak_resident_set  # noqa: E402
 
 
 def probe(variant):
@@ -38,13 +31,12 @@ def probe(variant):
     coord = ref.make_coord((256, 256)).unsqueeze(0)
     cell = ref.make_cell(coord, (256, 256))
     query = liif_cuda.query if variant == "fused" else ref.query_rgb
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = _status_bytes("VmRSS")
+    reset_peak_resident_set()
+    before = process_status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
     query(feat, coord, cell, mlp).square().sum().backward()
     seconds = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM") - before
+    peak = process_status_kib("VmHWM") * 1024 - before
     print(f"{variant:>9}: forward + backward {seconds:6.2f} s, peak memory +{peak / 2**20:7.1f} MiB")
 
 

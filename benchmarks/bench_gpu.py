@@ -15,7 +15,7 @@ device and versions.
 
     python benchmarks/bench_gpu.py                       # 480x270 -> 1920x1080 and 128x128 x4
     python benchmarks/bench_gpu.py --cases 128x128x4 --repeats 20 --variants reference,fused-bf16
-    python benchmarks/bench_gpu.py --device cpu --cases 16x12x2 --out /tmp/x.json   # dry run
+    python benchmarks/bench_gpu.py --device cpu --cases 16x12x2 --skip-training --out /tmp/x.json
 
 The JSON is rewritten after every case, so an interrupted run keeps the cases it finished. A variant
 that raises is reported with its error and left out of the remaining cases (the reference must run).
@@ -220,6 +220,60 @@ def measure_case(case, variants, repeats, device, peaks, failed):
     return row
 
 
+def measure_training(device, repeats):
+    """Forward + backward of the query at the published training shape (batch 16, 48x48 maps, 2304
+    queries each, loss = mean |out|), float32: the reference's autograd against the fused operator
+    (its backward on this device), median seconds and peak memory of each."""
+    g = torch.Generator().manual_seed(5)
+    feat = torch.randn(16, CHANNELS, 48, 48, generator=g).to(device)
+    coords = (torch.rand(16, 2304, 2, generator=g) * 2 - 1).to(device)
+    cells = torch.full((16, 2304, 2), 2 / 96).to(device)
+    torch.manual_seed(0)
+    mlp = ref.MLP(ref.imnet_in_dim(CHANNELS), 3, HIDDEN).to(device)
+    queries = {"reference": ref.query_rgb, "fused": liif_cuda.query}
+
+    def step(name):
+        leaf = feat.detach().requires_grad_()
+        mlp.zero_grad()
+        queries[name](leaf, coords, cells, mlp).abs().mean().backward()
+
+    def seconds(name):
+        if device != "cuda":
+            t0 = time.perf_counter()
+            step(name)
+            return time.perf_counter() - t0
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(name)
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+
+    for name in queries:
+        step(name)  # warm-up
+    times = {name: [] for name in queries}
+    for _ in range(repeats):
+        for name in queries:
+            times[name].append(seconds(name))
+    row = {"median_s": {k: statistics.median(v) for k, v in times.items()}}
+    row["speedup_vs_reference"] = row["median_s"]["reference"] / row["median_s"]["fused"]
+    if device == "cuda":
+        peaks = {}
+        for name in queries:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(name)
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() - base
+        row["peak_memory_bytes"] = peaks
+    print(f"\ntraining shape, forward + backward: reference {row['median_s']['reference'] * 1e3:.1f} "
+          f"ms, fused {row['median_s']['fused'] * 1e3:.1f} ms ({row['speedup_vs_reference']:.2f}x)",
+          flush=True)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=DEFAULT_CASES, help="WxHxSCALE, comma-separated")
@@ -229,6 +283,8 @@ def main():
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a dry run of this script on tiny cases")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="leave out the forward + backward at the training shape")
     args = parser.parse_args()
     variants = ["reference"] + [v for v in args.variants.split(",") if v and v != "reference"]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -254,10 +310,14 @@ def main():
         "rows": [],
         "failed_variants": {},
     }
+    stem = f"gpu_query_{info['device'].replace(' ', '_')}"
     for case in args.cases.split(","):
         result["rows"].append(measure_case(case, variants, args.repeats, args.device, peaks,
                                            result["failed_variants"]))
-        write_results(result, f"gpu_query_{info['device'].replace(' ', '_')}", args.out)
+        write_results(result, stem, args.out)
+    if not args.skip_training:
+        result["training_forward_backward"] = measure_training(args.device, args.repeats)
+        write_results(result, stem, args.out)
     return 1 if result["failed_variants"] else 0
 
 

@@ -15,7 +15,6 @@ Run on an otherwise idle machine: a build or test run on another core distorts C
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,8 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
-from results_file import write_results  # noqa: E402
+from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
+                          reset_peak_resident_set, result_header, write_results)
 
 CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
@@ -53,22 +53,13 @@ def run_variant(name, feat, coord, cell, imnet):
         return liif_cuda.query(feat, coord, cell, imnet)
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_peak_memory(size, scale, variant):
     """Runs in a fresh process: peak resident memory added by one call, in bytes."""
     feat, coord, cell, imnet = make_inputs(size, scale)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = _rss_kib("VmRSS")
+    reset_peak_resident_set()
+    before = process_status_kib("VmRSS")
     out = run_variant(variant, feat, coord, cell, imnet)
-    peak = _rss_kib("VmHWM")
+    peak = process_status_kib("VmHWM")
     del out
     return (peak - before) * 1024
 
@@ -120,28 +111,6 @@ def matmul_rate(repeats=5):
     return 2 * 4096 * 256 * 256 / statistics.median(times)
 
 
-def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "liif_cuda": liif_cuda.__version__,
-        "build": liif_cuda.build_info(),
-    }
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="32,64,128", help="LR sizes (square), comma-separated")
@@ -191,11 +160,10 @@ def main():
                   flush=True)
 
     result = {
-        "benchmark": "bench_query (CPU, float32, C=64, MLP 580-256x4-3, reference chunk 30000)",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **result_header("bench_query (CPU, float32, C=64, MLP 580-256x4-3, reference chunk 30000)",
+                        __file__, sys.argv[1:]),
         "repeats": args.repeats,
-        "machine": machine_info(),
+        "machine": cpu_machine_info(),
         "matmul_flops_per_s": rate,
         "rows": rows,
     }

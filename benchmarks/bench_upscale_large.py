@@ -22,16 +22,9 @@ import torch
 from PIL import Image
 
 import liif_cuda
+from results_file import process_status_kib, reset_peak_resident_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def main():
@@ -46,14 +39,13 @@ def main():
     from skimage import data
     image = Image.fromarray(data.astronaut()).resize((args.width, args.height), Image.BICUBIC)
     model = liif_cuda.load_model(args.model)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = status_kib("VmRSS")
+    reset_peak_resident_set()
+    before = process_status_kib("VmRSS")
     start = time.perf_counter()
     result = liif_cuda.upscale(np.asarray(image), scale=args.scale, model=model, device="cpu",
                                progress=True)
     seconds = time.perf_counter() - start
-    peak = status_kib("VmHWM") - before
+    peak = process_status_kib("VmHWM") - before
     out_h, out_w = result.shape[:2]
     print(f"{args.width}x{args.height} -> {out_w}x{out_h}: {seconds / 60:.1f} min, peak memory "
           f"+{peak / 2**20:.2f} GiB over {before / 2**20:.2f} GiB before the call")

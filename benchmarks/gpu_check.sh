@@ -135,7 +135,8 @@ TAG=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' 
 BENCH_JSON=$RESULTS/gpu_query_${TAG}_$(date -u +%Y%m%d).json
 if [ $DRY_RUN = 1 ]; then
   step benchmark 120 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py --device cpu \
-    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --out "$BENCH_JSON"
+    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --skip-training \
+    --out "$BENCH_JSON"
 else
   step benchmark 180 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
     --variants "$VARIANTS,reference-autocast-fp16" --out "$BENCH_JSON"

@@ -1,8 +1,9 @@
 """Where the benchmarks put their results: benchmarks/results/<stem>_<YYYYMMDD>.json, or a path given
-with --out."""
+with --out; and the machine they ran on."""
 
 import json
 import os
+import platform
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,3 +17,56 @@ def write_results(result, stem, out=None):
         json.dump(result, f, indent=1)
     print(f"wrote {os.path.relpath(out, ROOT)}")
     return out
+
+
+def result_header(benchmark, script, argv):
+    """What every result starts with: the benchmark, the command that made it, the date."""
+    return {
+        "benchmark": benchmark,
+        "command": "python " + " ".join([os.path.relpath(script, ROOT)] + list(argv)),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def cpu_machine_info():
+    """The CPU (model, and the flags that decide bf16 matrix speed), threads and versions."""
+    import torch
+
+    import liif_cuda
+    cpu, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "liif_cuda": liif_cuda.__version__,
+        "build": liif_cuda.build_info(),
+    }
+
+
+def process_status_kib(field):
+    """A field of /proc/self/status in KiB (VmRSS: resident set, VmHWM: its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_resident_set():
+    """Sets VmHWM to the current resident set, so that the next peak is the call's own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -111,4 +111,22 @@ inline QueryShape check_query_inputs(const at::Tensor& feat, const at::Tensor& c
   return s;
 }
 
+// The extra arguments of liif_cuda::query_backward: grad_out like the output, one flag per gradient.
+inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& feat,
+                                  const QueryShape& s, size_t needs_grad) {
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == s.batch && grad_out.size(1) == s.queries &&
+                  grad_out.size(2) == s.out_dim,
+              "liif_cuda.query backward: grad_out must be (B, Q, out_dim) = (", s.batch, ", ",
+              s.queries, ", ", s.out_dim, "), got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == feat.scalar_type(),
+              "liif_cuda.query backward: grad_out must have feat's dtype ", feat.scalar_type(),
+              ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == feat.device(),
+              "liif_cuda.query backward: grad_out must be on feat's device ", feat.device(), ", got ",
+              grad_out.device());
+  const size_t expected = 3 + 2 * s.layer_widths.size();
+  TORCH_CHECK(needs_grad == expected, "liif_cuda.query backward: needs_grad must have ", expected,
+              " flags (feat, coords, cells, each weight, each bias), got ", needs_grad);
+}
+
 }  // namespace liif

@@ -10,4 +10,11 @@ TORCH_LIBRARY(liif_cuda, m) {
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision=\"fp32\") -> Tensor");
+  // The gradients of query for grad_out (B, Q, out_dim), in the order feat, coords, cells,
+  // weights..., biases...: one flag per gradient in `needs_grad`, an empty tensor where it is false.
+  // The exact (float32 / float64) function's gradients, whatever precision the forward used.
+  m.def(
+      "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
+      "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad) "
+      "-> Tensor[]");
 }

@@ -1,16 +1,17 @@
-"""Recompute-based backward of the fused query, as its own custom operator.
+"""The backward of the fused query: the operator liif_cuda::query_backward (schema in
+csrc/liif_query_schema.cpp), its fake implementation, and the recompute backward in torch operations.
 
-`liif_cuda::query_backward` recomputes the forward pass chunk by chunk and back-propagates through it
-by hand: the MLP, the blend weights (areas of the opposite neighbours) and the relative coordinates,
-then the first-layer map P = conv(feat, W1's feature columns) through the convolution's own gradient
-functions. Being an operator keeps its chunk loop out of traced graphs (torch.compile, AOTAutograd),
-which only see its fake implementation.
+On the CPU the operator is the fused C++ kernel (csrc/cpu/liif_query_backward_cpu.cpp). On CUDA it is,
+for now, `recompute_backward` below: it recomputes the forward pass chunk by chunk and back-propagates
+through it by hand with torch operations: the MLP, the blend weights (areas of the opposite
+neighbours) and the relative coordinates, then the first-layer map P = conv(feat, W1's feature
+columns) through the convolution's own gradient functions. It is also the tests' second opinion on the
+CPU kernel.
 
-Memory: P and its gradient, each B x width0 x H x W (plus the convolution gradients' workspace), and
-the activations of one chunk of `CHUNK_QUERIES` queries (all batch elements together), independent of
-the number of queries. Measured for the published MLP, a 64x64 float32 feature map and 65,536 queries:
-forward + backward raise the peak resident memory by 172 to 244 MiB (the unchunked reference, as used
-in training: 1838 MiB); see benchmarks/bench_backward_memory.py.
+Memory of the recompute backward: P and its gradient, each B x width0 x H x W (plus the convolution
+gradients' workspace), and the activations of one chunk of `CHUNK_QUERIES` queries (all batch elements
+together), independent of the number of queries. On CUDA its per-cell accumulation (index_add_) uses
+atomic adds unless torch.use_deterministic_algorithms(True) is on.
 """
 
 import contextlib
@@ -40,10 +41,10 @@ def _float32_convolutions(device):
         torch.backends.cudnn.allow_tf32 = previous
 
 
-@torch.library.custom_op("liif_cuda::query_backward", mutates_args=())
-def query_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Optional[Tensor],
-                   weights: List[Tensor], biases: List[Tensor], local_ensemble: bool,
-                   feat_unfold: bool, cell_decode: bool, needs_grad: List[bool]) -> List[Tensor]:
+def recompute_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Optional[Tensor],
+                       weights: List[Tensor], biases: List[Tensor], local_ensemble: bool,
+                       feat_unfold: bool, cell_decode: bool,
+                       needs_grad: List[bool]) -> List[Tensor]:
     """Gradients [feat, coords, cells, *weights, *biases]; an empty tensor where none was asked for.
 
     `needs_grad` has one flag per returned gradient. Queries whose coordinates are not finite (their
@@ -52,6 +53,17 @@ def query_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Option
     with _float32_convolutions(feat.device):
         return _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble,
                                feat_unfold, cell_decode, needs_grad)
+
+
+# CUDA: the recompute backward until a fused CUDA kernel takes its place.
+torch.library.impl("liif_cuda::query_backward", "CUDA")(recompute_backward)
+
+
+def query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
+                   cell_decode, needs_grad):
+    """The gradients of liif_cuda::query (see recompute_backward for their order)."""
+    return torch.ops.liif_cuda.query_backward(grad_out, feat, coords, cells, weights, biases,
+                                              local_ensemble, feat_unfold, cell_decode, needs_grad)
 
 
 def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
@@ -143,8 +155,20 @@ def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemb
             for gr, like, need in zip(grads, likes, needs_grad)]
 
 
-@query_backward.register_fake
+@torch.library.register_fake("liif_cuda::query_backward")
 def _(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
       needs_grad):
     likes = [feat, coords, cells if cells is not None else coords, *weights, *biases]
     return [t.new_empty(t.shape) if need else t.new_empty(0) for t, need in zip(likes, needs_grad)]
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("liif_cuda.query: double backward (gradients of gradients) is not supported")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("liif_cuda::query_backward", _no_double_backward,
+                                setup_context=_no_context)

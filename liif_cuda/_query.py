@@ -58,9 +58,11 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     for PyTorch's own autocast operators, and `precision` defaults to the autocast dtype's path
     ("fp16" or "bf16"; computed in float32 on the CPU). float64 feat is left alone by autocast.
 
-    Autograd: gradients flow to feat, coords, cells and every MLP weight and bias. The backward pass
-    recomputes the forward in chunks (see liif_cuda/_backward.py for its memory cost); double
-    backward is not supported.
+    Autograd: gradients flow to feat, coords, cells and every MLP weight and bias, each computed only
+    if it is required. The backward (the operator liif_cuda::query_backward) recomputes the forward
+    tile by tile: a fused C++ kernel on the CPU, deterministic; torch operations in chunks on CUDA
+    for now (liif_cuda/_backward.py). Gradients are the exact float32 / float64 function's whatever
+    the precision. Double backward raises an error.
     """
     weights, biases = mlp_parameters(imnet)
     _check_floating(feat, "feat")

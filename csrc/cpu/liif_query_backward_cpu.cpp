@@ -1,0 +1,505 @@
+// Fused backward of the LIIF query on the CPU (liif_cuda::query_backward): gradients of feat, coords,
+// cells and every MLP weight and bias, each only when asked for, in one pass over the forward's tiles.
+//
+// Per tile of (query, neighbour) rows it recomputes the forward in cache (layer 0 from the
+// precomputed first-layer map or the gathered features, the hidden layers as BLAS products, keeping
+// each layer's activations), then back-propagates: through the blend (the predictions' and the blend
+// weights' gradients), the last and hidden layers (weight gradients G^T A, input gradients G W masked
+// by the ReLUs), layer 0's coordinate and cell columns, and the geometry (areas and relative
+// coordinates) to the coordinates. Only as deep as a gradient is asked for: with frozen lower layers
+// and no feat / coords / cells gradient the propagation stops early.
+//
+// The first-layer map's gradient (or, without the map, the unfolded features' gradient) is gathered per
+// LR cell and finished by the convolution's own backward (feat and the feature columns of layer 0).
+//
+// Deterministic: tiles run in waves of kWaveTiles; tile t of an image adds its weight and bias
+// gradients into accumulator slot t % kWaveTiles (one tile per slot and wave), writes its per-cell
+// gradient rows into the wave's buffer, and after the wave those rows are added in tile and row order;
+// the slots are summed in slot order at the end. No atomics, and the same sums whatever the number of
+// threads (the convolution's backward, ATen's, is reproducible for a given number of threads).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "liif_query_cpu_common.h"
+
+namespace liif {
+namespace {
+
+using namespace cpu;
+
+constexpr int64_t kWaveTiles = 16;
+
+// Which gradients are wanted, and how deep the backward must go.
+struct BackwardNeeds {
+  bool feat = false, coords = false, cells = false;
+  std::vector<bool> weight, bias;  // per layer
+  bool first_feature_columns() const { return weight[0]; }
+  // Layer 0's input gradient G0 (rows x width0) is needed for any of these.
+  bool layer0() const { return feat || coords || cells || weight[0] || bias[0]; }
+  // The lowest layer whose output gradient must be computed (0: G0 itself).
+  int lowest_layer() const {
+    if (layer0()) return 0;
+    for (size_t l = 1; l < weight.size(); ++l) {
+      if (weight[l] || bias[l]) return static_cast<int>(l);
+    }
+    return static_cast<int>(weight.size());  // nothing: no tile work at all
+  }
+};
+
+// One accumulator slot: weight and bias gradients of the layers that need them. Weight gradients
+// accumulate in the dtype (a slot adds one tile per wave: tens of products of hundreds of rows);
+// bias gradients, plain sums over rows that often cancel, in float64, and the slots are summed in
+// float64.
+template <typename scalar_t>
+struct GradSlot {
+  std::vector<at::Tensor> weight, bias;  // layer l: (out, in) / (out,), undefined where not needed
+  at::Tensor first_extra;                // (4, width0): coordinate and cell columns of layer 0
+  at::Tensor first_features;             // (width0, feat_dim): direct path only
+};
+
+// Per-thread working memory for one tile.
+template <typename scalar_t>
+struct BackwardScratch {
+  std::vector<at::Tensor> acts;  // acts[l]: output of layer l after ReLU, l = 0 .. L-2
+  at::Tensor pred;               // last layer's output (rows x out_dim)
+  at::Tensor grad_a, grad_b;     // output gradients, ping-pong (rows x max_width)
+  at::Tensor unfolded;           // direct path: gathered features (rows x feat_dim)
+  at::Tensor extra;              // (rows x 4): rel_y, rel_x, cell_y*H, cell_x*W
+  at::Tensor grad_extra;         // (rows x 4)
+  std::vector<Neighbour<scalar_t>> neighbours;
+  std::vector<scalar_t> cell;
+  std::vector<char> valid;
+  std::vector<scalar_t> grad_blend;
+
+  BackwardScratch(const QueryPlan<scalar_t>& p, const at::TensorOptions& opts)
+      : neighbours(kTileRows), cell(2 * kTileRows), valid(kTileRows), grad_blend(kTileRows) {
+    const int num_layers = static_cast<int>(p.weights.size());
+    for (int l = 0; l + 1 < num_layers; ++l) {
+      acts.push_back(at::empty({kTileRows, p.shape.layer_widths[l]}, opts));
+    }
+    pred = at::empty({kTileRows, p.shape.out_dim}, opts);
+    grad_a = at::empty({kTileRows * p.max_width}, opts);
+    grad_b = at::empty({kTileRows * p.max_width}, opts);
+    if (!p.precomputed) unfolded = at::empty({kTileRows, p.shape.feat_dim}, opts);
+    extra = at::empty({kTileRows, 4}, opts);
+    grad_extra = at::empty({kTileRows, 4}, opts);
+  }
+};
+
+// What a tile hands over for the per-cell scatter after its wave: the rows' gradients with respect to
+// the first-layer map (precomputed path) or to the unfolded features (direct path), and their cells.
+template <typename scalar_t>
+struct WaveRows {
+  at::Tensor rows;               // (kWaveTiles * kTileRows, width): tile t at row t * kTileRows
+  std::vector<int64_t> iy, ix;   // per row
+  std::vector<int64_t> count;    // rows per tile
+};
+
+template <typename scalar_t>
+struct BackwardPlan {
+  QueryPlan<scalar_t> q;
+  BackwardNeeds needs;
+  Strided3<scalar_t> grad_out{};
+  bool feat_unfold = true;
+  // Where the per-cell scatter goes: grad_map (H*W, width0) of the current image (precomputed path)
+  // or grad_feat (direct path).
+  bool scatter = false;
+};
+
+// One tile: recompute, back-propagate, accumulate into `slot`, and hand the per-cell rows to `wave`.
+template <typename scalar_t>
+void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_t map_pitch, int64_t b,
+                   int64_t q0, int64_t nq, BackwardScratch<scalar_t>& s, GradSlot<scalar_t>& slot,
+                   WaveRows<scalar_t>& wave, int64_t wave_tile, scalar_t* grad_coords,
+                   scalar_t* grad_cells) {
+  const QueryPlan<scalar_t>& p = bp.q;
+  const BackwardNeeds& need = bp.needs;
+  const int nn = p.grid.num_neighbours;
+  const int64_t rows = nq * nn;
+  const int num_layers = static_cast<int>(p.weights.size());
+  const int64_t width0 = p.shape.layer_widths[0];
+  const int64_t od = p.shape.out_dim;
+  const int lowest = need.lowest_layer();
+
+  // 1. Geometry, and the rank-4 input of layer 0's coordinate and cell columns.
+  tile_geometry(p, b, q0, nq, s.neighbours.data(), s.valid.data(), s.cell.data());
+  scalar_t* extra = s.extra.template data_ptr<scalar_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    extra[4 * r + 0] = s.neighbours[r].rel_y;
+    extra[4 * r + 1] = s.neighbours[r].rel_x;
+    extra[4 * r + 2] = s.cell[2 * (r / nn)];
+    extra[4 * r + 3] = s.cell[2 * (r / nn) + 1];
+  }
+
+  // 2. The forward again, keeping every layer's activations (the last layer's output is `pred`).
+  at::Tensor first = num_layers > 1 ? s.acts[0] : s.pred;
+  scalar_t* a0 = first.template data_ptr<scalar_t>();
+  if (map == nullptr) {
+    at::Tensor u = s.unfolded.narrow(0, 0, rows);
+    scalar_t* ud = u.template data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      gather_unfolded(p, b, s.neighbours[r].iy, s.neighbours[r].ix, bp.feat_unfold,
+                      ud + r * p.shape.feat_dim);
+    }
+    at::Tensor act0 = first.narrow(0, 0, rows);
+    at::addmm_out(act0, p.biases[0], u, p.first_feature_weight.t());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const Neighbour<scalar_t>& nb = s.neighbours[r];
+    scalar_t* row = a0 + r * width0;
+    const scalar_t* src = map != nullptr ? map + (nb.iy * map_pitch + nb.ix) * width0 : row;
+    first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, p.extra_column[0], p.extra_column[1],
+                    extra[4 * r + 2], extra[4 * r + 3], p.extra_column[2], p.extra_column[3],
+                    num_layers > 1);
+  }
+  for (int l = 1; l < num_layers; ++l) {
+    at::Tensor dst = (l + 1 < num_layers ? s.acts[l] : s.pred).narrow(0, 0, rows);
+    at::mm_out(dst, s.acts[l - 1].narrow(0, 0, rows), p.weights[l].t());
+    add_bias_relu(dst.template data_ptr<scalar_t>(), p.biases[l].template const_data_ptr<scalar_t>(),
+                  rows, p.shape.layer_widths[l], l + 1 < num_layers);
+  }
+
+  // 3. Blend: out_q = sum_k pred_k * weight_k. The predictions' gradient, and the blend weights'.
+  const scalar_t* pred = s.pred.template const_data_ptr<scalar_t>();
+  at::Tensor g_top = rows_view<scalar_t>(s.grad_a, rows, od);
+  scalar_t* gp = g_top.template data_ptr<scalar_t>();
+  for (int64_t i = 0; i < nq; ++i) {
+    for (int k = 0; k < nn; ++k) {
+      const int64_t r = i * nn + k;
+      scalar_t blend_grad = scalar_t(0);
+      for (int64_t c = 0; c < od; ++c) {
+        const scalar_t g = s.valid[i] ? bp.grad_out.at(b, q0 + i, c) : scalar_t(0);
+        gp[r * od + c] = g * s.neighbours[r].weight;
+        blend_grad += g * pred[r * od + c];
+      }
+      s.grad_blend[r] = blend_grad;
+    }
+  }
+
+  // 4. Down the layers: weight and bias gradients, then the input gradient through the ReLU.
+  at::Tensor* g = &s.grad_a;
+  at::Tensor* g_next = &s.grad_b;
+  int64_t width = od;
+  // G0, layer 0's output gradient, goes straight into the wave's buffer where the per-cell scatter
+  // takes it (precomputed path).
+  const int64_t base = wave_tile * kTileRows;
+  const bool g0_in_wave = map != nullptr && bp.scatter;
+  at::Tensor G = rows_view<scalar_t>(*g, rows, width);
+  for (int l = num_layers - 1; l >= 1 && l >= lowest; --l) {
+    const at::Tensor A = s.acts[l - 1].narrow(0, 0, rows);
+    if (need.weight[l]) slot.weight[l].addmm_(G.t(), A);
+    if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
+    if (l == lowest) break;
+    const int64_t in_w = p.shape.layer_widths[l - 1];
+    at::Tensor G_in = l == 1 && g0_in_wave ? wave.rows.narrow(0, base, rows)
+                                           : rows_view<scalar_t>(*g_next, rows, in_w);
+    at::mm_out(G_in, G, p.weights[l]);
+    relu_backward(G_in.template data_ptr<scalar_t>(), A.template const_data_ptr<scalar_t>(),
+                  rows * in_w);
+    G = G_in;
+    std::swap(g, g_next);
+    width = in_w;
+  }
+  if (lowest != 0) return;
+
+  // 5. Layer 0: G0 is the gradient of its output before the ReLU (rows x width0).
+  if (num_layers == 1 && g0_in_wave) wave.rows.narrow(0, base, rows).copy_(G);
+  const at::Tensor G0 = G;
+  const at::Tensor X = s.extra.narrow(0, 0, rows);
+  if (need.bias[0]) slot.bias[0].add_(G0.sum(0, false, at::kDouble));
+  if (need.weight[0]) slot.first_extra.addmm_(X.t(), G0);
+  if (bp.scatter || (map == nullptr && need.weight[0])) {
+    if (map == nullptr) {
+      const at::Tensor U = s.unfolded.narrow(0, 0, rows);
+      if (need.weight[0]) slot.first_features.addmm_(G0.t(), U);
+      if (need.feat) {
+        at::Tensor grad_u = wave.rows.narrow(0, base, rows);
+        at::mm_out(grad_u, G0, p.first_feature_weight);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      wave.iy[base + r] = s.valid[r / nn] ? s.neighbours[r].iy : -1;  // -1: contributes nothing
+      wave.ix[base + r] = s.neighbours[r].ix;
+    }
+    wave.count[wave_tile] = rows;
+  }
+  if (!need.coords && !need.cells) return;
+
+  // 6. The coordinate and cell columns' input gradient, then the geometry: relative coordinates
+  //    (directly and through the areas of the blend weights) and scaled cells.
+  at::Tensor GX = s.grad_extra.narrow(0, 0, rows);
+  at::mm_out(GX, G0, p.first_extra_columns.t());
+  const scalar_t* gx = GX.template const_data_ptr<scalar_t>();
+  const scalar_t H = p.grid.size_y, W = p.grid.size_x;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t q = q0 + i;
+    scalar_t* gc = grad_coords + (b * p.shape.queries + q) * 2;
+    if (!s.valid[i]) {
+      if (need.coords) gc[0] = gc[1] = std::numeric_limits<scalar_t>::quiet_NaN();
+      if (need.cells) {
+        scalar_t* gl = grad_cells + (b * p.shape.queries + q) * 2;
+        gl[0] = gl[1] = scalar_t(0);
+      }
+      continue;
+    }
+    const Neighbour<scalar_t>* nb = &s.neighbours[i * nn];
+    const scalar_t* gb = &s.grad_blend[i * nn];
+    if (need.coords) {
+      // weight_k = area_opposite(k) / total, total = sum_j area_j, area_j = |rel_y_j rel_x_j| + 1e-9:
+      // d weight_k / d area_j = [j = opposite(k)] / total - weight_k / total. Evaluated as the
+      // reference's autograd evaluates it (the two terms apart, weight_k / total first), so that
+      // where they cancel (exactly, without the local ensemble, whose only weight is 1) both leave
+      // the same rounding.
+      scalar_t total = scalar_t(0);
+      for (int k = 0; k < nn; ++k) total += std::abs(nb[k].rel_y * nb[k].rel_x) + p.grid.area_eps;
+      scalar_t through_total = scalar_t(0);  // -sum_k grad_blend_k * (weight_k / total)
+      for (int k = 0; k < nn; ++k) through_total -= gb[k] * (nb[k].weight / total);
+      scalar_t gy = scalar_t(0), gxx = scalar_t(0);
+      for (int k = 0; k < nn; ++k) {
+        const int opposite = nn == kMaxNeighbours ? kMaxNeighbours - 1 - k : k;
+        const scalar_t grad_area = gb[opposite] / total + through_total;
+        const scalar_t prod = nb[k].rel_y * nb[k].rel_x;
+        const scalar_t sign = prod > 0 ? scalar_t(1) : (prod < 0 ? scalar_t(-1) : scalar_t(0));
+        const int64_t r = i * nn + k;
+        // Each neighbour's relative coordinate is (coord - centre) * (H, W).
+        gy += (gx[4 * r + 0] + grad_area * sign * nb[k].rel_x) * H;
+        gxx += (gx[4 * r + 1] + grad_area * sign * nb[k].rel_y) * W;
+      }
+      gc[0] = gy;
+      gc[1] = gxx;
+    }
+    if (need.cells) {
+      scalar_t cy = scalar_t(0), cx = scalar_t(0);
+      for (int k = 0; k < nn; ++k) {
+        cy += gx[4 * (i * nn + k) + 2];
+        cx += gx[4 * (i * nn + k) + 3];
+      }
+      scalar_t* gl = grad_cells + (b * p.shape.queries + q) * 2;
+      gl[0] = cy * H;
+      gl[1] = cx * W;
+    }
+  }
+}
+
+template <typename scalar_t>
+std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at::Tensor& feat,
+                                            const at::Tensor& coords,
+                                            const c10::optional<at::Tensor>& cells,
+                                            const std::vector<at::Tensor>& weights,
+                                            const std::vector<at::Tensor>& biases,
+                                            bool local_ensemble, bool feat_unfold,
+                                            bool cell_decode, const BackwardNeeds& needs,
+                                            const QueryShape& shape) {
+  BackwardPlan<scalar_t> bp;
+  bp.q = make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble,
+                                   cell_decode, shape);
+  bp.needs = needs;
+  bp.grad_out = strided3<scalar_t>(grad_out);
+  bp.feat_unfold = feat_unfold;
+  const QueryPlan<scalar_t>& p = bp.q;
+  const int num_layers = static_cast<int>(weights.size());
+  const int64_t width0 = shape.layer_widths[0];
+  const int64_t C = shape.channels, H = shape.height, W = shape.width;
+  const auto opts = feat.options();
+
+  // Outputs, zero where they accumulate.
+  at::Tensor grad_feat = needs.feat ? at::zeros({shape.batch, C, H, W}, opts) : at::Tensor();
+  at::Tensor grad_coords = needs.coords ? at::empty({shape.batch, shape.queries, 2}, opts)
+                                        : at::Tensor();
+  at::Tensor grad_cells = needs.cells ? at::empty({shape.batch, shape.queries, 2}, opts)
+                                      : at::Tensor();
+  at::Tensor grad_first_features;  // (width0, feat_dim), precomputed path: from the convolution
+  const int lowest = needs.lowest_layer();
+  const bool direct = !p.precomputed;
+  // The per-cell scatter: the map's gradient feeds feat's and the feature columns' (precomputed
+  // path); the unfolded features' gradient feeds feat's (direct path).
+  bp.scatter = lowest == 0 && (direct ? needs.feat : (needs.feat || needs.first_feature_columns()));
+
+  const int64_t queries_per_tile = kTileRows / p.grid.num_neighbours;
+  const int64_t tiles = (shape.queries + queries_per_tile - 1) / queries_per_tile;
+  const int64_t slots_used = std::min<int64_t>(kWaveTiles, std::max<int64_t>(tiles, 1));
+  std::vector<GradSlot<scalar_t>> slots(slots_used);
+  for (GradSlot<scalar_t>& slot : slots) {
+    slot.weight.resize(num_layers);
+    slot.bias.resize(num_layers);
+    for (int l = 0; l < num_layers; ++l) {
+      if (needs.weight[l] && l > 0) slot.weight[l] = at::zeros_like(p.weights[l]);
+      if (needs.bias[l]) slot.bias[l] = at::zeros_like(p.biases[l], at::kDouble);
+    }
+    if (needs.weight[0]) {
+      slot.first_extra = at::zeros({4, width0}, opts);
+      if (direct) slot.first_features = at::zeros({width0, shape.feat_dim}, opts);
+    }
+  }
+  WaveRows<scalar_t> wave;
+  if (bp.scatter || (direct && needs.weight[0])) {
+    const int64_t row_width = direct ? shape.feat_dim : width0;
+    wave.rows = at::empty({kWaveTiles * kTileRows, row_width}, opts);
+    wave.iy.assign(kWaveTiles * kTileRows, -1);
+    wave.ix.assign(kWaveTiles * kTileRows, 0);
+    wave.count.assign(kWaveTiles, 0);
+  }
+  const int k = feat_unfold ? 3 : 1;
+  const at::Tensor conv_weight =
+      p.first_feature_weight.view({width0, C, k, k});  // the feature columns as a convolution
+
+  std::vector<std::unique_ptr<BackwardScratch<scalar_t>>> scratch(at::get_num_threads());
+  scalar_t* gc = needs.coords ? grad_coords.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gl = needs.cells ? grad_cells.data_ptr<scalar_t>() : nullptr;
+  if (lowest < num_layers) {
+    for (int64_t b = 0; b < shape.batch; ++b) {
+      at::Tensor map;
+      int64_t pitch = 0;
+      if (!direct) map = precompute_first_layer<scalar_t>(feat[b], p, feat_unfold, &pitch);
+      const scalar_t* map_data = direct ? nullptr : map.const_data_ptr<scalar_t>();
+      at::Tensor grad_map = bp.scatter && !direct ? at::zeros({H * W, width0}, opts) : at::Tensor();
+      for (int64_t first_tile = 0; first_tile < tiles; first_tile += kWaveTiles) {
+        const int64_t wave_tiles = std::min(kWaveTiles, tiles - first_tile);
+        std::atomic<int64_t> next{0};
+        at::parallel_for(0, wave_tiles, 1, [&](int64_t, int64_t) {
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          std::unique_ptr<BackwardScratch<scalar_t>>& mine = scratch[at::get_thread_num()];
+          if (!mine) mine = std::make_unique<BackwardScratch<scalar_t>>(p, opts);
+          for (int64_t w = next++; w < wave_tiles; w = next++) {
+            const int64_t t = first_tile + w;
+            const int64_t q0 = t * queries_per_tile;
+            const int64_t nq = std::min(queries_per_tile, shape.queries - q0);
+            backward_tile(bp, map_data, pitch, b, q0, nq, *mine, slots[t % kWaveTiles], wave, w,
+                          gc, gl);
+          }
+        });
+        // The wave's per-cell rows, added in tile and row order.
+        if (wave.rows.defined() && (bp.scatter)) {
+          const scalar_t* src = wave.rows.template const_data_ptr<scalar_t>();
+          const int64_t rw = wave.rows.size(1);
+          if (!direct) {
+            // Threads take separate column blocks, each adding every row in order.
+            scalar_t* dst = grad_map.template data_ptr<scalar_t>();
+            at::parallel_for(0, width0, 64, [&](int64_t j0, int64_t j1) {
+              for (int64_t w = 0; w < wave_tiles; ++w) {
+                for (int64_t r = w * kTileRows; r < w * kTileRows + wave.count[w]; ++r) {
+                  if (wave.iy[r] < 0) continue;
+                  scalar_t* d = dst + (wave.iy[r] * W + wave.ix[r]) * width0;
+                  const scalar_t* s = src + r * rw;
+                  for (int64_t j = j0; j < j1; ++j) d[j] += s[j];
+                }
+              }
+            });
+          } else {
+            scalar_t* dst = grad_feat.template data_ptr<scalar_t>() + b * C * H * W;
+            for (int64_t w = 0; w < wave_tiles; ++w) {
+              for (int64_t r = w * kTileRows; r < w * kTileRows + wave.count[w]; ++r) {
+                if (wave.iy[r] < 0) continue;
+                const scalar_t* s = src + r * rw;
+                for (int64_t c = 0; c < C; ++c) {
+                  for (int64_t ky = 0; ky < k; ++ky) {
+                    const int64_t y = wave.iy[r] + ky - k / 2;
+                    for (int64_t kx = 0; kx < k; ++kx) {
+                      const int64_t x = wave.ix[r] + kx - k / 2;
+                      if (y < 0 || y >= H || x < 0 || x >= W) continue;
+                      dst[(c * H + y) * W + x] += s[(c * k + ky) * k + kx];
+                    }
+                  }
+                }
+              }
+            }
+          }
+          std::fill(wave.count.begin(), wave.count.end(), 0);
+        }
+      }
+      // Through the convolution that made the map: feat's and the feature columns' gradients.
+      if (grad_map.defined()) {
+        const at::Tensor g_map = grad_map.view({1, H, W, width0}).permute({0, 3, 1, 2});
+        auto result = at::convolution_backward(
+            g_map, feat.narrow(0, b, 1), conv_weight, c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1},
+            false, {0, 0}, 1, {needs.feat, needs.first_feature_columns(), false});
+        if (needs.feat) grad_feat.narrow(0, b, 1).copy_(std::get<0>(result));
+        if (needs.first_feature_columns()) {
+          const at::Tensor gw = std::get<1>(result).reshape({width0, shape.feat_dim});
+          grad_first_features = grad_first_features.defined() ? grad_first_features.add_(gw) : gw;
+        }
+      }
+    }
+  }
+
+  // Sum the slots in slot order.
+  std::vector<at::Tensor> grad_w(num_layers), grad_b(num_layers);
+  for (int l = 0; l < num_layers; ++l) {
+    if (needs.weight[l] && l > 0) {
+      at::Tensor sum = at::zeros_like(p.weights[l], at::kDouble);
+      for (const GradSlot<scalar_t>& s : slots) sum.add_(s.weight[l]);
+      grad_w[l] = sum.to(feat.scalar_type());
+    }
+    if (needs.bias[l]) {
+      at::Tensor sum = at::zeros_like(p.biases[l], at::kDouble);
+      for (const GradSlot<scalar_t>& s : slots) sum.add_(s.bias[l]);
+      grad_b[l] = sum.to(feat.scalar_type());
+    }
+  }
+  if (needs.weight[0]) {
+    at::Tensor extra = at::zeros({4, width0}, opts.dtype(at::kDouble));
+    at::Tensor features = at::zeros({width0, shape.feat_dim}, opts.dtype(at::kDouble));
+    for (const GradSlot<scalar_t>& s : slots) {
+      extra.add_(s.first_extra);
+      if (direct) features.add_(s.first_features);
+    }
+    if (!direct && grad_first_features.defined()) features = grad_first_features;
+    const int64_t extra_cols = shape.in_dim - shape.feat_dim;  // 2, or 4 with cell_decode
+    grad_w[0] = at::cat({features.to(feat.scalar_type()),
+                         extra.narrow(0, 0, extra_cols).t().to(feat.scalar_type())},
+                        1);
+  }
+  std::vector<at::Tensor> grads;
+  grads.push_back(needs.feat ? grad_feat : feat.new_empty({0}));
+  grads.push_back(needs.coords ? grad_coords : coords.new_empty({0}));
+  grads.push_back(needs.cells ? grad_cells : coords.new_empty({0}));
+  for (int l = 0; l < num_layers; ++l) {
+    grads.push_back(needs.weight[l] ? grad_w[l] : weights[l].new_empty({0}));
+  }
+  for (int l = 0; l < num_layers; ++l) {
+    grads.push_back(needs.bias[l] ? grad_b[l] : biases[l].new_empty({0}));
+  }
+  return grads;
+}
+
+std::vector<at::Tensor> query_backward_cpu(const at::Tensor& grad_out, const at::Tensor& feat,
+                                           const at::Tensor& coords,
+                                           const c10::optional<at::Tensor>& cells,
+                                           at::TensorList weights, at::TensorList biases,
+                                           bool local_ensemble, bool feat_unfold,
+                                           bool cell_decode, const c10::List<bool>& needs_grad) {
+  const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
+  const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
+  check_backward_inputs(grad_out, feat, shape, needs_grad.size());
+  TORCH_CHECK(feat.device().is_cpu(),
+              "liif_cuda.query backward (CPU kernel): feat must be a CPU tensor");
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int num_layers = static_cast<int>(w.size());
+  BackwardNeeds needs;
+  needs.feat = needs_grad[0];
+  needs.coords = needs_grad[1];
+  needs.cells = needs_grad[2] && cell_decode;
+  for (int l = 0; l < num_layers; ++l) {
+    needs.weight.push_back(needs_grad[3 + l]);
+    needs.bias.push_back(needs_grad[3 + num_layers + l]);
+  }
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_backward_cpu", [&] {
+    grads = query_backward_impl<scalar_t>(grad_out.contiguous(), feat, coords, cells, w, bs,
+                                          local_ensemble, feat_unfold, cell_decode, needs, shape);
+  });
+  return grads;
+}
+
+}  // namespace
+}  // namespace liif
+
+TORCH_LIBRARY_IMPL(liif_cuda, CPU, m) { m.impl("query_backward", &liif::query_backward_cpu); }
