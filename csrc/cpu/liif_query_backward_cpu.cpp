@@ -68,10 +68,10 @@ struct GradSlot {
 // Per-thread working memory for one tile.
 template <typename scalar_t>
 struct BackwardScratch {
-  std::vector<at::Tensor> acts;  // acts[l]: output of layer l after ReLU, l = 0 .. L-2
-  at::Tensor pred;               // last layer's output (rows x out_dim)
+  std::vector<at::Tensor> acts;  // acts[l]: output of layer l after ReLU, l = 0 .. L-2 (flat)
+  at::Tensor pred;               // last layer's output (rows x out_dim, flat)
   at::Tensor grad_a, grad_b;     // output gradients, ping-pong (rows x max_width)
-  at::Tensor unfolded;           // direct path: gathered features (rows x feat_dim)
+  at::Tensor unfolded;           // direct path: gathered features (rows x feat_dim, flat)
   at::Tensor extra;              // (rows x 4): rel_y, rel_x, cell_y*H, cell_x*W
   at::Tensor grad_extra;         // (rows x 4)
   std::vector<Neighbour<scalar_t>> neighbours;
@@ -83,12 +83,12 @@ struct BackwardScratch {
       : neighbours(kTileRows), cell(2 * kTileRows), valid(kTileRows), grad_blend(kTileRows) {
     const int num_layers = static_cast<int>(p.weights.size());
     for (int l = 0; l + 1 < num_layers; ++l) {
-      acts.push_back(at::empty({kTileRows, p.shape.layer_widths[l]}, opts));
+      acts.push_back(at::empty({kTileRows * p.shape.layer_widths[l]}, opts));
     }
-    pred = at::empty({kTileRows, p.shape.out_dim}, opts);
+    pred = at::empty({kTileRows * p.shape.out_dim}, opts);
     grad_a = at::empty({kTileRows * p.max_width}, opts);
     grad_b = at::empty({kTileRows * p.max_width}, opts);
-    if (!p.precomputed) unfolded = at::empty({kTileRows, p.shape.feat_dim}, opts);
+    if (!p.precomputed) unfolded = at::empty({kTileRows * p.shape.feat_dim}, opts);
     extra = at::empty({kTileRows, 4}, opts);
     grad_extra = at::empty({kTileRows, 4}, opts);
   }
@@ -125,7 +125,6 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   const int nn = p.grid.num_neighbours;
   const int64_t rows = nq * nn;
   const int num_layers = static_cast<int>(p.weights.size());
-  const int64_t width0 = p.shape.layer_widths[0];
   const int64_t od = p.shape.out_dim;
   const int lowest = need.lowest_layer();
 
@@ -140,32 +139,9 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   }
 
   // 2. The forward again, keeping every layer's activations (the last layer's output is `pred`).
-  at::Tensor first = num_layers > 1 ? s.acts[0] : s.pred;
-  scalar_t* a0 = first.template data_ptr<scalar_t>();
-  if (map == nullptr) {
-    at::Tensor u = s.unfolded.narrow(0, 0, rows);
-    scalar_t* ud = u.template data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      gather_unfolded(p, b, s.neighbours[r].iy, s.neighbours[r].ix, bp.feat_unfold,
-                      ud + r * p.shape.feat_dim);
-    }
-    at::Tensor act0 = first.narrow(0, 0, rows);
-    at::addmm_out(act0, p.biases[0], u, p.first_feature_weight.t());
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const Neighbour<scalar_t>& nb = s.neighbours[r];
-    scalar_t* row = a0 + r * width0;
-    const scalar_t* src = map != nullptr ? map + (nb.iy * map_pitch + nb.ix) * width0 : row;
-    first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, p.extra_column[0], p.extra_column[1],
-                    extra[4 * r + 2], extra[4 * r + 3], p.extra_column[2], p.extra_column[3],
-                    num_layers > 1);
-  }
-  for (int l = 1; l < num_layers; ++l) {
-    at::Tensor dst = (l + 1 < num_layers ? s.acts[l] : s.pred).narrow(0, 0, rows);
-    at::mm_out(dst, s.acts[l - 1].narrow(0, 0, rows), p.weights[l].t());
-    add_bias_relu(dst.template data_ptr<scalar_t>(), p.biases[l].template const_data_ptr<scalar_t>(),
-                  rows, p.shape.layer_widths[l], l + 1 < num_layers);
-  }
+  tile_mlp(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
+           bp.feat_unfold,
+           [&](int l) -> at::Tensor& { return l + 1 < num_layers ? s.acts[l] : s.pred; });
 
   // 3. Blend: out_q = sum_k pred_k * weight_k. The predictions' gradient, and the blend weights'.
   const scalar_t* pred = s.pred.template const_data_ptr<scalar_t>();
@@ -185,20 +161,19 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   }
 
   // 4. Down the layers: weight and bias gradients, then the input gradient through the ReLU.
-  at::Tensor* g = &s.grad_a;
+  at::Tensor* g = &s.grad_a;  // holds G (unless G is the wave's rows)
   at::Tensor* g_next = &s.grad_b;
-  int64_t width = od;
   // G0, layer 0's output gradient, goes straight into the wave's buffer where the per-cell scatter
   // takes it (precomputed path).
   const int64_t base = wave_tile * kTileRows;
   const bool g0_in_wave = map != nullptr && bp.scatter;
-  at::Tensor G = rows_view<scalar_t>(*g, rows, width);
+  at::Tensor G = g_top;
   for (int l = num_layers - 1; l >= 1 && l >= lowest; --l) {
-    const at::Tensor A = s.acts[l - 1].narrow(0, 0, rows);
+    const int64_t in_w = p.shape.layer_widths[l - 1];
+    const at::Tensor A = rows_view<scalar_t>(s.acts[l - 1], rows, in_w);
     if (need.weight[l]) slot.weight[l].addmm_(G.t(), A);
     if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
     if (l == lowest) break;
-    const int64_t in_w = p.shape.layer_widths[l - 1];
     at::Tensor G_in = l == 1 && g0_in_wave ? wave.rows.narrow(0, base, rows)
                                            : rows_view<scalar_t>(*g_next, rows, in_w);
     at::mm_out(G_in, G, p.weights[l]);
@@ -206,7 +181,6 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
                   rows * in_w);
     G = G_in;
     std::swap(g, g_next);
-    width = in_w;
   }
   if (lowest != 0) return;
 
@@ -218,7 +192,7 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   if (need.weight[0]) slot.first_extra.addmm_(X.t(), G0);
   if (bp.scatter || (map == nullptr && need.weight[0])) {
     if (map == nullptr) {
-      const at::Tensor U = s.unfolded.narrow(0, 0, rows);
+      const at::Tensor U = rows_view<scalar_t>(s.unfolded, rows, p.shape.feat_dim);
       if (need.weight[0]) slot.first_features.addmm_(G0.t(), U);
       if (need.feat) {
         at::Tensor grad_u = wave.rows.narrow(0, base, rows);

@@ -43,10 +43,9 @@ struct TileScratch {
         neighbours(kTileRows),
         cell(2 * kTileRows),
         valid(kTileRows) {
-    if (!p.precomputed) unfolded = at::empty({kTileRows, p.shape.feat_dim}, opts);
+    if (!p.precomputed) unfolded = at::empty({kTileRows * p.shape.feat_dim}, opts);
   }
 };
-
 
 // Decodes queries [q0, q0 + nq) of batch element b into out (B, Q, out_dim).
 // `precomputed_map` is P of batch element b, (H, W + 2*pad, width0) flattened to rows, when used.
@@ -56,58 +55,18 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
                  scalar_t* out) {
   const int nn = p.grid.num_neighbours;
   const int64_t rows = nq * nn;
-  const int64_t width0 = p.shape.layer_widths[0];
-  const int num_layers = static_cast<int>(p.weights.size());
 
   // 1. Geometry of every (query, neighbour) row.
   tile_geometry(p, b, q0, nq, s.neighbours.data(), s.valid.data(), s.cell.data());
 
-  // 2. Layer 0: feature part (precomputed row, or gathered unfolded vector times the feature
-  //    columns), plus the coordinate and cell terms, plus ReLU unless it is the only layer, written
-  //    in one pass over the row.
-  const bool relu0 = num_layers > 1;
-  scalar_t* a = s.act_a.template data_ptr<scalar_t>();
-  if (precomputed_map == nullptr) {
-    at::Tensor u = s.unfolded.narrow(0, 0, rows);
-    scalar_t* ud = u.template data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      gather_unfolded(p, b, s.neighbours[r].iy, s.neighbours[r].ix, feat_unfold,
-                      ud + r * p.shape.feat_dim);
-    }
-    at::Tensor act0 = rows_view<scalar_t>(s.act_a, rows, width0);
-    at::addmm_out(act0, p.biases[0], u, p.first_feature_weight.t());
-  }
-  const scalar_t* wy = p.extra_column[0];
-  const scalar_t* wx = p.extra_column[1];
-  const scalar_t* wcy = p.extra_column[2];
-  const scalar_t* wcx = p.extra_column[3];
-  for (int64_t r = 0; r < rows; ++r) {
-    const Neighbour<scalar_t>& nb = s.neighbours[r];
-    scalar_t* row = a + r * width0;
-    const scalar_t* src =
-        precomputed_map != nullptr ? precomputed_map + (nb.iy * map_pitch + nb.ix) * width0 : row;
-    const scalar_t* cell = &s.cell[2 * (r / nn)];
-    first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, wy, wx, cell[0], cell[1], wcy, wcx,
-                    relu0);
-  }
+  // 2. The MLP, its activations alternating between two buffers.
+  const at::Tensor last =
+      tile_mlp(p, precomputed_map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(),
+               s.unfolded, feat_unfold, [&](int l) -> at::Tensor& { return l % 2 ? s.act_b : s.act_a; });
 
-  // 3. Remaining layers: product, then bias and ReLU (not after the last layer) in one pass.
-  at::Tensor* cur = &s.act_a;
-  at::Tensor* nxt = &s.act_b;
-  int64_t width = width0;
-  for (int l = 1; l < num_layers; ++l) {
-    const int64_t out_w = p.shape.layer_widths[l];
-    at::Tensor dst = rows_view<scalar_t>(*nxt, rows, out_w);
-    at::mm_out(dst, rows_view<scalar_t>(*cur, rows, width), p.weights[l].t());
-    add_bias_relu(dst.template data_ptr<scalar_t>(), p.biases[l].template const_data_ptr<scalar_t>(),
-                  rows, out_w, l + 1 < num_layers);
-    std::swap(cur, nxt);
-    width = out_w;
-  }
-
-  // 4. Blend: out = sum_k pred_k * weight_k, accumulated in neighbour order like the reference.
+  // 3. Blend: out = sum_k pred_k * weight_k, accumulated in neighbour order like the reference.
   const int64_t od = p.shape.out_dim;
-  const scalar_t* pred = cur->const_data_ptr<scalar_t>();
+  const scalar_t* pred = last.const_data_ptr<scalar_t>();
   for (int64_t i = 0; i < nq; ++i) {
     scalar_t* o = out + (b * p.shape.queries + q0 + i) * od;
     if (!s.valid[i]) {

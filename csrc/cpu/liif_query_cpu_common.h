@@ -191,6 +191,52 @@ void tile_geometry(const QueryPlan<scalar_t>& p, int64_t b, int64_t q0, int64_t 
   }
 }
 
+// The MLP on the `rows` rows of a tile whose geometry is in `neighbours` and `cell` (tile_geometry):
+// layer 0 (the precomputed map's row, or the gathered unfolded features times the feature columns,
+// plus the coordinate and cell terms, ReLU unless it is the only layer, in one pass over the row), then
+// each further layer's product, bias and ReLU (none after the last). Layer l's output goes to the flat
+// buffer output(l) (room for rows x width_l, not output(l - 1)'s); returns the last layer's buffer.
+// `map`: P of batch element b, (H, W + 2*pad, width0) flattened to rows, or nullptr for the direct
+// path, which gathers into `unfolded` (room for rows x feat_dim).
+template <typename scalar_t, typename Output>
+at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch, int64_t b,
+                    int64_t rows, const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
+                    const at::Tensor& unfolded, bool feat_unfold, Output&& output) {
+  const int nn = p.grid.num_neighbours;
+  const int64_t width0 = p.shape.layer_widths[0];
+  const int num_layers = static_cast<int>(p.weights.size());
+  at::Tensor act0 = rows_view<scalar_t>(output(0), rows, width0);
+  scalar_t* a = act0.template data_ptr<scalar_t>();
+  if (map == nullptr) {
+    at::Tensor u = rows_view<scalar_t>(unfolded, rows, p.shape.feat_dim);
+    scalar_t* ud = u.template data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      gather_unfolded(p, b, neighbours[r].iy, neighbours[r].ix, feat_unfold,
+                      ud + r * p.shape.feat_dim);
+    }
+    at::addmm_out(act0, p.biases[0], u, p.first_feature_weight.t());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const Neighbour<scalar_t>& nb = neighbours[r];
+    scalar_t* row = a + r * width0;
+    const scalar_t* src = map != nullptr ? map + (nb.iy * map_pitch + nb.ix) * width0 : row;
+    const scalar_t* c = &cell[2 * (r / nn)];
+    first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, p.extra_column[0], p.extra_column[1],
+                    c[0], c[1], p.extra_column[2], p.extra_column[3], num_layers > 1);
+  }
+  at::Tensor result = output(0);
+  for (int l = 1; l < num_layers; ++l) {
+    const int64_t out_w = p.shape.layer_widths[l];
+    at::Tensor dst = rows_view<scalar_t>(output(l), rows, out_w);
+    at::mm_out(dst, rows_view<scalar_t>(output(l - 1), rows, p.shape.layer_widths[l - 1]),
+               p.weights[l].t());
+    add_bias_relu(dst.template data_ptr<scalar_t>(), p.biases[l].template const_data_ptr<scalar_t>(),
+                  rows, out_w, l + 1 < num_layers);
+    result = output(l);
+  }
+  return result;
+}
+
 // P for batch element b: the feature columns of layer 0 applied to every LR cell, bias included.
 // Computed as one matrix product per 3x3 tap over a zero-padded channels-last copy of the map: with
 // rows of pitch W + 2, tap (dy, dx) of output pixel (y, x) is input row (y + dy) * pitch + x + dx,
