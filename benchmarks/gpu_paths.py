@@ -10,7 +10,8 @@ median time. benchmarks/gpu_check.sh runs every path this way before anything el
 
 Paths: forward kernels (fast-fp32, generic-fp32, generic-fp64; tf32, bf16, fp16 on the mma.sync
 kernel and tf32-wmma, bf16-wmma, fp16-wmma on the WMMA kernel), `backward`
-(autograd against the reference's, float64 and float32, and a training-shape timing), `graph`
+(autograd against the reference's, float64 and float32; benchmarks/bench_gpu.py times forward +
+backward at the training shape), `graph`
 (capture and replay equal the eager result), `large` (a 64M-query call, checked on a sample).
 Prints `PATH ok|FAIL ...` and appends a JSON line to --json. Exit status 1 when a check fails.
 """
@@ -172,23 +173,6 @@ def backward_path(r, _name):
         res[f"max_gradient_error_{str(dtype)[6:]}"] = max(errors)
         res[f"nan_{str(dtype)[6:]}"] = int(sum(g.isnan().sum() for g in ours))
         ok = ok and max(errors) <= bound and res[f"nan_{str(dtype)[6:]}"] == 0
-    # The published training shape (batch 16, 48x48 maps, 2304 queries per patch), float32:
-    # forward + backward of the query, ours and the reference's autograd.
-    batch, q = (2, 50) if r.small else (16, 2304)
-    g = torch.Generator().manual_seed(2)
-    feat = torch.randn(batch, 64, 48, 48, generator=g).to(r.device).requires_grad_()
-    coords = (torch.rand(batch, q, 2, generator=g) * 2 - 1).to(r.device)
-    cells = torch.full((batch, q, 2), 2 / 96).to(r.device)
-    torch.manual_seed(2)
-    mlp = ref.MLP(580, 3, [256] * 4).to(r.device)
-    for label, fn in (("fused", liif_cuda.query), ("reference", ref.query_rgb)):
-        def step(fn=fn):
-            feat.grad = None
-            mlp.zero_grad()
-            fn(feat, coords, cells, mlp).abs().mean().backward()
-        res[f"train_step_ms_{label}"] = r.median_ms(step, repeats=3)
-    if res["train_step_ms_fused"] is not None:
-        res["train_speedup"] = res["train_step_ms_reference"] / res["train_step_ms_fused"]
     return ok, res
 
 
