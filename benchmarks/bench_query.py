@@ -1,6 +1,8 @@
 """Fused liif_cuda.query against the reference query (python/liif_reference.py) on the CPU.
 
-Both run in this process on the same inputs (C = 64 features, the published MLP 580-256x4-3, a full
+Variants: the reference, the fused query in float32 ("fused") and with precision="bf16"
+("fused-bf16": the bf16 kernels where the CPU has AVX512-BF16, float32 otherwise; the machine record
+says which). All run in this process on the same inputs (C = 64 features, the published MLP 580-256x4-3, a full
 output grid at each scale), interleaved, after a warm-up run each; the table reports the median time
 of the repeats, queries per second and the speed ratio. Peak memory is measured for each variant in
 isolation, in a fresh subprocess per (size, scale, variant): the rise of the process's peak resident
@@ -11,6 +13,7 @@ Run on an otherwise idle machine: a build or test run on another core distorts C
 
     python benchmarks/bench_query.py                 # the full grid (about 15 minutes on 2 cores)
     python benchmarks/bench_query.py --sizes 64 --scales 4
+    python benchmarks/bench_query.py --variants reference,fused   # float32 only
 """
 
 import argparse
@@ -46,11 +49,15 @@ def make_inputs(size, scale, dtype=torch.float32):
     return feat, coord, cell, imnet
 
 
+VARIANTS = ("reference", "fused", "fused-bf16")
+
+
 def run_variant(name, feat, coord, cell, imnet):
     with torch.no_grad():
         if name == "reference":
             return ref.batched_query_rgb(feat, coord, cell, imnet)
-        return liif_cuda.query(feat, coord, cell, imnet)
+        precision = "bf16" if name == "fused-bf16" else "fp32"
+        return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
 
 
 def measure_peak_memory(size, scale, variant):
@@ -70,9 +77,9 @@ def peak_memory_in_subprocess(size, scale, variant):
     return int(res.stdout.strip().splitlines()[-1])
 
 
-def time_pair(size, scale, repeats):
+def time_variants(size, scale, repeats, variants):
     feat, coord, cell, imnet = make_inputs(size, scale)
-    times = {"reference": [], "fused": []}
+    times = {name: [] for name in variants}
     outs = {}
     for name in times:  # warm-up, and the outputs for the accuracy column
         outs[name] = run_variant(name, feat, coord, cell, imnet)
@@ -81,8 +88,8 @@ def time_pair(size, scale, repeats):
             t0 = time.perf_counter()
             run_variant(name, feat, coord, cell, imnet)
             times[name].append(time.perf_counter() - t0)
-    r, f = outs["reference"], outs["fused"]
-    rel_err = ((f - r).norm() / r.norm()).item()
+    r = outs["reference"]
+    rel_err = {k: ((v - r).norm() / r.norm()).item() for k, v in outs.items() if k != "reference"}
     return {k: statistics.median(v) for k, v in times.items()}, times, rel_err
 
 
@@ -96,10 +103,11 @@ def flops_per_query(size, scale):
     return 4 * per_neighbour + precompute
 
 
-def matmul_rate(repeats=5):
-    """FLOP/s of a float32 (4096 x 256) @ (256 x 256) product through ATen on all threads: the
-    arithmetic floor the fused op is measured against."""
-    a, w, out = torch.randn(4096, 256), torch.randn(256, 256), torch.empty(4096, 256)
+def matmul_rate(repeats=5, dtype=torch.float32):
+    """FLOP/s of a (4096 x 256) @ (256 x 256) product in `dtype` through ATen on all threads (MKL
+    for float32, oneDNN for bfloat16): the arithmetic floor the fused op is measured against."""
+    a, w = torch.randn(4096, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
+    out = torch.empty(4096, 256, dtype=dtype)
     for _ in range(20):
         torch.mm(a, w, out=out)
     times = []
@@ -115,6 +123,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="32,64,128", help="LR sizes (square), comma-separated")
     parser.add_argument("--scales", default="2,4,8", help="upscaling factors, comma-separated")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, from {','.join(VARIANTS)} (reference required)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -124,47 +134,57 @@ def main():
         size, scale, variant = args.memory_probe.split(",")
         print(measure_peak_memory(int(size), int(scale), variant))
         return
+    variants = args.variants.split(",")
+    if "reference" not in variants or any(v not in VARIANTS for v in variants):
+        parser.error(f"--variants: reference plus any of {VARIANTS}, got {args.variants!r}")
 
-    rate = matmul_rate()
-    print(f"ATen float32 matmul (4096x256 @ 256x256, {torch.get_num_threads()} threads): "
-          f"{rate / 1e9:.1f} GFLOP/s")
+    rates = {"fp32": matmul_rate(), "bf16": matmul_rate(dtype=torch.bfloat16)}
+    print(f"ATen matmul (4096x256 @ 256x256, {torch.get_num_threads()} threads): float32 "
+          f"{rates['fp32'] / 1e9:.1f} GFLOP/s, bfloat16 {rates['bf16'] / 1e9:.1f} GFLOP/s; "
+          f"bf16 kernels on this CPU: {liif_cuda.build_info()['cpu_bf16']}")
     rows = []
-    header = (f"{'LR':>8} {'scale':>5} {'queries':>9} {'ref q/s':>10} {'fused q/s':>10} "
-              f"{'speed-up':>8} {'ref peak MiB':>12} {'fused peak MiB':>14} {'mem ratio':>9} "
-              f"{'rel err':>8} {'% floor':>7}")
-    print(header)
+    fused = [v for v in variants if v != "reference"]
+    header = f"{'LR':>8} {'scale':>5} {'queries':>9} {'ref q/s':>10}"
+    for v in fused:
+        header += f" {v + ' q/s':>15} {'vs ref':>7} {'peak MiB':>9} {'rel err':>8} {'% floor':>7}"
+    print(header + f" {'ref peak MiB':>12}")
     for size in [int(s) for s in args.sizes.split(",")]:
         for scale in [int(s) for s in args.scales.split(",")]:
             queries = (size * scale) ** 2
-            med, all_times, rel_err = time_pair(size, scale, args.repeats)
-            mem = {v: peak_memory_in_subprocess(size, scale, v) for v in ("reference", "fused")}
+            med, all_times, rel_err = time_variants(size, scale, args.repeats, variants)
+            mem = {v: peak_memory_in_subprocess(size, scale, v) for v in variants}
+            qps = {k: queries / v for k, v in med.items()}
+            flops = flops_per_query(size, scale)
             row = {
                 "lr_size": [size, size], "scale": scale, "queries": queries,
                 "median_s": med, "times_s": all_times,
-                "queries_per_s": {k: queries / v for k, v in med.items()},
-                "speedup": med["reference"] / med["fused"],
+                "queries_per_s": qps,
+                "speedup": {v: med["reference"] / med[v] for v in fused},
                 "peak_memory_bytes": mem,
-                "memory_ratio": mem["fused"] / mem["reference"],
+                "memory_ratio": {v: mem[v] / mem["reference"] for v in fused},
                 "relative_error": rel_err,
-                "flops_per_query": flops_per_query(size, scale),
+                "flops_per_query": flops,
+                # The floor of each variant: its arithmetic at the matmul rate of its dtype.
+                "floor_queries_per_s": {v: rates["bf16" if v == "fused-bf16" else "fp32"] / flops
+                                        for v in fused},
             }
-            floor_qps = rate / row["flops_per_query"]
-            row["floor_queries_per_s"] = floor_qps
-            row["fraction_of_floor"] = row["queries_per_s"]["fused"] / floor_qps
+            row["fraction_of_floor"] = {v: qps[v] / row["floor_queries_per_s"][v] for v in fused}
+            if "fused" in fused and "fused-bf16" in fused:
+                row["bf16_over_fp32"] = med["fused"] / med["fused-bf16"]
             rows.append(row)
-            print(f"{size:>4}x{size:<3} {scale:>5} {queries:>9} "
-                  f"{row['queries_per_s']['reference']:>10.0f} {row['queries_per_s']['fused']:>10.0f} "
-                  f"{row['speedup']:>7.2f}x {mem['reference'] / 2**20:>12.1f} "
-                  f"{mem['fused'] / 2**20:>14.1f} {row['memory_ratio']:>9.3f} {rel_err:>8.1e} "
-                  f"{100 * row['fraction_of_floor']:>6.0f}%",
-                  flush=True)
+            line = f"{size:>4}x{size:<3} {scale:>5} {queries:>9} {qps['reference']:>10.0f}"
+            for v in fused:
+                line += (f" {qps[v]:>15.0f} {row['speedup'][v]:>6.2f}x {mem[v] / 2**20:>9.1f} "
+                         f"{rel_err[v]:>8.1e} {100 * row['fraction_of_floor'][v]:>6.0f}%")
+            print(line + f" {mem['reference'] / 2**20:>12.1f}", flush=True)
 
     result = {
-        **result_header("bench_query (CPU, float32, C=64, MLP 580-256x4-3, reference chunk 30000)",
-                        __file__, sys.argv[1:]),
+        **result_header("bench_query (CPU, float32 and bf16, C=64, MLP 580-256x4-3, reference "
+                        "chunk 30000)", __file__, sys.argv[1:]),
         "repeats": args.repeats,
         "machine": cpu_machine_info(),
-        "matmul_flops_per_s": rate,
+        "matmul_flops_per_s": rates["fp32"],
+        "bf16_matmul_flops_per_s": rates["bf16"],
         "rows": rows,
     }
     write_results(result, "cpu_query", args.out)

@@ -20,6 +20,7 @@ namespace liif {
 // bfloat16 inputs); float64 is always computed in float64. Returns the precision's index in
 // kPrecisionNames (the values of liif::cuda::Precision).
 inline constexpr const char* kPrecisionNames[] = {"fp32", "tf32", "bf16", "fp16"};
+inline constexpr int kPrecisionBf16 = 2;
 
 inline int check_precision(const at::Tensor& feat, c10::string_view precision) {
   constexpr int count = static_cast<int>(std::size(kPrecisionNames));

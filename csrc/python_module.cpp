@@ -5,6 +5,7 @@
 
 // LIIF_WITH_CUDA and LIIF_CUDA_ARCHS, written by setup.py.
 #include "liif_build_config.h"
+#include "cpu/bf16_linear.h"
 
 static PyObject* build_info(PyObject*, PyObject*) {
 #ifdef LIIF_WITH_CUDA
@@ -12,12 +13,15 @@ static PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* cuda = Py_False;
 #endif
-  return Py_BuildValue("{s:O,s:s}", "cuda", cuda, "cuda_archs", LIIF_CUDA_ARCHS);
+  PyObject* cpu_bf16 = liif::cpu::bf16::native_available() ? Py_True : Py_False;
+  return Py_BuildValue("{s:O,s:s,s:O}", "cuda", cuda, "cuda_archs", LIIF_CUDA_ARCHS, "cpu_bf16",
+                       cpu_bf16);
 }
 
 static PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS,
-     "dict(cuda=bool, cuda_archs=str): whether CUDA kernels were compiled, and for which targets."},
+     "dict(cuda=bool, cuda_archs=str, cpu_bf16=bool): whether CUDA kernels were compiled, for "
+     "which targets, and whether precision 'bf16' runs bf16 kernels on this CPU."},
     {nullptr, nullptr, 0, nullptr},
 };
 

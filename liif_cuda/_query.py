@@ -39,13 +39,17 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         imnet: the MLP: an `nn.Sequential` of Linear/ReLU, a module with such a `.layers`
             (LIIF's `MLP`, mmediting's `MLPRefiner`), or a sequence of (weight, bias) pairs.
         local_ensemble, feat_unfold, cell_decode: LIIF's three flags (all True in published models).
-        precision: the arithmetic of the MLP's hidden layers. "fp32" (exact, the default), or, on
-            CUDA tensor cores with float32 accumulation, "tf32" (relative error about 2e-4), "fp16"
-            (about 2e-4) or "bf16" (about 1.5e-3). Layer 0, the last layer and the blend stay
-            float32. The tensor-core kernel runs the published MLP shape (hidden layers all 256
-            wide, out_dim <= 128) on GPUs of compute capability 8.0 and newer; other MLPs and GPUs,
-            and the CPU, compute float32 whatever the precision. None (the default): "fp32", or,
-            inside `torch.autocast` for feat's device type, the autocast dtype's path.
+        precision: the arithmetic of the MLP's hidden layers. "fp32" (exact, the default), or
+            operands rounded once per layer with float32 accumulation: "tf32" (relative error
+            about 2e-4), "fp16" (about 2e-4) or "bf16" (about 1.5e-3). Layer 0, the last layer and
+            the blend stay float32. On CUDA these run on tensor cores, for the published MLP shape
+            (hidden layers all 256 wide, out_dim <= 128) on GPUs of compute capability 8.0 and
+            newer; other MLPs and GPUs compute float32. On the CPU "bf16" runs the hidden layers on
+            the processor's bf16 dot-product units (AVX512-BF16; any MLP of two layers or more),
+            in the same rounding model as the CUDA kernel; a CPU without them (see
+            `liif_cuda.build_info()["cpu_bf16"]`; LIIF_CUDA_CPU_BF16=0 forces it) computes
+            float32, and "tf32" and "fp16" compute float32 on every CPU. None (the default):
+            "fp32", or, inside `torch.autocast` for feat's device type, the autocast dtype's path.
 
     Devices: CPU tensors run the CPU kernel, CUDA tensors the CUDA kernel (when liif_cuda was built
     with it, see `liif_cuda.build_info()`), on the tensors' device and the current stream.
@@ -56,7 +60,7 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     bfloat16 inputs. Inside `torch.autocast` (for feat's device type) the inputs may have any
     floating dtypes: they are converted to float32, the result comes back in the autocast dtype, as
     for PyTorch's own autocast operators, and `precision` defaults to the autocast dtype's path
-    ("fp16" or "bf16"; computed in float32 on the CPU). float64 feat is left alone by autocast.
+    ("fp16" or "bf16", each as described above). float64 feat is left alone by autocast.
 
     Autograd: gradients flow to feat, coords, cells and every MLP weight and bias, each computed only
     if it is required. The backward (the operator liif_cuda::query_backward) recomputes the forward

@@ -1,10 +1,12 @@
 """The `liif-cuda` command line.
 
     liif-cuda upscale INPUT -o OUTPUT (--scale S | --size WxH) [--model NAME|PATH]
-                      [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16] [--overwrite]
+                      [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                      [--encoder-precision fp32|bf16|fp16] [--overwrite]
     liif-cuda eval --model NAME|PATH|bicubic --data DIR [--data DIR ...] --scales 2,3,4
                    --protocol mmedit|mmagic|paper|classic [--lr-dir DIR] [--resize pillow|matlab]
-                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16] [--json PATH]
+                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                   [--encoder-precision fp32|bf16|fp16] [--json PATH]
 
 Errors (bad paths, unreadable files, bad scales or sizes, outputs too large for memory, existing
 outputs without --overwrite) print one line to stderr and exit with status 2 (usage) or 1 (other);
@@ -25,8 +27,12 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"
 BYTES_PER_OUTPUT_PIXEL = 40
 # liif_cuda.PRECISIONS, spelled out so that the parser is built without importing torch.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-PRECISION_HELP = ("query arithmetic: fp32 exact (default); tf32, bf16, fp16 on CUDA tensor cores "
-                  "(float32 on the CPU)")
+PRECISION_HELP = ("query arithmetic: fp32 exact (default); tf32, bf16, fp16 on CUDA tensor cores; "
+                  "bf16 also on CPUs with AVX512-BF16 (float32 on other CPUs)")
+# liif_cuda.upscaling.ENCODER_PRECISIONS
+ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
+ENCODER_PRECISION_HELP = ("encoder arithmetic: fp32 (default), or autocast in bf16 (CPU or CUDA) or "
+                          "fp16 (CUDA)")
 
 
 class CliError(Exception):
@@ -122,6 +128,7 @@ def upscale_command(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: no CUDA GPU is available", 2)
 
+    check_encoder_precision(args, args.device or default_device())
     image = read_image(args.input)
     out_h, out_w = output_size(image.height, image.width, args.scale, size)
     needed = out_h * out_w * BYTES_PER_OUTPUT_PIXEL
@@ -137,11 +144,17 @@ def upscale_command(args):
     except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
         raise CliError(f"model: {exc}") from None
     start = time.perf_counter()
-    result = upscale(image, size=(out_w, out_h), model=model,
-                     precision=args.precision, progress=out_h * out_w >= (1 << 21))
+    result = upscale(image, size=(out_w, out_h), model=model, precision=args.precision,
+                     encoder_precision=args.encoder_precision,
+                     progress=out_h * out_w >= (1 << 21))
     write_atomically(result, args.output, args.overwrite)
     print(f"{args.output}: {out_w}x{out_h} from {image.width}x{image.height} in "
           f"{time.perf_counter() - start:.1f} s")
+
+
+def check_encoder_precision(args, device):
+    if args.encoder_precision == "fp16" and device != "cuda":
+        raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
 
 
 def parse_scales(text):
@@ -159,6 +172,9 @@ def eval_command(args):
     from .evaluation import evaluate, format_table
     from .pretrained import WeightsNotFound
     scales = parse_scales(args.scales)
+    if args.model != "bicubic":
+        from .upscaling import default_device
+        check_encoder_precision(args, args.device or default_device())
     for folder in args.data:
         if not os.path.isdir(folder):
             raise CliError(f"--data {folder} is not a folder")
@@ -167,7 +183,8 @@ def eval_command(args):
     try:
         results = evaluate(args.model, args.data, scales, protocol=args.protocol,
                            lr_dir=args.lr_dir, resize=args.resize, crop=args.crop, div2k=args.div2k,
-                           device=args.device, precision=args.precision, json_path=args.json)
+                           device=args.device, precision=args.precision, json_path=args.json,
+                           encoder_precision=args.encoder_precision)
     except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
         raise CliError(str(exc)) from None
     print(format_table(results))
@@ -189,6 +206,8 @@ def build_parser():
     up.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: CUDA when available, else CPU")
     up.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    up.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
+                    help=ENCODER_PRECISION_HELP)
     up.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     up.set_defaults(func=upscale_command)
 
@@ -207,6 +226,8 @@ def build_parser():
     ev.add_argument("--div2k", action="store_true", help="paper protocol: RGB, shave scale + 6")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    ev.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
+                    help=ENCODER_PRECISION_HELP)
     ev.add_argument("--json", default=None, help="write per-image values here")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     ev.set_defaults(func=eval_command)

@@ -18,7 +18,10 @@ from ._query import PRECISIONS, query
 from .images import from_tensor, resize_alpha, to_tensor
 from .load import DEFAULT_MODEL, load_model
 
-DEFAULT_CHUNK = 1 << 18     # queries per fused-op call
+# Queries per fused-op call: each call computes its first-layer map over the tile's whole feature
+# crop again (a 3x3 convolution, 576 -> 256 per LR cell), so few large calls; a call holds about 60
+# bytes per query (coordinates, prediction), 60 MiB at this size.
+DEFAULT_CHUNK = 1 << 20
 MARGIN = 2                  # feature cells a query reads beyond its own: ensemble neighbour + unfold
 
 
@@ -78,11 +81,33 @@ def _to_crop(centres, n, start, stop):
     return mapped.float(), n / crop
 
 
+# The encoder's arithmetic: float32, or torch.autocast in a reduced dtype (its features are then
+# rounded to that dtype before the query).
+ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_encoder_precision(encoder_precision, device):
+    if encoder_precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"encoder_precision must be one of {ENCODER_PRECISIONS}, "
+                         f"got {encoder_precision!r}")
+    if encoder_precision == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("encoder_precision='fp16' needs a CUDA device (on the CPU use 'bf16')")
+
+
+def run_encoder(encoder, inp, encoder_precision):
+    if encoder_precision == "fp32":
+        return encoder(inp)
+    with torch.autocast(inp.device.type, dtype=_AUTOCAST_DTYPES[encoder_precision]):
+        return encoder(inp).float()
+
+
 @torch.no_grad()
 def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, progress=None,
-                  precision="fp32"):
+                  precision="fp32", encoder_precision="fp32"):
     """(1, 3, H, W) image in [0, 1] on the model's device -> (1, 3, out_h, out_w) on the CPU, float32.
-    `precision` is the query's (liif_cuda.query); the encoder runs in float32."""
+    `precision` is the query's (liif_cuda.query), `encoder_precision` the encoder's (float32, or
+    autocast in bf16 / fp16)."""
     _, _, H, W = img.shape
     device = img.device
     encoder = model.encoder
@@ -106,7 +131,7 @@ def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, prog
                 continue
             fx0, fx1 = max(0, x0 - MARGIN), min(W, x1 + MARGIN)
             ex0, ex1 = max(0, fx0 - radius), min(W, fx1 + radius)
-            feat = encoder(inp[:, :, ey0:ey1, ex0:ex1])
+            feat = run_encoder(encoder, inp[:, :, ey0:ey1, ex0:ex1], encoder_precision)
             feat = feat[:, :, fy0 - ey0:fy1 - ey0, fx0 - ex0:fx1 - ex0].contiguous()
             cx, cell_fx = _to_crop(centres_x[cols], W, fx0, fx1)
             # make_cell's 2 / out_h in float32; the factor is exactly 1 for an untiled axis.
@@ -124,8 +149,8 @@ def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, prog
     return out.permute(2, 0, 1).unsqueeze(0)
 
 
-def upscale(image, scale=None, size=None, model=None, device=None, precision="fp32", *, tile=None,
-            chunk=DEFAULT_CHUNK, progress=False):
+def upscale(image, scale=None, size=None, model=None, device=None, precision="fp32", *,
+            encoder_precision="fp32", tile=None, chunk=DEFAULT_CHUNK, progress=False):
     """Super-resolves `image` with a LIIF model; returns the same kind of image.
 
     Args:
@@ -138,7 +163,9 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
         device: "cpu" or "cuda" (default: the model's device, else CUDA when available). A model
             object on another device is moved there (nn.Module.to, in place).
         precision: the query's arithmetic, "fp32" (exact), "tf32", "bf16" or "fp16" (CUDA tensor
-            cores; float32 elsewhere, see liif_cuda.query). The encoder runs in float32.
+            cores; "bf16" also on CPUs with AVX512-BF16; float32 elsewhere, see liif_cuda.query).
+        encoder_precision: the encoder's, "fp32" (default) or, through torch.autocast, "bf16"
+            (CPU or CUDA) or "fp16" (CUDA); its features are rounded to that dtype.
         tile: LR tile size for the encoder (default: the encoder's `default_tile`).
         chunk: queries per fused-operator call.
         progress: show a tqdm progress bar over the output pixels.
@@ -157,12 +184,14 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
         if device is not None and torch.device(device) != model_device:
             model = model.to(device)
         device = device or model_device
+    check_encoder_precision(encoder_precision, device)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=out_h * out_w, unit="px", unit_scale=True, desc="upscale")
     try:
-        result = super_resolve(model, rgb.to(device), out_h, out_w, tile, chunk, bar, precision)
+        result = super_resolve(model, rgb.to(device), out_h, out_w, tile, chunk, bar, precision,
+                               encoder_precision)
     finally:
         if bar is not None:
             bar.close()

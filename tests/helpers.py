@@ -137,9 +137,22 @@ def build_tensor_core_problem(problem):
     cells = random_cells(B, Q, g, torch.float32)
     flags = problem["flags"]
     in_dim = ref.imnet_in_dim(C, flags["feat_unfold"], flags["cell_decode"])
-    mlp = make_mlp(in_dim, [256] * problem["depth"], problem["out_dim"], torch.float32,
-                   seed=problem["seed"] % 1000)
+    hidden = problem["hidden"] if "hidden" in problem else [256] * problem["depth"]
+    mlp = make_mlp(in_dim, hidden, problem["out_dim"], torch.float32, seed=problem["seed"] % 1000)
     return feat, coords, cells, mlp
+
+
+@st.composite
+def cpu_bf16_problems(draw):
+    """The CPU bf16 path takes any MLP of two layers or more: the tensor-core problems with hidden
+    widths of any size (odd ones and ones past a 32-column block included) and any out_dim."""
+    problem = draw(tensor_core_problems())
+    problem.pop("depth")
+    problem["precision"] = "bf16"
+    problem["hidden"] = draw(st.lists(st.sampled_from([1, 2, 7, 16, 31, 32, 33, 64, 70, 256]),
+                                      min_size=1, max_size=3))
+    problem["out_dim"] = draw(st.integers(1, 20))
+    return problem
 
 
 def rounding_model_bound(feat, coords, cells, mlp, precision, flags, tf32_map=False):

@@ -50,6 +50,17 @@ def test_upscale_end_to_end(tmp_path, image, checkpoint, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".liif-cuda-")] == []
 
 
+def test_bf16_options(tmp_path, image, checkpoint):
+    """--precision bf16 and --encoder-precision bf16 reach upscale() (on the CPU: the bf16 kernels
+    where the CPU has them, float32 otherwise; autocast for the encoder)."""
+    out = tmp_path / "out.png"
+    assert run("upscale", image, "-o", out, "--scale", 2, "--model", checkpoint, "--device", "cpu",
+               "--precision", "bf16", "--encoder-precision", "bf16") == 0
+    expected = liif_cuda.upscale(Image.open(image), scale=2, model=liif_cuda.load_model(checkpoint),
+                                 device="cpu", precision="bf16", encoder_precision="bf16")
+    assert np.array_equal(np.array(Image.open(out)), np.array(expected))
+
+
 def test_console_script(tmp_path, image, checkpoint):
     """The installed `liif-cuda` entry point, as a user runs it."""
     exe = shutil.which("liif-cuda", path=os.path.dirname(sys.executable)) or shutil.which("liif-cuda")
@@ -126,6 +137,8 @@ def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkey
      "model:"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--model", "nonexistent"],
      "neither a checkpoint file nor a pretrained name"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--device", "cpu",
+      "--encoder-precision", "fp16"], "--encoder-precision fp16 needs a CUDA device"),
 ])
 def test_errors_are_one_line(tmp_path, image, checkpoint, capsys, argv, match):
     (tmp_path / "junk.png").write_bytes(b"not an image")

@@ -2,7 +2,8 @@
 trip: downscale by the same factor (Pillow bicubic), upscale back with LIIF and with bicubic, and
 compare both with the original (PSNR, RGB, 8-bit).
 
-    python -P tools/demo.py [--scale 2.5] [--device cpu|cuda] [--out build/demo]
+    python -P tools/demo.py [--scale 2.5] [--device cpu|cuda] [--precision fp32|bf16|...]
+                            [--encoder-precision fp32|bf16|fp16] [--out build/demo]
 """
 
 import argparse
@@ -15,7 +16,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 
 import liif_cuda
-from liif_cuda.upscaling import default_device
+from liif_cuda.upscaling import ENCODER_PRECISIONS, default_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +25,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=2.5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="fp32", choices=liif_cuda.PRECISIONS,
+                        help="the query's arithmetic (liif_cuda.upscale)")
+    parser.add_argument("--encoder-precision", default="fp32", choices=ENCODER_PRECISIONS,
+                        help="the encoder's arithmetic (liif_cuda.upscale)")
     parser.add_argument("--out", default=os.path.join(ROOT, "build", "demo"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -31,7 +36,8 @@ def main():
     original = Image.fromarray(data.chelsea())  # 451x300, scikit-image's sample photo of a cat
     model = liif_cuda.load_model("edsr-baseline-liif", device=args.device or default_device())
     start = time.perf_counter()
-    result = liif_cuda.upscale(original, scale=args.scale, model=model)
+    precisions = dict(precision=args.precision, encoder_precision=args.encoder_precision)
+    result = liif_cuda.upscale(original, scale=args.scale, model=model, **precisions)
     seconds = time.perf_counter() - start
     path = os.path.join(args.out, f"chelsea_x{args.scale:g}.png")
     result.save(path)
@@ -42,7 +48,7 @@ def main():
 
     lr = original.resize((round(original.width / args.scale), round(original.height / args.scale)),
                          Image.BICUBIC)
-    liif = liif_cuda.upscale(lr, size=original.size, model=model)
+    liif = liif_cuda.upscale(lr, size=original.size, model=model, **precisions)
     bicubic = lr.resize(original.size, Image.BICUBIC)
     reference = np.asarray(original)
     psnr_liif = peak_signal_noise_ratio(reference, np.asarray(liif), data_range=255)

@@ -11,6 +11,11 @@
 // Each tile of kTileRows (query, neighbour) rows then runs the remaining layers as in-cache matrix
 // products (ATen/BLAS, single-threaded inside the parallel region) and blends the four predictions.
 // Tiles are distributed over threads with at::parallel_for.
+//
+// Precision "bf16" on a CPU with AVX512-BF16 (bf16_linear.h): layer 0 as above in float32, its
+// output rounded to bf16, the hidden layers on the bf16 dot-product units, the last layer and the
+// blend in float32: the rounding model of the CUDA tensor-core kernel. Elsewhere, and for "tf32" and
+// "fp16", float32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,8 +25,10 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "bf16_linear.h"
 #include "liif_query_cpu_common.h"
 
 namespace liif {
@@ -36,22 +43,75 @@ struct TileScratch {
   std::vector<Neighbour<scalar_t>> neighbours;
   std::vector<scalar_t> cell;  // (cell_y*H, cell_x*W) per query
   std::vector<char> valid;     // coordinates finite
+  std::vector<uint16_t> bf16_a, bf16_b;  // the bf16 path's activations
 
-  TileScratch(const QueryPlan<scalar_t>& p, const at::TensorOptions& opts)
+  TileScratch(const QueryPlan<scalar_t>& p, const at::TensorOptions& opts, bool bf16)
       : act_a(at::empty({kTileRows * p.max_width}, opts)),
         act_b(at::empty({kTileRows * p.max_width}, opts)),
         neighbours(kTileRows),
         cell(2 * kTileRows),
         valid(kTileRows) {
     if (!p.precomputed) unfolded = at::empty({kTileRows * p.shape.feat_dim}, opts);
+    if (bf16) {
+      bf16_a.resize(kTileRows * bf16::activation_pitch(p.max_width));
+      bf16_b.resize(bf16_a.size());
+    }
   }
 };
+
+// The bf16 path's MLP on a tile after layer 0 (in s.act_a): rounds layer 0's output, runs the hidden
+// layers in bf16 and the last layer in float32 into s.act_b; returns s.act_b.
+template <typename scalar_t>
+const at::Tensor& tile_mlp_bf16(const QueryPlan<scalar_t>& p,
+                                const std::vector<bf16::PackedLayer>& hidden, int64_t rows,
+                                TileScratch<scalar_t>& s) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t width0 = p.shape.layer_widths[0];
+    bf16::round_rows(s.act_a.template const_data_ptr<float>(), width0, rows, width0,
+                     s.bf16_a.data());
+    uint16_t* in = s.bf16_a.data();
+    uint16_t* out = s.bf16_b.data();
+    for (const bf16::PackedLayer& layer : hidden) {
+      bf16::linear(in, rows, layer, /*relu=*/true, out);
+      std::swap(in, out);
+    }
+    const int last = static_cast<int>(p.weights.size()) - 1;
+    bf16::linear_float_out(in, rows, p.shape.layer_widths[last - 1],
+                           p.weights[last].template const_data_ptr<float>(),
+                           p.biases[last].template const_data_ptr<float>(), p.shape.out_dim,
+                           s.act_b.template data_ptr<float>());
+    return s.act_b;
+  } else {
+    TORCH_CHECK(false, "liif_cuda.query: the CPU bf16 path takes float32 tensors");
+  }
+}
+
+// The packed hidden layers of the bf16 path, or none (float32) where it does not apply: another
+// precision or dtype, no native bf16 on this CPU, or an MLP of one layer.
+template <typename scalar_t>
+std::vector<bf16::PackedLayer> bf16_hidden_layers(const QueryPlan<scalar_t>& p, bool bf16,
+                                                  bool* use) {
+  std::vector<bf16::PackedLayer> hidden;
+  *use = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int num_layers = static_cast<int>(p.weights.size());
+    if (!bf16 || num_layers < 2 || !bf16::native_available()) return hidden;
+    *use = true;
+    for (int l = 1; l + 1 < num_layers; ++l) {
+      hidden.push_back(bf16::pack_layer(p.weights[l].template const_data_ptr<float>(),
+                                        p.biases[l].template const_data_ptr<float>(),
+                                        p.shape.layer_widths[l], p.shape.layer_widths[l - 1]));
+    }
+  }
+  return hidden;
+}
 
 // Decodes queries [q0, q0 + nq) of batch element b into out (B, Q, out_dim).
 // `precomputed_map` is P of batch element b, (H, W + 2*pad, width0) flattened to rows, when used.
 template <typename scalar_t>
 void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, int64_t map_pitch,
-                 int64_t b, int64_t q0, int64_t nq, bool feat_unfold, TileScratch<scalar_t>& s,
+                 int64_t b, int64_t q0, int64_t nq, bool feat_unfold,
+                 const std::vector<bf16::PackedLayer>* bf16_hidden, TileScratch<scalar_t>& s,
                  scalar_t* out) {
   const int nn = p.grid.num_neighbours;
   const int64_t rows = nq * nn;
@@ -60,9 +120,17 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
   tile_geometry(p, b, q0, nq, s.neighbours.data(), s.valid.data(), s.cell.data());
 
   // 2. The MLP, its activations alternating between two buffers.
-  const at::Tensor last =
-      tile_mlp(p, precomputed_map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(),
-               s.unfolded, feat_unfold, [&](int l) -> at::Tensor& { return l % 2 ? s.act_b : s.act_a; });
+  at::Tensor last;
+  if (bf16_hidden != nullptr) {
+    at::Tensor act0 = rows_view<scalar_t>(s.act_a, rows, p.shape.layer_widths[0]);
+    tile_first_layer(p, precomputed_map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(),
+                     s.unfolded, feat_unfold, act0);
+    last = tile_mlp_bf16(p, *bf16_hidden, rows, s);
+  } else {
+    last = tile_mlp(p, precomputed_map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(),
+                    s.unfolded, feat_unfold,
+                    [&](int l) -> at::Tensor& { return l % 2 ? s.act_b : s.act_a; });
+  }
 
   // 3. Blend: out = sum_k pred_k * weight_k, accumulated in neighbour order like the reference.
   const int64_t od = p.shape.out_dim;
@@ -88,10 +156,12 @@ template <typename scalar_t>
 void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
                     const c10::optional<at::Tensor>& cells, const std::vector<at::Tensor>& weights,
                     const std::vector<at::Tensor>& biases, bool local_ensemble, bool feat_unfold,
-                    bool cell_decode, const QueryShape& shape, at::Tensor& out) {
+                    bool cell_decode, const QueryShape& shape, bool bf16, at::Tensor& out) {
   const QueryPlan<scalar_t> p =
       make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble, cell_decode,
                                 shape);
+  bool use_bf16 = false;
+  const std::vector<bf16::PackedLayer> bf16_hidden = bf16_hidden_layers(p, bf16, &use_bf16);
   const int64_t queries_per_tile = kTileRows / p.grid.num_neighbours;
   const int64_t tiles = (shape.queries + queries_per_tile - 1) / queries_per_tile;
   scalar_t* out_data = out.data_ptr<scalar_t>();
@@ -107,11 +177,12 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
       // Worker threads do not inherit the caller's dispatch state: skip autograd in the ATen calls
       // below, as the calling thread does.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      TileScratch<scalar_t> scratch(p, feat.options());
+      TileScratch<scalar_t> scratch(p, feat.options(), use_bf16);
       for (int64_t t = next_tile++; t < tiles; t = next_tile++) {
         const int64_t q0 = t * queries_per_tile;
         const int64_t nq = std::min(queries_per_tile, shape.queries - q0);
-        decode_tile(p, map_data, pitch, b, q0, nq, feat_unfold, scratch, out_data);
+        decode_tile(p, map_data, pitch, b, q0, nq, feat_unfold, use_bf16 ? &bf16_hidden : nullptr,
+                    scratch, out_data);
       }
     });
   }
@@ -123,8 +194,8 @@ at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
                      bool cell_decode, c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
-  // Every precision computes float32 here: the reduced ones are a CUDA tensor-core matter.
-  check_precision(feat, precision);
+  // "bf16" runs the bf16 path where the CPU has it; every other precision computes float32 here.
+  const bool bf16 = check_precision(feat, precision) == kPrecisionBf16;
   TORCH_CHECK(feat.device().is_cpu(), "liif_cuda.query (CPU kernel): feat must be a CPU tensor");
   // No autocast kernel is registered: inside torch.autocast the dispatcher falls through to this one
   // with autocast still on, which must not reach the matrix products below.
@@ -133,7 +204,7 @@ at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cpu", [&] {
     query_cpu_impl<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold, cell_decode,
-                             shape, out);
+                             shape, bf16, out);
   });
   return out;
 }

@@ -191,21 +191,19 @@ void tile_geometry(const QueryPlan<scalar_t>& p, int64_t b, int64_t q0, int64_t 
   }
 }
 
-// The MLP on the `rows` rows of a tile whose geometry is in `neighbours` and `cell` (tile_geometry):
-// layer 0 (the precomputed map's row, or the gathered unfolded features times the feature columns,
-// plus the coordinate and cell terms, ReLU unless it is the only layer, in one pass over the row), then
-// each further layer's product, bias and ReLU (none after the last). Layer l's output goes to the flat
-// buffer output(l) (room for rows x width_l, not output(l - 1)'s); returns the last layer's buffer.
-// `map`: P of batch element b, (H, W + 2*pad, width0) flattened to rows, or nullptr for the direct
-// path, which gathers into `unfolded` (room for rows x feat_dim).
-template <typename scalar_t, typename Output>
-at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch, int64_t b,
-                    int64_t rows, const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
-                    const at::Tensor& unfolded, bool feat_unfold, Output&& output) {
+// Layer 0 on the `rows` rows of a tile whose geometry is in `neighbours` and `cell` (tile_geometry),
+// into act0 (rows x width0): the precomputed map's row, or the gathered unfolded features times the
+// feature columns, plus the coordinate and cell terms, then ReLU unless it is the only layer, in one
+// pass over the row. `map`: P of batch element b, (H, W + 2*pad, width0) flattened to rows, or nullptr
+// for the direct path, which gathers into `unfolded` (room for rows x feat_dim).
+template <typename scalar_t>
+void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch,
+                      int64_t b, int64_t rows, const Neighbour<scalar_t>* neighbours,
+                      const scalar_t* cell, const at::Tensor& unfolded, bool feat_unfold,
+                      at::Tensor& act0) {
   const int nn = p.grid.num_neighbours;
   const int64_t width0 = p.shape.layer_widths[0];
-  const int num_layers = static_cast<int>(p.weights.size());
-  at::Tensor act0 = rows_view<scalar_t>(output(0), rows, width0);
+  const bool relu = p.weights.size() > 1;
   scalar_t* a = act0.template data_ptr<scalar_t>();
   if (map == nullptr) {
     at::Tensor u = rows_view<scalar_t>(unfolded, rows, p.shape.feat_dim);
@@ -222,8 +220,20 @@ at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t m
     const scalar_t* src = map != nullptr ? map + (nb.iy * map_pitch + nb.ix) * width0 : row;
     const scalar_t* c = &cell[2 * (r / nn)];
     first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, p.extra_column[0], p.extra_column[1],
-                    c[0], c[1], p.extra_column[2], p.extra_column[3], num_layers > 1);
+                    c[0], c[1], p.extra_column[2], p.extra_column[3], relu);
   }
+}
+
+// The MLP on the `rows` rows of a tile: layer 0 (tile_first_layer), then each further layer's
+// product, bias and ReLU (none after the last). Layer l's output goes to the flat buffer output(l)
+// (room for rows x width_l, not output(l - 1)'s); returns the last layer's buffer.
+template <typename scalar_t, typename Output>
+at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch, int64_t b,
+                    int64_t rows, const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
+                    const at::Tensor& unfolded, bool feat_unfold, Output&& output) {
+  const int num_layers = static_cast<int>(p.weights.size());
+  at::Tensor act0 = rows_view<scalar_t>(output(0), rows, p.shape.layer_widths[0]);
+  tile_first_layer(p, map, map_pitch, b, rows, neighbours, cell, unfolded, feat_unfold, act0);
   at::Tensor result = output(0);
   for (int l = 1; l < num_layers; ++l) {
     const int64_t out_w = p.shape.layer_widths[l];

@@ -26,7 +26,7 @@ def bicubic_upscale(lr, out_h, out_w):
     return imresize(lr, output_shape=(out_h, out_w)).astype(np.float64) / 255
 
 
-def predict(model, lr, out_h, out_w, device, precision):
+def predict(model, lr, out_h, out_w, device, precision, encoder_precision="fp32"):
     """(out_h, out_w, 3) float prediction in [0, 1] (before the protocol's rounding)."""
     if isinstance(model, str):  # "bicubic"; names and paths are loaded by evaluate()
         return bicubic_upscale(lr, out_h, out_w)
@@ -34,15 +34,17 @@ def predict(model, lr, out_h, out_w, device, precision):
         return np.asarray(model(lr, out_h, out_w), dtype=np.float64)
     from ..upscaling import upscale
     out = upscale(lr.astype(np.float32) / 255, size=(out_w, out_h), model=model, device=device,
-                  precision=precision)
+                  precision=precision, encoder_precision=encoder_precision)
     return out.astype(np.float64)
 
 
 def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow", crop=None,
-             div2k=False, device=None, precision="fp32", json_path=None, progress=True):
+             div2k=False, device=None, precision="fp32", json_path=None, progress=True,
+             encoder_precision="fp32"):
     """Scores `model` on every image of every folder in `data` at every scale. `model`: a LIIF
     model, a name or path for load_model, "bicubic", or any function (lr uint8 (h, w, 3), out_h,
-    out_w) -> (out_h, out_w, 3) float prediction in [0, 1]. Returns {dataset: {scale: {"psnr",
+    out_w) -> (out_h, out_w, 3) float prediction in [0, 1]. `precision` and `encoder_precision`
+    are upscale()'s. Returns {dataset: {scale: {"psnr",
     "ssim", "images"}}} with per-image values; writes it as JSON to `json_path` if given."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -74,7 +76,8 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
                 for path in paths:
                     sample = make_sample(path, scale, protocol, resize, lr_dir)
                     out_h, out_w = sample.gt.shape[:2]
-                    pred = predict(model, sample.lr, out_h, out_w, device, precision)
+                    pred = predict(model, sample.lr, out_h, out_w, device, precision,
+                                   encoder_precision)
                     values = score(finish_prediction(pred, protocol), sample.gt, scale, protocol,
                                    crop, div2k, sample.gray)
                     images.append({"image": sample.name, **values})
@@ -91,7 +94,8 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
             bar.close()
     if json_path:
         record = {"protocol": protocol, "resize": resize, "crop": crop, "div2k": div2k,
-                  "lr_dir": lr_dir, "precision": precision, "results": results}
+                  "lr_dir": lr_dir, "precision": precision,
+                  "encoder_precision": encoder_precision, "results": results}
         with open(json_path, "w") as f:
             json.dump(record, f, indent=1)
     return results

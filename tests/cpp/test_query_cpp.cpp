@@ -90,9 +90,13 @@ void test_operator_runs() {
     threw = true;
   }
   expect(threw, "bad coords shape raises");
-  // The CPU computes float32 for every precision.
+  // The CPU computes float32 for fp16 (and tf32); bf16 rounds the activations where the CPU has
+  // bf16 units (tests/test_query_cpu_bf16.py), so it is only close to float32.
+  const at::Tensor fp16 = typed.call(feat, coords, cells, weights, biases, true, true, true, "fp16");
+  expect(at::equal(fp16, out), "precision fp16 computes float32 on the CPU");
   const at::Tensor bf16 = typed.call(feat, coords, cells, weights, biases, true, true, true, "bf16");
-  expect(at::equal(bf16, out), "precision bf16 computes float32 on the CPU");
+  expect(((bf16 - out).norm() / out.norm()).item<double>() < 1e-2,
+         "precision bf16 is close to float32 on the CPU");
   threw = false;
   try {
     typed.call(feat, coords, cells, weights, biases, true, true, true, "fp8");

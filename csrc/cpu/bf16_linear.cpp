@@ -1,0 +1,220 @@
+// AVX512-BF16 kernels of the CPU query's bf16 layers (bf16_linear.h). The extension is built for any
+// x86-64 CPU: these functions alone are compiled for AVX512-BF16 and are only called after the
+// run-time check in native_available().
+#include "bf16_linear.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+// GCC knows AVX512-BF16 from version 10, Clang from 9; older compilers build the float32 fallback.
+#if defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define LIIF_BF16_KERNELS 1
+#include <immintrin.h>
+#define LIIF_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#else
+#define LIIF_BF16_KERNELS 0
+#endif
+
+namespace liif {
+namespace cpu {
+namespace bf16 {
+
+namespace {
+
+// float32 -> bf16 bits, round to nearest even (NaN stays NaN), as torch's conversion and the
+// rounding model do; used where the weights are packed, off the hot path.
+uint16_t to_bf16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace
+
+bool native_available() {
+  const char* env = std::getenv("LIIF_CUDA_CPU_BF16");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+#if LIIF_BF16_KERNELS
+  // The GCC/Clang CPU model checks the OS's support of the AVX-512 register state too.
+  static const bool supported = __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") &&
+                                __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+PackedLayer pack_layer(const float* weight, const float* bias, int64_t out, int64_t in) {
+  PackedLayer layer;
+  layer.in = in;
+  layer.out = out;
+  layer.out_pitch = activation_pitch(out);
+  const int64_t pairs = (in + 1) / 2;
+  layer.weight.assign(pairs * layer.out_pitch * 2, 0);
+  layer.bias.assign(layer.out_pitch, 0.0f);
+  for (int64_t n = 0; n < out; ++n) {
+    for (int64_t k = 0; k < in; ++k) {
+      layer.weight[((k / 2) * layer.out_pitch + n) * 2 + k % 2] = to_bf16(weight[n * in + k]);
+    }
+    layer.bias[n] = bias[n];
+  }
+  return layer;
+}
+
+#if LIIF_BF16_KERNELS
+
+// GCC 12's AVX-512 intrinsics start from `_mm512_undefined_*()`, a self-initialised variable that
+// -Wmaybe-uninitialized reports once they are inlined (a false positive, GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace {
+
+// Rows of a block: 8 rows x 32 columns are 16 accumulators, plus 2 weight vectors and a broadcast,
+// within the 32 vector registers; each step of the inner loop issues 16 dot products for 10 loads.
+constexpr int kBlockRows = 8;
+
+// `rows` (<= kBlockRows) rows x 32 columns of dst: the columns' packed weights start at w (pairs
+// `out_pitch` apart), their bias at bias.
+template <int rows>
+LIIF_TARGET_BF16 inline void linear_block(const uint16_t* a, int64_t a_pitch, int64_t pairs,
+                                          const uint16_t* w, int64_t out_pitch, const float* bias,
+                                          bool relu, uint16_t* dst, int64_t dst_pitch) {
+  __m512 acc[rows][2];
+  const __m512 bias0 = _mm512_loadu_ps(bias), bias1 = _mm512_loadu_ps(bias + 16);
+#pragma GCC unroll 8
+  for (int r = 0; r < rows; ++r) {
+    acc[r][0] = bias0;
+    acc[r][1] = bias1;
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* wp = w + p * out_pitch * 2;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * a_pitch + 2 * p, sizeof pair);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int r = 0; r < rows; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      __m512 v = acc[r][h];
+      // `v < 0 ? 0 : v` keeps NaN, as torch.relu does (max_ps would not).
+      if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * dst_pitch + 16 * h),
+                          (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+template <int rows>
+LIIF_TARGET_BF16 void linear_rows(const uint16_t* a, int64_t a_pitch, const PackedLayer& layer,
+                                  bool relu, uint16_t* dst) {
+  const int64_t pairs = (layer.in + 1) / 2;
+  for (int64_t n = 0; n < layer.out_pitch; n += 32) {
+    linear_block<rows>(a, a_pitch, pairs, layer.weight.data() + 2 * n, layer.out_pitch,
+                       layer.bias.data() + n, relu, dst + n, layer.out_pitch);
+  }
+}
+
+}  // namespace
+
+LIIF_TARGET_BF16 void round_rows(const float* src, int64_t src_pitch, int64_t rows, int64_t width,
+                                 uint16_t* dst) {
+  const int64_t pitch = activation_pitch(width);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * src_pitch;
+    uint16_t* d = dst + r * pitch;
+    for (int64_t c = 0; c < pitch; c += 16) {
+      const int64_t left = width - c;
+      const __mmask16 mask =
+          left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mask, s + c);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+LIIF_TARGET_BF16 void linear(const uint16_t* a, int64_t rows, const PackedLayer& layer, bool relu,
+                             uint16_t* dst) {
+  const int64_t a_pitch = activation_pitch(layer.in);
+  int64_t r = 0;
+  // Column blocks inside row blocks: a block's 8 input rows stay in L1 across the columns, and the
+  // packed weights (128 KiB for 256 x 256) in L2.
+  for (; r + kBlockRows <= rows; r += kBlockRows) {
+    linear_rows<kBlockRows>(a + r * a_pitch, a_pitch, layer, relu, dst + r * layer.out_pitch);
+  }
+  const uint16_t* a_tail = a + r * a_pitch;
+  uint16_t* d_tail = dst + r * layer.out_pitch;
+  switch (rows - r) {
+    case 1: linear_rows<1>(a_tail, a_pitch, layer, relu, d_tail); break;
+    case 2: linear_rows<2>(a_tail, a_pitch, layer, relu, d_tail); break;
+    case 3: linear_rows<3>(a_tail, a_pitch, layer, relu, d_tail); break;
+    case 4: linear_rows<4>(a_tail, a_pitch, layer, relu, d_tail); break;
+    case 5: linear_rows<5>(a_tail, a_pitch, layer, relu, d_tail); break;
+    case 6: linear_rows<6>(a_tail, a_pitch, layer, relu, d_tail); break;
+    case 7: linear_rows<7>(a_tail, a_pitch, layer, relu, d_tail); break;
+    default: break;
+  }
+}
+
+LIIF_TARGET_BF16 void linear_float_out(const uint16_t* a, int64_t rows, int64_t in,
+                                       const float* weight, const float* bias, int64_t out_dim,
+                                       float* out) {
+  const int64_t pitch = activation_pitch(in);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = a + r * pitch;
+    for (int64_t o = 0; o < out_dim; ++o) {
+      const float* w = weight + o * in;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < in; c += 16) {
+        const int64_t left = in - c;
+        const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+        // bf16 to float32 is exact: the 16 bits become the high half of the float.
+        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c))),
+            16));
+        acc = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, w + c), acc);
+      }
+      out[r * out_dim + o] = _mm512_reduce_add_ps(acc) + bias[o];
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#else  // no AVX512-BF16 kernels in this build: native_available() is false, nothing calls these.
+
+void round_rows(const float*, int64_t, int64_t, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+void linear(const uint16_t*, int64_t, const PackedLayer&, bool, uint16_t*) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+void linear_float_out(const uint16_t*, int64_t, int64_t, const float*, const float*, int64_t,
+                      float*) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+
+#endif
+
+}  // namespace bf16
+}  // namespace cpu
+}  // namespace liif
