@@ -96,6 +96,10 @@ def check_encoder_precision(encoder_precision, device):
 
 
 def run_encoder(encoder, inp, encoder_precision):
+    if inp.device.type == "cpu":
+        # oneDNN's convolutions run about 1.4x faster (float32) and 1.5x (bf16) on channels-last
+        # input (EDSR-baseline on 451x300, 2 cores); the result differs by float32 rounding only.
+        inp = inp.contiguous(memory_format=torch.channels_last)
     if encoder_precision == "fp32":
         return encoder(inp)
     with torch.autocast(inp.device.type, dtype=_AUTOCAST_DTYPES[encoder_precision]):
