@@ -285,6 +285,9 @@ def main():
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--skip-training", action="store_true",
                         help="leave out the forward + backward at the training shape")
+    parser.add_argument("--train-data", default=None,
+                        help="a folder of images: also time a whole training step of the recipe, "
+                             "liif_cuda against the reference model (benchmarks/bench_train.py)")
     args = parser.parse_args()
     variants = ["reference"] + [v for v in args.variants.split(",") if v and v != "reference"]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -317,6 +320,12 @@ def main():
         write_results(result, stem, args.out)
     if not args.skip_training:
         result["training_forward_backward"] = measure_training(args.device, args.repeats)
+        write_results(result, stem, args.out)
+    if args.train_data:
+        import bench_train
+        result["training_step"] = bench_train.measure(args.train_data, args.device,
+                                                      min(args.repeats, 5))
+        bench_train.print_rows(result["training_step"])
         write_results(result, stem, args.out)
     return 1 if result["failed_variants"] else 0
 

@@ -138,8 +138,12 @@ if [ $DRY_RUN = 1 ]; then
     --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --skip-training \
     --out "$BENCH_JSON"
 else
-  step benchmark 180 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
-    --variants "$VARIANTS,reference-autocast-fp16" --out "$BENCH_JSON"
+  # With a whole training step of the recipe (liif-cuda train's step against the reference
+  # model's) in the same JSON, on Set5's images (at least 192x192) from the shared data.
+  TRAIN_DATA=${LIIF_SHARED_DIR:-shared}/data/Set5
+  step benchmark 240 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
+    --variants "$VARIANTS,reference-autocast-fp16" --out "$BENCH_JSON" \
+    $([ -d "$TRAIN_DATA" ] && echo --train-data "$TRAIN_DATA")
 fi
 sed -n '/^variant/,/^$/p;/^LR /p' "$RESULTS/bench.log" | tail -n 20
 

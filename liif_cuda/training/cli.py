@@ -1,0 +1,37 @@
+"""`liif-cuda train` (also `python -m liif_cuda train`, and under torchrun)."""
+
+import argparse
+import sys
+
+from .trainer import PRECISIONS
+
+
+def add_train_parser(sub):
+    tr = sub.add_parser("train", help="train a LIIF model from a config in the original schema",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--config", required=True,
+                    help="YAML config file, or a packaged one: edsr-baseline-liif, rdn-liif")
+    tr.add_argument("--out", required=True, help="run folder: log.csv, config.yaml, checkpoints")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/epoch-last.pth")
+    tr.add_argument("--init", default=None,
+                    help="start from a pretrained model: a name (edsr-baseline-liif) or a checkpoint")
+    tr.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: CUDA when available, else CPU")
+    tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="fp32; bf16 (autocast, CPU or CUDA); fp16 (CUDA autocast + GradScaler)")
+    tr.add_argument("--workers", type=int, default=None,
+                    help="DataLoader worker processes (default: 4 on CUDA, 0 on the CPU)")
+    tr.set_defaults(func=train_command)
+    return tr
+
+
+def train_command(args):
+    from .config import load_config
+    from .trainer import train
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    config = load_config(args.config)
+    path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,
+                 precision=args.precision, workers=args.workers,
+                 progress=True)
+    print(f"last checkpoint: {path}")

@@ -1,0 +1,167 @@
+"""Training configs in the original LIIF code's YAML schema (spec section 8.1), checked strictly: an
+unknown key or name is an error naming it, so that a typo cannot silently train something else."""
+
+import copy
+import os
+
+PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message names the key and what was expected."""
+
+
+# Each dict maps an allowed key to whether it is required.
+TOP_LEVEL = {"train_dataset": True, "val_dataset": False, "data_norm": False, "model": True,
+             "optimizer": True, "epoch_max": True, "multi_step_lr": False, "epoch_val": False,
+             "epoch_save": False, "resume": False, "eval_type": False, "eval_bsize": False,
+             "seed": False}
+DATASET_SPEC = {"dataset": True, "wrapper": True, "batch_size": True}
+DATASETS = {
+    "image-folder": {"root_path": True, "split_file": False, "split_key": False, "first_k": False,
+                     "repeat": False, "cache": False},
+    "paired-image-folders": {"root_path_1": True, "root_path_2": True, "split_file": False,
+                             "split_key": False, "first_k": False, "repeat": False,
+                             "cache": False},
+}
+WRAPPERS = {
+    "sr-implicit-downsampled": {"inp_size": False, "scale_min": False, "scale_max": False,
+                                "augment": False, "sample_q": False},
+    "sr-implicit-paired": {"inp_size": False, "augment": False, "sample_q": False},
+}
+MODEL_ARGS = {"encoder_spec": True, "imnet_spec": True, "local_ensemble": False,
+              "feat_unfold": False, "cell_decode": False}
+ENCODERS = {
+    "edsr-baseline": {"n_resblocks": False, "n_feats": False, "res_scale": False, "scale": False,
+                      "no_upsampling": False, "rgb_range": False},
+    "rdn": {"G0": False, "RDNkSize": False, "RDNconfig": False, "scale": False,
+            "no_upsampling": False},
+}
+OPTIMIZERS = {"adam": {"lr": True, "betas": False, "eps": False, "weight_decay": False},
+              "sgd": {"lr": True, "momentum": False, "weight_decay": False, "nesterov": False}}
+CACHES = ("none", "in_memory")
+
+
+def _mapping(value, where):
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _keys(value, allowed, where):
+    _mapping(value, where)
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"unknown key {where}.{key} (allowed: {', '.join(allowed)})")
+    for key, required in allowed.items():
+        if required and key not in value:
+            raise ConfigError(f"{where}.{key} is missing")
+
+
+def _named(spec, choices, where):
+    """A `{name, args}` spec whose name is one of `choices` (a dict name -> allowed args)."""
+    _keys(spec, {"name": True, "args": False}, where)
+    name = spec["name"]
+    if name not in choices:
+        raise ConfigError(f"{where}.name: unknown {name!r} (known: {', '.join(choices)})")
+    args = spec.get("args") or {}
+    _keys(args, choices[name], f"{where}.args")
+    return name, args
+
+
+def _number(value, where, kind=float, minimum=None, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{where} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_dataset(spec, where):
+    _keys(spec, DATASET_SPEC, where)
+    name, args = _named(spec["dataset"], DATASETS, f"{where}.dataset")
+    wrapper, wargs = _named(spec["wrapper"], WRAPPERS, f"{where}.wrapper")
+    _number(spec["batch_size"], f"{where}.batch_size", int, 1)
+    if args.get("cache", "none") not in CACHES:
+        raise ConfigError(f"{where}.dataset.args.cache must be one of {CACHES} (the original's "
+                          f"'bin' cache is not supported), got {args['cache']!r}")
+    for key in ("first_k",):
+        _number(args.get(key), f"{where}.dataset.args.{key}", int, 1, allow_none=True)
+    _number(args.get("repeat", 1), f"{where}.dataset.args.repeat", int, 1)
+    if (name == "paired-image-folders") != (wrapper == "sr-implicit-paired"):
+        raise ConfigError(f"{where}: wrapper {wrapper!r} does not go with dataset {name!r} "
+                          f"(sr-implicit-paired takes paired-image-folders, "
+                          f"sr-implicit-downsampled takes image-folder)")
+    _number(wargs.get("inp_size"), f"{where}.wrapper.args.inp_size", int, 1, allow_none=True)
+    _number(wargs.get("sample_q"), f"{where}.wrapper.args.sample_q", int, 1, allow_none=True)
+    scale_min = _number(wargs.get("scale_min", 1), f"{where}.wrapper.args.scale_min", float, 1)
+    scale_max = _number(wargs.get("scale_max", scale_min), f"{where}.wrapper.args.scale_max")
+    if scale_max < scale_min:
+        raise ConfigError(f"{where}.wrapper.args.scale_max ({scale_max}) is below scale_min "
+                          f"({scale_min})")
+
+
+def _check_norm(norm):
+    _keys(norm, {"inp": False, "gt": False}, "data_norm")
+    for part, value in norm.items():
+        _keys(value, {"sub": False, "div": False}, f"data_norm.{part}")
+        for key in ("sub", "div"):
+            numbers = value.get(key, [0.0 if key == "sub" else 1.0])
+            if not isinstance(numbers, list) or len(numbers) not in (1, 3):
+                raise ConfigError(f"data_norm.{part}.{key} must be a list of 1 or 3 numbers, got "
+                                  f"{numbers!r}")
+            for n in numbers:
+                _number(n, f"data_norm.{part}.{key}")
+
+
+def check_config(config):
+    """Raises ConfigError on anything outside the schema; returns the config."""
+    _keys(config, TOP_LEVEL, "config")
+    _check_dataset(config["train_dataset"], "train_dataset")
+    if config.get("val_dataset") is not None:
+        _check_dataset(config["val_dataset"], "val_dataset")
+    _check_norm(config.get("data_norm") or {})
+    model = _mapping(config["model"], "model")
+    _keys(model, {"name": True, "args": True, "sd": False}, "model")
+    if model["name"] != "liif":
+        raise ConfigError(f"model.name: unknown {model['name']!r} (known: liif)")
+    _keys(model["args"], MODEL_ARGS, "model.args")
+    _, encoder_args = _named(model["args"]["encoder_spec"], ENCODERS, "model.args.encoder_spec")
+    if not encoder_args.get("no_upsampling", True):
+        raise ConfigError("model.args.encoder_spec.args.no_upsampling must be true: LIIF's encoders "
+                          "have no upsampler")
+    _named(model["args"]["imnet_spec"], {"mlp": {"out_dim": True, "hidden_list": True}},
+           "model.args.imnet_spec")
+    _named(config["optimizer"], OPTIMIZERS, "optimizer")
+    _number(config["epoch_max"], "epoch_max", int, 1)
+    for key in ("epoch_val", "epoch_save"):
+        _number(config.get(key), key, int, 1, allow_none=True)
+    if config.get("multi_step_lr") is not None:
+        _keys(config["multi_step_lr"], {"milestones": True, "gamma": True}, "multi_step_lr")
+    return config
+
+
+def load_config(path_or_name):
+    """A config from a YAML file, or a packaged one by name ("edsr-baseline-liif", "rdn-liif");
+    checked with check_config. Returns a dict."""
+    import yaml
+    path = os.fspath(path_or_name)
+    if not os.path.isfile(path):
+        packaged = os.path.join(PACKAGED, f"{path}.yaml")
+        if not os.path.isfile(packaged):
+            names = sorted(f[:-5] for f in os.listdir(PACKAGED) if f.endswith(".yaml"))
+            raise ConfigError(f"config {path!r} is neither a file nor a packaged config "
+                              f"({', '.join(names)})")
+        path = packaged
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return check_config(copy.deepcopy(config))

@@ -1,0 +1,382 @@
+"""The LIIF training loop (the original train_liif.py, restated): L1 loss on normalised RGB, Adam (or
+SGD), MultiStepLR stepped per epoch, validation PSNR every `epoch_val` epochs, checkpoints in the
+original format, one process or many (torchrun + DistributedDataParallel).
+
+Reproducible: the model is initialised from the run seed, the sample order of epoch e is
+DistributedSampler's permutation for (seed, e) and every sample draws from its own (seed, e, index)
+generator, so N epochs straight equal k epochs, a resume, and N - k epochs.
+"""
+
+import csv
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..models import LIIF, NORMALISATIONS, RDN, EDSRBaseline
+from .checkpointing import (load_original_state_dict, make_checkpoint, read_training_checkpoint,
+                            save_atomically)
+from .config import ConfigError
+from .datasets import make_dataset
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_psnr", "seconds"]
+RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (blocks, layers per block, growth)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on (existing checkpoints, nothing to resume, ...)."""
+
+
+# -- the model and the optimisation ------------------------------------------------------------
+
+def normalisation_of(config):
+    """The model's normalisation, which data_norm must spell out: the original format's checkpoints
+    are read back (load_model, the original code) with the original (x - 0.5) / 0.5."""
+    norm = config.get("data_norm")
+    mean, std = NORMALISATIONS["original"]
+    expected = {"sub": [mean[0]], "div": [std[0]]}
+
+    def same(part):
+        value = (norm or {}).get(part) or {}
+        sub, div = value.get("sub", [0.0]), value.get("div", [1.0])
+        return all(s == 0.5 for s in sub) and all(d == 0.5 for d in div)
+    if norm is None or not (same("inp") and same("gt")):
+        raise ConfigError(f"data_norm must be inp and gt {expected} (the published configs' "
+                          f"normalisation, which checkpoints in the original format imply), got "
+                          f"{norm!r}")
+    return "original"
+
+
+def build_model(model_spec, normalisation="original"):
+    args = model_spec["args"]
+    encoder_spec = args["encoder_spec"]
+    eargs = encoder_spec.get("args") or {}
+    if encoder_spec["name"] == "edsr-baseline":
+        if eargs.get("res_scale", 1) != 1 or eargs.get("rgb_range", 1) != 1:
+            raise ConfigError("model.args.encoder_spec.args: edsr-baseline takes res_scale 1 and "
+                              "rgb_range 1")
+        encoder = EDSRBaseline(n_resblocks=eargs.get("n_resblocks", 16),
+                               n_feats=eargs.get("n_feats", 64))
+    else:
+        config_name = eargs.get("RDNconfig", "B")
+        if config_name not in RDN_CONFIGS:
+            raise ConfigError(f"model.args.encoder_spec.args.RDNconfig must be A or B, got "
+                              f"{config_name!r}")
+        blocks, layers, growth = RDN_CONFIGS[config_name]
+        encoder = RDN(g0=eargs.get("G0", 64), n_blocks=blocks, n_layers=layers, growth=growth,
+                      kernel_size=eargs.get("RDNkSize", 3))
+    imnet = args["imnet_spec"]["args"]
+    return LIIF(encoder, hidden_list=imnet["hidden_list"], out_dim=imnet["out_dim"],
+                local_ensemble=args.get("local_ensemble", True),
+                feat_unfold=args.get("feat_unfold", True),
+                cell_decode=args.get("cell_decode", True), normalisation=normalisation)
+
+
+def build_optimizer(spec, parameters):
+    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[spec["name"]]
+    args = dict(spec.get("args") or {})
+    if not isinstance(args.get("lr"), (int, float)) or isinstance(args.get("lr"), bool):
+        raise ConfigError(f"optimizer.args.lr must be a number, got {args.get('lr')!r} (in YAML "
+                          f"write 1.e-4, not 1e-4, which PyYAML reads as a string)")
+    return cls(parameters, **args)
+
+
+def autocast(device_type, precision):
+    if precision == "fp32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else
+                          torch.float16)
+
+
+def train_step(model, optimizer, batch, precision="fp32", scaler=None):
+    """One optimisation step on a batch whose inp and gt are already normalised; returns the loss
+    (a float tensor, detached)."""
+    with autocast(batch["inp"].device.type, precision):
+        pred = model(batch["inp"], batch["coord"], batch["cell"])
+        loss = F.l1_loss(pred.float(), batch["gt"])
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def normalise_batch(batch, device, normalisation="original"):
+    mean, std = (torch.tensor(v, device=device) for v in NORMALISATIONS[normalisation])
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch["inp"] = (batch["inp"] - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    batch["gt"] = (batch["gt"] - mean) / std
+    return batch
+
+
+@torch.no_grad()
+def validate(model, loader, device, precision, chunk, normalisation="original"):
+    """Mean over batches of the batch's PSNR on [0, 1] colours (the original's validation)."""
+    model.eval()
+    mean, std = (torch.tensor(v, device=device) for v in NORMALISATIONS[normalisation])
+    values = []
+    for raw in loader:
+        batch = normalise_batch(raw, device, normalisation)
+        with autocast(device.type, precision):
+            model.gen_feat(batch["inp"])
+            preds = [model.query_rgb(batch["coord"][:, i:i + chunk], batch["cell"][:, i:i + chunk])
+                     for i in range(0, batch["coord"].shape[1], chunk)]
+        pred = (torch.cat(preds, 1).float() * std + mean).clamp(0, 1)
+        mse = (pred - raw["gt"].to(device)).pow(2).mean()
+        values.append(-10 * math.log10(max(mse.item(), 1e-12)))
+    model.train()
+    return sum(values) / len(values)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+class Distributed:
+    """The process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+
+    def __init__(self, device_type):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def sum(self, values, device):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def close(self):
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# -- the run folder ------------------------------------------------------------------------------
+
+def existing_checkpoints(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if f.startswith("epoch-") and f.endswith(".pth"))
+
+
+def read_log(path, up_to_epoch):
+    """The log rows of epochs <= up_to_epoch (a resumed run rewrites the later ones)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
+
+
+def write_log(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_config(config, out_dir):
+    import yaml
+    tmp = os.path.join(out_dir, "config.yaml.tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    os.replace(tmp, os.path.join(out_dir, "config.yaml"))
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+def train(config, out_dir, resume=False, init=None, device=None, precision="fp32", workers=None,
+          progress=True):
+    """Trains the model of a checked config (liif_cuda.training.load_config) into `out_dir`.
+
+    Args:
+        resume: continue from out_dir/epoch-last.pth. Without it, an out_dir that holds checkpoints
+            is refused (TrainingError) and nothing in it is touched.
+        init: start from a pretrained model: a name ("edsr-baseline-liif") or a checkpoint path
+            (any layout load_model reads); its architecture must be the config's.
+        device: "cpu" or "cuda" (default: CUDA when available); under torchrun each process takes
+            cuda:LOCAL_RANK.
+        precision: "fp32", "bf16" (autocast on the CPU or CUDA) or "fp16" (CUDA autocast with a
+            GradScaler).
+        workers: DataLoader worker processes (default: 4 on CUDA, 0 on the CPU, where they would
+            compete with the computation for the cores).
+    Returns the path of the last checkpoint.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda': no CUDA GPU is available")
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("precision 'fp16' needs CUDA (GradScaler); on the CPU use 'bf16'")
+    if "eval_type" in config:
+        raise ConfigError("eval_type: liif-cuda train validates on val_dataset's samples as the "
+                          "published training configs do; use `liif-cuda eval` for the benchmark "
+                          "protocols")
+    normalisation = normalisation_of(config)
+    ckpts = existing_checkpoints(out_dir)
+    if resume and "epoch-last.pth" not in ckpts:
+        raise TrainingError(f"--resume: {os.path.join(out_dir, 'epoch-last.pth')} does not exist")
+    if not resume and ckpts:
+        raise TrainingError(f"{out_dir} already holds checkpoints ({', '.join(ckpts[:3])}); pass "
+                            f"--resume to continue that run or choose another folder")
+    if resume and init is not None:
+        raise ValueError("--init and --resume exclude each other")
+
+    dist = Distributed(device_type)
+    try:
+        return _train(config, out_dir, resume, init, dist, device_type, precision, workers,
+                      progress, normalisation)
+    finally:
+        dist.close()
+
+
+def _train(config, out_dir, resume, init, dist, device_type, precision, workers, progress,
+           normalisation):
+    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else \
+        torch.device("cpu")
+    seed = config.get("seed", 0)
+    if dist.main:
+        os.makedirs(out_dir, exist_ok=True)
+        write_config(config, out_dir)
+    dist.barrier()
+
+    torch.manual_seed(seed)
+    model = build_model(config["model"], normalisation).to(device)
+    if init is not None:
+        from ..load import load_model
+        pretrained = load_model(init)
+        try:
+            model.load_state_dict(pretrained.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"--init {init}: its architecture is not the config's "
+                              f"({str(exc).splitlines()[0]})") from None
+    optimizer = build_optimizer(config["optimizer"], model.parameters())
+    steps = config.get("multi_step_lr")
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **steps) if steps else None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    start_epoch, best = 1, -math.inf
+    resume_from = os.path.join(out_dir, "epoch-last.pth") if resume else config.get("resume")
+    if resume_from is not None:
+        state = read_training_checkpoint(resume_from)
+        load_original_state_dict(model, state["model"]["sd"])
+        optimizer.load_state_dict(state["optimizer"]["sd"])
+        extra = state.get("liif_cuda") or {}
+        if scheduler is not None:
+            if extra.get("scheduler") is not None:
+                scheduler.load_state_dict(extra["scheduler"])
+            else:  # an original checkpoint: step the scheduler to its epoch, as the original does
+                for _ in range(state["epoch"]):
+                    scheduler.step()
+        if scaler is not None and extra.get("scaler") is not None:
+            scaler.load_state_dict(extra["scaler"])
+        if extra.get("best_val_psnr") is not None:
+            best = extra["best_val_psnr"]
+        start_epoch = state["epoch"] + 1
+
+    train_spec = config["train_dataset"]
+    batch_size = train_spec["batch_size"]
+    if batch_size % dist.world:
+        raise ConfigError(f"train_dataset.batch_size {batch_size} (the global batch) must be a "
+                          f"multiple of the {dist.world} processes")
+    train_set = make_dataset(train_spec, seed)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world,
+                                                  rank=dist.rank, shuffle=True, seed=seed)
+    workers = (4 if device_type == "cuda" else 0) if workers is None else workers
+    loader_args = dict(num_workers=workers, pin_memory=device_type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size // dist.world,
+                                               sampler=sampler, drop_last=True, **loader_args)
+    if len(train_loader) == 0:
+        raise ConfigError(f"train_dataset: {len(train_set)} samples make no batch of "
+                          f"{batch_size} (raise repeat or lower batch_size)")
+    val_loader = None
+    if config.get("val_dataset") is not None and dist.main:
+        val_set = make_dataset(config["val_dataset"], seed + 1)  # the same samples every time
+        val_loader = torch.utils.data.DataLoader(
+            val_set, batch_size=config["val_dataset"]["batch_size"], shuffle=False, **loader_args)
+
+    train_model = model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device_type == "cuda" else None)
+
+    log_path = os.path.join(out_dir, "log.csv")
+    rows = read_log(log_path, start_epoch - 1) if dist.main else []
+    epoch_max, epoch_val = config["epoch_max"], config.get("epoch_val")
+    epoch_save = config.get("epoch_save")
+    last_path = os.path.join(out_dir, "epoch-last.pth")
+    for epoch in range(start_epoch, epoch_max + 1):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        bar = None
+        if progress and dist.main:
+            from tqdm import tqdm
+            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{epoch_max}", unit="it",
+                       leave=False)
+        loss_sum, count = 0.0, 0
+        model.train()
+        for raw in train_loader:
+            batch = normalise_batch(raw, device, normalisation)
+            loss = train_step(train_model, optimizer, batch, precision, scaler)
+            loss_sum, count = loss_sum + loss.item(), count + 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum, count = dist.sum([loss_sum, count], device)
+        val_psnr = None
+        if val_loader is not None and epoch_val and epoch % epoch_val == 0:
+            val_psnr = validate(model, val_loader, device, precision,
+                                config.get("eval_bsize") or 30000, normalisation)
+        if dist.main:
+            improved = val_psnr is not None and val_psnr > best
+            best = val_psnr if improved else best
+            rows.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / count,
+                         "val_psnr": "" if val_psnr is None else f"{val_psnr:.4f}",
+                         "seconds": f"{time.perf_counter() - started:.2f}"})
+            # The log first: a run stopped before the checkpoint below resumes from the previous
+            # one and rewrites this row.
+            write_log(log_path, rows)
+            checkpoint = make_checkpoint(model, config["model"], optimizer, config["optimizer"],
+                                         scheduler, scaler, epoch,
+                                         None if best == -math.inf else best, seed)
+            save_atomically(checkpoint, last_path)
+            if epoch_save and epoch % epoch_save == 0:
+                save_atomically(checkpoint, os.path.join(out_dir, f"epoch-{epoch}.pth"))
+            if improved:
+                save_atomically(checkpoint, os.path.join(out_dir, "epoch-best.pth"))
+            summary = f"epoch {epoch}/{epoch_max}: loss {loss_sum / count:.4f}, lr {lr:g}"
+            if val_psnr is not None:
+                summary += f", val PSNR {val_psnr:.2f} dB"
+            if progress:
+                print(f"{summary}, {time.perf_counter() - started:.1f} s", flush=True)
+        dist.barrier()
+    return last_path

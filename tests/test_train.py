@@ -1,0 +1,367 @@
+"""Training (issue 12): configs in the original schema, the data recipe, the loop against the
+reference model's step, exact resume, DistributedDataParallel on the CPU (two gloo processes),
+atomic checkpoints and every bad input. Small images made here, a tiny model, few steps."""
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import OFFICIAL_WEIGHTS, SHARED, requires_shared
+from PIL import Image
+
+import liif_cuda
+from liif_cuda.training import ConfigError, TrainingError, check_config, load_config, train
+from liif_cuda.training.checkpointing import load_original_state_dict
+from liif_cuda.training.datasets import make_dataset
+from liif_cuda.training.trainer import build_model, normalise_batch, train_step, validate
+
+pytest.importorskip("yaml", reason="PyYAML (a training dependency) is not installed")
+
+NORM = {"inp": {"sub": [0.5], "div": [0.5]}, "gt": {"sub": [0.5], "div": [0.5]}}
+
+
+def write_images(folder, count=2, size=(40, 52), seed=0):
+    """Smooth colour images with some texture, so that a small model can learn something."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[0], 0:size[1]] / max(size)
+    for i in range(count):
+        f = rng.uniform(2, 8, 3)
+        img = np.stack([np.sin(f[0] * x + i) * np.cos(f[1] * y), x * y, np.cos(f[2] * (x - y))], -1)
+        Image.fromarray(((img * 0.5 + 0.5) * 255).astype(np.uint8)).save(f"{folder}/{i}.png")
+    return folder
+
+
+def dataset_spec(root, repeat=8, batch_size=4, augment=True, inp_size=8, scale_max=3,
+                 sample_q=32):
+    return {"dataset": {"name": "image-folder",
+                        "args": {"root_path": str(root), "repeat": repeat, "cache": "in_memory"}},
+            "wrapper": {"name": "sr-implicit-downsampled",
+                        "args": {"inp_size": inp_size, "scale_max": scale_max, "augment": augment,
+                                 "sample_q": sample_q}},
+            "batch_size": batch_size}
+
+
+def tiny_config(root, epochs=3, **kwargs):
+    return check_config({
+        "train_dataset": dataset_spec(root, **kwargs),
+        "val_dataset": dataset_spec(root, repeat=2, augment=False),
+        "data_norm": copy.deepcopy(NORM),
+        "model": {"name": "liif", "args": {
+            "encoder_spec": {"name": "edsr-baseline",
+                             "args": {"n_resblocks": 1, "n_feats": 8, "no_upsampling": True}},
+            "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "hidden_list": [16, 16]}}}},
+        "optimizer": {"name": "adam", "args": {"lr": 1.0e-3}},
+        "epoch_max": epochs, "multi_step_lr": {"milestones": [2], "gamma": 0.5},
+        "epoch_val": 1, "epoch_save": 2})
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(str(tmp_path / "images"))
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def model_state(path):
+    return torch.load(path, weights_only=True)["model"]["sd"]
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+def test_run_folder_log_and_checkpoints(images, tmp_path):
+    run = str(tmp_path / "run")
+    last = train(tiny_config(images, epochs=3), run, device="cpu", progress=False)
+    assert last == os.path.join(run, "epoch-last.pth")
+    assert sorted(os.listdir(run)) == ["config.yaml", "epoch-2.pth", "epoch-best.pth",
+                                       "epoch-last.pth", "log.csv"]
+    rows = read_log(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "val_psnr", "seconds"}
+    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 5e-4]  # MultiStepLR per epoch
+    assert all(float(r["val_psnr"]) > 0 for r in rows)
+    assert load_config(os.path.join(run, "config.yaml")) == tiny_config(images, epochs=3)
+    # The original format, which liif_cuda.load_model (and the original code) reads.
+    ck = torch.load(last, weights_only=True)
+    assert ck["epoch"] == 3 and ck["model"]["name"] == "liif"
+    assert ck["optimizer"]["name"] == "adam" and "state" in ck["optimizer"]["sd"]
+    assert "encoder.sub_mean.weight" in ck["model"]["sd"]  # the original EDSR's strict keys
+    model = liif_cuda.load_model(last)
+    assert model.imnet.layers[0].out_features == 16
+
+
+def test_training_from_scratch_lowers_the_loss(images, tmp_path):
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=12, repeat=16), run, device="cpu", progress=False)  # 96 steps
+    losses = [float(r["train_loss"]) for r in read_log(run)]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:2])
+
+
+def test_resume_equals_training_straight(images, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train(tiny_config(images, epochs=4), straight, device="cpu", progress=False)
+    train(tiny_config(images, epochs=2), split, device="cpu", progress=False)
+    train(tiny_config(images, epochs=4), split, resume=True, device="cpu", progress=False)
+    a, b = torch.load(f"{straight}/epoch-last.pth", weights_only=True), \
+        torch.load(f"{split}/epoch-last.pth", weights_only=True)
+    for key in a["model"]["sd"]:
+        assert torch.equal(a["model"]["sd"][key], b["model"]["sd"][key]), key
+    for pa, pb in zip(a["optimizer"]["sd"]["state"].values(), b["optimizer"]["sd"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert a["liif_cuda"]["scheduler"] == b["liif_cuda"]["scheduler"]
+    assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(split)]
+
+
+def test_workers_do_not_change_the_samples(images, tmp_path):
+    spec = dataset_spec(images)
+    data = make_dataset(spec, seed=3)
+    data.set_epoch(5)
+    direct = [data[i] for i in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2)
+    batches = list(loader)
+    for i, sample in enumerate(direct):
+        for key in sample:
+            assert torch.equal(batches[i // 2][key][i % 2], sample[key])
+    data.set_epoch(6)
+    assert not torch.equal(data[0]["inp"], direct[0]["inp"])
+
+
+def test_samples_follow_the_recipe(images):
+    data = make_dataset(dataset_spec(images, inp_size=8, scale_max=3, sample_q=20), seed=0)
+    scales = []
+    for i in range(16):
+        s = data[i]
+        assert s["inp"].shape == (3, 8, 8) and s["coord"].shape == (20, 2)
+        assert s["cell"].shape == (20, 2) and s["gt"].shape == (20, 3)
+        assert s["coord"].abs().max() < 1 and (s["gt"] >= 0).all() and (s["gt"] <= 1).all()
+        # cells are 2 / HR patch size; the patch is round(8 * s) with s in [1, 3]
+        hr = round(2 / s["cell"][0, 0].item())
+        assert 8 <= hr <= 24 and len(set(map(tuple, s["coord"].tolist()))) == 20
+        scales.append(hr)
+    assert len(set(scales)) > 3
+
+
+def test_one_step_equals_the_reference_models_step(images):
+    """One Adam step of liif_cuda's model (fused query and backward) and of the python/ reference
+    model (reference query, torch autograd) on the same batch: parameters within 1e-5."""
+    import liif_reference_models as refm
+    torch.manual_seed(0)
+    reference = refm.LIIF(refm.EDSR(n_resblocks=2, n_feats=8), hidden_list=[32, 32])
+    config = tiny_config(images)
+    config["model"]["args"]["encoder_spec"]["args"]["n_resblocks"] = 2
+    config["model"]["args"]["imnet_spec"]["args"]["hidden_list"] = [32, 32]
+    ours = build_model(config["model"])
+    load_original_state_dict(ours, reference.state_dict())
+    data = make_dataset(dataset_spec(images, inp_size=10, sample_q=64), seed=1)
+    batch = normalise_batch(torch.utils.data.default_collate([data[i] for i in range(4)]), "cpu")
+
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    loss = torch.nn.functional.l1_loss(reference(batch["inp"], batch["coord"], batch["cell"]),
+                                       batch["gt"])
+    ref_opt.zero_grad()
+    loss.backward()
+    ref_opt.step()
+    our_loss = train_step(ours, torch.optim.Adam(ours.parameters(), lr=1e-3), batch)
+    assert abs(our_loss.item() - loss.item()) <= 1e-6 * loss.item()
+    expected = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        diff = (value - expected[key]).norm() / expected[key].norm()
+        assert diff <= 1e-5, key
+
+
+def test_bf16_training_runs_and_differs_slightly(images, tmp_path):
+    fp32, bf16 = str(tmp_path / "fp32"), str(tmp_path / "bf16")
+    train(tiny_config(images, epochs=1), fp32, device="cpu", progress=False)
+    train(tiny_config(images, epochs=1), bf16, device="cpu", precision="bf16", progress=False)
+    a, b = model_state(f"{fp32}/epoch-last.pth"), model_state(f"{bf16}/epoch-last.pth")
+    key = "imnet.layers.0.weight"
+    assert not torch.equal(a[key], b[key])
+    assert ((a[key] - b[key]).norm() / a[key].norm()) < 0.05
+
+
+def test_init_from_a_checkpoint(images, tmp_path):
+    first = str(tmp_path / "first")
+    train(tiny_config(images, epochs=1), first, device="cpu", progress=False)
+    second = str(tmp_path / "second")
+    config = tiny_config(images, epochs=1)
+    config["optimizer"]["args"]["lr"] = 0.0  # nothing moves: the weights are the init's
+    train(config, second, init=f"{first}/epoch-last.pth", device="cpu", progress=False)
+    a, b = model_state(f"{first}/epoch-last.pth"), model_state(f"{second}/epoch-last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- many processes ---------------------------------------------------------------------------------
+
+def torchrun(*argv, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", "0", "-m", "liif_cuda", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_ddp_step_equals_single_process_step(images, tmp_path):
+    """Two gloo processes under torchrun with the global batch split between them take the same
+    step as one process on the whole batch (float32 rounding apart), and rank 0 alone writes a
+    checkpoint that loads."""
+    import yaml
+    config = tiny_config(images, epochs=1, repeat=2, batch_size=4)  # one global batch of 4
+    config["val_dataset"] = None
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train(load_config(str(path)), single, device="cpu", progress=False)
+    res = torchrun("train", "--config", str(path), "--out", ddp, "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(os.listdir(ddp)) == ["config.yaml", "epoch-last.pth", "log.csv"]
+    a, b = model_state(f"{single}/epoch-last.pth"), model_state(f"{ddp}/epoch-last.pth")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert len(read_log(ddp)) == 1
+    liif_cuda.load_model(f"{ddp}/epoch-last.pth")
+
+
+# -- checkpoints are never partial ------------------------------------------------------------------
+
+def test_interrupted_save_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1), run, device="cpu", progress=False)
+    before = open(f"{run}/epoch-last.pth", "rb").read()
+    real_save = torch.save
+
+    def save_then_die(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
+    assert open(f"{run}/epoch-last.pth", "rb").read() == before
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+    monkeypatch.setattr(torch, "save", real_save)
+    train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
+    assert [r["epoch"] for r in read_log(run)] == ["1", "2"]
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+def test_existing_run_is_refused_untouched(images, tmp_path):
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1), run, device="cpu", progress=False)
+    stamp = {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run)}
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
+    assert {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run)} == stamp
+    with pytest.raises(TrainingError, match="does not exist"):
+        train(tiny_config(images), str(tmp_path / "new"), resume=True, device="cpu")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c.update(epochs_max=3), "unknown key config.epochs_max"),
+    (lambda c: c["train_dataset"]["dataset"].update(name="image-folders"),
+     "unknown 'image-folders'"),
+    (lambda c: c["train_dataset"]["wrapper"]["args"].update(sample_qq=3),
+     "unknown key train_dataset.wrapper.args.sample_qq"),
+    (lambda c: c["model"]["args"]["encoder_spec"].update(name="edsr"), "unknown 'edsr'"),
+    (lambda c: c["model"]["args"]["encoder_spec"]["args"].update(no_upsampling=False),
+     "no_upsampling must be true"),
+    (lambda c: c["optimizer"].update(name="adamw"), "unknown 'adamw'"),
+    (lambda c: c.update(epoch_max=0), "epoch_max must be >= 1"),
+    (lambda c: c["train_dataset"]["dataset"]["args"].update(cache="bin"), "cache must be one of"),
+    (lambda c: c["train_dataset"].update(batch_size="16"), "batch_size must be an integer"),
+    (lambda c: c["train_dataset"]["wrapper"]["args"].update(scale_min=3, scale_max=2),
+     "below scale_min"),
+    (lambda c: c.pop("model"), "config.model is missing"),
+])
+def test_config_errors_name_the_key(images, edit, match):
+    config = copy.deepcopy(tiny_config(images))
+    edit(config)
+    with pytest.raises(ConfigError, match=match):
+        check_config(config)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c["optimizer"]["args"].update(lr="1e-4"), "write 1.e-4"),
+    (lambda c: c.pop("data_norm"), "data_norm must be"),
+    (lambda c: c["data_norm"]["gt"].update(sub=[0.0]), "data_norm must be"),
+    (lambda c: c["train_dataset"]["wrapper"]["args"].update(inp_size=24, scale_max=4),
+     r"images smaller than the 96x96 HR patch.*0.png \(40x52\)"),
+    (lambda c: c["train_dataset"]["dataset"]["args"].update(root_path="/nonexistent"),
+     "is not a folder"),
+    (lambda c: c.update(eval_type="div2k-4"), "use `liif-cuda eval`"),
+])
+def test_bad_configs_fail_before_training(images, tmp_path, edit, match):
+    config = copy.deepcopy(tiny_config(images))
+    edit(config)
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=match):
+        train(config, run, device="cpu", progress=False)
+    assert not existing_checkpoint_files(run)
+
+
+def existing_checkpoint_files(run):
+    return [f for f in os.listdir(run) if f.endswith(".pth")] if os.path.isdir(run) else []
+
+
+def test_bad_arguments(images, tmp_path):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train(tiny_config(images), str(tmp_path / "a"), precision="fp8", device="cpu")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        train(tiny_config(images), str(tmp_path / "b"), precision="fp16", device="cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        train(tiny_config(images), str(tmp_path / "c"), device="tpu")
+    with pytest.raises(ConfigError, match="neither a file nor a packaged config"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_dataset: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_packaged_configs_are_the_published_recipe():
+    for name, encoder in (("edsr-baseline-liif", "edsr-baseline"), ("rdn-liif", "rdn")):
+        config = load_config(name)
+        wrapper = config["train_dataset"]["wrapper"]["args"]
+        assert (wrapper["inp_size"], wrapper["scale_max"], wrapper["sample_q"]) == (48, 4, 2304)
+        assert config["train_dataset"]["batch_size"] == 16
+        assert config["optimizer"] == {"name": "adam", "args": {"lr": 1e-4}}
+        assert config["multi_step_lr"] == {"milestones": [200, 400, 600, 800], "gamma": 0.5}
+        assert config["epoch_max"] == 1000
+        assert config["model"]["args"]["encoder_spec"]["name"] == encoder
+        build_model(config["model"])  # builds
+
+
+# -- the official weights ---------------------------------------------------------------------------
+
+@requires_shared
+@pytest.mark.slow
+def test_finetuning_the_official_weights_keeps_validation_psnr(tmp_path):
+    """Fine-tuning from the official EDSR-baseline-LIIF at lr 1e-5 for a short run (BSD68 patches)
+    does not lower validation PSNR (Set5 patches at x1-x4) by more than 0.05 dB."""
+    config = load_config("edsr-baseline-liif")
+    config["train_dataset"] = dataset_spec(os.path.join(SHARED, "data", "BSD68"), repeat=1,
+                                           batch_size=4, inp_size=48, scale_max=4, sample_q=2304)
+    config["train_dataset"]["dataset"]["args"]["first_k"] = 24  # 6 steps
+    config["val_dataset"] = dataset_spec(os.path.join(SHARED, "data", "Set5"), repeat=4,
+                                         batch_size=4, augment=False, inp_size=48, scale_max=4,
+                                         sample_q=2304)
+    config["optimizer"]["args"]["lr"] = 1.0e-5
+    config["epoch_max"], config["epoch_val"] = 1, 1
+    run = str(tmp_path / "run")
+    train(config, run, init=OFFICIAL_WEIGHTS, device="cpu", progress=False)
+    val = torch.utils.data.DataLoader(make_dataset(config["val_dataset"], seed=1), batch_size=4)
+    before = validate(liif_cuda.load_model(OFFICIAL_WEIGHTS), val, torch.device("cpu"), "fp32",
+                      30000)
+    after = float(read_log(run)[0]["val_psnr"])
+    assert after >= before - 0.05, (before, after)
+    assert os.path.exists(os.path.join(run, "epoch-best.pth"))
+
