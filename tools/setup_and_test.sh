@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # From a fresh checkout: set up .venv and build liif_cuda (tools/setup_env.sh), build the C++ tests
-# with CMake, and run the whole test suite. CI runs exactly this (.ci/run).
+# with CMake, and run the whole test suite. CI runs exactly this (.ci/run). LIIF_CUDA_TORCH=cpu (see
+# setup_env.sh) sets up the CPU build of torch and a CPU-only extension instead of the CUDA ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh

@@ -1,35 +1,95 @@
 #!/usr/bin/env bash
 # From a fresh checkout: create .venv, install torch with the build, runtime and test tools, and build
-# and install liif_cuda (with its CUDA kernels when the CUDA toolkit is found, GPU or not).
-# Used by tools/setup_and_test.sh (CI) and tools/quickstart.sh; re-running reuses .venv and build/.
+# and install liif_cuda. Used by tools/setup_and_test.sh (CI) and tools/quickstart.sh; re-running
+# reuses .venv and build/.
+#
+#   LIIF_CUDA_TORCH=cuda (default)  the CUDA build of torch 2.14.1 (on this machine's disk), so that
+#                                   the CUDA kernels are compiled when the CUDA toolkit is found
+#                                   (CUDA_HOME, default /usr/local/cuda), GPU or not
+#   LIIF_CUDA_TORCH=cpu             the CPU build of torch 2.13.0 (the local wheel cache) and the
+#                                   CPU-only extension (LIIF_CUDA_BUILD=0): no CUDA toolkit needed
+#   TORCH_SPEC=...                  overrides the torch requirement of either
+#
+# On screen: one line per phase with the time since the start; everything else goes to
+# build/setup.log (the build's own output to build/pip-install.log).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
+LIIF_CUDA_TORCH=${LIIF_CUDA_TORCH:-cuda}
+case "$LIIF_CUDA_TORCH" in
+  cuda) DEFAULT_TORCH_SPEC=torch==2.14.1 ;;
+  cpu)
+    DEFAULT_TORCH_SPEC=torch==2.13.0+cpu
+    export LIIF_CUDA_BUILD=${LIIF_CUDA_BUILD:-0} ;;
+  *)
+    echo "setup_env.sh: error: LIIF_CUDA_TORCH must be 'cuda' (the default) or 'cpu', got '$LIIF_CUDA_TORCH'" >&2
+    exit 2 ;;
+esac
+TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH_SPEC}
+
+cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# The CUDA build of torch (on this machine's disk), so that the CUDA kernels are compiled even
-# without a GPU; TORCH_SPEC=torch==2.13.0 gives the CPU build and a CPU-only extension.
-TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+mkdir -p build
+LOG=build/setup.log
+BUILD_LOG=build/pip-install.log
+PTXAS_REPORT=build/ptxas-report.log
+: > "$LOG"
+START=$SECONDS
+
+phase() {  # one line on screen (and in the log) with the seconds since the start
+  printf '[%4d s] %s\n' $((SECONDS - START)) "$*" | tee -a "$LOG"
+}
+
+run() {  # runs a command into the log; on failure shows the log's end and stops
+  echo "+ $*" >> "$LOG"
+  if ! "$@" >> "$LOG" 2>&1; then
+    echo "setup_env.sh: error: failed after $((SECONDS - START)) s: $*; the end of $LOG:" >&2
+    tail -n 40 "$LOG" >&2
+    exit 1
+  fi
+}
+
+phase "setting up with LIIF_CUDA_TORCH=$LIIF_CUDA_TORCH ($TORCH_SPEC); full log: $LOG"
+if [ "$LIIF_CUDA_TORCH" = cuda ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+  run "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "$TORCH_SPEC" numpy ninja pybind11 setuptools wheel \
-  Pillow tqdm scikit-image pytest hypothesis
+run .venv/bin/python -m pip install --upgrade pip
+phase "venv ready (.venv, $(.venv/bin/python --version))"
 
-echo "== building liif_cuda"
-mkdir -p build
-# The full log (nvcc's ptxas report of every kernel: registers, shared memory, spills) is kept in
+run .venv/bin/python -m pip install "$TORCH_SPEC" numpy ninja pybind11 setuptools wheel \
+  Pillow tqdm scikit-image pytest hypothesis
+phase "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') installed, with the build and test tools"
+
+# The build's full log (nvcc's ptxas report of every kernel: registers, shared memory, spills) is
 # build/pip-install.log; a compile error, a warning in our sources or a register spill fails here.
-if ! .venv/bin/python -m pip install -v --no-build-isolation . > build/pip-install.log 2>&1; then
-  tail -n 60 build/pip-install.log
+phase "building liif_cuda (log: $BUILD_LOG)"
+if ! .venv/bin/python -m pip install -v --no-build-isolation . > "$BUILD_LOG" 2>&1; then
+  echo "setup_env.sh: error: building liif_cuda failed after $((SECONDS - START)) s; the end of $BUILD_LOG:" >&2
+  tail -n 60 "$BUILD_LOG" >&2
   exit 1
 fi
-echo "ptxas report:"
-grep -E "ptxas (info|warning|error) *: (Compiling entry|Used)" build/pip-install.log \
-  | sed -E 's/^ *//' || echo "  (no CUDA kernels compiled)"
-.venv/bin/python -P -c "import liif_cuda, torch; print('liif_cuda', liif_cuda.__version__, 'torch', torch.__version__, liif_cuda.build_info())"
 
+# What was built, from the installed extension itself (not from the log, which only shows what was
+# recompiled this time).
+INFO=$(.venv/bin/python -P -c \
+  "import liif_cuda; b = liif_cuda.build_info(); print(int(b['cuda']), b['cuda_archs'] or '-')" 2>&1) || {
+  echo "setup_env.sh: error: liif_cuda was built but does not import: $INFO" >&2; exit 1; }
+read -r CUDA_BUILT CUDA_ARCHS <<< "$INFO"
+PTXAS_RE='ptxas (info|warning|error) *: (Compiling entry|Used)'
+if [ "$CUDA_BUILT" = 0 ]; then
+  if [ "$LIIF_CUDA_TORCH" = cpu ]; then why="LIIF_CUDA_TORCH=cpu"; else why="no CUDA toolkit or LIIF_CUDA_BUILD=0, see $BUILD_LOG"; fi
+  phase "liif_cuda built: CPU kernels only ($why)"
+elif grep -qE "$PTXAS_RE" "$BUILD_LOG"; then
+  grep -E "$PTXAS_RE" "$BUILD_LOG" | sed -E 's/^ *//' > "$PTXAS_REPORT"
+  phase "liif_cuda built (CUDA kernels: $CUDA_ARCHS); nvcc's ptxas report, also in $PTXAS_REPORT:"
+  sed 's/^/  ptxas: /' "$PTXAS_REPORT"
+else
+  # Nothing was recompiled: the objects in build/ were up to date.
+  if [ -s "$PTXAS_REPORT" ]; then last="the report of their last compile is in $PTXAS_REPORT"; else last="no report of their last compile was kept"; fi
+  phase "liif_cuda built (CUDA kernels: $CUDA_ARCHS, up to date, not recompiled; $last)"
+fi
+phase "$(.venv/bin/python -P -c "import liif_cuda, torch; print('liif_cuda', liif_cuda.__version__, 'torch', torch.__version__, liif_cuda.build_info())")"
+phase "ready: run .venv/bin/liif-cuda --help (or: source .venv/bin/activate; liif-cuda --help)"
