@@ -8,6 +8,8 @@
                    --protocol mmedit|mmagic|paper|classic [--lr-dir DIR] [--resize pillow|matlab]
                    [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
                    [--encoder-precision fp32|bf16|fp16] [--json PATH]
+    liif-cuda train --config CONFIG.yaml|NAME --out RUN_DIR [--resume] [--init NAME|PATH]
+                    [--device cpu|cuda] [--precision fp32|bf16|fp16] [--workers N]
     liif-cuda models
     liif-cuda --version
 
@@ -632,11 +634,11 @@ class VersionAction(argparse.Action):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default, unless the help already says it in words
-    (defaults like None read better as 'CUDA when available, else CPU')."""
+    (defaults like None read better as 'CUDA when available, else CPU') or the option is required."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.default is argparse.SUPPRESS:
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or action.required:
             return text
         return super()._get_help_string(action)
 
@@ -734,6 +736,8 @@ def build_parser():
     add_upscale_parser(sub)
     add_eval_parser(sub)
     add_models_parser(sub)
+    from .training.cli import add_train_parser
+    add_train_parser(sub, HelpFormatter)
     return parser
 
 

@@ -149,6 +149,34 @@ def test_samples_follow_the_recipe(images):
     assert len(set(scales)) > 3
 
 
+def test_paired_folders(images, tmp_path):
+    """paired-image-folders + sr-implicit-paired: aligned LR / HR patches of the pair's scale."""
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    for name in sorted(os.listdir(images)):
+        with Image.open(os.path.join(images, name)) as hr:
+            hr.resize((hr.width // 2, hr.height // 2), Image.BICUBIC).save(lr_dir / name)
+    spec = {"dataset": {"name": "paired-image-folders",
+                        "args": {"root_path_1": str(lr_dir), "root_path_2": images}},
+            "wrapper": {"name": "sr-implicit-paired",
+                        "args": {"inp_size": 8, "augment": True, "sample_q": 32}},
+            "batch_size": 2}
+    config = tiny_config(images)
+    config["train_dataset"] = spec
+    check_config(config)
+    sample = make_dataset(spec, seed=0)[1]
+    assert sample["inp"].shape == (3, 8, 8) and sample["gt"].shape == (32, 3)
+    assert torch.allclose(sample["cell"], torch.full((32, 2), 2 / 16))
+    whole = make_dataset(dict(spec, wrapper={"name": "sr-implicit-paired", "args": {}}), seed=0)[0]
+    assert whole["inp"].shape == (3, 20, 26) and whole["coord"].shape == (40 * 52, 2)
+    # The HR pixels are the pair's: the first query of the whole image is the HR's top-left pixel.
+    hr = torch.from_numpy(np.array(Image.open(os.path.join(images, "0.png")))).float() / 255
+    assert torch.allclose(whole["gt"][0], hr[0, 0])
+    run = str(tmp_path / "run")
+    train(config, run, device="cpu", progress=False)
+    assert len(read_log(run)) == 3
+
+
 def test_one_step_equals_the_reference_models_step(images):
     """One Adam step of liif_cuda's model (fused query and backward) and of the python/ reference
     model (reference query, torch autograd) on the same batch: parameters within 1e-5."""
@@ -200,11 +228,13 @@ def test_init_from_a_checkpoint(images, tmp_path):
 
 # -- many processes ---------------------------------------------------------------------------------
 
-def torchrun(*argv, nproc=2):
+def torchrun(*argv, cwd, nproc=2):
+    """`torchrun --standalone --nproc_per_node N -m liif_cuda ARGV`, run outside the repository
+    (whose source folder would shadow the installed package)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", "0", "-m", "liif_cuda", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "liif_cuda", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -219,7 +249,7 @@ def test_ddp_step_equals_single_process_step(images, tmp_path):
     path.write_text(yaml.safe_dump(config))
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     train(load_config(str(path)), single, device="cpu", progress=False)
-    res = torchrun("train", "--config", str(path), "--out", ddp, "--device", "cpu")
+    res = torchrun("train", "--config", str(path), "--out", ddp, "--device", "cpu", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(os.listdir(ddp)) == ["config.yaml", "epoch-last.pth", "log.csv"]
     a, b = model_state(f"{single}/epoch-last.pth"), model_state(f"{ddp}/epoch-last.pth")
@@ -365,3 +395,30 @@ def test_finetuning_the_official_weights_keeps_validation_psnr(tmp_path):
     assert after >= before - 0.05, (before, after)
     assert os.path.exists(os.path.join(run, "epoch-best.pth"))
 
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def test_liif_cuda_train_command(images, tmp_path, capsys):
+    import yaml
+
+    from liif_cuda import cli
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(images, epochs=1)))
+    run = str(tmp_path / "run")
+    assert cli.main(["train", "--config", str(path), "--out", run, "--device", "cpu"]) == 0
+    assert f"last checkpoint: {run}/epoch-last.pth" in capsys.readouterr().out
+    # Again without --resume: one line, status 1, nothing touched.
+    stamp = os.path.getmtime(f"{run}/epoch-last.pth")
+    assert cli.main(["train", "--config", str(path), "--out", run, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds checkpoints" in err[0]
+    assert os.path.getmtime(f"{run}/epoch-last.pth") == stamp
+    path.write_text(yaml.safe_dump({**tiny_config(images), "epochs": 3}))
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "x")]) == 1
+    assert "unknown key config.epochs" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "no-such-config", "--out", str(tmp_path / "y")]) == 1
+    assert "neither a file nor a packaged config" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "z"),
+                     "--workers", "-1"]) == 1
+    assert "--workers must be >= 0" in capsys.readouterr().err

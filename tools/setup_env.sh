@@ -60,7 +60,7 @@ run .venv/bin/python -m pip install --upgrade pip
 phase "venv ready (.venv, $(.venv/bin/python --version))"
 
 run .venv/bin/python -m pip install "$TORCH_SPEC" numpy ninja pybind11 setuptools wheel \
-  Pillow tqdm scikit-image pytest hypothesis
+  Pillow tqdm PyYAML scikit-image pytest hypothesis
 phase "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') installed, with the build and test tools"
 
 # The build's full log (nvcc's ptxas report of every kernel: registers, shared memory, spills) is

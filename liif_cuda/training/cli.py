@@ -1,14 +1,16 @@
 """`liif-cuda train` (also `python -m liif_cuda train`, and under torchrun)."""
 
 import argparse
-import sys
 
-from .trainer import PRECISIONS
+# liif_cuda.training.trainer.PRECISIONS, spelled out so that the parser is built without it.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def add_train_parser(sub):
+def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
     tr = sub.add_parser("train", help="train a LIIF model from a config in the original schema",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        description="Train a LIIF model (docs/training.md). Under torchrun: "
+                                    "DistributedDataParallel, one process per GPU.",
+                        formatter_class=formatter_class)
     tr.add_argument("--config", required=True,
                     help="YAML config file, or a packaged one: edsr-baseline-liif, rdn-liif")
     tr.add_argument("--out", required=True, help="run folder: log.csv, config.yaml, checkpoints")
@@ -32,6 +34,6 @@ def train_command(args):
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     config = load_config(args.config)
     path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,
-                 precision=args.precision, workers=args.workers,
-                 progress=True)
-    print(f"last checkpoint: {path}")
+                 precision=args.precision, workers=args.workers, progress=True)
+    if path is not None:
+        print(f"last checkpoint: {path}")

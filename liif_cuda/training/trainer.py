@@ -220,7 +220,7 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
             GradScaler).
         workers: DataLoader worker processes (default: 4 on CUDA, 0 on the CPU, where they would
             compete with the computation for the cores).
-    Returns the path of the last checkpoint.
+    Returns the path of the last checkpoint (None in the processes of rank > 0).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -379,4 +379,4 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             if progress:
                 print(f"{summary}, {time.perf_counter() - started:.1f} s", flush=True)
         dist.barrier()
-    return last_path
+    return last_path if dist.main else None
