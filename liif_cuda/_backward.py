@@ -9,8 +9,8 @@ columns) through the convolution's own gradient functions. It is also the tests'
 CPU kernel.
 
 Memory of the recompute backward: P and its gradient, each B x width0 x H x W (plus the convolution
-gradients' workspace), and the activations of one chunk of `CHUNK_QUERIES` queries (all batch elements
-together), independent of the number of queries. On CUDA its per-cell accumulation (index_add_) uses
+gradients' workspace), and the temporaries of one chunk of queries (all batch elements together), at
+most about `CHUNK_BYTES`, independent of the number of queries. On CUDA its per-cell accumulation (index_add_) uses
 atomic adds unless torch.use_deterministic_algorithms(True) is on.
 """
 
@@ -23,7 +23,19 @@ from torch import Tensor
 
 from ._geometry import neighbour_geometry
 
-CHUNK_QUERIES = 2048  # queries per recompute chunk, summed over the batch
+# Temporaries of one recompute chunk: few large chunks keep a GPU busy (chunks of 2048 queries made
+# the training shape's forward + backward 3.3x slower than the reference's autograd on an H200),
+# within a bounded memory.
+CHUNK_BYTES = 512 * 2**20
+MIN_CHUNK_QUERIES = 2048
+
+
+def chunk_queries(batch, neighbours, widths, element_size):
+    """Queries per batch element in one chunk: each (query, neighbour) row holds every layer's
+    input, its gradient and a product in flight, about 3 x sum(widths) elements."""
+    per_query = 3 * neighbours * sum(widths) * element_size
+    total = max(MIN_CHUNK_QUERIES, CHUNK_BYTES // per_query)
+    return max(1, total // max(batch, 1))
 
 
 @contextlib.contextmanager
@@ -92,7 +104,8 @@ def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemb
     batch_index = torch.arange(B, device=feat.device).view(-1, 1, 1)
     size = coords.new_tensor([H, W])
 
-    chunk = max(1, CHUNK_QUERIES // max(B, 1))
+    chunk = chunk_queries(B, 4 if local_ensemble else 1, [w.shape[0] for w in weights],
+                          feat.element_size())
     for start in range(0, coords.shape[1], chunk):
         stop = min(start + chunk, coords.shape[1])
         g = grad_out[:, start:stop]

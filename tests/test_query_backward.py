@@ -194,6 +194,26 @@ def test_any_subset_of_gradients(needs, cell_decode):
             assert s.numel() == 0, i
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, None])
+def test_recompute_backward_equals_the_fused_kernel(monkeypatch, chunk_bytes):
+    """The recompute backward in torch operations (the CUDA backward for now) against the CPU's fused
+    kernel, in float64: in one chunk and in chunks of a single query per batch element."""
+    from liif_cuda import _backward
+    if chunk_bytes is not None:
+        monkeypatch.setattr(_backward, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(_backward, "MIN_CHUNK_QUERIES", 1)
+    feat, coords, cells = random_inputs(2, 3, 5, 4, 40, seed=4, dtype=torch.float64, spread=1.2)
+    coords[0, 3] = float("nan")
+    mlp = make_mlp(ref.imnet_in_dim(3), [16, 12], 2, torch.float64)
+    w, b = (list(x.detach() for x in p) for p in liif_cuda.mlp_parameters(mlp))
+    grad_out = torch.randn(2, 40, 2, dtype=torch.float64)
+    args = (grad_out, feat, coords, cells, w, b, True, True, True, [True] * 9)
+    fused = torch.ops.liif_cuda.query_backward(*args)
+    recomputed = _backward.recompute_backward(*args)
+    for i, (f, r) in enumerate(zip(fused, recomputed)):
+        torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12, equal_nan=True, msg=str(i))
+
+
 def test_frozen_parts_get_no_gradient():
     """Fine-tuning the MLP only: no feat gradient; a frozen MLP: none of its gradients."""
     feat, coords, cells = random_inputs(1, 4, 6, 6, 50, seed=3)
