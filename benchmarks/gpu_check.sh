@@ -39,7 +39,8 @@ if [ -z "${LIIF_SHARED_DIR:-}" ] && [ -d shared/weights ]; then
   export LIIF_SHARED_DIR=$PWD/shared
 fi
 # The CUDA test files (the others run in CI): every one of them skips without a GPU.
-CUDA_TESTS="tests/test_query_cuda.py tests/test_query_cuda_precision.py tests/test_query_borders.py"
+CUDA_TESTS="tests/test_query_cuda.py tests/test_query_cuda_precision.py tests/test_query_borders.py \
+  tests/test_train_cuda.py"
 
 : > "$SUMMARY"
 FAILED=()
