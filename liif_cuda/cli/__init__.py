@@ -1,0 +1,70 @@
+"""The `liif-cuda` command line (docs/cli.md): one module per command, this one builds the parser
+and runs a command.
+
+    liif-cuda upscale INPUT... -o OUTPUT (--scale S | --size WxH|Wx|xH) [--model NAME|PATH]
+                      [--recursive] [--format png|jpg|tif|webp] [--overwrite]
+                      [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                      [--encoder-precision fp32|bf16|fp16]
+    liif-cuda eval --model NAME|PATH|bicubic --data DIR [--data DIR ...] --scales 2,3,4
+                   --protocol mmedit|mmagic|paper|classic [--lr-dir DIR] [--resize pillow|matlab]
+                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                   [--encoder-precision fp32|bf16|fp16] [--json PATH]
+    liif-cuda train --config CONFIG.yaml|NAME --out RUN_DIR [--resume] [--init NAME|PATH]
+                    [--device cpu|cuda] [--precision fp32|bf16|fp16] [--workers N]
+    liif-cuda models
+    liif-cuda --version
+
+One input file: OUTPUT is the output file. Several inputs, a folder or a glob pattern: OUTPUT is a
+folder, outputs are named <stem>_x<scale><ext> or <stem>_<W>x<H><ext>, existing ones are skipped, a
+file that fails is reported and the others go on; under torchrun the files are shared out among ranks.
+
+Errors (bad paths, unreadable files, bad scales or sizes, outputs too large for memory, existing
+outputs without --overwrite) print one line to stderr and exit with status 2 (usage) or 1 (other);
+every output file is written to a temporary name and renamed at the end, so it is never left partial.
+"""
+
+import argparse
+import sys
+
+from .common import PRECISIONS, CliError, HelpFormatter
+from .evaluate import add_eval_parser
+from .info import VersionAction, add_models_parser
+from .sizes import fit_size, format_bytes, keeps_aspect
+from .upscale import add_upscale_parser
+
+__all__ = ["main", "build_parser", "CliError", "PRECISIONS", "fit_size", "format_bytes",
+           "keeps_aspect"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="liif-cuda", description="LIIF super-resolution",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # One function per command: a new command is one more add_*_parser(sub) whose parser sets `func`.
+    add_upscale_parser(sub)
+    add_eval_parser(sub)
+    add_models_parser(sub)
+    from ..training.cli import add_train_parser
+    add_train_parser(sub, HelpFormatter)
+    return parser
+
+
+def main(argv=None):
+    """Runs one command; returns the exit status (0, 1 when something failed, 2 for usage errors).
+    A command's func returns its status (None meaning 0) or raises CliError."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.func(args)
+    except CliError as exc:
+        print(f"liif-cuda: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("liif-cuda: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, MemoryError, RuntimeError, OSError) as exc:
+        print(f"liif-cuda: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
+    return status or 0

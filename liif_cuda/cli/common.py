@@ -1,0 +1,48 @@
+"""What the commands of the `liif-cuda` command line share: the error that ends a command with one
+line, notices and results printed around progress bars, the help formatter and the precisions."""
+
+import argparse
+import sys
+
+# liif_cuda.PRECISIONS, spelled out so that the parser is built without importing torch.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+PRECISION_HELP = ("query arithmetic: fp32 exact (default); tf32, bf16, fp16 on CUDA tensor cores; "
+                  "bf16 also on CPUs with AVX512-BF16 (float32 on other CPUs)")
+# liif_cuda.upscaling.ENCODER_PRECISIONS
+ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
+ENCODER_PRECISION_HELP = ("encoder arithmetic: fp32 (default), or autocast in bf16 (CPU or CUDA) or "
+                          "fp16 (CUDA)")
+
+
+class CliError(Exception):
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
+
+
+def notice(message):
+    """Notices (not errors) go to stderr, through tqdm so that they do not tear a progress bar."""
+    from tqdm import tqdm
+    tqdm.write(f"notice: {message}", file=sys.stderr)
+
+
+def say(message):
+    """Results go to stdout, through tqdm for the same reason."""
+    from tqdm import tqdm
+    tqdm.write(message, file=sys.stdout)
+
+
+def check_encoder_precision(args, device):
+    if args.encoder_precision == "fp16" and not device.startswith("cuda"):
+        raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it in words
+    (defaults like None read better as 'CUDA when available, else CPU') or the option is required."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or action.required:
+            return text
+        return super()._get_help_string(action)

@@ -1,0 +1,74 @@
+"""Reading input images and writing outputs for `liif-cuda upscale`: the formats, the checks that need
+no decoding, and writes to a temporary file renamed at the end (never a partial output)."""
+
+import os
+import tempfile
+
+from .common import CliError, notice
+
+INPUT_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
+                  ".webp": "WEBP"}
+
+
+def _png_bit_depth(path):
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else None
+
+
+def check_input(path):
+    """The checks of an input that need no decoding; raises CliError."""
+    if not os.path.exists(path):
+        raise CliError(f"input {path} does not exist")
+    if not os.path.isfile(path):
+        raise CliError(f"input {path} is not a file")
+    if os.path.splitext(path)[1].lower() not in INPUT_FORMATS:
+        raise CliError(f"input {path}: unsupported format (use PNG, JPEG, TIFF or WebP)")
+    if _png_bit_depth(path) == 16:
+        # Pillow reads 16-bit colour PNGs as 8-bit: refuse rather than lose the precision silently.
+        raise CliError(f"input {path} is a 16-bit PNG, which is not supported; convert it to 8 bits "
+                       f"(the Python API takes 16-bit numpy arrays)")
+
+
+def read_image(path):
+    from PIL import Image, UnidentifiedImageError
+    check_input(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CliError(f"input {path} cannot be read as an image ({exc})") from None
+
+
+def image_header_size(path):
+    """(width, height) from the file's header, without decoding it (to name and skip outputs)."""
+    from PIL import Image
+    check_input(path)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError) as exc:
+        raise CliError(f"input {path} cannot be read as an image ({exc})") from None
+
+
+def write_atomically(image, path, overwrite):
+    fmt = OUTPUT_FORMATS[os.path.splitext(path)[1].lower()]
+    if fmt == "JPEG" and image.mode in ("RGBA", "LA"):
+        notice(f"JPEG has no alpha channel; the alpha of the result is dropped for {path}")
+        image = image.convert("RGB" if image.mode == "RGBA" else "L")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".liif-cuda-", suffix=os.path.splitext(path)[1], dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt)
+        if not overwrite and os.path.exists(path):
+            raise CliError(f"output {path} exists; pass --overwrite to replace it")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CliError(f"cannot write {path} ({exc})") from None
+        raise
