@@ -151,6 +151,15 @@ def test_errors_are_one_line(tmp_path, image, checkpoint, capsys, argv, match):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_decompression_bomb_is_one_line(tmp_path, image, checkpoint, capsys, monkeypatch):
+    """An input past Pillow's pixel limit (its decompression-bomb guard) is refused in one line."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 14x10 image is then a "bomb"
+    status, err = error_of(capsys, "upscale", image, "-o", tmp_path / "o.png", "--scale", 2,
+                           "--model", checkpoint)
+    assert status == 1 and "cannot be read as an image" in err and "pixels" in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_sixteen_bit_png_is_refused(tmp_path, checkpoint, capsys):
     src = tmp_path / "deep.png"
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(src)

@@ -38,7 +38,7 @@ def read_image(path):
         with Image.open(path) as im:
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise CliError(f"input {path} cannot be read as an image ({exc})") from None
 
 
@@ -49,7 +49,7 @@ def image_header_size(path):
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, ValueError) as exc:
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:
         raise CliError(f"input {path} cannot be read as an image ({exc})") from None
 
 
