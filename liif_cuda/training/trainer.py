@@ -24,6 +24,7 @@ from .datasets import make_dataset
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_psnr", "seconds"]
 RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (blocks, layers per block, growth)
+BAR_LOSS_EVERY = 20  # steps between the progress bar's loss readings
 
 
 class TrainingError(RuntimeError):
@@ -338,20 +339,23 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             from tqdm import tqdm
             bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{epoch_max}", unit="it",
                        leave=False)
-        loss_sum, count = 0.0, 0
+        # The losses add up on the device: reading one back each step would make a GPU wait.
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
         model.train()
         for raw in train_loader:
             batch = normalise_batch(raw, device, normalisation)
             loss = train_step(train_model, optimizer, batch, precision, scaler)
-            loss_sum, count = loss_sum + loss.item(), count + 1
+            loss_sum += loss.double()
+            count += 1
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if count % BAR_LOSS_EVERY == 1 or count == len(train_loader):
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
         if scheduler is not None:
             scheduler.step()
-        loss_sum, count = dist.sum([loss_sum, count], device)
+        loss_sum, count = dist.sum([loss_sum.item(), count], device)
         val_psnr = None
         if val_loader is not None and epoch_val and epoch % epoch_val == 0:
             val_psnr = validate(model, val_loader, device, precision,
