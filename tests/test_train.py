@@ -284,6 +284,28 @@ def test_interrupted_save_keeps_the_previous_checkpoint(images, tmp_path, monkey
 
 # -- bad input ----------------------------------------------------------------------------------------
 
+def test_checkpoints_are_readable_by_others(images, tmp_path):
+    """Written through a private temporary file, they still get the usual mode (0666 - umask)."""
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("epoch-last.pth", "epoch-best.pth", "epoch-2.pth", "log.csv", "config.yaml"):
+        assert os.stat(os.path.join(run, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_resume_says_where_it_starts(images, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1), run, device="cpu", progress=False)
+    capsys.readouterr()
+    train(tiny_config(images, epochs=1), run, resume=True, device="cpu", progress=False)
+    out = capsys.readouterr().out
+    assert "epoch 1 of 1; nothing left to train" in out and "epoch 2" not in out
+    train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "epoch 2/2: loss" in out
+
+
 def test_existing_run_is_refused_untouched(images, tmp_path):
     run = str(tmp_path / "run")
     train(tiny_config(images, epochs=1), run, device="cpu", progress=False)
@@ -335,11 +357,7 @@ def test_bad_configs_fail_before_training(images, tmp_path, edit, match):
     run = str(tmp_path / "run")
     with pytest.raises(ValueError, match=match):
         train(config, run, device="cpu", progress=False)
-    assert not existing_checkpoint_files(run)
-
-
-def existing_checkpoint_files(run):
-    return [f for f in os.listdir(run) if f.endswith(".pth")] if os.path.isdir(run) else []
+    assert not os.path.exists(run)  # a run that cannot start leaves no folder behind
 
 
 def test_bad_arguments(images, tmp_path):

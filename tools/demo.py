@@ -39,7 +39,9 @@ def main():
     precisions = dict(precision=args.precision, encoder_precision=args.encoder_precision)
     result = liif_cuda.upscale(original, scale=args.scale, model=model, **precisions)
     seconds = time.perf_counter() - start
-    path = os.path.join(args.out, f"chelsea_x{args.scale:g}.png")
+    # The precisions in the name: a bf16 run does not replace the float32 one's picture.
+    tag = "".join(f"_{p}" for p in dict.fromkeys((args.precision, args.encoder_precision)) if p != "fp32")
+    path = os.path.join(args.out, f"chelsea_x{args.scale:g}{tag}.png")
     result.save(path)
     print(f"output: {os.path.relpath(path)}")
     print(f"size:   {original.width}x{original.height} -> {result.width}x{result.height} "

@@ -1,6 +1,7 @@
 """`liif-cuda eval`: PSNR / SSIM of a model on image folders under a published protocol."""
 
 import os
+import sys
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, check_encoder_precision)
@@ -41,7 +42,8 @@ def eval_command(args):
         results = evaluate(args.model, args.data, scales, protocol=args.protocol,
                            lr_dir=args.lr_dir, resize=args.resize, crop=args.crop, div2k=args.div2k,
                            device=args.device, precision=args.precision, json_path=args.json,
-                           encoder_precision=args.encoder_precision)
+                           encoder_precision=args.encoder_precision,
+                           progress=sys.stderr.isatty())  # no bar fragments in a redirected log
     except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
         raise CliError(str(exc)) from None
     print(format_table(results))

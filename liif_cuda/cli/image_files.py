@@ -4,6 +4,7 @@ no decoding, and writes to a temporary file renamed at the end (never a partial 
 import os
 import tempfile
 
+from .._files import give_default_mode
 from .common import CliError, notice
 
 INPUT_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
@@ -63,6 +64,7 @@ def write_atomically(image, path, overwrite):
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt)
+        give_default_mode(tmp)
         if not overwrite and os.path.exists(path):
             raise CliError(f"output {path} exists; pass --overwrite to replace it")
         os.replace(tmp, path)

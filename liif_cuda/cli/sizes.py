@@ -74,7 +74,7 @@ def check_scale(scale):
     if scale is None:
         return
     if not scale > 0:
-        raise CliError(f"--scale must be > 0, got {scale}", 2)
+        raise CliError(f"--scale must be > 0, got {scale:g}", 2)
     if scale == float("inf"):
         raise CliError(f"--scale must be a finite number, got {scale}", 2)
 

@@ -52,7 +52,7 @@ def upscale_to_file(image, out_w, out_h, model, args, output, overwrite):
     start = time.perf_counter()
     result = upscale(image, size=(out_w, out_h), model=model, precision=args.precision,
                      encoder_precision=args.encoder_precision,
-                     progress=out_h * out_w >= PIXEL_BAR_MIN)
+                     progress=out_h * out_w >= PIXEL_BAR_MIN and sys.stderr.isatty())
     write_atomically(result, output, overwrite)
     say(f"{output}: {out_w}x{out_h} from {image.width}x{image.height} in "
         f"{time.perf_counter() - start:.1f} s")

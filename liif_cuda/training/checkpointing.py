@@ -13,6 +13,8 @@ import tempfile
 
 import torch
 
+from .._files import give_default_mode
+
 # The original EDSR keeps two 1x1 mean-shift convolutions in its state dict that LIIF never applies
 # (spec section 4); the original code loads state dicts strictly, so they are written back.
 _EDSR_MEAN = (0.4488, 0.4371, 0.4040)
@@ -49,6 +51,7 @@ def save_atomically(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

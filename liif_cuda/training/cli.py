@@ -1,6 +1,7 @@
 """`liif-cuda train` (also `python -m liif_cuda train`, and under torchrun)."""
 
 import argparse
+import sys
 
 # liif_cuda.training.trainer.PRECISIONS, spelled out so that the parser is built without it.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -34,6 +35,7 @@ def train_command(args):
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     config = load_config(args.config)
     path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,
-                 precision=args.precision, workers=args.workers, progress=True)
+                 precision=args.precision, workers=args.workers,
+                 progress=sys.stderr.isatty())  # no bar fragments in a redirected log
     if path is not None:
         print(f"last checkpoint: {path}")

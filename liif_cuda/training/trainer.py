@@ -221,6 +221,8 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
             GradScaler).
         workers: DataLoader worker processes (default: 4 on CUDA, 0 on the CPU, where they would
             compete with the computation for the cores).
+        progress: a tqdm bar per epoch (loss, iterations per second); a line per epoch is printed
+            either way.
     Returns the path of the last checkpoint (None in the processes of rank > 0).
     """
     if precision not in PRECISIONS:
@@ -259,11 +261,6 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else \
         torch.device("cpu")
     seed = config.get("seed", 0)
-    if dist.main:
-        os.makedirs(out_dir, exist_ok=True)
-        write_config(config, out_dir)
-    dist.barrier()
-
     torch.manual_seed(seed)
     model = build_model(config["model"], normalisation).to(device)
     if init is not None:
@@ -297,6 +294,10 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
         if extra.get("best_val_psnr") is not None:
             best = extra["best_val_psnr"]
         start_epoch = state["epoch"] + 1
+        if dist.main:
+            print(f"resuming from {resume_from}: epoch {state['epoch']} of {config['epoch_max']}"
+                  + ("; nothing left to train (raise epoch_max to go on)"
+                     if start_epoch > config["epoch_max"] else ""), flush=True)
 
     train_spec = config["train_dataset"]
     batch_size = train_spec["batch_size"]
@@ -323,6 +324,13 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     if dist.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device_type == "cuda" else None)
+
+    # The run folder only once the data and the model are known to be good: a run that cannot start
+    # leaves nothing behind.
+    if dist.main:
+        os.makedirs(out_dir, exist_ok=True)
+        write_config(config, out_dir)
+    dist.barrier()
 
     log_path = os.path.join(out_dir, "log.csv")
     rows = read_log(log_path, start_epoch - 1) if dist.main else []
@@ -380,7 +388,6 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             summary = f"epoch {epoch}/{epoch_max}: loss {loss_sum / count:.4f}, lr {lr:g}"
             if val_psnr is not None:
                 summary += f", val PSNR {val_psnr:.2f} dB"
-            if progress:
-                print(f"{summary}, {time.perf_counter() - started:.1f} s", flush=True)
+            print(f"{summary}, {time.perf_counter() - started:.1f} s", flush=True)
         dist.barrier()
     return last_path if dist.main else None
