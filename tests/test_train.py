@@ -134,6 +134,34 @@ def test_workers_do_not_change_the_samples(images, tmp_path):
     assert not torch.equal(data[0]["inp"], direct[0]["inp"])
 
 
+def test_dataloader_workers_train_the_same_model(images, tmp_path):
+    """Worker processes (the dataset pickled into them, images cached in memory) change nothing."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(tiny_config(images, epochs=2), a, device="cpu", progress=False, workers=0)
+    train(tiny_config(images, epochs=2), b, device="cpu", progress=False, workers=2)
+    sa, sb = model_state(f"{a}/epoch-last.pth"), model_state(f"{b}/epoch-last.pth")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_config_resume_from_an_original_checkpoint(images, tmp_path):
+    """The original's `resume: PATH` key: a checkpoint without liif_cuda's extra entry (as the
+    original code writes them) starts a new run folder at its epoch + 1, the scheduler stepped to
+    that epoch as the original does."""
+    first = str(tmp_path / "first")
+    train(tiny_config(images, epochs=2), first, device="cpu", progress=False)
+    original = torch.load(f"{first}/epoch-last.pth", weights_only=True)
+    del original["liif_cuda"]
+    path = str(tmp_path / "original.pth")
+    torch.save(original, path)
+    config = tiny_config(images, epochs=3)
+    config["resume"] = path
+    second = str(tmp_path / "second")
+    train(config, second, device="cpu", progress=False)
+    rows = read_log(second)
+    assert [r["epoch"] for r in rows] == ["3"]
+    assert float(rows[0]["lr"]) == 5e-4  # milestone 2 passed: halved
+
+
 def test_samples_follow_the_recipe(images):
     data = make_dataset(dataset_spec(images, inp_size=8, scale_max=3, sample_q=20), seed=0)
     scales = []

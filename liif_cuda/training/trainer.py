@@ -11,6 +11,7 @@ import csv
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -286,9 +287,16 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
         if scheduler is not None:
             if extra.get("scheduler") is not None:
                 scheduler.load_state_dict(extra["scheduler"])
-            else:  # an original checkpoint: step the scheduler to its epoch, as the original does
-                for _ in range(state["epoch"]):
-                    scheduler.step()
+            else:
+                # An original checkpoint: no scheduler state. Step the scheduler to its epoch from
+                # the initial rate (the optimizer's saved rate has the milestones passed already, and
+                # stepping from it would apply them twice).
+                for group in optimizer.param_groups:
+                    group["lr"] = group.get("initial_lr", group["lr"])
+                with warnings.catch_warnings():  # "step() before optimizer.step()": on purpose
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _ in range(state["epoch"]):
+                        scheduler.step()
         if scaler is not None and extra.get("scaler") is not None:
             scaler.load_state_dict(extra["scaler"])
         if extra.get("best_val_psnr") is not None:
