@@ -1,6 +1,8 @@
-"""File helpers shared by the writers of outputs and checkpoints."""
+"""Writing files so that no interruption leaves a partial one: shared by the writers of images,
+checkpoints, logs and configs."""
 
 import os
+import tempfile
 
 
 def give_default_mode(path):
@@ -10,3 +12,26 @@ def give_default_mode(path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def write_atomically(path, write, binary=True, prefix=None, before_replace=None):
+    """Writes `path` through a temporary file in the same folder, flushed to disk and renamed over
+    it: readers see the old file or the new one, never a partial one. `write(f)` writes the content
+    into the open file; `before_replace()`, if given, runs just before the rename and may raise to
+    leave `path` as it is. On any error the temporary file is removed and the error raised."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = prefix if prefix is not None else f".{os.path.basename(path)}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        give_default_mode(tmp)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -2,9 +2,8 @@
 no decoding, and writes to a temporary file renamed at the end (never a partial output)."""
 
 import os
-import tempfile
 
-from .._files import give_default_mode
+from .._files import write_atomically
 from .common import CliError, notice
 
 INPUT_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
@@ -54,23 +53,17 @@ def image_header_size(path):
         raise CliError(f"input {path} cannot be read as an image ({exc})") from None
 
 
-def write_atomically(image, path, overwrite):
+def write_image(image, path, overwrite):
     fmt = OUTPUT_FORMATS[os.path.splitext(path)[1].lower()]
     if fmt == "JPEG" and image.mode in ("RGBA", "LA"):
         notice(f"JPEG has no alpha channel; the alpha of the result is dropped for {path}")
         image = image.convert("RGB" if image.mode == "RGBA" else "L")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".liif-cuda-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        give_default_mode(tmp)
+
+    def refuse_existing():  # checked again at the end: the file may have appeared meanwhile
         if not overwrite and os.path.exists(path):
             raise CliError(f"output {path} exists; pass --overwrite to replace it")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CliError(f"cannot write {path} ({exc})") from None
-        raise
+    try:
+        write_atomically(path, lambda f: image.save(f, format=fmt), prefix=".liif-cuda-",
+                         before_replace=refuse_existing)
+    except OSError as exc:
+        raise CliError(f"cannot write {path} ({exc})") from None

@@ -10,7 +10,7 @@ import time
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, check_encoder_precision, notice, say)
 from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
-                          write_atomically)
+                          write_image)
 from .sizes import check_memory, check_scale, fit_size, keeps_aspect, parse_size
 
 # Outputs of at least this many pixels get upscale()'s progress bar over pixels.
@@ -53,7 +53,7 @@ def upscale_to_file(image, out_w, out_h, model, args, output, overwrite):
     result = upscale(image, size=(out_w, out_h), model=model, precision=args.precision,
                      encoder_precision=args.encoder_precision,
                      progress=out_h * out_w >= PIXEL_BAR_MIN and sys.stderr.isatty())
-    write_atomically(result, output, overwrite)
+    write_image(result, output, overwrite)
     say(f"{output}: {out_w}x{out_h} from {image.width}x{image.height} in "
         f"{time.perf_counter() - start:.1f} s")
 

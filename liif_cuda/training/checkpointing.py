@@ -8,12 +8,9 @@ liif_cuda.load_model both read, written so that no interruption can leave a trun
 The extra 'liif_cuda' entry holds what an exact resume needs beyond the original's fields.
 """
 
-import os
-import tempfile
-
 import torch
 
-from .._files import give_default_mode
+from .._files import write_atomically
 
 # The original EDSR keeps two 1x1 mean-shift convolutions in its state dict that LIIF never applies
 # (spec section 4); the original code loads state dicts strictly, so they are written back.
@@ -42,21 +39,8 @@ def load_original_state_dict(model, state):
 
 
 def save_atomically(obj, path):
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over
-    `path`: readers see the old file or the new one, never a partial one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        give_default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through a temporary file renamed over `path`: never a truncated checkpoint."""
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def make_checkpoint(model, model_spec, optimizer, optimizer_spec, scheduler, scaler, epoch,
@@ -75,8 +59,3 @@ def make_checkpoint(model, model_spec, optimizer, optimizer_spec, scheduler, sca
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
     }
-
-
-def read_training_checkpoint(path):
-    from ..checkpoints import read_checkpoint
-    return read_checkpoint(path)

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models import LIIF, NORMALISATIONS, RDN, EDSRBaseline
-from .checkpointing import (load_original_state_dict, make_checkpoint, read_training_checkpoint,
-                            save_atomically)
+from .._files import write_atomically
+from ..checkpoints import read_checkpoint
+from .checkpointing import load_original_state_dict, make_checkpoint, save_atomically
 from .config import ConfigError
 from .datasets import make_dataset
 
@@ -41,10 +42,11 @@ def normalisation_of(config):
     mean, std = NORMALISATIONS["original"]
     expected = {"sub": [mean[0]], "div": [std[0]]}
 
-    def same(part):
+    def same(part):  # a list of 1 value stands for all 3 channels
         value = (norm or {}).get(part) or {}
         sub, div = value.get("sub", [0.0]), value.get("div", [1.0])
-        return all(s == 0.5 for s in sub) and all(d == 0.5 for d in div)
+        return (all(s == m for s, m in zip(sub * 3, mean))
+                and all(d == v for d, v in zip(div * 3, std)))
     if norm is None or not (same("inp") and same("gt")):
         raise ConfigError(f"data_norm must be inp and gt {expected} (the published configs' "
                           f"normalisation, which checkpoints in the original format imply), got "
@@ -189,20 +191,17 @@ def read_log(path, up_to_epoch):
 
 
 def write_log(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+    write_atomically(path, write, binary=False)
 
 
 def write_config(config, out_dir):
     import yaml
-    tmp = os.path.join(out_dir, "config.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    os.replace(tmp, os.path.join(out_dir, "config.yaml"))
+    write_atomically(os.path.join(out_dir, "config.yaml"),
+                     lambda f: yaml.safe_dump(config, f, sort_keys=False), binary=False)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     start_epoch, best = 1, -math.inf
     resume_from = os.path.join(out_dir, "epoch-last.pth") if resume else config.get("resume")
     if resume_from is not None:
-        state = read_training_checkpoint(resume_from)
+        state = read_checkpoint(resume_from)
         load_original_state_dict(model, state["model"]["sd"])
         optimizer.load_state_dict(state["optimizer"]["sd"])
         extra = state.get("liif_cuda") or {}
