@@ -282,6 +282,35 @@ __device__ void generic_hidden_layer(const T* __restrict__ wt, const T* __restri
   __syncthreads();
 }
 
+// The blend of the block's `queries` queries (from `first`), one thread per (query, channel): out =
+// sum over the neighbours k of pred(row, channel) * blend weight, accumulated in neighbour order as
+// the reference does (ret = 0; ret = ret + pred_k * weight_k); NaN for a query whose coordinate is
+// not finite, nothing for the block's rows past the last query. Shared by every kernel.
+template <typename T, typename S, typename Pred>
+__device__ __forceinline__ void blend_and_write(const QueryKernelParams<T>& p,
+                                                const BlockShared<T, S>& s, int queries,
+                                                int out_dim, int64_t first, Pred pred) {
+  const int nn = p.grid.num_neighbours;
+  for (int e = static_cast<int>(threadIdx.x); e < queries * out_dim;
+       e += static_cast<int>(blockDim.x)) {
+    const int q = e / out_dim;
+    const int o = e - q * out_dim;
+    const int state = s.state[q];
+    if (state < 0) continue;
+    T v;
+    if (state == 0) {
+      v = T(NAN);
+    } else {
+      v = T(0);
+      for (int k = 0; k < nn; ++k) {
+        const int r = q * nn + k;
+        v = v + pred(r, o) * s.blend[r];
+      }
+    }
+    p.out[(first + q) * out_dim + o] = v;
+  }
+}
+
 // Step 4: the last layer (unless layer 0 is the only one) into `preds`, then the blend, in T.
 // `act` holds the last hidden activations as Op::storage (row pitch `pitch`); wt (in, out_dim) and
 // bias are the last layer's; `preds` has room for rows * out_dim values and is not `act`.
@@ -292,7 +321,6 @@ __device__ void last_layer_and_blend(const QueryKernelParams<T>& p,
                                      const typename Op::storage* act, int pitch,
                                      const T* __restrict__ wt, const T* __restrict__ bias, T* preds,
                                      int64_t first) {
-  const int nn = p.grid.num_neighbours;
   const int od = p.widths[p.num_layers - 1];
   const T* pred = preds;
   int pred_pitch = od;
@@ -322,25 +350,8 @@ __device__ void last_layer_and_blend(const QueryKernelParams<T>& p,
     }
     __syncthreads();
   }
-  for (int e = static_cast<int>(threadIdx.x); e < layout.queries * od;
-       e += static_cast<int>(blockDim.x)) {
-    const int q = e / od;
-    const int o = e - q * od;
-    const int state = s.state[q];
-    if (state < 0) continue;
-    T v;
-    if (state == 0) {
-      v = T(NAN);
-    } else {
-      // ret = 0; ret = ret + pred_k * weight_k, in neighbour order, as the reference accumulates.
-      v = T(0);
-      for (int k = 0; k < nn; ++k) {
-        const int r = q * nn + k;
-        v = v + pred[r * pred_pitch + o] * s.blend[r];
-      }
-    }
-    p.out[(first + q) * od + o] = v;
-  }
+  blend_and_write(p, s, layout.queries, od, first,
+                  [&](int r, int o) { return pred[r * pred_pitch + o]; });
 }
 
 // The published shape in float32: hidden layers 256 wide, out_dim <= kFastMaxOutDim; 64 rows per

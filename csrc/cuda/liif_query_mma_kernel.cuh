@@ -304,31 +304,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   }
   __syncthreads();
 
-  // The blend, in the reference's order; each prediction is the last layer's bias plus the four
-  // column warps' partial sums, in a fixed order.
-  const int nn = p.grid.num_neighbours;
-  for (int e = static_cast<int>(threadIdx.x); e < layout.queries * out_dim;
-       e += static_cast<int>(blockDim.x)) {
-    const int q = e / out_dim;
-    const int o = e - q * out_dim;
-    const int state = s.state[q];
-    if (state < 0) continue;
-    float v;
-    if (state == 0) {
-      v = NAN;
-    } else {
-      v = 0.f;
-      for (int k = 0; k < nn; ++k) {
-        const int r = q * nn + k;
-        float pred = last_b[o];
-        for (int wc = 0; wc < kMmaWarpsAlongColumns; ++wc) {
-          pred += partials[(wc * kMmaRows + r) * out_dim + o];
-        }
-        v = v + pred * s.blend[r];
-      }
+  // The blend; each prediction is the last layer's bias plus the four column warps' partial sums,
+  // in a fixed order.
+  blend_and_write(p, s, layout.queries, out_dim, first, [&](int r, int o) {
+    float pred = last_b[o];
+    for (int wc = 0; wc < kMmaWarpsAlongColumns; ++wc) {
+      pred += partials[(wc * kMmaRows + r) * out_dim + o];
     }
-    p.out[(first + q) * out_dim + o] = v;
-  }
+    return pred;
+  });
 }
 
 #else
