@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -86,24 +87,25 @@ const at::Tensor& tile_mlp_bf16(const QueryPlan<scalar_t>& p,
   }
 }
 
-// The packed hidden layers of the bf16 path, or none (float32) where it does not apply: another
-// precision or dtype, no native bf16 on this CPU, or an MLP of one layer.
+// The packed hidden layers of the bf16 path (none for an MLP of two layers), or nullopt where the
+// path does not apply (float32): another precision or dtype, no native bf16 on this CPU, or an MLP of
+// one layer.
 template <typename scalar_t>
-std::vector<bf16::PackedLayer> bf16_hidden_layers(const QueryPlan<scalar_t>& p, bool bf16,
-                                                  bool* use) {
-  std::vector<bf16::PackedLayer> hidden;
-  *use = false;
+std::optional<std::vector<bf16::PackedLayer>> bf16_hidden_layers(const QueryPlan<scalar_t>& p,
+                                                                 bool bf16) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     const int num_layers = static_cast<int>(p.weights.size());
-    if (!bf16 || num_layers < 2 || !bf16::native_available()) return hidden;
-    *use = true;
+    if (!bf16 || num_layers < 2 || !bf16::native_available()) return std::nullopt;
+    std::vector<bf16::PackedLayer> hidden;
     for (int l = 1; l + 1 < num_layers; ++l) {
       hidden.push_back(bf16::pack_layer(p.weights[l].template const_data_ptr<float>(),
                                         p.biases[l].template const_data_ptr<float>(),
                                         p.shape.layer_widths[l], p.shape.layer_widths[l - 1]));
     }
+    return hidden;
+  } else {
+    return std::nullopt;
   }
-  return hidden;
 }
 
 // Decodes queries [q0, q0 + nq) of batch element b into out (B, Q, out_dim).
@@ -160,8 +162,7 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
   const QueryPlan<scalar_t> p =
       make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble, cell_decode,
                                 shape);
-  bool use_bf16 = false;
-  const std::vector<bf16::PackedLayer> bf16_hidden = bf16_hidden_layers(p, bf16, &use_bf16);
+  const std::optional<std::vector<bf16::PackedLayer>> bf16_hidden = bf16_hidden_layers(p, bf16);
   const int64_t queries_per_tile = kTileRows / p.grid.num_neighbours;
   const int64_t tiles = (shape.queries + queries_per_tile - 1) / queries_per_tile;
   scalar_t* out_data = out.data_ptr<scalar_t>();
@@ -177,11 +178,12 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
       // Worker threads do not inherit the caller's dispatch state: skip autograd in the ATen calls
       // below, as the calling thread does.
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      TileScratch<scalar_t> scratch(p, feat.options(), use_bf16);
+      TileScratch<scalar_t> scratch(p, feat.options(), bf16_hidden.has_value());
       for (int64_t t = next_tile++; t < tiles; t = next_tile++) {
         const int64_t q0 = t * queries_per_tile;
         const int64_t nq = std::min(queries_per_tile, shape.queries - q0);
-        decode_tile(p, map_data, pitch, b, q0, nq, feat_unfold, use_bf16 ? &bf16_hidden : nullptr,
+        decode_tile(p, map_data, pitch, b, q0, nq, feat_unfold,
+                    bf16_hidden ? &*bf16_hidden : nullptr,
                     scratch, out_data);
       }
     });

@@ -89,8 +89,7 @@ def _check_dataset(spec, where):
     if args.get("cache", "none") not in CACHES:
         raise ConfigError(f"{where}.dataset.args.cache must be one of {CACHES} (the original's "
                           f"'bin' cache is not supported), got {args['cache']!r}")
-    for key in ("first_k",):
-        _number(args.get(key), f"{where}.dataset.args.{key}", int, 1, allow_none=True)
+    _number(args.get("first_k"), f"{where}.dataset.args.first_k", int, 1, allow_none=True)
     _number(args.get("repeat", 1), f"{where}.dataset.args.repeat", int, 1)
     if (name == "paired-image-folders") != (wrapper == "sr-implicit-paired"):
         raise ConfigError(f"{where}: wrapper {wrapper!r} does not go with dataset {name!r} "

@@ -165,8 +165,8 @@ class SRImplicitDownsampled(_Wrapper):
         if self.inp_size is None:
             return
         need = round(self.inp_size * self.scale_max)
-        small = [(p, self.dataset.size(i)) for i, p in enumerate(self.dataset.paths)
-                 if min(self.dataset.size(i)) < need]
+        sizes = [(p, self.dataset.size(i)) for i, p in enumerate(self.dataset.paths)]
+        small = [(p, size) for p, size in sizes if min(size) < need]
         if small:
             names = ", ".join(f"{os.path.basename(p)} ({h}x{w})" for p, (h, w) in small[:5])
             more = f" and {len(small) - 5} more" if len(small) > 5 else ""
