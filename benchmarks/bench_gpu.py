@@ -220,17 +220,46 @@ def measure_case(case, variants, repeats, device, peaks, failed):
     return row
 
 
+class RecomputeBackwardQuery(torch.autograd.Function):
+    """The fused forward with the former CUDA backward, the recompute in torch operations
+    (liif_cuda._backward.recompute_backward), for comparison."""
+
+    @staticmethod
+    def forward(ctx, feat, coords, cells, *params):
+        n = len(params) // 2
+        ctx.save_for_backward(feat, coords, cells, *params)
+        return torch.ops.liif_cuda.query(feat, coords, cells, list(params[:n]), list(params[n:]),
+                                         True, True, True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from liif_cuda._backward import recompute_backward
+        feat, coords, cells, *params = ctx.saved_tensors
+        n = len(params) // 2
+        needs = list(ctx.needs_input_grad)
+        grads = recompute_backward(grad_out.contiguous(), feat, coords, cells, params[:n],
+                                   params[n:], True, True, True, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def recompute_backward_query(feat, coords, cells, mlp):
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    return RecomputeBackwardQuery.apply(feat, coords, cells, *weights, *biases)
+
+
 def measure_training(device, repeats):
     """Forward + backward of the query at the published training shape (batch 16, 48x48 maps, 2304
     queries each, loss = mean |out|), float32: the reference's autograd against the fused operator
-    (its backward on this device), median seconds and peak memory of each."""
+    (its backward on this device) and the fused forward with the former recompute backward, median
+    seconds and peak memory of each."""
     g = torch.Generator().manual_seed(5)
     feat = torch.randn(16, CHANNELS, 48, 48, generator=g).to(device)
     coords = (torch.rand(16, 2304, 2, generator=g) * 2 - 1).to(device)
     cells = torch.full((16, 2304, 2), 2 / 96).to(device)
     torch.manual_seed(0)
     mlp = ref.MLP(ref.imnet_in_dim(CHANNELS), 3, HIDDEN).to(device)
-    queries = {"reference": ref.query_rgb, "fused": liif_cuda.query}
+    queries = {"reference": ref.query_rgb, "fused": liif_cuda.query,
+               "fused-recompute-backward": recompute_backward_query}
 
     def step(name):
         leaf = feat.detach().requires_grad_()
@@ -257,6 +286,8 @@ def measure_training(device, repeats):
             times[name].append(seconds(name))
     row = {"median_s": {k: statistics.median(v) for k, v in times.items()}}
     row["speedup_vs_reference"] = row["median_s"]["reference"] / row["median_s"]["fused"]
+    row["speedup_vs_recompute_backward"] = (row["median_s"]["fused-recompute-backward"]
+                                            / row["median_s"]["fused"])
     if device == "cuda":
         peaks = {}
         for name in queries:
@@ -269,8 +300,9 @@ def measure_training(device, repeats):
             peaks[name] = torch.cuda.max_memory_allocated() - base
         row["peak_memory_bytes"] = peaks
     print(f"\ntraining shape, forward + backward: reference {row['median_s']['reference'] * 1e3:.1f} "
-          f"ms, fused {row['median_s']['fused'] * 1e3:.1f} ms ({row['speedup_vs_reference']:.2f}x)",
-          flush=True)
+          f"ms, fused {row['median_s']['fused'] * 1e3:.1f} ms ({row['speedup_vs_reference']:.2f}x), "
+          f"fused with the recompute backward "
+          f"{row['median_s']['fused-recompute-backward'] * 1e3:.1f} ms", flush=True)
     return row
 
 

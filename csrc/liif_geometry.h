@@ -230,4 +230,39 @@ LIIF_HOST_DEVICE void scaled_cell(const FeatureGrid<T>& g, T cell_y, T cell_x, T
   out[1] = mul_rn(cell_x, g.size_x);
 }
 
+// The gradient (d/dcy, d/dcx) of a decodable query's coordinate, from its neighbours as
+// query_neighbours fills them, the gradients of the MLP's relative-coordinate inputs of each
+// neighbour (grad_rel_y, grad_rel_x) and those of the blend weights (grad_blend). Each relative
+// coordinate is (coord - centre) * (H, W), and weight_k = area_opposite(k) / total with total = sum_j
+// area_j, area_j = |rel_y_j rel_x_j| + 1e-9: d weight_k / d area_j = [j = opposite(k)] / total -
+// weight_k / total. Evaluated as the reference's autograd evaluates it (the two terms apart, weight_k
+// / total first), so that where they cancel (exactly, without the local ensemble, whose only weight
+// is 1) both leave the same rounding. Shared by the CPU and CUDA backward kernels.
+template <typename T>
+LIIF_HOST_DEVICE void coordinate_gradient(const FeatureGrid<T>& g, const Neighbour<T>* nb,
+                                          const T* grad_rel_y, const T* grad_rel_x,
+                                          const T* grad_blend, T* out) {
+  const int nn = g.num_neighbours;
+  T total = T(0);
+  for (int k = 0; k < nn; ++k) {
+    total = add_rn(total, add_rn(abs_value(mul_rn(nb[k].rel_y, nb[k].rel_x)), g.area_eps));
+  }
+  T through_total = T(0);  // -sum_k grad_blend_k * (weight_k / total)
+  for (int k = 0; k < nn; ++k) {
+    through_total = add_rn(through_total, -mul_rn(grad_blend[k], nb[k].weight / total));
+  }
+  T gy = T(0), gx = T(0);
+  for (int k = 0; k < nn; ++k) {
+    const int opposite = nn == kMaxNeighbours ? kMaxNeighbours - 1 - k : k;
+    const T grad_area = add_rn(grad_blend[opposite] / total, through_total);
+    const T prod = mul_rn(nb[k].rel_y, nb[k].rel_x);
+    const T sign = prod > T(0) ? T(1) : (prod < T(0) ? T(-1) : T(0));
+    const T through_area = mul_rn(grad_area, sign);
+    gy = add_rn(gy, mul_rn(add_rn(grad_rel_y[k], mul_rn(through_area, nb[k].rel_x)), g.size_y));
+    gx = add_rn(gx, mul_rn(add_rn(grad_rel_x[k], mul_rn(through_area, nb[k].rel_y)), g.size_x));
+  }
+  out[0] = gy;
+  out[1] = gx;
+}
+
 }  // namespace liif

@@ -1,17 +1,18 @@
 """The backward of the fused query: the operator liif_cuda::query_backward (schema in
 csrc/liif_query_schema.cpp), its fake implementation, and the recompute backward in torch operations.
 
-On the CPU the operator is the fused C++ kernel (csrc/cpu/liif_query_backward_cpu.cpp). On CUDA it is,
-for now, `recompute_backward` below: it recomputes the forward pass chunk by chunk and back-propagates
-through it by hand with torch operations: the MLP, the blend weights (areas of the opposite
-neighbours) and the relative coordinates, then the first-layer map P = conv(feat, W1's feature
-columns) through the convolution's own gradient functions. It is also the tests' second opinion on the
-CPU kernel.
+The operator is C++: the fused kernel on the CPU (csrc/cpu/liif_query_backward_cpu.cpp), kernels
+around cuBLAS products on CUDA (csrc/cuda/liif_query_backward.h). `recompute_backward` below is the
+same computation in torch operations, kept as the tests' second opinion and the benchmarks' former
+CUDA backward: it recomputes the forward pass chunk by chunk and back-propagates through it by hand:
+the MLP, the blend weights (areas of the opposite neighbours) and the relative coordinates, then the
+first-layer map P = conv(feat, W1's feature columns) through the convolution's own gradient
+functions.
 
 Memory of the recompute backward: P and its gradient, each B x width0 x H x W (plus the convolution
 gradients' workspace), and the temporaries of one chunk of queries (all batch elements together), at
-most about `CHUNK_BYTES`, independent of the number of queries. On CUDA its per-cell accumulation (index_add_) uses
-atomic adds unless torch.use_deterministic_algorithms(True) is on.
+most about `CHUNK_BYTES`, independent of the number of queries. On CUDA its per-cell accumulation
+(index_add_) uses atomic adds unless torch.use_deterministic_algorithms(True) is on.
 """
 
 import contextlib
@@ -65,10 +66,6 @@ def recompute_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Op
     with _float32_convolutions(feat.device):
         return _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble,
                                feat_unfold, cell_decode, needs_grad)
-
-
-# CUDA: the recompute backward until a fused CUDA kernel takes its place.
-torch.library.impl("liif_cuda::query_backward", "CUDA")(recompute_backward)
 
 
 def query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,

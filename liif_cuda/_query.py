@@ -64,9 +64,11 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
 
     Autograd: gradients flow to feat, coords, cells and every MLP weight and bias, each computed only
     if it is required. The backward (the operator liif_cuda::query_backward) recomputes the forward
-    tile by tile: a fused C++ kernel on the CPU, deterministic; torch operations in chunks on CUDA
-    for now (liif_cuda/_backward.py). Gradients are the exact float32 / float64 function's whatever
-    the precision. Double backward raises an error.
+    tile by tile: a fused C++ kernel on the CPU, deterministic; on CUDA, chunks of queries through
+    its own kernels and cuBLAS products, deterministic except for the per-LR-cell sum of the
+    first-layer map's gradient (atomic adds, unless torch.use_deterministic_algorithms(True)).
+    Gradients are the exact float32 / float64 function's whatever the precision. Double backward
+    raises an error.
     """
     weights, biases = mlp_parameters(imnet)
     _check_floating(feat, "feat")

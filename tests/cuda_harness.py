@@ -74,6 +74,52 @@ def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, preci
                       precision, shared, reverse_order, tensor_core_kernel)
 
 
+def backward(grad_out, feat, coords, cells, weights, biases, needs_grad, chunk_rows=0,
+             reverse_order=False, **flags):
+    """The CUDA backward (liif_cuda::query_backward's CUDA kernel) on the host: the gradients
+    [feat, coords, cells, *weights, *biases], an empty tensor where `needs_grad` is False.
+    `chunk_rows`: (query, neighbour) rows per chunk; 0: the GPU's choice."""
+    load()
+    flags = {**FLAGS, **flags}
+    return torch.ops.liif_cuda_harness.query_backward(
+        grad_out, feat, coords, cells if flags["cell_decode"] else None, weights, biases,
+        flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"], needs_grad,
+        chunk_rows, reverse_order)
+
+
+class _HostQuery(torch.autograd.Function):
+    """The CUDA forward and backward on the host, as autograd sees them on a GPU."""
+
+    @staticmethod
+    def forward(ctx, feat, coords, cells, flags, chunk_rows, *params):
+        n = len(params) // 2
+        out, _ = load()(feat, coords, cells, list(params[:n]), list(params[n:]),
+                        flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"],
+                        "fp32", SHARED_SM90, False, "mma")
+        ctx.flags, ctx.chunk_rows, ctx.has_cells = flags, chunk_rows, cells is not None
+        ctx.save_for_backward(feat, coords, cells, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat, coords, cells, *params = ctx.saved_tensors
+        n = len(params) // 2
+        needs = list(ctx.needs_input_grad[:3]) + list(ctx.needs_input_grad[5:])
+        needs[2] = needs[2] and ctx.has_cells
+        grads = backward(grad_out.contiguous(), feat, coords, cells, params[:n], params[n:], needs,
+                         ctx.chunk_rows, **ctx.flags)
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        return (*grads[:3], None, None, *grads[3:])
+
+
+def query_with_backward(feat, coords, cells, mlp, chunk_rows=0, **flags):
+    """liif_cuda.query's CUDA path on the host, forward and backward: differentiable like it."""
+    flags = {**FLAGS, **flags}
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    cells = cells if flags["cell_decode"] else None
+    return _HostQuery.apply(feat, coords, cells, flags, chunk_rows, *weights, *biases)
+
+
 def reference(feat, coords, cells, mlp, **flags):
     with torch.no_grad():
         return ref.query_rgb(feat, coords, cells, mlp, **{**FLAGS, **flags})

@@ -98,12 +98,13 @@ def blend_noise(feat, coords, cells, mlp, grad_out, flags, dtype):
     return per_query.norm().item()
 
 
-def assert_gradients_match(problem_inputs, flags, dtype):
+def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
+    """`query`'s gradients (liif_cuda.query's by default) against the reference's."""
     feat, coords, cells, mlp = problem_inputs
     g = torch.Generator().manual_seed(7)
     out_dim = [m for m in mlp.layers if isinstance(m, torch.nn.Linear)][-1].out_features
     grad_out = torch.randn(coords.shape[0], coords.shape[1], out_dim, generator=g, dtype=dtype)
-    ours = grads(liif_cuda.query, feat, coords, cells, mlp, grad_out, flags)
+    ours = grads(query, feat, coords, cells, mlp, grad_out, flags)
     theirs = grads(ref.query_rgb, feat, coords, cells, mlp, grad_out, flags)
     # A gradient that is exactly zero (no live ReLU, or the blend weight's that is identically 1
     # without the local ensemble) comes out of the reference as rounding noise: both below this.

@@ -138,6 +138,42 @@ def test_gradcheck():
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def backward_problem(dtype, batch, queries, hidden, seed):
+    feat, coords, cells = random_inputs(batch, 8, 9, 7, queries, seed=seed, dtype=dtype, spread=1.2)
+    coords[0, 1] = float("nan")
+    coords[-1, 2, 1] = float("inf")
+    mlp = make_mlp(ref.imnet_in_dim(8), hidden, 3, dtype)
+    w, b = (list(x.detach() for x in p) for p in liif_cuda.mlp_parameters(mlp))
+    grad_out = torch.randn(batch, queries, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    return [grad_out, feat, coords, cells, w, b, True, True, True, [True] * (3 + 2 * len(w))]
+
+
+def on_cuda(args):
+    return [[t.cuda() for t in a] if isinstance(a, list) and a and torch.is_tensor(a[0])
+            else a.cuda() if torch.is_tensor(a) else a for a in args]
+
+
+@pytest.mark.parametrize("queries,hidden", [(60, [16, 12]), (6000, [256, 256])])
+def test_backward_operator_equals_the_cpu_kernel(queries, hidden):
+    """float64, non-finite coordinates included; 2 x 6000 queries with 256-wide layers take two
+    chunks (csrc/cuda/liif_query_backward.h)."""
+    args = backward_problem(torch.float64, 2, queries, hidden, seed=queries)
+    cpu = torch.ops.liif_cuda.query_backward(*args)
+    with deterministic_algorithms():
+        first = torch.ops.liif_cuda.query_backward(*on_cuda(args))
+        again = torch.ops.liif_cuda.query_backward(*on_cuda(args))
+    for i, (g, c, a) in enumerate(zip(first, cpu, again)):
+        assert g.device.type == "cuda"
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-9, atol=1e-11, equal_nan=True, msg=str(i))
+        assert torch.equal(g.nan_to_num(), a.nan_to_num()), i  # deterministic
+
+
+def test_opcheck_backward_operator():
+    args = on_cuda(backward_problem(torch.float32, 2, 9, [8, 6], seed=2))
+    torch.library.opcheck(torch.ops.liif_cuda.query_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad):
     feat, coords, cells = to_cuda(*random_inputs(2, 3, 4, 5, 9))

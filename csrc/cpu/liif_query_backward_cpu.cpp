@@ -28,6 +28,7 @@
 #include <memory>
 #include <vector>
 
+#include "../liif_backward_needs.h"
 #include "liif_query_cpu_common.h"
 
 namespace liif {
@@ -36,23 +37,6 @@ namespace {
 using namespace cpu;
 
 constexpr int64_t kWaveTiles = 16;
-
-// Which gradients are wanted, and how deep the backward must go.
-struct BackwardNeeds {
-  bool feat = false, coords = false, cells = false;
-  std::vector<bool> weight, bias;  // per layer
-  bool first_feature_columns() const { return weight[0]; }
-  // Layer 0's input gradient G0 (rows x width0) is needed for any of these.
-  bool layer0() const { return feat || coords || cells || weight[0] || bias[0]; }
-  // The lowest layer whose output gradient must be computed (0: G0 itself).
-  int lowest_layer() const {
-    if (layer0()) return 0;
-    for (size_t l = 1; l < weight.size(); ++l) {
-      if (weight[l] || bias[l]) return static_cast<int>(l);
-    }
-    return static_cast<int>(weight.size());  // nothing: no tile work at all
-  }
-};
 
 // One accumulator slot: weight and bias gradients of the layers that need them. Weight gradients
 // accumulate in the dtype (a slot adds one tile per wave: tens of products of hundreds of rows);
@@ -224,31 +208,14 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
       }
       continue;
     }
-    const Neighbour<scalar_t>* nb = &s.neighbours[i * nn];
-    const scalar_t* gb = &s.grad_blend[i * nn];
     if (need.coords) {
-      // weight_k = area_opposite(k) / total, total = sum_j area_j, area_j = |rel_y_j rel_x_j| + 1e-9:
-      // d weight_k / d area_j = [j = opposite(k)] / total - weight_k / total. Evaluated as the
-      // reference's autograd evaluates it (the two terms apart, weight_k / total first), so that
-      // where they cancel (exactly, without the local ensemble, whose only weight is 1) both leave
-      // the same rounding.
-      scalar_t total = scalar_t(0);
-      for (int k = 0; k < nn; ++k) total += std::abs(nb[k].rel_y * nb[k].rel_x) + p.grid.area_eps;
-      scalar_t through_total = scalar_t(0);  // -sum_k grad_blend_k * (weight_k / total)
-      for (int k = 0; k < nn; ++k) through_total -= gb[k] * (nb[k].weight / total);
-      scalar_t gy = scalar_t(0), gxx = scalar_t(0);
+      scalar_t grad_rel_y[kMaxNeighbours], grad_rel_x[kMaxNeighbours];
       for (int k = 0; k < nn; ++k) {
-        const int opposite = nn == kMaxNeighbours ? kMaxNeighbours - 1 - k : k;
-        const scalar_t grad_area = gb[opposite] / total + through_total;
-        const scalar_t prod = nb[k].rel_y * nb[k].rel_x;
-        const scalar_t sign = prod > 0 ? scalar_t(1) : (prod < 0 ? scalar_t(-1) : scalar_t(0));
-        const int64_t r = i * nn + k;
-        // Each neighbour's relative coordinate is (coord - centre) * (H, W).
-        gy += (gx[4 * r + 0] + grad_area * sign * nb[k].rel_x) * H;
-        gxx += (gx[4 * r + 1] + grad_area * sign * nb[k].rel_y) * W;
+        grad_rel_y[k] = gx[4 * (i * nn + k) + 0];
+        grad_rel_x[k] = gx[4 * (i * nn + k) + 1];
       }
-      gc[0] = gy;
-      gc[1] = gxx;
+      coordinate_gradient(p.grid, &s.neighbours[i * nn], grad_rel_y, grad_rel_x,
+                          &s.grad_blend[i * nn], gc);
     }
     if (need.cells) {
       scalar_t cy = scalar_t(0), cx = scalar_t(0);
@@ -457,14 +424,7 @@ std::vector<at::Tensor> query_backward_cpu(const at::Tensor& grad_out, const at:
               "liif_cuda.query backward (CPU kernel): feat must be a CPU tensor");
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int num_layers = static_cast<int>(w.size());
-  BackwardNeeds needs;
-  needs.feat = needs_grad[0];
-  needs.coords = needs_grad[1];
-  needs.cells = needs_grad[2] && cell_decode;
-  for (int l = 0; l < num_layers; ++l) {
-    needs.weight.push_back(needs_grad[3 + l]);
-    needs.bias.push_back(needs_grad[3 + num_layers + l]);
-  }
+  const BackwardNeeds needs = backward_needs(needs_grad, num_layers, cell_decode);
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_backward_cpu", [&] {
     grads = query_backward_impl<scalar_t>(grad_out.contiguous(), feat, coords, cells, w, bs,

@@ -13,30 +13,13 @@
 #include <cstring>
 
 #include "../liif_query_checks.h"
+#include "liif_map_convolution.h"
 #include "liif_query_cuda_launcher.h"
 #include "liif_query_prepare.h"
 
 namespace liif {
 namespace cuda {
 namespace {
-
-// The first-layer map in full float32 (or float64) for precision "fp32": cuDNN would otherwise run
-// float32 convolutions on TF32 tensor cores by default (torch.backends.cudnn.allow_tf32), a 1e-3
-// error. at::_convolution takes that choice as an argument (no global state), and otherwise picks the
-// backend as torch.nn.functional.conv2d does (cuDNN if enabled, splitting inputs too large for 32-bit
-// indexing). The reduced precisions allow TF32 here: the map's error then stays below theirs.
-// Deterministic algorithms only, so that repeated queries give identical outputs.
-at::Tensor convolve(const at::Tensor& input, const at::Tensor& weight, int64_t padding,
-                    bool allow_tf32) {
-  // Channels-last operands make cuDNN write (B, H, W, width0) directly, the layout the kernel reads.
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  return at::_convolution(x, w, c10::nullopt, /*stride=*/{1, 1}, {padding, padding},
-                          /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0},
-                          /*groups=*/1, /*benchmark=*/false, /*deterministic=*/true,
-                          /*cudnn_enabled=*/at::globalContext().userEnabledCuDNN(),
-                          allow_tf32);
-}
 
 // LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "mma"
 // (mma.sync, the default) or "wmma" (the kernel it replaces, kept until GPUs have measured both).
@@ -76,7 +59,7 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cuda", [&] {
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
-                                cell_decode, arithmetic, shape, convolve);
+                                cell_decode, arithmetic, shape, convolve_map);
     const LaunchPlan plan =
         plan_prepared_query(prepared, static_cast<size_t>(max_shared),
                             /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel());

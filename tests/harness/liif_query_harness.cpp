@@ -14,6 +14,8 @@
 // After torch's headers: the emulation defines CUDA's keywords and built-in variables.
 #include "cuda_host_emulation.h"
 
+#include "cuda/liif_query_backward.h"
+#include "cuda/liif_query_backward_kernels.cuh"
 #include "cuda/liif_query_mma_kernel.cuh"
 #include "cuda/liif_query_prepare.h"
 
@@ -69,6 +71,44 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
     path = static_cast<int64_t>(plan.path);
   });
   return {out, path};
+}
+
+// The CUDA backward (csrc/cuda/liif_query_backward.h) on the host: its kernels on the emulation,
+// the products and index_add_ on the CPU. `chunk_rows`: rows per chunk (small values give many
+// chunks), or 0 for the GPU's (backward_chunk_rows).
+std::vector<at::Tensor> query_backward_on_host(
+    const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& coords,
+    const c10::optional<at::Tensor>& cells, at::TensorList weights, at::TensorList biases,
+    bool local_ensemble, bool feat_unfold, bool cell_decode, const c10::List<bool>& needs_grad,
+    int64_t chunk_rows, bool reverse_order) {
+  const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
+  const liif::QueryShape shape =
+      liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
+  liif::check_backward_inputs(grad_out, feat, shape, needs_grad.size());
+  const liif::BackwardNeeds needs =
+      liif::backward_needs(needs_grad, static_cast<int>(w.size()), cell_decode);
+  const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_query_backward_host_harness", [&] {
+    auto launch = [&](BackwardKernel kernel, const BackwardChunkParams<scalar_t>& params,
+                      int64_t threads) {
+      auto run = [&] {
+        switch (kernel) {
+          case BackwardKernel::kGeometry: backward_geometry_kernel<scalar_t>(params); break;
+          case BackwardKernel::kFirstLayer: backward_first_layer_kernel<scalar_t>(params); break;
+          case BackwardKernel::kBlend: backward_blend_kernel<scalar_t>(params); break;
+          case BackwardKernel::kCoordinate: backward_coordinate_kernel<scalar_t>(params); break;
+        }
+      };
+      liif_harness::launch(static_cast<unsigned>(backward_blocks(threads)), kBackwardThreads, 0,
+                           run, reverse_order, workers);
+    };
+    grads = query_backward_in_chunks<scalar_t>(grad_out, feat, coords, cells, w, bs,
+                                               local_ensemble, feat_unfold, cell_decode, needs,
+                                               shape, convolve_on_host, launch,
+        chunk_rows > 0 ? chunk_rows : backward_chunk_rows(shape, feat.element_size()));
+  });
+  return grads;
 }
 
 // Self-tests of the emulation itself. Each thread stores its global index in shared memory and reads
@@ -348,4 +388,9 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision, "
       "int max_shared_bytes, bool reverse_order, str tensor_core_kernel=\"mma\") -> (Tensor, int)");
   m.impl("query", c10::DispatchKey::CPU, &query_on_host);
+  m.def(
+      "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
+      "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad, "
+      "int chunk_rows, bool reverse_order) -> Tensor[]");
+  m.impl("query_backward", c10::DispatchKey::CPU, &query_backward_on_host);
 }

@@ -1,0 +1,103 @@
+"""Where a training step's time goes: the step of the published recipe (batch 16, 48x48, 2304 queries,
+EDSR-baseline-LIIF; benchmarks/bench_train.py's variants) split into phases (forward + loss, backward,
+optimizer; CUDA events, median of `--repeats` steps), and the kernels that take the most device time
+(torch.profiler over the same steps). Reference model and liif_cuda side by side.
+
+    python benchmarks/profile_train_step.py --data ../shared/data/Set5 --device cuda
+    python benchmarks/profile_train_step.py --data ../shared/data/Set5 --device cpu --repeats 1
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bench_train
+from results_file import result_header, write_results
+from liif_cuda.training.trainer import autocast
+
+
+def phase_step(model, optimizer, batch, precision, clock):
+    """One step as train_step does it, with a mark after each phase; returns the phase seconds."""
+    marks = [clock()]
+    with autocast(batch["inp"].device.type, precision):
+        pred = model(batch["inp"], batch["coord"], batch["cell"])
+        loss = F.l1_loss(pred.float(), batch["gt"])
+    marks.append(clock())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    marks.append(clock())
+    optimizer.step()
+    marks.append(clock())
+    return marks
+
+
+def make_clock(device):
+    if device != "cuda":
+        return time.perf_counter, lambda marks: [b - a for a, b in zip(marks, marks[1:])]
+
+    def clock():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(marks):
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return clock, seconds
+
+
+def model_and_optimizer(name, device):
+    """bench_train's variant, taken apart: (model, optimizer, precision)."""
+    torch.manual_seed(0)
+    reference = bench_train.ref_models.LIIF(bench_train.ref_models.EDSR()).to(device)
+    if name == "reference":
+        return reference, torch.optim.Adam(reference.parameters(), lr=1e-4), "fp32"
+    model = bench_train.build_model(bench_train.MODEL_SPEC).to(device)
+    bench_train.load_original_state_dict(model, reference.state_dict())
+    return model, torch.optim.Adam(model.parameters(), lr=1e-4), name.split("-")[1]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="a folder of images (at least 192x192)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", default="reference,liif_cuda-fp32,liif_cuda-bf16")
+    parser.add_argument("--kernels", type=int, default=18, help="rows of the kernel table")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU")
+    data = bench_train.batches(args.data, args.repeats + 1, args.device)
+    clock, seconds = make_clock(args.device)
+    result = {**result_header("profile_train_step", __file__, sys.argv[1:]), "variants": {}}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        result["device"] = torch.cuda.get_device_name(0)
+    for name in args.variants.split(","):
+        model, optimizer, precision = model_and_optimizer(name, args.device)
+        phase_step(model, optimizer, data[0], precision, clock)  # warm-up
+        phases = [seconds(phase_step(model, optimizer, b, precision, clock)) for b in data[1:]]
+        median = [statistics.median(p[i] for p in phases) for i in range(3)]
+        print(f"\n{name}: forward+loss {median[0] * 1e3:.2f} ms, backward {median[1] * 1e3:.2f} ms, "
+              f"optimizer {median[2] * 1e3:.2f} ms, step {sum(median) * 1e3:.2f} ms", flush=True)
+        with torch.profiler.profile(activities=activities) as prof:
+            for b in data[1:]:
+                phase_step(model, optimizer, b, precision, clock)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=args.kernels, max_name_column_width=70)
+        print(table, flush=True)
+        result["variants"][name] = {"forward_s": median[0], "backward_s": median[1],
+                                    "optimizer_s": median[2], "table": table}
+    write_results(result, f"profile_train_step_{args.device}", args.out)
+
+
+if __name__ == "__main__":
+    main()
