@@ -5,7 +5,9 @@ Query, at the published training recipe's shape (batch 16, 48x48 feature maps wi
 2304 queries per patch, MLP 580-256x4-3, float32, loss = mean |out|): the reference's autograd
 (python/liif_reference.py, unchunked, as the original training runs it), the fused operator with its
 fused backward, and the fused forward with the recompute backward in torch operations that preceded
-it (liif_cuda._backward.recompute_backward). Same inputs, same process, interleaved, median of
+it (liif_cuda._backward.recompute_backward); in bf16, the fused operator with precision and
+backward_precision "bf16" against the reference under torch.autocast bf16, with each one's gradient
+error against the float32 gradients. Same inputs, same process, interleaved, median of
 `--repeats` after a warm-up. Peak memory: the rise of the resident set during one forward + backward,
 each variant in a fresh process.
 
@@ -71,8 +73,37 @@ def recompute_query(feat, coords, cells, mlp):
     return RecomputeBackward.apply(feat, coords, cells, *w, *b)
 
 
+def fused_bf16(feat, coords, cells, mlp):
+    return liif_cuda.query(feat, coords, cells, mlp, precision="bf16", backward_precision="bf16")
+
+
+def reference_autocast_bf16(feat, coords, cells, mlp):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return ref.query_rgb(feat, coords, cells, mlp).float()
+
+
 QUERIES_BY_NAME = {"reference": ref.query_rgb, "fused": liif_cuda.query,
-                   "fused-recompute-backward": recompute_query}
+                   "fused-recompute-backward": recompute_query,
+                   "reference-autocast-bf16": reference_autocast_bf16, "fused-bf16": fused_bf16}
+
+
+def gradient_errors(feat, coords, cells, mlp):
+    """Relative error of each bf16 variant's gradients (feat, every weight and bias) against the
+    float32 reference's, for loss = mean |out|: {variant: {"feat": e, "weight0": e, ...}}."""
+    def grads(name):
+        leaf = feat.detach().requires_grad_()
+        mlp.zero_grad()
+        QUERIES_BY_NAME[name](leaf, coords, cells, mlp).abs().mean().backward()
+        linears = [m for m in mlp.layers if isinstance(m, torch.nn.Linear)]
+        out = {"feat": leaf.grad}
+        for i, m in enumerate(linears):
+            out[f"weight{i}"] = m.weight.grad.clone()
+            out[f"bias{i}"] = m.bias.grad.clone()
+        return out
+    exact = grads("reference")
+    return {name: {k: ((v.float() - exact[k]).norm() / exact[k].norm()).item()
+                   for k, v in grads(name).items()}
+            for name in ("reference-autocast-bf16", "fused-bf16")}
 
 
 def query_inputs():
@@ -185,6 +216,7 @@ def main():
                                   name], check=True, capture_output=True, text=True).stdout
             memory[name] = int(out.strip().splitlines()[-1])
             query[name]["peak_memory_bytes"] = memory[name]
+    errors = gradient_errors(feat, coords, cells, mlp)
     print(f"query forward + backward, batch {BATCH}, {SIZE}x{SIZE}, {QUERIES} queries per image:")
     print(f"{'variant':<26} {'forward s':>9} {'backward s':>10} {'total s':>8} {'vs ref':>7} "
           f"{'peak MiB':>9}")
@@ -193,6 +225,10 @@ def main():
         mem = f"{memory[name] / 2**20:.0f}" if name in memory else ""
         print(f"{name:<26} {q['forward_s']:>9.3f} {q['backward_s']:>10.3f} {q['total_s']:>8.3f} "
               f"{q['speedup_vs_reference']:>6.2f}x {mem:>9}", flush=True)
+    for name, errs in errors.items():
+        query[name]["gradient_relative_errors"] = errs
+        print(f"{name}: gradient error against float32, max {max(errs.values()):.1e} "
+              f"(feat {errs['feat']:.1e})")
 
     models = training_models()
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
@@ -214,8 +250,9 @@ def main():
     print(f"fused step {training['fused']['speedup_vs_reference']:.2f}x the reference's")
 
     result = {
-        **result_header("bench_backward (CPU, float32: query forward + backward at the training "
-                        "shape; EDSR-baseline LIIF training step)", __file__, sys.argv[1:]),
+        **result_header("bench_backward (CPU, float32 and bf16: query forward + backward at the "
+                        "training shape; EDSR-baseline LIIF training step)", __file__,
+                        sys.argv[1:]),
         "shape": {"batch": BATCH, "channels": CHANNELS, "size": SIZE, "queries": QUERIES,
                   "hidden": HIDDEN},
         "repeats": args.repeats,

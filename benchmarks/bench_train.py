@@ -3,8 +3,8 @@ of liif_cuda.models with the fused query and its fused backward, L1 loss, Adam) 
 the original model (python/liif_reference_models.py: reference query, torch autograd, the same loss
 and optimizer), on the same batches of the published recipe made by liif_cuda's data pipeline
 (48x48 LR patches at scales U(1, 4), 2304 queries each, batch 16, EDSR-baseline-LIIF, same initial
-weights). Variants: the reference in float32; liif_cuda in float32 and with --precision bf16
-(autocast; on CUDA also fp16 with a GradScaler). Interleaved, median of `--repeats` steps after a
+weights). Variants: the reference in float32 and under autocast bf16; liif_cuda in float32 and with
+--precision bf16 (autocast, and the query's bf16 backward; on CUDA also fp16 with a GradScaler). Interleaved, median of `--repeats` steps after a
 warm-up step each. Peak memory on the CPU: the rise of the resident set over one step, each variant in
 a fresh process; on CUDA: the peak allocated during one step above what was allocated before it.
 Writes benchmarks/results/cpu_train_<date>.json with the machine (CPU flags included) and versions;
@@ -35,8 +35,9 @@ from liif_cuda.training.trainer import build_model, normalise_batch, train_step 
 from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
                           reset_peak_resident_set, result_header, write_results)
 
-VARIANTS = {"cpu": ("reference", "liif_cuda-fp32", "liif_cuda-bf16"),
-            "cuda": ("reference", "liif_cuda-fp32", "liif_cuda-bf16", "liif_cuda-fp16")}
+VARIANTS = {"cpu": ("reference", "reference-bf16", "liif_cuda-fp32", "liif_cuda-bf16"),
+            "cuda": ("reference", "reference-bf16", "liif_cuda-fp32", "liif_cuda-bf16",
+                     "liif_cuda-fp16")}
 # The published recipe (liif_cuda/training/configs/edsr-baseline-liif.yaml), spelled out so that no
 # YAML parser is needed on a bare GPU machine.
 TRAIN_SPEC = {"dataset": {"name": "image-folder", "args": {}},
@@ -64,9 +65,10 @@ def make_variant(name, device):
     """A step function; every variant starts from the same initial weights."""
     torch.manual_seed(0)
     reference = ref_models.LIIF(ref_models.EDSR()).to(device)
-    if name == "reference":  # the same step (L1, Adam) on the original model
+    if name.startswith("reference"):  # the same step (L1, Adam) on the original model
         optimizer = torch.optim.Adam(reference.parameters(), lr=1e-4)
-        return lambda batch: train_step(reference, optimizer, batch)
+        precision = "bf16" if name == "reference-bf16" else "fp32"
+        return lambda batch: train_step(reference, optimizer, batch, precision)
     model = build_model(MODEL_SPEC).to(device)
     load_original_state_dict(model, reference.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

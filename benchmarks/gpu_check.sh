@@ -156,13 +156,15 @@ tail -n 40 "$RESULTS/pytest.log" | grep -E "^(FAILED|ERROR)|passed|failed" | sed
 
 if [ $DRY_RUN = 0 ]; then
   SMALL="--small --device cuda --no-profile"
-  # Nsight Compute on one launch of each kernel at the default size (about 46k queries), then
+  # Nsight Compute on one launch of each kernel at the default size (about 46k queries; with the
+  # warp stall reasons, which say what the latency-bound mma.sync kernel waits for), then
   # compute-sanitizer on small problems (no caching allocator, so that memcheck sees each buffer).
   if command -v ncu > /dev/null; then
     for p in bf16 tf32; do
       step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
         -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats \
         "$PYTHON" benchmarks/gpu_paths.py $p --no-profile --repeats 0
     done
   fi

@@ -34,6 +34,19 @@ inline int check_precision(const at::Tensor& feat, c10::string_view precision) {
   return index;
 }
 
+// liif_cuda.query's `backward_precision` (and query_backward's `precision`): "fp32", the exact
+// function's gradients, or "bf16", the products between hidden layers with bf16 operands (float32
+// tensors only). Returns whether it is "bf16".
+inline bool check_backward_precision(const at::Tensor& feat, c10::string_view precision) {
+  TORCH_CHECK(precision == "fp32" || precision == "bf16",
+              "liif_cuda.query: backward_precision must be 'fp32' or 'bf16', got '",
+              std::string(precision), "'");
+  TORCH_CHECK(precision == "fp32" || feat.scalar_type() == at::kFloat,
+              "liif_cuda.query: backward_precision 'bf16' needs float32 tensors, got ",
+              feat.scalar_type());
+  return precision == "bf16";
+}
+
 struct QueryShape {
   int64_t batch = 0;
   int64_t channels = 0;

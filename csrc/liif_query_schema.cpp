@@ -6,15 +6,19 @@ TORCH_LIBRARY(liif_cuda, m) {
   // (B, C, H, W) features, (B, Q, 2) coordinates and cells in (y, x) order, the MLP as per-layer
   // (out, in) weights and (out,) biases -> (B, Q, out_dim). See python/liif_reference.py:query_rgb.
   // `precision`: "fp32" (exact), "tf32", "bf16" or "fp16" (the hidden layers' arithmetic on CUDA
-  // tensor cores; see csrc/liif_query_checks.h).
+  // tensor cores; see csrc/liif_query_checks.h). `backward_precision`: that of the gradients
+  // autograd computes through query_backward, "fp32" (exact) or "bf16".
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
-      "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision=\"fp32\") -> Tensor");
+      "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision=\"fp32\", "
+      "str backward_precision=\"fp32\") -> Tensor");
   // The gradients of query for grad_out (B, Q, out_dim), in the order feat, coords, cells,
   // weights..., biases...: one flag per gradient in `needs_grad`, an empty tensor where it is false.
-  // The exact (float32 / float64) function's gradients, whatever precision the forward used.
+  // `precision` "fp32": the exact (float32 / float64) function's gradients, whatever precision the
+  // forward used; "bf16": the products between hidden layers (forward again and backward) with bf16
+  // operands and results (where the device has bf16 products; see liif_cuda/_query.py).
   m.def(
       "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
-      "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad) "
-      "-> Tensor[]");
+      "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad, "
+      "str precision=\"fp32\") -> Tensor[]");
 }

@@ -69,10 +69,11 @@ def recompute_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Op
 
 
 def query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
-                   cell_decode, needs_grad):
+                   cell_decode, needs_grad, precision="fp32"):
     """The gradients of liif_cuda::query (see recompute_backward for their order)."""
     return torch.ops.liif_cuda.query_backward(grad_out, feat, coords, cells, weights, biases,
-                                              local_ensemble, feat_unfold, cell_decode, needs_grad)
+                                              local_ensemble, feat_unfold, cell_decode, needs_grad,
+                                              precision)
 
 
 def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
@@ -167,7 +168,7 @@ def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemb
 
 @torch.library.register_fake("liif_cuda::query_backward")
 def _(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
-      needs_grad):
+      needs_grad, precision="fp32"):
     likes = [feat, coords, cells if cells is not None else coords, *weights, *biases]
     return [t.new_empty(t.shape) if need else t.new_empty(0) for t, need in zip(likes, needs_grad)]
 

@@ -8,6 +8,7 @@ from ._validation import SUPPORTED_DTYPES, check_query_args
 _COMPUTED_IN_FLOAT32 = (torch.float16, torch.bfloat16)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+BACKWARD_PRECISIONS = ("fp32", "bf16")
 _AUTOCAST_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -25,7 +26,7 @@ def _check_floating(t, name):
 
 
 def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, cell_decode=True,
-          precision=None):
+          precision=None, backward_precision=None):
     """LIIF's `query_rgb` as one fused operator: (B, Q, out_dim) predictions for query points.
 
     Args:
@@ -50,6 +51,15 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
             `liif_cuda.build_info()["cpu_bf16"]`; LIIF_CUDA_CPU_BF16=0 forces it) computes
             float32, and "tf32" and "fp16" compute float32 on every CPU. None (the default):
             "fp32", or, inside `torch.autocast` for feat's device type, the autocast dtype's path.
+        backward_precision: the arithmetic of the gradients autograd computes. "fp32": those of the
+            exact float32 / float64 function, whatever `precision` is. "bf16": the products between
+            hidden layers (the forward again, the weight and the input gradients) take bf16
+            operands and give bf16 results, as autocast's matrix products do; everything else
+            (layer 0, the last layer, the blend, the geometry, sums) stays float32; relative error
+            of the gradients about 4e-3 (docs/operator.md). It runs where the forward's bf16 path
+            does (CUDA compute capability 8.0+, a CPU with AVX512-BF16); elsewhere the exact
+            gradients. None (the default): "bf16" inside `torch.autocast` with bfloat16 for feat's
+            device type, else "fp32".
 
     Devices: CPU tensors run the CPU kernel, CUDA tensors the CUDA kernel (when liif_cuda was built
     with it, see `liif_cuda.build_info()`), on the tensors' device and the current stream.
@@ -67,8 +77,8 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     tile by tile: a fused C++ kernel on the CPU, deterministic; on CUDA, chunks of queries through
     its own kernels and cuBLAS products, deterministic except for the per-LR-cell sum of the
     first-layer map's gradient (atomic adds, unless torch.use_deterministic_algorithms(True)).
-    Gradients are the exact float32 / float64 function's whatever the precision. Double backward
-    raises an error.
+    Gradients are the exact float32 / float64 function's whatever the precision, unless
+    `backward_precision` is "bf16" (see above). Double backward raises an error.
     """
     weights, biases = mlp_parameters(imnet)
     _check_floating(feat, "feat")
@@ -83,6 +93,9 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
 
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    if backward_precision is not None and backward_precision not in BACKWARD_PRECISIONS:
+        raise ValueError(f"backward_precision must be one of {BACKWARD_PRECISIONS} or None, got "
+                         f"{backward_precision!r}")
     # float64 is not eligible for autocast (as in PyTorch): it is computed as it is.
     autocast_dtype = None if feat.dtype == torch.float64 else _autocast_dtype(feat.device.type)
     to_float32 = None
@@ -91,6 +104,8 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         # result in the autocast dtype.
         out_dtype = autocast_dtype
         precision = precision or _AUTOCAST_PRECISION.get(autocast_dtype, "fp32")
+        if backward_precision is None and autocast_dtype == torch.bfloat16:
+            backward_precision = "bf16"
         to_float32 = torch.Tensor.float
     else:
         precision = precision or "fp32"
@@ -111,8 +126,13 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     if precision != "fp32" and feat.dtype != torch.float32:
         raise ValueError(f"precision={precision!r} needs float32, float16 or bfloat16 inputs, "
                          f"got {feat.dtype} (float64 is always computed in float64)")
+    backward_precision = backward_precision or "fp32"
+    if backward_precision != "fp32" and feat.dtype != torch.float32:
+        raise ValueError(f"backward_precision={backward_precision!r} needs float32, float16 or "
+                         f"bfloat16 inputs, got {feat.dtype}")
 
     check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
     out = torch.ops.liif_cuda.query(feat, coords, cells, weights, biases,
-                                    local_ensemble, feat_unfold, cell_decode, precision)
+                                    local_ensemble, feat_unfold, cell_decode, precision,
+                                    backward_precision)
     return out.to(out_dtype)

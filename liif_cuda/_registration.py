@@ -8,7 +8,7 @@ from ._validation import check_query_args
 
 @torch.library.register_fake("liif_cuda::query")
 def _query_fake(feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
-                precision="fp32"):
+                precision="fp32", backward_precision="fp32"):
     shape = check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
     return feat.new_empty(shape)
 
@@ -18,6 +18,8 @@ def _setup_context(ctx, inputs, output):
     ctx.num_layers = len(weights)
     ctx.flags = (local_ensemble, feat_unfold, cell_decode)
     ctx.has_cells = cells is not None
+    # The dispatcher may leave out trailing arguments equal to their defaults (see _backward).
+    ctx.backward_precision = inputs[9] if len(inputs) > 9 else "fp32"
     saved = [feat, coords, *weights, *biases]
     if cells is not None:
         saved.append(cells)
@@ -26,7 +28,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     # The gradients are those of the exact (float32 / float64) function, whatever the forward's
-    # precision: the backward operator recomputes the forward in the inputs' dtype.
+    # precision, unless backward_precision is "bf16": the backward operator recomputes the forward
+    # in the inputs' dtype (its products between hidden layers in bf16 for "bf16").
     saved = ctx.saved_tensors
     n = ctx.num_layers
     feat, coords = saved[0], saved[1]
@@ -36,17 +39,17 @@ def _backward(ctx, grad_out):
     needs = [bool(need_feat), bool(need_coords), bool(need_cells) and cells is not None,
              *[bool(x) for x in need_w], *[bool(x) for x in need_b]]
     grads = query_backward(grad_out.contiguous(), feat, coords, cells, weights, biases,
-                           *ctx.flags, needs)
+                           *ctx.flags, needs, ctx.backward_precision)
 
     def pick(i):
         return grads[i] if needs[i] else None
 
     grads = (pick(0), pick(1), pick(2), [pick(3 + i) for i in range(n)],
-             [pick(3 + n + i) for i in range(n)], None, None, None, None)
-    # One gradient per argument the operator was called with: the dispatcher may leave out a
-    # trailing argument equal to its default (precision="fp32"), and torch 2.11 then refuses a
-    # gradient for it (later releases drop it themselves). needs_input_grad has one flag per
-    # argument passed.
+             [pick(3 + n + i) for i in range(n)], None, None, None, None, None)
+    # One gradient per argument the operator was called with: the dispatcher may leave out
+    # trailing arguments equal to their defaults (precision="fp32", backward_precision="fp32"),
+    # and torch 2.11 then refuses a gradient for them (later releases drop them themselves).
+    # needs_input_grad has one flag per argument passed.
     return grads[:len(ctx.needs_input_grad)]
 
 

@@ -40,6 +40,14 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(previous)
 
 
+@pytest.fixture
+def float32_fallback(monkeypatch):
+    """The CPU's bf16 paths forced off (LIIF_CUDA_CPU_BF16=0): they compute float32."""
+    import liif_cuda
+    monkeypatch.setenv("LIIF_CUDA_CPU_BF16", "0")
+    assert not liif_cuda.build_info()["cpu_bf16"]
+
+
 def relative_error(out, ref):
     """||out - ref|| / ||ref||, the accuracy measure of the project."""
     return ((out - ref).norm() / ref.norm()).item()

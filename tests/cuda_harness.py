@@ -75,7 +75,7 @@ def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, preci
 
 
 def backward(grad_out, feat, coords, cells, weights, biases, needs_grad, chunk_rows=0,
-             reverse_order=False, **flags):
+             reverse_order=False, precision="fp32", **flags):
     """The CUDA backward (liif_cuda::query_backward's CUDA kernel) on the host: the gradients
     [feat, coords, cells, *weights, *biases], an empty tensor where `needs_grad` is False.
     `chunk_rows`: (query, neighbour) rows per chunk; 0: the GPU's choice."""
@@ -84,7 +84,7 @@ def backward(grad_out, feat, coords, cells, weights, biases, needs_grad, chunk_r
     return torch.ops.liif_cuda_harness.query_backward(
         grad_out, feat, coords, cells if flags["cell_decode"] else None, weights, biases,
         flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"], needs_grad,
-        chunk_rows, reverse_order)
+        chunk_rows, reverse_order, precision)
 
 
 class _HostQuery(torch.autograd.Function):

@@ -25,13 +25,20 @@ def test_opcheck(requires_grad, cell_decode):
                           op_args(requires_grad, cell_decode=cell_decode))
 
 
+def test_opcheck_bf16_precisions():
+    """The forward and the backward in their bf16 modes (the operator's last two arguments)."""
+    torch.library.opcheck(torch.ops.liif_cuda.query.default, (*op_args(True), "bf16", "bf16"))
+
+
 def test_opcheck_backward_op():
     feat, coords, cells, weights, biases, *flags = op_args(False)
     grad_out = torch.randn(2, 9, 3)
     needs = [True, True, True] + [True] * (2 * len(weights))
-    torch.library.opcheck(torch.ops.liif_cuda.query_backward.default,
-                          (grad_out, feat, coords, cells, weights, biases, *flags, needs),
-                          test_utils=("test_schema", "test_faketensor"))
+    for precision in ("fp32", "bf16"):
+        torch.library.opcheck(torch.ops.liif_cuda.query_backward.default,
+                              (grad_out, feat, coords, cells, weights, biases, *flags, needs,
+                               precision),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_fullgraph():

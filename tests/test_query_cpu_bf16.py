@@ -22,12 +22,6 @@ requires_native = pytest.mark.skipif(
     "computes float32 here, which test_fallback_computes_float32 covers")
 
 
-@pytest.fixture
-def float32_fallback(monkeypatch):
-    monkeypatch.setenv("LIIF_CUDA_CPU_BF16", "0")
-    assert not liif_cuda.build_info()["cpu_bf16"]
-
-
 @requires_native
 def test_published_shape():
     """Within the tensor-core bf16 bound of the float32 reference, and not float32 (bf16 ran)."""

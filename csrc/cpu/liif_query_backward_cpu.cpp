@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../liif_backward_needs.h"
+#include "bf16_linear.h"
 #include "liif_query_cpu_common.h"
 
 namespace liif {
@@ -96,6 +97,11 @@ struct BackwardPlan {
   // Where the per-cell scatter goes: grad_map (H*W, width0) of the current image (precomputed path)
   // or grad_feat (direct path).
   bool scatter = false;
+  // The bf16 mode (precision "bf16" on a CPU with bf16 products): layer l's weight in bf16, as
+  // (in, out) for the forward again and as (out, in) for the input gradient, for each layer between
+  // hidden layers (l = 1 .. L-2; undefined elsewhere). Empty: the exact backward.
+  std::vector<at::Tensor> bf16_weights_t, bf16_weights;
+  bool bf16() const { return !bf16_weights.empty(); }
 };
 
 // One tile: recompute, back-propagate, accumulate into `slot`, and hand the per-cell rows to `wave`.
@@ -125,7 +131,8 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   // 2. The forward again, keeping every layer's activations (the last layer's output is `pred`).
   tile_mlp(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
            bp.feat_unfold,
-           [&](int l) -> at::Tensor& { return l + 1 < num_layers ? s.acts[l] : s.pred; });
+           [&](int l) -> at::Tensor& { return l + 1 < num_layers ? s.acts[l] : s.pred; },
+           bp.bf16() ? &bp.bf16_weights_t : nullptr);
 
   // 3. Blend: out_q = sum_k pred_k * weight_k. The predictions' gradient, and the blend weights'.
   const scalar_t* pred = s.pred.template const_data_ptr<scalar_t>();
@@ -155,12 +162,25 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   for (int l = num_layers - 1; l >= 1 && l >= lowest; --l) {
     const int64_t in_w = p.shape.layer_widths[l - 1];
     const at::Tensor A = rows_view<scalar_t>(s.acts[l - 1], rows, in_w);
-    if (need.weight[l]) slot.weight[l].addmm_(G.t(), A);
+    // The bf16 mode's products between hidden layers: bf16 operands, a bf16 result.
+    const bool reduced = bp.bf16() && l + 1 < num_layers;
+    const at::Tensor G_reduced = reduced ? G.to(at::kBFloat16) : at::Tensor();
+    if (need.weight[l]) {
+      if (reduced) {
+        slot.weight[l].add_(at::mm(G_reduced.t(), A.to(at::kBFloat16)));
+      } else {
+        slot.weight[l].addmm_(G.t(), A);
+      }
+    }
     if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
     if (l == lowest) break;
     at::Tensor G_in = l == 1 && g0_in_wave ? wave.rows.narrow(0, base, rows)
                                            : rows_view<scalar_t>(*g_next, rows, in_w);
-    at::mm_out(G_in, G, p.weights[l]);
+    if (reduced) {
+      G_in.copy_(at::mm(G_reduced, bp.bf16_weights[l]));
+    } else {
+      at::mm_out(G_in, G, p.weights[l]);
+    }
     relu_backward(G_in.template data_ptr<scalar_t>(), A.template const_data_ptr<scalar_t>(),
                   rows * in_w);
     G = G_in;
@@ -238,10 +258,18 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
                                             const std::vector<at::Tensor>& biases,
                                             bool local_ensemble, bool feat_unfold,
                                             bool cell_decode, const BackwardNeeds& needs,
-                                            const QueryShape& shape) {
+                                            const QueryShape& shape, bool bf16) {
   BackwardPlan<scalar_t> bp;
   bp.q = make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble,
                                    cell_decode, shape);
+  if (bf16) {
+    bp.bf16_weights_t.resize(weights.size());
+    bp.bf16_weights.resize(weights.size());
+    for (size_t l = 1; l + 1 < weights.size(); ++l) {
+      bp.bf16_weights[l] = bp.q.weights[l].to(at::kBFloat16);
+      bp.bf16_weights_t[l] = bp.bf16_weights[l].t().contiguous();
+    }
+  }
   bp.needs = needs;
   bp.grad_out = strided3<scalar_t>(grad_out);
   bp.feat_unfold = feat_unfold;
@@ -416,7 +444,8 @@ std::vector<at::Tensor> query_backward_cpu(const at::Tensor& grad_out, const at:
                                            const c10::optional<at::Tensor>& cells,
                                            at::TensorList weights, at::TensorList biases,
                                            bool local_ensemble, bool feat_unfold,
-                                           bool cell_decode, const c10::List<bool>& needs_grad) {
+                                           bool cell_decode, const c10::List<bool>& needs_grad,
+                                           c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   check_backward_inputs(grad_out, feat, shape, needs_grad.size());
@@ -425,10 +454,15 @@ std::vector<at::Tensor> query_backward_cpu(const at::Tensor& grad_out, const at:
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int num_layers = static_cast<int>(w.size());
   const BackwardNeeds needs = backward_needs(needs_grad, num_layers, cell_decode);
+  // The bf16 mode where the CPU multiplies bf16 natively (as the forward's bf16 path; with no
+  // layer between hidden layers it changes nothing), else the exact backward.
+  const bool bf16 = check_backward_precision(feat, precision) && num_layers > 2 &&
+                    cpu::bf16::native_available();
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_backward_cpu", [&] {
     grads = query_backward_impl<scalar_t>(grad_out.contiguous(), feat, coords, cells, w, bs,
-                                          local_ensemble, feat_unfold, cell_decode, needs, shape);
+                                          local_ensemble, feat_unfold, cell_decode, needs, shape,
+                                          bf16);
   });
   return grads;
 }

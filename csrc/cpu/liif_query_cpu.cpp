@@ -193,11 +193,13 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
 at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
                      const c10::optional<at::Tensor>& cells, at::TensorList weights,
                      at::TensorList biases, bool local_ensemble, bool feat_unfold,
-                     bool cell_decode, c10::string_view precision) {
+                     bool cell_decode, c10::string_view precision,
+                     c10::string_view backward_precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   // "bf16" runs the bf16 path where the CPU has it; every other precision computes float32 here.
   const bool bf16 = check_precision(feat, precision) == kPrecisionBf16;
+  check_backward_precision(feat, backward_precision);  // used by autograd only
   TORCH_CHECK(feat.device().is_cpu(), "liif_cuda.query (CPU kernel): feat must be a CPU tensor");
   // No autocast kernel is registered: inside torch.autocast the dispatcher falls through to this one
   // with autocast still on, which must not reach the matrix products below.

@@ -18,6 +18,10 @@
 // Then the map's gradient goes through the convolution that made the map, written as products:
 // feat's gradient is col2im(W^T G) and the feature columns' is G^T im2col(feat).
 //
+// `bf16` (the backward's bf16 mode, float32 only): the products between hidden layers (layers 1 ..
+// L-2: forward again, weight and input gradients) take bf16 operands and give bf16 results, added to
+// float32 (accumulators, bias, ReLU); the rest is unchanged.
+//
 // Deterministic except for the per-cell addition of step 5, which uses atomic adds on CUDA unless
 // torch.use_deterministic_algorithms(True) is on (index_add_ then takes its sorted, deterministic
 // path); the products (cuBLAS) and sums are reproducible. The gradients are those of the exact
@@ -70,7 +74,7 @@ std::vector<at::Tensor> query_backward_in_chunks(
     const c10::optional<at::Tensor>& cells, const std::vector<at::Tensor>& weights,
     const std::vector<at::Tensor>& biases, bool local_ensemble, bool feat_unfold, bool cell_decode,
     const BackwardNeeds& needs, const QueryShape& shape, Convolve&& convolve, Launch&& launch,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, bool bf16) {
   const int num_layers = static_cast<int>(weights.size());
   const auto opts = feat.options();
   const int64_t B = shape.batch, C = shape.channels, H = shape.height, W = shape.width;
@@ -115,6 +119,14 @@ std::vector<at::Tensor> query_backward_in_chunks(
     const at::Tensor grad_blend = at::empty({rows_max}, opts);
     const at::Tensor grad_extra = at::empty({rows_max, 4}, opts);
     const at::Tensor grad_out_flat = grad_out.contiguous();
+    // The bf16 mode's weights of the layers between hidden layers: (out, in) and (in, out).
+    std::vector<at::Tensor> bf16_weights(num_layers), bf16_weights_t(num_layers);
+    for (int l = 1; bf16 && l + 1 < num_layers; ++l) {
+      bf16_weights[l] = weights[l].to(at::kBFloat16);
+      bf16_weights_t[l] = bf16_weights[l].t().contiguous();
+    }
+    auto reduced = [&](int l) { return bf16 && l + 1 < num_layers; };
+    auto to_bf16 = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
 
     BackwardChunkParams<T> p;
     p.grid = prepared.params.grid;
@@ -154,7 +166,11 @@ std::vector<at::Tensor> query_backward_in_chunks(
       launch(BackwardKernel::kFirstLayer, p, rows * width0);
       for (int l = 1; l < num_layers; ++l) {
         at::Tensor out = rows_of(acts[l]);
-        at::addmm_out(out, biases[l], rows_of(acts[l - 1]), weights[l].t());
+        if (reduced(l)) {
+          out.copy_(at::mm(to_bf16(rows_of(acts[l - 1])), bf16_weights_t[l])).add_(biases[l]);
+        } else {
+          at::addmm_out(out, biases[l], rows_of(acts[l - 1]), weights[l].t());
+        }
         if (l + 1 < num_layers) out.relu_();
       }
 
@@ -166,12 +182,23 @@ std::vector<at::Tensor> query_backward_in_chunks(
       int buffer = 0;
       for (int l = num_layers - 1; l >= 1 && l >= lowest; --l) {
         const at::Tensor A = rows_of(acts[l - 1]);
-        if (needs.weight[l]) grad_w[l].addmm_(G.t(), A);
+        const at::Tensor G_reduced = reduced(l) ? to_bf16(G) : at::Tensor();
+        if (needs.weight[l]) {
+          if (reduced(l)) {
+            grad_w[l].add_(at::mm(G_reduced.t(), to_bf16(A)));
+          } else {
+            grad_w[l].addmm_(G.t(), A);
+          }
+        }
         if (needs.bias[l]) grad_b[l].add_(G.sum(0));
         if (l == lowest) break;
         buffer = 1 - buffer;
         at::Tensor G_in = grad_rows(buffer, shape.layer_widths[l - 1]);
-        at::mm_out(G_in, G, weights[l]);
+        if (reduced(l)) {
+          G_in.copy_(at::mm(G_reduced, bf16_weights[l]));
+        } else {
+          at::mm_out(G_in, G, weights[l]);
+        }
         at::threshold_backward_out(G_in, G_in, A, 0);
         G = G_in;
       }

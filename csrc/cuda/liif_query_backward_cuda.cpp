@@ -3,6 +3,7 @@
 // Registered for the CUDA dispatch key.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -23,7 +24,8 @@ std::vector<at::Tensor> query_backward_cuda(const at::Tensor& grad_out, const at
                                             const c10::optional<at::Tensor>& cells,
                                             at::TensorList weights, at::TensorList biases,
                                             bool local_ensemble, bool feat_unfold,
-                                            bool cell_decode, const c10::List<bool>& needs_grad) {
+                                            bool cell_decode, const c10::List<bool>& needs_grad,
+                                            c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   check_backward_inputs(grad_out, feat, shape, needs_grad.size());
@@ -34,6 +36,12 @@ std::vector<at::Tensor> query_backward_cuda(const at::Tensor& grad_out, const at
   const BackwardNeeds needs =
       backward_needs(needs_grad, static_cast<int>(w.size()), cell_decode);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // The bf16 mode on GPUs with bf16 tensor cores (compute capability 8.0 and newer), as the
+  // forward's; elsewhere the exact backward.
+  int major = 0;
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, feat.device().index()));
+  const bool bf16 = check_backward_precision(feat, precision) && major >= 8;
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_backward_cuda", [&] {
     auto launch = [&](BackwardKernel kernel, const BackwardChunkParams<scalar_t>& params,
@@ -42,9 +50,10 @@ std::vector<at::Tensor> query_backward_cuda(const at::Tensor& grad_out, const at
       TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query backward (CUDA kernel): CUDA error ",
                   status.stage, ": ", cudaGetErrorString(status.error));
     };
+    const int64_t chunk_rows = backward_chunk_rows(shape, feat.element_size());
     grads = query_backward_in_chunks<scalar_t>(grad_out, feat, coords, cells, w, bs, local_ensemble,
                                                feat_unfold, cell_decode, needs, shape, convolve_map,
-                                               launch, backward_chunk_rows(shape, feat.element_size()));
+                                               launch, chunk_rows, bf16);
   });
   return grads;
 }

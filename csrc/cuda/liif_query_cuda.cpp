@@ -37,10 +37,12 @@ TensorCoreKernel preferred_tensor_core_kernel() {
 at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
                       const c10::optional<at::Tensor>& cells, at::TensorList weights,
                       at::TensorList biases, bool local_ensemble, bool feat_unfold,
-                      bool cell_decode, c10::string_view precision) {
+                      bool cell_decode, c10::string_view precision,
+                      c10::string_view backward_precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   const Precision arithmetic = parse_precision(feat, precision);
+  check_backward_precision(feat, backward_precision);  // used by autograd only
   TORCH_CHECK(feat.is_cuda(), "liif_cuda.query (CUDA kernel): feat must be a CUDA tensor");
   const c10::cuda::CUDAGuard device_guard(feat.device());
   // The operator has no autocast kernel: inside torch.autocast the dispatcher falls through to this

@@ -72,7 +72,8 @@ void test_operator_runs() {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("liif_cuda::query", "");
   auto typed = op.typed<at::Tensor(const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, at::TensorList,
-                                   at::TensorList, bool, bool, bool, c10::string_view)>();
+                                   at::TensorList, bool, bool, bool, c10::string_view,
+                                   c10::string_view)>();
   at::manual_seed(0);
   const at::Tensor feat = at::randn({2, 3, 4, 5});
   const at::Tensor coords = at::rand({2, 11, 2}) * 2 - 1;
@@ -80,30 +81,30 @@ void test_operator_runs() {
   const std::vector<at::Tensor> weights = {at::randn({8, 31}), at::randn({3, 8})};
   const std::vector<at::Tensor> biases = {at::randn({8}), at::randn({3})};
   const at::Tensor out =
-      typed.call(feat, coords, cells, weights, biases, true, true, true, "fp32");
+      typed.call(feat, coords, cells, weights, biases, true, true, true, "fp32", "fp32");
   expect(out.sizes() == at::IntArrayRef({2, 11, 3}), "output shape");
   expect(at::isfinite(out).all().item<bool>(), "finite output");
-  bool threw = false;
-  try {
-    typed.call(feat, coords.narrow(2, 0, 1), cells, weights, biases, true, true, true, "fp32");
-  } catch (const c10::Error&) {
-    threw = true;
-  }
-  expect(threw, "bad coords shape raises");
+  // Whether the operator raises for these coordinates and precisions.
+  auto raises = [&](const at::Tensor& c, const char* precision, const char* backward_precision) {
+    try {
+      typed.call(feat, c, cells, weights, biases, true, true, true, precision, backward_precision);
+    } catch (const c10::Error&) {
+      return true;
+    }
+    return false;
+  };
+  expect(raises(coords.narrow(2, 0, 1), "fp32", "fp32"), "bad coords shape raises");
   // The CPU computes float32 for fp16 (and tf32); bf16 rounds the activations where the CPU has
   // bf16 units (tests/test_query_cpu_bf16.py), so it is only close to float32.
-  const at::Tensor fp16 = typed.call(feat, coords, cells, weights, biases, true, true, true, "fp16");
+  const at::Tensor fp16 =
+      typed.call(feat, coords, cells, weights, biases, true, true, true, "fp16", "fp32");
   expect(at::equal(fp16, out), "precision fp16 computes float32 on the CPU");
-  const at::Tensor bf16 = typed.call(feat, coords, cells, weights, biases, true, true, true, "bf16");
+  const at::Tensor bf16 =
+      typed.call(feat, coords, cells, weights, biases, true, true, true, "bf16", "fp32");
   expect(((bf16 - out).norm() / out.norm()).item<double>() < 1e-2,
          "precision bf16 is close to float32 on the CPU");
-  threw = false;
-  try {
-    typed.call(feat, coords, cells, weights, biases, true, true, true, "fp8");
-  } catch (const c10::Error&) {
-    threw = true;
-  }
-  expect(threw, "unknown precision raises");
+  expect(raises(coords, "fp8", "fp32"), "unknown precision raises");
+  expect(raises(coords, "fp32", "fp16"), "unknown backward precision raises");
 }
 
 void test_plan_rejects_layers_too_wide_for_shared_memory() {

@@ -80,7 +80,7 @@ std::vector<at::Tensor> query_backward_on_host(
     const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& coords,
     const c10::optional<at::Tensor>& cells, at::TensorList weights, at::TensorList biases,
     bool local_ensemble, bool feat_unfold, bool cell_decode, const c10::List<bool>& needs_grad,
-    int64_t chunk_rows, bool reverse_order) {
+    int64_t chunk_rows, bool reverse_order, c10::string_view precision) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
@@ -106,7 +106,8 @@ std::vector<at::Tensor> query_backward_on_host(
     grads = query_backward_in_chunks<scalar_t>(grad_out, feat, coords, cells, w, bs,
                                                local_ensemble, feat_unfold, cell_decode, needs,
                                                shape, convolve_on_host, launch,
-        chunk_rows > 0 ? chunk_rows : backward_chunk_rows(shape, feat.element_size()));
+        chunk_rows > 0 ? chunk_rows : backward_chunk_rows(shape, feat.element_size()),
+        liif::check_backward_precision(feat, precision));
   });
   return grads;
 }
@@ -391,6 +392,6 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.def(
       "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
       "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad, "
-      "int chunk_rows, bool reverse_order) -> Tensor[]");
+      "int chunk_rows, bool reverse_order, str precision=\"fp32\") -> Tensor[]");
   m.impl("query_backward", c10::DispatchKey::CPU, &query_backward_on_host);
 }

@@ -1,0 +1,154 @@
+"""The backward's bf16 mode (backward_precision="bf16", and the default inside torch.autocast with
+bfloat16): the products between hidden layers with bf16 operands and results, on the CPU kernel and
+on the CUDA backward run by the host harness. Its error against the exact gradients is held to that
+of the reference's own autograd under torch.autocast bf16 (the error PyTorch users accept when they
+train in bf16), and must be visible (the mode really ran) where the CPU has bf16 products; the
+choice of mode, the fallback and the errors."""
+
+import pytest
+import torch
+from conftest import CUDA_SKIP_REASON, relative_error
+from helpers import border_coords, make_mlp, random_inputs
+
+import cuda_harness
+import liif_cuda
+import liif_reference as ref
+
+NATIVE = liif_cuda.build_info()["cpu_bf16"]
+
+
+def problem(queries=300, hidden=(256, 256, 256), seed=1, cell_decode=True):
+    g = torch.Generator().manual_seed(seed)
+    feat, coords, cells = random_inputs(2, 8, 9, 7, queries, seed=seed, spread=1.2)
+    coords[:, :queries // 3] = border_coords(9, 7, 2, queries // 3, g, torch.float32)
+    mlp = make_mlp(ref.imnet_in_dim(8, True, cell_decode), list(hidden), 3, torch.float32)
+    grad_out = torch.randn(2, queries, 3, generator=g)
+    return feat, coords, cells if cell_decode else None, mlp, grad_out
+
+
+def gradients(query, feat, coords, cells, mlp, grad_out, autocast=False, bf16_output=False,
+              **kwargs):
+    """[feat, coords, (cells,) weights..., biases...] of sum(out * grad_out). `bf16_output`: the
+    output rounded to bf16 as autocast returns it (so is its gradient, then)."""
+    inputs = [t.detach().clone().requires_grad_() for t in (feat, coords, cells) if t is not None]
+    mlp.zero_grad()
+    with torch.autocast(feat.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = query(*inputs[:2], inputs[2] if cells is not None else None, mlp,
+                    cell_decode=cells is not None, **kwargs)
+    if bf16_output:
+        out = out.bfloat16()
+    (out.float() * grad_out).sum().backward()
+    linears = [m for m in mlp.layers if isinstance(m, torch.nn.Linear)]
+    return ([t.grad for t in inputs] + [m.weight.grad.clone() for m in linears]
+            + [m.bias.grad.clone() for m in linears])
+
+
+def harness_bf16(feat, coords, cells, mlp, **flags):
+    """The CUDA backward on the host in its bf16 mode (the exact forward)."""
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    return _HarnessBf16.apply(feat, coords, cells, flags.get("cell_decode", True), *weights,
+                              *biases)
+
+
+class _HarnessBf16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, feat, coords, cells, cell_decode, *params):
+        n = len(params) // 2
+        ctx.cell_decode = cell_decode
+        ctx.save_for_backward(feat, coords, cells, *params)
+        return liif_cuda.query(feat, coords, cells, list(zip(params[:n], params[n:])),
+                               cell_decode=cell_decode)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feat, coords, cells, *params = ctx.saved_tensors
+        n = len(params) // 2
+        needs = [True, True, ctx.cell_decode] + [True] * (2 * n)
+        grads = cuda_harness.backward(grad_out.contiguous(), feat, coords, cells, params[:n],
+                                      params[n:], needs, precision="bf16",
+                                      cell_decode=ctx.cell_decode)
+        return (grads[0], grads[1], grads[2] if ctx.cell_decode else None, None, *grads[3:])
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param("cpu kernel", marks=pytest.mark.skipif(
+        not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")),
+    "cuda backward on the host",
+    pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None,
+                                                  reason=str(CUDA_SKIP_REASON)))])
+@pytest.mark.parametrize("case", [dict(), dict(hidden=(64, 48, 32), queries=90, seed=3),
+                                  dict(cell_decode=False, seed=5)])
+def test_error_at_most_that_of_autocast(where, case):
+    feat, coords, cells, mlp, grad_out = problem(**case)
+    if where == "cuda":
+        feat, coords, grad_out = feat.cuda(), coords.cuda(), grad_out.cuda()
+        cells = cells.cuda() if cells is not None else None
+        mlp = mlp.cuda()
+    exact = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out)
+    if where == "cuda backward on the host":
+        ours = gradients(harness_bf16, feat, coords, cells, mlp, grad_out)
+    else:
+        ours = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out,
+                         backward_precision="bf16")
+    autocast = gradients(ref.query_rgb, feat, coords, cells, mlp, grad_out, autocast=True)
+    errors = [relative_error(o, e) for o, e in zip(ours, exact)]
+    theirs = [relative_error(a.float(), e) for a, e in zip(autocast, exact)]
+    for i, (mine, their) in enumerate(zip(errors, theirs)):
+        assert mine <= 1.5 * their + 1e-6, (i, mine, their)
+    assert max(errors) > 1e-4  # the bf16 products really ran
+
+
+@pytest.mark.skipif(not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")
+def test_autocast_bf16_selects_the_bf16_backward():
+    feat, coords, cells, mlp, grad_out = problem(queries=60)
+    explicit = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, bf16_output=True,
+                         precision="bf16", backward_precision="bf16")
+    autocast = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, autocast=True)
+    exact_backward = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, autocast=True,
+                               backward_precision="fp32")
+    reference = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, bf16_output=True,
+                          precision="bf16")
+    assert all(torch.equal(a, e) for a, e in zip(autocast, explicit))
+    assert all(torch.equal(a, e) for a, e in zip(exact_backward, reference))
+    assert not all(torch.equal(a, e) for a, e in zip(autocast, reference))
+
+
+def test_without_bf16_products_it_is_the_exact_backward(float32_fallback):
+    """No bf16 units (forced), or no layer between hidden layers: the exact gradients."""
+    feat, coords, cells, mlp, grad_out = problem(queries=60, hidden=(32, 32))
+    exact = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out)
+    bf16 = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, backward_precision="bf16")
+    assert all(torch.equal(a, e) for a, e in zip(bf16, exact))
+
+
+def test_two_layer_mlp_is_exact():
+    feat, coords, cells, mlp, grad_out = problem(queries=60, hidden=(32,))
+    exact = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out)
+    bf16 = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, backward_precision="bf16")
+    assert all(torch.equal(a, e) for a, e in zip(bf16, exact))
+
+
+@pytest.mark.parametrize("needs", [[True, False, False] + [False, False, True, False] * 2,
+                                   [False, True, True] + [False] * 8,
+                                   [False, False, False] + [False, True, False, False] * 2])
+def test_subsets_equal_the_full_computation(needs):
+    feat, coords, cells, mlp, grad_out = problem(queries=40, hidden=(32, 32, 32))
+    w, b = (list(x.detach() for x in p) for p in liif_cuda.mlp_parameters(mlp))
+    args = (grad_out, feat, coords, cells, w, b, True, True, True)
+    full = torch.ops.liif_cuda.query_backward(*args, [True] * 11, "bf16")
+    some = torch.ops.liif_cuda.query_backward(*args, needs, "bf16")
+    for i, (f, s, need) in enumerate(zip(full, some, needs)):
+        assert torch.equal(s, f) if need else s.numel() == 0, i
+
+
+def test_bad_backward_precision_is_a_clear_error():
+    feat, coords, cells, mlp, grad_out = problem(queries=10, hidden=(8, 8))
+    with pytest.raises(ValueError, match="backward_precision must be one of"):
+        liif_cuda.query(feat, coords, cells, mlp, backward_precision="fp16")
+    with pytest.raises(ValueError, match="backward_precision='bf16' needs float32"):
+        liif_cuda.query(feat.double(), coords.double(), cells.double(), mlp.double(),
+                        backward_precision="bf16")
+    w, b = (list(x.detach().float() for x in p) for p in liif_cuda.mlp_parameters(mlp))
+    with pytest.raises(RuntimeError, match="backward_precision must be 'fp32' or 'bf16'"):
+        torch.ops.liif_cuda.query_backward(grad_out, feat, coords, cells, w, b, True, True, True,
+                                           [True] * 9, "tf32")
