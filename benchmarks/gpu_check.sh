@@ -40,7 +40,7 @@ if [ -z "${LIIF_SHARED_DIR:-}" ] && [ -d shared/weights ]; then
 fi
 # The CUDA test files (the others run in CI): every one of them skips without a GPU.
 CUDA_TESTS="tests/test_query_cuda.py tests/test_query_cuda_precision.py tests/test_query_borders.py \
-  tests/test_train_cuda.py"
+  tests/test_train_cuda.py tests/test_query_backward_bf16.py"
 
 : > "$SUMMARY"
 FAILED=()

@@ -62,17 +62,21 @@ def test_autocast_leaves_float64_alone(problem):
     assert torch.equal(out, expected)
 
 
-def test_gradients_under_autocast_are_the_float32_ones(problem):
+@pytest.mark.parametrize("dtype,backward_precision", [(torch.float16, None),
+                                                      (torch.bfloat16, "fp32")])
+def test_gradients_under_autocast_are_the_float32_ones(problem, dtype, backward_precision):
+    """Under float16 autocast, and under bfloat16 autocast with backward_precision="fp32" (by
+    default bfloat16 autocast takes the bf16 backward: tests/test_query_backward_bf16.py)."""
     feat, coords, cells, mlp = problem
     feat = feat.clone().requires_grad_()
     liif_cuda.query(feat, coords, cells, mlp).square().sum().backward()
     expected = feat.grad.clone()
     feat.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = liif_cuda.query(feat, coords, cells, mlp)
+    with torch.autocast("cpu", dtype=dtype):
+        out = liif_cuda.query(feat, coords, cells, mlp, backward_precision=backward_precision)
     out.float().square().sum().backward()
     assert feat.grad.dtype == torch.float32
-    # The backward sees the bfloat16-rounded output's gradient, so only close.
+    # The backward sees the rounded output's gradient, so only close.
     assert ((feat.grad - expected).norm() / expected.norm()).item() < 1e-2
 
 

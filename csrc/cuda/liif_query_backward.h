@@ -24,9 +24,9 @@
 //
 // Deterministic except for the per-cell addition of step 5, which uses atomic adds on CUDA unless
 // torch.use_deterministic_algorithms(True) is on (index_add_ then takes its sorted, deterministic
-// path); the products (cuBLAS) and sums are reproducible. The gradients are those of the exact
-// float32 / float64 function: products follow torch.backends.cuda.matmul.allow_tf32 (off by
-// default), as the reference's autograd does.
+// path); the products (cuBLAS) and sums are reproducible. Outside the bf16 mode the gradients are
+// those of the exact float32 / float64 function: products follow
+// torch.backends.cuda.matmul.allow_tf32 (off by default), as the reference's autograd does.
 #pragma once
 
 #include <ATen/ATen.h>
