@@ -54,12 +54,13 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         backward_precision: the arithmetic of the gradients autograd computes. "fp32": those of the
             exact float32 / float64 function, whatever `precision` is. "bf16": the products between
             hidden layers (the forward again, the weight and the input gradients) take bf16
-            operands and give bf16 results, as autocast's matrix products do; everything else
-            (layer 0, the last layer, the blend, the geometry, sums) stays float32; relative error
-            of the gradients about 4e-3 (docs/operator.md). It runs where the forward's bf16 path
-            does (CUDA compute capability 8.0+, a CPU with AVX512-BF16); elsewhere the exact
-            gradients. None (the default): "bf16" inside `torch.autocast` with bfloat16 for feat's
-            device type, else "fp32".
+            operands and give bf16 results (added to float32 accumulators), as autocast's matrix
+            products do; layer 0, the last layer, the blend and the geometry stay float32. Its
+            gradient errors stay below those of the reference under autocast bf16 (1e-3 to 5e-2
+            at the training shape, docs/operator.md). It runs on CUDA GPUs of compute capability
+            8.0 and newer and on CPUs with AVX512-BF16, for MLPs with a layer between hidden
+            layers; elsewhere the gradients are the exact ones. None (the default): "bf16" inside
+            `torch.autocast` with bfloat16 for feat's device type, else "fp32".
 
     Devices: CPU tensors run the CPU kernel, CUDA tensors the CUDA kernel (when liif_cuda was built
     with it, see `liif_cuda.build_info()`), on the tensors' device and the current stream.

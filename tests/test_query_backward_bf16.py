@@ -152,3 +152,20 @@ def test_bad_backward_precision_is_a_clear_error():
     with pytest.raises(RuntimeError, match="backward_precision must be 'fp32' or 'bf16'"):
         torch.ops.liif_cuda.query_backward(grad_out, feat, coords, cells, w, b, True, True, True,
                                            [True] * 9, "tf32")
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+def test_training_shape_on_cuda():
+    """The published recipe's shape (batch 16, 48x48 maps of 64 channels, 2304 queries each, MLP
+    580-256x4-3): several chunks and cuBLAS's own choices for products of 147456 rows."""
+    g = torch.Generator().manual_seed(11)
+    feat = torch.randn(16, 64, 48, 48, generator=g).cuda()
+    coords = (torch.rand(16, 2304, 2, generator=g) * 2 - 1).cuda()
+    cells = torch.full((16, 2304, 2), 2 / 96).cuda()
+    mlp = make_mlp(ref.imnet_in_dim(64), [256] * 4, 3, torch.float32).cuda()
+    grad_out = torch.randn(16, 2304, 3, generator=g).cuda()
+    exact = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out)
+    ours = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, backward_precision="bf16")
+    autocast = gradients(ref.query_rgb, feat, coords, cells, mlp, grad_out, autocast=True)
+    for i, (o, a, e) in enumerate(zip(ours, autocast, exact)):
+        assert relative_error(o, e) <= 1.5 * relative_error(a.float(), e) + 1e-6, i

@@ -133,3 +133,16 @@ def test_bad_grad_out_is_a_clear_error(bad, message):
     grad_out, feat, coords, cells, w, b = small_problem()
     with pytest.raises(RuntimeError, match=message):
         cuda_harness.backward(bad(grad_out), feat, coords, cells, w, b, [True] * 9)
+
+
+@pytest.mark.parametrize("out_dim", [1, 8, 9])
+def test_last_layer_padding(out_dim):
+    """The last layer is padded to a multiple of 8 outputs for cuBLAS (none when it already is one):
+    the gradients are the CPU kernel's, the padding's cut off."""
+    grad_out, feat, coords, cells, w, b = small_problem(out_dim=out_dim)
+    args = (grad_out, feat, coords, cells, w, b)
+    ours = cuda_harness.backward(*args, [True] * 9, chunk_rows=40)
+    cpu = torch.ops.liif_cuda.query_backward(*args, True, True, True, [True] * 9)
+    for i, (o, c) in enumerate(zip(ours, cpu)):
+        assert o.shape == c.shape and o.is_contiguous(), i
+        torch.testing.assert_close(o, c, rtol=1e-10, atol=1e-12, msg=str(i))

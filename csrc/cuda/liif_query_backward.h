@@ -84,10 +84,24 @@ std::vector<at::Tensor> query_backward_in_chunks(
   // The map's gradient feeds feat's and the feature columns of layer 0.
   const bool scatter = lowest == 0 && (needs.feat || needs.first_feature_columns());
 
+  // The last layer (out_dim wide: 3 for RGB) padded with zero outputs to a multiple of 8 when
+  // there is a layer before it: cuBLAS runs products with a leading dimension of 3 on unaligned
+  // SIMT kernels, the slowest products of the step on an H200 (profile_train_step.py).
+  const int64_t out_dim = shape.out_dim;
+  const int64_t out_pitch = num_layers > 1 ? (out_dim + 7) / 8 * 8 : out_dim;
+  std::vector<at::Tensor> layer_w(weights), layer_b(biases);
+  if (out_pitch != out_dim) {
+    const int last = num_layers - 1;
+    layer_w[last] = at::zeros({out_pitch, weights[last].size(1)}, opts);
+    layer_w[last].narrow(0, 0, out_dim).copy_(weights[last]);
+    layer_b[last] = at::zeros({out_pitch}, opts);
+    layer_b[last].narrow(0, 0, out_dim).copy_(biases[last]);
+  }
+  // Accumulators (contiguous, whatever the parameters' strides: as the fake implementation says).
   std::vector<at::Tensor> grad_w(num_layers), grad_b(num_layers);
   for (int l = 0; l < num_layers; ++l) {
-    if (needs.weight[l] && l > 0) grad_w[l] = at::zeros_like(weights[l]);
-    if (needs.bias[l]) grad_b[l] = at::zeros_like(biases[l]);
+    if (needs.weight[l] && l > 0) grad_w[l] = at::zeros(layer_w[l].sizes(), opts);
+    if (needs.bias[l]) grad_b[l] = at::zeros(layer_b[l].sizes(), opts);
   }
   const at::Tensor grad_extra_columns = needs.weight[0] ? at::zeros({4, width0}, opts)
                                                         : at::Tensor();  // (4, width0)
@@ -108,9 +122,11 @@ std::vector<at::Tensor> query_backward_in_chunks(
     std::vector<at::Tensor> acts;
     int64_t widest = 0;
     for (int l = 0; l < num_layers; ++l) {
-      acts.push_back(at::empty({rows_max, shape.layer_widths[l]}, opts));
-      widest = std::max(widest, shape.layer_widths[l]);
+      const int64_t width = l + 1 == num_layers ? out_pitch : shape.layer_widths[l];
+      acts.push_back(at::empty({rows_max, width}, opts));
+      widest = std::max(widest, width);
     }
+    const at::Tensor ones = at::ones({rows_max}, opts);  // column sums as products
     const at::Tensor grad_buffers[2] = {at::empty({rows_max * widest}, opts),
                                         at::empty({rows_max * widest}, opts)};
     const at::Tensor cell = at::empty({rows_max}, opts.dtype(at::kInt));
@@ -132,7 +148,8 @@ std::vector<at::Tensor> query_backward_in_chunks(
     p.grid = prepared.params.grid;
     p.queries_per_image = shape.queries;
     p.width0 = width0;
-    p.out_dim = shape.out_dim;
+    p.out_dim = out_dim;
+    p.pred_pitch = out_pitch;
     p.num_layers = num_layers;
     p.coords = prepared.params.coords;
     p.cells = prepared.params.cells;
@@ -169,14 +186,14 @@ std::vector<at::Tensor> query_backward_in_chunks(
         if (reduced(l)) {
           out.copy_(at::mm(to_bf16(rows_of(acts[l - 1])), bf16_weights_t[l])).add_(biases[l]);
         } else {
-          at::addmm_out(out, biases[l], rows_of(acts[l - 1]), weights[l].t());
+          at::addmm_out(out, layer_b[l], rows_of(acts[l - 1]), layer_w[l].t());
         }
         if (l + 1 < num_layers) out.relu_();
       }
 
       // 3. The blend: the predictions' gradient (into grad buffer 0) and the blend weights'.
       launch(BackwardKernel::kBlend, p, rows);
-      at::Tensor G = grad_rows(0, shape.out_dim);
+      at::Tensor G = grad_rows(0, out_pitch);
 
       // 4. Down the layers.
       int buffer = 0;
@@ -190,14 +207,14 @@ std::vector<at::Tensor> query_backward_in_chunks(
             grad_w[l].addmm_(G.t(), A);
           }
         }
-        if (needs.bias[l]) grad_b[l].add_(G.sum(0));
+        if (needs.bias[l]) grad_b[l].addmv_(G.t(), rows_of(ones));
         if (l == lowest) break;
         buffer = 1 - buffer;
         at::Tensor G_in = grad_rows(buffer, shape.layer_widths[l - 1]);
         if (reduced(l)) {
           G_in.copy_(at::mm(G_reduced, bf16_weights[l]));
         } else {
-          at::mm_out(G_in, G, weights[l]);
+          at::mm_out(G_in, G, layer_w[l]);
         }
         at::threshold_backward_out(G_in, G_in, A, 0);
         G = G_in;
@@ -205,7 +222,7 @@ std::vector<at::Tensor> query_backward_in_chunks(
       if (lowest != 0) continue;
 
       // 5. Layer 0, whose output gradient G is now rows x width0.
-      if (needs.bias[0]) grad_b[0].add_(G.sum(0));
+      if (needs.bias[0]) grad_b[0].addmv_(G.t(), rows_of(ones));
       if (needs.weight[0]) grad_extra_columns.addmm_(rows_of(extra).t(), G);
       if (scatter) {
         // Rows of undecoded queries have zero gradients: they may go to any cell.
@@ -244,11 +261,15 @@ std::vector<at::Tensor> query_backward_in_chunks(
   grads.push_back(needs.feat ? grad_feat.contiguous() : feat.new_empty({0}));
   grads.push_back(needs.coords ? grad_coords : coords.new_empty({0}));
   grads.push_back(needs.cells ? grad_cells : coords.new_empty({0}));
+  // The padded last layer's gradients without their padding.
+  auto unpadded = [](const at::Tensor& grad, const at::Tensor& like) {
+    return grad.size(0) == like.size(0) ? grad : grad.narrow(0, 0, like.size(0)).clone();
+  };
   for (int l = 0; l < num_layers; ++l) {
-    grads.push_back(needs.weight[l] ? grad_w[l] : weights[l].new_empty({0}));
+    grads.push_back(needs.weight[l] ? unpadded(grad_w[l], weights[l]) : weights[l].new_empty({0}));
   }
   for (int l = 0; l < num_layers; ++l) {
-    grads.push_back(needs.bias[l] ? grad_b[l] : biases[l].new_empty({0}));
+    grads.push_back(needs.bias[l] ? unpadded(grad_b[l], biases[l]) : biases[l].new_empty({0}));
   }
   return grads;
 }

@@ -41,7 +41,7 @@ std::vector<at::Tensor> query_backward_cuda(const at::Tensor& grad_out, const at
   int major = 0;
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, feat.device().index()));
-  const bool bf16 = check_backward_precision(feat, precision) && major >= 8;
+  const bool bf16 = check_backward_precision(feat, precision) && major >= 8 && w.size() > 2;
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_backward_cuda", [&] {
     auto launch = [&](BackwardKernel kernel, const BackwardChunkParams<scalar_t>& params,

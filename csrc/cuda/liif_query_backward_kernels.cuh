@@ -89,8 +89,8 @@ __global__ void backward_blend_kernel(const BackwardChunkParams<T> p) {
   const int64_t rows = p.queries * nn;
   for (int64_t r = global_thread(); r < rows; r += grid_threads()) {
     const T* g = p.grad_out + (p.first_query + r / nn) * od;
-    const T* pred = p.pred + r * od;
-    T* gp = p.grad_pred + r * od;
+    const T* pred = p.pred + r * p.pred_pitch;
+    T* gp = p.grad_pred + r * p.pred_pitch;
     const bool valid = p.cell[r] >= 0;
     const T w = p.blend[r];
     T blend_grad = T(0);
@@ -99,6 +99,7 @@ __global__ void backward_blend_kernel(const BackwardChunkParams<T> p) {
       gp[c] = go * w;
       blend_grad += go * pred[c];
     }
+    for (int64_t c = od; c < p.pred_pitch; ++c) gp[c] = T(0);
     p.grad_blend[r] = blend_grad;
   }
 }

@@ -19,6 +19,7 @@ struct BackwardChunkParams {
   int64_t queries_per_image = 1;
   int64_t width0 = 0;           // layer 0's width
   int64_t out_dim = 0;
+  int64_t pred_pitch = 0;       // row pitch of pred and grad_pred: out_dim, or padded (columns zero)
   int num_layers = 0;
   // Inputs.
   const T* coords = nullptr;        // (B * Q, 2)
@@ -27,14 +28,14 @@ struct BackwardChunkParams {
   const T* map = nullptr;           // (B * H * W, width0): the first-layer map
   const T* first_bias = nullptr;    // (width0)
   const T* extra_columns = nullptr; // (4, width0): layer 0's rel_y, rel_x, cell_y, cell_x columns
-  const T* pred = nullptr;          // (rows, out_dim): the last layer's output
+  const T* pred = nullptr;          // (rows, pred_pitch): the last layer's output
   const T* grad_extra = nullptr;    // (rows, 4): gradient of layer 0's rank-4 input
   // Outputs (the geometry kernel's are inputs of the later ones).
   int* cell = nullptr;              // (rows): LR cell b*H*W + iy*W + ix, -1: query not decoded
   T* blend = nullptr;               // (rows)
   T* extra = nullptr;               // (rows, 4): rel_y, rel_x, cell_y * H, cell_x * W
   T* act0 = nullptr;                // (rows, width0): layer 0's output
-  T* grad_pred = nullptr;           // (rows, out_dim)
+  T* grad_pred = nullptr;           // (rows, pred_pitch), zero past out_dim
   T* grad_blend = nullptr;          // (rows)
   T* grad_coords = nullptr;         // (B * Q, 2), or null when not asked for
   T* grad_cells = nullptr;          // (B * Q, 2), or null when not asked for
