@@ -220,33 +220,6 @@ def measure_case(case, variants, repeats, device, peaks, failed):
     return row
 
 
-class RecomputeBackwardQuery(torch.autograd.Function):
-    """The fused forward with the former CUDA backward, the recompute in torch operations
-    (liif_cuda._backward.recompute_backward), for comparison."""
-
-    @staticmethod
-    def forward(ctx, feat, coords, cells, *params):
-        n = len(params) // 2
-        ctx.save_for_backward(feat, coords, cells, *params)
-        return torch.ops.liif_cuda.query(feat, coords, cells, list(params[:n]), list(params[n:]),
-                                         True, True, True)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from liif_cuda._backward import recompute_backward
-        feat, coords, cells, *params = ctx.saved_tensors
-        n = len(params) // 2
-        needs = list(ctx.needs_input_grad)
-        grads = recompute_backward(grad_out.contiguous(), feat, coords, cells, params[:n],
-                                   params[n:], True, True, True, needs)
-        return tuple(g if need else None for g, need in zip(grads, needs))
-
-
-def recompute_backward_query(feat, coords, cells, mlp):
-    weights, biases = liif_cuda.mlp_parameters(mlp)
-    return RecomputeBackwardQuery.apply(feat, coords, cells, *weights, *biases)
-
-
 def measure_training(device, repeats):
     """Forward + backward of the query at the published training shape (batch 16, 48x48 maps, 2304
     queries each, loss = mean |out|), float32: the reference's autograd against the fused operator
@@ -258,8 +231,9 @@ def measure_training(device, repeats):
     cells = torch.full((16, 2304, 2), 2 / 96).to(device)
     torch.manual_seed(0)
     mlp = ref.MLP(ref.imnet_in_dim(CHANNELS), 3, HIDDEN).to(device)
+    from bench_backward import recompute_query  # the fused forward with the former backward
     queries = {"reference": ref.query_rgb, "fused": liif_cuda.query,
-               "fused-recompute-backward": recompute_backward_query}
+               "fused-recompute-backward": recompute_query}
 
     def step(name):
         leaf = feat.detach().requires_grad_()

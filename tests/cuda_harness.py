@@ -91,12 +91,13 @@ class _HostQuery(torch.autograd.Function):
     """The CUDA forward and backward on the host, as autograd sees them on a GPU."""
 
     @staticmethod
-    def forward(ctx, feat, coords, cells, flags, chunk_rows, *params):
+    def forward(ctx, feat, coords, cells, flags, chunk_rows, backward_precision, *params):
         n = len(params) // 2
         out, _ = load()(feat, coords, cells, list(params[:n]), list(params[n:]),
                         flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"],
                         "fp32", SHARED_SM90, False, "mma")
         ctx.flags, ctx.chunk_rows, ctx.has_cells = flags, chunk_rows, cells is not None
+        ctx.backward_precision = backward_precision
         ctx.save_for_backward(feat, coords, cells, *params)
         return out
 
@@ -104,20 +105,23 @@ class _HostQuery(torch.autograd.Function):
     def backward(ctx, grad_out):
         feat, coords, cells, *params = ctx.saved_tensors
         n = len(params) // 2
-        needs = list(ctx.needs_input_grad[:3]) + list(ctx.needs_input_grad[5:])
+        needs = list(ctx.needs_input_grad[:3]) + list(ctx.needs_input_grad[6:])
         needs[2] = needs[2] and ctx.has_cells
         grads = backward(grad_out.contiguous(), feat, coords, cells, params[:n], params[n:], needs,
-                         ctx.chunk_rows, **ctx.flags)
+                         ctx.chunk_rows, precision=ctx.backward_precision, **ctx.flags)
         grads = [g if need else None for g, need in zip(grads, needs)]
-        return (*grads[:3], None, None, *grads[3:])
+        return (*grads[:3], None, None, None, *grads[3:])
 
 
-def query_with_backward(feat, coords, cells, mlp, chunk_rows=0, **flags):
-    """liif_cuda.query's CUDA path on the host, forward and backward: differentiable like it."""
+def query_with_backward(feat, coords, cells, mlp, chunk_rows=0, backward_precision="fp32",
+                        **flags):
+    """liif_cuda.query's CUDA path on the host, forward (exact) and backward (in
+    `backward_precision`): differentiable like it."""
     flags = {**FLAGS, **flags}
     weights, biases = liif_cuda.mlp_parameters(mlp)
     cells = cells if flags["cell_decode"] else None
-    return _HostQuery.apply(feat, coords, cells, flags, chunk_rows, *weights, *biases)
+    return _HostQuery.apply(feat, coords, cells, flags, chunk_rows, backward_precision, *weights,
+                            *biases)
 
 
 def reference(feat, coords, cells, mlp, **flags):

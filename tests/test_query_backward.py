@@ -150,6 +150,21 @@ def test_gradients_match_reference(problem):
                            problem["dtype"])
 
 
+PUBLISHED_FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
+
+
+def published_mlp_problem(dtype, case, hidden):
+    """(feat, coords, cells, mlp): C = 8, the given 256-wide hidden layers, half the coordinates on
+    pixel borders; `case` gives batch, height, width, queries and the coordinates' spread."""
+    g = torch.Generator().manual_seed(case["queries"])
+    feat, coords, cells = random_inputs(case["batch"], 8, case["height"], case["width"],
+                                        case["queries"], seed=case["queries"], dtype=dtype,
+                                        spread=case["spread"])
+    half = case["queries"] // 2
+    coords[:, :half] = border_coords(case["height"], case["width"], case["batch"], half, g, dtype)
+    return feat, coords, cells, make_mlp(ref.imnet_in_dim(8), hidden, 3, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", [
     dict(batch=1, height=1, width=1, queries=20, spread=1.5),     # one-pixel map
@@ -158,15 +173,8 @@ def test_gradients_match_reference(problem):
 ])
 def test_gradients_published_mlp(dtype, case):
     """C = 8 and 256-wide hidden layers, half the coordinates on pixel borders."""
-    g = torch.Generator().manual_seed(case["queries"])
-    feat, coords, cells = random_inputs(case["batch"], 8, case["height"], case["width"],
-                                        case["queries"], seed=case["queries"], dtype=dtype,
-                                        spread=case["spread"])
-    half = case["queries"] // 2
-    coords[:, :half] = border_coords(case["height"], case["width"], case["batch"], half, g, dtype)
-    mlp = make_mlp(ref.imnet_in_dim(8), [256, 256, 256], 3, dtype)
-    flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
-    assert_gradients_match((feat, coords, cells, mlp), flags, dtype)
+    assert_gradients_match(published_mlp_problem(dtype, case, [256, 256, 256]), PUBLISHED_FLAGS,
+                           dtype)
 
 
 # Every subset of the gradients: what is not asked for is not computed (an empty tensor from the

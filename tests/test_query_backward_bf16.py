@@ -43,33 +43,6 @@ def gradients(query, feat, coords, cells, mlp, grad_out, autocast=False, bf16_ou
             + [m.bias.grad.clone() for m in linears])
 
 
-def harness_bf16(feat, coords, cells, mlp, **flags):
-    """The CUDA backward on the host in its bf16 mode (the exact forward)."""
-    weights, biases = liif_cuda.mlp_parameters(mlp)
-    return _HarnessBf16.apply(feat, coords, cells, flags.get("cell_decode", True), *weights,
-                              *biases)
-
-
-class _HarnessBf16(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, feat, coords, cells, cell_decode, *params):
-        n = len(params) // 2
-        ctx.cell_decode = cell_decode
-        ctx.save_for_backward(feat, coords, cells, *params)
-        return liif_cuda.query(feat, coords, cells, list(zip(params[:n], params[n:])),
-                               cell_decode=cell_decode)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        feat, coords, cells, *params = ctx.saved_tensors
-        n = len(params) // 2
-        needs = [True, True, ctx.cell_decode] + [True] * (2 * n)
-        grads = cuda_harness.backward(grad_out.contiguous(), feat, coords, cells, params[:n],
-                                      params[n:], needs, precision="bf16",
-                                      cell_decode=ctx.cell_decode)
-        return (grads[0], grads[1], grads[2] if ctx.cell_decode else None, None, *grads[3:])
-
-
 @pytest.mark.parametrize("where", [
     pytest.param("cpu kernel", marks=pytest.mark.skipif(
         not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")),
@@ -86,7 +59,8 @@ def test_error_at_most_that_of_autocast(where, case):
         mlp = mlp.cuda()
     exact = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out)
     if where == "cuda backward on the host":
-        ours = gradients(harness_bf16, feat, coords, cells, mlp, grad_out)
+        ours = gradients(cuda_harness.query_with_backward, feat, coords, cells, mlp, grad_out,
+                         backward_precision="bf16")
     else:
         ours = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out,
                          backward_precision="bf16")

@@ -7,9 +7,10 @@ same operator there."""
 
 import pytest
 import torch
-from helpers import border_coords, build, make_mlp, query_problems, random_inputs
+from helpers import build, make_mlp, query_problems, random_inputs
 from hypothesis import given, settings
-from test_query_backward import NEEDS, assert_gradients_match
+from test_query_backward import (NEEDS, PUBLISHED_FLAGS, assert_gradients_match,
+                                 published_mlp_problem)
 
 import cuda_harness
 import liif_cuda
@@ -32,15 +33,7 @@ def test_gradients_match_reference(problem):
 def test_gradients_published_mlp(dtype, case):
     """C = 8 and 256-wide hidden layers (the fast forward kernel), half the coordinates on pixel
     borders."""
-    g = torch.Generator().manual_seed(case["queries"])
-    feat, coords, cells = random_inputs(case["batch"], 8, case["height"], case["width"],
-                                        case["queries"], seed=case["queries"], dtype=dtype,
-                                        spread=case["spread"])
-    half = case["queries"] // 2
-    coords[:, :half] = border_coords(case["height"], case["width"], case["batch"], half, g, dtype)
-    mlp = make_mlp(ref.imnet_in_dim(8), [256, 256], 3, dtype)
-    flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
-    assert_gradients_match((feat, coords, cells, mlp), flags, dtype,
+    assert_gradients_match(published_mlp_problem(dtype, case, [256, 256]), PUBLISHED_FLAGS, dtype,
                            query=cuda_harness.query_with_backward)
 
 
