@@ -52,10 +52,12 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
             float32, and "tf32" and "fp16" compute float32 on every CPU. None (the default):
             "fp32", or, inside `torch.autocast` for feat's device type, the autocast dtype's path.
         backward_precision: the arithmetic of the gradients autograd computes. "fp32": those of the
-            exact float32 / float64 function, whatever `precision` is. "bf16": the products between
-            hidden layers (the forward again, the weight and the input gradients) take bf16
-            operands and give bf16 results (added to float32 accumulators), as autocast's matrix
-            products do; layer 0, the last layer, the blend and the geometry stay float32. Its
+            exact float32 / float64 function, whatever `precision` is. "bf16": the backward
+            recomputes the forward as precision "bf16" computes it (activations rounded to bf16,
+            products with float32 accumulation), and the layers between hidden layers multiply
+            their output gradient, rounded to bf16, by those bf16 activations and weights with
+            float32 results; layer 0, the last layer, the blend and the geometry stay float32
+            (on the CPU the convolution's backward takes bf16 operands, as under autocast). Its
             gradient errors stay below those of the reference under autocast bf16 (1e-3 to 5e-2
             at the training shape, docs/operator.md). It runs on CUDA GPUs of compute capability
             8.0 and newer and on CPUs with AVX512-BF16, for MLPs with a layer between hidden

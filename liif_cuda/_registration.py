@@ -29,7 +29,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     # The gradients are those of the exact (float32 / float64) function, whatever the forward's
     # precision, unless backward_precision is "bf16": the backward operator recomputes the forward
-    # in the inputs' dtype (its products between hidden layers in bf16 for "bf16").
+    # in the inputs' dtype (as the bf16 forward does, for "bf16", whose gradient products between
+    # hidden layers take bf16 operands).
     saved = ctx.saved_tensors
     n = ctx.num_layers
     feat, coords = saved[0], saved[1]

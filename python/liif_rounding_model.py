@@ -81,3 +81,50 @@ class KernelRounding(torch.nn.Module):
         for layer in hidden:
             x = self.round(torch.relu(F.linear(x, self.round(layer.weight), layer.bias.double())))
         return F.linear(x, last.weight.double(), last.bias.double()).float()
+
+
+def _straight_through(x, rounded):
+    """`rounded` in the forward, the identity in the backward (a rounding the backward ignores)."""
+    return x + (rounded - x).detach()
+
+
+class _OutputGradientRoundedLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) whose backward rounds the output gradient to bf16 before both of
+    its products (input and weight gradients); exact (float64) otherwise."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rounded = round_operand(grad.float(), "bf16").double()
+        rows = rounded.reshape(-1, rounded.shape[-1])
+        return (rounded @ weight, rows.t() @ x.reshape(-1, x.shape[-1]),
+                grad.reshape(-1, grad.shape[-1]).sum(0))
+
+
+class Bf16BackwardRounding(KernelRounding):
+    """The gradients of the CPU kernel's bf16 backward mode (backward_precision="bf16"): the
+    forward of KernelRounding(mlp, "bf16") (what the bf16 forward computes, recomputed), whose
+    roundings the backward passes through unchanged except that each layer between hidden layers
+    multiplies its output gradient rounded to bf16 by its rounded weight (input gradient) and by
+    its rounded input activations (weight gradient), with float32-exact products and float32
+    accumulation (float64 here); the ReLUs' derivatives, layer 0, the last layer and the blend
+    exact. Use it as `imnet` of the reference's query and take its autograd gradients."""
+
+    def __init__(self, mlp):
+        super().__init__(mlp, "bf16")
+
+    def forward(self, x):
+        first, *hidden, last = self.linears
+        x = torch.relu(self.first_layer(x, first))
+        x = _straight_through(x, self.round(x))
+        for layer in hidden:
+            weight = layer.weight.double()
+            weight = _straight_through(weight, self.round(weight))
+            x = torch.relu(_OutputGradientRoundedLinear.apply(x, weight, layer.bias.double()))
+            x = _straight_through(x, self.round(x))
+        return F.linear(x, last.weight.double(), last.bias.double()).float()

@@ -8,11 +8,14 @@ choice of mode, the fallback and the errors."""
 import pytest
 import torch
 from conftest import CUDA_SKIP_REASON, relative_error
-from helpers import border_coords, make_mlp, random_inputs
+from helpers import border_coords, build, make_mlp, query_problems, random_inputs
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cuda_harness
 import liif_cuda
 import liif_reference as ref
+from liif_rounding_model import Bf16BackwardRounding
 
 NATIVE = liif_cuda.build_info()["cpu_bf16"]
 
@@ -70,6 +73,64 @@ def test_error_at_most_that_of_autocast(where, case):
     for i, (mine, their) in enumerate(zip(errors, theirs)):
         assert mine <= 1.5 * their + 1e-6, (i, mine, their)
     assert max(errors) > 1e-4  # the bf16 products really ran
+
+
+@st.composite
+def bf16_backward_problems(draw):
+    """query_problems in float32 with at least one layer between hidden layers (the layers the
+    mode rounds), of widths that need padding to the kernel's 32-column blocks or not."""
+    problem = draw(query_problems())
+    problem.update(dtype=torch.float32,
+                   hidden=draw(st.lists(st.integers(1, 70), min_size=2, max_size=4)))
+    return problem
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param("cpu kernel", marks=pytest.mark.skipif(
+        not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")),
+    "cuda backward on the host"])
+@given(problem=bf16_backward_problems())
+def test_follows_its_rounding_model(where, problem):
+    """The bf16 mode (the CPU kernel's, and the CUDA backward's run by the host harness) against
+    python/liif_rounding_model.Bf16BackwardRounding (the same roundings, in float64; the CPU's
+    convolution backward in bf16 adds one more rounding of feat's gradient, within the bound):
+    feat's, the cells' and every parameter's gradient within half the
+    model's own distance from the exact gradient plus one bf16 rounding (2^-8) of its norm. Both
+    round the same values to bf16 except where float32 and float64 land on either side of a
+    rounding boundary or a ReLU's threshold, which moves a gradient by a fraction of the mode's
+    error (up to about 0.2 of it in a simulation of 40 random problems), or, with a handful of
+    rows, by one rounding of one of them; a wrong mask, transpose, padding column or layer moves
+    it by as much as the gradient itself. The coordinates' gradient is left to the
+    autocast bound above: near a pixel centre two of the four areas almost vanish and its area
+    terms cancel to float32 noise, different for any other rounding of the predictions."""
+    feat, coords, cells, mlp = build(problem)
+    flags = problem["flags"]
+    cells = cells if flags["cell_decode"] else None
+    g = torch.Generator().manual_seed(problem["seed"] % 1000)
+    grad_out = torch.randn(*coords.shape[:2], problem["out_dim"], generator=g)
+    model_mlp = Bf16BackwardRounding(mlp)
+
+    def run(query):
+        inputs = [t.detach().clone().requires_grad_() for t in (feat, coords, cells)
+                  if t is not None]
+        mlp.zero_grad()
+        out = query(inputs[0], inputs[1], inputs[2] if cells is not None else None)
+        (out * grad_out).sum().backward()
+        linears = [m for m in mlp.layers if isinstance(m, torch.nn.Linear)]
+        grads = ([t.grad for t in inputs] + [m.weight.grad.clone() for m in linears]
+                 + [m.bias.grad.clone() for m in linears])
+        return grads[:1] + grads[2:]  # without the coordinates'
+
+    if where == "cpu kernel":
+        ours = run(lambda f, c, ce: liif_cuda.query(f, c, ce, mlp, backward_precision="bf16",
+                                                    **flags))
+    else:
+        ours = run(lambda f, c, ce: cuda_harness.query_with_backward(
+            f, c, ce, mlp, backward_precision="bf16", **flags))
+    model = run(lambda f, c, ce: ref.query_rgb(f, c, ce, model_mlp, **flags))
+    exact = run(lambda f, c, ce: liif_cuda.query(f, c, ce, mlp, **flags))
+    for i, (o, m, e) in enumerate(zip(ours, model, exact)):
+        assert (o - m).norm() <= 0.5 * (m - e).norm() + 2**-8 * m.norm(), i
 
 
 @pytest.mark.skipif(not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")

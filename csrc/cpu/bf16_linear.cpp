@@ -83,8 +83,35 @@ namespace {
 // within the 32 vector registers; each step of the inner loop issues 16 dot products for 10 loads.
 constexpr int kBlockRows = 8;
 
-// `rows` (<= kBlockRows) rows x 32 columns of dst: the columns' packed weights start at w (pairs
-// `out_pitch` apart), their bias at bias.
+// acc[r][h] += sum_p a[r][p] . w[p][16h .. 16h + 15] for `rows` (<= kBlockRows) rows and one block
+// of 32 columns, whose packed weights start at w (pairs `out_pitch` apart).
+template <int rows>
+LIIF_TARGET_BF16 inline void accumulate_block(__m512 (&acc)[rows][2], const uint16_t* a,
+                                              int64_t row_stride, int64_t pair_stride,
+                                              int64_t pairs, const uint16_t* w,
+                                              int64_t out_pitch) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* wp = w + p * out_pitch * 2;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * row_stride + p * pair_stride, sizeof pair);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+    }
+  }
+}
+
+// 16 bf16 values widened to float32 (exact: the 16 bits become the float's high half).
+LIIF_TARGET_BF16 inline __m512 load_bf16x16(const uint16_t* src) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+}
+
+// `rows` (<= kBlockRows) rows x 32 columns of a layer's output: bias, ReLU, rounded to bf16.
 template <int rows>
 LIIF_TARGET_BF16 inline void linear_block(const uint16_t* a, int64_t a_pitch, int64_t pairs,
                                           const uint16_t* w, int64_t out_pitch, const float* bias,
@@ -96,19 +123,7 @@ LIIF_TARGET_BF16 inline void linear_block(const uint16_t* a, int64_t a_pitch, in
     acc[r][0] = bias0;
     acc[r][1] = bias1;
   }
-  for (int64_t p = 0; p < pairs; ++p) {
-    const uint16_t* wp = w + p * out_pitch * 2;
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
-#pragma GCC unroll 8
-    for (int r = 0; r < rows; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * a_pitch + 2 * p, sizeof pair);
-      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
-    }
-  }
+  accumulate_block<rows>(acc, a, a_pitch, 2, pairs, w, out_pitch);
   const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 8
   for (int r = 0; r < rows; ++r) {
@@ -119,6 +134,45 @@ LIIF_TARGET_BF16 inline void linear_block(const uint16_t* a, int64_t a_pitch, in
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * dst_pitch + 16 * h),
                           (__m256i)_mm512_cvtneps_pbh(v));
     }
+  }
+}
+
+// `rows` (<= kBlockRows) rows x 32 columns of a float32 product (product_float).
+template <int rows>
+LIIF_TARGET_BF16 inline void product_block(PairRows a, int64_t pairs, const uint16_t* w,
+                                           int64_t n_pitch, bool accumulate,
+                                           const uint16_t* mask, int64_t mask_pitch, float* dst,
+                                           int64_t dst_pitch) {
+  __m512 acc[rows][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < rows; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      acc[r][h] = accumulate ? _mm512_loadu_ps(dst + r * dst_pitch + 16 * h) : _mm512_setzero_ps();
+    }
+  }
+  accumulate_block<rows>(acc, a.data, a.row_stride, a.pair_stride, pairs, w, n_pitch);
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int r = 0; r < rows; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      __m512 v = acc[r][h];
+      if (mask != nullptr) {
+        // Kept where mask > 0 (false for NaN), as threshold_backward.
+        const __m512 m = load_bf16x16(mask + r * mask_pitch + 16 * h);
+        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ), v);
+      }
+      _mm512_storeu_ps(dst + r * dst_pitch + 16 * h, v);
+    }
+  }
+}
+
+template <int rows>
+LIIF_TARGET_BF16 void product_rows(PairRows a, int64_t pairs, const uint16_t* b, int64_t n_pitch,
+                                   bool accumulate, const uint16_t* mask, int64_t mask_pitch,
+                                   float* dst, int64_t dst_pitch) {
+  for (int64_t n = 0; n < n_pitch; n += 32) {
+    product_block<rows>(a, pairs, b + 2 * n, n_pitch, accumulate,
+                        mask != nullptr ? mask + n : nullptr, mask_pitch, dst + n, dst_pitch);
   }
 }
 
@@ -185,13 +239,100 @@ LIIF_TARGET_BF16 void linear_float_out(const uint16_t* a, int64_t rows, int64_t 
       for (int64_t c = 0; c < in; c += 16) {
         const int64_t left = in - c;
         const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-        // bf16 to float32 is exact: the 16 bits become the high half of the float.
-        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c))),
-            16));
+        const __m512 x = load_bf16x16(row + c);
         acc = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, w + c), acc);
       }
       out[r * out_dim + o] = _mm512_reduce_add_ps(acc) + bias[o];
+    }
+  }
+}
+
+LIIF_TARGET_BF16 void product_float(PairRows a, int64_t rows, int64_t pairs, const uint16_t* b,
+                                    int64_t n_pitch, bool accumulate, const uint16_t* mask,
+                                    int64_t mask_pitch, float* dst, int64_t dst_pitch) {
+  TORCH_CHECK(n_pitch % 32 == 0, "liif_cuda: bf16 product of ", n_pitch, " columns");
+  int64_t r = 0;
+  for (; r + kBlockRows <= rows; r += kBlockRows) {
+    product_rows<kBlockRows>({a.data + r * a.row_stride, a.row_stride, a.pair_stride}, pairs, b,
+                             n_pitch, accumulate, mask != nullptr ? mask + r * mask_pitch : nullptr,
+                             mask_pitch, dst + r * dst_pitch, dst_pitch);
+  }
+  const PairRows tail{a.data + r * a.row_stride, a.row_stride, a.pair_stride};
+  const uint16_t* mask_tail = mask != nullptr ? mask + r * mask_pitch : nullptr;
+  float* d = dst + r * dst_pitch;
+  switch (rows - r) {
+#define LIIF_PRODUCT_TAIL(n)                                                                  \
+  case n:                                                                                     \
+    product_rows<n>(tail, pairs, b, n_pitch, accumulate, mask_tail, mask_pitch, d, dst_pitch); \
+    break;
+    LIIF_PRODUCT_TAIL(1)
+    LIIF_PRODUCT_TAIL(2)
+    LIIF_PRODUCT_TAIL(3)
+    LIIF_PRODUCT_TAIL(4)
+    LIIF_PRODUCT_TAIL(5)
+    LIIF_PRODUCT_TAIL(6)
+    LIIF_PRODUCT_TAIL(7)
+#undef LIIF_PRODUCT_TAIL
+    default: break;
+  }
+}
+
+namespace {
+
+// 16 columns of two rows, interleaved into 16 pairs (one 512-bit store).
+LIIF_TARGET_BF16 inline void store_pairs(__m256i row0, __m256i row1, uint16_t* dst) {
+  const __m512i lo = _mm512_cvtepu16_epi32(row0);
+  const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(row1), 16);
+  _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+}
+
+LIIF_TARGET_BF16 inline __mmask16 column_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+}  // namespace
+
+LIIF_TARGET_BF16 void pack_row_pairs(const float* src, int64_t src_pitch, int64_t rows,
+                                     int64_t width, uint16_t* dst) {
+  const int64_t pitch = activation_pitch(width);
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const float* r0 = src + 2 * p * src_pitch;
+    const float* r1 = 2 * p + 1 < rows ? r0 + src_pitch : nullptr;
+    for (int64_t c = 0; c < pitch; c += 16) {
+      const __mmask16 m = column_mask(width - c);
+      const __m256i x0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r0 + c));
+      const __m256i x1 = r1 != nullptr
+                             ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r1 + c))
+                             : _mm256_setzero_si256();
+      store_pairs(x0, x1, dst + (p * pitch + c) * 2);
+    }
+  }
+}
+
+LIIF_TARGET_BF16 void pack_row_pairs(const uint16_t* src, int64_t src_pitch, int64_t rows,
+                                     int64_t width, uint16_t* dst) {
+  const int64_t pitch = activation_pitch(width);
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const uint16_t* r0 = src + 2 * p * src_pitch;
+    const uint16_t* r1 = 2 * p + 1 < rows ? r0 + src_pitch : nullptr;
+    for (int64_t c = 0; c < pitch; c += 16) {
+      const __mmask16 m = column_mask(width - c);
+      const __m256i x0 = _mm256_maskz_loadu_epi16(m, r0 + c);
+      const __m256i x1 = r1 != nullptr ? _mm256_maskz_loadu_epi16(m, r1 + c)
+                                       : _mm256_setzero_si256();
+      store_pairs(x0, x1, dst + (p * pitch + c) * 2);
+    }
+  }
+}
+
+LIIF_TARGET_BF16 void widen_rows(const uint16_t* src, int64_t src_pitch, int64_t rows,
+                                 int64_t width, float* dst, int64_t dst_pitch) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < width; c += 16) {
+      const __mmask16 m = column_mask(width - c);
+      const __m512i x = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src + r * src_pitch + c));
+      _mm512_mask_storeu_ps(dst + r * dst_pitch + c, m,
+                            _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
     }
   }
 }
@@ -210,6 +351,19 @@ void linear(const uint16_t*, int64_t, const PackedLayer&, bool, uint16_t*) {
 }
 void linear_float_out(const uint16_t*, int64_t, int64_t, const float*, const float*, int64_t,
                       float*) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+void pack_row_pairs(const float*, int64_t, int64_t, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+void pack_row_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+void product_float(PairRows, int64_t, int64_t, const uint16_t*, int64_t, bool, const uint16_t*,
+                   int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
+}
+void widen_rows(const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "liif_cuda: the CPU bf16 kernels are not built for this architecture");
 }
 

@@ -46,6 +46,37 @@ void linear(const uint16_t* a, int64_t rows, const PackedLayer& layer, bool relu
 void linear_float_out(const uint16_t* a, int64_t rows, int64_t in, const float* weight,
                       const float* bias, int64_t out_dim, float* out);
 
+// The backward's bf16 mode: products of bf16 operands with float32 accumulation and float32
+// results. An operand is given as rows of bf16 pairs: pair p (elements 2p and 2p + 1 of the
+// reduction) of row r at data + r * row_stride + p * pair_stride, two values side by side. bf16
+// activation rows (pitch P) are {data, P, 2}; a matrix packed by pack_row_pairs is, read as its
+// transpose, {data, 2, 2 * activation_pitch(width)}.
+struct PairRows {
+  const uint16_t* data;
+  int64_t row_stride, pair_stride;
+};
+
+// Rows 2p and 2p + 1 of a (rows x width) matrix interleaved, the layout of a packed weight:
+// dst[(p * pitch + c) * 2 + j] = src[2p + j][c] for pitch = activation_pitch(width), zero past
+// `rows` and `width`; ceil(rows / 2) * pitch * 2 values. From float32 rows (rounded to bf16, to
+// nearest even) or from bf16 rows.
+void pack_row_pairs(const float* src, int64_t src_pitch, int64_t rows, int64_t width,
+                    uint16_t* dst);
+void pack_row_pairs(const uint16_t* src, int64_t src_pitch, int64_t rows, int64_t width,
+                    uint16_t* dst);
+
+// dst[r][n] = (accumulate ? dst[r][n] : 0) + sum_p a[r][p] . b[p][n] for r < rows and the
+// n_pitch columns of b, a packed weight ({pairs, n_pitch, 2} bf16, n_pitch a multiple of 32), in
+// float32; with `mask` (bf16 rows of pitch mask_pitch), zero where mask[r][n] is not positive (the
+// ReLU's derivative, as torch's threshold_backward).
+void product_float(PairRows a, int64_t rows, int64_t pairs, const uint16_t* b, int64_t n_pitch,
+                   bool accumulate, const uint16_t* mask, int64_t mask_pitch, float* dst,
+                   int64_t dst_pitch);
+
+// bf16 rows (pitch src_pitch) to float32 rows (pitch dst_pitch), `width` columns; exact.
+void widen_rows(const uint16_t* src, int64_t src_pitch, int64_t rows, int64_t width, float* dst,
+                int64_t dst_pitch);
+
 }  // namespace bf16
 }  // namespace cpu
 }  // namespace liif

@@ -12,6 +12,14 @@
 // The first-layer map's gradient (or, without the map, the unfolded features' gradient) is gathered per
 // LR cell and finished by the convolution's own backward (feat and the feature columns of layer 0).
 //
+// The bf16 mode (precision "bf16", on a CPU with AVX512-BF16 and an MLP with a layer between hidden
+// layers) recomputes the forward with the bf16 forward's kernels (the same activations, rounded to
+// bf16), and multiplies the layers between hidden layers' output gradients, rounded to bf16, by
+// their bf16 activations (weight gradients, both packed in pairs of rows) and weights (input
+// gradients, with the ReLU's mask in the kernel's epilogue) with float32 results
+// (bf16::product_float); the convolution's backward then takes bf16 operands, as under autocast.
+// python/liif_rounding_model.Bf16BackwardRounding states these gradients on the reference.
+//
 // Deterministic: tiles run in waves of kWaveTiles; tile t of an image adds its weight and bias
 // gradients into accumulator slot t % kWaveTiles (one tile per slot and wave), writes its per-cell
 // gradient rows into the wave's buffer, and after the wave those rows are added in tile and row order;
@@ -26,6 +34,7 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../liif_backward_needs.h"
@@ -55,7 +64,9 @@ template <typename scalar_t>
 struct BackwardScratch {
   std::vector<at::Tensor> acts;  // acts[l]: output of layer l after ReLU, l = 0 .. L-2 (flat)
   at::Tensor pred;               // last layer's output (rows x out_dim, flat)
-  at::Tensor grad_a, grad_b;     // output gradients, ping-pong (rows x max_width)
+  // Output gradients, ping-pong: rows x width, or rows of pitch activation_pitch(width) where the
+  // bf16 mode's products write them.
+  at::Tensor grad_a, grad_b;
   at::Tensor unfolded;           // direct path: gathered features (rows x feat_dim, flat)
   at::Tensor extra;              // (rows x 4): rel_y, rel_x, cell_y*H, cell_x*W
   at::Tensor grad_extra;         // (rows x 4)
@@ -63,16 +74,30 @@ struct BackwardScratch {
   std::vector<scalar_t> cell;
   std::vector<char> valid;
   std::vector<scalar_t> grad_blend;
+  // The bf16 mode: layers 0 .. L-2's activations as bf16 rows (pitch activation_pitch(width)); an
+  // output gradient rounded to bf16 rows; an output gradient and an activation packed in row
+  // pairs (bf16::pack_row_pairs).
+  std::vector<std::vector<uint16_t>> bf16_acts;
+  std::vector<uint16_t> g_rows, g_pairs, a_pairs;
 
-  BackwardScratch(const QueryPlan<scalar_t>& p, const at::TensorOptions& opts)
+  BackwardScratch(const QueryPlan<scalar_t>& p, const at::TensorOptions& opts, bool bf16)
       : neighbours(kTileRows), cell(2 * kTileRows), valid(kTileRows), grad_blend(kTileRows) {
     const int num_layers = static_cast<int>(p.weights.size());
     for (int l = 0; l + 1 < num_layers; ++l) {
       acts.push_back(at::empty({kTileRows * p.shape.layer_widths[l]}, opts));
     }
     pred = at::empty({kTileRows * p.shape.out_dim}, opts);
-    grad_a = at::empty({kTileRows * p.max_width}, opts);
-    grad_b = at::empty({kTileRows * p.max_width}, opts);
+    const int64_t pitch = bf16::activation_pitch(p.max_width);
+    grad_a = at::empty({kTileRows * pitch}, opts);
+    grad_b = at::empty({kTileRows * pitch}, opts);
+    if (bf16) {
+      for (int l = 0; l + 1 < num_layers; ++l) {
+        bf16_acts.emplace_back(kTileRows * bf16::activation_pitch(p.shape.layer_widths[l]));
+      }
+      g_rows.resize(kTileRows * pitch);
+      g_pairs.resize((kTileRows + 1) / 2 * pitch * 2);
+      a_pairs.resize(g_pairs.size());
+    }
     if (!p.precomputed) unfolded = at::empty({kTileRows * p.shape.feat_dim}, opts);
     extra = at::empty({kTileRows, 4}, opts);
     grad_extra = at::empty({kTileRows, 4}, opts);
@@ -97,12 +122,87 @@ struct BackwardPlan {
   // Where the per-cell scatter goes: grad_map (H*W, width0) of the current image (precomputed path)
   // or grad_feat (direct path).
   bool scatter = false;
-  // The bf16 mode (precision "bf16" on a CPU with bf16 products): layer l's weight in bf16, as
-  // (in, out) for the forward again and as (out, in) for the input gradient, for each layer between
-  // hidden layers (l = 1 .. L-2; undefined elsewhere). Empty: the exact backward.
-  std::vector<at::Tensor> bf16_weights_t, bf16_weights;
-  bool bf16() const { return !bf16_weights.empty(); }
+  // The bf16 mode (precision "bf16" on a CPU with bf16 products): each layer between hidden
+  // layers (l = 1 .. L-2, at index l - 1) packed as the bf16 forward packs it, for the forward
+  // again, and its transpose (in, out) packed without bias, for the input gradient G W. Empty: the
+  // exact backward.
+  std::vector<bf16::PackedLayer> bf16_hidden, bf16_transposed;
+  bool bf16() const { return !bf16_hidden.empty(); }
 };
+
+// A (rows x width) view of a flat buffer whose rows are `pitch` apart.
+inline at::Tensor pitched_rows(const at::Tensor& flat, int64_t rows, int64_t width,
+                               int64_t pitch) {
+  return flat.narrow(0, 0, rows * pitch).view({rows, pitch}).narrow(1, 0, width);
+}
+
+// The bf16 mode's forward again, exactly as the bf16 forward computes it (tile_mlp_bf16 of the
+// forward kernel): layer 0 in float32 (s.acts[0]), its output and each hidden layer's rounded to bf16
+// (kept in s.bf16_acts), the last layer in float32 into s.pred; and the last hidden layer's
+// activations widened to float32 (s.acts[L-2]) for the last layer's gradients.
+template <typename scalar_t>
+void tile_mlp_bf16_keep(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_t map_pitch,
+                        int64_t b, int64_t rows, BackwardScratch<scalar_t>& s) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const QueryPlan<float>& p = bp.q;
+    const int num_layers = static_cast<int>(p.weights.size());
+    const auto& widths = p.shape.layer_widths;
+    at::Tensor act0 = rows_view<float>(s.acts[0], rows, widths[0]);
+    tile_first_layer(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
+                     bp.feat_unfold, act0);
+    bf16::round_rows(act0.const_data_ptr<float>(), widths[0], rows, widths[0],
+                     s.bf16_acts[0].data());
+    for (int l = 1; l + 1 < num_layers; ++l) {
+      bf16::linear(s.bf16_acts[l - 1].data(), rows, bp.bf16_hidden[l - 1], /*relu=*/true,
+                   s.bf16_acts[l].data());
+    }
+    const int last = num_layers - 1;
+    const int64_t in_w = widths[last - 1];
+    bf16::linear_float_out(s.bf16_acts[last - 1].data(), rows, in_w,
+                           p.weights[last].const_data_ptr<float>(),
+                           p.biases[last].const_data_ptr<float>(), p.shape.out_dim,
+                           s.pred.template data_ptr<float>());
+    bf16::widen_rows(s.bf16_acts[last - 1].data(), bf16::activation_pitch(in_w), rows, in_w,
+                     s.acts[last - 1].template data_ptr<float>(), in_w);
+  } else {
+    TORCH_CHECK(false, "liif_cuda.query backward: the bf16 mode takes float32 tensors");
+  }
+}
+
+// The bf16 mode's step through hidden layer l (between hidden layers): with G its output gradient
+// (rows x out_w, float32, rows G.stride(0) apart), adds G^T A to `weight_grad` (out_w rows of pitch
+// activation_pitch(in_w)) when given, and, when `grad_in` is given, writes the input gradient
+// (G W masked by the ReLU of A) there (rows of pitch activation_pitch(in_w)). Both products take G
+// rounded to bf16 and A (layer l - 1's bf16 activations) with float32 accumulation and results.
+template <typename scalar_t>
+void hidden_layer_backward_bf16(const BackwardPlan<scalar_t>& bp, int l, int64_t rows,
+                                const at::Tensor& G, BackwardScratch<scalar_t>& s,
+                                float* weight_grad, float* grad_in) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t out_w = bp.q.shape.layer_widths[l], in_w = bp.q.shape.layer_widths[l - 1];
+    const int64_t out_pitch = bf16::activation_pitch(out_w);
+    const int64_t in_pitch = bf16::activation_pitch(in_w);
+    const float* g = G.const_data_ptr<float>();
+    const uint16_t* a = s.bf16_acts[l - 1].data();
+    if (weight_grad != nullptr) {
+      // dW[o][i] += sum_r G[r][o] A[r][i]: both packed in pairs of rows, G read as its transpose.
+      bf16::pack_row_pairs(g, G.stride(0), rows, out_w, s.g_pairs.data());
+      bf16::pack_row_pairs(a, in_pitch, rows, in_w, s.a_pairs.data());
+      bf16::product_float({s.g_pairs.data(), 2, 2 * out_pitch}, out_w, (rows + 1) / 2,
+                          s.a_pairs.data(), in_pitch, /*accumulate=*/true, nullptr, 0,
+                          weight_grad, in_pitch);
+    }
+    if (grad_in != nullptr) {
+      bf16::round_rows(g, G.stride(0), rows, out_w, s.g_rows.data());
+      const bf16::PackedLayer& wt = bp.bf16_transposed[l - 1];
+      bf16::product_float({s.g_rows.data(), out_pitch, 2}, rows, (out_w + 1) / 2,
+                          wt.weight.data(), wt.out_pitch, /*accumulate=*/false, a, in_pitch,
+                          grad_in, in_pitch);
+    }
+  } else {
+    TORCH_CHECK(false, "liif_cuda.query backward: the bf16 mode takes float32 tensors");
+  }
+}
 
 // One tile: recompute, back-propagate, accumulate into `slot`, and hand the per-cell rows to `wave`.
 template <typename scalar_t>
@@ -129,10 +229,13 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   }
 
   // 2. The forward again, keeping every layer's activations (the last layer's output is `pred`).
-  tile_mlp(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
-           bp.feat_unfold,
-           [&](int l) -> at::Tensor& { return l + 1 < num_layers ? s.acts[l] : s.pred; },
-           bp.bf16() ? &bp.bf16_weights_t : nullptr);
+  if (bp.bf16()) {
+    tile_mlp_bf16_keep(bp, map, map_pitch, b, rows, s);
+  } else {
+    tile_mlp(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
+             bp.feat_unfold,
+             [&](int l) -> at::Tensor& { return l + 1 < num_layers ? s.acts[l] : s.pred; });
+  }
 
   // 3. Blend: out_q = sum_k pred_k * weight_k. The predictions' gradient, and the blend weights'.
   const scalar_t* pred = s.pred.template const_data_ptr<scalar_t>();
@@ -161,26 +264,33 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   at::Tensor G = g_top;
   for (int l = num_layers - 1; l >= 1 && l >= lowest; --l) {
     const int64_t in_w = p.shape.layer_widths[l - 1];
-    const at::Tensor A = rows_view<scalar_t>(s.acts[l - 1], rows, in_w);
-    // The bf16 mode's products between hidden layers: bf16 operands, a bf16 result.
-    const bool reduced = bp.bf16() && l + 1 < num_layers;
-    const at::Tensor G_reduced = reduced ? G.to(at::kBFloat16) : at::Tensor();
-    if (need.weight[l]) {
-      if (reduced) {
-        slot.weight[l].add_(at::mm(G_reduced.t(), A.to(at::kBFloat16)));
-      } else {
-        slot.weight[l].addmm_(G.t(), A);
-      }
+    if (bp.bf16() && l + 1 < num_layers) {
+      // The bf16 mode's products between hidden layers (bf16 operands, float32 results).
+      const int64_t in_pitch = bf16::activation_pitch(in_w);
+      if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
+      const bool input_grad = l != lowest;
+      // G0 straight into the wave's buffer where its rows need no padding.
+      const bool into_wave = l == 1 && g0_in_wave;
+      at::Tensor G_in = !input_grad ? at::Tensor()
+                        : into_wave && in_pitch == in_w ? wave.rows.narrow(0, base, rows)
+                                                        : pitched_rows(*g_next, rows, in_w, in_pitch);
+      hidden_layer_backward_bf16(
+          bp, l, rows, G, s,
+          need.weight[l] ? reinterpret_cast<float*>(slot.weight[l].data_ptr()) : nullptr,
+          input_grad ? reinterpret_cast<float*>(G_in.data_ptr()) : nullptr);
+      if (!input_grad) break;
+      if (into_wave && in_pitch != in_w) wave.rows.narrow(0, base, rows).copy_(G_in);
+      G = G_in;
+      std::swap(g, g_next);
+      continue;
     }
+    const at::Tensor A = rows_view<scalar_t>(s.acts[l - 1], rows, in_w);
+    if (need.weight[l]) slot.weight[l].addmm_(G.t(), A);
     if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
     if (l == lowest) break;
     at::Tensor G_in = l == 1 && g0_in_wave ? wave.rows.narrow(0, base, rows)
                                            : rows_view<scalar_t>(*g_next, rows, in_w);
-    if (reduced) {
-      G_in.copy_(at::mm(G_reduced, bp.bf16_weights[l]));
-    } else {
-      at::mm_out(G_in, G, p.weights[l]);
-    }
+    at::mm_out(G_in, G, p.weights[l]);
     relu_backward(G_in.template data_ptr<scalar_t>(), A.template const_data_ptr<scalar_t>(),
                   rows * in_w);
     G = G_in;
@@ -262,12 +372,16 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
   BackwardPlan<scalar_t> bp;
   bp.q = make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble,
                                    cell_decode, shape);
-  if (bf16) {
-    bp.bf16_weights_t.resize(weights.size());
-    bp.bf16_weights.resize(weights.size());
-    for (size_t l = 1; l + 1 < weights.size(); ++l) {
-      bp.bf16_weights[l] = bp.q.weights[l].to(at::kBFloat16);
-      bp.bf16_weights_t[l] = bp.bf16_weights[l].t().contiguous();
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (size_t l = 1; bf16 && l + 1 < weights.size(); ++l) {
+      const at::Tensor& w = bp.q.weights[l];
+      const int64_t out = w.size(0), in = w.size(1);
+      bp.bf16_hidden.push_back(bf16::pack_layer(w.const_data_ptr<float>(),
+                                                bp.q.biases[l].template const_data_ptr<float>(), out, in));
+      const at::Tensor wt = w.t().contiguous();
+      const std::vector<float> no_bias(in, 0.0f);
+      bp.bf16_transposed.push_back(bf16::pack_layer(wt.const_data_ptr<float>(), no_bias.data(),
+                                                    in, out));
     }
   }
   bp.needs = needs;
@@ -300,7 +414,13 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
     slot.weight.resize(num_layers);
     slot.bias.resize(num_layers);
     for (int l = 0; l < num_layers; ++l) {
-      if (needs.weight[l] && l > 0) slot.weight[l] = at::zeros_like(p.weights[l]);
+      // The bf16 mode's products write whole 32-column blocks: rows of pitch
+      // activation_pitch(in) (the padding columns stay zero).
+      const bool padded = bp.bf16() && l + 1 < num_layers;
+      const int64_t out = p.weights[l].size(0), in = p.weights[l].size(1);
+      if (needs.weight[l] && l > 0) {
+        slot.weight[l] = at::zeros({out, padded ? bf16::activation_pitch(in) : in}, opts);
+      }
       if (needs.bias[l]) slot.bias[l] = at::zeros_like(p.biases[l], at::kDouble);
     }
     if (needs.weight[0]) {
@@ -317,8 +437,11 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
     wave.count.assign(kWaveTiles, 0);
   }
   const int k = feat_unfold ? 3 : 1;
-  const at::Tensor conv_weight =
-      p.first_feature_weight.view({width0, C, k, k});  // the feature columns as a convolution
+  // The feature columns as a convolution's weight, for the map's gradient.
+  const at::ScalarType conv_dtype = bp.bf16() ? at::kBFloat16 : feat.scalar_type();
+  const at::Tensor conv_filter = p.first_feature_weight.view({width0, C, k, k})
+                                     .to(conv_dtype)
+                                     .contiguous(at::MemoryFormat::ChannelsLast);
 
   std::vector<std::unique_ptr<BackwardScratch<scalar_t>>> scratch(at::get_num_threads());
   scalar_t* gc = needs.coords ? grad_coords.data_ptr<scalar_t>() : nullptr;
@@ -336,7 +459,7 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
         at::parallel_for(0, wave_tiles, 1, [&](int64_t, int64_t) {
           at::AutoDispatchBelowADInplaceOrView below_autograd;
           std::unique_ptr<BackwardScratch<scalar_t>>& mine = scratch[at::get_thread_num()];
-          if (!mine) mine = std::make_unique<BackwardScratch<scalar_t>>(p, opts);
+          if (!mine) mine = std::make_unique<BackwardScratch<scalar_t>>(p, opts, bp.bf16());
           for (int64_t w = next++; w < wave_tiles; w = next++) {
             const int64_t t = first_tile + w;
             const int64_t q0 = t * queries_per_tile;
@@ -385,14 +508,21 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
         }
       }
       // Through the convolution that made the map: feat's and the feature columns' gradients.
+      // All operands channels-last, as the map's gradient is: oneDNN convolves them about 1.4x
+      // faster than mixed layouts. In the bf16 mode with bf16 operands and results, as
+      // torch.autocast's convolution.
       if (grad_map.defined()) {
-        const at::Tensor g_map = grad_map.view({1, H, W, width0}).permute({0, 3, 1, 2});
+        const at::Tensor g_map =
+            grad_map.view({1, H, W, width0}).permute({0, 3, 1, 2}).to(conv_dtype);
+        const at::Tensor input =
+            feat.narrow(0, b, 1).to(conv_dtype).contiguous(at::MemoryFormat::ChannelsLast);
         auto result = at::convolution_backward(
-            g_map, feat.narrow(0, b, 1), conv_weight, c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1},
-            false, {0, 0}, 1, {needs.feat, needs.first_feature_columns(), false});
+            g_map, input, conv_filter, c10::nullopt, {1, 1}, {k / 2, k / 2}, {1, 1}, false,
+            {0, 0}, 1, {needs.feat, needs.first_feature_columns(), false});
         if (needs.feat) grad_feat.narrow(0, b, 1).copy_(std::get<0>(result));
         if (needs.first_feature_columns()) {
-          const at::Tensor gw = std::get<1>(result).reshape({width0, shape.feat_dim});
+          const at::Tensor gw =
+              std::get<1>(result).to(feat.scalar_type()).reshape({width0, shape.feat_dim});
           grad_first_features = grad_first_features.defined() ? grad_first_features.add_(gw) : gw;
         }
       }
@@ -404,7 +534,9 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
   for (int l = 0; l < num_layers; ++l) {
     if (needs.weight[l] && l > 0) {
       at::Tensor sum = at::zeros_like(p.weights[l], at::kDouble);
-      for (const GradSlot<scalar_t>& s : slots) sum.add_(s.weight[l]);
+      for (const GradSlot<scalar_t>& s : slots) {
+        sum.add_(s.weight[l].narrow(1, 0, p.weights[l].size(1)));
+      }
       grad_w[l] = sum.to(feat.scalar_type());
     }
     if (needs.bias[l]) {

@@ -227,14 +227,10 @@ void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t
 // The MLP on the `rows` rows of a tile: layer 0 (tile_first_layer), then each further layer's
 // product, bias and ReLU (none after the last). Layer l's output goes to the flat buffer output(l)
 // (room for rows x width_l, not output(l - 1)'s); returns the last layer's buffer.
-// `bf16_hidden_t`: for the backward's bf16 mode, layer l's weight transposed to (in, out) in bf16
-// for each layer between hidden layers (l = 1 .. L-2); their products then take bf16 operands and
-// give a bf16 result (oneDNN), to which bias and ReLU are applied in float32.
 template <typename scalar_t, typename Output>
 at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch, int64_t b,
                     int64_t rows, const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
-                    const at::Tensor& unfolded, bool feat_unfold, Output&& output,
-                    const std::vector<at::Tensor>* bf16_hidden_t = nullptr) {
+                    const at::Tensor& unfolded, bool feat_unfold, Output&& output) {
   const int num_layers = static_cast<int>(p.weights.size());
   at::Tensor act0 = rows_view<scalar_t>(output(0), rows, p.shape.layer_widths[0]);
   tile_first_layer(p, map, map_pitch, b, rows, neighbours, cell, unfolded, feat_unfold, act0);
@@ -243,11 +239,7 @@ at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t m
     const int64_t out_w = p.shape.layer_widths[l];
     at::Tensor dst = rows_view<scalar_t>(output(l), rows, out_w);
     const at::Tensor src = rows_view<scalar_t>(output(l - 1), rows, p.shape.layer_widths[l - 1]);
-    if (bf16_hidden_t != nullptr && l + 1 < num_layers) {
-      dst.copy_(at::mm(src.to(at::kBFloat16), (*bf16_hidden_t)[l]));
-    } else {
-      at::mm_out(dst, src, p.weights[l].t());
-    }
+    at::mm_out(dst, src, p.weights[l].t());
     add_bias_relu(dst.template data_ptr<scalar_t>(), p.biases[l].template const_data_ptr<scalar_t>(),
                   rows, out_w, l + 1 < num_layers);
     result = output(l);

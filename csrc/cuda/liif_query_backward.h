@@ -18,9 +18,12 @@
 // Then the map's gradient goes through the convolution that made the map, written as products:
 // feat's gradient is col2im(W^T G) and the feature columns' is G^T im2col(feat).
 //
-// `bf16` (the backward's bf16 mode, float32 only): the products between hidden layers (layers 1 ..
-// L-2: forward again, weight and input gradients) take bf16 operands and give bf16 results, added to
-// float32 (accumulators, bias, ReLU); the rest is unchanged.
+// `bf16` (the backward's bf16 mode, float32 only), as the CPU kernel's: the forward again is the bf16
+// forward's rounding model (layer 0's output and each hidden layer's rounded to bf16 once, after
+// bias and ReLU in float32; the hidden layers' products of bf16 operands with float32 results),
+// and the weight and input gradients of the layers between hidden layers (1 .. L-2) multiply the
+// output gradient rounded to bf16 by those bf16 activations / weights, with float32 results; the
+// rest is unchanged.
 //
 // Deterministic except for the per-cell addition of step 5, which uses atomic adds on CUDA unless
 // torch.use_deterministic_algorithms(True) is on (index_add_ then takes its sorted, deterministic
@@ -30,6 +33,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <vector>
@@ -143,6 +147,17 @@ std::vector<at::Tensor> query_backward_in_chunks(
     }
     auto reduced = [&](int l) { return bf16 && l + 1 < num_layers; };
     auto to_bf16 = [](const at::Tensor& t) { return t.to(at::kBFloat16); };
+    // The bf16 mode's products: bf16 operands, float32 accumulation and result. cuBLAS's
+    // float32-output bf16 GEMM (aten's mm.dtype, torch 2.8 and newer); on the host harness, and with
+    // an older torch, a float32 product of the same bf16 values, equal up to the order of the sums.
+    auto product_bf16 = [](const at::Tensor& a, const at::Tensor& b) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+      if (a.is_cuda()) return at::mm(a, b, at::kFloat);
+#endif
+      return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+    };
+    // In place: float32 values rounded to bf16 (to nearest even), kept in float32.
+    auto round_to_bf16 = [](at::Tensor t) { t.copy_(t.to(at::kBFloat16)); };
 
     BackwardChunkParams<T> p;
     p.grid = prepared.params.grid;
@@ -181,13 +196,17 @@ std::vector<at::Tensor> query_backward_in_chunks(
       // 1-2. Geometry, then the forward, keeping each layer's output.
       launch(BackwardKernel::kGeometry, p, nq);
       launch(BackwardKernel::kFirstLayer, p, rows * width0);
+      if (bf16) round_to_bf16(rows_of(acts[0]));
       for (int l = 1; l < num_layers; ++l) {
         at::Tensor out = rows_of(acts[l]);
         if (reduced(l)) {
-          out.copy_(at::mm(to_bf16(rows_of(acts[l - 1])), bf16_weights_t[l])).add_(biases[l]);
-        } else {
-          at::addmm_out(out, layer_b[l], rows_of(acts[l - 1]), layer_w[l].t());
+          out.copy_(product_bf16(to_bf16(rows_of(acts[l - 1])), bf16_weights_t[l]))
+              .add_(biases[l])
+              .relu_();
+          round_to_bf16(out);
+          continue;
         }
+        at::addmm_out(out, layer_b[l], rows_of(acts[l - 1]), layer_w[l].t());
         if (l + 1 < num_layers) out.relu_();
       }
 
@@ -202,7 +221,7 @@ std::vector<at::Tensor> query_backward_in_chunks(
         const at::Tensor G_reduced = reduced(l) ? to_bf16(G) : at::Tensor();
         if (needs.weight[l]) {
           if (reduced(l)) {
-            grad_w[l].add_(at::mm(G_reduced.t(), to_bf16(A)));
+            grad_w[l].add_(product_bf16(G_reduced.t(), to_bf16(A)));
           } else {
             grad_w[l].addmm_(G.t(), A);
           }
@@ -212,7 +231,7 @@ std::vector<at::Tensor> query_backward_in_chunks(
         buffer = 1 - buffer;
         at::Tensor G_in = grad_rows(buffer, shape.layer_widths[l - 1]);
         if (reduced(l)) {
-          G_in.copy_(at::mm(G_reduced, bf16_weights[l]));
+          G_in.copy_(product_bf16(G_reduced, bf16_weights[l]));
         } else {
           at::mm_out(G_in, G, layer_w[l]);
         }
