@@ -43,7 +43,8 @@ HIDDEN = [256, 256, 256, 256]
 # (LR width, LR height, scale): the 1080p frame and a square x4 case.
 DEFAULT_CASES = "480x270x4,128x128x4"
 # variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
-# applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice (mma.sync by default, or WMMA).
+# applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice (mma.sync with 8 warps by default,
+# its 16-warp form, or WMMA).
 VARIANTS = {
     "reference": ("reference", "fp32", None),
     "reference-autocast-fp16": ("reference", "fp16", None),
@@ -51,6 +52,9 @@ VARIANTS = {
     "fused-tf32": ("fused", "tf32", "mma"),
     "fused-bf16": ("fused", "bf16", "mma"),
     "fused-fp16": ("fused", "fp16", "mma"),
+    "fused-tf32-mma16": ("fused", "tf32", "mma16"),
+    "fused-bf16-mma16": ("fused", "bf16", "mma16"),
+    "fused-fp16-mma16": ("fused", "fp16", "mma16"),
     "fused-tf32-wmma": ("fused", "tf32", "wmma"),
     "fused-bf16-wmma": ("fused", "bf16", "wmma"),
     "fused-fp16-wmma": ("fused", "fp16", "wmma"),

@@ -36,20 +36,33 @@ import liif_cuda  # noqa: E402
 # Issue 4's bounds against the float32 reference, and the exact paths' (tests/conftest.py).
 TOLERANCE = {"fp32": 1e-5, "fp64": 1e-12, "tf32": 5e-4, "fp16": 1e-3, "bf16": 4e-3}
 
-# path: (dtype, hidden widths, precision, kernel name expected in the profile); the reduced
-# precisions on the mma.sync kernel (the default) and on the WMMA kernel (LIIF_CUDA_TENSOR_CORE_KERNEL).
+# path: (dtype, hidden widths, precision, kernel expected in the profile: its name, then after "@"
+# its last template argument where it has one); the reduced precisions on the mma.sync kernel (the
+# default: 8 warps of 64 rows), on its 16-warp form (-mma16: 32 rows per warp) and on the WMMA
+# kernel (LIIF_CUDA_TENSOR_CORE_KERNEL).
 FORWARD = {
     "fast-fp32": (torch.float32, [256] * 4, "fp32", "liif_query_fast_kernel"),
     "generic-fp32": (torch.float32, [96, 80, 64], "fp32", "liif_query_generic_kernel"),
     "generic-fp64": (torch.float64, [256] * 4, "fp32", "liif_query_generic_kernel"),
-    "tf32": (torch.float32, [256] * 4, "tf32", "liif_query_mma_kernel"),
-    "bf16": (torch.float32, [256] * 4, "bf16", "liif_query_mma_kernel"),
-    "fp16": (torch.float32, [256] * 4, "fp16", "liif_query_mma_kernel"),
+    "tf32": (torch.float32, [256] * 4, "tf32", "liif_query_mma_kernel@64"),
+    "bf16": (torch.float32, [256] * 4, "bf16", "liif_query_mma_kernel@64"),
+    "fp16": (torch.float32, [256] * 4, "fp16", "liif_query_mma_kernel@64"),
+    "tf32-mma16": (torch.float32, [256] * 4, "tf32", "liif_query_mma_kernel@32"),
+    "bf16-mma16": (torch.float32, [256] * 4, "bf16", "liif_query_mma_kernel@32"),
+    "fp16-mma16": (torch.float32, [256] * 4, "fp16", "liif_query_mma_kernel@32"),
     "tf32-wmma": (torch.float32, [256] * 4, "tf32", "liif_query_tensor_core_kernel"),
     "bf16-wmma": (torch.float32, [256] * 4, "bf16", "liif_query_tensor_core_kernel"),
     "fp16-wmma": (torch.float32, [256] * 4, "fp16", "liif_query_tensor_core_kernel"),
 }
 PATHS = list(FORWARD) + ["backward", "graph", "large"]
+
+
+def kernel_ran(expected, names):
+    """Whether `expected` ("name" or "name@last template argument") is among the profiled kernel
+    names; the argument is checked where the profiler shows template arguments."""
+    name, _, argument = expected.partition("@")
+    return any(name in k and (not argument or "<" not in k or f"{argument}>" in k.replace(" ", ""))
+               for k in names)
 
 
 def relative_error(out, expected):
@@ -120,7 +133,8 @@ class Runner:
 
 def forward_path(r, name):
     dtype, hidden, precision, kernel = FORWARD[name]
-    os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = "wmma" if name.endswith("-wmma") else "mma"
+    os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = name.rpartition("-")[2] if name.endswith(
+        ("-wmma", "-mma16")) else "mma"
     feat, coords, cells, mlp = r.problem(dtype, hidden)
 
     def run():
@@ -148,7 +162,7 @@ def forward_path(r, name):
             ok = ok and res["error_vs_reference"] > TOLERANCE["fp32"]
     res["kernels"] = r.kernels(run)
     if res["kernels"] is not None:
-        ok = ok and any(kernel in k for k in res["kernels"])
+        ok = ok and kernel_ran(kernel, res["kernels"])
     res["ms"] = r.median_ms(run)
     return ok, res
 

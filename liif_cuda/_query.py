@@ -57,7 +57,7 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
             products with float32 accumulation), and the layers between hidden layers multiply
             their output gradient, rounded to bf16, by those bf16 activations and weights with
             float32 results; layer 0, the last layer, the blend and the geometry stay float32
-            (on the CPU the convolution's backward takes bf16 operands, as under autocast). Its
+            (but for the convolution's backward on the CPU, in bf16 as under autocast). Its
             gradient errors stay below those of the reference under autocast bf16 (1e-3 to 5e-2
             at the training shape, docs/operator.md). It runs on CUDA GPUs of compute capability
             8.0 and newer and on CPUs with AVX512-BF16, for MLPs with a layer between hidden

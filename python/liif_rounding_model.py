@@ -113,7 +113,11 @@ class Bf16BackwardRounding(KernelRounding):
     multiplies its output gradient rounded to bf16 by its rounded weight (input gradient) and by
     its rounded input activations (weight gradient), with float32-exact products and float32
     accumulation (float64 here); the ReLUs' derivatives, layer 0, the last layer and the blend
-    exact. Use it as `imnet` of the reference's query and take its autograd gradients."""
+    exact. Use it as `imnet` of the reference's query and take its autograd gradients. Not
+    modelled: on the CPU the first-layer map's gradient (layer 0's output gradient summed per LR
+    cell) goes through the convolution's backward with bf16 operands and results (feat's gradient
+    and layer 0's feature columns'; about 2^-9 relative each), and the CPU's bf16 instructions
+    flush values below about 1e-38 to zero."""
 
     def __init__(self, mlp):
         super().__init__(mlp, "bf16")

@@ -18,8 +18,8 @@ SHARED_SM90 = 232448   # sm_90 (H100)
 SHARED_DEFAULT = 49152  # without opting in: too small for the fast kernel, the generic one runs
 
 # The kernel that ran (csrc/cuda/liif_query_launch.h, KernelPath): TENSOR_CORE is the WMMA kernel,
-# MMA the mma.sync one.
-FAST, GENERIC, TENSOR_CORE, MMA = 1, 2, 3, 4
+# MMA the mma.sync one, MMA16 its 16-warp form.
+FAST, GENERIC, TENSOR_CORE, MMA, MMA16 = 1, 2, 3, 4, 5
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,12 +48,13 @@ SHARED_SM80 = 166912
 
 def tensor_core_path(precision, local_ensemble, depth, out_dim, shared, kernel):
     """The kernel the planner must choose for a reduced precision and an MLP of `depth` hidden
-    layers 256 wide (csrc/cuda/liif_query_launch.h, plan_launch): the mma.sync kernel where it is
-    preferred, there is a hidden-to-hidden layer, out_dim <= 32 and its 128 rows fit; else WMMA
-    (whose tf32 block without the local ensemble does not fit sm_86: then the exact FAST kernel)."""
+    layers 256 wide (csrc/cuda/liif_query_launch.h, plan_launch): the mma.sync kernel (8 or 16
+    warps) where it is preferred, there is a hidden-to-hidden layer, out_dim <= 32 and its 128 rows
+    fit; else WMMA (whose tf32 block without the local ensemble does not fit sm_86: then the exact
+    FAST kernel)."""
     mma_fits = shared >= (SHARED_SM90 if precision == "tf32" else SHARED_SM80)
-    if kernel == "mma" and depth >= 2 and out_dim <= 32 and mma_fits:
-        return MMA
+    if kernel in ("mma", "mma16") and depth >= 2 and out_dim <= 32 and mma_fits:
+        return MMA if kernel == "mma" else MMA16
     if precision == "tf32" and shared == SHARED_SM86 and not local_ensemble:
         return FAST
     return TENSOR_CORE
@@ -65,7 +66,8 @@ FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
 def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, precision="fp32",
         tensor_core_kernel="mma", **flags):
     """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE,
-    MMA). `tensor_core_kernel`: the one preferred for a reduced precision ("mma" or "wmma")."""
+    MMA, MMA16). `tensor_core_kernel`: the one preferred for a reduced precision ("mma", "mma16" or
+    "wmma")."""
     flags = {**FLAGS, **flags}
     weights, biases = liif_cuda.mlp_parameters(mlp)
     with torch.no_grad():

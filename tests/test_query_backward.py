@@ -21,6 +21,7 @@ from helpers import border_coords, build, make_mlp, query_problems, random_input
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cuda_harness
 import liif_cuda
 import liif_reference as ref
 
@@ -221,6 +222,27 @@ def test_recompute_backward_equals_the_fused_kernel(monkeypatch, chunk_bytes):
     recomputed = _backward.recompute_backward(*args)
     for i, (f, r) in enumerate(zip(fused, recomputed)):
         torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12, equal_nan=True, msg=str(i))
+
+
+@pytest.mark.parametrize("where", ["cpu kernel", "cuda backward on the host"])
+def test_nan_activation_passes_its_gradient_as_in_torch(where):
+    """A NaN activation (here: a hidden unit whose bias is NaN) passes its gradient through the
+    ReLU, as torch's threshold_backward does in the reference's autograd (`a <= 0` stops it, NaN
+    does not): the first hidden layer's weight gradient is finite and equal to the reference's,
+    NaN where the reference's is."""
+    feat, coords, cells = random_inputs(1, 3, 5, 6, 30, seed=4, dtype=torch.float64)
+    mlp = make_mlp(ref.imnet_in_dim(3), [16, 16, 16], 3, torch.float64)
+    with torch.no_grad():
+        mlp.layers[2].bias[5] = float("nan")  # layer 1's unit 5
+    grad_out = torch.randn(1, 30, 3, dtype=torch.float64)
+    query = liif_cuda.query if where == "cpu kernel" else cuda_harness.query_with_backward
+    ours = grads(query, feat, coords, cells, mlp, grad_out, {})
+    theirs = grads(ref.query_rgb, feat, coords, cells, mlp, grad_out, {})
+    weight1 = 4  # [feat, coords, cells, weight0, weight1, ...]
+    assert torch.isfinite(theirs[weight1][5]).all() and theirs[weight1][5].abs().sum() > 0
+    for o, t in zip(ours[3:], theirs[3:]):
+        assert torch.equal(o.isnan(), t.isnan())
+        assert torch.allclose(o, t, rtol=1e-10, atol=1e-12, equal_nan=True)
 
 
 def test_frozen_parts_get_no_gradient():

@@ -92,9 +92,9 @@ def bf16_backward_problems(draw):
 @given(problem=bf16_backward_problems())
 def test_follows_its_rounding_model(where, problem):
     """The bf16 mode (the CPU kernel's, and the CUDA backward's run by the host harness) against
-    python/liif_rounding_model.Bf16BackwardRounding (the same roundings, in float64; the CPU's
-    convolution backward in bf16 adds one more rounding of feat's gradient, within the bound):
-    feat's, the cells' and every parameter's gradient within half the
+    python/liif_rounding_model.Bf16BackwardRounding (the same roundings, in float64, but for the
+    CPU's bf16 convolution backward of the map's gradient, within the bound): feat's, the cells' and
+    every parameter's gradient within half the
     model's own distance from the exact gradient plus one bf16 rounding (2^-8) of its norm. Both
     round the same values to bf16 except where float32 and float64 land on either side of a
     rounding boundary or a ReLU's threshold, which moves a gradient by a fraction of the mode's

@@ -18,8 +18,9 @@ a result would stay within the issue's bound.
 import pytest
 import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
-from cuda_harness import (FAST, FLAGS, GENERIC, MMA, SHARED_DEFAULT, SHARED_SM80, SHARED_SM86,
-                          SHARED_SM90, TENSOR_CORE, load, reference, run, tensor_core_path)
+from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
+                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, load, reference, run,
+                          tensor_core_path)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given, settings
@@ -29,7 +30,7 @@ from liif_rounding_model import KernelRounding, tf32_round_nearest_away
 import liif_reference as ref
 
 
-KERNELS = ["mma", "wmma"]
+KERNELS = ["mma", "mma16", "wmma"]
 
 
 # Each example runs 256-thread blocks of emulated tensor-core tiles: half the profile's examples.
@@ -64,7 +65,7 @@ def test_random_inputs(precision, channels, flags, depth, out_dim):
     feat, coords, cells = random_inputs(2, channels, 9, 7, 60, seed=channels, spread=1.1)
     in_dim = ref.imnet_in_dim(channels, flags["feat_unfold"], flags["cell_decode"])
     mlp = make_mlp(in_dim, [256] * depth, out_dim, torch.float32, seed=depth)
-    for kernel, expected_path in (("mma", MMA), ("wmma", TENSOR_CORE)):
+    for kernel, expected_path in (("mma", MMA), ("mma16", MMA16), ("wmma", TENSOR_CORE)):
         out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel,
                         **flags)
         assert path == expected_path
@@ -93,7 +94,8 @@ def test_published_shape(kernel, precision, shared, batch, height, width, querie
     assert error > TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("wmma", TENSOR_CORE)])
+@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16),
+                                                  ("wmma", TENSOR_CORE)])
 @pytest.mark.parametrize("precision", REDUCED)
 def test_non_finite_coordinates(precision, kernel, expected_path):
     feat, coords, cells = random_inputs(2, 4, 5, 5, 20, seed=3)
@@ -231,12 +233,26 @@ def test_emulated_mma_tile_is_a_matrix_product(precision, via_ldmatrix):
     assert torch.equal(d, a @ b + c)
 
 
+@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16)])
 @pytest.mark.parametrize("precision", REDUCED)
-def test_mma_kernel_result_is_independent_of_thread_order(precision):
+def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel, expected_path):
     """Threads run in order or in reverse between barriers: a missing barrier or a read of a
     fragment another lane has not produced yet changes the result."""
     feat, coords, cells, mlp = published_problem(2, 5, 6, 70, seed=7)
-    out, path = run(feat, coords, cells, mlp, precision=precision)
-    again, _ = run(feat, coords, cells, mlp, reverse_order=True, precision=precision)
-    assert path == MMA
+    out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel)
+    again, _ = run(feat, coords, cells, mlp, reverse_order=True, precision=precision,
+                   tensor_core_kernel=kernel)
+    assert path == expected_path
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_mma_kernel_with_16_warps_equals_8_warps(precision):
+    """The 16-warp form splits each warp's rows in two and changes no sum's order: the same
+    bits."""
+    feat, coords, cells, mlp = published_problem(2, 4, 7, 90, seed=5)
+    eight, path8 = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel="mma")
+    sixteen, path16 = run(feat, coords, cells, mlp, precision=precision,
+                          tensor_core_kernel="mma16")
+    assert (path8, path16) == (MMA, MMA16)
+    assert torch.equal(eight, sixteen)

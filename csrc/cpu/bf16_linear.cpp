@@ -157,9 +157,9 @@ LIIF_TARGET_BF16 inline void product_block(PairRows a, int64_t pairs, const uint
     for (int h = 0; h < 2; ++h) {
       __m512 v = acc[r][h];
       if (mask != nullptr) {
-        // Kept where mask > 0 (false for NaN), as threshold_backward.
+        // Zero where mask <= 0 and kept elsewhere (NaN included), as threshold_backward.
         const __m512 m = load_bf16x16(mask + r * mask_pitch + 16 * h);
-        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ), v);
+        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, zero, _CMP_NLE_UQ), v);
       }
       _mm512_storeu_ps(dst + r * dst_pitch + 16 * h, v);
     }

@@ -67,8 +67,8 @@ void pack_row_pairs(const uint16_t* src, int64_t src_pitch, int64_t rows, int64_
 
 // dst[r][n] = (accumulate ? dst[r][n] : 0) + sum_p a[r][p] . b[p][n] for r < rows and the
 // n_pitch columns of b, a packed weight ({pairs, n_pitch, 2} bf16, n_pitch a multiple of 32), in
-// float32; with `mask` (bf16 rows of pitch mask_pitch), zero where mask[r][n] is not positive (the
-// ReLU's derivative, as torch's threshold_backward).
+// float32; with `mask` (bf16 rows of pitch mask_pitch), zero where mask[r][n] <= 0 (the ReLU's
+// derivative as torch's threshold_backward computes it: a NaN activation passes the gradient).
 void product_float(PairRows a, int64_t rows, int64_t pairs, const uint16_t* b, int64_t n_pitch,
                    bool accumulate, const uint16_t* mask, int64_t mask_pitch, float* dst,
                    int64_t dst_pitch);

@@ -17,8 +17,10 @@
 // bf16), and multiplies the layers between hidden layers' output gradients, rounded to bf16, by
 // their bf16 activations (weight gradients, both packed in pairs of rows) and weights (input
 // gradients, with the ReLU's mask in the kernel's epilogue) with float32 results
-// (bf16::product_float); the convolution's backward then takes bf16 operands, as under autocast.
-// python/liif_rounding_model.Bf16BackwardRounding states these gradients on the reference.
+// (bf16::product_float); layer 0's gradients stay float32, except that the first-layer map's
+// gradient goes through the convolution's backward in bf16 (oneDNN, as under autocast).
+// python/liif_rounding_model's Bf16BackwardRounding states these gradients on the reference, but
+// for that convolution.
 //
 // Deterministic: tiles run in waves of kWaveTiles; tile t of an image adds its weight and bias
 // gradients into accumulator slot t % kWaveTiles (one tile per slot and wave), writes its per-cell
@@ -509,8 +511,8 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
       }
       // Through the convolution that made the map: feat's and the feature columns' gradients.
       // All operands channels-last, as the map's gradient is: oneDNN convolves them about 1.4x
-      // faster than mixed layouts. In the bf16 mode with bf16 operands and results, as
-      // torch.autocast's convolution.
+      // faster than mixed layouts. In the bf16 mode with bf16 operands and results (oneDNN's bf16
+      // convolution, as under torch.autocast: about half the time of the float32 one here).
       if (grad_map.defined()) {
         const at::Tensor g_map =
             grad_map.view({1, H, W, width0}).permute({0, 3, 1, 2}).to(conv_dtype);

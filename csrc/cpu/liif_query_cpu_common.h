@@ -77,11 +77,11 @@ LIIF_SIMD_CLONES void add_bias_relu(scalar_t* x, const scalar_t* bias, int64_t r
   }
 }
 
-// ReLU's backward: g = 0 where the layer's output a (after ReLU) is not positive, as torch's
-// threshold_backward (`a > 0`, so NaN and zero stop the gradient).
+// ReLU's backward: g = 0 where the layer's output a (after ReLU) is <= 0, as torch's
+// threshold_backward (so a NaN activation passes its gradient, as in the reference's autograd).
 template <typename scalar_t>
 LIIF_SIMD_CLONES void relu_backward(scalar_t* g, const scalar_t* a, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) g[i] = a[i] > scalar_t(0) ? g[i] : scalar_t(0);
+  for (int64_t i = 0; i < count; ++i) g[i] = a[i] <= scalar_t(0) ? scalar_t(0) : g[i];
 }
 
 // One row of layer 0: the feature part `src` (precomputed or already multiplied; may alias `row`)

@@ -23,7 +23,8 @@
 // bias and ReLU in float32; the hidden layers' products of bf16 operands with float32 results),
 // and the weight and input gradients of the layers between hidden layers (1 .. L-2) multiply the
 // output gradient rounded to bf16 by those bf16 activations / weights, with float32 results; the
-// rest is unchanged.
+// rest is unchanged (the CPU kernel also takes the map's convolution backward in bf16; here its
+// products stay float32).
 //
 // Deterministic except for the per-cell addition of step 5, which uses atomic adds on CUDA unless
 // torch.use_deterministic_algorithms(True) is on (index_add_ then takes its sorted, deterministic
@@ -78,8 +79,10 @@ std::vector<at::Tensor> query_backward_in_chunks(
     const c10::optional<at::Tensor>& cells, const std::vector<at::Tensor>& weights,
     const std::vector<at::Tensor>& biases, bool local_ensemble, bool feat_unfold, bool cell_decode,
     const BackwardNeeds& needs, const QueryShape& shape, Convolve&& convolve, Launch&& launch,
-    int64_t chunk_rows, bool bf16) {
+    int64_t chunk_rows, bool bf16_mode) {
   const int num_layers = static_cast<int>(weights.size());
+  // Without a layer between hidden layers the bf16 mode rounds nothing (as on the CPU).
+  const bool bf16 = bf16_mode && num_layers > 2;
   const auto opts = feat.options();
   const int64_t B = shape.batch, C = shape.channels, H = shape.height, W = shape.width;
   const int64_t width0 = shape.layer_widths[0];

@@ -22,15 +22,18 @@ namespace cuda {
 namespace {
 
 // LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "mma"
-// (mma.sync, the default) or "wmma" (the kernel it replaces, kept until GPUs have measured both).
-// Read at every call, so that a benchmark can compare both in one process.
+// (mma.sync with 8 warps per block, the default), "mma16" (its 16-warp form) or "wmma" (the kernel
+// mma.sync replaced), kept selectable until GPUs have measured them. Read at every call, so that a
+// benchmark can compare them in one process.
 TensorCoreKernel preferred_tensor_core_kernel() {
   const char* value = std::getenv("LIIF_CUDA_TENSOR_CORE_KERNEL");
   if (value == nullptr || value[0] == '\0' || std::strcmp(value, "mma") == 0) {
     return TensorCoreKernel::kMma;
   }
+  if (std::strcmp(value, "mma16") == 0) return TensorCoreKernel::kMma16;
   TORCH_CHECK(std::strcmp(value, "wmma") == 0,
-              "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be mma or wmma, got '", value, "'");
+              "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be mma, mma16 or wmma, got '",
+              value, "'");
   return TensorCoreKernel::kWmma;
 }
 

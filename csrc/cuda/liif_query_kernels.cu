@@ -23,8 +23,8 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(plan.shared_bytes));
   if (err != cudaSuccess) return {err, "setting the kernel's shared-memory size"};
-  kernel<<<dim3(static_cast<unsigned>(plan.blocks)), dim3(kThreadsPerBlock), plan.shared_bytes,
-           stream>>>(params);
+  kernel<<<dim3(static_cast<unsigned>(plan.blocks)), dim3(static_cast<unsigned>(plan.threads)),
+           plan.shared_bytes, stream>>>(params);
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "launching the kernel"};
   return {};

@@ -61,7 +61,11 @@ constexpr int kMmaStages = 4;
 constexpr int kMmaChunkRowBytes = 64;
 constexpr int kMmaChunkPitch = kMmaChunkRowBytes + 16;
 constexpr int kMmaChunkBytes = kFastWidth * kMmaChunkPitch;
-constexpr int kMmaWarpsAlongColumns = 4;  // each warp: 64 rows x 64 columns of a layer's outputs
+constexpr int kMmaWarpsAlongColumns = 4;  // each warp: 64 columns of a layer's outputs
+// Threads of a block whose warps own `warp_rows` rows each (64: 8 warps; 32: 16 warps).
+LIIF_HOST_DEVICE constexpr int mma_threads(int warp_rows) {
+  return 32 * kMmaWarpsAlongColumns * (kMmaRows / warp_rows);
+}
 constexpr int kMmaMaxOutDim = 32;
 static_assert(kMmaWarpsAlongColumns * kMmaRows * kMmaMaxOutDim * 4 <= kMmaStages * kMmaChunkBytes,
               "the last layer's partial sums fit the weight ring");
@@ -74,9 +78,10 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 }
 
 // Which tensor-core kernel runs the reduced precisions where both could (liif_cuda.query reads it
-// from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync (the default) or the WMMA kernel it replaces, kept
-// selectable until both have been measured on GPUs.
-enum class TensorCoreKernel : int { kMma = 0, kWmma = 1 };
+// from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync with 8 warps per block (the default), the same with
+// 16 warps of half the rows each (kMma16: twice the warps per SM, not yet measured on a GPU), or
+// the WMMA kernel mma.sync replaced; kept selectable until GPUs have measured them.
+enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2 };
 
 template <typename T>
 struct QueryKernelParams {
@@ -106,11 +111,19 @@ struct QueryKernelParams {
   int queries_per_block = 0;
 };
 
-// kTensorCore is the WMMA kernel, kMma the mma.sync one.
-enum class KernelPath : int { kNone = 0, kFast = 1, kGeneric = 2, kTensorCore = 3, kMma = 4 };
+// kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form.
+enum class KernelPath : int {
+  kNone = 0,
+  kFast = 1,
+  kGeneric = 2,
+  kTensorCore = 3,
+  kMma = 4,
+  kMma16 = 5
+};
 
 struct LaunchPlan {
   KernelPath path = KernelPath::kNone;
+  int threads = kThreadsPerBlock;  // per block
   int queries_per_block = 0;
   int act_pitch = 0;
   int64_t blocks = 0;
@@ -191,18 +204,20 @@ inline bool mma_path_applies(const QueryKernelParams<T>& p, bool has_tensor_core
 
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
-// A reduced precision runs the mma.sync kernel (unless `preferred` is the WMMA kernel), else the
-// WMMA kernel (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32
-// kernels.
+// A reduced precision runs the mma.sync kernel (8 or 16 warps, as `preferred` says; unless
+// `preferred` is the WMMA kernel), else the WMMA kernel (other MLP shapes, or too little shared
+// memory: sm_86 / sm_89), else the float32 kernels.
 template <typename T>
 inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
                               bool has_tensor_cores,
                               TensorCoreKernel preferred = TensorCoreKernel::kMma) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
-  if (preferred == TensorCoreKernel::kMma && mma_path_applies(p, has_tensor_cores) &&
+  if (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
       shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes) {
-    plan.path = KernelPath::kMma;
+    const bool wide = preferred == TensorCoreKernel::kMma16;
+    plan.path = wide ? KernelPath::kMma16 : KernelPath::kMma;
+    plan.threads = mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
     plan.shared_bytes = shared_bytes<float>(mma_layout(p.precision, nn));

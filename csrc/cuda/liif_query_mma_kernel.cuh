@@ -10,8 +10,11 @@
 //     and layer 0 are computed; one barrier per chunk;
 //   - operands reach the tensor cores by ldmatrix (activations as the row-major A operand, weights
 //     as (out, in) rows, which is the column-major B operand), products by mma.sync m16n8k16 (bf16,
-//     fp16) or m16n8k8 (tf32); warp w owns rows 64 (w / 4) .. +63 and columns 64 (w % 4) .. +63 of
-//     every layer: 4 x 8 accumulator tiles in registers;
+//     fp16) or m16n8k8 (tf32); warp w owns rows R (w / 4) .. +R-1 and columns 64 (w % 4) .. +63 of
+//     every layer: R/16 x 8 accumulator tiles in registers. R (WarpRows) is 64 (8 warps, 128
+//     accumulator registers per thread: one block per SM) or 32 (16 warps and 64 accumulators per
+//     thread, at most 128 registers: twice the warps per SM to hide latency, for the same 128-row
+//     block and weight traffic; LIIF_CUDA_TENSOR_CORE_KERNEL=mma16);
 //   - bias, ReLU and the rounding to the operand type are applied to the accumulators in registers
 //     and written as the next layer's operands; after the last hidden layer the last layer is
 //     folded into that epilogue (float32 weights, as in the rounding model): each lane's partial
@@ -33,11 +36,9 @@ namespace cuda {
 
 #if defined(LIIF_TENSOR_CORES)
 
-constexpr int kMmaWarpRows = 64;  // rows of a warp's tile: 4 m16 tiles
 constexpr int kMmaWarpCols = 64;  // columns of a warp's tile: 8 n8 tiles
-static_assert(kThreadsPerBlock / 32 == (kMmaRows / kMmaWarpRows) * kMmaWarpsAlongColumns &&
-                  kMmaWarpsAlongColumns * kMmaWarpCols == kFastWidth,
-              "8 warps tile 128 rows x 256 columns");
+static_assert(kMmaWarpsAlongColumns * kMmaWarpCols == kFastWidth, "warps tile 256 columns");
+static_assert(mma_threads(64) == kThreadsPerBlock, "8 warps of 64 rows tile 128 rows");
 
 // Two operands stored together (one 32-bit store), and four (layer 0's 8-byte store).
 template <typename S>
@@ -49,17 +50,20 @@ struct alignas(4 * sizeof(S)) OperandQuad {
   S v[4];
 };
 
-// Chunk `chunk` of the packed hidden-layer weights into its ring slot: 256 rows of 64 bytes, four
-// 16-byte copies per thread, consecutive threads on consecutive global addresses.
+// Chunk `chunk` of the packed hidden-layer weights into its ring slot: 256 rows of 64 bytes, 1024
+// 16-byte copies shared by the block's `Threads` threads, consecutive threads on consecutive global
+// addresses.
+template <int Threads>
 __device__ __forceinline__ void mma_fetch_chunk(const unsigned char* weights, int chunk,
                                                 unsigned char* ring) {
   const unsigned char* src = weights + static_cast<int64_t>(chunk) * kFastWidth * kMmaChunkRowBytes;
   unsigned char* dst = ring + (chunk % kMmaStages) * kMmaChunkBytes;
   constexpr int kCopiesPerRow = kMmaChunkRowBytes / 16;
-  constexpr int kCopies = kFastWidth * kCopiesPerRow / kThreadsPerBlock;
+  constexpr int kCopies = kFastWidth * kCopiesPerRow / Threads;
+  static_assert(kFastWidth * kCopiesPerRow % Threads == 0, "whole copies per thread");
 #pragma unroll
   for (int v = 0; v < kCopies; ++v) {
-    const int copy = v * kThreadsPerBlock + static_cast<int>(threadIdx.x);
+    const int copy = v * Threads + static_cast<int>(threadIdx.x);
     const int row = copy / kCopiesPerRow;
     const int part = copy % kCopiesPerRow;
     async_copy_16(dst + row * kMmaChunkPitch + 16 * part, src + row * kMmaChunkRowBytes + 16 * part);
@@ -68,18 +72,19 @@ __device__ __forceinline__ void mma_fetch_chunk(const unsigned char* weights, in
 
 // Layer 0 into the activations, as first_layer() computes it (map row + bias + coordinate and cell
 // terms, ReLU, one rounding), four columns per thread: thread t always handles columns
-// 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + 4i. The map
-// rows come from L2 (or HBM): each thread issues the loads of kBatch rows before it uses any, so
-// that their latencies overlap instead of adding up over its 32 rows.
-template <Precision P>
+// 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + i Threads / 64.
+// The map rows come from L2 (or HBM): each thread issues the loads of kBatch rows before it uses
+// any, so that their latencies overlap instead of adding up over its rows.
+template <Precision P, int Threads>
 __device__ void mma_first_layer(const QueryKernelParams<float>& p,
                                 const BlockShared<float, unsigned char>& s) {
   using Op = Operand<P>;
   using S = typename Op::storage;
   constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kGroups = kFastWidth / 4;
-  constexpr int kStride = kThreadsPerBlock / kGroups;  // rows between a thread's rows
-  constexpr int kBatch = 8;
+  constexpr int kStride = Threads / kGroups;  // rows between a thread's rows
+  // 8 loads in flight per thread (4 with 16 warps, whose 128 registers hold no more).
+  constexpr int kBatch = Threads > kThreadsPerBlock ? 4 : 8;
   static_assert(kMmaRows % (kStride * kBatch) == 0, "whole batches of rows");
   const int tid = static_cast<int>(threadIdx.x);
   const int c = 4 * (tid % kGroups);
@@ -127,10 +132,11 @@ __device__ void mma_first_layer(const QueryKernelParams<float>& p,
   }
 }
 
-// One chunk of a hidden layer: acc += act[:, chunk's inputs] x w (the ring slot), two k-steps.
-// `unit0`: the chunk's first 16-byte column unit in the activation rows.
-template <Precision P>
-__device__ __forceinline__ void mma_chunk(float (&acc)[4][8][4], const unsigned char* act,
+// One chunk of a hidden layer: acc += act[:, chunk's inputs] x w (the ring slot), two k-steps, for
+// the warp's M m16 tiles of rows. `unit0`: the chunk's first 16-byte column unit in the activation
+// rows.
+template <Precision P, int M>
+__device__ __forceinline__ void mma_chunk(float (&acc)[M][8][4], const unsigned char* act,
                                           const unsigned char* w, int unit0, int lane, int row0,
                                           int col0) {
   constexpr int kPitch = mma_act_pitch_bytes(P);
@@ -138,9 +144,9 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4][8][4], const unsigned 
 #pragma unroll
   for (int step = 0; step < 2; ++step) {
     // A: matrix j is rows 8 (j % 2) .. +7, 16-byte unit j / 2 of the k-step (a[0] .. a[3]).
-    uint32_t a[4][4];
+    uint32_t a[M][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < M; ++i) {
       const int row = row0 + 16 * i + lane % 8 + 8 * (j % 2);
       ldmatrix_x4(a[i], act + row * kPitch + 16 * (unit0 + 2 * step + j / 2));
     }
@@ -151,7 +157,7 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4][8][4], const unsigned 
       const int n = col0 + 16 * pair + lane % 8 + 8 * (j / 2);
       ldmatrix_x4(b, w + n * kMmaChunkPitch + 16 * (2 * step + j % 2));
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < M; ++i) {
         mma_16x8<P>(acc[i][2 * pair], a[i], b[0], b[1]);
         mma_16x8<P>(acc[i][2 * pair + 1], a[i], b[2], b[3]);
       }
@@ -161,8 +167,8 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[4][8][4], const unsigned 
 
 // The epilogue of a hidden layer followed by another: act <- round(relu(acc + bias)), each lane
 // writing its accumulators' pairs of columns (one 32-bit store for 16-bit operands).
-template <Precision P>
-__device__ __forceinline__ void mma_store_layer(const float (&acc)[4][8][4],
+template <Precision P, int M>
+__device__ __forceinline__ void mma_store_layer(const float (&acc)[M][8][4],
                                                 const float* __restrict__ bias, unsigned char* act,
                                                 int lane, int row0, int col0) {
   using Op = Operand<P>;
@@ -174,7 +180,7 @@ __device__ __forceinline__ void mma_store_layer(const float (&acc)[4][8][4],
     const int col = col0 + 8 * jn + 2 * t;
     const float2 b = *reinterpret_cast<const float2*>(bias + col);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < M; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = row0 + 16 * i + g + 8 * h;
@@ -192,8 +198,8 @@ __device__ __forceinline__ void mma_store_layer(const float (&acc)[4][8][4],
 // in registers, then for each output o this lane's partial dot products over its 16 columns with
 // the float32 weights wt (in, out_dim), summed over the 4 lanes that share the rows, written by
 // lane t = 0 to partials[warp column][row][o].
-template <Precision P>
-__device__ __forceinline__ void mma_fold_last_layer(float (&acc)[4][8][4],
+template <Precision P, int M>
+__device__ __forceinline__ void mma_fold_last_layer(float (&acc)[M][8][4],
                                                     const float* __restrict__ bias,
                                                     const float* __restrict__ wt, int out_dim,
                                                     float* partials, int lane, int row0, int col0) {
@@ -204,7 +210,7 @@ __device__ __forceinline__ void mma_fold_last_layer(float (&acc)[4][8][4],
     const int col = col0 + 8 * jn + 2 * t;
     const float2 b = *reinterpret_cast<const float2*>(bias + col);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < M; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         acc[i][jn][e] = Op::load(Op::store(relu(acc[i][jn][e] + (e % 2 == 0 ? b.x : b.y))));
@@ -213,20 +219,20 @@ __device__ __forceinline__ void mma_fold_last_layer(float (&acc)[4][8][4],
   }
   float* mine = partials + (col0 / kMmaWarpCols) * kMmaRows * out_dim;
   for (int o = 0; o < out_dim; ++o) {
-    float part[4][2] = {};
+    float part[M][2] = {};
 #pragma unroll
     for (int jn = 0; jn < 8; ++jn) {
       const int col = col0 + 8 * jn + 2 * t;
       const float w0 = wt[col * out_dim + o];
       const float w1 = wt[(col + 1) * out_dim + o];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < M; ++i) {
         part[i][0] += acc[i][jn][0] * w0 + acc[i][jn][1] * w1;
         part[i][1] += acc[i][jn][2] * w0 + acc[i][jn][3] * w1;
       }
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < M; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float v = part[i][h];
@@ -238,9 +244,11 @@ __device__ __forceinline__ void mma_fold_last_layer(float (&acc)[4][8][4],
   }
 }
 
-template <Precision P>
-__global__ void __launch_bounds__(kThreadsPerBlock, 1)
+template <Precision P, int WarpRows>
+__global__ void __launch_bounds__(mma_threads(WarpRows), 1)
     liif_query_mma_kernel(const QueryKernelParams<float> p) {
+  constexpr int kThreads = mma_threads(WarpRows);
+  constexpr int M = WarpRows / 16;  // m16 tiles of a warp
   LIIF_DYNAMIC_SHARED(smem);
   const SharedLayout layout = mma_layout(P, p.grid.num_neighbours);
   const BlockShared<float, unsigned char> s = carve_shared<float, unsigned char>(smem, layout);
@@ -255,26 +263,28 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
   // one group per chunk slot, empty past the last chunk, so that "chunk c has landed" is always
   // "at most kMmaStages - 2 groups pending" at chunk c.
   for (int c = 0; c < kMmaStages - 1; ++c) {
-    if (c < chunks) mma_fetch_chunk(weights, c, ring);
+    if (c < chunks) mma_fetch_chunk<kThreads>(weights, c, ring);
     async_copy_commit();
   }
   load_geometry(p, s, first, layout.queries);
   __syncthreads();
-  mma_first_layer<P>(p, s);
+  mma_first_layer<P, kThreads>(p, s);
 
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int row0 = kMmaWarpRows * (warp / kMmaWarpsAlongColumns);
+  const int row0 = WarpRows * (warp / kMmaWarpsAlongColumns);
   const int col0 = kMmaWarpCols * (warp % kMmaWarpsAlongColumns);
-  const int out_dim = p.widths[p.num_layers - 1];
-  const float* last_w = p.weights + static_cast<int64_t>(hidden) * kFastWidth * kFastWidth;
-  const float* last_b = p.biases + static_cast<int64_t>(hidden) * kFastWidth;
+  // The last layer's parameters and partial sums, read from the parameter block where used rather
+  // than held in registers through the main loop (the 16-warp form has 128 registers in all).
+  auto out_dim = [&] { return p.widths[p.num_layers - 1]; };
+  auto last_w = [&] { return p.weights + static_cast<int64_t>(hidden) * kFastWidth * kFastWidth; };
+  auto last_b = [&] { return p.biases + static_cast<int64_t>(hidden) * kFastWidth; };
   float* partials = reinterpret_cast<float*>(ring);
-  float acc[4][8][4];
+  float acc[M][8][4];
   int chunk = 0;
   for (int l = 0; l < hidden; ++l) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < M; ++i) {
 #pragma unroll
       for (int jn = 0; jn < 8; ++jn) {
 #pragma unroll
@@ -287,9 +297,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
       // slot the next fetch refills.
       async_copy_wait<kMmaStages - 2>();
       __syncthreads();
-      if (chunk + kMmaStages - 1 < chunks) mma_fetch_chunk(weights, chunk + kMmaStages - 1, ring);
+      if (chunk + kMmaStages - 1 < chunks) {
+        mma_fetch_chunk<kThreads>(weights, chunk + kMmaStages - 1, ring);
+      }
       async_copy_commit();
-      mma_chunk<P>(acc, s.act, ring + (chunk % kMmaStages) * kMmaChunkBytes,
+      mma_chunk<P, M>(acc, s.act, ring + (chunk % kMmaStages) * kMmaChunkBytes,
                    c * (kMmaChunkRowBytes / 16), lane, row0, col0);
     }
     // Every warp is done reading this layer's activations (overwritten next) and the ring (the
@@ -297,19 +309,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
     __syncthreads();
     const float* bias = p.biases + static_cast<int64_t>(l) * kFastWidth;
     if (l + 1 < hidden) {
-      mma_store_layer<P>(acc, bias, s.act, lane, row0, col0);
+      mma_store_layer<P, M>(acc, bias, s.act, lane, row0, col0);
     } else {
-      mma_fold_last_layer<P>(acc, bias, last_w, out_dim, partials, lane, row0, col0);
+      mma_fold_last_layer<P, M>(acc, bias, last_w(), out_dim(), partials, lane, row0, col0);
     }
   }
   __syncthreads();
 
   // The blend; each prediction is the last layer's bias plus the four column warps' partial sums,
   // in a fixed order.
-  blend_and_write(p, s, layout.queries, out_dim, first, [&](int r, int o) {
-    float pred = last_b[o];
+  blend_and_write(p, s, layout.queries, out_dim(), first, [&](int r, int o) {
+    float pred = last_b()[o];
     for (int wc = 0; wc < kMmaWarpsAlongColumns; ++wc) {
-      pred += partials[(wc * kMmaRows + r) * out_dim + o];
+      pred += partials[(wc * kMmaRows + r) * out_dim() + o];
     }
     return pred;
   });
@@ -317,7 +329,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock, 1)
 
 #else
 // Targets older than sm_80 (never launched there, see LIIF_TENSOR_CORES).
-template <Precision P>
+template <Precision P, int WarpRows>
 __global__ void liif_query_mma_kernel(const QueryKernelParams<float>) {
   __trap();
 }
@@ -334,18 +346,26 @@ inline QueryKernel<T> planned_kernel(const LaunchPlan& plan, Precision precision
   if (plan.path == KernelPath::kGeneric) return liif_query_generic_kernel<T>;
   if constexpr (std::is_same_v<T, float>) {
     if (plan.path == KernelPath::kFast) return liif_query_fast_kernel;
-    if (plan.path == KernelPath::kTensorCore || plan.path == KernelPath::kMma) {
-      const bool mma = plan.path == KernelPath::kMma;
+    if (plan.path == KernelPath::kTensorCore) {
+      switch (precision) {
+        case Precision::kTf32: return liif_query_tensor_core_kernel<Precision::kTf32>;
+        case Precision::kBf16: return liif_query_tensor_core_kernel<Precision::kBf16>;
+        case Precision::kFp16: return liif_query_tensor_core_kernel<Precision::kFp16>;
+        case Precision::kFp32: break;
+      }
+    }
+    if (plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16) {
+      const bool wide = plan.path == KernelPath::kMma16;
       switch (precision) {
         case Precision::kTf32:
-          return mma ? liif_query_mma_kernel<Precision::kTf32>
-                     : liif_query_tensor_core_kernel<Precision::kTf32>;
+          return wide ? liif_query_mma_kernel<Precision::kTf32, 32>
+                      : liif_query_mma_kernel<Precision::kTf32, 64>;
         case Precision::kBf16:
-          return mma ? liif_query_mma_kernel<Precision::kBf16>
-                     : liif_query_tensor_core_kernel<Precision::kBf16>;
+          return wide ? liif_query_mma_kernel<Precision::kBf16, 32>
+                      : liif_query_mma_kernel<Precision::kBf16, 64>;
         case Precision::kFp16:
-          return mma ? liif_query_mma_kernel<Precision::kFp16>
-                     : liif_query_tensor_core_kernel<Precision::kFp16>;
+          return wide ? liif_query_mma_kernel<Precision::kFp16, 32>
+                      : liif_query_mma_kernel<Precision::kFp16, 64>;
         case Precision::kFp32: break;
       }
     }

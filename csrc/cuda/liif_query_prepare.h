@@ -129,13 +129,14 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
               p.params.total_queries, ") for one launch; split them");
   p.params.queries_per_block = plan.queries_per_block;
   p.params.act_pitch = plan.act_pitch;
-  if (plan.path == KernelPath::kTensorCore || plan.path == KernelPath::kMma) {
+  const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16;
+  if (plan.path == KernelPath::kTensorCore || mma) {
     // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
     // stays float32.
     const int64_t layers = p.params.num_layers - 2;
     const int64_t hidden = layers * kFastWidth * kFastWidth;
     at::Tensor w = p.weights.narrow(0, 0, hidden);
-    if (plan.path == KernelPath::kMma) {
+    if (mma) {
       // The mma.sync kernel streams each layer in chunks of `kc` inputs of every output column,
       // each chunk contiguous: [layer][chunk][out][kc], i.e. the (out, in) weight cut along `in`.
       const int64_t kc = mma_chunk_inputs(p.params.precision);

@@ -35,12 +35,13 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
   const QueryKernel<T> kernel = planned_kernel<T>(plan, params.precision);
   TORCH_CHECK(kernel != nullptr, "host harness: no kernel for this plan");
   const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
-  liif_harness::launch(static_cast<unsigned>(plan.blocks), kThreadsPerBlock, plan.shared_bytes,
+  liif_harness::launch(static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads),
+                       plan.shared_bytes,
                        [&] { kernel(params); }, reverse_order, workers);
 }
 
 // Returns the output and the kernel that ran (KernelPath: 1 fast, 2 generic, 3 WMMA tensor cores,
-// 4 mma.sync tensor cores). `max_shared_bytes` stands for the device's per-block shared-memory limit
+// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel). `max_shared_bytes` stands for the device's per-block shared-memory limit
 // (101376 on sm_86/sm_89, 232448 on sm_90); the emulated device has tensor cores;
 // `tensor_core_kernel` ("mma" or "wmma") is the kernel preferred for the reduced precisions.
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
@@ -50,10 +51,12 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
                                               bool cell_decode, c10::string_view precision,
                                               int64_t max_shared_bytes, bool reverse_order,
                                               c10::string_view tensor_core_kernel) {
-  TORCH_CHECK(tensor_core_kernel == "mma" || tensor_core_kernel == "wmma",
-              "host harness: tensor_core_kernel must be mma or wmma");
-  const TensorCoreKernel preferred =
-      tensor_core_kernel == "mma" ? TensorCoreKernel::kMma : TensorCoreKernel::kWmma;
+  TORCH_CHECK(tensor_core_kernel == "mma" || tensor_core_kernel == "mma16" ||
+                  tensor_core_kernel == "wmma",
+              "host harness: tensor_core_kernel must be mma, mma16 or wmma");
+  const TensorCoreKernel preferred = tensor_core_kernel == "mma"     ? TensorCoreKernel::kMma
+                                     : tensor_core_kernel == "mma16" ? TensorCoreKernel::kMma16
+                                                                     : TensorCoreKernel::kWmma;
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
