@@ -332,6 +332,17 @@ def test_resume_says_where_it_starts(images, tmp_path, capsys):
     train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
     out = capsys.readouterr().out
     assert "resuming from" in out and "epoch 2/2: loss" in out
+    assert "saved with --precision" not in out
+
+
+def test_resume_in_another_precision_says_so(images, tmp_path, capsys):
+    """A run resumed without its --precision goes on, and says which it had."""
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1), run, device="cpu", precision="bf16", progress=False)
+    capsys.readouterr()
+    train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
+    out = capsys.readouterr().out
+    assert "the run was saved with --precision bf16; it goes on with --precision fp32" in out
 
 
 def test_existing_run_is_refused_untouched(images, tmp_path):

@@ -84,7 +84,7 @@ if [ "$CUDA_BUILT" = 0 ]; then
   phase "liif_cuda built: CPU kernels only ($why)"
 elif grep -qE "$PTXAS_RE" "$BUILD_LOG"; then
   grep -E "$PTXAS_RE" "$BUILD_LOG" | sed -E 's/^ *//' > "$PTXAS_REPORT"
-  phase "liif_cuda built (CUDA kernels: $CUDA_ARCHS); nvcc's ptxas report, also in $PTXAS_REPORT:"
+  phase "liif_cuda built (CUDA kernels: $CUDA_ARCHS); nvcc's ptxas report in $PTXAS_REPORT"
   sed 's/^/  ptxas: /' "$PTXAS_REPORT"
 else
   # Nothing was recompiled: the objects in build/ were up to date.

@@ -3,7 +3,8 @@ liif_cuda.load_model both read, written so that no interruption can leave a trun
 
     {'model': {'name': 'liif', 'args': <config model args>, 'sd': state_dict},
      'optimizer': {'name', 'args', 'sd'}, 'epoch': N,
-     'liif_cuda': {'scheduler', 'scaler', 'best_val_psnr', 'seed', 'torch_rng', 'cuda_rng'}}
+     'liif_cuda': {'scheduler', 'scaler', 'best_val_psnr', 'seed', 'torch_rng', 'cuda_rng',
+                   'precision'}}
 
 The extra 'liif_cuda' entry holds what an exact resume needs beyond the original's fields.
 """
@@ -44,7 +45,7 @@ def save_atomically(obj, path):
 
 
 def make_checkpoint(model, model_spec, optimizer, optimizer_spec, scheduler, scaler, epoch,
-                    best_val_psnr, seed):
+                    best_val_psnr, seed, precision="fp32"):
     return {
         "model": {"name": "liif", "args": model_spec["args"], "sd": original_state_dict(model)},
         "optimizer": {"name": optimizer_spec["name"], "args": optimizer_spec.get("args") or {},
@@ -57,5 +58,6 @@ def make_checkpoint(model, model_spec, optimizer, optimizer_spec, scheduler, sca
             "seed": seed,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "precision": precision,  # the run's --precision, which a resume is told about
         },
     }

@@ -305,6 +305,11 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             print(f"resuming from {resume_from}: epoch {state['epoch']} of {config['epoch_max']}"
                   + ("; nothing left to train (raise epoch_max to go on)"
                      if start_epoch > config["epoch_max"] else ""), flush=True)
+            saved = extra.get("precision")
+            if saved is not None and saved != precision:
+                # Not an error (changing precision mid-run can be intended), but never silent.
+                print(f"note: the run was saved with --precision {saved}; it goes on with "
+                      f"--precision {precision} (pass --precision {saved} to keep it)", flush=True)
 
     train_spec = config["train_dataset"]
     batch_size = train_spec["batch_size"]
@@ -386,7 +391,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             write_log(log_path, rows)
             checkpoint = make_checkpoint(model, config["model"], optimizer, config["optimizer"],
                                          scheduler, scaler, epoch,
-                                         None if best == -math.inf else best, seed)
+                                         None if best == -math.inf else best, seed, precision)
             save_atomically(checkpoint, last_path)
             if epoch_save and epoch % epoch_save == 0:
                 save_atomically(checkpoint, os.path.join(out_dir, f"epoch-{epoch}.pth"))
