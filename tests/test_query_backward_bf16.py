@@ -18,6 +18,12 @@ import liif_reference as ref
 from liif_rounding_model import Bf16BackwardRounding
 
 NATIVE = liif_cuda.build_info()["cpu_bf16"]
+# Where the bf16 mode runs on this machine: the CPU kernel (with bf16 products) and the CUDA
+# backward executed by the host harness.
+ON_THE_HOST = [
+    pytest.param("cpu kernel", marks=pytest.mark.skipif(
+        not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")),
+    "cuda backward on the host"]
 
 
 def problem(queries=300, hidden=(256, 256, 256), seed=1, cell_decode=True):
@@ -46,10 +52,7 @@ def gradients(query, feat, coords, cells, mlp, grad_out, autocast=False, bf16_ou
             + [m.bias.grad.clone() for m in linears])
 
 
-@pytest.mark.parametrize("where", [
-    pytest.param("cpu kernel", marks=pytest.mark.skipif(
-        not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")),
-    "cuda backward on the host",
+@pytest.mark.parametrize("where", ON_THE_HOST + [
     pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None,
                                                   reason=str(CUDA_SKIP_REASON)))])
 @pytest.mark.parametrize("case", [dict(), dict(hidden=(64, 48, 32), queries=90, seed=3),
@@ -85,10 +88,7 @@ def bf16_backward_problems(draw):
     return problem
 
 
-@pytest.mark.parametrize("where", [
-    pytest.param("cpu kernel", marks=pytest.mark.skipif(
-        not NATIVE, reason="this CPU has no bf16 products (AVX512-BF16)")),
-    "cuda backward on the host"])
+@pytest.mark.parametrize("where", ON_THE_HOST)
 @given(problem=bf16_backward_problems())
 def test_follows_its_rounding_model(where, problem):
     """The bf16 mode (the CPU kernel's, and the CUDA backward's run by the host harness) against

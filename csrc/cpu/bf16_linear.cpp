@@ -105,6 +105,19 @@ LIIF_TARGET_BF16 inline void accumulate_block(__m512 (&acc)[rows][2], const uint
   }
 }
 
+// The first min(left, 16) of 16 columns (none for left <= 0): the mask of a row's last columns.
+LIIF_TARGET_BF16 inline __mmask16 column_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// 16 columns of a row as bf16, zero outside `mask`: float32 rounded to nearest even, or bf16 as is.
+LIIF_TARGET_BF16 inline __m256i load_as_bf16(__mmask16 mask, const float* src) {
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src));
+}
+LIIF_TARGET_BF16 inline __m256i load_as_bf16(__mmask16 mask, const uint16_t* src) {
+  return _mm256_maskz_loadu_epi16(mask, src);
+}
+
 // 16 bf16 values widened to float32 (exact: the 16 bits become the float's high half).
 LIIF_TARGET_BF16 inline __m512 load_bf16x16(const uint16_t* src) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -195,11 +208,8 @@ LIIF_TARGET_BF16 void round_rows(const float* src, int64_t src_pitch, int64_t ro
     const float* s = src + r * src_pitch;
     uint16_t* d = dst + r * pitch;
     for (int64_t c = 0; c < pitch; c += 16) {
-      const int64_t left = width - c;
-      const __mmask16 mask =
-          left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mask, s + c);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)_mm512_cvtneps_pbh(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c),
+                          load_as_bf16(column_mask(width - c), s + c));
     }
   }
 }
@@ -237,8 +247,7 @@ LIIF_TARGET_BF16 void linear_float_out(const uint16_t* a, int64_t rows, int64_t 
       const float* w = weight + o * in;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < in; c += 16) {
-        const int64_t left = in - c;
-        const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+        const __mmask16 mask = column_mask(in - c);
         const __m512 x = load_bf16x16(row + c);
         acc = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(mask, w + c), acc);
       }
@@ -279,50 +288,36 @@ LIIF_TARGET_BF16 void product_float(PairRows a, int64_t rows, int64_t pairs, con
 
 namespace {
 
-// 16 columns of two rows, interleaved into 16 pairs (one 512-bit store).
-LIIF_TARGET_BF16 inline void store_pairs(__m256i row0, __m256i row1, uint16_t* dst) {
-  const __m512i lo = _mm512_cvtepu16_epi32(row0);
-  const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(row1), 16);
-  _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
-}
-
-LIIF_TARGET_BF16 inline __mmask16 column_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+// Rows 2p and 2p + 1 of src (float32 or bf16) interleaved into pairs (pack_row_pairs).
+template <typename T>
+LIIF_TARGET_BF16 void pack_pairs(const T* src, int64_t src_pitch, int64_t rows, int64_t width,
+                                 uint16_t* dst) {
+  const int64_t pitch = activation_pitch(width);
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const T* r0 = src + 2 * p * src_pitch;
+    const T* r1 = 2 * p + 1 < rows ? r0 + src_pitch : nullptr;
+    for (int64_t c = 0; c < pitch; c += 16) {
+      const __mmask16 m = column_mask(width - c);
+      // 16 columns of the two rows, interleaved into 16 pairs (one 512-bit store).
+      const __m512i lo = _mm512_cvtepu16_epi32(load_as_bf16(m, r0 + c));
+      const __m512i hi = _mm512_cvtepu16_epi32(r1 != nullptr ? load_as_bf16(m, r1 + c)
+                                                             : _mm256_setzero_si256());
+      _mm512_storeu_si512(dst + (p * pitch + c) * 2,
+                          _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
 }
 
 }  // namespace
 
 LIIF_TARGET_BF16 void pack_row_pairs(const float* src, int64_t src_pitch, int64_t rows,
                                      int64_t width, uint16_t* dst) {
-  const int64_t pitch = activation_pitch(width);
-  for (int64_t p = 0; 2 * p < rows; ++p) {
-    const float* r0 = src + 2 * p * src_pitch;
-    const float* r1 = 2 * p + 1 < rows ? r0 + src_pitch : nullptr;
-    for (int64_t c = 0; c < pitch; c += 16) {
-      const __mmask16 m = column_mask(width - c);
-      const __m256i x0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r0 + c));
-      const __m256i x1 = r1 != nullptr
-                             ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r1 + c))
-                             : _mm256_setzero_si256();
-      store_pairs(x0, x1, dst + (p * pitch + c) * 2);
-    }
-  }
+  pack_pairs(src, src_pitch, rows, width, dst);
 }
 
 LIIF_TARGET_BF16 void pack_row_pairs(const uint16_t* src, int64_t src_pitch, int64_t rows,
                                      int64_t width, uint16_t* dst) {
-  const int64_t pitch = activation_pitch(width);
-  for (int64_t p = 0; 2 * p < rows; ++p) {
-    const uint16_t* r0 = src + 2 * p * src_pitch;
-    const uint16_t* r1 = 2 * p + 1 < rows ? r0 + src_pitch : nullptr;
-    for (int64_t c = 0; c < pitch; c += 16) {
-      const __mmask16 m = column_mask(width - c);
-      const __m256i x0 = _mm256_maskz_loadu_epi16(m, r0 + c);
-      const __m256i x1 = r1 != nullptr ? _mm256_maskz_loadu_epi16(m, r1 + c)
-                                       : _mm256_setzero_si256();
-      store_pairs(x0, x1, dst + (p * pitch + c) * 2);
-    }
-  }
+  pack_pairs(src, src_pitch, rows, width, dst);
 }
 
 LIIF_TARGET_BF16 void widen_rows(const uint16_t* src, int64_t src_pitch, int64_t rows,

@@ -64,7 +64,9 @@ struct GradSlot {
 // Per-thread working memory for one tile.
 template <typename scalar_t>
 struct BackwardScratch {
-  std::vector<at::Tensor> acts;  // acts[l]: output of layer l after ReLU, l = 0 .. L-2 (flat)
+  // acts[l]: output of layer l after ReLU, l = 0 .. L-2 (flat); in the bf16 mode only layer 0's
+  // and the last hidden layer's (the others are bf16_acts alone).
+  std::vector<at::Tensor> acts;
   at::Tensor pred;               // last layer's output (rows x out_dim, flat)
   // Output gradients, ping-pong: rows x width, or rows of pitch activation_pitch(width) where the
   // bf16 mode's products write them.
@@ -86,7 +88,8 @@ struct BackwardScratch {
       : neighbours(kTileRows), cell(2 * kTileRows), valid(kTileRows), grad_blend(kTileRows) {
     const int num_layers = static_cast<int>(p.weights.size());
     for (int l = 0; l + 1 < num_layers; ++l) {
-      acts.push_back(at::empty({kTileRows * p.shape.layer_widths[l]}, opts));
+      const bool used = !bf16 || l == 0 || l + 2 == num_layers;
+      acts.push_back(used ? at::empty({kTileRows * p.shape.layer_widths[l]}, opts) : at::Tensor());
     }
     pred = at::empty({kTileRows * p.shape.out_dim}, opts);
     const int64_t pitch = bf16::activation_pitch(p.max_width);
