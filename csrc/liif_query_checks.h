@@ -143,4 +143,22 @@ inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
               " flags (feat, coords, cells, each weight, each bias), got ", needs_grad);
 }
 
+// query_backward's `first_layer_map` (query_saving_map's second output): the map to use, or an
+// undefined tensor where there is none (None or empty: compute it again). Anything else must be the
+// (B, H, W, width0) contiguous map of feat's dtype and device.
+inline at::Tensor saved_first_layer_map(const c10::optional<at::Tensor>& map,
+                                        const at::Tensor& feat, const QueryShape& s) {
+  if (!map.has_value() || !map->defined() || map->numel() == 0) return at::Tensor();
+  const at::Tensor& m = *map;
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == s.batch && m.size(1) == s.height &&
+                  m.size(2) == s.width && m.size(3) == s.layer_widths[0],
+              "liif_cuda.query backward: first_layer_map must be (B, H, W, width0) = (", s.batch,
+              ", ", s.height, ", ", s.width, ", ", s.layer_widths[0], ") or empty, got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == feat.scalar_type() && m.device() == feat.device(),
+              "liif_cuda.query backward: first_layer_map must have feat's dtype and device (",
+              feat.scalar_type(), ", ", feat.device(), "), got ", m.scalar_type(), ", ", m.device());
+  TORCH_CHECK(m.is_contiguous(), "liif_cuda.query backward: first_layer_map must be contiguous");
+  return m;
+}
+
 }  // namespace liif

@@ -69,11 +69,12 @@ def recompute_backward(grad_out: Tensor, feat: Tensor, coords: Tensor, cells: Op
 
 
 def query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
-                   cell_decode, needs_grad, precision="fp32"):
-    """The gradients of liif_cuda::query (see recompute_backward for their order)."""
+                   cell_decode, needs_grad, precision="fp32", first_layer_map=None):
+    """The gradients of liif_cuda::query (see recompute_backward for their order); with the
+    first-layer map that liif_cuda::query_saving_map returned for these inputs, if any."""
     return torch.ops.liif_cuda.query_backward(grad_out, feat, coords, cells, weights, biases,
                                               local_ensemble, feat_unfold, cell_decode, needs_grad,
-                                              precision)
+                                              precision, first_layer_map)
 
 
 def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold,
@@ -168,7 +169,7 @@ def _query_backward(grad_out, feat, coords, cells, weights, biases, local_ensemb
 
 @torch.library.register_fake("liif_cuda::query_backward")
 def _(grad_out, feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
-      needs_grad, precision="fp32"):
+      needs_grad, precision="fp32", first_layer_map=None):
     likes = [feat, coords, cells if cells is not None else coords, *weights, *biases]
     return [t.new_empty(t.shape) if need else t.new_empty(0) for t, need in zip(likes, needs_grad)]
 

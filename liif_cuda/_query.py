@@ -135,7 +135,13 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
                          f"bfloat16 inputs, got {feat.dtype}")
 
     check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
-    out = torch.ops.liif_cuda.query(feat, coords, cells, weights, biases,
-                                    local_ensemble, feat_unfold, cell_decode, precision,
-                                    backward_precision)
+    args = (feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
+            precision, backward_precision)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (feat, coords, cells, *weights, *biases)):
+        # Autograd will run the backward: keep the first-layer map for it rather than make it
+        # again (B x H x W x width0 values, about a twentieth of the training step's query time).
+        out, _ = torch.ops.liif_cuda.query_saving_map(*args)
+    else:
+        out = torch.ops.liif_cuda.query(*args)
     return out.to(out_dtype)

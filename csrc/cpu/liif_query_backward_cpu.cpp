@@ -2,7 +2,8 @@
 // cells and every MLP weight and bias, each only when asked for, in one pass over the forward's tiles.
 //
 // Per tile of (query, neighbour) rows it recomputes the forward in cache (layer 0 from the
-// precomputed first-layer map or the gathered features, the hidden layers as BLAS products, keeping
+// first-layer map the forward saved (query_saving_map), made again when there is none, or from the
+// gathered features, the hidden layers as BLAS products, keeping
 // each layer's activations), then back-propagates: through the blend (the predictions' and the blend
 // weights' gradients), the last and hidden layers (weight gradients G^T A, input gradients G W masked
 // by the ReLUs), layer 0's coordinate and cell columns, and the geometry (areas and relative
@@ -146,14 +147,14 @@ inline at::Tensor pitched_rows(const at::Tensor& flat, int64_t rows, int64_t wid
 // (kept in s.bf16_acts), the last layer in float32 into s.pred; and the last hidden layer's
 // activations widened to float32 (s.acts[L-2]) for the last layer's gradients.
 template <typename scalar_t>
-void tile_mlp_bf16_keep(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_t map_pitch,
+void tile_mlp_bf16_keep(const BackwardPlan<scalar_t>& bp, const scalar_t* map,
                         int64_t b, int64_t rows, BackwardScratch<scalar_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     const QueryPlan<float>& p = bp.q;
     const int num_layers = static_cast<int>(p.weights.size());
     const auto& widths = p.shape.layer_widths;
     at::Tensor act0 = rows_view<float>(s.acts[0], rows, widths[0]);
-    tile_first_layer(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
+    tile_first_layer(p, map, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
                      bp.feat_unfold, act0);
     bf16::round_rows(act0.const_data_ptr<float>(), widths[0], rows, widths[0],
                      s.bf16_acts[0].data());
@@ -211,7 +212,7 @@ void hidden_layer_backward_bf16(const BackwardPlan<scalar_t>& bp, int l, int64_t
 
 // One tile: recompute, back-propagate, accumulate into `slot`, and hand the per-cell rows to `wave`.
 template <typename scalar_t>
-void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_t map_pitch, int64_t b,
+void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_t b,
                    int64_t q0, int64_t nq, BackwardScratch<scalar_t>& s, GradSlot<scalar_t>& slot,
                    WaveRows<scalar_t>& wave, int64_t wave_tile, scalar_t* grad_coords,
                    scalar_t* grad_cells) {
@@ -235,9 +236,9 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
 
   // 2. The forward again, keeping every layer's activations (the last layer's output is `pred`).
   if (bp.bf16()) {
-    tile_mlp_bf16_keep(bp, map, map_pitch, b, rows, s);
+    tile_mlp_bf16_keep(bp, map, b, rows, s);
   } else {
-    tile_mlp(p, map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
+    tile_mlp(p, map, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
              bp.feat_unfold,
              [&](int l) -> at::Tensor& { return l + 1 < num_layers ? s.acts[l] : s.pred; });
   }
@@ -373,7 +374,8 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
                                             const std::vector<at::Tensor>& biases,
                                             bool local_ensemble, bool feat_unfold,
                                             bool cell_decode, const BackwardNeeds& needs,
-                                            const QueryShape& shape, bool bf16) {
+                                            const QueryShape& shape, bool bf16,
+                                            const at::Tensor& saved_map) {
   BackwardPlan<scalar_t> bp;
   bp.q = make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble,
                                    cell_decode, shape);
@@ -453,9 +455,12 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
   scalar_t* gl = needs.cells ? grad_cells.data_ptr<scalar_t>() : nullptr;
   if (lowest < num_layers) {
     for (int64_t b = 0; b < shape.batch; ++b) {
+      // The forward's map where it was saved (the same numbers), else made again.
       at::Tensor map;
-      int64_t pitch = 0;
-      if (!direct) map = precompute_first_layer<scalar_t>(feat[b], p, feat_unfold, &pitch);
+      if (!direct) {
+        map = saved_map.defined() ? saved_map[b]
+                                  : precompute_first_layer<scalar_t>(feat[b], p, feat_unfold);
+      }
       const scalar_t* map_data = direct ? nullptr : map.const_data_ptr<scalar_t>();
       at::Tensor grad_map = bp.scatter && !direct ? at::zeros({H * W, width0}, opts) : at::Tensor();
       for (int64_t first_tile = 0; first_tile < tiles; first_tile += kWaveTiles) {
@@ -469,7 +474,7 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
             const int64_t t = first_tile + w;
             const int64_t q0 = t * queries_per_tile;
             const int64_t nq = std::min(queries_per_tile, shape.queries - q0);
-            backward_tile(bp, map_data, pitch, b, q0, nq, *mine, slots[t % kWaveTiles], wave, w,
+            backward_tile(bp, map_data, b, q0, nq, *mine, slots[t % kWaveTiles], wave, w,
                           gc, gl);
           }
         });
@@ -582,12 +587,14 @@ std::vector<at::Tensor> query_backward_cpu(const at::Tensor& grad_out, const at:
                                            at::TensorList weights, at::TensorList biases,
                                            bool local_ensemble, bool feat_unfold,
                                            bool cell_decode, const c10::List<bool>& needs_grad,
-                                           c10::string_view precision) {
+                                           c10::string_view precision,
+                                           const c10::optional<at::Tensor>& first_layer_map) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   check_backward_inputs(grad_out, feat, shape, needs_grad.size());
   TORCH_CHECK(feat.device().is_cpu(),
               "liif_cuda.query backward (CPU kernel): feat must be a CPU tensor");
+  const at::Tensor saved_map = saved_first_layer_map(first_layer_map, feat, shape);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int num_layers = static_cast<int>(w.size());
   const BackwardNeeds needs = backward_needs(needs_grad, num_layers, cell_decode);
@@ -599,7 +606,7 @@ std::vector<at::Tensor> query_backward_cpu(const at::Tensor& grad_out, const at:
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_backward_cpu", [&] {
     grads = query_backward_impl<scalar_t>(grad_out.contiguous(), feat, coords, cells, w, bs,
                                           local_ensemble, feat_unfold, cell_decode, needs, shape,
-                                          bf16);
+                                          bf16, saved_map);
   });
   return grads;
 }

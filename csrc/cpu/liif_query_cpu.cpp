@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../liif_query_entry_points.h"
 #include "bf16_linear.h"
 #include "liif_query_cpu_common.h"
 
@@ -109,10 +110,10 @@ std::optional<std::vector<bf16::PackedLayer>> bf16_hidden_layers(const QueryPlan
 }
 
 // Decodes queries [q0, q0 + nq) of batch element b into out (B, Q, out_dim).
-// `precomputed_map` is P of batch element b, (H, W + 2*pad, width0) flattened to rows, when used.
+// `precomputed_map` is P of batch element b (precompute_first_layer), when used.
 template <typename scalar_t>
-void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, int64_t map_pitch,
-                 int64_t b, int64_t q0, int64_t nq, bool feat_unfold,
+void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, int64_t b,
+                 int64_t q0, int64_t nq, bool feat_unfold,
                  const std::vector<bf16::PackedLayer>* bf16_hidden, TileScratch<scalar_t>& s,
                  scalar_t* out) {
   const int nn = p.grid.num_neighbours;
@@ -125,11 +126,11 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
   at::Tensor last;
   if (bf16_hidden != nullptr) {
     at::Tensor act0 = rows_view<scalar_t>(s.act_a, rows, p.shape.layer_widths[0]);
-    tile_first_layer(p, precomputed_map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(),
+    tile_first_layer(p, precomputed_map, b, rows, s.neighbours.data(), s.cell.data(),
                      s.unfolded, feat_unfold, act0);
     last = tile_mlp_bf16(p, *bf16_hidden, rows, s);
   } else {
-    last = tile_mlp(p, precomputed_map, map_pitch, b, rows, s.neighbours.data(), s.cell.data(),
+    last = tile_mlp(p, precomputed_map, b, rows, s.neighbours.data(), s.cell.data(),
                     s.unfolded, feat_unfold,
                     [&](int l) -> at::Tensor& { return l % 2 ? s.act_b : s.act_a; });
   }
@@ -154,11 +155,14 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
 }
 
 
+// `saved_map`: where the precomputed path keeps every image's first-layer map, (B, H, W, width0),
+// for the backward (query_saving_map); undefined to keep one image's at a time.
 template <typename scalar_t>
 void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
                     const c10::optional<at::Tensor>& cells, const std::vector<at::Tensor>& weights,
                     const std::vector<at::Tensor>& biases, bool local_ensemble, bool feat_unfold,
-                    bool cell_decode, const QueryShape& shape, bool bf16, at::Tensor& out) {
+                    bool cell_decode, const QueryShape& shape, bool bf16, at::Tensor& out,
+                    const at::Tensor& saved_map) {
   const QueryPlan<scalar_t> p =
       make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble, cell_decode,
                                 shape);
@@ -168,8 +172,13 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
   scalar_t* out_data = out.data_ptr<scalar_t>();
   for (int64_t b = 0; b < shape.batch; ++b) {
     at::Tensor map;
-    int64_t pitch = 0;
-    if (p.precomputed) map = precompute_first_layer<scalar_t>(feat[b], p, feat_unfold, &pitch);
+    if (p.precomputed) {
+      map = precompute_first_layer<scalar_t>(feat[b], p, feat_unfold);
+      if (saved_map.defined()) {
+        saved_map[b].view_as(map).copy_(map);
+        map = saved_map[b];
+      }
+    }
     const scalar_t* map_data = p.precomputed ? map.const_data_ptr<scalar_t>() : nullptr;
     // Each thread's call takes tiles from a shared counter rather than its own range, so a core
     // slowed by other work does not leave the other waiting at the end of the image.
@@ -182,19 +191,20 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
       for (int64_t t = next_tile++; t < tiles; t = next_tile++) {
         const int64_t q0 = t * queries_per_tile;
         const int64_t nq = std::min(queries_per_tile, shape.queries - q0);
-        decode_tile(p, map_data, pitch, b, q0, nq, feat_unfold,
-                    bf16_hidden ? &*bf16_hidden : nullptr,
+        decode_tile(p, map_data, b, q0, nq, feat_unfold, bf16_hidden ? &*bf16_hidden : nullptr,
                     scratch, out_data);
       }
     });
   }
 }
 
-at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
-                     const c10::optional<at::Tensor>& cells, at::TensorList weights,
-                     at::TensorList biases, bool local_ensemble, bool feat_unfold,
-                     bool cell_decode, c10::string_view precision,
-                     c10::string_view backward_precision) {
+// query, and query_saving_map when `keep_map`: (out, the first-layer maps for the backward, or an
+// empty tensor where the forward made none: the direct path, or nothing to compute).
+std::tuple<at::Tensor, at::Tensor> query_cpu_keeping_map(
+    const at::Tensor& feat, const at::Tensor& coords, const c10::optional<at::Tensor>& cells,
+    at::TensorList weights, at::TensorList biases, bool local_ensemble, bool feat_unfold,
+    bool cell_decode, c10::string_view precision, c10::string_view backward_precision,
+    bool keep_map) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   // "bf16" runs the bf16 path where the CPU has it; every other precision computes float32 here.
@@ -205,15 +215,23 @@ at::Tensor query_cpu(const at::Tensor& feat, const at::Tensor& coords,
   // with autocast still on, which must not reach the matrix products below.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   at::Tensor out = at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
-  if (out.numel() == 0) return out;
+  at::Tensor saved_map = feat.new_empty({0});
+  if (out.numel() == 0) return {out, saved_map};
+  if (keep_map && precomputes_first_layer(shape, local_ensemble)) {
+    saved_map = at::empty({shape.batch, shape.height, shape.width, shape.layer_widths[0]},
+                          feat.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cpu", [&] {
     query_cpu_impl<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold, cell_decode,
-                             shape, bf16, out);
+                             shape, bf16, out, saved_map.numel() > 0 ? saved_map : at::Tensor());
   });
-  return out;
+  return {out, saved_map};
 }
 
 }  // namespace
 }  // namespace liif
 
-TORCH_LIBRARY_IMPL(liif_cuda, CPU, m) { m.impl("query", &liif::query_cpu); }
+TORCH_LIBRARY_IMPL(liif_cuda, CPU, m) {
+  m.impl("query", &liif::query_entry<&liif::query_cpu_keeping_map>);
+  m.impl("query_saving_map", &liif::query_saving_map_entry<&liif::query_cpu_keeping_map>);
+}

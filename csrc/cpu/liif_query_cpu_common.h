@@ -126,6 +126,14 @@ at::Tensor rows_view(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// Whether layer 0's feature columns are precomputed per LR cell (the first-layer map P): when there
+// are more (query, neighbour) rows per image than LR cells, the per-cell product is cheaper than the
+// per-row one. Otherwise each row gathers its unfolded features (the direct path). The fake of
+// liif_cuda::query_saving_map (liif_cuda/_registration.py) states the same rule.
+inline bool precomputes_first_layer(const QueryShape& shape, bool local_ensemble) {
+  return shape.queries * (local_ensemble ? 4 : 1) > shape.height * shape.width;
+}
+
 // The plan of one call: everything a tile needs, read-only.
 template <typename scalar_t>
 QueryPlan<scalar_t> make_query_plan(const at::Tensor& feat, const at::Tensor& coords,
@@ -159,10 +167,7 @@ QueryPlan<scalar_t> make_query_plan(const at::Tensor& feat, const at::Tensor& co
   for (int64_t i = 0; i < extra.size(0); ++i) {
     p.extra_column[i] = extra.const_data_ptr<scalar_t>() + i * extra.size(1);
   }
-  // Precompute when there are more (query, neighbour) rows than LR cells: then the per-cell product
-  // is cheaper than the per-row one.
-  const int64_t rows_per_image = shape.queries * p.grid.num_neighbours;
-  p.precomputed = rows_per_image > shape.height * shape.width;
+  p.precomputed = precomputes_first_layer(shape, local_ensemble);
 
   return p;
 }
@@ -194,13 +199,12 @@ void tile_geometry(const QueryPlan<scalar_t>& p, int64_t b, int64_t q0, int64_t 
 // Layer 0 on the `rows` rows of a tile whose geometry is in `neighbours` and `cell` (tile_geometry),
 // into act0 (rows x width0): the precomputed map's row, or the gathered unfolded features times the
 // feature columns, plus the coordinate and cell terms, then ReLU unless it is the only layer, in one
-// pass over the row. `map`: P of batch element b, (H, W + 2*pad, width0) flattened to rows, or nullptr
-// for the direct path, which gathers into `unfolded` (room for rows x feat_dim).
+// pass over the row. `map`: P of batch element b (precompute_first_layer), or nullptr for the direct
+// path, which gathers into `unfolded` (room for rows x feat_dim).
 template <typename scalar_t>
-void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch,
-                      int64_t b, int64_t rows, const Neighbour<scalar_t>* neighbours,
-                      const scalar_t* cell, const at::Tensor& unfolded, bool feat_unfold,
-                      at::Tensor& act0) {
+void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t b, int64_t rows,
+                      const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
+                      const at::Tensor& unfolded, bool feat_unfold, at::Tensor& act0) {
   const int nn = p.grid.num_neighbours;
   const int64_t width0 = p.shape.layer_widths[0];
   const bool relu = p.weights.size() > 1;
@@ -217,7 +221,7 @@ void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     const Neighbour<scalar_t>& nb = neighbours[r];
     scalar_t* row = a + r * width0;
-    const scalar_t* src = map != nullptr ? map + (nb.iy * map_pitch + nb.ix) * width0 : row;
+    const scalar_t* src = map != nullptr ? map + (nb.iy * p.shape.width + nb.ix) * width0 : row;
     const scalar_t* c = &cell[2 * (r / nn)];
     first_layer_row(src, row, width0, nb.rel_y, nb.rel_x, p.extra_column[0], p.extra_column[1],
                     c[0], c[1], p.extra_column[2], p.extra_column[3], relu);
@@ -228,12 +232,12 @@ void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t
 // product, bias and ReLU (none after the last). Layer l's output goes to the flat buffer output(l)
 // (room for rows x width_l, not output(l - 1)'s); returns the last layer's buffer.
 template <typename scalar_t, typename Output>
-at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t map_pitch, int64_t b,
-                    int64_t rows, const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
+at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t b, int64_t rows,
+                    const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
                     const at::Tensor& unfolded, bool feat_unfold, Output&& output) {
   const int num_layers = static_cast<int>(p.weights.size());
   at::Tensor act0 = rows_view<scalar_t>(output(0), rows, p.shape.layer_widths[0]);
-  tile_first_layer(p, map, map_pitch, b, rows, neighbours, cell, unfolded, feat_unfold, act0);
+  tile_first_layer(p, map, b, rows, neighbours, cell, unfolded, feat_unfold, act0);
   at::Tensor result = output(0);
   for (int l = 1; l < num_layers; ++l) {
     const int64_t out_w = p.shape.layer_widths[l];
@@ -247,41 +251,24 @@ at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t m
   return result;
 }
 
-// P for batch element b: the feature columns of layer 0 applied to every LR cell, bias included.
-// Computed as one matrix product per 3x3 tap over a zero-padded channels-last copy of the map: with
-// rows of pitch W + 2, tap (dy, dx) of output pixel (y, x) is input row (y + dy) * pitch + x + dx,
-// so each tap is a single product over contiguous rows. The 2 extra columns per row are unused.
+// P for batch element b: the feature columns of layer 0 applied to every LR cell, bias included,
+// (H * W, width0) rows in raster order. The feature columns c*9 + ky*3 + kx are exactly a (width0, C,
+// 3, 3) convolution weight; with channels-last operands oneDNN writes the rows directly, faster here
+// than one product per 3x3 tap (float64 takes ATen's own convolution). One image at a
+// time, as the backward makes it again when it has no saved map: oneDNN's sums may depend on the
+// batch it convolves, and the forward's map and the backward's must be the same numbers.
 template <typename scalar_t>
 at::Tensor precompute_first_layer(const at::Tensor& feat_b, const QueryPlan<scalar_t>& p,
-                                  bool feat_unfold, int64_t* pitch) {
+                                  bool feat_unfold) {
   const int64_t C = p.shape.channels, H = p.shape.height, W = p.shape.width;
-  const int64_t pad = feat_unfold ? 1 : 0;
-  const int64_t taps_per_side = 2 * pad + 1;
-  *pitch = W + 2 * pad;
-  const int64_t out_rows = H * *pitch;
-  // Padded rows plus the 2*pad rows read by the last output row's unused columns.
-  at::Tensor padded = at::zeros({(H + 2 * pad) * *pitch + 2 * pad, C}, feat_b.options());
-  padded.narrow(0, 0, (H + 2 * pad) * *pitch)
-      .view({H + 2 * pad, *pitch, C})
-      .narrow(0, pad, H)
-      .narrow(1, pad, W)
-      .copy_(feat_b.permute({1, 2, 0}));
-  // Feature columns c*taps + tap -> one contiguous (width0, C) matrix per tap.
   const int64_t width0 = p.shape.layer_widths[0];
-  const at::Tensor tap_weights =
-      p.first_feature_weight.view({width0, C, taps_per_side * taps_per_side})
-          .permute({2, 0, 1})
-          .contiguous();
-  // A fresh buffer: `contiguous()` of the expanded bias would alias the bias itself for one row.
-  at::Tensor map = at::empty({out_rows, width0}, feat_b.options());
-  map.copy_(p.biases[0].unsqueeze(0).expand({out_rows, width0}));
-  for (int64_t dy = 0; dy < taps_per_side; ++dy) {
-    for (int64_t dx = 0; dx < taps_per_side; ++dx) {
-      const int64_t tap = dy * taps_per_side + dx;
-      map.addmm_(padded.narrow(0, dy * *pitch + dx, out_rows), tap_weights[tap].t());
-    }
-  }
-  return map;
+  const int64_t k = feat_unfold ? 3 : 1;
+  const at::Tensor filter = p.first_feature_weight.view({width0, C, k, k})
+                                .contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor input = feat_b.unsqueeze(0).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor map = at::convolution(input, filter, p.biases[0], {1, 1}, {k / 2, k / 2},
+                                         {1, 1}, false, {0, 0}, 1);
+  return map.permute({0, 2, 3, 1}).reshape({H * W, width0}).contiguous();
 }
 
 }  // namespace cpu

@@ -25,5 +25,17 @@ inline at::Tensor convolve_map(const at::Tensor& input, const at::Tensor& weight
                           allow_tf32);
 }
 
+// query_backward_in_chunks' `convolve`: the map the forward saved (query_saving_map's (B, H, W,
+// width0), as the (B, width0, H, W) view that prepare_query permutes back without a copy), or where
+// there is none (undefined), `convolve`'s.
+template <typename Convolve>
+auto saved_map_or(const at::Tensor& saved, Convolve convolve) {
+  return [saved, convolve](const at::Tensor& input, const at::Tensor& weight, int64_t padding,
+                           bool allow_tf32) -> at::Tensor {
+    if (saved.defined()) return saved.permute({0, 3, 1, 2});
+    return convolve(input, weight, padding, allow_tf32);
+  };
+}
+
 }  // namespace cuda
 }  // namespace liif

@@ -25,11 +25,13 @@ std::vector<at::Tensor> query_backward_cuda(const at::Tensor& grad_out, const at
                                             at::TensorList weights, at::TensorList biases,
                                             bool local_ensemble, bool feat_unfold,
                                             bool cell_decode, const c10::List<bool>& needs_grad,
-                                            c10::string_view precision) {
+                                            c10::string_view precision,
+                                            const c10::optional<at::Tensor>& first_layer_map) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   check_backward_inputs(grad_out, feat, shape, needs_grad.size());
   TORCH_CHECK(feat.is_cuda(), "liif_cuda.query backward (CUDA kernel): feat must be a CUDA tensor");
+  const at::Tensor saved_map = saved_first_layer_map(first_layer_map, feat, shape);
   const c10::cuda::CUDAGuard device_guard(feat.device());
   // As in the forward: the products below run in the inputs' dtype, whatever autocast says.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -52,8 +54,9 @@ std::vector<at::Tensor> query_backward_cuda(const at::Tensor& grad_out, const at
     };
     const int64_t chunk_rows = backward_chunk_rows(shape, feat.element_size());
     grads = query_backward_in_chunks<scalar_t>(grad_out, feat, coords, cells, w, bs, local_ensemble,
-                                               feat_unfold, cell_decode, needs, shape, convolve_map,
-                                               launch, chunk_rows, bf16);
+                                               feat_unfold, cell_decode, needs, shape,
+                                               saved_map_or(saved_map, convolve_map), launch,
+                                               chunk_rows, bf16);
   });
   return grads;
 }

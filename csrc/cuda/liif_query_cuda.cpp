@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "../liif_query_checks.h"
+#include "../liif_query_entry_points.h"
 #include "liif_map_convolution.h"
 #include "liif_query_cuda_launcher.h"
 #include "liif_query_prepare.h"
@@ -37,11 +38,13 @@ TensorCoreKernel preferred_tensor_core_kernel() {
   return TensorCoreKernel::kWmma;
 }
 
-at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
-                      const c10::optional<at::Tensor>& cells, at::TensorList weights,
-                      at::TensorList biases, bool local_ensemble, bool feat_unfold,
-                      bool cell_decode, c10::string_view precision,
-                      c10::string_view backward_precision) {
+// query, and query_saving_map when `keep_map`: (out, the first-layer map for the backward where it
+// is the exact one, precision "fp32", else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
+    const at::Tensor& feat, const at::Tensor& coords, const c10::optional<at::Tensor>& cells,
+    at::TensorList weights, at::TensorList biases, bool local_ensemble, bool feat_unfold,
+    bool cell_decode, c10::string_view precision, c10::string_view backward_precision,
+    bool keep_map) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const QueryShape shape = check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   const Precision arithmetic = parse_precision(feat, precision);
@@ -52,8 +55,9 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
   // one with autocast still on, and the convolution below would come back in the autocast dtype.
   // The precision is the operator's own argument (liif_cuda.query maps autocast onto it).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  at::Tensor saved_map = feat.new_empty({0});
   if (shape.batch * shape.queries * shape.out_dim == 0) {
-    return at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
+    return {at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options()), saved_map};
   }
   int max_shared = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
@@ -75,12 +79,16 @@ at::Tensor query_cuda(const at::Tensor& feat, const at::Tensor& coords,
     // The temporaries go back to the caching allocator, which keeps them for this stream until
     // the kernel is done with them.
     out = prepared.out;
+    if (keep_map && arithmetic == Precision::kFp32) saved_map = prepared.map;
   });
-  return out;
+  return {out, saved_map};
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace liif
 
-TORCH_LIBRARY_IMPL(liif_cuda, CUDA, m) { m.impl("query", &liif::cuda::query_cuda); }
+TORCH_LIBRARY_IMPL(liif_cuda, CUDA, m) {
+  m.impl("query", &liif::query_entry<&liif::cuda::query_cuda_keeping_map>);
+  m.impl("query_saving_map", &liif::query_saving_map_entry<&liif::cuda::query_cuda_keeping_map>);
+}

@@ -14,6 +14,7 @@
 // After torch's headers: the emulation defines CUDA's keywords and built-in variables.
 #include "cuda_host_emulation.h"
 
+#include "cuda/liif_map_convolution.h"
 #include "cuda/liif_query_backward.h"
 #include "cuda/liif_query_backward_kernels.cuh"
 #include "cuda/liif_query_mma_kernel.cuh"
@@ -78,16 +79,19 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
 
 // The CUDA backward (csrc/cuda/liif_query_backward.h) on the host: its kernels on the emulation,
 // the products and index_add_ on the CPU. `chunk_rows`: rows per chunk (small values give many
-// chunks), or 0 for the GPU's (backward_chunk_rows).
+// chunks), or 0 for the GPU's (backward_chunk_rows). `first_layer_map`: as query_backward's on CUDA
+// (the map without bias, (B, H, W, width0)), or None to convolve again.
 std::vector<at::Tensor> query_backward_on_host(
     const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& coords,
     const c10::optional<at::Tensor>& cells, at::TensorList weights, at::TensorList biases,
     bool local_ensemble, bool feat_unfold, bool cell_decode, const c10::List<bool>& needs_grad,
-    int64_t chunk_rows, bool reverse_order, c10::string_view precision) {
+    int64_t chunk_rows, bool reverse_order, c10::string_view precision,
+    const c10::optional<at::Tensor>& first_layer_map) {
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
   liif::check_backward_inputs(grad_out, feat, shape, needs_grad.size());
+  const at::Tensor saved_map = liif::saved_first_layer_map(first_layer_map, feat, shape);
   const liif::BackwardNeeds needs =
       liif::backward_needs(needs_grad, static_cast<int>(w.size()), cell_decode);
   const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
@@ -108,7 +112,8 @@ std::vector<at::Tensor> query_backward_on_host(
     };
     grads = query_backward_in_chunks<scalar_t>(grad_out, feat, coords, cells, w, bs,
                                                local_ensemble, feat_unfold, cell_decode, needs,
-                                               shape, convolve_on_host, launch,
+                                               shape, saved_map_or(saved_map, convolve_on_host),
+                                               launch,
         chunk_rows > 0 ? chunk_rows : backward_chunk_rows(shape, feat.element_size()),
         liif::check_backward_precision(feat, precision));
   });
@@ -395,6 +400,7 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.def(
       "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
       "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad, "
-      "int chunk_rows, bool reverse_order, str precision=\"fp32\") -> Tensor[]");
+      "int chunk_rows, bool reverse_order, str precision=\"fp32\", Tensor? first_layer_map=None) "
+      "-> Tensor[]");
   m.impl("query_backward", c10::DispatchKey::CPU, &query_backward_on_host);
 }
