@@ -3,11 +3,14 @@
 Published MLP (580-256x4-3), a 64x64 float32 feature map and a 256x256 query grid (65,536 queries),
 loss = sum of squares, gradients for the feature map and every MLP parameter. The reference runs its
 `query_rgb` unchunked, as the original training does. Each variant runs in a fresh process; the peak is
-the rise of the resident set (VmHWM) over the resident set before the forward pass.
+the rise of the resident set (VmHWM) over the resident set before the forward pass. Results go to
+benchmarks/results/cpu_backward_memory_<date>.json (or --out) with the machine and versions.
 
     python benchmarks/bench_backward_memory.py
 """
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
-from results_file import process_status_kib, reset_peak_resident_set  # noqa: E402
+from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
+                          reset_peak_resident_set, result_header, write_results)
 
 
 def probe(variant):
@@ -37,15 +41,31 @@ def probe(variant):
     query(feat, coord, cell, mlp).square().sum().backward()
     seconds = time.perf_counter() - t0
     peak = process_status_kib("VmHWM") * 1024 - before
-    print(f"{variant:>9}: forward + backward {seconds:6.2f} s, peak memory +{peak / 2**20:7.1f} MiB")
+    print(json.dumps({"seconds": seconds, "peak_memory_bytes": peak}))
 
 
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         probe(sys.argv[2])
         return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args()
+    variants = {}
     for variant in ("reference", "fused"):
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", variant], check=True)
+        # Each in a fresh process, so that one's peak is not the other's.
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", variant],
+                              check=True, capture_output=True, text=True)
+        variants[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{variant:>9}: forward + backward {variants[variant]['seconds']:6.2f} s, peak memory "
+              f"+{variants[variant]['peak_memory_bytes'] / 2**20:7.1f} MiB")
+    result = {
+        **result_header("bench_backward_memory (CPU, forward + backward as in training, 64x64 map, "
+                        "65,536 queries)", __file__, sys.argv[1:]),
+        "machine": cpu_machine_info(),
+        "variants": variants,
+    }
+    write_results(result, "cpu_backward_memory", args.out)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,15 @@ inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
               " flags (feat, coords, cells, each weight, each bias), got ", needs_grad);
 }
 
+// Whether the first-layer map (layer 0's feature columns applied once per LR cell) costs less than
+// applying them per (query, neighbour) row: when there are more rows per image than LR cells. The
+// CPU kernel computes the map only then; query_saving_map keeps a map only then, on both devices
+// (elsewhere the backward's own is cheap). liif_cuda/_registration.py's saves_first_layer_map, the
+// fake's rule, states the same.
+inline bool first_layer_map_pays_off(const QueryShape& s, bool local_ensemble) {
+  return s.queries * (local_ensemble ? 4 : 1) > s.height * s.width;
+}
+
 // query_backward's `first_layer_map` (query_saving_map's second output): the map to use, or an
 // undefined tensor where there is none (None or empty: compute it again). Anything else must be the
 // (B, H, W, width0) contiguous map of feat's dtype and device.

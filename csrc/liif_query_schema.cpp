@@ -13,10 +13,10 @@ TORCH_LIBRARY(liif_cuda, m) {
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision=\"fp32\", "
       "str backward_precision=\"fp32\") -> Tensor");
   // query, also returning what the backward can reuse instead of computing it again: the first-layer
-  // map, (B, H, W, width0) in the device's own layout, or an empty tensor where the forward made
-  // none it could take (on the CPU: the direct path, fewer (query, neighbour) rows than LR cells; on
-  // CUDA: a precision other than "fp32", whose map has TF32 error). liif_cuda.query calls it when
-  // autograd will need a backward.
+  // map, (B, H, W, width0) in the device's own convention (bias of layer 0 included on the CPU, not
+  // on CUDA), or an empty tensor where it keeps none: no more (query, neighbour) rows than LR cells
+  // (see first_layer_map_pays_off), and on CUDA a precision other than "fp32", whose map has TF32
+  // error. liif_cuda.query calls it when autograd will need a backward.
   m.def(
       "query_saving_map(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
       "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, "
@@ -26,8 +26,8 @@ TORCH_LIBRARY(liif_cuda, m) {
   // `precision` "fp32": the exact (float32 / float64) function's gradients, whatever precision the
   // forward used; "bf16": the products between hidden layers (forward again and backward) with bf16
   // operands and results (where the device has bf16 products; see liif_cuda/_query.py).
-  // `first_layer_map`: query_saving_map's second output for the same inputs, or None (or an empty
-  // tensor) to compute the map again.
+  // `first_layer_map`: query_saving_map's second output for the same inputs on the same device, or
+  // None (or an empty tensor) to compute the map again.
   m.def(
       "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
       "Tensor[] biases, bool local_ensemble, bool feat_unfold, bool cell_decode, bool[] needs_grad, "

@@ -17,16 +17,14 @@ def _query_fake(feat, coords, cells, weights, biases, local_ensemble, feat_unfol
 
 def saves_first_layer_map(feat, coords, weights, local_ensemble, precision):
     """Whether query_saving_map returns a first-layer map (B, H, W, width0), as its kernels decide:
-    on the CPU where it precomputes one (more (query, neighbour) rows per image than LR cells,
-    csrc/cpu/liif_query_cpu_common.h's precomputes_first_layer); on CUDA where the map is the exact
-    one (precision "fp32"); on neither where there is nothing to compute."""
+    where there is something to compute and more (query, neighbour) rows per image than LR cells
+    (csrc/liif_query_checks.h's first_layer_map_pays_off), and on CUDA only where the map is the
+    exact one (precision "fp32")."""
     B, _, H, W = feat.shape
     Q = coords.shape[1]
-    if B * Q * weights[-1].shape[0] == 0:
+    if B * Q * weights[-1].shape[0] == 0 or Q * (4 if local_ensemble else 1) <= H * W:
         return False
-    if feat.device.type == "cuda":
-        return precision == "fp32"
-    return Q * (4 if local_ensemble else 1) > H * W
+    return feat.device.type != "cuda" or precision == "fp32"
 
 
 @torch.library.register_fake("liif_cuda::query_saving_map")
@@ -75,6 +73,7 @@ def _backward(ctx, grad_out, *unused_map_grad):
     need_feat, need_coords, need_cells, need_w, need_b = ctx.needs_input_grad[:5]
     needs = [bool(need_feat), bool(need_coords), bool(need_cells) and cells is not None,
              *[bool(x) for x in need_w], *[bool(x) for x in need_b]]
+    grads = []
     if grad_out is None:  # the output took no part in what is differentiated: no gradients
         needs = [False] * len(needs)
     else:

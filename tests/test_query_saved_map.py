@@ -55,19 +55,53 @@ def test_saved_map_gives_the_same_outputs_and_gradients(problem):
         assert torch.equal(a, r)
 
 
-def test_autograd_keeps_the_map_only_when_a_gradient_is_needed():
+def test_autograd_keeps_the_map_only_when_a_gradient_is_needed(monkeypatch):
     feat, coords, cells = random_inputs(2, 3, 4, 5, 30)
     mlp = make_mlp(ref.imnet_in_dim(3), [8, 8], 3, torch.float32)
     leaf = feat.clone().requires_grad_()
     out = liif_cuda.query(leaf, coords, cells, mlp)
     saved = [t for t in out.grad_fn.saved_tensors if t.dim() == 4 and t.shape[-1] == 8]
     assert len(saved) == 1 and saved[0].shape == (2, 4, 5, 8)
+    # The backward operator receives it.
+    received = []
+    backward = liif_cuda._registration.query_backward
+
+    def spy(*args):
+        received.append(args[-1])
+        return backward(*args)
+    monkeypatch.setattr(liif_cuda._registration, "query_backward", spy)
+    out.sum().backward()
+    assert len(received) == 1 and received[0] is not None and torch.equal(received[0], saved[0])
+    assert leaf.grad is not None
     with torch.no_grad():
         assert torch.equal(liif_cuda.query(leaf, coords, cells, mlp), out.detach())
     # With a frozen MLP and constant inputs there is no graph at all.
     for p in mlp.parameters():
         p.requires_grad_(False)
     assert liif_cuda.query(feat, coords, cells, mlp).grad_fn is None
+
+
+def test_the_backward_reads_the_map_it_is_given():
+    """A map other than the forward's changes the gradients (so the tests above compare a backward
+    that really took the saved map), on the CPU kernel and the CUDA backward on the host."""
+    feat, coords, cells = random_inputs(2, 3, 4, 5, 40, seed=5)
+    mlp = make_mlp(ref.imnet_in_dim(3), [16, 16], 3, torch.float32)
+    flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
+    args = op_args(feat, coords, cells, mlp, flags)
+    _, first_layer_map = torch.ops.liif_cuda.query_saving_map(*args)
+    grad_out = torch.randn(2, 40, 3)
+    true = torch.ops.liif_cuda.query_backward(*backward_args(args, grad_out), first_layer_map)
+    shifted = torch.ops.liif_cuda.query_backward(*backward_args(args, grad_out),
+                                                 first_layer_map + 0.5)
+    # Layer 1's weight gradient takes layer 0's output, which the map feeds.
+    assert not torch.equal(true[3 + 1], shifted[3 + 1])
+    w, b = args[3], args[4]
+    needs = [True] * (3 + 2 * len(w))
+    cuda_harness.load()
+    host = [torch.ops.liif_cuda_harness.query_backward(
+        grad_out, feat, coords, cells, w, b, True, True, True, needs, 0, False, "fp32", m)
+        for m in (first_layer_map, first_layer_map + 0.5)]
+    assert not torch.equal(host[0][3 + 1], host[1][3 + 1])
 
 
 @pytest.mark.parametrize("queries", [30, 2], ids=["map", "direct"])
@@ -78,6 +112,10 @@ def test_opcheck_query_saving_map(queries, dtype):
     flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
     args = op_args(feat, coords, cells, mlp, flags)
     torch.library.opcheck(torch.ops.liif_cuda.query_saving_map.default, args)
+    # With inputs that require gradients: the autograd registration and its backward too.
+    grad_args = (args[0].clone().requires_grad_(), args[1].clone().requires_grad_(), args[2],
+                 [w.clone().requires_grad_() for w in args[3]], args[4], *args[5:])
+    torch.library.opcheck(torch.ops.liif_cuda.query_saving_map.default, grad_args)
     _, first_layer_map = torch.ops.liif_cuda.query_saving_map(*args)
     assert (first_layer_map.numel() > 0) == (queries == 30)
     grad_out = torch.randn(2, queries, 3, dtype=dtype)
@@ -144,3 +182,8 @@ def test_cuda_saved_map(precision):
                                                     first_layer_map)
     for a, r in zip(again, reused):
         assert torch.equal(a, r)
+    if first_layer_map.numel() > 0:  # and one it takes: another map changes the gradients
+        with deterministic_algorithms():
+            shifted = torch.ops.liif_cuda.query_backward(*backward_args(args, grad_out),
+                                                         first_layer_map + 0.5)
+        assert not torch.equal(reused[3 + 1], shifted[3 + 1])

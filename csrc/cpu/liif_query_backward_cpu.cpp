@@ -136,12 +136,6 @@ struct BackwardPlan {
   bool bf16() const { return !bf16_hidden.empty(); }
 };
 
-// A (rows x width) view of a flat buffer whose rows are `pitch` apart.
-inline at::Tensor pitched_rows(const at::Tensor& flat, int64_t rows, int64_t width,
-                               int64_t pitch) {
-  return flat.narrow(0, 0, rows * pitch).view({rows, pitch}).narrow(1, 0, width);
-}
-
 // The bf16 mode's forward again, exactly as the bf16 forward computes it (tile_mlp_bf16 of the
 // forward kernel): layer 0 in float32 (s.acts[0]), its output and each hidden layer's rounded to bf16
 // (kept in s.bf16_acts), the last layer in float32 into s.pred; and the last hidden layer's
@@ -153,7 +147,7 @@ void tile_mlp_bf16_keep(const BackwardPlan<scalar_t>& bp, const scalar_t* map,
     const QueryPlan<float>& p = bp.q;
     const int num_layers = static_cast<int>(p.weights.size());
     const auto& widths = p.shape.layer_widths;
-    at::Tensor act0 = rows_view<float>(s.acts[0], rows, widths[0]);
+    at::Tensor act0 = rows_view(s.acts[0], rows, widths[0]);
     tile_first_layer(p, map, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
                      bp.feat_unfold, act0);
     bf16::round_rows(act0.const_data_ptr<float>(), widths[0], rows, widths[0],
@@ -245,7 +239,7 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
 
   // 3. Blend: out_q = sum_k pred_k * weight_k. The predictions' gradient, and the blend weights'.
   const scalar_t* pred = s.pred.template const_data_ptr<scalar_t>();
-  at::Tensor g_top = rows_view<scalar_t>(s.grad_a, rows, od);
+  at::Tensor g_top = rows_view(s.grad_a, rows, od);
   scalar_t* gp = g_top.template data_ptr<scalar_t>();
   for (int64_t i = 0; i < nq; ++i) {
     for (int k = 0; k < nn; ++k) {
@@ -279,7 +273,7 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
       const bool into_wave = l == 1 && g0_in_wave;
       at::Tensor G_in = !input_grad ? at::Tensor()
                         : into_wave && in_pitch == in_w ? wave.rows.narrow(0, base, rows)
-                                                        : pitched_rows(*g_next, rows, in_w, in_pitch);
+                                                        : rows_view(*g_next, rows, in_w, in_pitch);
       hidden_layer_backward_bf16(
           bp, l, rows, G, s,
           need.weight[l] ? reinterpret_cast<float*>(slot.weight[l].data_ptr()) : nullptr,
@@ -290,12 +284,12 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
       std::swap(g, g_next);
       continue;
     }
-    const at::Tensor A = rows_view<scalar_t>(s.acts[l - 1], rows, in_w);
+    const at::Tensor A = rows_view(s.acts[l - 1], rows, in_w);
     if (need.weight[l]) slot.weight[l].addmm_(G.t(), A);
     if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
     if (l == lowest) break;
     at::Tensor G_in = l == 1 && g0_in_wave ? wave.rows.narrow(0, base, rows)
-                                           : rows_view<scalar_t>(*g_next, rows, in_w);
+                                           : rows_view(*g_next, rows, in_w);
     at::mm_out(G_in, G, p.weights[l]);
     relu_backward(G_in.template data_ptr<scalar_t>(), A.template const_data_ptr<scalar_t>(),
                   rows * in_w);
@@ -312,7 +306,7 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   if (need.weight[0]) slot.first_extra.addmm_(X.t(), G0);
   if (bp.scatter || (map == nullptr && need.weight[0])) {
     if (map == nullptr) {
-      const at::Tensor U = rows_view<scalar_t>(s.unfolded, rows, p.shape.feat_dim);
+      const at::Tensor U = rows_view(s.unfolded, rows, p.shape.feat_dim);
       if (need.weight[0]) slot.first_features.addmm_(G0.t(), U);
       if (need.feat) {
         at::Tensor grad_u = wave.rows.narrow(0, base, rows);

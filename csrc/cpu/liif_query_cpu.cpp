@@ -125,7 +125,7 @@ void decode_tile(const QueryPlan<scalar_t>& p, const scalar_t* precomputed_map, 
   // 2. The MLP, its activations alternating between two buffers.
   at::Tensor last;
   if (bf16_hidden != nullptr) {
-    at::Tensor act0 = rows_view<scalar_t>(s.act_a, rows, p.shape.layer_widths[0]);
+    at::Tensor act0 = rows_view(s.act_a, rows, p.shape.layer_widths[0]);
     tile_first_layer(p, precomputed_map, b, rows, s.neighbours.data(), s.cell.data(),
                      s.unfolded, feat_unfold, act0);
     last = tile_mlp_bf16(p, *bf16_hidden, rows, s);
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> query_cpu_keeping_map(
   at::Tensor out = at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options());
   at::Tensor saved_map = feat.new_empty({0});
   if (out.numel() == 0) return {out, saved_map};
-  if (keep_map && precomputes_first_layer(shape, local_ensemble)) {
+  if (keep_map && first_layer_map_pays_off(shape, local_ensemble)) {
     saved_map = at::empty({shape.batch, shape.height, shape.width, shape.layer_widths[0]},
                           feat.options());
   }

@@ -121,17 +121,11 @@ void gather_unfolded(const QueryPlan<scalar_t>& p, int64_t b, int64_t iy, int64_
   }
 }
 
-template <typename scalar_t>
-at::Tensor rows_view(const at::Tensor& flat, int64_t rows, int64_t cols) {
-  return flat.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// Whether layer 0's feature columns are precomputed per LR cell (the first-layer map P): when there
-// are more (query, neighbour) rows per image than LR cells, the per-cell product is cheaper than the
-// per-row one. Otherwise each row gathers its unfolded features (the direct path). The fake of
-// liif_cuda::query_saving_map (liif_cuda/_registration.py) states the same rule.
-inline bool precomputes_first_layer(const QueryShape& shape, bool local_ensemble) {
-  return shape.queries * (local_ensemble ? 4 : 1) > shape.height * shape.width;
+// A (rows x cols) view of a flat buffer whose rows are `pitch` apart (by default, contiguous).
+inline at::Tensor rows_view(const at::Tensor& flat, int64_t rows, int64_t cols,
+                            int64_t pitch = 0) {
+  if (pitch == 0 || pitch == cols) return flat.narrow(0, 0, rows * cols).view({rows, cols});
+  return flat.narrow(0, 0, rows * pitch).view({rows, pitch}).narrow(1, 0, cols);
 }
 
 // The plan of one call: everything a tile needs, read-only.
@@ -167,7 +161,9 @@ QueryPlan<scalar_t> make_query_plan(const at::Tensor& feat, const at::Tensor& co
   for (int64_t i = 0; i < extra.size(0); ++i) {
     p.extra_column[i] = extra.const_data_ptr<scalar_t>() + i * extra.size(1);
   }
-  p.precomputed = precomputes_first_layer(shape, local_ensemble);
+  // Layer 0's feature columns precomputed per LR cell (the first-layer map P) where that is cheaper;
+  // otherwise each row gathers its unfolded features (the direct path).
+  p.precomputed = first_layer_map_pays_off(shape, local_ensemble);
 
   return p;
 }
@@ -210,7 +206,7 @@ void tile_first_layer(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t
   const bool relu = p.weights.size() > 1;
   scalar_t* a = act0.template data_ptr<scalar_t>();
   if (map == nullptr) {
-    at::Tensor u = rows_view<scalar_t>(unfolded, rows, p.shape.feat_dim);
+    at::Tensor u = rows_view(unfolded, rows, p.shape.feat_dim);
     scalar_t* ud = u.template data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
       gather_unfolded(p, b, neighbours[r].iy, neighbours[r].ix, feat_unfold,
@@ -236,13 +232,13 @@ at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t b
                     const Neighbour<scalar_t>* neighbours, const scalar_t* cell,
                     const at::Tensor& unfolded, bool feat_unfold, Output&& output) {
   const int num_layers = static_cast<int>(p.weights.size());
-  at::Tensor act0 = rows_view<scalar_t>(output(0), rows, p.shape.layer_widths[0]);
+  at::Tensor act0 = rows_view(output(0), rows, p.shape.layer_widths[0]);
   tile_first_layer(p, map, b, rows, neighbours, cell, unfolded, feat_unfold, act0);
   at::Tensor result = output(0);
   for (int l = 1; l < num_layers; ++l) {
     const int64_t out_w = p.shape.layer_widths[l];
-    at::Tensor dst = rows_view<scalar_t>(output(l), rows, out_w);
-    const at::Tensor src = rows_view<scalar_t>(output(l - 1), rows, p.shape.layer_widths[l - 1]);
+    at::Tensor dst = rows_view(output(l), rows, out_w);
+    const at::Tensor src = rows_view(output(l - 1), rows, p.shape.layer_widths[l - 1]);
     at::mm_out(dst, src, p.weights[l].t());
     add_bias_relu(dst.template data_ptr<scalar_t>(), p.biases[l].template const_data_ptr<scalar_t>(),
                   rows, out_w, l + 1 < num_layers);

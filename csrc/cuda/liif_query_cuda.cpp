@@ -39,7 +39,7 @@ TensorCoreKernel preferred_tensor_core_kernel() {
 }
 
 // query, and query_saving_map when `keep_map`: (out, the first-layer map for the backward where it
-// is the exact one, precision "fp32", else an empty tensor).
+// is the exact one, precision "fp32", and pays off; else an empty tensor).
 std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
     const at::Tensor& feat, const at::Tensor& coords, const c10::optional<at::Tensor>& cells,
     at::TensorList weights, at::TensorList biases, bool local_ensemble, bool feat_unfold,
@@ -79,7 +79,10 @@ std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
     // The temporaries go back to the caching allocator, which keeps them for this stream until
     // the kernel is done with them.
     out = prepared.out;
-    if (keep_map && arithmetic == Precision::kFp32) saved_map = prepared.map;
+    if (keep_map && arithmetic == Precision::kFp32 &&
+        first_layer_map_pays_off(shape, local_ensemble)) {
+      saved_map = prepared.map;
+    }
   });
   return {out, saved_map};
 }
