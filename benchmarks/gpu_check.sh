@@ -38,9 +38,10 @@ fi
 if [ -z "${LIIF_SHARED_DIR:-}" ] && [ -d shared/weights ]; then
   export LIIF_SHARED_DIR=$PWD/shared
 fi
-# The CUDA test files (the others run in CI): every one of them skips without a GPU.
+# The test files with GPU cases (their other cases run in CI; every GPU case skips without a GPU;
+# tests/test_gpu_check_script.py checks that none is missing).
 CUDA_TESTS="tests/test_query_cuda.py tests/test_query_cuda_precision.py tests/test_query_borders.py \
-  tests/test_train_cuda.py tests/test_query_backward_bf16.py"
+  tests/test_train_cuda.py tests/test_query_backward_bf16.py tests/test_query_saved_map.py"
 
 : > "$SUMMARY"
 FAILED=()

@@ -4,6 +4,7 @@ rare GPU sessions."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,19 @@ def test_dry_run_runs_every_step(tmp_path):
     assert [r["path"] for r in lines] == paths and all(r["ok"] for r in lines)
     bench = json.loads(next(results.glob("gpu_query_*.json")).read_text())
     assert bench["rows"] and not bench["failed_variants"]
+
+
+def test_gpu_check_runs_every_test_file_with_gpu_cases():
+    """A test file with GPU cases (skipped here by conftest's CUDA_SKIP_REASON) that the GPU check
+    did not run would run nowhere."""
+    script = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    listed = set(re.search(r'CUDA_TESTS="([^"]*)"', script).group(1).replace("\\\n", " ").split())
+    tests = os.path.join(ROOT, "tests")
+    with_gpu_cases = {f"tests/{name}" for name in os.listdir(tests)
+                      if name.startswith("test_") and name.endswith(".py")
+                      and re.search(r"^from conftest import .*CUDA_SKIP_REASON",
+                                    open(os.path.join(tests, name)).read(), re.MULTILINE)}
+    assert with_gpu_cases and with_gpu_cases <= listed, with_gpu_cases - listed
 
 
 def test_usage_error_without_results_dir():
