@@ -141,28 +141,20 @@ struct BackwardPlan {
 // (kept in s.bf16_acts), the last layer in float32 into s.pred; and the last hidden layer's
 // activations widened to float32 (s.acts[L-2]) for the last layer's gradients.
 template <typename scalar_t>
-void tile_mlp_bf16_keep(const BackwardPlan<scalar_t>& bp, const scalar_t* map,
-                        int64_t b, int64_t rows, BackwardScratch<scalar_t>& s) {
+void tile_mlp_bf16_keep(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_t b,
+                        int64_t rows, BackwardScratch<scalar_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     const QueryPlan<float>& p = bp.q;
-    const int num_layers = static_cast<int>(p.weights.size());
-    const auto& widths = p.shape.layer_widths;
-    at::Tensor act0 = rows_view(s.acts[0], rows, widths[0]);
+    at::Tensor act0 = rows_view(s.acts[0], rows, p.shape.layer_widths[0]);
     tile_first_layer(p, map, b, rows, s.neighbours.data(), s.cell.data(), s.unfolded,
                      bp.feat_unfold, act0);
-    bf16::round_rows(act0.const_data_ptr<float>(), widths[0], rows, widths[0],
-                     s.bf16_acts[0].data());
-    for (int l = 1; l + 1 < num_layers; ++l) {
-      bf16::linear(s.bf16_acts[l - 1].data(), rows, bp.bf16_hidden[l - 1], /*relu=*/true,
-                   s.bf16_acts[l].data());
-    }
-    const int last = num_layers - 1;
-    const int64_t in_w = widths[last - 1];
-    bf16::linear_float_out(s.bf16_acts[last - 1].data(), rows, in_w,
-                           p.weights[last].const_data_ptr<float>(),
-                           p.biases[last].const_data_ptr<float>(), p.shape.out_dim,
-                           s.pred.template data_ptr<float>());
-    bf16::widen_rows(s.bf16_acts[last - 1].data(), bf16::activation_pitch(in_w), rows, in_w,
+    const uint16_t* last_hidden =
+        tile_mlp_bf16(p, bp.bf16_hidden, act0.const_data_ptr<float>(), rows,
+                      [&](int l) { return s.bf16_acts[l].data(); },
+                      s.pred.template data_ptr<float>());
+    const int last = static_cast<int>(p.weights.size()) - 1;
+    const int64_t in_w = p.shape.layer_widths[last - 1];
+    bf16::widen_rows(last_hidden, bf16::activation_pitch(in_w), rows, in_w,
                      s.acts[last - 1].template data_ptr<float>(), in_w);
   } else {
     TORCH_CHECK(false, "liif_cuda.query backward: the bf16 mode takes float32 tensors");
@@ -264,10 +256,10 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
   at::Tensor G = g_top;
   for (int l = num_layers - 1; l >= 1 && l >= lowest; --l) {
     const int64_t in_w = p.shape.layer_widths[l - 1];
+    if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
     if (bp.bf16() && l + 1 < num_layers) {
       // The bf16 mode's products between hidden layers (bf16 operands, float32 results).
       const int64_t in_pitch = bf16::activation_pitch(in_w);
-      if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
       const bool input_grad = l != lowest;
       // G0 straight into the wave's buffer where its rows need no padding.
       const bool into_wave = l == 1 && g0_in_wave;
@@ -286,7 +278,6 @@ void backward_tile(const BackwardPlan<scalar_t>& bp, const scalar_t* map, int64_
     }
     const at::Tensor A = rows_view(s.acts[l - 1], rows, in_w);
     if (need.weight[l]) slot.weight[l].addmm_(G.t(), A);
-    if (need.bias[l]) slot.bias[l].add_(G.sum(0, false, at::kDouble));
     if (l == lowest) break;
     at::Tensor G_in = l == 1 && g0_in_wave ? wave.rows.narrow(0, base, rows)
                                            : rows_view(*g_next, rows, in_w);
@@ -374,12 +365,10 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
   bp.q = make_query_plan<scalar_t>(feat, coords, cells, weights, biases, local_ensemble,
                                    cell_decode, shape);
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (bf16) bp.bf16_hidden = pack_bf16_hidden_layers(bp.q);
     for (size_t l = 1; bf16 && l + 1 < weights.size(); ++l) {
-      const at::Tensor& w = bp.q.weights[l];
-      const int64_t out = w.size(0), in = w.size(1);
-      bp.bf16_hidden.push_back(bf16::pack_layer(w.const_data_ptr<float>(),
-                                                bp.q.biases[l].template const_data_ptr<float>(), out, in));
-      const at::Tensor wt = w.t().contiguous();
+      const at::Tensor wt = bp.q.weights[l].t().contiguous();
+      const int64_t out = wt.size(1), in = wt.size(0);
       const std::vector<float> no_bias(in, 0.0f);
       bp.bf16_transposed.push_back(bf16::pack_layer(wt.const_data_ptr<float>(), no_bias.data(),
                                                     in, out));
@@ -438,11 +427,10 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
     wave.count.assign(kWaveTiles, 0);
   }
   const int k = feat_unfold ? 3 : 1;
-  // The feature columns as a convolution's weight, for the map's gradient.
+  // The feature columns as a convolution's weight, for the map's gradient (channels-last; `to`
+  // keeps the layout).
   const at::ScalarType conv_dtype = bp.bf16() ? at::kBFloat16 : feat.scalar_type();
-  const at::Tensor conv_filter = p.first_feature_weight.view({width0, C, k, k})
-                                     .to(conv_dtype)
-                                     .contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor conv_filter = direct ? at::Tensor() : p.first_feature_filter.to(conv_dtype);
 
   std::vector<std::unique_ptr<BackwardScratch<scalar_t>>> scratch(at::get_num_threads());
   scalar_t* gc = needs.coords ? grad_coords.data_ptr<scalar_t>() : nullptr;
@@ -453,7 +441,7 @@ std::vector<at::Tensor> query_backward_impl(const at::Tensor& grad_out, const at
       at::Tensor map;
       if (!direct) {
         map = saved_map.defined() ? saved_map[b]
-                                  : precompute_first_layer<scalar_t>(feat[b], p, feat_unfold);
+                                  : precompute_first_layer<scalar_t>(feat[b], p);
       }
       const scalar_t* map_data = direct ? nullptr : map.const_data_ptr<scalar_t>();
       at::Tensor grad_map = bp.scatter && !direct ? at::zeros({H * W, width0}, opts) : at::Tensor();

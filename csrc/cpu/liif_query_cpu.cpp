@@ -61,27 +61,16 @@ struct TileScratch {
   }
 };
 
-// The bf16 path's MLP on a tile after layer 0 (in s.act_a): rounds layer 0's output, runs the hidden
-// layers in bf16 and the last layer in float32 into s.act_b; returns s.act_b.
+// The bf16 path's MLP on a tile after layer 0 (in s.act_a), its bf16 activations alternating
+// between two buffers, the last layer's output in s.act_b; returns s.act_b.
 template <typename scalar_t>
 const at::Tensor& tile_mlp_bf16(const QueryPlan<scalar_t>& p,
                                 const std::vector<bf16::PackedLayer>& hidden, int64_t rows,
                                 TileScratch<scalar_t>& s) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const int64_t width0 = p.shape.layer_widths[0];
-    bf16::round_rows(s.act_a.template const_data_ptr<float>(), width0, rows, width0,
-                     s.bf16_a.data());
-    uint16_t* in = s.bf16_a.data();
-    uint16_t* out = s.bf16_b.data();
-    for (const bf16::PackedLayer& layer : hidden) {
-      bf16::linear(in, rows, layer, /*relu=*/true, out);
-      std::swap(in, out);
-    }
-    const int last = static_cast<int>(p.weights.size()) - 1;
-    bf16::linear_float_out(in, rows, p.shape.layer_widths[last - 1],
-                           p.weights[last].template const_data_ptr<float>(),
-                           p.biases[last].template const_data_ptr<float>(), p.shape.out_dim,
-                           s.act_b.template data_ptr<float>());
+    cpu::tile_mlp_bf16(p, hidden, s.act_a.template const_data_ptr<float>(), rows,
+                       [&](int l) { return l % 2 ? s.bf16_b.data() : s.bf16_a.data(); },
+                       s.act_b.template data_ptr<float>());
     return s.act_b;
   } else {
     TORCH_CHECK(false, "liif_cuda.query: the CPU bf16 path takes float32 tensors");
@@ -95,15 +84,8 @@ template <typename scalar_t>
 std::optional<std::vector<bf16::PackedLayer>> bf16_hidden_layers(const QueryPlan<scalar_t>& p,
                                                                  bool bf16) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    const int num_layers = static_cast<int>(p.weights.size());
-    if (!bf16 || num_layers < 2 || !bf16::native_available()) return std::nullopt;
-    std::vector<bf16::PackedLayer> hidden;
-    for (int l = 1; l + 1 < num_layers; ++l) {
-      hidden.push_back(bf16::pack_layer(p.weights[l].template const_data_ptr<float>(),
-                                        p.biases[l].template const_data_ptr<float>(),
-                                        p.shape.layer_widths[l], p.shape.layer_widths[l - 1]));
-    }
-    return hidden;
+    if (!bf16 || p.weights.size() < 2 || !bf16::native_available()) return std::nullopt;
+    return pack_bf16_hidden_layers(p);
   } else {
     return std::nullopt;
   }
@@ -173,7 +155,7 @@ void query_cpu_impl(const at::Tensor& feat, const at::Tensor& coords,
   for (int64_t b = 0; b < shape.batch; ++b) {
     at::Tensor map;
     if (p.precomputed) {
-      map = precompute_first_layer<scalar_t>(feat[b], p, feat_unfold);
+      map = precompute_first_layer<scalar_t>(feat[b], p);
       if (saved_map.defined()) {
         saved_map[b].view_as(map).copy_(map);
         map = saved_map[b];

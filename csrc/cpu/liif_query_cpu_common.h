@@ -12,6 +12,7 @@
 
 #include "../liif_geometry.h"
 #include "../liif_query_checks.h"
+#include "bf16_linear.h"
 #include "grid_sample_rounding.h"
 
 namespace liif {
@@ -49,6 +50,9 @@ struct QueryPlan {
   // The MLP: per layer a contiguous (out, in) weight and (out,) bias.
   std::vector<at::Tensor> weights, biases;
   at::Tensor first_feature_weight;  // (width0, feat_dim): the feature columns of layer 0
+  // The precomputed path's feature columns as a channels-last (width0, C, k, k) convolution weight
+  // (k = 3 with feat_unfold, else 1), for the map and its gradient.
+  at::Tensor first_feature_filter;
   // Columns of layer 0 for rel_y, rel_x, cell_y*H, cell_x*W, each contiguous over the width; the
   // cell columns are zeros without cell_decode.
   at::Tensor first_extra_columns;  // (4, width0)
@@ -164,6 +168,12 @@ QueryPlan<scalar_t> make_query_plan(const at::Tensor& feat, const at::Tensor& co
   // Layer 0's feature columns precomputed per LR cell (the first-layer map P) where that is cheaper;
   // otherwise each row gathers its unfolded features (the direct path).
   p.precomputed = first_layer_map_pays_off(shape, local_ensemble);
+  if (p.precomputed) {
+    const int64_t k = shape.feat_dim == shape.channels ? 1 : 3;  // feat_dim is C or 9C
+    p.first_feature_filter =
+        p.first_feature_weight.view({shape.layer_widths[0], shape.channels, k, k})
+            .contiguous(at::MemoryFormat::ChannelsLast);
+  }
 
   return p;
 }
@@ -247,6 +257,39 @@ at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t b
   return result;
 }
 
+// The bf16 path's layers between hidden layers (l = 1 .. L-2; none for an MLP of two layers),
+// packed once per call as bf16::linear takes them. For the forward and the backward's bf16 mode.
+inline std::vector<bf16::PackedLayer> pack_bf16_hidden_layers(const QueryPlan<float>& p) {
+  std::vector<bf16::PackedLayer> hidden;
+  for (size_t l = 1; l + 1 < p.weights.size(); ++l) {
+    hidden.push_back(bf16::pack_layer(p.weights[l].const_data_ptr<float>(),
+                                      p.biases[l].const_data_ptr<float>(),
+                                      p.shape.layer_widths[l], p.shape.layer_widths[l - 1]));
+  }
+  return hidden;
+}
+
+// The bf16 path's MLP on a tile after layer 0 (act0: rows x width0, float32), the rounding model of
+// the CUDA tensor-core kernel: layer 0's output rounded to bf16 into out(0), each layer l between
+// hidden layers (`hidden`, pack_bf16_hidden_layers) from out(l - 1) into out(l) with bias and ReLU,
+// out(l) being bf16 rows of pitch activation_pitch(width_l) for `rows` rows; the last layer in
+// float32 on out(L - 2) into pred (rows x out_dim). Returns out(L - 2).
+template <typename Output>
+const uint16_t* tile_mlp_bf16(const QueryPlan<float>& p,
+                              const std::vector<bf16::PackedLayer>& hidden, const float* act0,
+                              int64_t rows, Output&& out, float* pred) {
+  const int64_t width0 = p.shape.layer_widths[0];
+  bf16::round_rows(act0, width0, rows, width0, out(0));
+  const int last = static_cast<int>(p.weights.size()) - 1;
+  for (int l = 1; l < last; ++l) {
+    bf16::linear(out(l - 1), rows, hidden[l - 1], /*relu=*/true, out(l));
+  }
+  bf16::linear_float_out(out(last - 1), rows, p.shape.layer_widths[last - 1],
+                         p.weights[last].const_data_ptr<float>(),
+                         p.biases[last].const_data_ptr<float>(), p.shape.out_dim, pred);
+  return out(last - 1);
+}
+
 // P for batch element b: the feature columns of layer 0 applied to every LR cell, bias included,
 // (H * W, width0) rows in raster order. The feature columns c*9 + ky*3 + kx are exactly a (width0, C,
 // 3, 3) convolution weight; with channels-last operands oneDNN writes the rows directly, faster here
@@ -254,17 +297,13 @@ at::Tensor tile_mlp(const QueryPlan<scalar_t>& p, const scalar_t* map, int64_t b
 // time, as the backward makes it again when it has no saved map: oneDNN's sums may depend on the
 // batch it convolves, and the forward's map and the backward's must be the same numbers.
 template <typename scalar_t>
-at::Tensor precompute_first_layer(const at::Tensor& feat_b, const QueryPlan<scalar_t>& p,
-                                  bool feat_unfold) {
-  const int64_t C = p.shape.channels, H = p.shape.height, W = p.shape.width;
-  const int64_t width0 = p.shape.layer_widths[0];
-  const int64_t k = feat_unfold ? 3 : 1;
-  const at::Tensor filter = p.first_feature_weight.view({width0, C, k, k})
-                                .contiguous(at::MemoryFormat::ChannelsLast);
+at::Tensor precompute_first_layer(const at::Tensor& feat_b, const QueryPlan<scalar_t>& p) {
+  const int64_t H = p.shape.height, W = p.shape.width;
+  const int64_t pad = p.first_feature_filter.size(3) / 2;
   const at::Tensor input = feat_b.unsqueeze(0).contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor map = at::convolution(input, filter, p.biases[0], {1, 1}, {k / 2, k / 2},
-                                         {1, 1}, false, {0, 0}, 1);
-  return map.permute({0, 2, 3, 1}).reshape({H * W, width0}).contiguous();
+  const at::Tensor map = at::convolution(input, p.first_feature_filter, p.biases[0], {1, 1},
+                                         {pad, pad}, {1, 1}, false, {0, 0}, 1);
+  return map.permute({0, 2, 3, 1}).reshape({H * W, p.shape.layer_widths[0]}).contiguous();
 }
 
 }  // namespace cpu

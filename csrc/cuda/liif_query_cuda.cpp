@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <cstring>
 
 #include "../liif_query_checks.h"
 #include "../liif_query_entry_points.h"
@@ -28,14 +27,11 @@ namespace {
 // benchmark can compare them in one process.
 TensorCoreKernel preferred_tensor_core_kernel() {
   const char* value = std::getenv("LIIF_CUDA_TENSOR_CORE_KERNEL");
-  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "mma") == 0) {
-    return TensorCoreKernel::kMma;
-  }
-  if (std::strcmp(value, "mma16") == 0) return TensorCoreKernel::kMma16;
-  TORCH_CHECK(std::strcmp(value, "wmma") == 0,
+  TensorCoreKernel kernel = TensorCoreKernel::kMma;
+  TORCH_CHECK(tensor_core_kernel_named(value, &kernel),
               "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be mma, mma16 or wmma, got '",
               value, "'");
-  return TensorCoreKernel::kWmma;
+  return kernel;
 }
 
 // query, and query_saving_map when `keep_map`: (out, the first-layer map for the backward where it

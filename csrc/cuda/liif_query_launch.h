@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "../liif_geometry.h"
 
@@ -82,6 +83,22 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 // 16 warps of half the rows each (kMma16: twice the warps per SM, not yet measured on a GPU), or
 // the WMMA kernel mma.sync replaced; kept selectable until GPUs have measured them.
 enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2 };
+
+// The kernel a name ("mma", "mma16" or "wmma"; empty or null: the default) selects, into *kernel;
+// false for any other name. Shared by liif_cuda.query (the environment variable) and the host
+// harness (its argument).
+inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
+  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "mma") == 0) {
+    *kernel = TensorCoreKernel::kMma;
+  } else if (std::strcmp(name, "mma16") == 0) {
+    *kernel = TensorCoreKernel::kMma16;
+  } else if (std::strcmp(name, "wmma") == 0) {
+    *kernel = TensorCoreKernel::kWmma;
+  } else {
+    return false;
+  }
+  return true;
+}
 
 template <typename T>
 struct QueryKernelParams {

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <string>
 #include <thread>
 #include <tuple>
 
@@ -52,12 +53,10 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
                                               bool cell_decode, c10::string_view precision,
                                               int64_t max_shared_bytes, bool reverse_order,
                                               c10::string_view tensor_core_kernel) {
-  TORCH_CHECK(tensor_core_kernel == "mma" || tensor_core_kernel == "mma16" ||
-                  tensor_core_kernel == "wmma",
+  TensorCoreKernel preferred = TensorCoreKernel::kMma;
+  TORCH_CHECK(!tensor_core_kernel.empty() &&
+                  tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
               "host harness: tensor_core_kernel must be mma, mma16 or wmma");
-  const TensorCoreKernel preferred = tensor_core_kernel == "mma"     ? TensorCoreKernel::kMma
-                                     : tensor_core_kernel == "mma16" ? TensorCoreKernel::kMma16
-                                                                     : TensorCoreKernel::kWmma;
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
