@@ -44,7 +44,7 @@ HIDDEN = [256, 256, 256, 256]
 DEFAULT_CASES = "480x270x4,128x128x4"
 # variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
 # applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice (mma.sync with 8 warps by default,
-# its 16-warp form, or WMMA).
+# its 16-warp form, WMMA, or wgmma on H100 / H200 with an sm_90a build).
 VARIANTS = {
     "reference": ("reference", "fp32", None),
     "reference-autocast-fp16": ("reference", "fp16", None),
@@ -58,6 +58,8 @@ VARIANTS = {
     "fused-tf32-wmma": ("fused", "tf32", "wmma"),
     "fused-bf16-wmma": ("fused", "bf16", "wmma"),
     "fused-fp16-wmma": ("fused", "fp16", "wmma"),
+    "fused-bf16-wgmma": ("fused", "bf16", "wgmma"),
+    "fused-fp16-wgmma": ("fused", "fp16", "wgmma"),
 }
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of the device name.
 DENSE_PEAK_TFLOPS = [

@@ -106,13 +106,29 @@ if [ $DRY_RUN = 0 ]; then
   # Only this GPU's architecture, whatever the image presets: a quick build, and what runs here.
   ARCH=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') || {
     note "no CUDA GPU visible to torch"; exit 1; }
+  # Hopper (9.0) builds its arch-specific target, the only one with the wgmma kernel.
+  [ "$ARCH" = 9.0 ] && ARCH=9.0a
   export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)}
   # LIIF_WERROR=0: an untried compiler's or header's warnings must not cost the lease (CI keeps
   # them errors); the log keeps every warning and ptxas's report.
-  if ! step build 420 "$RESULTS/build.log" required env LIIF_WERROR=0 LIIF_CUDA_BUILD=1 \
-      "$PYTHON" -m pip install -v --no-build-isolation --no-deps --no-index .; then
-    note "verdict: the build failed (build.log); nothing else ran"
-    exit 1
+  build_extension() {
+    step "$1" 420 "$RESULTS/build.log" required env LIIF_WERROR=0 LIIF_CUDA_BUILD=1 \
+      "$PYTHON" -m pip install -v --no-build-isolation --no-deps --no-index .
+  }
+  if ! build_extension build; then
+    if [ "$ARCH" = 9.0a ]; then
+      # The wgmma kernel's target failed: the rest of the check still runs on plain sm_90 code
+      # (the -wgmma paths then run the mma.sync kernel and say so).
+      note "the 9.0a build failed (build.log); building 9.0 without the wgmma kernel"
+      export TORCH_CUDA_ARCH_LIST=9.0
+      if ! build_extension "build 9.0"; then
+        note "verdict: the build failed (build.log); nothing else ran"
+        exit 1
+      fi
+    else
+      note "verdict: the build failed (build.log); nothing else ran"
+      exit 1
+    fi
   fi
   grep -E "ptxas (info|warning|error) *: (Compiling entry|Used)" "$RESULTS/build.log" \
     | sed -E 's/^ *//' | tee -a "$SUMMARY"
@@ -128,7 +144,7 @@ VARIANTS=fused-fp32
 for p in $("$PYTHON" benchmarks/gpu_paths.py --list); do
   if step "path $p" $PATH_LIMIT "$RESULTS/paths.log" required \
       "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"; then
-    case $p in tf32|bf16|fp16|*-wmma|*-mma16) VARIANTS="$VARIANTS,fused-$p" ;; esac
+    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma) VARIANTS="$VARIANTS,fused-$p" ;; esac
   fi
   grep -E "^$p (ok|FAIL)" "$RESULTS/paths.log" | tail -n 1 | cut -c 1-400 | sed 's/^/    /'
 done
@@ -161,7 +177,7 @@ if [ $DRY_RUN = 0 ]; then
   # warp stall reasons, which say what the latency-bound mma.sync kernel waits for), then
   # compute-sanitizer on small problems (no caching allocator, so that memcheck sees each buffer).
   if command -v ncu > /dev/null; then
-    for p in bf16 bf16-mma16 tf32; do
+    for p in bf16-wgmma bf16 bf16-mma16 tf32; do
       step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
         -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
@@ -173,10 +189,12 @@ if [ $DRY_RUN = 0 ]; then
     # shellcheck disable=SC2086
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 90 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
-      "$PYTHON" benchmarks/gpu_paths.py fast-fp32 generic-fp32 bf16 bf16-mma16 tf32 bf16-wmma $SMALL
+      "$PYTHON" benchmarks/gpu_paths.py fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma tf32 \
+      bf16-wmma $SMALL
     # shellcheck disable=SC2086
     step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py bf16 bf16-mma16 tf32 fast-fp32 $SMALL
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py bf16 bf16-mma16 bf16-wgmma tf32 \
+      fast-fp32 $SMALL
   fi
 fi
 

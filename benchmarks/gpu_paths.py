@@ -9,7 +9,8 @@ median time. benchmarks/gpu_check.sh runs every path this way before anything el
     python benchmarks/gpu_paths.py fast-fp32 --device cpu --small   # dry run of the script itself
 
 Paths: forward kernels (fast-fp32, generic-fp32, generic-fp64; tf32, bf16, fp16 on the mma.sync
-kernel and tf32-wmma, bf16-wmma, fp16-wmma on the WMMA kernel), `backward`
+kernel, -mma16 on its 16-warp form, -wmma on the WMMA kernel, bf16-wgmma and fp16-wgmma on the
+wgmma kernel where the GPU runs it: H100 / H200 with an sm_90a build), `backward`
 (autograd against the reference's, float64 and float32; benchmarks/bench_gpu.py times forward +
 backward at the training shape), `graph`
 (capture and replay equal the eager result), `large` (a 64M-query call, checked on a sample).
@@ -38,8 +39,8 @@ TOLERANCE = {"fp32": 1e-5, "fp64": 1e-12, "tf32": 5e-4, "fp16": 1e-3, "bf16": 4e
 
 # path: (dtype, hidden widths, precision, kernel expected in the profile: its name, then after "@"
 # its last template argument where it has one); the reduced precisions on the mma.sync kernel (the
-# default: 8 warps of 64 rows), on its 16-warp form (-mma16: 32 rows per warp) and on the WMMA
-# kernel (LIIF_CUDA_TENSOR_CORE_KERNEL).
+# default: 8 warps of 64 rows), on its 16-warp form (-mma16: 32 rows per warp), on the WMMA
+# kernel and on the wgmma kernel (LIIF_CUDA_TENSOR_CORE_KERNEL).
 FORWARD = {
     "fast-fp32": (torch.float32, [256] * 4, "fp32", "liif_query_fast_kernel"),
     "generic-fp32": (torch.float32, [96, 80, 64], "fp32", "liif_query_generic_kernel"),
@@ -53,7 +54,18 @@ FORWARD = {
     "tf32-wmma": (torch.float32, [256] * 4, "tf32", "liif_query_tensor_core_kernel"),
     "bf16-wmma": (torch.float32, [256] * 4, "bf16", "liif_query_tensor_core_kernel"),
     "fp16-wmma": (torch.float32, [256] * 4, "fp16", "liif_query_tensor_core_kernel"),
+    "bf16-wgmma": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_kernel"),
+    "fp16-wgmma": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_kernel"),
 }
+SUFFIXES = ("-wmma", "-mma16", "-wgmma")  # the tensor-core kernel a path's name selects
+
+
+def runs_wgmma(device):
+    """Whether liif_cuda plans the wgmma kernel on `device`: a compute capability 9.0 GPU and a
+    build with sm_90a code (liif_cuda.build_info()["cuda_wgmma"]); elsewhere the mma.sync kernel
+    runs the -wgmma paths."""
+    return (device.type == "cuda" and liif_cuda.build_info()["cuda_wgmma"]
+            and torch.cuda.get_device_capability(device) == (9, 0))
 PATHS = list(FORWARD) + ["backward", "graph", "large"]
 
 
@@ -142,8 +154,10 @@ class Runner:
 def forward_path(r, name):
     dtype, hidden, precision, kernel = FORWARD[name]
     os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = name.rpartition("-")[2] if name.endswith(
-        ("-wmma", "-mma16")) else "mma"
+        SUFFIXES) else "mma"
     feat, coords, cells, mlp = r.problem(dtype, hidden)
+    if name.endswith("-wgmma") and not runs_wgmma(feat.device):
+        kernel = "liif_query_mma_kernel@64"
 
     def run():
         with torch.no_grad():

@@ -124,3 +124,11 @@ def test_huge_scale_in_a_batch_is_one_failure_per_file(tmp_path, image, checkpoi
                                 f"about 4.97 PiB, more than the ")
     assert "0 done, 0 skipped, 1 failed (1 of 1 files)" in captured.out
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_build_info_says_whether_hopper_runs_the_wgmma_kernel():
+    """setup.py's rule reaches the extension: a CUDA build whose targets have 9.0a and not plain
+    9.0 (which one a Hopper GPU would load is then the driver's choice)."""
+    info = liif_cuda.build_info()
+    targets = [a.split("+")[0].strip() for a in info["cuda_archs"].replace(" ", ";").split(";")]
+    assert info["cuda_wgmma"] == (info["cuda"] and "9.0a" in targets and "9.0" not in targets)

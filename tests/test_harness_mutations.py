@@ -1,7 +1,8 @@
-"""Mutation tests of the host execution harness: the mma.sync kernel with one fragment-layout or
-reduction mistake, of the kind that compiles and runs on a GPU, must fail the harness check that CI
-runs (tests/test_tensor_core_harness.py). Each mutant is a copy of csrc/ with one edit, built into
-its own harness in a subprocess (the harness registers a fixed operator namespace)."""
+"""Mutation tests of the host execution harness: the mma.sync and wgmma kernels with one
+fragment-layout, ordering or reduction mistake, of the kind that compiles and runs on a GPU, must
+fail the harness check that CI runs (tests/test_tensor_core_harness.py). Each mutant is a copy of
+csrc/ with one edit, built into its own harness in a subprocess (the harness registers a fixed
+operator namespace)."""
 
 import os
 import shutil
@@ -12,26 +13,42 @@ import textwrap
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL = os.path.join("cuda", "liif_query_mma_kernel.cuh")
+MMA = os.path.join("cuda", "liif_query_mma_kernel.cuh")
+WGMMA = os.path.join("cuda", "liif_query_wgmma_kernel.cuh")
 
-# name: (original text in the kernel, the mutant's text)
+# name: (the kernel's file, original text in it, the mutant's text)
 MUTATIONS = {
-    "A fragments: k halves taken as row halves": (
+    "mma.sync A fragments: k halves taken as row halves": (MMA,
         "const int row = row0 + 16 * i + lane % 8 + 8 * (j % 2);\n"
         "      ldmatrix_x4(a[i], act + row * kPitch + 16 * (unit0 + 2 * step + j / 2));",
         "const int row = row0 + 16 * i + lane % 8 + 8 * (j / 2);\n"
         "      ldmatrix_x4(a[i], act + row * kPitch + 16 * (unit0 + 2 * step + j % 2));"),
-    "B fragments: the two n8 tiles' matrices interleaved": (
+    "mma.sync B fragments: the two n8 tiles' matrices interleaved": (MMA,
         "const int n = col0 + 16 * pair + lane % 8 + 8 * (j / 2);\n"
         "      ldmatrix_x4(b, w + n * kMmaChunkPitch + 16 * (2 * step + j % 2));",
         "const int n = col0 + 16 * pair + lane % 8 + 8 * (j % 2);\n"
         "      ldmatrix_x4(b, w + n * kMmaChunkPitch + 16 * (2 * step + j / 2));"),
-    "accumulators: rows g and g + 8 exchanged when stored": (
+    "mma.sync accumulators: rows g and g + 8 exchanged when stored": (MMA,
         "const int row = row0 + 16 * i + g + 8 * h;\n        OperandPair<S> pair;",
         "const int row = row0 + 16 * i + g + 8 * (1 - h);\n        OperandPair<S> pair;"),
-    "last layer: the row sum misses two lanes": (
+    "mma.sync last layer: the row sum misses two lanes": (MMA,
         "v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);",
         "v += 0.f * __shfl_xor_sync(0xFFFFFFFFu, v, 2);"),
+    "wgmma descriptor: leading and stride byte offsets exchanged": (WGMMA,
+        "wgmma_descriptor(slot + step * kWgmmaStepBytes, kWgmmaLbo, kWgmmaSbo)",
+        "wgmma_descriptor(slot + step * kWgmmaStepBytes, kWgmmaSbo, kWgmmaLbo)"),
+    "wgmma weights: a k-step's two core matrices exchanged when copied": (WGMMA,
+        "const int unit = 2 * step + (rest / 8) % 2;",
+        "const int unit = 2 * step + 1 - (rest / 8) % 2;"),
+    "wgmma A operand from the accumulators: row halves taken as k halves": (WGMMA,
+        "const int jn = 2 * step + r / 2, h = r % 2;",
+        "const int jn = 2 * step + r % 2, h = r / 2;"),
+    "wgmma accumulators read before the last group is retired": (WGMMA,
+        "    wgmma_wait<0>();\n#pragma unroll",
+        "#pragma unroll"),
+    "wgmma reads cp.async data without the proxy fence": (WGMMA,
+        "      fence_proxy_async();\n",
+        ""),
 }
 
 CHECK = textwrap.dedent("""
@@ -47,15 +64,17 @@ CHECK = textwrap.dedent("""
     import liif_cuda
     from helpers import make_mlp, published_problem, rounding_model_bound
     from conftest import relative_error
+    kernel = sys.argv[4]
+    precisions, expected_path = {"mma": (("bf16", "tf32"), 4), "wgmma": (("bf16", "fp16"), 6)}[kernel]
     feat, coords, cells, published = published_problem(1, 3, 4, 70, seed=11)
     flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
     # Three and two hidden-to-hidden layers: an even number of epilogues could undo a mistake.
     for mlp in (published, make_mlp(580, [256] * 3, 3, torch.float32, seed=12)):
         w, b = liif_cuda.mlp_parameters(mlp)
-        for precision in ("bf16", "tf32"):
+        for precision in precisions:
             out, path = torch.ops.liif_cuda_harness.query(
-                feat, coords, cells, w, b, True, True, True, precision, 232448, False, "mma")
-            assert path == 4, path
+                feat, coords, cells, w, b, True, True, True, precision, 232448, False, kernel)
+            assert path == expected_path, path
             exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags)
             error = relative_error(out, exact)
             print(len(w), precision, error, bound)
@@ -64,32 +83,36 @@ CHECK = textwrap.dedent("""
     """)
 
 
-def run_check(csrc, build, cwd):
+def run_check(csrc, build, cwd, kernel):
     # Run outside the checkout: the installed liif_cuda, not the source folder, is imported.
-    return subprocess.run([sys.executable, "-c", CHECK, ROOT, csrc, build], cwd=cwd,
+    return subprocess.run([sys.executable, "-c", CHECK, ROOT, csrc, build, kernel], cwd=cwd,
                           capture_output=True, text=True, timeout=900)
 
 
 def test_mutations_are_distinct_edits():
-    text = open(os.path.join(ROOT, "csrc", KERNEL)).read()
-    for name, (original, _) in MUTATIONS.items():
+    for name, (kernel_file, original, _) in MUTATIONS.items():
+        text = open(os.path.join(ROOT, "csrc", kernel_file)).read()
         assert text.count(original) == 1, name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MUTATIONS) + [None])
+@pytest.mark.parametrize("name", list(MUTATIONS) + ["unmutated mma.sync", "unmutated wgmma"])
 def test_harness_catches_the_mutant(name, tmp_path):
-    """None: the unmutated copy passes the same check (so that a failure means the mutation)."""
+    """The unmutated copy passes the same check (so that a failure means the mutation)."""
     csrc = tmp_path / "csrc"
     shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
-    if name is not None:
-        path = csrc / KERNEL
-        original, mutant = MUTATIONS[name]
+    unmutated = name.startswith("unmutated")
+    if unmutated:
+        kernel = "wgmma" if name.endswith("wgmma") else "mma"
+    else:
+        kernel_file, original, mutant = MUTATIONS[name]
+        kernel = "wgmma" if kernel_file == WGMMA else "mma"
+        path = csrc / kernel_file
         path.write_text(path.read_text().replace(original, mutant))
-    proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path))
+    proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path), kernel)
     log = proc.stdout + proc.stderr[-3000:]
     assert "built" in proc.stdout, log  # the mutant compiles: what fails next is the check
-    if name is None:
+    if unmutated:
         assert proc.returncode == 0, log
     else:
         # An error beyond the rounding model's bound (exit 3), or the harness refusing what the

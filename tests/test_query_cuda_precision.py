@@ -2,6 +2,9 @@
 CUDA graphs, torch.compile, and the PSNR of the official weights on Set5 per precision. Skipped, with
 the reason, without a GPU; tests/test_tensor_core_harness.py runs the same kernel on the host."""
 
+import contextlib
+import os
+
 import pytest
 import torch
 from conftest import (CUDA_SKIP_REASON, OFFICIAL_WEIGHTS, PRECISION_TOLERANCE, SHARED, TOLERANCE,
@@ -20,16 +23,40 @@ def has_tensor_cores():
     return torch.cuda.get_device_capability()[0] >= 8
 
 
+def runs_wgmma():
+    """An H100 / H200 and a build with its sm_90a code: where LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma
+    runs the wgmma kernel (elsewhere the mma.sync one)."""
+    return liif_cuda.build_info()["cuda_wgmma"] and torch.cuda.get_device_capability() == (9, 0)
+
+
+# The tensor-core kernels liif_cuda.query can be asked for (LIIF_CUDA_TENSOR_CORE_KERNEL).
+TENSOR_CORE_KERNELS = ["mma", "mma16", "wmma", "wgmma"]
+
+
+@contextlib.contextmanager
+def tensor_core_kernel(name):
+    before = os.environ.get("LIIF_CUDA_TENSOR_CORE_KERNEL")
+    os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"]
+        else:
+            os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = before
+
+
 def published(batch=2, height=30, width=40, queries=5000, seed=0):
     feat, coords, cells, mlp = published_problem(batch, height, width, queries, seed=seed,
                                                  spread=1.1, borders=100)
     return feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda()
 
 
+@pytest.mark.parametrize("kernel", TENSOR_CORE_KERNELS)
 @pytest.mark.parametrize("precision", REDUCED)
-def test_published_shape(precision):
+def test_published_shape(precision, kernel):
     feat, coords, cells, mlp = published()
-    with torch.no_grad():
+    with torch.no_grad(), tensor_core_kernel(kernel):
         expected = ref.query_rgb(feat, coords, cells, mlp)
         out = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
     assert out.dtype == torch.float32
@@ -50,6 +77,33 @@ def test_tensor_core_kernel_matches_reference(problem):
         out = liif_cuda.query(feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda(), **flags,
                               precision=precision).cpu()
     assert relative_error(out, exact) <= bound
+
+
+@given(tensor_core_problems())
+def test_wgmma_kernel_matches_reference(problem):
+    """The wgmma kernel (the mma.sync one where it does not apply) held to the same bound."""
+    feat, coords, cells, mlp = build_tensor_core_problem(problem)
+    flags, precision = problem["flags"], problem["precision"]
+    exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags, tf32_map=True)
+    with torch.no_grad(), tensor_core_kernel("wgmma"):
+        out = liif_cuda.query(feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda(), **flags,
+                              precision=precision).cpu()
+    assert relative_error(out, exact) <= bound
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_wgmma_kernel_runs_where_it_applies(precision):
+    """On an H100 / H200 with an sm_90a build the wgmma kernel is what runs (not a fallback)."""
+    if not runs_wgmma():
+        pytest.skip("the wgmma kernel needs an H100 / H200 (compute capability 9.0) and a build "
+                    f"with TORCH_CUDA_ARCH_LIST 9.0a (this one: {liif_cuda.build_info()})")
+    feat, coords, cells, mlp = published(batch=1, queries=2000, seed=4)
+    with torch.no_grad(), tensor_core_kernel("wgmma"), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("liif_query_wgmma_kernel" in n for n in names), sorted(set(names))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -78,10 +132,11 @@ def test_cpu_tensors_ignore_cuda_autocast():
     assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
 @pytest.mark.parametrize("precision", REDUCED)
-def test_deterministic_and_graph_capturable(precision):
+def test_deterministic_and_graph_capturable(precision, kernel):
     feat, coords, cells, mlp = published(batch=1, queries=3000, seed=3)
-    with torch.no_grad():
+    with torch.no_grad(), tensor_core_kernel(kernel):
         first = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
         assert torch.equal(first, liif_cuda.query(feat, coords, cells, mlp, precision=precision))
         stream = torch.cuda.Stream()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
-                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, load, reference, run,
+                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, load, reference, run,
                           tensor_core_path)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
@@ -30,7 +30,7 @@ from liif_rounding_model import KernelRounding, tf32_round_nearest_away
 import liif_reference as ref
 
 
-KERNELS = ["mma", "mma16", "wmma"]
+KERNELS = ["mma", "mma16", "wmma", "wgmma"]
 
 
 # Each example runs 256-thread blocks of emulated tensor-core tiles: half the profile's examples.
@@ -65,7 +65,9 @@ def test_random_inputs(precision, channels, flags, depth, out_dim):
     feat, coords, cells = random_inputs(2, channels, 9, 7, 60, seed=channels, spread=1.1)
     in_dim = ref.imnet_in_dim(channels, flags["feat_unfold"], flags["cell_decode"])
     mlp = make_mlp(in_dim, [256] * depth, out_dim, torch.float32, seed=depth)
-    for kernel, expected_path in (("mma", MMA), ("mma16", MMA16), ("wmma", TENSOR_CORE)):
+    wgmma = MMA if precision == "tf32" else WGMMA  # wgmma multiplies 16-bit operands only
+    for kernel, expected_path in (("mma", MMA), ("mma16", MMA16), ("wmma", TENSOR_CORE),
+                                  ("wgmma", wgmma)):
         out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel,
                         **flags)
         assert path == expected_path
@@ -95,9 +97,11 @@ def test_published_shape(kernel, precision, shared, batch, height, width, querie
 
 
 @pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16),
-                                                  ("wmma", TENSOR_CORE)])
+                                                  ("wmma", TENSOR_CORE), ("wgmma", WGMMA)])
 @pytest.mark.parametrize("precision", REDUCED)
 def test_non_finite_coordinates(precision, kernel, expected_path):
+    if kernel == "wgmma" and precision == "tf32":
+        expected_path = MMA
     feat, coords, cells = random_inputs(2, 4, 5, 5, 20, seed=3)
     coords[0, 1, 0] = float("nan")
     coords[1, 7, 1] = float("inf")
@@ -233,9 +237,11 @@ def test_emulated_mma_tile_is_a_matrix_product(precision, via_ldmatrix):
     assert torch.equal(d, a @ b + c)
 
 
-@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16)])
+@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16), ("wgmma", WGMMA)])
 @pytest.mark.parametrize("precision", REDUCED)
 def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel, expected_path):
+    if kernel == "wgmma" and precision == "tf32":
+        expected_path = MMA
     """Threads run in order or in reverse between barriers: a missing barrier or a read of a
     fragment another lane has not produced yet changes the result."""
     feat, coords, cells, mlp = published_problem(2, 5, 6, 70, seed=7)
@@ -256,3 +262,38 @@ def test_mma_kernel_with_16_warps_equals_8_warps(precision):
                           tensor_core_kernel="mma16")
     assert (path8, path16) == (MMA, MMA16)
     assert torch.equal(eight, sixteen)
+
+
+# The wgmma kernel: warpgroup-wide, asynchronous, emulated on each lane's own registers.
+
+def wgmma_operands(seed):
+    g = torch.Generator().manual_seed(seed)
+    # Small integers and halves: every product and sum is exact in float32, whatever the order.
+    a = torch.randint(-8, 9, (64, 16), generator=g).float() / 2
+    b = torch.randint(-8, 9, (16, 256), generator=g).float() / 4
+    c = torch.randint(-64, 65, (64, 256), generator=g).float()
+    return a, b, c
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_emulated_wgmma_is_a_matrix_product(precision):
+    """Fragments by the documented per-lane layouts, B in shared memory in the canonical K-major
+    layout the kernel uses: D = A B + C exactly, and only once the wait retires the product."""
+    load()
+    a, b, c = wgmma_operands(3)
+    d = torch.ops.liif_cuda_harness.wgmma_tile(a, b, c, precision, "wait")
+    assert torch.equal(d, a @ b + c)
+    early = torch.ops.liif_cuda_harness.wgmma_tile(a, b, c, precision, "before_wait")
+    assert torch.equal(early, c)
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("unfenced", "without fence.proxy.async"),
+    ("a_written", "A registers written before the wgmma was waited for"),
+])
+def test_emulation_refuses_wgmma_misuse(mode, message):
+    load()
+    a, b, c = wgmma_operands(4)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.liif_cuda_harness.wgmma_tile(a, b, c, "bf16", mode)
+

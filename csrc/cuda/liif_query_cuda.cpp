@@ -12,6 +12,7 @@
 #include <cstdlib>
 
 #include "../liif_query_checks.h"
+#include "liif_build_config.h"  // LIIF_WGMMA_BUILT, written by setup.py
 #include "../liif_query_entry_points.h"
 #include "liif_map_convolution.h"
 #include "liif_query_cuda_launcher.h"
@@ -22,16 +23,29 @@ namespace cuda {
 namespace {
 
 // LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "mma"
-// (mma.sync with 8 warps per block, the default), "mma16" (its 16-warp form) or "wmma" (the kernel
-// mma.sync replaced), kept selectable until GPUs have measured them. Read at every call, so that a
-// benchmark can compare them in one process.
+// (mma.sync with 8 warps per block, the default), "mma16" (its 16-warp form), "wmma" (the kernel
+// mma.sync replaced) or "wgmma" (bf16 and fp16 on H100 / H200 with an sm_90a build), kept
+// selectable until GPUs have measured them. Read at every call, so that a benchmark can compare
+// them in one process.
 TensorCoreKernel preferred_tensor_core_kernel() {
   const char* value = std::getenv("LIIF_CUDA_TENSOR_CORE_KERNEL");
   TensorCoreKernel kernel = TensorCoreKernel::kMma;
   TORCH_CHECK(tensor_core_kernel_named(value, &kernel),
-              "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be mma, mma16 or wmma, got '",
-              value, "'");
+              "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be mma, mma16, wmma or wgmma, "
+              "got '", value, "'");
   return kernel;
+}
+
+// Whether a device of compute capability major.minor runs this build's wgmma kernel: sm_90a code
+// runs on 9.0 only, and the build has it only without plain sm_90 code beside it (setup.py).
+bool runs_wgmma(int major, int minor) {
+#ifdef LIIF_WGMMA_BUILT
+  return major == 9 && minor == 0;
+#else
+  (void)major;
+  (void)minor;
+  return false;
+#endif
 }
 
 // query, and query_saving_map when `keep_map`: (out, the first-layer map for the backward where it
@@ -55,11 +69,13 @@ std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
   if (shape.batch * shape.queries * shape.out_dim == 0) {
     return {at::empty({shape.batch, shape.queries, shape.out_dim}, feat.options()), saved_map};
   }
-  int max_shared = 0, major = 0;
+  int max_shared = 0, major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         feat.device().index()));
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, feat.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, feat.device().index()));
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "liif_cuda_query_cuda", [&] {
     PreparedQuery<scalar_t> prepared =
@@ -67,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
                                 cell_decode, arithmetic, shape, convolve_map);
     const LaunchPlan plan =
         plan_prepared_query(prepared, static_cast<size_t>(max_shared),
-                            /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel());
+                            /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel(),
+                            runs_wgmma(major, minor));
     const LaunchStatus status = launch_query_kernel(prepared.params, plan,
                                                     c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",

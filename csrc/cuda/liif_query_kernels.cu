@@ -1,9 +1,9 @@
-// The CUDA translation unit: the query kernels (liif_query_kernel.cuh, liif_query_mma_kernel.cuh)
-// and their launch.
+// The CUDA translation unit: the query kernels (liif_query_kernel.cuh, liif_query_mma_kernel.cuh,
+// liif_query_wgmma_kernel.cuh) and their launch.
 #include <cuda_runtime.h>
 
 #include "liif_query_cuda_launcher.h"
-#include "liif_query_mma_kernel.cuh"
+#include "liif_query_planned_kernel.cuh"
 
 namespace liif {
 namespace cuda {

@@ -71,6 +71,14 @@ constexpr int kMmaMaxOutDim = 32;
 static_assert(kMmaWarpsAlongColumns * kMmaRows * kMmaMaxOutDim * 4 <= kMmaStages * kMmaChunkBytes,
               "the last layer's partial sums fit the weight ring");
 
+// The wgmma kernel (bf16 and fp16 on sm_90a): the same 128 rows per block as two warpgroups of 64,
+// the same packed weights, streamed through kWgmmaStages chunks of 16 KiB (unpadded: wgmma reads
+// them in its canonical layout); the activations live in registers, only layer 0's in shared
+// memory (as the mma.sync kernel's).
+constexpr int kWgmmaThreads = 256;
+constexpr int kWgmmaStages = 6;
+constexpr int kWgmmaChunkBytes = kFastWidth * kMmaChunkRowBytes;
+
 LIIF_HOST_DEVICE constexpr int mma_chunk_inputs(Precision p) {
   return kMmaChunkRowBytes / operand_bytes(p);
 }
@@ -78,15 +86,16 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
   return kFastWidth * operand_bytes(p) + 16;
 }
 
-// Which tensor-core kernel runs the reduced precisions where both could (liif_cuda.query reads it
-// from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync with 8 warps per block (the default), the same with
-// 16 warps of half the rows each (kMma16: twice the warps per SM, not yet measured on a GPU), or
-// the WMMA kernel mma.sync replaced; kept selectable until GPUs have measured them.
-enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2 };
+// Which tensor-core kernel runs the reduced precisions where several could (liif_cuda.query reads
+// it from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync with 8 warps per block (the default), the same
+// with 16 warps of half the rows each (kMma16), the WMMA kernel mma.sync replaced, or the wgmma
+// kernel (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for tf32, the mma.sync kernel
+// runs); kept selectable until GPUs have measured them.
+enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2, kWgmma = 3 };
 
-// The kernel a name ("mma", "mma16" or "wmma"; empty or null: the default) selects, into *kernel;
-// false for any other name. Shared by liif_cuda.query (the environment variable) and the host
-// harness (its argument).
+// The kernel a name ("mma", "mma16", "wmma" or "wgmma"; empty or null: the default) selects, into
+// *kernel; false for any other name. Shared by liif_cuda.query (the environment variable) and the
+// host harness (its argument).
 inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "mma") == 0) {
     *kernel = TensorCoreKernel::kMma;
@@ -94,6 +103,8 @@ inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel)
     *kernel = TensorCoreKernel::kMma16;
   } else if (std::strcmp(name, "wmma") == 0) {
     *kernel = TensorCoreKernel::kWmma;
+  } else if (std::strcmp(name, "wgmma") == 0) {
+    *kernel = TensorCoreKernel::kWgmma;
   } else {
     return false;
   }
@@ -128,14 +139,16 @@ struct QueryKernelParams {
   int queries_per_block = 0;
 };
 
-// kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form.
+// kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form, kWgmma
+// the wgmma one.
 enum class KernelPath : int {
   kNone = 0,
   kFast = 1,
   kGeneric = 2,
   kTensorCore = 3,
   kMma = 4,
-  kMma16 = 5
+  kMma16 = 5,
+  kWgmma = 6
 };
 
 struct LaunchPlan {
@@ -191,6 +204,10 @@ LIIF_HOST_DEVICE SharedLayout mma_layout(Precision p, int num_neighbours) {
   return {kMmaRows, kMmaRows / num_neighbours, static_cast<int64_t>(kMmaRows) * mma_act_pitch_bytes(p),
           static_cast<int64_t>(kMmaStages) * kMmaChunkBytes};
 }
+LIIF_HOST_DEVICE SharedLayout wgmma_layout(Precision p, int num_neighbours) {
+  return {kMmaRows, kMmaRows / num_neighbours, static_cast<int64_t>(kMmaRows) * mma_act_pitch_bytes(p),
+          static_cast<int64_t>(kWgmmaStages) * kWgmmaChunkBytes};
+}
 
 // The specialised kernel runs the published MLP shape in float32: hidden layers all 256 wide.
 template <typename T>
@@ -219,18 +236,35 @@ inline bool mma_path_applies(const QueryKernelParams<T>& p, bool has_tensor_core
          p.widths[p.num_layers - 1] <= kMmaMaxOutDim;
 }
 
+// The wgmma kernel: where the mma.sync kernel applies, for 16-bit operands, on a device that runs
+// this build's sm_90a code (`has_wgmma`).
+template <typename T>
+inline bool wgmma_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
+  return has_wgmma && mma_path_applies(p, true) &&
+         (p.precision == Precision::kBf16 || p.precision == Precision::kFp16);
+}
+
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
-// A reduced precision runs the mma.sync kernel (8 or 16 warps, as `preferred` says; unless
-// `preferred` is the WMMA kernel), else the WMMA kernel (other MLP shapes, or too little shared
-// memory: sm_86 / sm_89), else the float32 kernels.
+// A reduced precision runs the wgmma kernel if `preferred` and it applies (`has_wgmma`: the
+// device runs this build's sm_90a code), else the mma.sync kernel (8 or 16 warps, as `preferred`
+// says; unless `preferred` is the WMMA kernel), else the WMMA kernel (other MLP shapes, or too
+// little shared memory: sm_86 / sm_89), else the float32 kernels.
 template <typename T>
 inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
                               bool has_tensor_cores,
-                              TensorCoreKernel preferred = TensorCoreKernel::kMma) {
+                              TensorCoreKernel preferred = TensorCoreKernel::kMma,
+                              bool has_wgmma = false) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
-  if (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
+  if (preferred == TensorCoreKernel::kWgmma && wgmma_path_applies(p, has_wgmma) &&
+      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes) {
+    plan.path = KernelPath::kWgmma;
+    plan.threads = kWgmmaThreads;
+    plan.queries_per_block = kMmaRows / nn;
+    plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
+    plan.shared_bytes = shared_bytes<float>(wgmma_layout(p.precision, nn));
+  } else if (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
       shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes) {
     const bool wide = preferred == TensorCoreKernel::kMma16;
     plan.path = wide ? KernelPath::kMma16 : KernelPath::kMma;

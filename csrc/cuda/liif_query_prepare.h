@@ -117,11 +117,13 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
 
 // Completes the parameters with the plan's block shape (and, for the tensor-core kernel, its
 // operand weights); raises when no kernel can run the MLP. `has_tensor_cores`: the device has
-// compute capability 8.0 or newer.
+// compute capability 8.0 or newer; `has_wgmma`: it runs this build's sm_90a code.
 template <typename T>
 LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, bool has_tensor_cores,
-                               TensorCoreKernel preferred = TensorCoreKernel::kMma) {
-  const LaunchPlan plan = plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred);
+                               TensorCoreKernel preferred = TensorCoreKernel::kMma,
+                               bool has_wgmma = false) {
+  const LaunchPlan plan =
+      plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred, has_wgmma);
   TORCH_CHECK(plan.path != KernelPath::kNone,
               "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
               max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
@@ -129,7 +131,9 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
               p.params.total_queries, ") for one launch; split them");
   p.params.queries_per_block = plan.queries_per_block;
   p.params.act_pitch = plan.act_pitch;
-  const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16;
+  // The wgmma kernel reads the mma.sync kernel's packing (and rearranges it as it copies).
+  const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
+                   plan.path == KernelPath::kWgmma;
   if (plan.path == KernelPath::kTensorCore || mma) {
     // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
     // stays float32.

@@ -25,6 +25,14 @@
 #if defined(LIIF_HOST_EXECUTION_HARNESS) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define LIIF_TENSOR_CORES 1
 #endif
+// wgmma (warpgroup MMA) exists only in sm_90a code (TORCH_CUDA_ARCH_LIST "9.0a"): the wgmma kernel
+// is compiled there (and by the host pass and the harness), a trap elsewhere; the host plans it only
+// where the build says the sm_90a code is what a compute capability 9.0 device runs
+// (LIIF_WGMMA_BUILT, liif_query_cuda.cpp).
+#if defined(LIIF_HOST_EXECUTION_HARNESS) || !defined(__CUDA_ARCH__) || \
+    (__CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define LIIF_WGMMA 1
+#endif
 
 namespace liif {
 namespace cuda {
@@ -137,6 +145,119 @@ inline void mma_16x8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 #endif
 
 #endif  // LIIF_TENSOR_CORES
+
+#if defined(LIIF_WGMMA)
+// The wgmma kernel's instructions (PTX ISA, "Asynchronous warpgroup level matrix multiply-accumulate
+// instructions"), issued by the 128 threads of a warpgroup (4 consecutive warps, the first one's
+// index a multiple of 4); warp q of the warpgroup owns rows 16 q .. +15 of the 64-row tile.
+//
+// wgmma_m64n256k16<P>(d, a, b): d (64 x 256, float32) += a (64 x 16, registers) x b (16 x 256,
+// shared memory). With g = lane / 4 and t = lane % 4 of warp q: d[4 j + 2 h + e] is element
+// (row 16 q + g + 8 h, column 8 j + 2 t + e), the m16n8 accumulator layout of mma.sync repeated
+// for the 32 n8 column blocks; a[0..3] as mma.sync's 16-bit A fragment: (g, k 2t..2t+1),
+// (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..), the lower-indexed element in the low 16 bits. So the
+// accumulators of columns 16 s .. 16 s + 15 are, rounded and paired, the A fragment of the next
+// layer's k-step s: a[r] = (d[8 s + 2 r], d[8 s + 2 r + 1]).
+//
+// b is a shared-memory matrix descriptor (wgmma_descriptor) of the K-major operand (element (k, n)
+// of b is the weight of input k for output n) in the canonical layout without swizzling: core
+// matrices of 8 n-rows of 16 bytes (8 k), each 128 contiguous bytes; the two core matrices along k
+// `lbo` bytes apart, consecutive groups of 8 n-rows `sbo` bytes apart. Element (k, n) is at byte
+// start + (n % 8) 16 + (n / 8) sbo + (k % 8) 2 + (k / 8) lbo.
+//
+// Asynchronous: the product runs after the instruction returns. wgmma_fence() must precede the
+// first wgmma after the registers it uses were written; wgmma_commit() closes the group of wgmmas
+// issued since the last commit; wgmma_wait<N>() returns once at most N groups are in flight. Until
+// then the accumulators must not be read or written, the A registers not written, the shared
+// memory of b not overwritten. Shared memory written by ordinary stores or cp.async needs
+// fence_proxy_async() in each writing thread (then a barrier) before a wgmma reads it.
+__host__ __device__ constexpr uint64_t wgmma_descriptor(uint32_t shared_address, uint32_t lbo,
+                                                        uint32_t sbo) {
+  return (static_cast<uint64_t>((shared_address >> 4) & 0x3FFF)) |
+         (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32);  // bits 62-63: 0, no swizzle
+}
+
+#if defined(__CUDACC__)
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int Pending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving reads or writes of v across this point (the asm statements of
+// wgmma do not tell it when the hardware is done with their registers).
+__device__ __forceinline__ void fence_register(float& v) { asm volatile("" : "+f"(v)::"memory"); }
+__device__ __forceinline__ void fence_register(uint32_t& v) {
+  asm volatile("" : "+r"(v)::"memory");
+}
+
+#define LIIF_WGMMA_D8(i)                                                                 \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define LIIF_WGMMA_M64N256K16(type)                                                              \
+  asm volatile(                                                                                  \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %132, 0;\n"                                            \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                          \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "          \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "          \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "          \
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "          \
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "          \
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "    \
+      "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, " \
+      "%126, %127}, {%128, %129, %130, %131}, %133, p, 1, 1, 0;\n}\n"                            \
+      : LIIF_WGMMA_D8(0), LIIF_WGMMA_D8(8), LIIF_WGMMA_D8(16), LIIF_WGMMA_D8(24),                 \
+        LIIF_WGMMA_D8(32), LIIF_WGMMA_D8(40), LIIF_WGMMA_D8(48), LIIF_WGMMA_D8(56),               \
+        LIIF_WGMMA_D8(64), LIIF_WGMMA_D8(72), LIIF_WGMMA_D8(80), LIIF_WGMMA_D8(88),               \
+        LIIF_WGMMA_D8(96), LIIF_WGMMA_D8(104), LIIF_WGMMA_D8(112), LIIF_WGMMA_D8(120)             \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(1), "l"(b))
+
+// d += a x b, as above; the trailing immediates: A and B not negated, B not transposed (K-major).
+template <Precision P>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], const uint32_t (&a)[4],
+                                                 uint64_t b) {
+  static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
+  if constexpr (P == Precision::kBf16) {
+    LIIF_WGMMA_M64N256K16("bf16");
+  } else {
+    LIIF_WGMMA_M64N256K16("f16");
+  }
+}
+#undef LIIF_WGMMA_M64N256K16
+#undef LIIF_WGMMA_D8
+#else
+// The host execution harness: warpgroup-wide and asynchronous, in cuda_host_emulation.h.
+inline uint32_t shared_address(const void* p) { return liif_harness::shared_address(p); }
+inline void wgmma_fence() { liif_harness::wgmma_fence(); }
+inline void wgmma_commit() { liif_harness::wgmma_commit(); }
+template <int Pending>
+inline void wgmma_wait() {
+  liif_harness::wgmma_wait(Pending);
+}
+inline void fence_proxy_async() { liif_harness::fence_proxy_async(); }
+inline void fence_register(float&) {}
+inline void fence_register(uint32_t&) {}
+template <Precision P>
+inline void wgmma_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
+  static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
+  liif_harness::wgmma_m64n256k16(
+      P == Precision::kBf16 ? liif_harness::MmaOperands::kBf16 : liif_harness::MmaOperands::kFp16,
+      d, a, b);
+}
+#endif
+#endif  // LIIF_WGMMA
 
 }  // namespace cuda
 }  // namespace liif

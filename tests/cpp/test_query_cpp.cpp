@@ -123,6 +123,36 @@ void test_plan_rejects_layers_too_wide_for_shared_memory() {
          "a 200-wide hidden layer runs the generic kernel");
 }
 
+void test_plan_runs_wgmma_only_where_the_device_does() {
+  // The published shape in bf16: the wgmma kernel where it is asked for and the device runs this
+  // build's sm_90a code, the 8-warp mma.sync kernel otherwise (and always for tf32, whose
+  // accumulators are not the next layer's operands).
+  using liif::cuda::KernelPath;
+  using liif::cuda::TensorCoreKernel;
+  liif::cuda::QueryKernelParams<float> p;
+  p.grid = liif::make_feature_grid<float>(8, 8, true, true);
+  p.num_layers = 5;
+  for (int l = 0; l < 4; ++l) p.widths[l] = 256;
+  p.widths[4] = 3;
+  p.total_queries = 1000;
+  p.precision = liif::cuda::Precision::kBf16;
+  const auto wgmma = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmma, true);
+  expect(wgmma.path == KernelPath::kWgmma && wgmma.threads == 256, "wgmma where it runs");
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmma, false).path ==
+             KernelPath::kMma,
+         "mma.sync where the device does not run wgmma");
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kMma, true).path ==
+             KernelPath::kMma,
+         "mma.sync unless wgmma is asked for");
+  expect(liif::cuda::plan_launch(p, 166912, true, TensorCoreKernel::kWgmma, true).path ==
+             KernelPath::kMma,
+         "mma.sync where the wgmma ring does not fit (an A100's shared memory)");
+  p.precision = liif::cuda::Precision::kTf32;
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmma, true).path ==
+             KernelPath::kMma,
+         "mma.sync for tf32");
+}
+
 }  // namespace
 
 int main() {
@@ -132,6 +162,7 @@ int main() {
   test_neighbours();
   test_operator_runs();
   test_plan_rejects_layers_too_wide_for_shared_memory();
+  test_plan_runs_wgmma_only_where_the_device_does();
   if (failures == 0) std::printf("all C++ checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -31,6 +31,18 @@
 //     addresses must be 16-byte aligned.
 //   - An exception thrown inside a thread (the checks above) fails the launch with its message.
 //
+//   - Warpgroup-wide instructions (wgmma and its fence, commit and wait, what the wgmma kernel
+//     uses): threads 128 v .. 128 v + 127 form warpgroup v; like warp-wide ones, each runs once
+//     when the last of its 128 threads arrives. wgmma is asynchronous as on the GPU: issuing it
+//     records the lanes' A registers and where their accumulators are; the product runs when a
+//     wgmma_wait retires its group, reading the accumulators and the shared-memory operand then
+//     (so a read of the accumulators before the wait, or an overwrite of the operand, gives a wrong
+//     result) and refusing A registers changed since the issue. A wgmma issued while any thread of
+//     the block has cp.async data landed since its last fence_proxy_async is refused (the GPU's
+//     tensor cores read shared memory through the async proxy). The shared-memory descriptor is
+//     decoded from its bits (start, leading and stride byte offsets; only the layout without
+//     swizzling is emulated), and the fragments follow liif_tensor_core.cuh's per-lane layouts.
+//
 //   - Warp-wide instructions (ldmatrix, mma.sync and __shfl_xor_sync, what the mma.sync kernel
 //     uses): lanes 32w .. 32w+31 form warp w. Each lane hands in its own registers and yields; when
 //     the last lane of the warp has arrived, the instruction runs once on all lanes' registers with
@@ -44,6 +56,11 @@
 //     ordinary memory accesses: __syncwarp() does nothing (each lane's WMMA fragment store writes the
 //     whole tile, so a missing __syncwarp() goes unnoticed); no divergence or occupancy effects;
 //     timing means nothing;
+//   - wgmma.fence is a warpgroup-wide no-op: a register written between it and the wgmma that uses
+//     it goes unnoticed (the compiler's placement, which the kernel pins with fence_register, is
+//     checked in the PTX, not here); the A registers are compared at retirement only;
+//   - cp.async copies land at the latest moment (the wait), never earlier: a ring slot refilled
+//     while a wgmma or another warp may still read it is not caught;
 //   - no atomics, no __threadfence, no static __shared__ arrays, no texture or constant memory;
 //   - memory is the host's: sequentially consistent, with no bounds checks of global memory (the
 //     harness tests compare results; out-of-range shared-memory reads stay inside the NaN-filled
@@ -105,7 +122,13 @@ struct PendingCopy {
 };
 
 // Where a fiber stands in the current phase.
-enum class FiberState { kRunnable, kAtBarrier, kInWarpInstruction, kFinished };
+enum class FiberState {
+  kRunnable,
+  kAtBarrier,
+  kInWarpInstruction,
+  kInWarpgroupInstruction,
+  kFinished
+};
 
 // The warp-wide instruction the lanes of one warp are in: each lane's input registers, and the
 // outputs once the last lane has arrived.
@@ -118,6 +141,19 @@ struct WarpExchange {
   unsigned char out[32][kBytes];
 };
 
+// The warpgroup-wide instruction the threads of one warpgroup are in (each thread's input bytes),
+// and the warpgroup's asynchronous operations: issued and not committed, committed groups in
+// issue order, each run when a wait retires it.
+struct WarpgroupExchange {
+  static constexpr size_t kBytes = 64;
+  const char* instruction = nullptr;
+  unsigned arrived = 0;
+  int64_t completed = 0;
+  unsigned char in[128][kBytes];
+  std::vector<std::function<void()>> open;
+  std::vector<std::vector<std::function<void()>>> committed;
+};
+
 struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
@@ -125,6 +161,9 @@ struct Fiber {
   bool finished = false;
   int64_t barriers = 0;
   int64_t warp_instructions = 0;  // warp-wide instructions this lane has completed
+  int64_t warpgroup_instructions = 0;
+  // cp.async data landed since this thread's last fence_proxy_async (a wgmma may not read it yet).
+  bool unfenced_async_writes = false;
   std::exception_ptr error;
   // Asynchronous copies issued and not yet committed, and committed groups not yet waited for.
   std::vector<PendingCopy> open_copies;
@@ -149,7 +188,10 @@ struct AlignedBuffer {
 class BlockRunner {
  public:
   BlockRunner(unsigned threads, size_t shared_bytes)
-      : fibers_(threads), warps_((threads + 31) / 32), shared_(shared_bytes) {
+      : fibers_(threads),
+        warps_((threads + 31) / 32),
+        warpgroups_((threads + 127) / 128),
+        shared_(shared_bytes) {
     for (Fiber& f : fibers_) f.stack.resize(kStackBytes);
   }
 
@@ -161,11 +203,20 @@ class BlockRunner {
       w.arrived = 0;
       w.completed = 0;
     }
+    for (WarpgroupExchange& w : warpgroups_) {
+      w.instruction = nullptr;
+      w.arrived = 0;
+      w.completed = 0;
+      w.open.clear();
+      w.committed.clear();
+    }
     for (Fiber& f : fibers_) {
       f.state = FiberState::kRunnable;
       f.finished = false;
       f.barriers = 0;
       f.warp_instructions = 0;
+      f.warpgroup_instructions = 0;
+      f.unfenced_async_writes = false;
       f.error = nullptr;
       f.open_copies.clear();
       f.committed_copies.clear();
@@ -189,7 +240,9 @@ class BlockRunner {
           const bool ready =
               f.state == FiberState::kRunnable ||
               (f.state == FiberState::kInWarpInstruction &&
-               warps_[t / 32].completed > f.warp_instructions);
+               warps_[t / 32].completed > f.warp_instructions) ||
+              (f.state == FiberState::kInWarpgroupInstruction &&
+               warpgroups_[t / 128].completed > f.warpgroup_instructions);
           if (!ready) continue;
           current_ = t;
           threadIdx.x = t;
@@ -209,6 +262,16 @@ class BlockRunner {
               std::string("host harness: ") + warps_[w].instruction + " reached by " +
               std::to_string(warps_[w].arrived) + " lanes of warp " + std::to_string(w) +
               " while the others wait at a barrier or returned (block " +
+              std::to_string(blockIdx.x) + ")");
+        }
+      }
+      for (unsigned v = 0; v < warpgroups_.size(); ++v) {
+        if (warpgroups_[v].arrived != 0) {
+          current_runner() = nullptr;
+          throw std::runtime_error(
+              std::string("host harness: ") + warpgroups_[v].instruction + " reached by " +
+              std::to_string(warpgroups_[v].arrived) + " threads of warpgroup " +
+              std::to_string(v) + " while the others wait at a barrier or returned (block " +
               std::to_string(blockIdx.x) + ")");
         }
       }
@@ -267,6 +330,44 @@ class BlockRunner {
     ++f.warp_instructions;
   }
 
+  // A warpgroup-wide instruction: this thread's `in_bytes` go in; when the last of the warpgroup's
+  // 128 threads arrives, compute(in, warpgroup) runs once.
+  template <typename Compute>
+  void warpgroup_instruction(const char* name, const void* in, size_t in_bytes, Compute&& compute) {
+    const unsigned t = current_;
+    Fiber& f = fibers_[t];
+    WarpgroupExchange& w = warpgroups_[t / 128];
+    if (fibers_.size() < (t / 128 + 1) * 128) {
+      throw std::runtime_error(std::string("host harness: ") + name +
+                               " needs a whole warpgroup of 128 threads");
+    }
+    if (w.arrived == 0) {
+      w.instruction = name;
+    } else if (std::strcmp(w.instruction, name) != 0) {
+      throw std::runtime_error(std::string("host harness: threads of warpgroup ") +
+                               std::to_string(t / 128) + " in different warpgroup-wide "
+                               "instructions: " + w.instruction + " and " + name);
+    }
+    std::memcpy(w.in[t % 128], in, in_bytes);
+    if (++w.arrived == 128) {
+      compute(w.in, w);
+      w.arrived = 0;
+      ++w.completed;
+    } else {
+      f.state = FiberState::kInWarpgroupInstruction;
+      swapcontext(&f.context, &scheduler_);
+    }
+    ++f.warpgroup_instructions;
+  }
+
+  // Whether some thread of the block has cp.async data landed since its last fence_proxy_async.
+  bool any_unfenced_async_writes() const {
+    for (const Fiber& f : fibers_) {
+      if (f.unfenced_async_writes) return true;
+    }
+    return false;
+  }
+
   // Whether [p, p + bytes) lies inside this block's shared memory.
   bool in_shared_memory(const void* p, size_t bytes) const {
     const unsigned char* c = static_cast<const unsigned char*>(p);
@@ -297,6 +398,7 @@ class BlockRunner {
 
   std::vector<Fiber> fibers_;
   std::vector<WarpExchange> warps_;
+  std::vector<WarpgroupExchange> warpgroups_;
   AlignedBuffer shared_;
   ucontext_t scheduler_{};
   const std::function<void()>* kernel_ = nullptr;
@@ -542,6 +644,7 @@ inline void async_copy_wait() {
   while (f.committed_copies.size() > static_cast<size_t>(Pending)) {
     for (const liif_harness::PendingCopy& c : f.committed_copies.front()) {
       std::memcpy(c.dst, c.bytes, 16);
+      f.unfenced_async_writes = true;
     }
     f.committed_copies.erase(f.committed_copies.begin());
   }
@@ -674,3 +777,141 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   });
   return result;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warpgroup-wide, asynchronous instructions of the wgmma kernel (liif_tensor_core.cuh's names on
+// the GPU; the model in the header).
+
+namespace liif_harness {
+
+// The offset of p in the block's shared memory, as __cvta_generic_to_shared gives a shared address.
+inline uint32_t shared_address(const void* p) {
+  BlockRunner* runner = BlockRunner::current_runner();
+  if (!runner->in_shared_memory(p, 1)) {
+    throw std::runtime_error("host harness: shared_address of a pointer outside shared memory");
+  }
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - runner->shared_memory());
+}
+
+inline void fence_proxy_async() {
+  BlockRunner::current_runner()->current_fiber().unfenced_async_writes = false;
+}
+
+inline void wgmma_fence() {
+  const int none = 0;
+  BlockRunner::current_runner()->warpgroup_instruction(
+      "wgmma.fence", &none, sizeof none, [](const auto&, WarpgroupExchange&) {});
+}
+
+inline void wgmma_commit() {
+  const int none = 0;
+  BlockRunner::current_runner()->warpgroup_instruction(
+      "wgmma.commit_group", &none, sizeof none, [](const auto&, WarpgroupExchange& w) {
+    w.committed.push_back(std::move(w.open));
+    w.open.clear();
+  });
+}
+
+inline void wgmma_wait(int pending) {
+  BlockRunner::current_runner()->warpgroup_instruction(
+      "wgmma.wait_group", &pending, sizeof pending,
+      [pending](const auto&, WarpgroupExchange& w) {
+    while (w.committed.size() > static_cast<size_t>(pending)) {
+      for (const std::function<void()>& product : w.committed.front()) product();
+      w.committed.erase(w.committed.begin());
+    }
+  });
+}
+
+namespace detail {
+
+struct WgmmaLane {
+  float* d;
+  const uint32_t* a_registers;
+  uint32_t a[4];
+  uint64_t b;
+};
+
+}  // namespace detail
+
+// wgmma.mma_async.sync.aligned.m64n256k16.f32.{bf16,f16} with A in registers and B (K-major, no
+// swizzling) in shared memory: d += a x b once a wait retires it (layouts in liif_tensor_core.cuh).
+inline void wgmma_m64n256k16(MmaOperands kind, float (&d)[128], const uint32_t (&a)[4],
+                             uint64_t b) {
+  BlockRunner* runner = BlockRunner::current_runner();
+  const detail::WgmmaLane lane{d, a, {a[0], a[1], a[2], a[3]}, b};
+  static_assert(sizeof lane <= WarpgroupExchange::kBytes, "fits the exchange");
+  runner->warpgroup_instruction(
+      "wgmma.mma_async", &lane, sizeof lane,
+      [runner, kind](const unsigned char (&in)[128][WarpgroupExchange::kBytes],
+                     WarpgroupExchange& w) {
+    if (runner->any_unfenced_async_writes()) {
+      throw std::runtime_error("host harness: wgmma issued while cp.async data landed in shared "
+                               "memory without fence.proxy.async");
+    }
+    std::vector<detail::WgmmaLane> lanes(128);
+    for (int l = 0; l < 128; ++l) std::memcpy(&lanes[l], in[l], sizeof lanes[l]);
+    const uint64_t desc = lanes[0].b;
+    for (const detail::WgmmaLane& x : lanes) {
+      if (x.b != desc) throw std::runtime_error("host harness: wgmma descriptors differ between threads");
+    }
+    if ((desc >> 62) != 0) throw std::runtime_error("host harness: only wgmma without swizzling is emulated");
+    if (((desc >> 49) & 7) != 0) throw std::runtime_error("host harness: wgmma base offset must be 0");
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+    w.open.push_back([runner, kind, lanes, start, lbo, sbo] {
+      // B (16 x 256) from shared memory as it is now.
+      static thread_local float B[16][256];
+      for (int n = 0; n < 256; ++n) {
+        for (int k = 0; k < 16; ++k) {
+          const uint32_t at = start + (n % 8) * 16 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+          const unsigned char* p = runner->shared_memory() + at;
+          if (!runner->in_shared_memory(p, 2)) {
+            throw std::runtime_error("host harness: wgmma operand outside shared memory");
+          }
+          uint16_t bits;
+          std::memcpy(&bits, p, 2);
+          B[k][n] = detail::half_bits_to_float(bits, kind);
+        }
+      }
+      for (int l = 0; l < 128; ++l) {
+        const detail::WgmmaLane& x = lanes[l];
+        if (std::memcmp(x.a_registers, x.a, sizeof x.a) != 0) {
+          throw std::runtime_error("host harness: wgmma A registers written before the wgmma "
+                                   "was waited for");
+        }
+      }
+      // Each warp's 16 rows: A from its lanes' registers, C read from their accumulators now.
+      for (int q = 0; q < 4; ++q) {
+        float A[16][16];
+        for (int l = 0; l < 32; ++l) {
+          const detail::WgmmaLane& x = lanes[32 * q + l];
+          const int g = l / 4, t = l % 4;
+          for (int h = 0; h < 2; ++h) {
+            A[g][2 * t + h] = detail::fragment_element(x.a[0], h, kind);
+            A[g + 8][2 * t + h] = detail::fragment_element(x.a[1], h, kind);
+            A[g][2 * t + 8 + h] = detail::fragment_element(x.a[2], h, kind);
+            A[g + 8][2 * t + 8 + h] = detail::fragment_element(x.a[3], h, kind);
+          }
+        }
+        for (int l = 0; l < 32; ++l) {
+          float* d = lanes[32 * q + l].d;
+          const int g = l / 4, t = l % 4;
+          for (int j = 0; j < 32; ++j) {
+            for (int h = 0; h < 2; ++h) {
+              for (int e = 0; e < 2; ++e) {
+                const int row = g + 8 * h, col = 8 * j + 2 * t + e;
+                float sum = d[4 * j + 2 * h + e];
+                for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+                d[4 * j + 2 * h + e] = sum;
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace liif_harness

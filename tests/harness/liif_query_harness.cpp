@@ -1,6 +1,6 @@
 // The CUDA query path run on the host: the same preparation as the CUDA operator
 // (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh and
-// liif_query_mma_kernel.cuh, executed by
+// liif_query_mma_kernel.cuh and liif_query_wgmma_kernel.cuh, executed by
 // the host emulation of cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query,
 // built by tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
 #include <ATen/ATen.h>
@@ -18,7 +18,7 @@
 #include "cuda/liif_map_convolution.h"
 #include "cuda/liif_query_backward.h"
 #include "cuda/liif_query_backward_kernels.cuh"
-#include "cuda/liif_query_mma_kernel.cuh"
+#include "cuda/liif_query_planned_kernel.cuh"
 #include "cuda/liif_query_prepare.h"
 
 namespace {
@@ -43,9 +43,9 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
 }
 
 // Returns the output and the kernel that ran (KernelPath: 1 fast, 2 generic, 3 WMMA tensor cores,
-// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel). `max_shared_bytes` stands for the device's per-block shared-memory limit
+// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma). `max_shared_bytes` stands for the device's per-block shared-memory limit
 // (101376 on sm_86/sm_89, 232448 on sm_90); the emulated device has tensor cores;
-// `tensor_core_kernel` ("mma" or "wmma") is the kernel preferred for the reduced precisions.
+// `tensor_core_kernel` ("mma", "mma16", "wmma" or "wgmma") is the kernel preferred for the reduced precisions.
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
   TensorCoreKernel preferred = TensorCoreKernel::kMma;
   TORCH_CHECK(!tensor_core_kernel.empty() &&
                   tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
-              "host harness: tensor_core_kernel must be mma, mma16 or wmma");
+              "host harness: tensor_core_kernel must be mma, mma16, wmma or wgmma");
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
@@ -68,7 +68,8 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_on_host);
     const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
-                                                /*has_tensor_cores=*/true, preferred);
+                                                /*has_tensor_cores=*/true, preferred,
+                                                /*has_wgmma=*/true);
     run_kernel(prepared.params, plan, reverse_order);
     out = prepared.out;
     path = static_cast<int64_t>(plan.path);
@@ -370,6 +371,101 @@ at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   return D;
 }
 
+// One warpgroup computes D (64 x 256) = A (64 x 16) B (16 x 256) + C with one wgmma m64n256k16
+// (bf16 / fp16; float values already representable): A and C straight from global memory into
+// each lane's registers by the documented layouts, B stored by ordinary stores into shared memory
+// in the canonical K-major layout the wgmma kernel uses (lbo 128, sbo 256). `mode`: "wait" (D
+// after the wait), "before_wait" (D read before the wait: still C, the product is asynchronous),
+// "unfenced" (no fence_proxy_async after the stores), "a_written" (an A register written before
+// the wait).
+template <Precision P>
+__global__ void wgmma_tile_kernel(const float* A, const float* B, const float* C, float* D,
+                                  int mode) {
+  using Op = Operand<P>;
+  LIIF_DYNAMIC_SHARED(smem);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int q = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  auto bits = [](float v) -> uint32_t {
+    const typename Op::storage s = Op::store(v);
+    uint16_t u = 0;
+    std::memcpy(&u, &s, sizeof u);
+    return u;
+  };
+  if (tid == 0) {
+    for (int n = 0; n < 256; ++n) {
+      for (int k = 0; k < 16; ++k) {
+        const uint16_t b = static_cast<uint16_t>(bits(B[k * 256 + n]));
+        std::memcpy(smem + (n % 8) * 16 + (n / 8) * 256 + (k % 8) * 2 + (k / 8) * 128, &b, 2);
+      }
+    }
+  }
+  if (mode != 2) liif::cuda::fence_proxy_async();
+  // The stores count as async-proxy-visible only after a fence: the harness tracks cp.async
+  // landings, so "unfenced" lands one copy here.
+  if (mode == 2 && tid == 0) {
+    liif::cuda::async_copy_16(smem + 8192, smem);
+    liif::cuda::async_copy_commit();
+    liif::cuda::async_copy_wait<0>();
+  }
+  __syncthreads();
+  const int r0 = 16 * q + g, r1 = r0 + 8;
+  uint32_t a[4] = {bits(A[r0 * 16 + 2 * t]) | bits(A[r0 * 16 + 2 * t + 1]) << 16,
+                   bits(A[r1 * 16 + 2 * t]) | bits(A[r1 * 16 + 2 * t + 1]) << 16,
+                   bits(A[r0 * 16 + 2 * t + 8]) | bits(A[r0 * 16 + 2 * t + 9]) << 16,
+                   bits(A[r1 * 16 + 2 * t + 8]) | bits(A[r1 * 16 + 2 * t + 9]) << 16};
+  float d[128];
+  for (int j = 0; j < 32; ++j) {
+    for (int h = 0; h < 2; ++h) {
+      for (int e = 0; e < 2; ++e) d[4 * j + 2 * h + e] = C[(r0 + 8 * h) * 256 + 8 * j + 2 * t + e];
+    }
+  }
+  liif::cuda::wgmma_fence();
+  liif::cuda::wgmma_m64n256k16<P>(
+      d, a, liif::cuda::wgmma_descriptor(liif::cuda::shared_address(smem), 128, 256));
+  liif::cuda::wgmma_commit();
+  if (mode == 3) a[1] ^= 1u;
+  float early[128];
+  std::memcpy(early, d, sizeof d);
+  liif::cuda::wgmma_wait<0>();
+  const float* result = mode == 1 ? early : d;
+  for (int j = 0; j < 32; ++j) {
+    for (int h = 0; h < 2; ++h) {
+      for (int e = 0; e < 2; ++e) {
+        D[(r0 + 8 * h) * 256 + 8 * j + 2 * t + e] = result[4 * j + 2 * h + e];
+      }
+    }
+  }
+}
+
+at::Tensor wgmma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                      c10::string_view precision, c10::string_view mode) {
+  const Precision p = parse_precision(a, precision);
+  const int m = mode == "wait"          ? 0
+                : mode == "before_wait" ? 1
+                : mode == "unfenced"    ? 2
+                : mode == "a_written"   ? 3
+                                        : -1;
+  TORCH_CHECK(m >= 0, "host harness: unknown wgmma_tile mode");
+  TORCH_CHECK((p == Precision::kBf16 || p == Precision::kFp16) &&
+                  a.sizes() == at::IntArrayRef({64, 16}) && b.sizes() == at::IntArrayRef({16, 256}) &&
+                  c.sizes() == at::IntArrayRef({64, 256}),
+              "host harness: wgmma_tile takes bf16 or fp16, A (64, 16), B (16, 256), C (64, 256)");
+  const at::Tensor A = a.contiguous(), B = b.contiguous(), C = c.contiguous();
+  at::Tensor D = at::empty({64, 256}, at::kFloat);
+  const float *pa = A.const_data_ptr<float>(), *pb = B.const_data_ptr<float>(),
+              *pc = C.const_data_ptr<float>();
+  float* pd = D.data_ptr<float>();
+  auto go = [&](auto kernel) {
+    liif_harness::launch(1, 128, 16384, [&] { kernel(pa, pb, pc, pd, m); }, false, 1);
+  };
+  if (p == Precision::kBf16) {
+    go(wgmma_tile_kernel<Precision::kBf16>);
+  } else {
+    go(wgmma_tile_kernel<Precision::kFp16>);
+  }
+  return D;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(liif_cuda_harness, m) {
@@ -391,6 +487,8 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.impl("warp_misuse", c10::DispatchKey::CatchAll, &warp_misuse);
   m.def("mma_tile(Tensor a, Tensor b, Tensor c, str precision, bool via_ldmatrix) -> Tensor");
   m.impl("mma_tile", c10::DispatchKey::CPU, &mma_tile);
+  m.def("wgmma_tile(Tensor a, Tensor b, Tensor c, str precision, str mode) -> Tensor");
+  m.impl("wgmma_tile", c10::DispatchKey::CPU, &wgmma_tile);
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision, "

@@ -1,0 +1,225 @@
+// The wgmma tensor-core kernel of the fused query (sm_90a: H100, H200): the mma.sync kernel's
+// shape, precisions bf16 and fp16, steps and roundings (python/liif_rounding_model.py), with the
+// hidden layers multiplied by warpgroup MMA (wgmma), the Hopper instruction that feeds the tensor
+// cores at their full rate (mma.sync reaches a fraction of it there):
+//   - 128 (query, neighbour) rows per block, two warpgroups of 64 rows: each weight byte fetched
+//     from L2 serves 128 rows, as in the mma.sync kernel;
+//   - each warpgroup multiplies its 64 rows by a whole layer, one wgmma m64n256k16 per 16 inputs,
+//     its activations never leaving registers: the accumulators of layer l, with bias, ReLU and
+//     the rounding applied, are layer l+1's A operand in place (the accumulator and A layouts
+//     coincide for 16-bit operands, liif_tensor_core.cuh); only layer 0 passes through shared
+//     memory (it is computed per column, as in the mma.sync kernel, then loaded by ldmatrix);
+//   - the hidden layers' weights (packed on the host as for the mma.sync kernel, chunks of 32
+//     inputs of every output) stream through a ring of kWgmmaStages chunks by cp.async, placed
+//     in wgmma's canonical K-major layout as they are copied; kWgmmaStages - 2 chunks are in
+//     flight while the tensor cores work on one and may still finish the one before: one barrier
+//     per chunk, the wgmmas of a chunk retired (wgmma_wait<1>) one chunk later;
+//   - after the last hidden layer the last layer is folded into the epilogue (float32 weights):
+//     each lane's dot products over its 64 columns, summed over the four lanes of a row by
+//     shuffles; each row's whole sum stays in its warp, so no partial sums cross warps.
+//     Deterministic: no atomics, fixed orders.
+// 255 registers at most per thread (one block of 256 threads per SM): 128 accumulators and 64
+// registers of A operands.
+//
+// Compiled by nvcc for sm_90a, and by the host execution harness, which runs wgmma
+// asynchronously on each lane's own registers with the documented fragment layouts and decodes
+// the shared-memory descriptor, so that a layout or ordering mistake fails in CI
+// (tests/test_tensor_core_harness.py).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "liif_query_mma_kernel.cuh"
+
+namespace liif {
+namespace cuda {
+
+#if defined(LIIF_WGMMA)
+
+static_assert(kWgmmaThreads == 2 * 128 && 2 * 64 == kMmaRows, "two warpgroups of 64 rows");
+
+// Bytes of a chunk's k-step (16 inputs of 256 outputs) and the descriptor's offsets: the two core
+// matrices of a k-step's 16 inputs 128 bytes apart (lbo), groups of 8 outputs 256 bytes apart (sbo).
+constexpr int kWgmmaStepBytes = kFastWidth * 16 * 2;
+constexpr uint32_t kWgmmaLbo = 128;
+constexpr uint32_t kWgmmaSbo = 256;
+static_assert(kWgmmaChunkBytes == 2 * kWgmmaStepBytes, "a chunk is two k-steps");
+
+// Chunk `chunk` of the packed hidden-layer weights ([layer][chunk][out][32 inputs], 64 bytes per
+// output) into a ring slot in the canonical layout: byte (step, n / 8, k / 8 % 2, n % 8) of the
+// slot holds inputs 16 step + 8 (k / 8 % 2) .. +7 of output n. Copy v fills bytes 16 v .. +15, so
+// that eight consecutive threads fill 128 contiguous bytes (no bank conflicts), and a warp reads
+// 32 bytes from each of 16 outputs (whole sectors).
+__device__ __forceinline__ void wgmma_fetch_chunk(const unsigned char* weights, int chunk,
+                                                  unsigned char* slot) {
+  const unsigned char* src = weights + static_cast<int64_t>(chunk) * kWgmmaChunkBytes;
+  constexpr int kCopies = kWgmmaChunkBytes / 16 / kWgmmaThreads;
+  constexpr int kCopiesPerStep = kWgmmaStepBytes / 16;
+#pragma unroll
+  for (int v = 0; v < kCopies; ++v) {
+    const int copy = v * kWgmmaThreads + static_cast<int>(threadIdx.x);
+    const int step = copy / kCopiesPerStep;
+    const int rest = copy % kCopiesPerStep;
+    const int n = 8 * (rest / 16) + rest % 8;
+    const int unit = 2 * step + (rest / 8) % 2;  // the 16-byte unit of output n's 64 bytes
+    async_copy_16(slot + 16 * copy, src + n * kMmaChunkRowBytes + 16 * unit);
+  }
+}
+
+// Two operands rounded and paired in one register, the first in the low 16 bits.
+template <Precision P>
+__device__ __forceinline__ uint32_t operand_pair(float lo, float hi) {
+  using S = typename Operand<P>::storage;
+  const OperandPair<S> pair{Operand<P>::store(lo), Operand<P>::store(hi)};
+  uint32_t bits;
+  std::memcpy(&bits, &pair, sizeof bits);
+  return bits;
+}
+
+template <Precision P>
+__global__ void __launch_bounds__(kWgmmaThreads, 1)
+    liif_query_wgmma_kernel(const QueryKernelParams<float> p) {
+  static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
+  using Op = Operand<P>;
+  constexpr int kPitch = mma_act_pitch_bytes(P);
+  constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
+  constexpr int kSteps = kFastWidth / 16;  // wgmma k-steps of a layer
+  LIIF_DYNAMIC_SHARED(smem);
+  const SharedLayout layout = wgmma_layout(P, p.grid.num_neighbours);
+  const BlockShared<float, unsigned char> s = carve_shared<float, unsigned char>(smem, layout);
+  unsigned char* ring = s.weights;
+  const unsigned char* weights = static_cast<const unsigned char*>(p.operand_weights);
+  const int hidden = p.num_layers - 2;
+  const int chunks = hidden * kChunksPerLayer;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+
+  // The first chunks stream in while the geometry and layer 0 are computed. One group per chunk
+  // slot, empty past the last chunk: chunk c has landed when at most kWgmmaStages - 3 groups are
+  // pending at chunk c.
+  for (int c = 0; c < kWgmmaStages - 2; ++c) {
+    if (c < chunks) wgmma_fetch_chunk(weights, c, ring + c * kWgmmaChunkBytes);
+    async_copy_commit();
+  }
+  load_geometry(p, s, first, layout.queries);
+  __syncthreads();
+  mma_first_layer<P, kWgmmaThreads>(p, s);
+  __syncthreads();
+
+  // Warp w owns rows 16 w .. +15 (warpgroup w / 4, its warp w % 4).
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int row0 = 16 * warp;
+  const int g = lane / 4, t = lane % 4;
+  // Layer 1's A operand, k-step by k-step: ldmatrix matrix j is rows 8 (j % 2) .. +7, 16-byte unit
+  // j / 2 of the step (a[s][0] .. a[s][3]).
+  uint32_t a[kSteps][4];
+  {
+    const int j = lane / 8;
+    const unsigned char* row = s.act + (row0 + lane % 8 + 8 * (j % 2)) * kPitch;
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) ldmatrix_x4(a[step], row + 16 * (2 * step + j / 2));
+  }
+
+  auto out_dim = [&] { return p.widths[p.num_layers - 1]; };
+  auto last_w = [&] { return p.weights + static_cast<int64_t>(hidden) * kFastWidth * kFastWidth; };
+  auto last_b = [&] { return p.biases + static_cast<int64_t>(hidden) * kFastWidth; };
+  // The rows' predictions (without the last bias) after the last layer, where layer 0's
+  // activations were: every warp loaded its A operand from there before the first chunk's barrier.
+  float* preds = reinterpret_cast<float*>(s.act);
+  float acc[128];
+  for (int l = 0; l < hidden; ++l) {
+    // The accumulators start from the layer's bias (element (row, column) from bias[column]):
+    // loaded into the accumulator registers themselves, where the epilogue would need 128 more
+    // registers beside them.
+    const float* bias = p.biases + static_cast<int64_t>(l) * kFastWidth;
+#pragma unroll
+    for (int jn = 0; jn < 32; ++jn) {
+      const float2 b = *reinterpret_cast<const float2*>(bias + 8 * jn + 2 * t);
+      acc[4 * jn] = acc[4 * jn + 2] = b.x;
+      acc[4 * jn + 1] = acc[4 * jn + 3] = b.y;
+    }
+    // Every accumulator written before the wgmma.fence of the first chunk, as PTX requires of
+    // registers a wgmma uses (without this the compiler may place the copies after the fence).
+#pragma unroll
+    for (int e = 0; e < 128; ++e) fence_register(acc[e]);
+#pragma unroll
+    for (int c = 0; c < kChunksPerLayer; ++c) {
+      const int chunk = l * kChunksPerLayer + c;
+      // This thread's copies of `chunk` have landed and are visible to the tensor cores (async
+      // proxy); after the barrier everybody's are, and both warpgroups have retired the wgmmas of
+      // chunk - 2, whose slot the next fetch refills.
+      async_copy_wait<kWgmmaStages - 3>();
+      fence_proxy_async();
+      __syncthreads();
+      if (chunk + kWgmmaStages - 2 < chunks) {
+        const int next = chunk + kWgmmaStages - 2;
+        wgmma_fetch_chunk(weights, next, ring + (next % kWgmmaStages) * kWgmmaChunkBytes);
+      }
+      async_copy_commit();
+      const uint32_t slot = shared_address(ring + (chunk % kWgmmaStages) * kWgmmaChunkBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+        wgmma_m64n256k16<P>(acc, a[2 * c + step],
+                            wgmma_descriptor(slot + step * kWgmmaStepBytes, kWgmmaLbo, kWgmmaSbo));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the wgmmas of chunk - 1 are done
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int e = 0; e < 128; ++e) fence_register(acc[e]);
+    if (l + 1 < hidden) {
+      // The next layer's A operand: k-step s is columns 16 s .. +15, accumulator blocks 2 s, 2 s + 1.
+#pragma unroll
+      for (int step = 0; step < kSteps; ++step) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int jn = 2 * step + r / 2, h = r % 2;
+          a[step][r] = operand_pair<P>(relu(acc[4 * jn + 2 * h]), relu(acc[4 * jn + 2 * h + 1]));
+          fence_register(a[step][r]);  // written before the next layer's wgmma.fence
+        }
+      }
+    } else {
+      // The last hidden layer's activations, rounded as the operand type, then the last layer.
+#pragma unroll
+      for (int e = 0; e < 128; ++e) acc[e] = Op::load(Op::store(relu(acc[e])));
+      const float* wt = last_w();
+      const int outs = out_dim();
+      for (int o = 0; o < outs; ++o) {
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int jn = 0; jn < 32; ++jn) {
+          const int col = 8 * jn + 2 * t;
+          const float w0 = wt[col * outs + o];
+          const float w1 = wt[(col + 1) * outs + o];
+          part[0] += acc[4 * jn] * w0 + acc[4 * jn + 1] * w1;
+          part[1] += acc[4 * jn + 2] * w0 + acc[4 * jn + 3] * w1;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float v = part[h];
+          v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+          v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+          if (t == 0) preds[(row0 + g + 8 * h) * outs + o] = v;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  blend_and_write(p, s, layout.queries, out_dim(), first,
+                  [&](int r, int o) { return last_b()[o] + preds[r * out_dim() + o]; });
+}
+
+#else
+// Targets other than sm_90a (never launched there, see LIIF_WGMMA).
+template <Precision P>
+__global__ void liif_query_wgmma_kernel(const QueryKernelParams<float>) {
+  __trap();
+}
+#endif  // LIIF_WGMMA
+
+}  // namespace cuda
+}  // namespace liif
