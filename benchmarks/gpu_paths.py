@@ -58,6 +58,7 @@ FORWARD = {
     "fp16-wgmma": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_kernel"),
 }
 SUFFIXES = ("-wmma", "-mma16", "-wgmma")  # the tensor-core kernel a path's name selects
+PATHS = list(FORWARD) + ["backward", "graph", "large"]
 
 
 def runs_wgmma(device):
@@ -66,7 +67,6 @@ def runs_wgmma(device):
     runs the -wgmma paths."""
     return (device.type == "cuda" and liif_cuda.build_info()["cuda_wgmma"]
             and torch.cuda.get_device_capability(device) == (9, 0))
-PATHS = list(FORWARD) + ["backward", "graph", "large"]
 
 
 def kernel_ran(expected, names):

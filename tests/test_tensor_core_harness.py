@@ -65,12 +65,11 @@ def test_random_inputs(precision, channels, flags, depth, out_dim):
     feat, coords, cells = random_inputs(2, channels, 9, 7, 60, seed=channels, spread=1.1)
     in_dim = ref.imnet_in_dim(channels, flags["feat_unfold"], flags["cell_decode"])
     mlp = make_mlp(in_dim, [256] * depth, out_dim, torch.float32, seed=depth)
-    wgmma = MMA if precision == "tf32" else WGMMA  # wgmma multiplies 16-bit operands only
-    for kernel, expected_path in (("mma", MMA), ("mma16", MMA16), ("wmma", TENSOR_CORE),
-                                  ("wgmma", wgmma)):
+    for kernel in KERNELS:
         out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel,
                         **flags)
-        assert path == expected_path
+        assert path == tensor_core_path(precision, flags["local_ensemble"], depth, out_dim,
+                                        SHARED_SM90, kernel)
         error = relative_error(out, reference(feat, coords, cells, mlp, **flags))
         assert TOLERANCE[torch.float32] < error <= PRECISION_TOLERANCE[precision]
 
@@ -96,18 +95,15 @@ def test_published_shape(kernel, precision, shared, batch, height, width, querie
     assert error > TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16),
-                                                  ("wmma", TENSOR_CORE), ("wgmma", WGMMA)])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("precision", REDUCED)
-def test_non_finite_coordinates(precision, kernel, expected_path):
-    if kernel == "wgmma" and precision == "tf32":
-        expected_path = MMA
+def test_non_finite_coordinates(precision, kernel):
     feat, coords, cells = random_inputs(2, 4, 5, 5, 20, seed=3)
     coords[0, 1, 0] = float("nan")
     coords[1, 7, 1] = float("inf")
     mlp = make_mlp(ref.imnet_in_dim(4), [256, 256, 256], 3, torch.float32)
     out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel)
-    assert path == expected_path
+    assert path == tensor_core_path(precision, True, 3, 3, SHARED_SM90, kernel)
     expected = reference(feat, coords, cells, mlp)
     model = reference(feat, coords, cells, KernelRounding(mlp, precision))
     bad = ~torch.isfinite(coords).all(-1)
@@ -237,18 +233,17 @@ def test_emulated_mma_tile_is_a_matrix_product(precision, via_ldmatrix):
     assert torch.equal(d, a @ b + c)
 
 
-@pytest.mark.parametrize("kernel,expected_path", [("mma", MMA), ("mma16", MMA16), ("wgmma", WGMMA)])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma"])
 @pytest.mark.parametrize("precision", REDUCED)
-def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel, expected_path):
-    if kernel == "wgmma" and precision == "tf32":
-        expected_path = MMA
+def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     """Threads run in order or in reverse between barriers: a missing barrier or a read of a
     fragment another lane has not produced yet changes the result."""
     feat, coords, cells, mlp = published_problem(2, 5, 6, 70, seed=7)
     out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel)
     again, _ = run(feat, coords, cells, mlp, reverse_order=True, precision=precision,
                    tensor_core_kernel=kernel)
-    assert path == expected_path
+    assert path == tensor_core_path(precision, True, 4, 3, SHARED_SM90, kernel)
+    assert path in (MMA, MMA16, WGMMA)
     assert torch.equal(out, again)
 
 

@@ -204,9 +204,11 @@ LIIF_HOST_DEVICE SharedLayout mma_layout(Precision p, int num_neighbours) {
   return {kMmaRows, kMmaRows / num_neighbours, static_cast<int64_t>(kMmaRows) * mma_act_pitch_bytes(p),
           static_cast<int64_t>(kMmaStages) * kMmaChunkBytes};
 }
+// The mma.sync kernel's rows and layer-0 activations, with the wgmma kernel's ring.
 LIIF_HOST_DEVICE SharedLayout wgmma_layout(Precision p, int num_neighbours) {
-  return {kMmaRows, kMmaRows / num_neighbours, static_cast<int64_t>(kMmaRows) * mma_act_pitch_bytes(p),
-          static_cast<int64_t>(kWgmmaStages) * kWgmmaChunkBytes};
+  SharedLayout layout = mma_layout(p, num_neighbours);
+  layout.weight_bytes = static_cast<int64_t>(kWgmmaStages) * kWgmmaChunkBytes;
+  return layout;
 }
 
 // The specialised kernel runs the published MLP shape in float32: hidden layers all 256 wide.
@@ -257,21 +259,18 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
                               bool has_wgmma = false) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
-  if (preferred == TensorCoreKernel::kWgmma && wgmma_path_applies(p, has_wgmma) &&
-      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes) {
-    plan.path = KernelPath::kWgmma;
-    plan.threads = kWgmmaThreads;
-    plan.queries_per_block = kMmaRows / nn;
-    plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
-    plan.shared_bytes = shared_bytes<float>(wgmma_layout(p.precision, nn));
-  } else if (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
-      shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes) {
+  const bool wgmma = preferred == TensorCoreKernel::kWgmma && wgmma_path_applies(p, has_wgmma) &&
+                     shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
+  if (wgmma || (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
+                shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
+    // The two share their 128 rows per block and their layer-0 activations' pitch.
     const bool wide = preferred == TensorCoreKernel::kMma16;
-    plan.path = wide ? KernelPath::kMma16 : KernelPath::kMma;
-    plan.threads = mma_threads(wide ? 32 : 64);
+    plan.path = wgmma ? KernelPath::kWgmma : wide ? KernelPath::kMma16 : KernelPath::kMma;
+    plan.threads = wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
-    plan.shared_bytes = shared_bytes<float>(mma_layout(p.precision, nn));
+    plan.shared_bytes = shared_bytes<float>(wgmma ? wgmma_layout(p.precision, nn)
+                                                  : mma_layout(p.precision, nn));
   } else if (tensor_core_path_applies(p, has_tensor_cores) &&
              shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
     plan.path = KernelPath::kTensorCore;

@@ -703,6 +703,19 @@ inline float fragment_element(uint32_t reg, int half, MmaOperands kind) {
   return half_bits_to_float(static_cast<uint16_t>(half == 0 ? reg : reg >> 16), kind);
 }
 
+// Lane (g = lane / 4, t = lane % 4)'s part of a 16 x 16 A operand of 16-bit elements, as mma.sync
+// m16n8k16 and wgmma (for each warp's 16 rows) lay it out: a[0] (g, 2t..2t+1), a[1] (g+8, 2t..),
+// a[2] (g, 2t+8..), a[3] (g+8, 2t+8..), into A.
+inline void unpack_a_fragment_16bit(float (&A)[16][16], const uint32_t (&a)[4], int g, int t,
+                                    MmaOperands kind) {
+  for (int h = 0; h < 2; ++h) {
+    A[g][2 * t + h] = fragment_element(a[0], h, kind);
+    A[g + 8][2 * t + h] = fragment_element(a[1], h, kind);
+    A[g][2 * t + 8 + h] = fragment_element(a[2], h, kind);
+    A[g + 8][2 * t + 8 + h] = fragment_element(a[3], h, kind);
+  }
+}
+
 struct MmaLane {
   uint32_t a[4], b[2];
   float c[4];
@@ -733,11 +746,8 @@ inline void mma_16x8(MmaOperands kind, float (&d)[4], const uint32_t (&a)[4], ui
         B[t][g] = detail::fragment_element(x.b[0], 0, kind);
         B[t + 4][g] = detail::fragment_element(x.b[1], 0, kind);
       } else {
+        detail::unpack_a_fragment_16bit(A, x.a, g, t, kind);
         for (int h = 0; h < 2; ++h) {
-          A[g][2 * t + h] = detail::fragment_element(x.a[0], h, kind);
-          A[g + 8][2 * t + h] = detail::fragment_element(x.a[1], h, kind);
-          A[g][2 * t + 8 + h] = detail::fragment_element(x.a[2], h, kind);
-          A[g + 8][2 * t + 8 + h] = detail::fragment_element(x.a[3], h, kind);
           B[2 * t + h][g] = detail::fragment_element(x.b[0], h, kind);
           B[2 * t + 8 + h][g] = detail::fragment_element(x.b[1], h, kind);
         }
@@ -886,14 +896,7 @@ inline void wgmma_m64n256k16(MmaOperands kind, float (&d)[128], const uint32_t (
       for (int q = 0; q < 4; ++q) {
         float A[16][16];
         for (int l = 0; l < 32; ++l) {
-          const detail::WgmmaLane& x = lanes[32 * q + l];
-          const int g = l / 4, t = l % 4;
-          for (int h = 0; h < 2; ++h) {
-            A[g][2 * t + h] = detail::fragment_element(x.a[0], h, kind);
-            A[g + 8][2 * t + h] = detail::fragment_element(x.a[1], h, kind);
-            A[g][2 * t + 8 + h] = detail::fragment_element(x.a[2], h, kind);
-            A[g + 8][2 * t + 8 + h] = detail::fragment_element(x.a[3], h, kind);
-          }
+          detail::unpack_a_fragment_16bit(A, lanes[32 * q + l].a, l / 4, l % 4, kind);
         }
         for (int l = 0; l < 32; ++l) {
           float* d = lanes[32 * q + l].d;
