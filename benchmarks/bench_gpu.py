@@ -44,7 +44,8 @@ HIDDEN = [256, 256, 256, 256]
 DEFAULT_CASES = "480x270x4,128x128x4"
 # variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
 # applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice (mma.sync with 8 warps by default,
-# its 16-warp form, WMMA, or wgmma on H100 / H200 with an sm_90a build).
+# its 16-warp form, WMMA, or the wgmma kernel or its warp-specialised form on H100 / H200 with an
+# sm_90a build).
 VARIANTS = {
     "reference": ("reference", "fp32", None),
     "reference-autocast-fp16": ("reference", "fp16", None),
@@ -60,6 +61,8 @@ VARIANTS = {
     "fused-fp16-wmma": ("fused", "fp16", "wmma"),
     "fused-bf16-wgmma": ("fused", "bf16", "wgmma"),
     "fused-fp16-wgmma": ("fused", "fp16", "wgmma"),
+    "fused-bf16-wgmma_ws": ("fused", "bf16", "wgmma_ws"),
+    "fused-fp16-wgmma_ws": ("fused", "fp16", "wgmma_ws"),
 }
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of the device name.
 DENSE_PEAK_TFLOPS = [

@@ -143,7 +143,7 @@ VARIANTS=fused-fp32
 for p in $("$PYTHON" benchmarks/gpu_paths.py --list); do
   if step "path $p" $PATH_LIMIT "$RESULTS/paths.log" required \
       "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"; then
-    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma) VARIANTS="$VARIANTS,fused-$p" ;; esac
+    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws) VARIANTS="$VARIANTS,fused-$p" ;; esac
   fi
   grep -E "^$p (ok|FAIL)" "$RESULTS/paths.log" | tail -n 1 | cut -c 1-400 | sed 's/^/    /'
 done
@@ -176,7 +176,7 @@ if [ $DRY_RUN = 0 ]; then
   # warp stall reasons, which say what the latency-bound mma.sync kernel waits for), then
   # compute-sanitizer on small problems (no caching allocator, so that memcheck sees each buffer).
   if command -v ncu > /dev/null; then
-    for p in bf16-wgmma bf16 bf16-mma16 tf32; do
+    for p in bf16-wgmma_ws bf16-wgmma bf16 bf16-mma16 tf32; do
       step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
         -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
@@ -188,12 +188,12 @@ if [ $DRY_RUN = 0 ]; then
     # shellcheck disable=SC2086
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 90 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
-      "$PYTHON" benchmarks/gpu_paths.py fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma tf32 \
-      bf16-wmma $SMALL
+      "$PYTHON" benchmarks/gpu_paths.py fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
+      bf16-wgmma_ws tf32 bf16-wmma $SMALL
     # shellcheck disable=SC2086
     step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py bf16 bf16-mma16 bf16-wgmma tf32 \
-      fast-fp32 $SMALL
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py bf16 bf16-mma16 bf16-wgmma \
+      bf16-wgmma_ws tf32 fast-fp32 $SMALL
   fi
 fi
 

@@ -1,5 +1,5 @@
 """Mutation tests of the host execution harness: the mma.sync and wgmma kernels with one
-fragment-layout, ordering or reduction mistake, of the kind that compiles and runs on a GPU, must
+fragment-layout, ordering, hand-over or reduction mistake, of the kind that compiles and runs on a GPU, must
 fail the harness check that CI runs (tests/test_tensor_core_harness.py). Each mutant is a copy of
 csrc/ with one edit, built into its own harness in a subprocess (the harness registers a fixed
 operator namespace)."""
@@ -15,6 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MMA = os.path.join("cuda", "liif_query_mma_kernel.cuh")
 WGMMA = os.path.join("cuda", "liif_query_wgmma_kernel.cuh")
+WGMMA_WS = os.path.join("cuda", "liif_query_wgmma_ws_kernel.cuh")
+KERNEL_OF_FILE = {MMA: "mma", WGMMA: "wgmma", WGMMA_WS: "wgmma_ws"}
 
 # name: (the kernel's file, original text in it, the mutant's text)
 MUTATIONS = {
@@ -49,6 +51,28 @@ MUTATIONS = {
     "wgmma reads cp.async data without the proxy fence": (WGMMA,
         "      fence_proxy_async();\n",
         ""),
+    "wgmma_ws A descriptor: leading and stride byte offsets exchanged": (WGMMA_WS,
+        "wgmma_descriptor(a, kWgmmaLbo, kWgmmaSbo)",
+        "wgmma_descriptor(a, kWgmmaSbo, kWgmmaLbo)"),
+    "wgmma_ws next operands: row halves exchanged when written": (WGMMA_WS,
+        "(jn % 2) * kWgmmaLbo +\n                                         h * kWgmmaSbo)",
+        "(jn % 2) * kWgmmaLbo +\n                                         (1 - h) * kWgmmaSbo)"),
+    "wgmma_ws layer 0: core matrices written transposed": (WGMMA_WS,
+        "(row % 8) * 16 + (k % 8) * 2;",
+        "(row % 8) * 2 + (k % 8) * 16;"),
+    "wgmma_ws consumers take a tile before the producer hands it over": (WGMMA_WS,
+        "    named_barrier_sync(kWsFullBarrier + b, kWgmmaWsThreads);\n",
+        ""),
+    "wgmma_ws producer hands a tile over before writing its layer 0": (WGMMA_WS,
+        "    ws_first_layer<P>(p, s, ws_tile(smem, b), tid);\n"
+        "    fence_proxy_async();  // the tensor cores read these operands next\n"
+        "    named_barrier_arrive(kWsFullBarrier + b, kWgmmaWsThreads);\n",
+        "    named_barrier_arrive(kWsFullBarrier + b, kWgmmaWsThreads);\n"
+        "    ws_first_layer<P>(p, s, ws_tile(smem, b), tid);\n"
+        "    fence_proxy_async();  // the tensor cores read these operands next\n"),
+    "wgmma_ws producer blends a tile before the consumers are done": (WGMMA_WS,
+        "    named_barrier_sync(kWsDoneBarrier + b, kWgmmaWsThreads);\n",
+        "    named_barrier_arrive(kWsDoneBarrier + b, kWgmmaWsThreads);\n"),
 }
 
 CHECK = textwrap.dedent("""
@@ -65,19 +89,21 @@ CHECK = textwrap.dedent("""
     from helpers import make_mlp, published_problem, rounding_model_bound
     from conftest import relative_error
     kernel = sys.argv[4]
-    precisions, expected_path = {"mma": (("bf16", "tf32"), 4), "wgmma": (("bf16", "fp16"), 6)}[kernel]
+    precisions, expected_path = {"mma": (("bf16", "tf32"), 4), "wgmma": (("bf16", "fp16"), 6),
+                                 "wgmma_ws": (("bf16", "fp16"), 7)}[kernel]
     feat, coords, cells, published = published_problem(1, 3, 4, 70, seed=11)
     flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
     # Three and two hidden-to-hidden layers: an even number of epilogues could undo a mistake.
     for mlp in (published, make_mlp(580, [256] * 3, 3, torch.float32, seed=12)):
         w, b = liif_cuda.mlp_parameters(mlp)
-        for precision in precisions:
+        # Both thread orders (a missing hand-over may show in one only).
+        for precision, reverse in [(p, r) for p in precisions for r in (False, True)]:
             out, path = torch.ops.liif_cuda_harness.query(
-                feat, coords, cells, w, b, True, True, True, precision, 232448, False, kernel)
+                feat, coords, cells, w, b, True, True, True, precision, 232448, reverse, kernel)
             assert path == expected_path, path
             exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags)
             error = relative_error(out, exact)
-            print(len(w), precision, error, bound)
+            print(len(w), precision, reverse, error, bound)
             if not error <= bound:
                 sys.exit(3)
     """)
@@ -96,17 +122,18 @@ def test_mutations_are_distinct_edits():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(MUTATIONS) + ["unmutated mma.sync", "unmutated wgmma"])
+@pytest.mark.parametrize("name", list(MUTATIONS) + ["unmutated mma", "unmutated wgmma",
+                                                     "unmutated wgmma_ws"])
 def test_harness_catches_the_mutant(name, tmp_path):
     """The unmutated copy passes the same check (so that a failure means the mutation)."""
     csrc = tmp_path / "csrc"
     shutil.copytree(os.path.join(ROOT, "csrc"), csrc)
     unmutated = name.startswith("unmutated")
     if unmutated:
-        kernel = "wgmma" if name.endswith("wgmma") else "mma"
+        kernel = name.split()[1]
     else:
         kernel_file, original, mutant = MUTATIONS[name]
-        kernel = "wgmma" if kernel_file == WGMMA else "mma"
+        kernel = KERNEL_OF_FILE[kernel_file]
         path = csrc / kernel_file
         path.write_text(path.read_text().replace(original, mutant))
     proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path), kernel)

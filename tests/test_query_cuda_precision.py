@@ -25,12 +25,13 @@ def has_tensor_cores():
 
 def runs_wgmma():
     """An H100 / H200 and a build with its sm_90a code: where LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma
-    runs the wgmma kernel (elsewhere the mma.sync one)."""
+    (or wgmma_ws) runs the wgmma kernel (or its warp-specialised form; elsewhere the mma.sync
+    one)."""
     return liif_cuda.build_info()["cuda_wgmma"] and torch.cuda.get_device_capability() == (9, 0)
 
 
 # The tensor-core kernels liif_cuda.query can be asked for (LIIF_CUDA_TENSOR_CORE_KERNEL).
-TENSOR_CORE_KERNELS = ["mma", "mma16", "wmma", "wgmma"]
+TENSOR_CORE_KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
 
 
 @contextlib.contextmanager
@@ -79,31 +80,34 @@ def test_tensor_core_kernel_matches_reference(problem):
     assert relative_error(out, exact) <= bound
 
 
-@given(tensor_core_problems())
-def test_wgmma_kernel_matches_reference(problem):
-    """The wgmma kernel (the mma.sync one where it does not apply) held to the same bound."""
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma_ws"])
+@given(problem=tensor_core_problems())
+def test_wgmma_kernel_matches_reference(kernel, problem):
+    """The wgmma kernels (the mma.sync one where they do not apply) held to the same bound."""
     feat, coords, cells, mlp = build_tensor_core_problem(problem)
     flags, precision = problem["flags"], problem["precision"]
     exact, bound = rounding_model_bound(feat, coords, cells, mlp, precision, flags, tf32_map=True)
-    with torch.no_grad(), tensor_core_kernel("wgmma"):
+    with torch.no_grad(), tensor_core_kernel(kernel):
         out = liif_cuda.query(feat.cuda(), coords.cuda(), cells.cuda(), mlp.cuda(), **flags,
                               precision=precision).cpu()
     assert relative_error(out, exact) <= bound
 
 
+@pytest.mark.parametrize("kernel", ["wgmma", "wgmma_ws"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_wgmma_kernel_runs_where_it_applies(precision):
-    """On an H100 / H200 with an sm_90a build the wgmma kernel is what runs (not a fallback)."""
+def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
+    """On an H100 / H200 with an sm_90a build the wgmma kernel asked for is what runs (not a
+    fallback)."""
     if not runs_wgmma():
         pytest.skip("the wgmma kernel needs an H100 / H200 (compute capability 9.0) and a build "
                     f"with TORCH_CUDA_ARCH_LIST 9.0a (this one: {liif_cuda.build_info()})")
     feat, coords, cells, mlp = published(batch=1, queries=2000, seed=4)
-    with torch.no_grad(), tensor_core_kernel("wgmma"), torch.profiler.profile(
+    with torch.no_grad(), tensor_core_kernel(kernel), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         liif_cuda.query(feat, coords, cells, mlp, precision=precision)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
-    assert any("liif_query_wgmma_kernel" in n for n in names), sorted(set(names))
+    assert any(f"liif_query_{kernel}_kernel" in n for n in names), sorted(set(names))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -132,7 +136,7 @@ def test_cpu_tensors_ignore_cuda_autocast():
     assert out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "wgmma", "wgmma_ws"])
 @pytest.mark.parametrize("precision", REDUCED)
 def test_deterministic_and_graph_capturable(precision, kernel):
     feat, coords, cells, mlp = published(batch=1, queries=3000, seed=3)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
-                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, load, reference, run,
+                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_WS, load, reference, run,
                           tensor_core_path)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
@@ -30,7 +30,7 @@ from liif_rounding_model import KernelRounding, tf32_round_nearest_away
 import liif_reference as ref
 
 
-KERNELS = ["mma", "mma16", "wmma", "wgmma"]
+KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
 
 
 # Each example runs 256-thread blocks of emulated tensor-core tiles: half the profile's examples.
@@ -233,7 +233,7 @@ def test_emulated_mma_tile_is_a_matrix_product(precision, via_ldmatrix):
     assert torch.equal(d, a @ b + c)
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
 @pytest.mark.parametrize("precision", REDUCED)
 def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     """Threads run in order or in reverse between barriers: a missing barrier or a read of a
@@ -243,7 +243,7 @@ def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     again, _ = run(feat, coords, cells, mlp, reverse_order=True, precision=precision,
                    tensor_core_kernel=kernel)
     assert path == tensor_core_path(precision, True, 4, 3, SHARED_SM90, kernel)
-    assert path in (MMA, MMA16, WGMMA)
+    assert path in (MMA, MMA16, WGMMA, WGMMA_WS)
     assert torch.equal(out, again)
 
 
@@ -257,6 +257,21 @@ def test_mma_kernel_with_16_warps_equals_8_warps(precision):
                           tensor_core_kernel="mma16")
     assert (path8, path16) == (MMA, MMA16)
     assert torch.equal(eight, sixteen)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("batch,height,width,queries", [(2, 4, 7, 90), (1, 9, 9, 300)])
+def test_warp_specialised_wgmma_kernel_equals_wgmma_kernel(precision, batch, height, width,
+                                                            queries):
+    """The warp-specialised form moves layer 0, the geometry and the blend to another warpgroup,
+    takes A from shared memory and loops each block over several tiles (the emulated device has
+    2 SMs: here 3 and 10 tiles), but changes no sum's order: the same bits."""
+    feat, coords, cells, mlp = published_problem(batch, height, width, queries, seed=9)
+    plain, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel="wgmma")
+    ws, path_ws = run(feat, coords, cells, mlp, reverse_order=True, precision=precision,
+                      tensor_core_kernel="wgmma_ws")
+    assert (path, path_ws) == (WGMMA, WGMMA_WS)
+    assert torch.equal(plain, ws)
 
 
 # The wgmma kernel: warpgroup-wide, asynchronous, emulated on each lane's own registers.
@@ -280,6 +295,29 @@ def test_emulated_wgmma_is_a_matrix_product(precision):
     assert torch.equal(d, a @ b + c)
     early = torch.ops.liif_cuda_harness.wgmma_tile(a, b, c, precision, "before_wait")
     assert torch.equal(early, c)
+
+
+def test_emulated_wgmma_with_a_in_shared_memory_is_a_matrix_product():
+    load()
+    a, b, c = wgmma_operands(5)
+    for precision in ("bf16", "fp16"):
+        d = torch.ops.liif_cuda_harness.wgmma_tile(a, b, c, precision, "shared_a")
+        assert torch.equal(d, a @ b + c)
+
+
+def test_emulated_named_barriers_hand_over_and_refuse_misuse():
+    """bar.arrive / bar.sync between a producer and a consumer warp: what is written before the
+    arrival is seen after the wait, what is written after it is not (the arriving thread goes on
+    last); a wait nobody completes, an arrival nobody waits for and differing counts are errors."""
+    load()
+    assert torch.equal(torch.ops.liif_cuda_harness.named_barrier("handoff"),
+                       torch.arange(32, dtype=torch.float32))
+    assert torch.isnan(torch.ops.liif_cuda_harness.named_barrier("late_write")).all()
+    for mode, message in [("deadlock", "waits forever at named barrier 1"),
+                          ("unmatched", "an arrival nobody waited for"),
+                          ("count", "reached with 32 and 64 threads")]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.liif_cuda_harness.named_barrier(mode)
 
 
 @pytest.mark.parametrize("mode,message", [

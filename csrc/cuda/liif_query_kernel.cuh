@@ -86,12 +86,14 @@ __device__ __forceinline__ BlockShared<T, A> carve_shared(unsigned char* base,
   return s;
 }
 
-// Step 1: geometry of the block's queries [first, first + queries).
+// Step 1: geometry of the block's queries [first, first + queries), by `workers` threads of which
+// this is `worker` (by default the whole block).
 template <typename T, typename A>
 __device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T, A>& s, int64_t first,
-                              int queries) {
+                              int queries, int worker = static_cast<int>(threadIdx.x),
+                              int workers = static_cast<int>(blockDim.x)) {
   const int nn = p.grid.num_neighbours;
-  for (int i = static_cast<int>(threadIdx.x); i < queries; i += static_cast<int>(blockDim.x)) {
+  for (int i = worker; i < queries; i += workers) {
     const int64_t q = first + i;
     Neighbour<T> nb[kMaxNeighbours];
     T cell[2] = {T(0), T(0)};
@@ -285,14 +287,16 @@ __device__ void generic_hidden_layer(const T* __restrict__ wt, const T* __restri
 // The blend of the block's `queries` queries (from `first`), one thread per (query, channel): out =
 // sum over the neighbours k of pred(row, channel) * blend weight, accumulated in neighbour order as
 // the reference does (ret = 0; ret = ret + pred_k * weight_k); NaN for a query whose coordinate is
-// not finite, nothing for the block's rows past the last query. Shared by every kernel.
+// not finite, nothing for the block's rows past the last query. Shared by every kernel; by
+// `workers` threads of which this is `worker` (by default the whole block).
 template <typename T, typename S, typename Pred>
 __device__ __forceinline__ void blend_and_write(const QueryKernelParams<T>& p,
                                                 const BlockShared<T, S>& s, int queries,
-                                                int out_dim, int64_t first, Pred pred) {
+                                                int out_dim, int64_t first, Pred pred,
+                                                int worker = static_cast<int>(threadIdx.x),
+                                                int workers = static_cast<int>(blockDim.x)) {
   const int nn = p.grid.num_neighbours;
-  for (int e = static_cast<int>(threadIdx.x); e < queries * out_dim;
-       e += static_cast<int>(blockDim.x)) {
+  for (int e = worker; e < queries * out_dim; e += workers) {
     const int q = e / out_dim;
     const int o = e - q * out_dim;
     const int state = s.state[q];

@@ -1,5 +1,5 @@
 // The CUDA translation unit: the query kernels (liif_query_kernel.cuh, liif_query_mma_kernel.cuh,
-// liif_query_wgmma_kernel.cuh) and their launch.
+// liif_query_wgmma_kernel.cuh, liif_query_wgmma_ws_kernel.cuh) and their launch.
 #include <cuda_runtime.h>
 
 #include "liif_query_cuda_launcher.h"
@@ -20,11 +20,31 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
   if (pending != cudaSuccess) {
     return {pending, "before the launch (an error left by earlier CUDA work, not by liif_cuda)"};
   }
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.shared_bytes));
+  int device = 0, multiprocessors = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (err != cudaSuccess) return {err, "reading the device's multiprocessor count"};
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(plan.shared_bytes));
   if (err != cudaSuccess) return {err, "setting the kernel's shared-memory size"};
-  kernel<<<dim3(static_cast<unsigned>(plan.blocks)), dim3(static_cast<unsigned>(plan.threads)),
-           plan.shared_bytes, stream>>>(params);
+  if (plan.path == KernelPath::kWgmmaWs) {
+    // Its warpgroups trade registers (setmaxnreg) within the block's pool, sized by the count
+    // ptxas gave the kernel: with fewer than it was written for, the consumers would wait
+    // forever for registers the pool does not have.
+    cudaFuncAttributes attributes{};
+    err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess) return {err, "reading the kernel's attributes"};
+    if (attributes.numRegs != kWgmmaWsLaunchRegisters) {
+      return {cudaErrorInvalidConfiguration,
+              "checking the warp-specialised wgmma kernel's registers (ptxas gave it a count "
+              "other than the one its setmaxnreg balance is written for; run "
+              "LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma instead)"};
+    }
+  }
+  kernel<<<dim3(static_cast<unsigned>(launch_blocks(plan, multiprocessors))),
+           dim3(static_cast<unsigned>(plan.threads)), plan.shared_bytes, stream>>>(params);
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "launching the kernel"};
   return {};

@@ -79,6 +79,17 @@ constexpr int kWgmmaThreads = 256;
 constexpr int kWgmmaStages = 6;
 constexpr int kWgmmaChunkBytes = kFastWidth * kMmaChunkRowBytes;
 
+// Its warp-specialised, persistent form (liif_query_wgmma_ws_kernel.cuh): a producer warpgroup
+// (geometry, layer 0 and the blend of the block's tiles of 128 rows) beside two consumer
+// warpgroups (the hidden layers by wgmma, both operands in shared memory), each block looping over
+// tiles; two tiles' operands in shared memory (one being produced while the other is multiplied)
+// and a ring of kWgmmaWsStages weight chunks.
+constexpr int kWgmmaWsThreads = 384;
+constexpr int kWgmmaWsStages = 5;
+// Its registers per thread at launch (one block of 384 threads per SM): setmaxnreg then moves
+// some from the producer to the consumers, which needs the whole pool.
+constexpr int kWgmmaWsLaunchRegisters = 65536 / kWgmmaWsThreads / 8 * 8;
+
 LIIF_HOST_DEVICE constexpr int mma_chunk_inputs(Precision p) {
   return kMmaChunkRowBytes / operand_bytes(p);
 }
@@ -91,9 +102,10 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 // with 16 warps of half the rows each (kMma16), the WMMA kernel mma.sync replaced, or the wgmma
 // kernel (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for tf32, the mma.sync kernel
 // runs); kept selectable until GPUs have measured them.
-enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2, kWgmma = 3 };
+enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2, kWgmma = 3, kWgmmaWs = 4 };
 
-// The kernel a name ("mma", "mma16", "wmma" or "wgmma"; empty or null: the default) selects, into
+// The kernel a name ("mma", "mma16", "wmma", "wgmma" or "wgmma_ws"; empty or null: the default)
+// selects, into
 // *kernel; false for any other name. Shared by liif_cuda.query (the environment variable) and the
 // host harness (its argument).
 inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
@@ -105,6 +117,8 @@ inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel)
     *kernel = TensorCoreKernel::kWmma;
   } else if (std::strcmp(name, "wgmma") == 0) {
     *kernel = TensorCoreKernel::kWgmma;
+  } else if (std::strcmp(name, "wgmma_ws") == 0) {
+    *kernel = TensorCoreKernel::kWgmmaWs;
   } else {
     return false;
   }
@@ -140,7 +154,7 @@ struct QueryKernelParams {
 };
 
 // kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form, kWgmma
-// the wgmma one.
+// the wgmma one, kWgmmaWs its warp-specialised, persistent form.
 enum class KernelPath : int {
   kNone = 0,
   kFast = 1,
@@ -148,7 +162,8 @@ enum class KernelPath : int {
   kTensorCore = 3,
   kMma = 4,
   kMma16 = 5,
-  kWgmma = 6
+  kWgmma = 6,
+  kWgmmaWs = 7
 };
 
 struct LaunchPlan {
@@ -156,9 +171,17 @@ struct LaunchPlan {
   int threads = kThreadsPerBlock;  // per block
   int queries_per_block = 0;
   int act_pitch = 0;
-  int64_t blocks = 0;
+  int64_t blocks = 0;  // tiles of queries_per_block queries (blocks, but for a persistent kernel)
   size_t shared_bytes = 0;
 };
+
+// Blocks to launch for `plan` on a device of `multiprocessors` SMs: one per tile, but for the
+// persistent kernel, one per SM (one block fits an SM), each looping over its tiles.
+inline int64_t launch_blocks(const LaunchPlan& plan, int multiprocessors) {
+  if (plan.path != KernelPath::kWgmmaWs) return plan.blocks;
+  const int64_t sms = multiprocessors > 0 ? multiprocessors : 1;
+  return plan.blocks < sms ? plan.blocks : sms;
+}
 
 // Shared memory of one block, in this order: activation buffers, weight buffers (fast and
 // tensor-core kernels), per row (rel_y, rel_x, blend weight in T, LR cell index), per query (cell_y,
@@ -211,6 +234,24 @@ LIIF_HOST_DEVICE SharedLayout wgmma_layout(Precision p, int num_neighbours) {
   return layout;
 }
 
+// The warp-specialised wgmma kernel: the same rows, two tiles' operands (128 rows of 256 16-bit
+// inputs each, wgmma's layout, no padding) and two tiles' geometry, and its ring.
+LIIF_HOST_DEVICE SharedLayout wgmma_ws_layout(Precision p, int num_neighbours) {
+  SharedLayout layout = mma_layout(p, num_neighbours);
+  layout.act_bytes = 2 * static_cast<int64_t>(kMmaRows) * kFastWidth * operand_bytes(p);
+  layout.weight_bytes = static_cast<int64_t>(kWgmmaWsStages) * kWgmmaChunkBytes;
+  return layout;
+}
+// Bytes of one tile's geometry (what shared_bytes adds to the buffers), and the warp-specialised
+// kernel's shared memory: the layout with a second tile's geometry.
+LIIF_HOST_DEVICE constexpr int64_t geometry_bytes(const SharedLayout& s) {
+  return 4 * (3 * static_cast<int64_t>(s.rows) + 2 * s.queries) + 4 * (s.rows + s.queries);
+}
+inline size_t wgmma_ws_shared_bytes(Precision p, int num_neighbours) {
+  const SharedLayout layout = wgmma_ws_layout(p, num_neighbours);
+  return shared_bytes<float>(layout) + static_cast<size_t>(geometry_bytes(layout));
+}
+
 // The specialised kernel runs the published MLP shape in float32: hidden layers all 256 wide.
 template <typename T>
 inline bool fast_path_applies(const QueryKernelParams<T>& p) {
@@ -248,8 +289,8 @@ inline bool wgmma_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
 
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
-// A reduced precision runs the wgmma kernel if `preferred` and it applies (`has_wgmma`: the
-// device runs this build's sm_90a code), else the mma.sync kernel (8 or 16 warps, as `preferred`
+// A reduced precision runs the wgmma kernel (or its warp-specialised form) if `preferred` and it
+// applies (`has_wgmma`: the device runs this build's sm_90a code), else the mma.sync kernel (8 or 16 warps, as `preferred`
 // says; unless `preferred` is the WMMA kernel), else the WMMA kernel (other MLP shapes, or too
 // little shared memory: sm_86 / sm_89), else the float32 kernels.
 template <typename T>
@@ -259,18 +300,25 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
                               bool has_wgmma = false) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
+  const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
+                  wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
   const bool wgmma = preferred == TensorCoreKernel::kWgmma && wgmma_path_applies(p, has_wgmma) &&
                      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
-  if (wgmma || (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
-                shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
-    // The two share their 128 rows per block and their layer-0 activations' pitch.
+  if (ws || wgmma ||
+      (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
+       shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
+    // The three share their 128 rows per block (per tile) and their layer-0 activations' pitch.
     const bool wide = preferred == TensorCoreKernel::kMma16;
-    plan.path = wgmma ? KernelPath::kWgmma : wide ? KernelPath::kMma16 : KernelPath::kMma;
-    plan.threads = wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
+    plan.path = ws      ? KernelPath::kWgmmaWs
+                : wgmma ? KernelPath::kWgmma
+                : wide  ? KernelPath::kMma16
+                        : KernelPath::kMma;
+    plan.threads = ws ? kWgmmaWsThreads : wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
-    plan.shared_bytes = shared_bytes<float>(wgmma ? wgmma_layout(p.precision, nn)
-                                                  : mma_layout(p.precision, nn));
+    plan.shared_bytes = ws      ? wgmma_ws_shared_bytes(p.precision, nn)
+                        : wgmma ? shared_bytes<float>(wgmma_layout(p.precision, nn))
+                                : shared_bytes<float>(mma_layout(p.precision, nn));
   } else if (tensor_core_path_applies(p, has_tensor_cores) &&
              shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
     plan.path = KernelPath::kTensorCore;

@@ -70,6 +70,62 @@ __device__ __forceinline__ void mma_fetch_chunk(const unsigned char* weights, in
   }
 }
 
+// One element of layer 0 after ReLU: the map's value m plus the bias b and the coordinate terms
+// (relative position ry, rx and cell size cy, cx by their columns' weights), summed in this order
+// by every tensor-core kernel.
+__device__ __forceinline__ float first_layer_term(float m, float b, float ry, float wy, float rx,
+                                                  float wx, float cy, float wcy, float cx,
+                                                  float wcx) {
+  float v = m + b;
+  v = v + ry * wy + rx * wx + cy * wcy + cx * wcx;
+  return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
+}
+
+// Layer 0's parameters of four consecutive columns c .. c + 3: their bias and the weights of
+// rel_y, rel_x, cell_y and cell_x.
+struct FirstLayerColumns {
+  float4 bias, wy, wx, wcy, wcx;
+};
+__device__ __forceinline__ FirstLayerColumns first_layer_columns(const QueryKernelParams<float>& p,
+                                                                 int c) {
+  auto at = [&](const float* v) { return *reinterpret_cast<const float4*>(v + c); };
+  return {at(p.first_bias), at(p.extra_columns), at(p.extra_columns + kFastWidth),
+          at(p.extra_columns + 2 * kFastWidth), at(p.extra_columns + 3 * kFastWidth)};
+}
+
+// The map's values of row r at columns c .. c + 3 (zeros for a row without a query).
+__device__ __forceinline__ float4 first_layer_map(const QueryKernelParams<float>& p,
+                                                  const BlockShared<float, unsigned char>& s,
+                                                  int r, int c) {
+  const int cell = s.cell[r];
+  return cell >= 0 ? *reinterpret_cast<const float4*>(p.map + static_cast<int64_t>(cell) * kFastWidth + c)
+                   : float4{0.f, 0.f, 0.f, 0.f};
+}
+
+// Row r's layer 0 at the columns `w` describes from its map values m, rounded as operands (zeros
+// for a row without a query, which keep the following layers finite).
+template <Precision P>
+__device__ __forceinline__ OperandQuad<typename Operand<P>::storage> first_layer_quad(
+    const QueryKernelParams<float>& p, const BlockShared<float, unsigned char>& s,
+    const FirstLayerColumns& w, int r, const float4& m) {
+  using Op = Operand<P>;
+  float4 v = {0.f, 0.f, 0.f, 0.f};
+  if (s.cell[r] >= 0) {
+    const int q = p.grid.num_neighbours == 4 ? r / 4 : r;  // 1 or 4: no division by a variable
+    const float ry = s.rel_y[r], rx = s.rel_x[r], cy = s.cell_y[q], cx = s.cell_x[q];
+    v.x = first_layer_term(m.x, w.bias.x, ry, w.wy.x, rx, w.wx.x, cy, w.wcy.x, cx, w.wcx.x);
+    v.y = first_layer_term(m.y, w.bias.y, ry, w.wy.y, rx, w.wx.y, cy, w.wcy.y, cx, w.wcx.y);
+    v.z = first_layer_term(m.z, w.bias.z, ry, w.wy.z, rx, w.wx.z, cy, w.wcy.z, cx, w.wcx.z);
+    v.w = first_layer_term(m.w, w.bias.w, ry, w.wy.w, rx, w.wx.w, cy, w.wcy.w, cx, w.wcx.w);
+  }
+  OperandQuad<typename Op::storage> quad;
+  quad.v[0] = Op::store(v.x);
+  quad.v[1] = Op::store(v.y);
+  quad.v[2] = Op::store(v.z);
+  quad.v[3] = Op::store(v.w);
+  return quad;
+}
+
 // Layer 0 into the activations, as first_layer() computes it (map row + bias + coordinate and cell
 // terms, ReLU, one rounding), four columns per thread: thread t always handles columns
 // 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + i Threads / 64.
@@ -78,8 +134,7 @@ __device__ __forceinline__ void mma_fetch_chunk(const unsigned char* weights, in
 template <Precision P, int Threads>
 __device__ void mma_first_layer(const QueryKernelParams<float>& p,
                                 const BlockShared<float, unsigned char>& s) {
-  using Op = Operand<P>;
-  using S = typename Op::storage;
+  using S = typename Operand<P>::storage;
   constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kGroups = kFastWidth / 4;
   constexpr int kStride = Threads / kGroups;  // rows between a thread's rows
@@ -88,46 +143,16 @@ __device__ void mma_first_layer(const QueryKernelParams<float>& p,
   static_assert(kMmaRows % (kStride * kBatch) == 0, "whole batches of rows");
   const int tid = static_cast<int>(threadIdx.x);
   const int c = 4 * (tid % kGroups);
-  const int nn = p.grid.num_neighbours;
-  const float4 bias = *reinterpret_cast<const float4*>(p.first_bias + c);
-  const float4 wy = *reinterpret_cast<const float4*>(p.extra_columns + c);
-  const float4 wx = *reinterpret_cast<const float4*>(p.extra_columns + kFastWidth + c);
-  const float4 wcy = *reinterpret_cast<const float4*>(p.extra_columns + 2 * kFastWidth + c);
-  const float4 wcx = *reinterpret_cast<const float4*>(p.extra_columns + 3 * kFastWidth + c);
-  auto term = [](float m, float b, float ry, float wy_, float rx, float wx_, float cy, float wcy_,
-                 float cx, float wcx_) {
-    float v = m + b;
-    v = v + ry * wy_ + rx * wx_ + cy * wcy_ + cx * wcx_;
-    return v < 0.f ? 0.f : v;  // keeps NaN, as torch.relu does
-  };
+  const FirstLayerColumns w = first_layer_columns(p, c);
   for (int first_row = tid / kGroups; first_row < kMmaRows; first_row += kStride * kBatch) {
     float4 m[kBatch];
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int cell = s.cell[first_row + kStride * b];
-      m[b] = cell >= 0 ? *reinterpret_cast<const float4*>(
-                             p.map + static_cast<int64_t>(cell) * kFastWidth + c)
-                       : float4{0.f, 0.f, 0.f, 0.f};
-    }
+    for (int b = 0; b < kBatch; ++b) m[b] = first_layer_map(p, s, first_row + kStride * b, c);
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int r = first_row + kStride * b;
-      float4 v = {0.f, 0.f, 0.f, 0.f};
-      if (s.cell[r] >= 0) {
-        const int q = r / nn;
-        const float ry = s.rel_y[r], rx = s.rel_x[r], cy = s.cell_y[q], cx = s.cell_x[q];
-        v.x = term(m[b].x, bias.x, ry, wy.x, rx, wx.x, cy, wcy.x, cx, wcx.x);
-        v.y = term(m[b].y, bias.y, ry, wy.y, rx, wx.y, cy, wcy.y, cx, wcx.y);
-        v.z = term(m[b].z, bias.z, ry, wy.z, rx, wx.z, cy, wcy.z, cx, wcx.z);
-        v.w = term(m[b].w, bias.w, ry, wy.w, rx, wx.w, cy, wcy.w, cx, wcx.w);
-      }
-      OperandQuad<S> quad;
-      quad.v[0] = Op::store(v.x);
-      quad.v[1] = Op::store(v.y);
-      quad.v[2] = Op::store(v.z);
-      quad.v[3] = Op::store(v.w);
       *reinterpret_cast<OperandQuad<S>*>(s.act + r * kPitch + c * static_cast<int>(sizeof(S))) =
-          quad;
+          first_layer_quad<P>(p, s, w, r, m[b]);
     }
   }
 }

@@ -131,9 +131,9 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
               p.params.total_queries, ") for one launch; split them");
   p.params.queries_per_block = plan.queries_per_block;
   p.params.act_pitch = plan.act_pitch;
-  // The wgmma kernel reads the mma.sync kernel's packing (and rearranges it as it copies).
+  // The wgmma kernels read the mma.sync kernel's packing (and rearrange it as they copy).
   const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
-                   plan.path == KernelPath::kWgmma;
+                   plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaWs;
   if (plan.path == KernelPath::kTensorCore || mma) {
     // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
     // stays float32.

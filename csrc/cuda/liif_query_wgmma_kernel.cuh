@@ -50,15 +50,17 @@ static_assert(kWgmmaChunkBytes == 2 * kWgmmaStepBytes, "a chunk is two k-steps")
 // output) into a ring slot in the canonical layout: byte (step, n / 8, k / 8 % 2, n % 8) of the
 // slot holds inputs 16 step + 8 (k / 8 % 2) .. +7 of output n. Copy v fills bytes 16 v .. +15, so
 // that eight consecutive threads fill 128 contiguous bytes (no bank conflicts), and a warp reads
-// 32 bytes from each of 16 outputs (whole sectors).
+// 32 bytes from each of 16 outputs (whole sectors). By kWgmmaThreads threads, of which this is
+// `worker`.
 __device__ __forceinline__ void wgmma_fetch_chunk(const unsigned char* weights, int chunk,
-                                                  unsigned char* slot) {
+                                                  unsigned char* slot,
+                                                  int worker = static_cast<int>(threadIdx.x)) {
   const unsigned char* src = weights + static_cast<int64_t>(chunk) * kWgmmaChunkBytes;
   constexpr int kCopies = kWgmmaChunkBytes / 16 / kWgmmaThreads;
   constexpr int kCopiesPerStep = kWgmmaStepBytes / 16;
 #pragma unroll
   for (int v = 0; v < kCopies; ++v) {
-    const int copy = v * kWgmmaThreads + static_cast<int>(threadIdx.x);
+    const int copy = v * kWgmmaThreads + worker;
     const int step = copy / kCopiesPerStep;
     const int rest = copy % kCopiesPerStep;
     const int n = 8 * (rest / 16) + rest % 8;
@@ -77,11 +79,71 @@ __device__ __forceinline__ uint32_t operand_pair(float lo, float hi) {
   return bits;
 }
 
+// A layer's accumulators started from its bias (element (row, column) from bias[column]; t: the
+// lane's index in its group of 4): loaded into the accumulator registers themselves, where the
+// epilogue would need 128 more registers beside them. Every accumulator is written before the
+// wgmma.fence of the layer's first chunk, as PTX requires of registers a wgmma uses (without the
+// register fences the compiler may place the copies after the fence).
+__device__ __forceinline__ void start_from_bias(float (&acc)[128], const float* bias, int t) {
+#pragma unroll
+  for (int jn = 0; jn < 32; ++jn) {
+    const float2 b = *reinterpret_cast<const float2*>(bias + 8 * jn + 2 * t);
+    acc[4 * jn] = acc[4 * jn + 2] = b.x;
+    acc[4 * jn + 1] = acc[4 * jn + 3] = b.y;
+  }
+#pragma unroll
+  for (int e = 0; e < 128; ++e) fence_register(acc[e]);
+}
+
+// The last hidden layer's accumulators after ReLU and the rounding of the operand type, back in
+// float32: rounded in pairs as the operands are, one packed conversion per two values (the fence
+// keeps the compiler from splitting it into two single ones, each as slow).
+template <Precision P>
+__device__ __forceinline__ void round_as_operands(float (&acc)[128]) {
+  using Op = Operand<P>;
+#pragma unroll
+  for (int e = 0; e < 128; e += 2) {
+    uint32_t bits = operand_pair<P>(relu(acc[e]), relu(acc[e + 1]));
+    fence_register(bits);
+    OperandPair<typename Op::storage> pair;
+    std::memcpy(&pair, &bits, sizeof pair);
+    acc[e] = Op::load(pair.lo);
+    acc[e + 1] = Op::load(pair.hi);
+  }
+}
+
+// The last layer folded into a warp's accumulators (its 16 rows' last hidden activations, as
+// round_as_operands left them; `wt` the layer's float32 weight (256, outs)): for each output o,
+// each lane's dot products over its 64 columns, summed over the 4 lanes of a row by shuffles, so
+// that each row's whole sum stays in its warp; store(row of the warp, o, sum) by one lane per row.
+template <typename Store>
+__device__ __forceinline__ void wgmma_fold_last_layer(const float (&acc)[128], const float* wt,
+                                                      int outs, int lane, Store store) {
+  const int g = lane / 4, t = lane % 4;
+  for (int o = 0; o < outs; ++o) {
+    float part[2] = {0.f, 0.f};
+#pragma unroll
+    for (int jn = 0; jn < 32; ++jn) {
+      const int col = 8 * jn + 2 * t;
+      const float w0 = wt[col * outs + o];
+      const float w1 = wt[(col + 1) * outs + o];
+      part[0] += acc[4 * jn] * w0 + acc[4 * jn + 1] * w1;
+      part[1] += acc[4 * jn + 2] * w0 + acc[4 * jn + 3] * w1;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = part[h];
+      sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+      sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+      if (t == 0) store(g + 8 * h, o, sum);
+    }
+  }
+}
+
 template <Precision P>
 __global__ void __launch_bounds__(kWgmmaThreads, 1)
     liif_query_wgmma_kernel(const QueryKernelParams<float> p) {
   static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
-  using Op = Operand<P>;
   constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
   constexpr int kSteps = kFastWidth / 16;  // wgmma k-steps of a layer
@@ -110,7 +172,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int row0 = 16 * warp;
-  const int g = lane / 4, t = lane % 4;
+  const int t = lane % 4;
   // Layer 1's A operand, k-step by k-step: ldmatrix matrix j is rows 8 (j % 2) .. +7, 16-byte unit
   // j / 2 of the step (a[s][0] .. a[s][3]).
   uint32_t a[kSteps][4];
@@ -129,20 +191,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   float* preds = reinterpret_cast<float*>(s.act);
   float acc[128];
   for (int l = 0; l < hidden; ++l) {
-    // The accumulators start from the layer's bias (element (row, column) from bias[column]):
-    // loaded into the accumulator registers themselves, where the epilogue would need 128 more
-    // registers beside them.
-    const float* bias = p.biases + static_cast<int64_t>(l) * kFastWidth;
-#pragma unroll
-    for (int jn = 0; jn < 32; ++jn) {
-      const float2 b = *reinterpret_cast<const float2*>(bias + 8 * jn + 2 * t);
-      acc[4 * jn] = acc[4 * jn + 2] = b.x;
-      acc[4 * jn + 1] = acc[4 * jn + 3] = b.y;
-    }
-    // Every accumulator written before the wgmma.fence of the first chunk, as PTX requires of
-    // registers a wgmma uses (without this the compiler may place the copies after the fence).
-#pragma unroll
-    for (int e = 0; e < 128; ++e) fence_register(acc[e]);
+    start_from_bias(acc, p.biases + static_cast<int64_t>(l) * kFastWidth, t);
 #pragma unroll
     for (int c = 0; c < kChunksPerLayer; ++c) {
       const int chunk = l * kChunksPerLayer + c;
@@ -183,28 +232,10 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
       }
     } else {
       // The last hidden layer's activations, rounded as the operand type, then the last layer.
-#pragma unroll
-      for (int e = 0; e < 128; ++e) acc[e] = Op::load(Op::store(relu(acc[e])));
-      const float* wt = last_w();
-      const int outs = out_dim();
-      for (int o = 0; o < outs; ++o) {
-        float part[2] = {0.f, 0.f};
-#pragma unroll
-        for (int jn = 0; jn < 32; ++jn) {
-          const int col = 8 * jn + 2 * t;
-          const float w0 = wt[col * outs + o];
-          const float w1 = wt[(col + 1) * outs + o];
-          part[0] += acc[4 * jn] * w0 + acc[4 * jn + 1] * w1;
-          part[1] += acc[4 * jn + 2] * w0 + acc[4 * jn + 3] * w1;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float v = part[h];
-          v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-          v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
-          if (t == 0) preds[(row0 + g + 8 * h) * outs + o] = v;
-        }
-      }
+      round_as_operands<P>(acc);
+      wgmma_fold_last_layer(acc, last_w(), out_dim(), lane, [&](int row, int o, float sum) {
+        preds[(row0 + row) * out_dim() + o] = sum;
+      });
     }
   }
   __syncthreads();

@@ -205,23 +205,29 @@ __device__ __forceinline__ void fence_register(uint32_t& v) {
 #define LIIF_WGMMA_D8(i)                                                                 \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
+// The 128 accumulators of m64n256k16: their operands in the instruction, and their constraints.
+#define LIIF_WGMMA_D_OPERANDS                                                                    \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "              \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "              \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "              \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "              \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "              \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "        \
+  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, "     \
+  "%126, %127"
+#define LIIF_WGMMA_D128                                                                          \
+  LIIF_WGMMA_D8(0), LIIF_WGMMA_D8(8), LIIF_WGMMA_D8(16), LIIF_WGMMA_D8(24), LIIF_WGMMA_D8(32),     \
+      LIIF_WGMMA_D8(40), LIIF_WGMMA_D8(48), LIIF_WGMMA_D8(56), LIIF_WGMMA_D8(64),                 \
+      LIIF_WGMMA_D8(72), LIIF_WGMMA_D8(80), LIIF_WGMMA_D8(88), LIIF_WGMMA_D8(96),                 \
+      LIIF_WGMMA_D8(104), LIIF_WGMMA_D8(112), LIIF_WGMMA_D8(120)
 #define LIIF_WGMMA_M64N256K16(type)                                                              \
   asm volatile(                                                                                  \
       "{\n.reg .pred p;\nsetp.ne.b32 p, %132, 0;\n"                                            \
       "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                          \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "          \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "          \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "          \
-      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "          \
-      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "          \
-      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "    \
-      "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, " \
-      "%126, %127}, {%128, %129, %130, %131}, %133, p, 1, 1, 0;\n}\n"                            \
-      : LIIF_WGMMA_D8(0), LIIF_WGMMA_D8(8), LIIF_WGMMA_D8(16), LIIF_WGMMA_D8(24),                 \
-        LIIF_WGMMA_D8(32), LIIF_WGMMA_D8(40), LIIF_WGMMA_D8(48), LIIF_WGMMA_D8(56),               \
-        LIIF_WGMMA_D8(64), LIIF_WGMMA_D8(72), LIIF_WGMMA_D8(80), LIIF_WGMMA_D8(88),               \
-        LIIF_WGMMA_D8(96), LIIF_WGMMA_D8(104), LIIF_WGMMA_D8(112), LIIF_WGMMA_D8(120)             \
+      LIIF_WGMMA_D_OPERANDS                                                                      \
+      "}, {%128, %129, %130, %131}, %133, p, 1, 1, 0;\n}\n"                                      \
+      : LIIF_WGMMA_D128                                                                          \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(1), "l"(b))
 
 // d += a x b, as above; the trailing immediates: A and B not negated, B not transposed (K-major).
@@ -235,8 +241,58 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], const uint32_t
     LIIF_WGMMA_M64N256K16("f16");
   }
 }
+
+#define LIIF_WGMMA_M64N256K16_SS(type)                                                           \
+  asm volatile(                                                                                  \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                            \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." type "." type " {"                          \
+      LIIF_WGMMA_D_OPERANDS                                                                      \
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                                                       \
+      : LIIF_WGMMA_D128                                                                          \
+      : "l"(a), "l"(b), "r"(1))
+
+// d += a x b with both operands in shared memory: a (64 x 16) by its descriptor, K-major in the
+// same canonical layout as b (core matrices of 8 rows of 16 bytes; element (m, k) at byte start +
+// (m % 8) 16 + (m / 8) sbo + (k % 8) 2 + (k / 8) lbo), neither transposed.
+template <Precision P>
+__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], uint64_t a, uint64_t b) {
+  static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
+  if constexpr (P == Precision::kBf16) {
+    LIIF_WGMMA_M64N256K16_SS("bf16");
+  } else {
+    LIIF_WGMMA_M64N256K16_SS("f16");
+  }
+}
+#undef LIIF_WGMMA_M64N256K16_SS
 #undef LIIF_WGMMA_M64N256K16
+#undef LIIF_WGMMA_D128
+#undef LIIF_WGMMA_D_OPERANDS
 #undef LIIF_WGMMA_D8
+
+// Named barriers (PTX bar.sync / bar.arrive, ids 1 .. 15; 0 is __syncthreads()'s): `count` threads
+// (a multiple of 32, whole warps) take part. sync waits until `count` threads have arrived (by sync
+// or arrive), arrive only signals; both order this thread's earlier memory accesses before the
+// barrier's completion for the threads that wait at it (a producer's stores, then arrive; the
+// consumers' sync, then loads).
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// setmaxnreg (sm_90a): the calling warpgroup's registers per thread lowered to (release_registers)
+// or raised to (claim_registers) Count, from and into the block's pool; executed by all 128
+// threads of the warpgroup. A block launched with R registers per thread may give one warpgroup
+// more where another gives up as many.
+template <int Count>
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Count));
+}
+template <int Count>
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Count));
+}
 #else
 // The host execution harness: warpgroup-wide and asynchronous, in cuda_host_emulation.h.
 inline uint32_t shared_address(const void* p) { return liif_harness::shared_address(p); }
@@ -255,6 +311,25 @@ inline void wgmma_m64n256k16(float (&d)[128], const uint32_t (&a)[4], uint64_t b
   liif_harness::wgmma_m64n256k16(
       P == Precision::kBf16 ? liif_harness::MmaOperands::kBf16 : liif_harness::MmaOperands::kFp16,
       d, a, b);
+}
+template <Precision P>
+inline void wgmma_m64n256k16_ss(float (&d)[128], uint64_t a, uint64_t b) {
+  static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
+  liif_harness::wgmma_m64n256k16_ss(
+      P == Precision::kBf16 ? liif_harness::MmaOperands::kBf16 : liif_harness::MmaOperands::kFp16,
+      d, a, b);
+}
+template <int Count>
+inline void release_registers() {
+  liif_harness::set_max_registers("setmaxnreg.dec", Count);
+}
+template <int Count>
+inline void claim_registers() {
+  liif_harness::set_max_registers("setmaxnreg.inc", Count);
+}
+inline void named_barrier_sync(int id, int count) { liif_harness::named_barrier(id, count, true); }
+inline void named_barrier_arrive(int id, int count) {
+  liif_harness::named_barrier(id, count, false);
 }
 #endif
 #endif  // LIIF_WGMMA

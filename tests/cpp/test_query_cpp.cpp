@@ -147,10 +147,22 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::plan_launch(p, 166912, true, TensorCoreKernel::kWgmma, true).path ==
              KernelPath::kMma,
          "mma.sync where the wgmma ring does not fit (an A100's shared memory)");
-  p.precision = liif::cuda::Precision::kTf32;
-  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmma, true).path ==
+  // The warp-specialised form: 384 threads, one block per SM at most, each looping over tiles.
+  const auto ws = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaWs, true);
+  expect(ws.path == KernelPath::kWgmmaWs && ws.threads == 384 && ws.shared_bytes <= 232448,
+         "the warp-specialised wgmma kernel where it runs");
+  expect(ws.blocks == (1000 + 31) / 32 && liif::cuda::launch_blocks(ws, 132) == 32 &&
+             liif::cuda::launch_blocks(ws, 8) == 8,
+         "one block per tile of 32 queries, at most one per SM");
+  expect(liif::cuda::launch_blocks(wgmma, 8) == wgmma.blocks, "one block per tile otherwise");
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaWs, false).path ==
              KernelPath::kMma,
-         "mma.sync for tf32");
+         "mma.sync where the device does not run the warp-specialised wgmma kernel");
+  p.precision = liif::cuda::Precision::kTf32;
+  for (const TensorCoreKernel k : {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs}) {
+    expect(liif::cuda::plan_launch(p, 232448, true, k, true).path == KernelPath::kMma,
+           "mma.sync for tf32");
+  }
 }
 
 }  // namespace

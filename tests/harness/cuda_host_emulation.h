@@ -42,6 +42,19 @@
 //     tensor cores read shared memory through the async proxy). The shared-memory descriptor is
 //     decoded from its bits (start, leading and stride byte offsets; only the layout without
 //     swizzling is emulated), and the fragments follow liif_tensor_core.cuh's per-lane layouts.
+//     With A in shared memory too (wgmma_m64n256k16_ss), A's descriptor is decoded the same way
+//     and A read at retirement. setmaxnreg is a warpgroup-wide instruction that checks its count;
+//     registers are not modelled.
+//
+//   - Named barriers (bar.sync / bar.arrive with an id of 1 .. 15 and a thread count, what the
+//     warp-specialised wgmma kernel hands tiles over with): each arrival counts; the one that
+//     makes the count completes the barrier's generation and releases the threads waiting at it
+//     (bar.sync). A thread that arrives (bar.arrive) goes on only once no other thread can run, so
+//     that what it writes after arriving is missing for the threads it released; in reversed
+//     order it goes on at once, so that what it reads after arriving is not yet written by the
+//     threads still to arrive. A thread that
+//     waits at a barrier nobody completes, a block that ends with arrivals nobody waited for, and
+//     counts that differ within a generation are errors.
 //
 //   - Warp-wide instructions (ldmatrix, mma.sync and __shfl_xor_sync, what the mma.sync kernel
 //     uses): lanes 32w .. 32w+31 form warp w. Each lane hands in its own registers and yields; when
@@ -61,6 +74,10 @@
 //     checked in the PTX, not here); the A registers are compared at retirement only;
 //   - cp.async copies land at the latest moment (the wait), never earlier: a ring slot refilled
 //     while a wgmma or another warp may still read it is not caught;
+//   - a wgmma is issued once all 128 threads of its warpgroup have reached it, which orders their
+//     earlier stores before it: a missing barrier between the warps of a warpgroup that wrote a
+//     shared-memory operand and the wgmma that reads it is not caught, nor a missing
+//     fence.proxy.async after ordinary stores (only cp.async landings are tracked);
 //   - no atomics, no __threadfence, no static __shared__ arrays, no texture or constant memory;
 //   - memory is the host's: sequentially consistent, with no bounds checks of global memory (the
 //     harness tests compare results; out-of-range shared-memory reads stay inside the NaN-filled
@@ -125,10 +142,21 @@ struct PendingCopy {
 enum class FiberState {
   kRunnable,
   kAtBarrier,
+  kAtNamedBarrier,
+  kArrived,  // after bar.arrive: resumed once no other thread can run
   kInWarpInstruction,
   kInWarpgroupInstruction,
   kFinished
 };
+
+// A named barrier (bar.sync / bar.arrive with an id and a thread count): arrivals in the current
+// generation, and the generations completed.
+struct NamedBarrier {
+  unsigned count = 0;  // of the current generation (set by its first arrival)
+  unsigned arrived = 0;
+  int64_t completed = 0;
+};
+constexpr int kNamedBarriers = 16;
 
 // The warp-wide instruction the lanes of one warp are in: each lane's input registers, and the
 // outputs once the last lane has arrived.
@@ -162,6 +190,8 @@ struct Fiber {
   int64_t barriers = 0;
   int64_t warp_instructions = 0;  // warp-wide instructions this lane has completed
   int64_t warpgroup_instructions = 0;
+  int named_barrier = 0;             // the one this thread waits at (kAtNamedBarrier)
+  int64_t named_barrier_generation = 0;  // and the generation it waits to complete
   // cp.async data landed since this thread's last fence_proxy_async (a wgmma may not read it yet).
   bool unfenced_async_writes = false;
   std::exception_ptr error;
@@ -197,6 +227,7 @@ class BlockRunner {
 
   void run_block(const std::function<void()>& kernel, bool reverse_order) {
     kernel_ = &kernel;
+    reverse_order_ = reverse_order;
     std::memset(shared_.data, 0xFF, shared_.size);
     for (WarpExchange& w : warps_) {
       w.instruction = nullptr;
@@ -210,6 +241,7 @@ class BlockRunner {
       w.open.clear();
       w.committed.clear();
     }
+    for (NamedBarrier& b : named_) b = NamedBarrier{};
     for (Fiber& f : fibers_) {
       f.state = FiberState::kRunnable;
       f.finished = false;
@@ -229,11 +261,14 @@ class BlockRunner {
     current_runner() = this;
     const unsigned n = static_cast<unsigned>(fibers_.size());
     for (int64_t phase = 0;; ++phase) {
-      const bool reverse = reverse_order && (phase % 2 == 1);
       // Passes over the threads until each is at the barrier or has returned: a lane waiting in a
-      // warp-wide instruction resumes in a later pass, once the last lane of its warp has arrived.
-      for (bool resumed = true; resumed;) {
+      // warp-wide instruction resumes in a later pass, once the last lane of its warp has arrived
+      // (a thread at a named barrier once it completes). Reversed order alternates by phase and by
+      // pass (a kernel of named barriers only has one phase).
+      bool resumed = true;
+      for (int64_t pass = 0; resumed; ++pass) {
         resumed = false;
+        const bool reverse = reverse_order && ((phase + pass) % 2 == 1);
         for (unsigned i = 0; i < n; ++i) {
           const unsigned t = reverse ? n - 1 - i : i;
           Fiber& f = fibers_[t];
@@ -242,7 +277,9 @@ class BlockRunner {
               (f.state == FiberState::kInWarpInstruction &&
                warps_[t / 32].completed > f.warp_instructions) ||
               (f.state == FiberState::kInWarpgroupInstruction &&
-               warpgroups_[t / 128].completed > f.warpgroup_instructions);
+               warpgroups_[t / 128].completed > f.warpgroup_instructions) ||
+              (f.state == FiberState::kAtNamedBarrier &&
+               named_[f.named_barrier].completed > f.named_barrier_generation);
           if (!ready) continue;
           current_ = t;
           threadIdx.x = t;
@@ -252,6 +289,14 @@ class BlockRunner {
           if (f.error) {
             current_runner() = nullptr;
             std::rethrow_exception(f.error);
+          }
+        }
+        if (!resumed) {
+          for (Fiber& f : fibers_) {
+            if (f.state == FiberState::kArrived) {
+              f.state = FiberState::kRunnable;
+              resumed = true;
+            }
           }
         }
       }
@@ -275,12 +320,35 @@ class BlockRunner {
               std::to_string(blockIdx.x) + ")");
         }
       }
+      for (unsigned t = 0; t < n; ++t) {
+        if (fibers_[t].state == FiberState::kAtNamedBarrier) {
+          current_runner() = nullptr;
+          const NamedBarrier& b = named_[fibers_[t].named_barrier];
+          throw std::runtime_error(
+              "host harness: thread " + std::to_string(t) + " waits forever at named barrier " +
+              std::to_string(fibers_[t].named_barrier) + " (" + std::to_string(b.arrived) + " of " +
+              std::to_string(b.count) + " threads arrived; the others wait elsewhere or returned, "
+              "block " + std::to_string(blockIdx.x) + ")");
+        }
+      }
       for (Fiber& f : fibers_) {
         if (f.state == FiberState::kAtBarrier) f.state = FiberState::kRunnable;
       }
       unsigned finished = 0;
       for (const Fiber& f : fibers_) finished += f.finished ? 1 : 0;
-      if (finished == n) break;
+      if (finished == n) {
+        for (int id = 0; id < kNamedBarriers; ++id) {
+          if (named_[id].arrived != 0) {
+            current_runner() = nullptr;
+            throw std::runtime_error(
+                "host harness: the block ended with " + std::to_string(named_[id].arrived) +
+                " of " + std::to_string(named_[id].count) + " threads arrived at named barrier " +
+                std::to_string(id) + " (an arrival nobody waited for; block " +
+                std::to_string(blockIdx.x) + ")");
+          }
+        }
+        break;
+      }
       if (finished != 0) {
         throw std::runtime_error("host harness: __syncthreads() reached by " +
                                  std::to_string(n - finished) + " of " + std::to_string(n) +
@@ -298,6 +366,48 @@ class BlockRunner {
     ++f.barriers;
     f.state = FiberState::kAtBarrier;
     swapcontext(&f.context, &scheduler_);
+  }
+
+  // bar.sync (`wait`) or bar.arrive on named barrier `id` (1 .. 15) of `count` threads (a multiple
+  // of 32): the arrival that makes `count` completes the generation; sync returns once its
+  // generation has completed.
+  void named_barrier(int id, unsigned count, bool wait) {
+    if (id < 1 || id >= kNamedBarriers) {
+      throw std::runtime_error("host harness: named barrier id " + std::to_string(id) +
+                               " outside 1 .. 15 (0 is __syncthreads())");
+    }
+    if (count == 0 || count % 32 != 0 || count > fibers_.size()) {
+      throw std::runtime_error("host harness: named barrier " + std::to_string(id) + " count " +
+                               std::to_string(count) + " is not a multiple of 32 up to the block size");
+    }
+    NamedBarrier& b = named_[id];
+    if (b.arrived == 0) {
+      b.count = count;
+    } else if (b.count != count) {
+      throw std::runtime_error("host harness: named barrier " + std::to_string(id) + " reached with " +
+                               std::to_string(count) + " and " + std::to_string(b.count) +
+                               " threads in one generation");
+    }
+    const int64_t generation = b.completed;
+    Fiber& f = fibers_[current_];
+    if (++b.arrived == count) {
+      b.arrived = 0;
+      ++b.completed;
+    } else if (wait) {
+      f.named_barrier = id;
+      f.named_barrier_generation = generation;
+      f.state = FiberState::kAtNamedBarrier;
+      swapcontext(&f.context, &scheduler_);
+      return;
+    }
+    // A thread that arrived goes on at once in reversed order (so that what it reads after
+    // arriving is not yet written by the threads that wait at the barrier, if nothing else made
+    // it wait for them), and otherwise only once every other thread has run as far as it can (the
+    // ones it released included: what it writes after arriving is missing when they read it).
+    if (!wait && !reverse_order_) {
+      f.state = FiberState::kArrived;
+      swapcontext(&f.context, &scheduler_);
+    }
   }
 
   // A warp-wide instruction: this lane's `in_bytes` of input registers go in; when the last lane of
@@ -399,9 +509,11 @@ class BlockRunner {
   std::vector<Fiber> fibers_;
   std::vector<WarpExchange> warps_;
   std::vector<WarpgroupExchange> warpgroups_;
+  NamedBarrier named_[kNamedBarriers];
   AlignedBuffer shared_;
   ucontext_t scheduler_{};
   const std::function<void()>* kernel_ = nullptr;
+  bool reverse_order_ = false;
   unsigned current_ = 0;
 };
 
@@ -833,23 +945,65 @@ inline void wgmma_wait(int pending) {
   });
 }
 
+// setmaxnreg.{dec,inc}.sync.aligned: warpgroup-wide, with a count of 24 .. 256, a multiple of 8.
+// Registers are not modelled: only that the whole warpgroup executes it.
+inline void set_max_registers(const char* name, int count) {
+  if (count < 24 || count > 256 || count % 8 != 0) {
+    throw std::runtime_error(std::string("host harness: ") + name + " " + std::to_string(count) +
+                             ": the count must be a multiple of 8 in 24 .. 256");
+  }
+  BlockRunner::current_runner()->warpgroup_instruction(name, &count, sizeof count,
+                                                       [](const auto&, WarpgroupExchange&) {});
+}
+
 namespace detail {
 
 struct WgmmaLane {
   float* d;
-  const uint32_t* a_registers;
+  const uint32_t* a_registers;  // nullptr: A in shared memory
   uint32_t a[4];
+  uint64_t a_descriptor;
   uint64_t b;
 };
 
-}  // namespace detail
+// A shared-memory matrix descriptor without swizzling: start, leading and stride byte offsets.
+struct Descriptor {
+  uint32_t start, lbo, sbo;
+};
 
-// wgmma.mma_async.sync.aligned.m64n256k16.f32.{bf16,f16} with A in registers and B (K-major, no
-// swizzling) in shared memory: d += a x b once a wait retires it (layouts in liif_tensor_core.cuh).
-inline void wgmma_m64n256k16(MmaOperands kind, float (&d)[128], const uint32_t (&a)[4],
-                             uint64_t b) {
+inline Descriptor decode_descriptor(uint64_t desc) {
+  if ((desc >> 62) != 0) throw std::runtime_error("host harness: only wgmma without swizzling is emulated");
+  if (((desc >> 49) & 7) != 0) throw std::runtime_error("host harness: wgmma base offset must be 0");
+  return {static_cast<uint32_t>(desc & 0x3FFF) << 4,
+          static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4};
+}
+
+// A K-major operand of `rows` rows (M for A, N for B) and 16 k from shared memory as it is now:
+// element (row, k) at start + (row % 8) 16 + (row / 8) sbo + (k % 8) 2 + (k / 8) lbo.
+inline void read_k_major(BlockRunner* runner, const Descriptor& d, MmaOperands kind, int rows,
+                         float (*out)[16]) {
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t at = d.start + (r % 8) * 16 + (r / 8) * d.sbo + (k % 8) * 2 + (k / 8) * d.lbo;
+      const unsigned char* p = runner->shared_memory() + at;
+      if (!runner->in_shared_memory(p, 2)) {
+        throw std::runtime_error("host harness: wgmma operand outside shared memory");
+      }
+      uint16_t bits;
+      std::memcpy(&bits, p, 2);
+      out[r][k] = half_bits_to_float(bits, kind);
+    }
+  }
+}
+
+// wgmma.mma_async m64n256k16 (f32 accumulators, 16-bit operands), A from registers (a_registers)
+// or shared memory (a_descriptor), B from shared memory: d += a x b once a wait retires it.
+inline void wgmma_m64n256k16(MmaOperands kind, float (&d)[128], const uint32_t* a_registers,
+                             uint64_t a_descriptor, uint64_t b) {
   BlockRunner* runner = BlockRunner::current_runner();
-  const detail::WgmmaLane lane{d, a, {a[0], a[1], a[2], a[3]}, b};
+  WgmmaLane lane{d, a_registers, {}, a_descriptor, b};
+  if (a_registers != nullptr) std::memcpy(lane.a, a_registers, sizeof lane.a);
   static_assert(sizeof lane <= WarpgroupExchange::kBytes, "fits the exchange");
   runner->warpgroup_instruction(
       "wgmma.mma_async", &lane, sizeof lane,
@@ -859,62 +1013,77 @@ inline void wgmma_m64n256k16(MmaOperands kind, float (&d)[128], const uint32_t (
       throw std::runtime_error("host harness: wgmma issued while cp.async data landed in shared "
                                "memory without fence.proxy.async");
     }
-    std::vector<detail::WgmmaLane> lanes(128);
+    std::vector<WgmmaLane> lanes(128);
     for (int l = 0; l < 128; ++l) std::memcpy(&lanes[l], in[l], sizeof lanes[l]);
-    const uint64_t desc = lanes[0].b;
-    for (const detail::WgmmaLane& x : lanes) {
-      if (x.b != desc) throw std::runtime_error("host harness: wgmma descriptors differ between threads");
+    for (const WgmmaLane& x : lanes) {
+      if (x.b != lanes[0].b || (x.a_registers == nullptr) != (lanes[0].a_registers == nullptr) ||
+          (x.a_registers == nullptr && x.a_descriptor != lanes[0].a_descriptor)) {
+        throw std::runtime_error("host harness: wgmma operands differ between threads");
+      }
     }
-    if ((desc >> 62) != 0) throw std::runtime_error("host harness: only wgmma without swizzling is emulated");
-    if (((desc >> 49) & 7) != 0) throw std::runtime_error("host harness: wgmma base offset must be 0");
-    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-    const uint32_t lbo = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-    const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-    w.open.push_back([runner, kind, lanes, start, lbo, sbo] {
-      // B (16 x 256) from shared memory as it is now.
-      static thread_local float B[16][256];
-      for (int n = 0; n < 256; ++n) {
-        for (int k = 0; k < 16; ++k) {
-          const uint32_t at = start + (n % 8) * 16 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
-          const unsigned char* p = runner->shared_memory() + at;
-          if (!runner->in_shared_memory(p, 2)) {
-            throw std::runtime_error("host harness: wgmma operand outside shared memory");
+    const bool a_shared = lanes[0].a_registers == nullptr;
+    const Descriptor bd = decode_descriptor(lanes[0].b);
+    const Descriptor ad = a_shared ? decode_descriptor(lanes[0].a_descriptor) : Descriptor{};
+    w.open.push_back([runner, kind, lanes, a_shared, ad, bd] {
+      // The operands as they are at retirement: B (and A if shared) from shared memory.
+      static thread_local float A[64][16], B[256][16];
+      read_k_major(runner, bd, kind, 256, B);
+      if (a_shared) {
+        read_k_major(runner, ad, kind, 64, A);
+      } else {
+        for (int l = 0; l < 128; ++l) {
+          const WgmmaLane& x = lanes[l];
+          if (std::memcmp(x.a_registers, x.a, sizeof x.a) != 0) {
+            throw std::runtime_error("host harness: wgmma A registers written before the wgmma "
+                                     "was waited for");
           }
-          uint16_t bits;
-          std::memcpy(&bits, p, 2);
-          B[k][n] = detail::half_bits_to_float(bits, kind);
+        }
+        // Each warp's 16 rows from its lanes' registers.
+        for (int q = 0; q < 4; ++q) {
+          float rows[16][16];
+          for (int l = 0; l < 32; ++l) {
+            unpack_a_fragment_16bit(rows, lanes[32 * q + l].a, l / 4, l % 4, kind);
+          }
+          std::memcpy(A[16 * q], rows, sizeof rows);
         }
       }
+      // C read from the accumulators now.
       for (int l = 0; l < 128; ++l) {
-        const detail::WgmmaLane& x = lanes[l];
-        if (std::memcmp(x.a_registers, x.a, sizeof x.a) != 0) {
-          throw std::runtime_error("host harness: wgmma A registers written before the wgmma "
-                                   "was waited for");
-        }
-      }
-      // Each warp's 16 rows: A from its lanes' registers, C read from their accumulators now.
-      for (int q = 0; q < 4; ++q) {
-        float A[16][16];
-        for (int l = 0; l < 32; ++l) {
-          detail::unpack_a_fragment_16bit(A, lanes[32 * q + l].a, l / 4, l % 4, kind);
-        }
-        for (int l = 0; l < 32; ++l) {
-          float* d = lanes[32 * q + l].d;
-          const int g = l / 4, t = l % 4;
-          for (int j = 0; j < 32; ++j) {
-            for (int h = 0; h < 2; ++h) {
-              for (int e = 0; e < 2; ++e) {
-                const int row = g + 8 * h, col = 8 * j + 2 * t + e;
-                float sum = d[4 * j + 2 * h + e];
-                for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
-                d[4 * j + 2 * h + e] = sum;
-              }
+        float* dl = lanes[l].d;
+        const int row0 = 16 * (l / 32), g = l % 32 / 4, t = l % 4;
+        for (int j = 0; j < 32; ++j) {
+          for (int h = 0; h < 2; ++h) {
+            for (int e = 0; e < 2; ++e) {
+              const int row = row0 + g + 8 * h, col = 8 * j + 2 * t + e;
+              float sum = dl[4 * j + 2 * h + e];
+              for (int k = 0; k < 16; ++k) sum += A[row][k] * B[col][k];
+              dl[4 * j + 2 * h + e] = sum;
             }
           }
         }
       }
     });
   });
+}
+
+}  // namespace detail
+
+// wgmma.mma_async.sync.aligned.m64n256k16.f32.{bf16,f16} with A in registers and B (K-major, no
+// swizzling) in shared memory: d += a x b once a wait retires it (layouts in liif_tensor_core.cuh).
+inline void wgmma_m64n256k16(MmaOperands kind, float (&d)[128], const uint32_t (&a)[4],
+                             uint64_t b) {
+  detail::wgmma_m64n256k16(kind, d, a, 0, b);
+}
+
+// The same with A (K-major, no swizzling) in shared memory too.
+inline void wgmma_m64n256k16_ss(MmaOperands kind, float (&d)[128], uint64_t a, uint64_t b) {
+  detail::wgmma_m64n256k16(kind, d, nullptr, a, b);
+}
+
+// bar.sync / bar.arrive (the model in BlockRunner::named_barrier).
+inline void named_barrier(int id, int count, bool wait) {
+  if (count <= 0) throw std::runtime_error("host harness: named barrier count must be positive");
+  BlockRunner::current_runner()->named_barrier(id, static_cast<unsigned>(count), wait);
 }
 
 }  // namespace liif_harness

@@ -1,8 +1,7 @@
 // The CUDA query path run on the host: the same preparation as the CUDA operator
-// (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh and
-// liif_query_mma_kernel.cuh and liif_query_wgmma_kernel.cuh, executed by
-// the host emulation of cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query,
-// built by tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
+// (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh,
+// liif_query_mma_kernel.cuh and the two wgmma kernels, executed by the host emulation of
+// cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query, built by tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -32,20 +31,27 @@ at::Tensor convolve_on_host(const at::Tensor& input, const at::Tensor& weight, i
   return at::conv2d(input, weight, {}, 1, padding);
 }
 
+// The emulated device's SMs: few, so that a persistent kernel's blocks take several tiles each
+// (the published problem of the tests has 3 to 9 tiles of 128 rows).
+constexpr int kEmulatedMultiprocessors = 2;
+
 template <typename T>
 void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool reverse_order) {
   const QueryKernel<T> kernel = planned_kernel<T>(plan, params.precision);
   TORCH_CHECK(kernel != nullptr, "host harness: no kernel for this plan");
   const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
-  liif_harness::launch(static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads),
+  liif_harness::launch(static_cast<unsigned>(launch_blocks(plan, kEmulatedMultiprocessors)),
+                       static_cast<unsigned>(plan.threads),
                        plan.shared_bytes,
                        [&] { kernel(params); }, reverse_order, workers);
 }
 
 // Returns the output and the kernel that ran (KernelPath: 1 fast, 2 generic, 3 WMMA tensor cores,
-// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma). `max_shared_bytes` stands for the device's per-block shared-memory limit
-// (101376 on sm_86/sm_89, 232448 on sm_90); the emulated device has tensor cores;
-// `tensor_core_kernel` ("mma", "mma16", "wmma" or "wgmma") is the kernel preferred for the reduced precisions.
+// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma, 7 its warp-specialised form).
+// `max_shared_bytes` stands for the device's per-block shared-memory limit (101376 on sm_86/sm_89,
+// 232448 on sm_90); the emulated device has tensor cores and kEmulatedMultiprocessors SMs;
+// `tensor_core_kernel` ("mma", "mma16", "wmma", "wgmma" or "wgmma_ws") is the kernel preferred for
+// the reduced precisions.
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
@@ -56,7 +62,7 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
   TensorCoreKernel preferred = TensorCoreKernel::kMma;
   TORCH_CHECK(!tensor_core_kernel.empty() &&
                   tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
-              "host harness: tensor_core_kernel must be mma, mma16, wmma or wgmma");
+              "host harness: tensor_core_kernel must be mma, mma16, wmma, wgmma or wgmma_ws");
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
@@ -377,7 +383,7 @@ at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 // in the canonical K-major layout the wgmma kernel uses (lbo 128, sbo 256). `mode`: "wait" (D
 // after the wait), "before_wait" (D read before the wait: still C, the product is asynchronous),
 // "unfenced" (no fence_proxy_async after the stores), "a_written" (an A register written before
-// the wait).
+// the wait), "shared_a" (A in shared memory too, the same layout, by wgmma_m64n256k16_ss).
 template <Precision P>
 __global__ void wgmma_tile_kernel(const float* A, const float* B, const float* C, float* D,
                                   int mode) {
@@ -396,6 +402,12 @@ __global__ void wgmma_tile_kernel(const float* A, const float* B, const float* C
       for (int k = 0; k < 16; ++k) {
         const uint16_t b = static_cast<uint16_t>(bits(B[k * 256 + n]));
         std::memcpy(smem + (n % 8) * 16 + (n / 8) * 256 + (k % 8) * 2 + (k / 8) * 128, &b, 2);
+      }
+    }
+    for (int m = 0; m < 64 && mode == 4; ++m) {
+      for (int k = 0; k < 16; ++k) {
+        const uint16_t v = static_cast<uint16_t>(bits(A[m * 16 + k]));
+        std::memcpy(smem + 8192 + (m % 8) * 16 + (m / 8) * 256 + (k % 8) * 2 + (k / 8) * 128, &v, 2);
       }
     }
   }
@@ -420,8 +432,14 @@ __global__ void wgmma_tile_kernel(const float* A, const float* B, const float* C
     }
   }
   liif::cuda::wgmma_fence();
-  liif::cuda::wgmma_m64n256k16<P>(
-      d, a, liif::cuda::wgmma_descriptor(liif::cuda::shared_address(smem), 128, 256));
+  const uint64_t b_descriptor = liif::cuda::wgmma_descriptor(liif::cuda::shared_address(smem), 128, 256);
+  if (mode == 4) {
+    liif::cuda::wgmma_m64n256k16_ss<P>(
+        d, liif::cuda::wgmma_descriptor(liif::cuda::shared_address(smem + 8192), 128, 256),
+        b_descriptor);
+  } else {
+    liif::cuda::wgmma_m64n256k16<P>(d, a, b_descriptor);
+  }
   liif::cuda::wgmma_commit();
   if (mode == 3) a[1] ^= 1u;
   float early[128];
@@ -444,6 +462,7 @@ at::Tensor wgmma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor
                 : mode == "before_wait" ? 1
                 : mode == "unfenced"    ? 2
                 : mode == "a_written"   ? 3
+                : mode == "shared_a"    ? 4
                                         : -1;
   TORCH_CHECK(m >= 0, "host harness: unknown wgmma_tile mode");
   TORCH_CHECK((p == Precision::kBf16 || p == Precision::kFp16) &&
@@ -464,6 +483,42 @@ at::Tensor wgmma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor
     go(wgmma_tile_kernel<Precision::kFp16>);
   }
   return D;
+}
+
+// Named barriers between two warps, a producer (warp 0) and a consumer (warp 1). `mode`: "handoff"
+// (the producer writes 32 values, arrives; the consumer waits, reads them: returned),
+// "late_write" (the producer arrives, then writes: the consumer reads what was there, NaN),
+// "deadlock" (the consumer waits for an arrival that never comes), "unmatched" (the producer
+// arrives, nobody waits), "count" (the two warps name different thread counts).
+__global__ void named_barrier_kernel(float* out, int mode) {
+  LIIF_DYNAMIC_SHARED(smem);
+  float* shared = reinterpret_cast<float*>(smem);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32;
+  if (tid < 32) {
+    if (mode == 0 || mode == 2) shared[lane] = static_cast<float>(lane);
+    if (mode == 1 || mode == 3) liif::cuda::named_barrier_arrive(1, 64);
+    if (mode == 0) liif::cuda::named_barrier_arrive(1, 64);
+    if (mode == 1) shared[lane] = static_cast<float>(lane);
+    if (mode == 4) liif::cuda::named_barrier_sync(1, 64);
+  } else {
+    if (mode == 0 || mode == 1 || mode == 2) liif::cuda::named_barrier_sync(1, 64);
+    if (mode == 4) liif::cuda::named_barrier_sync(1, 32);
+    out[lane] = shared[lane];
+  }
+}
+
+at::Tensor named_barrier(c10::string_view mode) {
+  const int m = mode == "handoff"      ? 0
+                : mode == "late_write" ? 1
+                : mode == "deadlock"   ? 2
+                : mode == "unmatched"  ? 3
+                : mode == "count"      ? 4
+                                       : -1;
+  TORCH_CHECK(m >= 0, "host harness: unknown named_barrier mode");
+  at::Tensor out = at::empty({32}, at::kFloat);
+  float* po = out.data_ptr<float>();
+  liif_harness::launch(1, 64, 128, [&] { named_barrier_kernel(po, m); }, false, 1);
+  return out;
 }
 
 }  // namespace
@@ -489,6 +544,8 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.impl("mma_tile", c10::DispatchKey::CPU, &mma_tile);
   m.def("wgmma_tile(Tensor a, Tensor b, Tensor c, str precision, str mode) -> Tensor");
   m.impl("wgmma_tile", c10::DispatchKey::CPU, &wgmma_tile);
+  m.def("named_barrier(str mode) -> Tensor");
+  m.impl("named_barrier", c10::DispatchKey::CatchAll, &named_barrier);
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision, "
