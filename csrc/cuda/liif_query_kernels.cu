@@ -20,16 +20,17 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
   if (pending != cudaSuccess) {
     return {pending, "before the launch (an error left by earlier CUDA work, not by liif_cuda)"};
   }
-  int device = 0, multiprocessors = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (err != cudaSuccess) return {err, "reading the device's multiprocessor count"};
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(plan.shared_bytes));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(plan.shared_bytes));
   if (err != cudaSuccess) return {err, "setting the kernel's shared-memory size"};
+  int multiprocessors = 0;  // read for the persistent kernel only (launch_blocks)
   if (plan.path == KernelPath::kWgmmaWs) {
+    int device = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+    }
+    if (err != cudaSuccess) return {err, "reading the device's multiprocessor count"};
     // Its warpgroups trade registers (setmaxnreg) within the block's pool, sized by the count
     // ptxas gave the kernel: with fewer than it was written for, the consumers would wait
     // forever for registers the pool does not have.

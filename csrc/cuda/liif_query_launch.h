@@ -100,13 +100,12 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 // Which tensor-core kernel runs the reduced precisions where several could (liif_cuda.query reads
 // it from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync with 8 warps per block (the default), the same
 // with 16 warps of half the rows each (kMma16), the WMMA kernel mma.sync replaced, or the wgmma
-// kernel (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for tf32, the mma.sync kernel
-// runs); kept selectable until GPUs have measured them.
+// kernel or its warp-specialised form (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for
+// tf32, the mma.sync kernel runs); kept selectable until GPUs have measured them.
 enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2, kWgmma = 3, kWgmmaWs = 4 };
 
 // The kernel a name ("mma", "mma16", "wmma", "wgmma" or "wgmma_ws"; empty or null: the default)
-// selects, into
-// *kernel; false for any other name. Shared by liif_cuda.query (the environment variable) and the
+// selects, into *kernel; false for any other name. Shared by liif_cuda.query (the environment variable) and the
 // host harness (its argument).
 inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "mma") == 0) {

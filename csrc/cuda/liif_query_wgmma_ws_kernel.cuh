@@ -90,7 +90,8 @@ __device__ __forceinline__ int64_t ws_tile_first(int k, int queries) {
 
 // Tile buffer b (0 or 1) and its geometry: the two buffers lead the layout, then the ring, then
 // the two tiles' geometry, the first where carve_shared puts a block's, the second right after it.
-// (Computed where used: an array of them indexed by b would live in local memory.)
+// (Computed where used: an array of them indexed by b would live in local memory. Only the
+// geometry's pointers of the second are meaningful: its act and weights point into tile 0.)
 __device__ __forceinline__ unsigned char* ws_tile(unsigned char* smem, int b) {
   return smem + b * kWsTileBytes;
 }

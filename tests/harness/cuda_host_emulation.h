@@ -52,9 +52,8 @@
 //     (bar.sync). A thread that arrives (bar.arrive) goes on only once no other thread can run, so
 //     that what it writes after arriving is missing for the threads it released; in reversed
 //     order it goes on at once, so that what it reads after arriving is not yet written by the
-//     threads still to arrive. A thread that
-//     waits at a barrier nobody completes, a block that ends with arrivals nobody waited for, and
-//     counts that differ within a generation are errors.
+//     threads still to arrive. A thread that waits at a barrier nobody completes, a block that
+//     ends with arrivals nobody waited for, and counts that differ within a generation are errors.
 //
 //   - Warp-wide instructions (ldmatrix, mma.sync and __shfl_xor_sync, what the mma.sync kernel
 //     uses): lanes 32w .. 32w+31 form warp w. Each lane hands in its own registers and yields; when
