@@ -210,13 +210,13 @@ __device__ void ws_consumer(const QueryKernelParams<float>& p, unsigned char* sm
       start_from_bias(acc, p.biases + static_cast<int64_t>(l) * kFastWidth, t);
 #pragma unroll
       for (int c = 0; c < kChunksPerLayer; ++c) {
-        // This thread's copies of `chunk` have landed and are visible to the tensor cores; after
-        // the barrier everybody's are, and both warpgroups have retired the wgmmas of chunk - 2,
-        // whose slot the next fetch refills.
+        // This thread's copies of this chunk have landed and are visible to the tensor cores;
+        // after the barrier everybody's are, and both warpgroups have retired the wgmmas of the
+        // chunk two before, whose slot the next fetch refills.
         async_copy_wait<kWgmmaWsStages - 3>();
         fence_proxy_async();
         named_barrier_sync(kWsRingBarrier, kWsConsumers);
-        fetch_next();  // chunk + kWgmmaWsStages - 2, into the slot of chunk - 2
+        fetch_next();  // the chunk kWgmmaWsStages - 2 ahead, into the slot of the one 2 behind
         const uint32_t slot = shared_address(ring + slot_index * kWgmmaChunkBytes);
         slot_index = slot_index + 1 == kWgmmaWsStages ? 0 : slot_index + 1;
         wgmma_fence();
