@@ -2,8 +2,8 @@
 CUDA graphs, torch.compile, and the PSNR of the official weights on Set5 per precision. Skipped, with
 the reason, without a GPU; tests/test_tensor_core_harness.py runs the same kernel on the host."""
 
-import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -34,17 +34,10 @@ def runs_wgmma():
 TENSOR_CORE_KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
 
 
-@contextlib.contextmanager
 def tensor_core_kernel(name):
-    before = os.environ.get("LIIF_CUDA_TENSOR_CORE_KERNEL")
-    os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"]
-        else:
-            os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = before
+    """The kernel asked for inside a with block (the environment restored after it; a context
+    manager rather than monkeypatch, which hypothesis tests cannot take)."""
+    return mock.patch.dict(os.environ, {"LIIF_CUDA_TENSOR_CORE_KERNEL": name})
 
 
 def published(batch=2, height=30, width=40, queries=5000, seed=0):

@@ -151,8 +151,8 @@ enum class FiberState {
 // A named barrier (bar.sync / bar.arrive with an id and a thread count): arrivals in the current
 // generation, and the generations completed.
 struct NamedBarrier {
-  unsigned count = 0;  // of the current generation (set by its first arrival)
-  unsigned arrived = 0;
+  int count = 0;  // of the current generation (set by its first arrival)
+  int arrived = 0;
   int64_t completed = 0;
 };
 constexpr int kNamedBarriers = 16;
@@ -370,12 +370,12 @@ class BlockRunner {
   // bar.sync (`wait`) or bar.arrive on named barrier `id` (1 .. 15) of `count` threads (a multiple
   // of 32): the arrival that makes `count` completes the generation; sync returns once its
   // generation has completed.
-  void named_barrier(int id, unsigned count, bool wait) {
+  void named_barrier(int id, int count, bool wait) {
     if (id < 1 || id >= kNamedBarriers) {
       throw std::runtime_error("host harness: named barrier id " + std::to_string(id) +
                                " outside 1 .. 15 (0 is __syncthreads())");
     }
-    if (count == 0 || count % 32 != 0 || count > fibers_.size()) {
+    if (count <= 0 || count % 32 != 0 || static_cast<size_t>(count) > fibers_.size()) {
       throw std::runtime_error("host harness: named barrier " + std::to_string(id) + " count " +
                                std::to_string(count) + " is not a multiple of 32 up to the block size");
     }
@@ -1081,8 +1081,7 @@ inline void wgmma_m64n256k16_ss(MmaOperands kind, float (&d)[128], uint64_t a, u
 
 // bar.sync / bar.arrive (the model in BlockRunner::named_barrier).
 inline void named_barrier(int id, int count, bool wait) {
-  if (count <= 0) throw std::runtime_error("host harness: named barrier count must be positive");
-  BlockRunner::current_runner()->named_barrier(id, static_cast<unsigned>(count), wait);
+  BlockRunner::current_runner()->named_barrier(id, count, wait);
 }
 
 }  // namespace liif_harness

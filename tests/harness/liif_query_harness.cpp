@@ -1,7 +1,8 @@
 // The CUDA query path run on the host: the same preparation as the CUDA operator
 // (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh,
 // liif_query_mma_kernel.cuh and the two wgmma kernels, executed by the host emulation of
-// cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query, built by tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
+// cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query, built by
+// tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -397,18 +398,17 @@ __global__ void wgmma_tile_kernel(const float* A, const float* B, const float* C
     std::memcpy(&u, &s, sizeof u);
     return u;
   };
+  // Element (row, k) of a K-major operand at `base` in the canonical layout (lbo 128, sbo 256).
+  auto store_canonical = [&](unsigned char* base, int row, int k, float v) {
+    const uint16_t u = static_cast<uint16_t>(bits(v));
+    std::memcpy(base + (row % 8) * 16 + (row / 8) * 256 + (k % 8) * 2 + (k / 8) * 128, &u, 2);
+  };
   if (tid == 0) {
     for (int n = 0; n < 256; ++n) {
-      for (int k = 0; k < 16; ++k) {
-        const uint16_t b = static_cast<uint16_t>(bits(B[k * 256 + n]));
-        std::memcpy(smem + (n % 8) * 16 + (n / 8) * 256 + (k % 8) * 2 + (k / 8) * 128, &b, 2);
-      }
+      for (int k = 0; k < 16; ++k) store_canonical(smem, n, k, B[k * 256 + n]);
     }
     for (int m = 0; m < 64 && mode == 4; ++m) {
-      for (int k = 0; k < 16; ++k) {
-        const uint16_t v = static_cast<uint16_t>(bits(A[m * 16 + k]));
-        std::memcpy(smem + 8192 + (m % 8) * 16 + (m / 8) * 256 + (k % 8) * 2 + (k / 8) * 128, &v, 2);
-      }
+      for (int k = 0; k < 16; ++k) store_canonical(smem + 8192, m, k, A[m * 16 + k]);
     }
   }
   if (mode != 2) liif::cuda::fence_proxy_async();
