@@ -71,6 +71,38 @@ def test_full_frame_matches_chunked_reference():
     assert relative_error(out, expected) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dtype,height,width", [(torch.float32, 272, 260),
+                                                (torch.float64, 200, 170)])
+def test_large_map_in_bands(dtype, height, width):
+    """A full-precision map over 64 MiB is convolved in bands of rows (csrc/cuda/
+    liif_map_convolution.h): queries on the LR rows beside the bands' edges, forward and the
+    gradients (the backward convolves again, in the same bands), against the reference."""
+    g = torch.Generator().manual_seed(height)
+    feat = torch.randn(1, 64, height, width, generator=g, dtype=dtype)
+    row_bytes = 64 * 4 * width * feat.element_size()   # (1, 256, H, W) map
+    assert row_bytes * height > 64 << 20
+    band = (16 << 20) // row_bytes
+    rows = torch.tensor([r for edge in range(band, height, band) for r in (edge - 2, edge - 1,
+                                                                            edge, edge + 1)])
+    rows = rows[rows < height].repeat(8)
+    y = -1 + (2 * rows.to(torch.float64) + torch.rand(len(rows), generator=g, dtype=torch.float64)
+              * 2) / height
+    x = torch.rand(len(rows), generator=g, dtype=torch.float64) * 2 - 1
+    coords = torch.stack([y, x], dim=-1).to(dtype).unsqueeze(0)
+    cells = torch.full_like(coords, 2 / (4 * height))
+    feat, coords, cells = to_cuda(feat, coords, cells)
+    mlp = make_mlp(580, [256] * 4, 3, dtype).cuda()
+    ours = feat.clone().requires_grad_()
+    theirs = feat.clone().requires_grad_()
+    out = liif_cuda.query(ours, coords, cells, mlp)
+    expected = ref.query_rgb(theirs, coords, cells, mlp)
+    assert relative_error(out.detach(), expected.detach()) <= TOLERANCE[dtype]
+    grad = torch.randn_like(out)
+    (grad * out).sum().backward()
+    (grad * expected).sum().backward()
+    assert relative_error(ours.grad, theirs.grad) <= TOLERANCE[dtype]
+
+
 def test_tf32_settings_do_not_change_the_result():
     """cuDNN's TF32 default must not reach the first-layer map."""
     feat, coords, cells = to_cuda(*random_inputs(1, 64, 12, 12, 500, seed=1))

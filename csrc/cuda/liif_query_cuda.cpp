@@ -1,6 +1,6 @@
 // The CUDA kernel of liif_cuda::query at the Tensor level: checks, device guard, the first-layer map
-// as one cuDNN convolution, the launch on the current stream and its error check. Registered for the
-// CUDA dispatch key. The kernels themselves are in liif_query_kernel.cuh.
+// by cuDNN (liif_map_convolution.h), the launch on the current stream and its error check.
+// Registered for the CUDA dispatch key. The kernels themselves are in liif_query_kernel.cuh.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>

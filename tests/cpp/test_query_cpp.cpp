@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "cpu/grid_sample_rounding.h"
+#include "cuda/liif_map_convolution.h"
 #include "cuda/liif_query_launch.h"
 #include "liif_geometry.h"
 
@@ -165,6 +166,17 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   }
 }
 
+void test_map_bands() {
+  // A 1080p frame's map from 480x270 in float32 (127 MiB): bands of 34 rows (16 MiB each). Maps up
+  // to 64 MiB stay one convolution: a training batch's (16 x 48 x 48, 36 MiB), 64 MiB exactly. A
+  // row larger than a band gets a band of its own.
+  expect(liif::cuda::map_band_rows(1, 256, 270, 480, 4) == 34, "1080p: bands of 34 rows");
+  expect(liif::cuda::map_band_rows(16, 256, 48, 48, 4) == 48, "a training batch: one convolution");
+  expect(liif::cuda::map_band_rows(1, 256, 64, 512, 8) == 64, "64 MiB: still one convolution");
+  expect(liif::cuda::map_band_rows(64, 256, 100, 4096, 4) == 1, "rows of 256 MiB: one per band");
+  expect(liif::cuda::map_band_rows(1, 256, 0, 480, 4) == 1, "an empty map: one (empty) band");
+}
+
 }  // namespace
 
 int main() {
@@ -175,6 +187,7 @@ int main() {
   test_operator_runs();
   test_plan_rejects_layers_too_wide_for_shared_memory();
   test_plan_runs_wgmma_only_where_the_device_does();
+  test_map_bands();
   if (failures == 0) std::printf("all C++ checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

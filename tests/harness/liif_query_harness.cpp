@@ -25,11 +25,23 @@ namespace {
 
 using namespace liif::cuda;
 
+at::Tensor plain_convolution(const at::Tensor& input, const at::Tensor& weight, int64_t padding) {
+  return at::conv2d(input, weight, {}, 1, padding);
+}
+
 // The CPU stands in for cuDNN: a plain convolution in the tensor's own precision (also where the
-// GPU may use TF32 for a reduced precision: the harness checks the kernels, not cuDNN).
+// GPU may use TF32 for a reduced precision: the harness checks the kernels, not cuDNN), in bands of
+// two rows, so that every harness query also checks the GPU's banded map (convolve_map's bands,
+// of which a map the size of the tests' would have one).
 at::Tensor convolve_on_host(const at::Tensor& input, const at::Tensor& weight, int64_t padding,
                             bool /*allow_tf32*/) {
-  return at::conv2d(input, weight, {}, 1, padding);
+  return convolve_in_bands(input, weight, padding, /*band_rows=*/2, plain_convolution);
+}
+
+// convolve_in_bands on the CPU, for its own tests.
+at::Tensor map_in_bands(const at::Tensor& input, const at::Tensor& weight, int64_t padding,
+                        int64_t band_rows) {
+  return convolve_in_bands(input, weight, padding, band_rows, plain_convolution);
 }
 
 // The emulated device's SMs: few, so that a persistent kernel's blocks take several tiles each
@@ -544,6 +556,8 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.impl("mma_tile", c10::DispatchKey::CPU, &mma_tile);
   m.def("wgmma_tile(Tensor a, Tensor b, Tensor c, str precision, str mode) -> Tensor");
   m.impl("wgmma_tile", c10::DispatchKey::CPU, &wgmma_tile);
+  m.def("map_in_bands(Tensor input, Tensor weight, int padding, int band_rows) -> Tensor");
+  m.impl("map_in_bands", c10::DispatchKey::CPU, &map_in_bands);
   m.def("named_barrier(str mode) -> Tensor");
   m.impl("named_barrier", c10::DispatchKey::CatchAll, &named_barrier);
   m.def(
