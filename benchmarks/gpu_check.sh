@@ -12,8 +12,9 @@
 # the time budget (GPU_CHECK_BUDGET_S, default 400 s) would be exceeded. Files:
 #   summary.txt  environment, then one line per step (status, seconds), then the verdict
 #   build.log  paths.log  paths.jsonl  bench.log  gpu_query_<device>_<date>.json  pytest.log  tools.log
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, LIIF_SHARED_DIR (default ./shared if
-# present: Set5 and the official weights for the slow PSNR tests).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_PATH_LIMIT_S (each path's
+# limit, default 60 s), LIIF_SHARED_DIR (default ./shared if present: Set5 and the official weights
+# for the slow PSNR tests).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cd "$(dirname "$0")/.."
@@ -136,17 +137,38 @@ fi
 (cd /tmp && "$PYTHON" -c "import liif_cuda; print('liif_cuda', liif_cuda.__version__, liif_cuda.build_info())") \
   2>&1 | tee -a "$SUMMARY"
 
-# One process per kernel path: a crash loses only that path.
-PATH_LIMIT=90
-[ $DRY_RUN = 1 ] && PATH_LIMIT=120
+# One process per kernel path: a crash loses only that path. A kernel that hangs (its path timed
+# out) is not run again: its other paths, its CUDA test cases (LIIF_GPU_CHECK_HUNG_KERNELS) and its
+# ncu and sanitizer runs are skipped, so that a hang costs one path's limit, not the lease.
+PATH_LIMIT=${GPU_CHECK_PATH_LIMIT_S:-60}  # run 4's paths took 4-12 s each
+[ $DRY_RUN = 1 ] && PATH_LIMIT=${GPU_CHECK_PATH_LIMIT_S:-120}
+HUNG_KERNELS=""
+# kernel_of PATH: the tensor-core kernel a path asks for by its suffix (none: the default's).
+kernel_of() {
+  case $1 in *-wgmma_ws) echo wgmma_ws ;; *-wgmma) echo wgmma ;; *-mma16) echo mma16 ;;
+    *-wmma) echo wmma ;; esac
+}
+hung() { local k; k=$(kernel_of "$1"); [ -n "$k" ] && [[ " $HUNG_KERNELS " == *" $k "* ]]; }
+# running PATH...: those of the paths whose kernel has not hung.
+running() { local p; for p in "$@"; do hung "$p" || printf '%s ' "$p"; done; }
 VARIANTS=fused-fp32
 for p in $("$PYTHON" benchmarks/gpu_paths.py --list); do
-  if step "path $p" $PATH_LIMIT "$RESULTS/paths.log" required \
-      "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"; then
+  if hung "$p"; then
+    note "$(printf '%-22s skipped (its kernel timed out on an earlier path)' "path $p")"
+    continue
+  fi
+  step "path $p" "$PATH_LIMIT" "$RESULTS/paths.log" required \
+    "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"
+  rc=$?
+  if [ $rc = 0 ]; then
     case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws) VARIANTS="$VARIANTS,fused-$p" ;; esac
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then
+    [ -n "$(kernel_of "$p")" ] && HUNG_KERNELS="$HUNG_KERNELS $(kernel_of "$p")"
   fi
   grep -E "^$p (ok|FAIL)" "$RESULTS/paths.log" | tail -n 1 | cut -c 1-400 | sed 's/^/    /'
 done
+export LIIF_GPU_CHECK_HUNG_KERNELS="${HUNG_KERNELS# }"
+[ -n "$HUNG_KERNELS" ] && note "hung kernels (skipped from here on):$HUNG_KERNELS"
 
 TAG=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown)
 BENCH_JSON=$RESULTS/gpu_query_${TAG}_$(date -u +%Y%m%d).json
@@ -176,7 +198,7 @@ if [ $DRY_RUN = 0 ]; then
   # warp stall reasons, which say what the latency-bound mma.sync kernel waits for), then
   # compute-sanitizer on small problems (no caching allocator, so that memcheck sees each buffer).
   if command -v ncu > /dev/null; then
-    for p in bf16-wgmma_ws bf16-wgmma bf16 bf16-mma16 tf32; do
+    for p in $(running bf16-wgmma_ws bf16-wgmma bf16 bf16-mma16 tf32); do
       step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
         -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
@@ -185,15 +207,15 @@ if [ $DRY_RUN = 0 ]; then
     done
   fi
   if command -v compute-sanitizer > /dev/null; then
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2046
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 90 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
-      "$PYTHON" benchmarks/gpu_paths.py fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
-      bf16-wgmma_ws tf32 bf16-wmma $SMALL
-    # shellcheck disable=SC2086
+      "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
+      bf16-wgmma_ws tf32 bf16-wmma) $SMALL
+    # shellcheck disable=SC2086,SC2046
     step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py bf16 bf16-mma16 bf16-wgmma \
-      bf16-wgmma_ws tf32 fast-fp32 $SMALL
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $(running bf16 bf16-mma16 bf16-wgmma \
+      bf16-wgmma_ws tf32 fast-fp32) $SMALL
   fi
 fi
 

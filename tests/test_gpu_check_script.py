@@ -54,3 +54,50 @@ def test_usage_error_without_results_dir():
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+FAKE_PYTHON = """#!{python}
+# Stands in for Python in gpu_check.sh's dry run: the path bf16-wgmma_ws hangs, every other path,
+# the benchmark and the tests pass at once; the tests print the kernels they were told hung.
+import os, sys, time
+args = sys.argv[1:]
+if "benchmarks/gpu_paths.py" in args:
+    rest = args[args.index("benchmarks/gpu_paths.py") + 1:]
+    if rest[0] == "--list":
+        print("bf16 bf16-wgmma_ws fp16-wgmma_ws bf16-wgmma")
+    elif rest[0] == "bf16-wgmma_ws":
+        time.sleep(60)
+    else:
+        print(rest[0], "ok")
+elif "benchmarks/bench_gpu.py" in args:
+    print("variants:", args[args.index("--variants") + 1])
+elif "pytest" in args:
+    print("hung kernels:", repr(os.environ.get("LIIF_GPU_CHECK_HUNG_KERNELS")))
+else:
+    os.execv(sys.executable, [sys.executable] + args)
+"""
+
+
+def test_a_hung_kernel_is_not_run_again(tmp_path):
+    """A kernel whose path times out (a hang on the GPU) costs one path's limit: its other paths are
+    skipped, the benchmark leaves it out and the CUDA tests are told to skip it."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHON": str(python), "GPU_CHECK_PATH_LIMIT_S": "3"}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(results),
+                           "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    summary = (results / "summary.txt").read_text()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = summary.splitlines()
+
+    def line(step):
+        return next(x for x in lines if x.startswith(step + " "))
+
+    assert "TIMEOUT" in line("path bf16-wgmma_ws")
+    assert "skipped (its kernel timed out" in line("path fp16-wgmma_ws")
+    assert " ok " in line("path bf16") and " ok " in line("path bf16-wgmma")
+    assert "variants: fused-fp32,fused-bf16,fused-bf16-wgmma," in (results / "bench.log").read_text()
+    assert "hung kernels: 'wgmma_ws'" in (results / "pytest.log").read_text()
+    assert "verdict: failed: path bf16-wgmma_ws (" in summary
