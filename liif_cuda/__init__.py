@@ -1,9 +1,21 @@
 """liif_cuda: LIIF (Local Implicit Image Function, CVPR 2021) with its query as one fused PyTorch
 operator, the published models and checkpoints, and an upscaler."""
 
+import os
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C
+try:
+    from . import _C
+except ImportError as _error:
+    # Most often the checkout's source folder, which Python finds first from the checkout's root
+    # (python -m, torchrun -m, a script there): it has no compiled _C.
+    raise ImportError(
+        f"liif_cuda's compiled extension (_C) is not in {os.path.dirname(os.path.abspath(__file__))}"
+        f": in a checkout's root Python imports the source folder instead of the installed "
+        f"package; run from another folder or with `python -P` (torchrun: from another folder). "
+        f"Otherwise build and install it: bash tools/setup_env.sh (docs/install.md). "
+        f"({_error})") from None
 from . import _registration  # noqa: F401  (fake and autograd kernels of liif_cuda::query)
 from ._mlp import mlp_parameters
 from ._query import PRECISIONS, query

@@ -13,8 +13,12 @@ _AUTOCAST_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _autocast_dtype(device_type):
-    """The autocast dtype in effect for `device_type`, or None."""
-    if not torch.is_autocast_enabled(device_type):
+    """The autocast dtype in effect for `device_type`, or None (also for device types that autocast
+    does not know, such as meta)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:
         return None
     return torch.get_autocast_dtype(device_type)
 

@@ -195,6 +195,13 @@ def model_from_checkpoint(obj, source="checkpoint"):
 
 def read_checkpoint(path):
     """torch.load with weights_only=True, with errors that say what went wrong."""
+    # torch.save writes a zip archive (a pickle before PyTorch 1.6); for anything else (an image
+    # given as --model, say) torch.load's message would suggest weights_only=False.
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither the zip archive nor "
+                              f"the pickle that torch.save writes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

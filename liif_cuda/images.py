@@ -11,6 +11,8 @@ Policy
     in [0, 1] and returned as float in [0, 1].
 """
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +55,9 @@ def _from_numpy(arr):
 
 def to_tensor(image):
     """(rgb (1, 3, H, W) float32 in [0, 1], alpha (1, 1, H, W) or None, ImageKind)."""
+    if isinstance(image, (str, bytes, os.PathLike)):
+        raise TypeError(f"image must be a numpy array, a PIL image or a tensor, got the path "
+                        f"{image!r}: read it first (PIL.Image.open), or use `liif-cuda upscale`")
     if isinstance(image, torch.Tensor):
         t = image
         squeeze = t.dim() == 3
@@ -81,7 +86,14 @@ def to_tensor(image):
         kind.kind, kind.pil_mode = "pil", mode
     else:
         chw, kind = _from_numpy(image)
-    c = chw.shape[0]
+    c, h, w = chw.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"image is empty ({h}x{w} pixels)")
+    floating = kind.kind == "tensor" or _max_value(kind.dtype) is None
+    if floating and float(chw.max()) > 2:
+        warnings.warn(f"a floating-point image is taken as values in [0, 1], but this one goes up "
+                      f"to {float(chw.max()):g}: everything above 1 comes out white (an 8-bit "
+                      f"image as float needs dividing by 255)", stacklevel=3)
     colour = chw[:c - 1] if c in (2, 4) else chw
     alpha = chw[c - 1:] if c in (2, 4) else None
     rgb = colour.expand(3, -1, -1) if colour.shape[0] == 1 else colour

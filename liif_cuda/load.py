@@ -2,10 +2,35 @@
 
 import os
 
+import torch
+
 from .checkpoints import model_from_checkpoint, read_checkpoint
 from .pretrained import PRETRAINED, resolve
 
 DEFAULT_MODEL = "edsr-baseline-liif"
+
+
+def check_device(device):
+    """torch.device(device), with a clear ValueError where it cannot run liif_cuda here (instead of
+    torch's assertion from deep inside Module.to, or a missing kernel at the first query)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        from . import build_info
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
+            raise ValueError(f"device {device!r}: no CUDA GPU is available{build}")
+        if not build_info()["cuda"]:
+            raise ValueError(f"device {device!r}: liif_cuda was built without its CUDA kernels "
+                             f"(docs/install.md)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
 
 
 def load_model(path_or_name=DEFAULT_MODEL, device=None):
@@ -15,9 +40,12 @@ def load_model(path_or_name=DEFAULT_MODEL, device=None):
     mmagic 1.x; the layout is detected from the keys) or a pretrained name (see
     `liif_cuda.pretrained.PRETRAINED`: "edsr-baseline-liif"), which is looked up in
     $LIIF_CUDA_WEIGHTS, then in ~/.cache/liif_cuda, and otherwise downloaded, verified and cached.
-    Raises FileNotFoundError for a path that does not exist and is no known name, and
-    liif_cuda.checkpoints.CheckpointError for a file that is not a LIIF checkpoint.
+    Raises FileNotFoundError for a path that does not exist and is no known name,
+    liif_cuda.checkpoints.CheckpointError for a file that is not a LIIF checkpoint, and ValueError
+    for a device that cannot run it here.
     """
+    if device is not None:
+        device = check_device(device)
     name = os.fspath(path_or_name)
     if os.path.isfile(name):
         path = name

@@ -11,12 +11,14 @@ Memory beyond the input and output images is one tile's encoder activations and 
 """
 
 import functools
+import numbers
+import operator
 
 import torch
 
 from ._query import PRECISIONS, query
 from .images import from_tensor, resize_alpha, to_tensor
-from .load import DEFAULT_MODEL, load_model
+from .load import DEFAULT_MODEL, check_device, load_model
 
 # Queries per fused-op call: each call computes its first-layer map over the tile's whole feature
 # crop again (a 3x3 convolution, 576 -> 256 per LR cell), so few large calls; a call holds about 60
@@ -37,16 +39,19 @@ def output_size(in_h, in_w, scale=None, size=None):
         raise ValueError("give exactly one of scale and size")
     if size is not None:
         try:
-            out_w, out_h = (int(v) for v in size)
+            out_w, out_h = (operator.index(v) for v in size)
         except (TypeError, ValueError):
-            raise ValueError(f"size must be (width, height), got {size!r}") from None
+            raise ValueError(f"size must be (width, height) in whole pixels, got {size!r}") from None
         if out_w < 1 or out_h < 1:
             raise ValueError(f"size must be positive, got {out_w}x{out_h}")
         return out_h, out_w
-    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else tuple(scale)
-    for s in (sy, sx):
-        if not (isinstance(s, (int, float)) and s > 0 and s == s and s != float("inf")):
+    pair = (scale, scale) if isinstance(scale, numbers.Real) else scale
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        raise ValueError(f"scale must be a number > 0 or a pair (scale_y, scale_x), got {scale!r}")
+    for s in pair:
+        if not (isinstance(s, numbers.Real) and not isinstance(s, bool) and 0 < s < float("inf")):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    sy, sx = pair
     return max(1, round(in_h * sy)), max(1, round(in_w * sx))
 
 
@@ -176,6 +181,8 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if device is not None:
+        device = str(check_device(device))
     rgb, alpha, kind = to_tensor(image)
     _, _, H, W = rgb.shape
     out_h, out_w = output_size(H, W, scale, size)

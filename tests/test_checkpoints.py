@@ -163,10 +163,22 @@ def test_not_a_liif_checkpoint(tmp_path, obj, match):
         liif_cuda.load_model(save(tmp_path, obj))
 
 
-def test_unreadable_file(tmp_path):
+@pytest.mark.parametrize("content", [b"this is not a pickle", b"\x89PNG\r\n\x1a\n", b""])
+def test_not_a_checkpoint_file(tmp_path, content):
+    """Not what torch.save writes (an image, say): named as such, without torch.load's advice to
+    retry with weights_only=False."""
     path = os.path.join(tmp_path, "junk.pth")
     with open(path, "wb") as f:
-        f.write(b"this is not a pickle")
+        f.write(content)
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as info:
+        liif_cuda.load_model(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_unreadable_zip(tmp_path):
+    path = os.path.join(tmp_path, "junk.pth")
+    with open(path, "wb") as f:
+        f.write(b"PK\x03\x04 but not a zip archive")
     with pytest.raises(CheckpointError, match="weights_only=True"):
         liif_cuda.load_model(path)
 

@@ -1,5 +1,6 @@
 """The liif-cuda command line, end to end on small images with a small checkpoint, and its errors."""
 
+import errno
 import os
 import shutil
 import subprocess
@@ -116,12 +117,15 @@ def test_never_overwrites_without_flag(tmp_path, image, checkpoint, capsys):
 def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkeypatch):
     def broken_save(self, fp, format=None, **kw):
         fp.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device", fp.name)
     monkeypatch.setattr(Image.Image, "save", broken_save)
     out = tmp_path / "out.png"
-    status = run("upscale", image, "-o", out, "--scale", 2, "--model", checkpoint)
+    status, err = error_of(capsys, "upscale", image, "-o", out, "--scale", 2, "--model",
+                           checkpoint)
     assert status != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+    # The output named, not the temporary file it was being written through.
+    assert f"cannot write {out} (No space left on device)" in err and ".tmp" not in err
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -135,6 +139,9 @@ def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkey
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
     (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
     (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),
+    # Found before the work: /proc takes no new file, not even root's.
+    (["upscale", "{img}", "-o", "/proc/o.png", "--scale", "2"],
+     "cannot write into the output folder /proc"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "400000x300000"], "needs about 4.37 TiB"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--model", "{tmp}/junk.png"],
      "model:"),

@@ -62,6 +62,17 @@ def test_version_through_the_console_script_and_python_m(tmp_path):
         assert "cpu_bf16" in res.stdout
 
 
+def test_python_m_in_the_checkout_root_says_why_it_fails():
+    """There Python imports the source folder, which has no compiled extension: the error says so
+    and what to do, instead of a "partially initialized module" puzzle."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert not any(f.startswith("_C.") for f in os.listdir(os.path.join(root, "liif_cuda")))
+    res = subprocess.run([sys.executable, "-m", "liif_cuda", "--version"], capture_output=True,
+                         text=True, cwd=root)
+    assert res.returncode != 0
+    assert "compiled extension (_C) is not in" in res.stderr and "python -P" in res.stderr
+
+
 def subparsers(parser):
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices

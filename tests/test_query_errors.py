@@ -99,3 +99,14 @@ def test_raw_operator_checks_its_arguments(name):
                            [b.detach() for b in biases])
     with pytest.raises(RuntimeError, match="liif_cuda.query"):
         torch.ops.liif_cuda.query(*args, True, True, True)
+
+
+def test_meta_tensors_give_the_output_shape():
+    """Everything on the meta device (shape inference without data): the operator's fake kernel
+    answers; a meta feat with CPU coordinates is the device mismatch it is."""
+    feat, coords, cells, mlp = good()
+    meta = [t.to("meta") for t in (feat, coords, cells)]
+    out = liif_cuda.query(*meta, mlp.to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 6, 3)
+    with pytest.raises(ValueError, match="coords must be on feat's device"):
+        liif_cuda.query(meta[0], coords, cells, mlp)

@@ -1,5 +1,7 @@
 """upscale(): tiling equals the untiled computation, any scale and size, every image kind."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,14 @@ def test_output_size():
         output_size(10, 20)
     with pytest.raises(ValueError, match="size must be positive"):
         output_size(10, 20, size=(0, 5))
+    for bad in ("2", (2,), (1, 2, 3), [2, "3"], True):
+        with pytest.raises(ValueError, match="scale must be"):
+            output_size(10, 20, scale=bad)
+    for bad in ((10.5, 10), ("10", 10), (10,)):
+        with pytest.raises(ValueError, match="whole pixels"):
+            output_size(10, 20, size=bad)
+    assert output_size(10, 20, scale=np.float32(2)) == (20, 40)
+    assert output_size(10, 20, size=np.array([33, 7])) == (7, 33)
 
 
 def test_image_kinds_agree(model):
@@ -115,10 +125,39 @@ def test_alpha_policy(model):
     (np.zeros((4, 4, 3), np.int32), "uint8, uint16 or floating"),
     (torch.zeros(2, 3, 4, 4), "C, H, W"),
     (torch.zeros(3, 4, 4, dtype=torch.uint8), "floating point"),
+    (np.zeros((0, 10, 3), np.uint8), r"empty \(0x10"),
+    (np.zeros((10, 0), np.uint8), r"empty \(10x0"),
+    (torch.zeros(3, 0, 5), r"empty \(0x5"),
+    (Image.new("RGB", (0, 4)), r"empty \(4x0"),
 ])
 def test_bad_images(model, image, match):
     with pytest.raises(ValueError, match=match):
         liif_cuda.upscale(image, scale=2, model=model)
+    with pytest.raises(ValueError, match=match):
+        liif_cuda.upscale(image, size=(5, 5), model=model)
+
+
+@pytest.mark.parametrize("path", ["photo.png", b"photo.png", pathlib.Path("photo.png")])
+def test_a_path_is_not_an_image(model, path):
+    with pytest.raises(TypeError, match="got the path"):
+        liif_cuda.upscale(path, scale=2, model=model)
+
+
+def test_float_image_beyond_one_warns(model):
+    eight_bit_as_float = np.full((4, 4, 3), 200.0, np.float32)
+    with pytest.warns(UserWarning, match="goes up to 200"):
+        liif_cuda.upscale(eight_bit_as_float, scale=2, model=model)
+
+
+def test_device_that_cannot_run_here(model):
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for call in (lambda: liif_cuda.upscale(np.zeros((4, 4, 3), np.uint8), scale=2, model=model,
+                                           device=missing),
+                 lambda: liif_cuda.load_model("edsr-baseline-liif", device=missing)):
+        with pytest.raises(ValueError, match=f"device '{missing}'"):
+            call()
+    with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
+        liif_cuda.upscale(np.zeros((4, 4, 3), np.uint8), scale=2, model=model, device="gpu")
 
 
 def test_bad_precision(model):

@@ -9,11 +9,18 @@
 #   LIIF_CUDA_TORCH=cpu             the CPU build of torch 2.13.0 (the local wheel cache) and the
 #                                   CPU-only extension (LIIF_CUDA_BUILD=0): no CUDA toolkit needed
 #   TORCH_SPEC=...                  overrides the torch requirement of either
+# Unset, LIIF_CUDA_TORCH keeps the build of torch already in .venv (so that re-running, as
+# quickstart.sh does, never swaps a CPU set-up for the CUDA one), else cuda.
 #
 # On screen: one line per phase with the time since the start; everything else goes to
 # build/setup.log (the build's own output to build/pip-install.log).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
+if [ -z "${LIIF_CUDA_TORCH:-}" ] && [ -x .venv/bin/python ]; then
+  LIIF_CUDA_TORCH=$(.venv/bin/python -c \
+    'import torch; print("cpu" if torch.version.cuda is None else "cuda")' 2> /dev/null || true)
+fi
 LIIF_CUDA_TORCH=${LIIF_CUDA_TORCH:-cuda}
 case "$LIIF_CUDA_TORCH" in
   cuda) DEFAULT_TORCH_SPEC=torch==2.14.1 ;;
@@ -26,7 +33,6 @@ case "$LIIF_CUDA_TORCH" in
 esac
 TORCH_SPEC=${TORCH_SPEC:-$DEFAULT_TORCH_SPEC}
 
-cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 mkdir -p build
 LOG=build/setup.log

@@ -47,5 +47,10 @@ class VersionAction(argparse.Action):
 
 def add_models_parser(sub):
     models = sub.add_parser("models", help="list the pretrained models: source, licence, sha256, "
-                                           "cached or not", formatter_class=HelpFormatter)
+                                           "cached or not",
+                            description="List the pretrained models (names for --model and "
+                                        "liif_cuda.load_model): their source, licence and sha256, "
+                                        "and whether the weights are cached here "
+                                        "(LIIF_CUDA_WEIGHTS, ~/.cache/liif_cuda).",
+                            formatter_class=HelpFormatter)
     models.set_defaults(func=models_command)

@@ -9,8 +9,8 @@ import time
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, check_encoder_precision, notice, say)
-from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
-                          write_image)
+from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, check_writable_folder,
+                          image_header_size, read_image, write_image)
 from .sizes import check_memory, check_scale, fit_size, keeps_aspect, parse_size
 
 # Outputs of at least this many pixels get upscale()'s progress bar over pixels.
@@ -115,6 +115,7 @@ def upscale_single(args, scale, size, local_rank):
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise CliError(f"output folder {out_dir} does not exist")
+    check_writable_folder(out_dir)
     device = upscale_device(args.device, local_rank)
     check_encoder_precision(args, device)
     image = read_image(source)
@@ -226,6 +227,7 @@ def make_output_folder(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create the output folder {out_dir} ({exc})") from None
+    check_writable_folder(out_dir)
 
 
 def upscale_job(source, rel, out_dir, model, args, scale, size, input_paths):
