@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 
-import torch
 from PIL import Image
 from skimage import data as skimage_data
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -22,7 +23,9 @@ import torch
 from PIL import Image
 
 import liif_cuda
-from results_file import process_status_kib, reset_peak_resident_set
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
+from results_file import process_status_kib, reset_peak_resident_set  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

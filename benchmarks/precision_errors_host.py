@@ -17,7 +17,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "tests")]
+sys.path[:0] = [os.path.join(ROOT, d) for d in ("python", "tests", "benchmarks")]
 
 import liif_reference as ref  # noqa: E402
 from cuda_harness import SHARED_SM90, run  # noqa: E402

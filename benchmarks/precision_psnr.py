@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "python"))
+# The reference, and results_file beside this script (also under python -P).
+sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")]
 
 import liif_reference_models as reference_models  # noqa: E402
 from liif_rounding_model import KernelRounding  # noqa: E402

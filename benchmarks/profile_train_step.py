@@ -8,6 +8,7 @@ optimizer; CUDA events, median of `--repeats` steps), and the kernels that take 
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -15,9 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-import bench_train
-from results_file import result_header, write_results
-from liif_cuda.training.trainer import autocast
+# bench_train and results_file beside this script (also under python -P).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_train  # noqa: E402
+from results_file import result_header, write_results  # noqa: E402
+from liif_cuda.training.trainer import autocast  # noqa: E402
 
 
 def phase_step(model, optimizer, batch, precision, clock):

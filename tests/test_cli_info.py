@@ -66,7 +66,8 @@ def test_python_m_in_the_checkout_root_says_why_it_fails():
     """There Python imports the source folder, which has no compiled extension: the error says so
     and what to do, instead of a "partially initialized module" puzzle."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert not any(f.startswith("_C.") for f in os.listdir(os.path.join(root, "liif_cuda")))
+    if any(f.startswith("_C.") for f in os.listdir(os.path.join(root, "liif_cuda"))):
+        pytest.skip("an in-place build put the compiled extension into the source folder")
     res = subprocess.run([sys.executable, "-m", "liif_cuda", "--version"], capture_output=True,
                          text=True, cwd=root)
     assert res.returncode != 0

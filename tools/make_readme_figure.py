@@ -3,7 +3,10 @@
 weights, liif_cuda.upscale), and the same crop (the cat's left eye) of the input (nearest-neighbour
 enlarged), bicubic, LIIF and the original, side by side. Prints the whole image's PSNR of each.
 
-    .venv/bin/python -P tools/make_readme_figure.py [--device cpu|cuda] [--out docs/quickstart.png]
+    .venv/bin/python -P tools/make_readme_figure.py [--device cpu|cuda] [--out FILE]
+
+It writes build/quickstart.png, so that trying it leaves the checkout as it was (a different torch
+or CPU may change a few pixels by one level); `--out docs/quickstart.png` replaces the README's.
 """
 
 import argparse
@@ -38,7 +41,8 @@ def panel(image, box, zoom, label):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "quickstart.png"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "build", "quickstart.png"),
+                        help="default: build/quickstart.png (docs/quickstart.png is the README's)")
     args = parser.parse_args()
 
     photo = Image.fromarray(data.chelsea())  # 451x300
@@ -65,6 +69,7 @@ def main():
     figure = Image.new("RGB", (width, panels[0].height), "white")
     for i, p in enumerate(panels):
         figure.paste(p, (i * (p.width + GAP), 0))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     figure.save(args.out, optimize=True)
     print(f"{os.path.relpath(args.out)}: {figure.width}x{figure.height}, "
           f"{os.path.getsize(args.out) / 1024:.0f} KiB")
