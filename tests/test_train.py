@@ -356,6 +356,28 @@ def test_existing_run_is_refused_untouched(images, tmp_path):
         train(tiny_config(images), str(tmp_path / "new"), resume=True, device="cpu")
 
 
+def test_out_must_be_a_folder(images, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for out, resume in (("file", False), ("file", True), ("file/run", False)):
+        with pytest.raises(TrainingError, match=f"--out .*{out} is not a folder .*file is a file"):
+            train(tiny_config(images), str(tmp_path / out), resume=resume, device="cpu",
+                  progress=False)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_init_from_another_architecture_is_refused(images, tmp_path):
+    first = str(tmp_path / "first")
+    train(tiny_config(images, epochs=1), first, device="cpu", progress=False)
+    config = tiny_config(images, epochs=1)
+    config["model"]["args"]["imnet_spec"]["args"]["hidden_list"] = [16, 32]
+    run = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"--init .*: the checkpoint's model does not match the "
+                       r"config's model \(imnet.layers.2.weight: \(16, 16\) in the checkpoint, "
+                       r"\(32, 16\) in the config's model\)"):
+        train(config, run, init=f"{first}/epoch-last.pth", device="cpu", progress=False)
+    assert not os.path.exists(run)
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c.update(epochs_max=3), "unknown key config.epochs_max"),
     (lambda c: c["train_dataset"]["dataset"].update(name="image-folders"),
@@ -380,6 +402,80 @@ def test_config_errors_name_the_key(images, edit, match):
         check_config(config)
 
 
+def set_key(config, dotted, value):
+    *parents, last = dotted.split(".")
+    for key in parents:
+        config = config[key]
+    config[last] = value
+
+
+SGD = {"name": "sgd", "args": {"lr": 0.1, "momentum": 0.9}}
+RDN_SPEC = {"name": "rdn", "args": {"RDNconfig": "A", "no_upsampling": True}}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("multi_step_lr.milestones", 1, "multi_step_lr.milestones must be a list of positive integers"),
+    ("multi_step_lr.milestones", "one", "multi_step_lr.milestones must be a list"),
+    ("multi_step_lr.milestones", [-5], "multi_step_lr.milestones must be a list"),
+    ("multi_step_lr.milestones", [0, 2], "multi_step_lr.milestones must be a list"),
+    ("multi_step_lr.milestones", [2.5], "multi_step_lr.milestones must be a list"),
+    ("multi_step_lr.gamma", -2, "multi_step_lr.gamma must be > 0"),
+    ("multi_step_lr.gamma", 0, "multi_step_lr.gamma must be > 0"),
+    ("multi_step_lr.gamma", "5e-1", r"multi_step_lr.gamma must be a number.*write 1.e-4"),
+    ("seed", "x", "seed must be an integer"),
+    ("seed", -1, "seed must be >= 0"),
+    ("optimizer.args.lr", -1, "optimizer.args.lr must be >= 0"),
+    ("optimizer.args.lr", float("nan"), "optimizer.args.lr must be a number"),
+    ("optimizer.args.betas", [0.9], "optimizer.args.betas must be a pair"),
+    ("optimizer.args.betas", [0.9, 1.0], "optimizer.args.betas must be a pair"),
+    ("optimizer.args.betas", [-0.1, 0.9], "optimizer.args.betas must be a pair"),
+    ("optimizer.args.eps", 0, "optimizer.args.eps must be > 0"),
+    ("optimizer.args.eps", "1e-8", "optimizer.args.eps must be a number"),
+    ("optimizer.args.weight_decay", -1, "optimizer.args.weight_decay must be >= 0"),
+    ("optimizer", {**SGD, "args": {"lr": 0.1, "momentum": -0.9}}, "momentum must be >= 0"),
+    ("optimizer", {**SGD, "args": {"lr": 0.1, "nesterov": True}}, "nesterov needs a momentum"),
+    ("optimizer", {**SGD, "args": {**SGD["args"], "nesterov": "true"}},
+     "optimizer.args.nesterov must be true or false"),
+    ("model.args.imnet_spec.args.hidden_list", [256, -1],
+     "imnet_spec.args.hidden_list must be a list of positive integers"),
+    ("model.args.imnet_spec.args.hidden_list", 256, "imnet_spec.args.hidden_list must be a list"),
+    ("model.args.imnet_spec.args.out_dim", 4, "imnet_spec.args.out_dim must be 3"),
+    ("model.args.feat_unfold", "false", "model.args.feat_unfold must be true or false"),
+    ("model.args.encoder_spec.args.n_feats", "64", "encoder_spec.args.n_feats must be an integer"),
+    ("model.args.encoder_spec.args.n_resblocks", -1, "encoder_spec.args.n_resblocks must be >= 0"),
+    ("model.args.encoder_spec", {**RDN_SPEC, "args": {"G0": 0}}, "encoder_spec.args.G0 must be"),
+    ("model.args.encoder_spec", {**RDN_SPEC, "args": {"RDNkSize": 4}},
+     "encoder_spec.args.RDNkSize must be odd"),
+])
+def test_bad_values_name_the_key(images, key, value, match):
+    config = copy.deepcopy(tiny_config(images))
+    set_key(config, key, value)
+    with pytest.raises(ConfigError, match=match):
+        check_config(config)
+
+
+@pytest.mark.parametrize("key,value", [
+    # MultiStepLR counts milestones in any order, a repeat applying gamma twice (the original passes
+    # the list straight to it); one past epoch_max never applies.
+    ("multi_step_lr.milestones", [3, 1]),
+    ("multi_step_lr.milestones", [2, 2]),
+    ("multi_step_lr.milestones", [200, 400]),
+    ("multi_step_lr.milestones", []),
+    ("multi_step_lr.gamma", 2),
+    ("optimizer.args.lr", 0),
+    ("optimizer.args", {"lr": 1.0e-4, "betas": [0.0, 0.99], "eps": 1.0e-6, "weight_decay": 0}),
+    ("optimizer", {**SGD, "args": {**SGD["args"], "nesterov": True, "weight_decay": 1.0e-4}}),
+    ("model.args.imnet_spec.args.hidden_list", []),
+    ("model.args.encoder_spec", RDN_SPEC),
+    ("seed", 12345),
+])
+def test_good_values_pass(images, key, value):
+    config = copy.deepcopy(tiny_config(images))
+    set_key(config, key, value)
+    check_config(config)
+    build_model(config["model"])
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c["optimizer"]["args"].update(lr="1e-4"), "write 1.e-4"),
     (lambda c: c.pop("data_norm"), "data_norm must be"),
@@ -389,6 +485,8 @@ def test_config_errors_name_the_key(images, edit, match):
     (lambda c: c["train_dataset"]["dataset"]["args"].update(root_path="/nonexistent"),
      "is not a folder"),
     (lambda c: c.update(eval_type="div2k-4"), "use `liif-cuda eval`"),
+    (lambda c: c.update(seed="x"), "seed must be an integer"),
+    (lambda c: c["multi_step_lr"].update(milestones=1), "multi_step_lr.milestones must be a list"),
 ])
 def test_bad_configs_fail_before_training(images, tmp_path, edit, match):
     config = copy.deepcopy(tiny_config(images))
@@ -479,3 +577,14 @@ def test_liif_cuda_train_command(images, tmp_path, capsys):
     assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "z"),
                      "--workers", "-1"]) == 1
     assert "--workers must be >= 0" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**tiny_config(images), "multi_step_lr": {"milestones": 1,
+                                                                           "gamma": 0.5}}))
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multi_step_lr.milestones must be a list" in err[0]
+    path.write_text(yaml.safe_dump(tiny_config(images)))
+    (tmp_path / "file").write_text("")
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "file"),
+                     "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is not a folder" in err[0]

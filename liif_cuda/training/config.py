@@ -2,6 +2,7 @@
 unknown key or name is an error naming it, so that a typo cannot silently train something else."""
 
 import copy
+import math
 import os
 
 PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -69,15 +70,41 @@ def _named(spec, choices, where):
     return name, args
 
 
-def _number(value, where, kind=float, minimum=None, allow_none=False):
+def _number(value, where, kind=float, minimum=None, allow_none=False, above=None):
+    """A finite int (kind=int) or int/float, >= minimum and > above where given."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and not isinstance(value, int)):
+            kind is int and not isinstance(value, int)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        hint = ""
+        if kind is float and isinstance(value, str) and "e" in value.lower():
+            try:
+                float(value)
+                hint = " (in YAML write 1.e-4, not 1e-4, which PyYAML reads as a string)"
+            except ValueError:
+                pass
         raise ConfigError(f"{where} must be {'an integer' if kind is int else 'a number'}, "
-                          f"got {value!r}")
+                          f"got {value!r}{hint}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{where} must be >= {minimum}, got {value!r}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{where} must be > {above}, got {value!r}")
+    return value
+
+
+def _flag(value, where):
+    # A quoted "false" would otherwise count as true.
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _positive_ints(value, where, what):
+    # Lists only: YAML gives lists, and the run's config.yaml (yaml.safe_dump) cannot hold tuples.
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        raise ConfigError(f"{where} must be a list of positive integers ({what}), got {value!r}")
     return value
 
 
@@ -117,6 +144,56 @@ def _check_norm(norm):
                 _number(n, f"data_norm.{part}.{key}")
 
 
+def _check_model(model):
+    _keys(model, {"name": True, "args": True, "sd": False}, "model")
+    if model["name"] != "liif":
+        raise ConfigError(f"model.name: unknown {model['name']!r} (known: liif)")
+    args = model["args"]
+    _keys(args, MODEL_ARGS, "model.args")
+    for key in ("local_ensemble", "feat_unfold", "cell_decode"):
+        _flag(args.get(key, True), f"model.args.{key}")
+    encoder, eargs = _named(args["encoder_spec"], ENCODERS, "model.args.encoder_spec")
+    where = "model.args.encoder_spec.args"
+    if not eargs.get("no_upsampling", True):
+        raise ConfigError(f"{where}.no_upsampling must be true: LIIF's encoders have no upsampler")
+    # (res_scale, rgb_range and RDNconfig: build_model checks the values it supports.)
+    if encoder == "edsr-baseline":
+        _number(eargs.get("n_resblocks", 16), f"{where}.n_resblocks", int, 0)
+        _number(eargs.get("n_feats", 64), f"{where}.n_feats", int, 1)
+    else:
+        _number(eargs.get("G0", 64), f"{where}.G0", int, 1)
+        size = _number(eargs.get("RDNkSize", 3), f"{where}.RDNkSize", int, 1)
+        if size % 2 == 0:  # "same" padding needs an odd kernel; an even one shifts the features
+            raise ConfigError(f"{where}.RDNkSize must be odd, got {size}")
+    _, margs = _named(args["imnet_spec"], {"mlp": {"out_dim": True, "hidden_list": True}},
+                      "model.args.imnet_spec")
+    where = "model.args.imnet_spec.args"
+    _positive_ints(margs["hidden_list"], f"{where}.hidden_list", "the hidden layers' widths")
+    # The loss compares the prediction with the targets' RGB, and (x - 0.5) / 0.5 is 3 channels.
+    if not isinstance(margs["out_dim"], int) or margs["out_dim"] != 3:
+        raise ConfigError(f"{where}.out_dim must be 3 (the model predicts RGB), got "
+                          f"{margs['out_dim']!r}")
+
+
+def _check_optimizer(spec):
+    """The arguments torch's Adam and SGD would refuse, or misuse, named by their keys."""
+    name, args = _named(spec, OPTIMIZERS, "optimizer")
+    where = "optimizer.args"
+    _number(args["lr"], f"{where}.lr", minimum=0)  # 0: a frozen run, as torch allows
+    _number(args.get("weight_decay", 0), f"{where}.weight_decay", minimum=0)
+    if name == "adam":
+        # torch allows eps 0, which makes 0 / 0 of a parameter whose gradients have all been 0.
+        _number(args.get("eps", 1e-8), f"{where}.eps", above=0)
+        betas = args.get("betas", [0.9, 0.999])
+        if not (isinstance(betas, list) and len(betas) == 2 and all(
+                _number(b, f"{where}.betas") >= 0 and b < 1 for b in betas)):
+            raise ConfigError(f"{where}.betas must be a pair of numbers in [0, 1), got {betas!r}")
+    else:
+        momentum = _number(args.get("momentum", 0), f"{where}.momentum", minimum=0)
+        if _flag(args.get("nesterov", False), f"{where}.nesterov") and momentum == 0:
+            raise ConfigError(f"{where}.nesterov needs a momentum > 0")
+
+
 def check_config(config):
     """Raises ConfigError on anything outside the schema; returns the config."""
     _keys(config, TOP_LEVEL, "config")
@@ -124,23 +201,24 @@ def check_config(config):
     if config.get("val_dataset") is not None:
         _check_dataset(config["val_dataset"], "val_dataset")
     _check_norm(config.get("data_norm") or {})
-    model = _mapping(config["model"], "model")
-    _keys(model, {"name": True, "args": True, "sd": False}, "model")
-    if model["name"] != "liif":
-        raise ConfigError(f"model.name: unknown {model['name']!r} (known: liif)")
-    _keys(model["args"], MODEL_ARGS, "model.args")
-    _, encoder_args = _named(model["args"]["encoder_spec"], ENCODERS, "model.args.encoder_spec")
-    if not encoder_args.get("no_upsampling", True):
-        raise ConfigError("model.args.encoder_spec.args.no_upsampling must be true: LIIF's encoders "
-                          "have no upsampler")
-    _named(model["args"]["imnet_spec"], {"mlp": {"out_dim": True, "hidden_list": True}},
-           "model.args.imnet_spec")
-    _named(config["optimizer"], OPTIMIZERS, "optimizer")
+    _check_model(_mapping(config["model"], "model"))
+    _check_optimizer(config["optimizer"])
     _number(config["epoch_max"], "epoch_max", int, 1)
     for key in ("epoch_val", "epoch_save"):
         _number(config.get(key), key, int, 1, allow_none=True)
     if config.get("multi_step_lr") is not None:
-        _keys(config["multi_step_lr"], {"milestones": True, "gamma": True}, "multi_step_lr")
+        steps = config["multi_step_lr"]
+        _keys(steps, {"milestones": True, "gamma": True}, "multi_step_lr")
+        # Epochs after which the rate is multiplied by gamma (MultiStepLR, stepped at the end of
+        # each epoch); a milestone 0 would lower it before the first epoch. Unsorted lists and
+        # repeats are accepted: MultiStepLR counts milestones (a repeated one applies gamma twice)
+        # and the original code passes the list straight to it. Milestones beyond epoch_max never
+        # apply, as in the published recipe shortened for fine-tuning.
+        _positive_ints(steps["milestones"], "multi_step_lr.milestones", "epochs")
+        # gamma > 1 raises the rate at each milestone: unusual, not wrong; <= 0 is.
+        _number(steps["gamma"], "multi_step_lr.gamma", above=0)
+    # numpy's seed sequences (each sample's generator) take no negative numbers.
+    _number(config.get("seed", 0), "seed", int, 0)
     return config
 
 

@@ -20,7 +20,7 @@ from ..models import LIIF, NORMALISATIONS, RDN, EDSRBaseline
 from .._files import write_atomically
 from ..checkpoints import read_checkpoint
 from .checkpointing import load_original_state_dict, make_checkpoint, save_atomically
-from .config import ConfigError
+from .config import ConfigError, check_config
 from .datasets import make_dataset
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -77,6 +77,21 @@ def build_model(model_spec, normalisation="original"):
                 local_ensemble=args.get("local_ensemble", True),
                 feat_unfold=args.get("feat_unfold", True),
                 cell_decode=args.get("cell_decode", True), normalisation=normalisation)
+
+
+def _first_mismatch(model_state, checkpoint_state):
+    """The first key or shape in which a checkpoint's state dict differs from the model's, or None
+    (torch's load_state_dict error lists them only after a first line that says nothing)."""
+    for key, value in model_state.items():
+        if key not in checkpoint_state:
+            return f"{key}: not in the checkpoint"
+        if checkpoint_state[key].shape != value.shape:
+            return (f"{key}: {tuple(checkpoint_state[key].shape)} in the checkpoint, "
+                    f"{tuple(value.shape)} in the config's model")
+    for key in checkpoint_state:
+        if key not in model_state:
+            return f"{key}: in the checkpoint, not in the config's model"
+    return None
 
 
 def build_optimizer(spec, parameters):
@@ -234,11 +249,18 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         raise TrainingError("device 'cuda': no CUDA GPU is available")
     if precision == "fp16" and device_type != "cuda":
         raise ValueError("precision 'fp16' needs CUDA (GradScaler); on the CPU use 'bf16'")
+    check_config(config)  # a config built in Python, not by load_config, is checked all the same
     if "eval_type" in config:
         raise ConfigError("eval_type: liif-cuda train validates on val_dataset's samples as the "
                           "published training configs do; use `liif-cuda eval` for the benchmark "
                           "protocols")
     normalisation = normalisation_of(config)
+    # os.makedirs, at the end of the setup, would fail on a file in the way ("File exists").
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise TrainingError(f"--out {out_dir} is not a folder ({existing} is a file)")
     ckpts = existing_checkpoints(out_dir)
     if resume and "epoch-last.pth" not in ckpts:
         raise TrainingError(f"--resume: {os.path.join(out_dir, 'epoch-last.pth')} does not exist")
@@ -265,12 +287,12 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     model = build_model(config["model"], normalisation).to(device)
     if init is not None:
         from ..load import load_model
-        pretrained = load_model(init)
-        try:
-            model.load_state_dict(pretrained.state_dict(), strict=True)
-        except RuntimeError as exc:
-            raise ConfigError(f"--init {init}: its architecture is not the config's "
-                              f"({str(exc).splitlines()[0]})") from None
+        pretrained = load_model(init).state_dict()
+        mismatch = _first_mismatch(model.state_dict(), pretrained)
+        if mismatch is not None:
+            raise ConfigError(f"--init {init}: the checkpoint's model does not match the config's "
+                              f"model ({mismatch})")
+        model.load_state_dict(pretrained, strict=True)
     optimizer = build_optimizer(config["optimizer"], model.parameters())
     steps = config.get("multi_step_lr")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **steps) if steps else None
