@@ -3,18 +3,22 @@ numbers (those read ../shared and skip with the reason where it is absent)."""
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
 from conftest import OFFICIAL_WEIGHTS, SHARED, requires_shared
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import liif_cuda
 from liif_cuda import cli
 from liif_cuda.evaluation import evaluate, format_table, imresize, psnr_rgb, psnr_y, ssim_mmedit
-from liif_cuda.evaluation.protocols import (crop_for_scale, finish_prediction, lr_shape,
-                                            make_sample, matlab_y, score)
+from liif_cuda.evaluation.protocols import (ImageTooSmall, check_image_size, crop_for_scale,
+                                            finish_prediction, lr_shape, make_sample, matlab_y,
+                                            score)
 
 SET5 = os.path.join(SHARED, "data", "Set5")
 SET14 = os.path.join(SHARED, "data", "Set14")
@@ -229,3 +233,121 @@ def test_a_function_as_the_model(tmp_path):
     builtin = evaluate("bicubic", str(tmp_path), [2, 3], protocol="mmedit", progress=False)
     assert len(calls) == 4
     assert ours == builtin
+
+
+@pytest.mark.parametrize("size,scale,protocol,crop,div2k,option,left", [
+    # mmedit / mmagic: 24x24 after GTmod12; SSIM needs 11x11 of it after the crop.
+    ((26, 30), 2, "mmedit", 6, False, None, None),
+    ((26, 30), 2, "mmagic", 7, False, "crop", "leaves 10x10, and SSIM needs at least 11x11"),
+    ((26, 30), 2, "mmedit", 0, False, None, None),
+    ((26, 30), 6, "mmedit", None, False, None, None),        # 24 - 2 * 6 = 12
+    ((26, 30), 8, "mmedit", None, False, "scale", "leaves 8x8"),
+    ((26, 30), 8, "mmedit", 2, False, None, None),           # the crop, not the scale, is removed
+    ((26, 30), 25, "mmedit", 0, False, "scale", "its LR image would be 0x0"),   # 24x24 / 25
+    ((10, 30), 2, "mmedit", None, False, "protocol", "which leaves 0x24"),
+    # paper / classic: one pixel left is enough (no SSIM); the crop does not count.
+    ((26, 30), 27, "paper", None, False, "scale", "its LR image would be 0x1"),
+    ((3, 3), 1, "paper", None, False, None, None),           # 3 - 2 * 1 = 1
+    ((2, 3), 1, "classic", None, False, "scale", "leaves 0x1"),
+    ((26, 30), 6, "paper", 1000, False, None, None),         # 24x30 - 2 * 6 = 12x18
+    ((26, 30), 2, "paper", None, True, None, None),          # 26x30 - 2 * 8 = 10x14
+    ((26, 30), 7, "paper", None, True, "scale", "(the scale + 6, div2k)"),
+    ((26, 30), 13, "classic", None, False, "scale", "leaves 0x0"),
+    ((10, 30), 2, "classic", None, False, None, None),
+])
+def test_image_size_rules(size, scale, protocol, crop, div2k, option, left):
+    w, h = size
+    if option is None:
+        check_image_size("x.png", h, w, scale, protocol, crop, div2k)
+        return
+    with pytest.raises(ImageTooSmall) as info:
+        check_image_size("x.png", h, w, scale, protocol, crop, div2k)
+    assert info.value.option == option and f"x.png ({w}x{h})" in info.value.detail
+    assert left in info.value.detail and str(info.value).startswith(f"{option} ")
+
+
+@given(w=st.integers(1, 60), h=st.integers(1, 60),
+       scale=st.sampled_from([0.7, 1, 1.5, 2, 2.5, 3, 4, 6, 7, 12, 18, 30]),
+       protocol=st.sampled_from(["mmedit", "mmagic", "paper", "classic"]),
+       crop=st.none() | st.integers(0, 20), div2k=st.booleans())
+def test_image_size_check_agrees_with_scoring(w, h, scale, protocol, crop, div2k):
+    """check_image_size refuses exactly the images that make_sample and score cannot score: from
+    the size alone, the same rules."""
+    import tempfile
+    rng = np.random.default_rng(w * 100 + h)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "i.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        try:
+            check_image_size(path, h, w, scale, protocol, crop, div2k)
+            refused = False
+        except ImageTooSmall:
+            refused = True
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                sample = make_sample(path, scale, protocol)
+                pred = np.clip(sample.gt.astype(np.float64) + rng.normal(0, 5, sample.gt.shape),
+                               0, 255)
+                values = score(pred, sample.gt, scale, protocol, crop, div2k)
+            scored = np.isfinite(values["psnr"]) and sample.lr.size > 0
+        except (ValueError, ZeroDivisionError, RuntimeWarning):
+            scored = False
+    assert refused != scored
+
+
+def test_metrics_refuse_empty_and_too_small_images():
+    a, b = noisy_pair(9, shape=(20, 16, 3))
+    with pytest.raises(ValueError, match="leaves no pixels"):
+        psnr_rgb(a, b, crop=8)
+    with pytest.raises(ValueError, match="leaves no pixels"):
+        psnr_y(a / 255, b / 255, shave=10)
+    with pytest.raises(ValueError, match="crop must be >= 0"):
+        psnr_rgb(a, b, crop=-1)
+    with pytest.raises(ValueError, match="SSIM needs images of at least 11x11, got 10x14"):
+        ssim_mmedit(a, b, crop=3)
+    assert 0 < ssim_mmedit(a, b, crop=2) < 1  # 12x16
+
+
+def test_evaluate_checks_sizes_and_crop_before_loading_the_model(tmp_path):
+    Image.fromarray(np.zeros((30, 26, 3), np.uint8)).save(tmp_path / "a.png")
+    missing = str(tmp_path / "missing.pth")  # loading it would raise FileNotFoundError
+    with pytest.raises(ImageTooSmall, match=r"^scale 200: .*a\.png \(26x30\) is too small"):
+        evaluate(missing, str(tmp_path), [2, 200], progress=False)
+    with pytest.raises(ImageTooSmall, match=r"^crop 20: "):
+        evaluate(missing, str(tmp_path), [2], crop=20, progress=False)
+    with pytest.raises(ValueError, match="crop must be >= 0, got -1"):
+        evaluate(missing, str(tmp_path), [2], crop=-1, progress=False)
+
+
+def test_evaluate_writes_json_atomically(tmp_path, monkeypatch):
+    import importlib
+    import json
+    module = importlib.import_module("liif_cuda.evaluation.evaluate")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (30, 26, 3), np.uint8)).save(
+        data / "a.png")
+    out = tmp_path / "r.json"
+
+    def dump(record, f, **kwargs):
+        f.write('{"protocol": ')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(module.json, "dump", dump)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("bicubic", str(data), [2], json_path=str(out), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # neither a partial file nor a temporary one
+    monkeypatch.undo()
+    results = evaluate("bicubic", str(data), [2], json_path=str(out), progress=False)
+    assert json.loads(out.read_text())["results"] == results
+
+
+@requires_shared
+def test_published_scales_pass_the_size_check():
+    """Set5 and Set14 at every scale of the published tables, under every protocol (the check
+    reads the sizes only)."""
+    from liif_cuda.evaluation.evaluate import check_sizes, list_images
+    files = {d: list_images(os.path.join(SHARED, "data", d)) for d in ("Set5", "Set14")}
+    for protocol in ("mmedit", "mmagic", "paper", "classic"):
+        for div2k in (False, True):
+            check_sizes(files, [2, 3, 4, 6, 12, 18, 24, 30], protocol, div2k=div2k)

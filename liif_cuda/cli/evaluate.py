@@ -1,5 +1,6 @@
 """`liif-cuda eval`: PSNR / SSIM of a model on image folders under a published protocol."""
 
+import math
 import os
 import sys
 
@@ -16,38 +17,89 @@ PROTOCOL_HELP = (
 
 
 def parse_scales(text):
+    items = [v.strip() for v in text.split(",")]
+    if "" in items:
+        raise CliError(f"--scales has an empty item in {text!r}; give numbers separated by commas, "
+                       f"e.g. 2,3,4", 2)
     try:
-        scales = [float(v) for v in text.split(",") if v.strip()]
+        scales = [float(v) for v in items]
     except ValueError:
         raise CliError(f"--scales must be numbers separated by commas, got {text!r}", 2) from None
-    if not scales or any(not s > 0 for s in scales):
-        raise CliError(f"--scales must be numbers > 0, got {text!r}", 2)
+    if any(not (s > 0 and math.isfinite(s)) for s in scales):
+        raise CliError(f"--scales must be finite numbers > 0, got {text!r}", 2)
+    seen = {}
+    for item, s in zip(items, scales):
+        if f"{s:g}" in seen:  # results are keyed by f"{s:g}": one would replace the other
+            raise CliError(f"--scales gives x{s:g} twice ({seen[f'{s:g}']} and {item})", 2)
+        seen[f"{s:g}"] = item
     return scales
+
+
+def check_device(device):
+    """--device cuda needs a GPU (as upscale checks it), before any work."""
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda: no CUDA GPU is available", 2)
+
+
+def check_json_path(path, overwrite):
+    """--json must be a file that can be written, checked before the evaluation (not at its end)."""
+    if os.path.isdir(path):
+        raise CliError(f"--json {path} is a folder; name the file to write", 2)
+    if os.path.exists(path) and not overwrite:
+        raise CliError(f"--json {path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        raise CliError(f"--json {path}: folder {folder} does not exist")
+    if not os.path.isdir(folder):
+        raise CliError(f"--json {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"--json {path}: folder {folder} is not writable")
 
 
 def eval_command(args):
     from ..checkpoints import CheckpointError
     from ..evaluation import evaluate, format_table
+    from ..evaluation.evaluate import write_results
+    from ..evaluation.protocols import ImageTooSmall
     from ..pretrained import WeightsNotFound
     scales = parse_scales(args.scales)
+    if args.crop is not None and args.crop < 0:
+        raise CliError(f"--crop must be >= 0, got {args.crop}", 2)
+    check_device(args.device)
     if args.model != "bicubic":
         from ..upscaling import default_device
         check_encoder_precision(args, args.device or default_device())
     for folder in args.data:
         if not os.path.isdir(folder):
             raise CliError(f"--data {folder} is not a folder")
-    if args.json and os.path.exists(args.json) and not args.overwrite:
-        raise CliError(f"--json {args.json} exists; pass --overwrite to replace it")
+    if args.json:
+        check_json_path(args.json, args.overwrite)
     try:
         results = evaluate(args.model, args.data, scales, protocol=args.protocol,
                            lr_dir=args.lr_dir, resize=args.resize, crop=args.crop, div2k=args.div2k,
-                           device=args.device, precision=args.precision, json_path=args.json,
+                           device=args.device, precision=args.precision,
                            encoder_precision=args.encoder_precision,
                            progress=sys.stderr.isatty())  # no bar fragments in a redirected log
+    except ImageTooSmall as exc:
+        option = {"scale": "--scales", "crop": "--crop", "protocol": "--protocol"}[exc.option]
+        shown = f"{exc.value:g}" if isinstance(exc.value, float) else exc.value
+        raise CliError(f"{option} {shown}: {exc.detail}") from None
     except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
         raise CliError(str(exc)) from None
     print(format_table(results))
-    if args.json:
+    if args.json:  # written after the table is printed: a failure here does not lose the results
+        try:
+            write_results(args.json, results, protocol=args.protocol, resize=args.resize,
+                          crop=args.crop, div2k=args.div2k, lr_dir=args.lr_dir,
+                          precision=args.precision, encoder_precision=args.encoder_precision,
+                          overwrite=args.overwrite)
+        except FileExistsError:
+            raise CliError(f"--json {args.json} appeared during the evaluation; not replacing it "
+                           f"(pass --overwrite to replace it)") from None
+        except OSError as exc:
+            raise CliError(f"--json {args.json}: cannot write it ({exc})") from None
         print(f"per-image values: {args.json}")
 
 
@@ -67,7 +119,8 @@ def add_eval_parser(sub):
     ev.add_argument("--resize", choices=["pillow", "matlab"], default="pillow",
                     help="how LR images are made from HR ones")
     ev.add_argument("--crop", type=int, default=None,
-                    help="border pixels excluded by the mmedit/mmagic metrics (default: the scale)")
+                    help="border pixels (>= 0) excluded by the mmedit/mmagic metrics (default: the "
+                         "scale)")
     ev.add_argument("--div2k", action="store_true", help="paper protocol: RGB, shave scale + 6")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: CUDA when available, else CPU")

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import torch
 
+from .._files import write_atomically
 from .matlab_resize import imresize
-from .protocols import PROTOCOLS, finish_prediction, make_sample, score
+from .protocols import PROTOCOLS, check_image_size, finish_prediction, make_sample, score
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
@@ -19,6 +20,40 @@ def list_images(folder):
     if not files:
         raise FileNotFoundError(f"data folder {folder} holds no images")
     return [os.path.join(folder, f) for f in files]
+
+
+def image_size(path):
+    """(h, w) of an image file, from its header."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def check_sizes(files, scales, protocol, crop=None, div2k=False):
+    """Every image of `files` ({dataset: paths}) at every scale can be scored (from the sizes in the
+    files' headers, before any work); raises protocols.ImageTooSmall for the first that cannot."""
+    for paths in files.values():
+        for path in paths:
+            h, w = image_size(path)
+            for scale in scales:
+                check_image_size(path, h, w, scale, protocol, crop, div2k)
+
+
+def write_results(path, results, protocol="mmedit", resize="pillow", crop=None, div2k=False,
+                  lr_dir=None, precision="fp32", encoder_precision="fp32", overwrite=True):
+    """Writes evaluate()'s `results` with the settings that produced them as JSON to `path`, through
+    a temporary file in the same folder renamed over it (never a partial file). With
+    `overwrite=False` a file that exists at the time of the rename is left as it is
+    (FileExistsError)."""
+    record = {"protocol": protocol, "resize": resize, "crop": crop, "div2k": div2k,
+              "lr_dir": lr_dir, "precision": precision,
+              "encoder_precision": encoder_precision, "results": results}
+
+    def refuse_existing():
+        if not overwrite and os.path.exists(path):
+            raise FileExistsError(f"{path} exists")
+    write_atomically(path, lambda f: json.dump(record, f, indent=1), binary=False,
+                     before_replace=refuse_existing)
 
 
 def bicubic_upscale(lr, out_h, out_w):
@@ -45,7 +80,11 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     model, a name or path for load_model, "bicubic", or any function (lr uint8 (h, w, 3), out_h,
     out_w) -> (out_h, out_w, 3) float prediction in [0, 1]. `precision` and `encoder_precision`
     are upscale()'s. Returns {dataset: {scale: {"psnr",
-    "ssim", "images"}}} with per-image values; writes it as JSON to `json_path` if given."""
+    "ssim", "images"}}} with per-image values; writes it as JSON to `json_path` if given
+    (write_results). Before any work (and before loading a named model) every image's size is
+    checked at every scale: an image whose LR image would be empty, or whose ground truth has no
+    pixels left after the border is removed (fewer than SSIM's 11x11 where SSIM is computed),
+    raises protocols.ImageTooSmall, a ValueError naming the image, its size and the setting."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if resize not in ("pillow", "matlab"):
@@ -56,12 +95,15 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     scales = [float(s) for s in scales]
     if any(not s > 0 for s in scales):
         raise ValueError(f"scales must be > 0, got {scales}")
+    if crop is not None and not crop >= 0:
+        raise ValueError(f"crop must be >= 0, got {crop}")
+    files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
+    check_sizes(files, scales, protocol, crop, div2k)
     if isinstance(model, str) and model != "bicubic":
         from ..load import load_model
         from ..upscaling import default_device
         device = device or default_device()
         model = load_model(model, device=device)
-    files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -93,11 +135,8 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         if bar is not None:
             bar.close()
     if json_path:
-        record = {"protocol": protocol, "resize": resize, "crop": crop, "div2k": div2k,
-                  "lr_dir": lr_dir, "precision": precision,
-                  "encoder_precision": encoder_precision, "results": results}
-        with open(json_path, "w") as f:
-            json.dump(record, f, indent=1)
+        write_results(json_path, results, protocol=protocol, resize=resize, crop=crop, div2k=div2k,
+                      lr_dir=lr_dir, precision=precision, encoder_precision=encoder_precision)
     return results
 
 
@@ -117,4 +156,4 @@ def format_table(results):
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "format_table"]
+__all__ = ["evaluate", "format_table", "write_results"]

@@ -17,8 +17,17 @@ import torch
 import torch.nn.functional as F
 
 
+SSIM_WINDOW = 11  # the side of SSIM's Gaussian window: SSIM needs images at least this large
+
+
 def _crop(img, crop):
-    return img[crop:-crop, crop:-crop] if crop > 0 else img
+    if crop < 0:
+        raise ValueError(f"crop must be >= 0, got {crop}")
+    out = img[crop:-crop, crop:-crop] if crop > 0 else img
+    if out.shape[0] < 1 or out.shape[1] < 1:
+        raise ValueError(f"removing a {crop}-pixel border from a {img.shape[1]}x{img.shape[0]} "
+                         f"image leaves no pixels to score")
+    return out
 
 
 def psnr_rgb(pred, gt, crop=0):
@@ -30,7 +39,7 @@ def psnr_rgb(pred, gt, crop=0):
 
 
 def _gaussian_window():
-    x = np.arange(11, dtype=np.float64) - 5
+    x = np.arange(SSIM_WINDOW, dtype=np.float64) - SSIM_WINDOW // 2
     k = np.exp(-(x ** 2) / (2 * 1.5 ** 2))
     k /= k.sum()
     return np.outer(k, k)
@@ -38,8 +47,11 @@ def _gaussian_window():
 
 def _ssim_channel(a, b):
     """SSIM of two (H, W) float64 planes in [0, 255]."""
+    if min(a.shape) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got "
+                         f"{a.shape[1]}x{a.shape[0]}")
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    window = torch.from_numpy(_gaussian_window()).view(1, 1, 11, 11)
+    window = torch.from_numpy(_gaussian_window()).view(1, 1, SSIM_WINDOW, SSIM_WINDOW)
 
     def filt(x):
         return F.conv2d(torch.from_numpy(x).view(1, 1, *x.shape), window)[0, 0].numpy()

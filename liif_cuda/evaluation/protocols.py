@@ -15,6 +15,9 @@ truth are made from an HR file, how the prediction is rounded, and how it is sco
   file's own values taken as Y, shave = scale; no SSIM. Use it with `resize="matlab"` and the
   "bicubic" model for the classic rows.
 `resize="matlab"` makes the LR with MATLAB's bicubic imresize instead of Pillow's.
+`check_image_size` applies these rules to an image's size alone: it refuses (ImageTooSmall) an image
+whose LR image would be empty or whose ground truth keeps no pixel after the border is removed (fewer
+than SSIM's 11x11 where SSIM is computed), so that evaluate() can check every image before any work.
 """
 
 import math
@@ -25,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .matlab_resize import imresize
-from .metrics import psnr_rgb, psnr_y, ssim_mmedit
+from .metrics import SSIM_WINDOW, psnr_rgb, psnr_y, ssim_mmedit
 
 PROTOCOLS = ("mmedit", "mmagic", "paper", "classic")
 
@@ -53,9 +56,23 @@ def lr_shape(h, w, scale):
     return math.floor(h / scale + 1e-9), math.floor(w / scale + 1e-9)
 
 
+def gt_shape(h, w, scale):
+    """(H, W) of the ground truth cropped from an (h, w) image (after GTmod12 where the protocol has
+    it): round(h_lr * s) x round(w_lr * s), never more than the image."""
+    h_lr, w_lr = lr_shape(h, w, scale)
+    return min(h, round(h_lr * scale)), min(w, round(w_lr * scale))
+
+
 def crop_for_scale(hr, scale):
-    h_lr, w_lr = lr_shape(*hr.shape[:2], scale)
-    return hr[:round(h_lr * scale), :round(w_lr * scale)]
+    gt_h, gt_w = gt_shape(*hr.shape[:2], scale)
+    return hr[:gt_h, :gt_w]
+
+
+def mod12_shape(h, w, protocol):
+    """The image size after the protocol's GTmod12 crop (mmedit, mmagic), or as it is."""
+    if protocol in ("mmedit", "mmagic"):
+        return h - h % 12, w - w % 12
+    return h, w
 
 
 def downscale(gt, scale, resize="pillow"):
@@ -80,9 +97,8 @@ def find_lr_file(lr_dir, name, scale):
 
 def make_sample(path, scale, protocol, resize="pillow", lr_dir=None):
     hr, gray = read_image(path)
-    if protocol in ("mmedit", "mmagic"):
-        hr = hr[:hr.shape[0] - hr.shape[0] % 12, :hr.shape[1] - hr.shape[1] % 12]  # GTmod12
-    gt = crop_for_scale(hr, scale)
+    h12, w12 = mod12_shape(*hr.shape[:2], protocol)
+    gt = crop_for_scale(hr[:h12, :w12], scale)  # GTmod12 first under mmedit and mmagic
     if lr_dir is not None:
         lr = read_rgb(find_lr_file(lr_dir, os.path.basename(path), scale))
     else:
@@ -103,20 +119,70 @@ def matlab_y(rgb255):
     return np.round(16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255)
 
 
+def scoring_border(scale, protocol, crop=None, div2k=False):
+    """(pixels removed from each side of the prediction and the ground truth before scoring, whether
+    SSIM is computed). `crop` counts only under mmedit and mmagic (default: the scale)."""
+    if protocol == "classic":
+        return math.ceil(scale), False
+    if protocol == "paper":
+        return math.ceil(scale) + (6 if div2k else 0), False
+    return (math.ceil(scale) if crop is None else crop), True
+
+
+class ImageTooSmall(ValueError):
+    """An image that cannot be scored at a scale: its LR image would be empty, or the border removed
+    before scoring leaves no pixels (or fewer than SSIM's window). `option` names the setting to
+    change: "scale", "crop" (an explicit crop) or "protocol" (GTmod12 leaves nothing); `detail` says
+    why, naming the image and its size."""
+
+    def __init__(self, option, value, detail):
+        self.option, self.value, self.detail = option, value, detail
+        shown = f"{value:g}" if isinstance(value, float) else value
+        super().__init__(f"{option} {shown}: {detail}")
+
+
+def check_image_size(name, h, w, scale, protocol, crop=None, div2k=False):
+    """Raises ImageTooSmall when an (h, w) image named `name` cannot be scored at `scale` under
+    `protocol` (the rules of make_sample and score, from the size alone)."""
+    h12, w12 = mod12_shape(h, w, protocol)
+    if h12 < 1 or w12 < 1:
+        raise ImageTooSmall("protocol", protocol, (
+            f"{name} ({w}x{h}) is too small: the protocol crops it to a multiple of 12 pixels, "
+            f"which leaves {w12}x{h12}"))
+    h_lr, w_lr = lr_shape(h12, w12, scale)
+    if h_lr < 1 or w_lr < 1:
+        raise ImageTooSmall("scale", scale, (
+            f"{name} ({w}x{h}) is too small for x{scale:g}: its LR image would be {w_lr}x{h_lr}"))
+    gt_h, gt_w = gt_shape(h12, w12, scale)
+    border, ssim = scoring_border(scale, protocol, crop, div2k)
+    left_h, left_w = max(0, gt_h - 2 * border), max(0, gt_w - 2 * border)
+    need = SSIM_WINDOW if ssim else 1
+    if left_h >= need and left_w >= need:
+        return
+    explicit_crop = crop is not None and protocol in ("mmedit", "mmagic")
+    what = ("the crop" if explicit_crop else
+            "the scale + 6, div2k" if protocol == "paper" and div2k else "the scale")
+    why = (f"removing a {border}-pixel border ({what}) from its {gt_w}x{gt_h} ground truth leaves "
+           f"{left_w}x{left_h}" + (f", and SSIM needs at least {need}x{need}" if ssim and
+                                   left_h and left_w else ""))
+    if explicit_crop:
+        raise ImageTooSmall("crop", crop, f"{name} ({w}x{h}) at x{scale:g}: {why}")
+    raise ImageTooSmall("scale", scale, f"{name} ({w}x{h}) is too small for x{scale:g}: {why}")
+
+
 def score(pred255, gt, scale, protocol, crop=None, div2k=False, gray=False):
     """{'psnr': ..., 'ssim': ... or None} of one image, values in [0, 255]."""
     gt = gt.astype(np.float64)
+    border, _ = scoring_border(scale, protocol, crop, div2k)
     if protocol == "classic":
-        shave = math.ceil(scale)
         if gray:
             a, b = pred255[..., :1], gt[..., :1]
         else:
             a, b = matlab_y(pred255)[..., None], matlab_y(gt)[..., None]
-        return {"psnr": psnr_rgb(a, b, crop=shave), "ssim": None}
+        return {"psnr": psnr_rgb(a, b, crop=border), "ssim": None}
     if protocol == "paper":
         if div2k:
-            return {"psnr": psnr_rgb(pred255, gt, crop=math.ceil(scale) + 6), "ssim": None}
-        return {"psnr": psnr_y(pred255 / 255, gt / 255, shave=math.ceil(scale)), "ssim": None}
-    crop = math.ceil(scale) if crop is None else crop
-    return {"psnr": psnr_rgb(pred255, gt, crop),
-            "ssim": ssim_mmedit(pred255, gt, crop, first_channel_only=protocol == "mmedit")}
+            return {"psnr": psnr_rgb(pred255, gt, crop=border), "ssim": None}
+        return {"psnr": psnr_y(pred255 / 255, gt / 255, shave=border), "ssim": None}
+    return {"psnr": psnr_rgb(pred255, gt, border),
+            "ssim": ssim_mmedit(pred255, gt, border, first_channel_only=protocol == "mmedit")}

@@ -1,0 +1,208 @@
+"""`liif-cuda eval`'s checks of its arguments: each refused before any work, with one line naming
+the option (and the image, where an image's size is the trouble). Tiny images, the bicubic model."""
+
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import SHARED, requires_shared
+from PIL import Image
+
+from liif_cuda import cli
+
+SET5 = os.path.join(SHARED, "data", "Set5")
+# liif_cuda.evaluation's `evaluate` attribute is the function; this is its module.
+evaluate_module = importlib.import_module("liif_cuda.evaluation.evaluate")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two 26x30 (WxH) images: 24x24 after the mmedit protocol's GTmod12."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (30, 26, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return str(folder)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any prediction fails the test: the checks must come before the evaluation."""
+    def predict(*args, **kwargs):
+        raise AssertionError("the evaluation started")
+    monkeypatch.setattr(evaluate_module, "predict", predict)
+
+
+def run(*argv):
+    return cli.main(["eval", *[str(a) for a in argv]])
+
+
+def error_of(capsys, *argv):
+    status = run(*argv)
+    err = capsys.readouterr().err.strip()
+    assert status != 0
+    assert len(err.splitlines()) == 1 and err.startswith("liif-cuda: error:"), err
+    return status, err
+
+
+def test_device_cuda_without_a_gpu(folder, monkeypatch, capsys, no_work):
+    """As upscale: one line and status 2, before the model is loaded (it used to fail in model.to
+    with a traceback: 'Torch not compiled with CUDA enabled')."""
+    import torch
+
+    import liif_cuda.load
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(liif_cuda.load, "load_model", load_model)
+    for model in ("edsr-baseline-liif", "bicubic"):
+        status, err = error_of(capsys, "--model", model, "--data", folder, "--scales", 2,
+                               "--device", "cuda")
+        assert status == 2 and err == "liif-cuda: error: --device cuda: no CUDA GPU is available"
+
+
+def test_json_folder_is_checked_first(tmp_path, folder, capsys, no_work):
+    missing = tmp_path / "no" / "such" / "x.json"
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--json", missing)
+    assert status == 1 and f"--json {missing}" in err and "does not exist" in err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--json", a_file / "x.json")
+    assert status == 1 and "--json" in err and "is not a folder" in err
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--json", tmp_path)
+    assert status == 2 and f"--json {tmp_path} is a folder" in err
+
+
+def test_json_folder_not_writable(tmp_path, folder, capsys, monkeypatch, no_work):
+    """(os.access is faked: as root every folder is writable.)"""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path)
+                        else real_access(path, mode))
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--json", tmp_path / "x.json")
+    assert status == 1 and "--json" in err and "not writable" in err
+
+
+def test_json_is_written_atomically(tmp_path, folder, capsys, monkeypatch):
+    """An interrupted write leaves the previous file as it was and no temporary file; the table is
+    printed before the file is written, so that its results are not lost."""
+    out = tmp_path / "r.json"
+    out.write_text("previous")
+
+    def dump(record, f, **kwargs):
+        f.write('{"protocol": ')
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(evaluate_module.json, "dump", dump)
+    assert run("--model", "bicubic", "--data", folder, "--scales", 2, "--json", out,
+               "--overwrite") == 1
+    captured = capsys.readouterr()
+    assert "| x2 |" in captured.out and "interrupted" in captured.err
+    assert out.read_text() == "previous" and sorted(os.listdir(tmp_path)) == ["r.json", "tiny"]
+    monkeypatch.undo()
+    assert run("--model", "bicubic", "--data", folder, "--scales", 2, "--json", out,
+               "--overwrite") == 0
+    assert json.loads(out.read_text())["results"]["tiny"]["2"]["psnr"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "tiny"]
+
+
+def test_json_that_appears_during_the_evaluation_is_kept(tmp_path, folder, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    real = evaluate_module.evaluate
+
+    def evaluate(*args, **kwargs):
+        out.write_text("someone else's")
+        return real(*args, **kwargs)
+    monkeypatch.setattr("liif_cuda.evaluation.evaluate", evaluate)
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--json", out)
+    assert status == 1 and "--overwrite" in err and out.read_text() == "someone else's"
+
+
+@pytest.mark.filterwarnings("error")  # numpy's 'Mean of empty slice' warnings before the fix
+def test_crop(folder, capsys, no_work):
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--crop", -1)
+    assert status == 2 and "--crop must be >= 0, got -1" in err
+    _, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                      "--crop", 100000)
+    image = os.path.join(folder, "0.png")
+    assert err.startswith(f"liif-cuda: error: --crop 100000: {image} (26x30) at x2: ") and \
+        "leaves 0x0" in err
+    # At x2 the ground truth is 24x24: a crop of 7 leaves 10x10, one short of SSIM's window.
+    _, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2, "--crop", 7)
+    assert err.startswith(f"liif-cuda: error: --crop 7: {image} (26x30)") and \
+        "leaves 10x10, and SSIM needs at least 11x11" in err
+
+
+@pytest.mark.filterwarnings("error")
+def test_crop_that_leaves_the_ssim_window_is_accepted(folder, capsys):
+    assert run("--model", "bicubic", "--data", folder, "--scales", 2, "--crop", 6) == 0
+    assert "| x2 |" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("protocol", ["mmedit", "paper", "classic"])
+def test_scale_too_large_for_an_image(folder, capsys, no_work, protocol):
+    image = os.path.join(folder, "0.png")
+    for scale in (200, 1000):
+        _, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", f"2,{scale}",
+                          "--protocol", protocol)
+        assert err == (f"liif-cuda: error: --scales {scale}: {image} (26x30) is too small for "
+                       f"x{scale}: its LR image would be 0x0")
+    # mmedit, x8: a 3x3 LR image, a 24x24 ground truth, 8 pixels removed: 8x8 for SSIM's 11x11.
+    # paper, classic, x13: a 2x2 LR image, 26x26, 13 pixels removed: nothing left.
+    scale, left = (8, "leaves 8x8, and SSIM needs") if protocol == "mmedit" else (13, "leaves 0x0")
+    _, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", scale,
+                      "--protocol", protocol)
+    assert err.startswith(f"liif-cuda: error: --scales {scale}: {image} (26x30) is too small for "
+                          f"x{scale}: removing a {scale}-pixel border (the scale)") and left in err
+
+
+@requires_shared
+@pytest.mark.filterwarnings("error")
+def test_scale_too_large_for_set5(capsys, no_work):
+    """The new user's commands: x200 leaves nothing of baby.png after the border, x1000 gives an
+    empty LR image."""
+    baby = os.path.join(SET5, "baby.png")
+    _, err = error_of(capsys, "--model", "bicubic", "--data", SET5, "--scales", 200)
+    assert err.startswith(f"liif-cuda: error: --scales 200: {baby} (512x512) is too small for x200")
+    _, err = error_of(capsys, "--model", "bicubic", "--data", SET5, "--scales", 1000)
+    assert err == (f"liif-cuda: error: --scales 1000: {baby} (512x512) is too small for x1000: "
+                   f"its LR image would be 0x0")
+
+
+def test_image_too_small_for_the_mmedit_protocol(tmp_path, capsys, no_work):
+    Image.fromarray(np.zeros((30, 10, 3), np.uint8)).save(tmp_path / "narrow.png")
+    _, err = error_of(capsys, "--model", "bicubic", "--data", tmp_path, "--scales", 2)
+    assert err.startswith(f"liif-cuda: error: --protocol mmedit: {tmp_path / 'narrow.png'} (10x30) "
+                          f"is too small: the protocol crops it to a multiple of 12 pixels")
+
+
+@pytest.mark.parametrize("scales,message", [
+    ("2,,3", "--scales has an empty item in '2,,3'"),
+    ("2,", "--scales has an empty item in '2,'"),
+    (",2", "--scales has an empty item in ',2'"),
+    ("", "--scales has an empty item in ''"),
+    ("2, ,3", "--scales has an empty item"),
+    ("2,x", "--scales must be numbers separated by commas"),
+    ("2,-1", "--scales must be finite numbers > 0"),
+    ("inf", "--scales must be finite numbers > 0"),
+    ("nan", "--scales must be finite numbers > 0"),
+    ("2,3,2.0", "--scales gives x2 twice (2 and 2.0)"),
+])
+def test_bad_scales(folder, capsys, no_work, scales, message):
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", scales)
+    assert status == 2 and message in err
+
+
+def test_scales_with_spaces_are_accepted(folder, capsys):
+    assert run("--model", "bicubic", "--data", folder, "--scales", " 2, 3 ") == 0
+    out = capsys.readouterr().out
+    assert "| x2 |" in out and "| x3 |" in out
