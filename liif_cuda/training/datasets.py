@@ -23,7 +23,10 @@ def list_images(root_path, split_file=None, split_key=None, first_k=None):
     """The image files of a folder: sorted, or the names listed under `split_key` in the JSON
     `split_file`; the first `first_k` of them."""
     if not os.path.isdir(root_path):
-        raise ConfigError(f"dataset root_path {root_path} is not a folder")
+        # The packaged configs read DIV2K from ./load/div2k/ as the original code did.
+        raise ConfigError(f"dataset root_path {root_path} is not a folder (the packaged configs "
+                          f"read DIV2K from ./load/div2k/; for other images copy a config and "
+                          f"edit its root_path: docs/training.md)")
     if split_file is not None:
         with open(split_file) as f:
             names = json.load(f)[split_key]
