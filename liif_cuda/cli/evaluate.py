@@ -105,6 +105,10 @@ def eval_command(args):
 
 def add_eval_parser(sub):
     ev = sub.add_parser("eval", help="PSNR / SSIM on image folders under a published protocol",
+                        description="PSNR and SSIM of a model (or the bicubic baseline) on folders "
+                                    "of HR images, each made into LR and scored as a published "
+                                    "protocol does (docs/evaluation.md); a table on stdout, "
+                                    "per-image values with --json.",
                         formatter_class=HelpFormatter)
     ev.add_argument("--model", default="edsr-baseline-liif",
                     help="pretrained name, checkpoint path, or 'bicubic' (MATLAB bicubic baseline)")
