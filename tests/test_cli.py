@@ -136,6 +136,9 @@ def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkey
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "0"], "--scale must be > 0"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-2"], "--scale must be > 0"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "12by4"], "WIDTHxHEIGHT"),
+    # Values starting with "-" reach the option's own check (argparse took them for options).
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "-5x"], "--size"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-1e-9"], "--scale must be > 0"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
     (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
     (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),

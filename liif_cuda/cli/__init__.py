@@ -24,6 +24,7 @@ every output file is written to a temporary name and renamed at the end, so it i
 """
 
 import argparse
+import re
 import sys
 
 from .common import PRECISIONS, CliError, HelpFormatter
@@ -50,11 +51,31 @@ def build_parser():
     return parser
 
 
+# Options whose value may start with "-": argparse takes "-5x" or "-1e-9" (not plain negative
+# numbers) for an unknown option and says only "expected one argument"; joined as "--size=-5x", the
+# value reaches the option's own check, whose message says what is wrong with it.
+DASHED_VALUE_OPTIONS = ("--size", "--scale", "--scales", "--crop")
+
+
+def join_dashed_values(argv):
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in DASHED_VALUE_OPTIONS and i + 1 < len(argv) and re.match(r"-[\d.]",
+                                                                               argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv=None):
     """Runs one command; returns the exit status (0, 1 when something failed, 2 for usage errors).
     A command's func returns its status (None meaning 0) or raises CliError."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dashed_values([str(a) for a in (sys.argv[1:] if argv is None
+                                                                  else argv)]))
     try:
         status = args.func(args)
     except CliError as exc:
