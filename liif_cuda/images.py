@@ -89,11 +89,11 @@ def to_tensor(image):
     c, h, w = chw.shape
     if h == 0 or w == 0:
         raise ValueError(f"image is empty ({h}x{w} pixels)")
-    floating = kind.kind == "tensor" or _max_value(kind.dtype) is None
-    if floating and float(chw.max()) > 2:
+    peak = float(chw.max()) if kind.kind == "tensor" or _max_value(kind.dtype) is None else 0.0
+    if peak > 2:  # a float image (a tensor, or a numpy array that is not uint8 / uint16)
         warnings.warn(f"a floating-point image is taken as values in [0, 1], but this one goes up "
-                      f"to {float(chw.max()):g}: everything above 1 comes out white (an 8-bit "
-                      f"image as float needs dividing by 255)", stacklevel=3)
+                      f"to {peak:g}: everything above 1 comes out white (an 8-bit image as float "
+                      f"needs dividing by 255)", stacklevel=3)
     colour = chw[:c - 1] if c in (2, 4) else chw
     alpha = chw[c - 1:] if c in (2, 4) else None
     rgb = colour.expand(3, -1, -1) if colour.shape[0] == 1 else colour

@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 import pytest
+import test_cli
 from conftest import SHARED, requires_shared
 from PIL import Image
 
-from liif_cuda import cli
 
 SET5 = os.path.join(SHARED, "data", "Set5")
 # liif_cuda.evaluation's `evaluate` attribute is the function; this is its module.
@@ -37,15 +37,11 @@ def no_work(monkeypatch):
 
 
 def run(*argv):
-    return cli.main(["eval", *[str(a) for a in argv]])
+    return test_cli.run("eval", *argv)
 
 
 def error_of(capsys, *argv):
-    status = run(*argv)
-    err = capsys.readouterr().err.strip()
-    assert status != 0
-    assert len(err.splitlines()) == 1 and err.startswith("liif-cuda: error:"), err
-    return status, err
+    return test_cli.error_of(capsys, "eval", *argv)
 
 
 def test_device_cuda_without_a_gpu(folder, monkeypatch, capsys, no_work):

@@ -32,6 +32,14 @@ def say(message):
     tqdm.write(message, file=sys.stdout)
 
 
+def check_cuda_requested(requested):
+    """--device cuda needs a CUDA GPU: one line before any work, not torch's assertion later."""
+    if requested == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise CliError("--device cuda: no CUDA GPU is available", 2)
+
+
 def check_encoder_precision(args, device):
     if args.encoder_precision == "fp16" and not device.startswith("cuda"):
         raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)

@@ -5,7 +5,7 @@ import os
 import sys
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
-                     CliError, HelpFormatter, check_encoder_precision)
+                     CliError, HelpFormatter, check_cuda_requested, check_encoder_precision)
 
 # liif_cuda.evaluation.protocols.PROTOCOLS, with one line each from that module's docstring.
 PROTOCOL_HELP = (
@@ -35,14 +35,6 @@ def parse_scales(text):
     return scales
 
 
-def check_device(device):
-    """--device cuda needs a GPU (as upscale checks it), before any work."""
-    if device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise CliError("--device cuda: no CUDA GPU is available", 2)
-
-
 def check_json_path(path, overwrite):
     """--json must be a file that can be written, checked before the evaluation (not at its end)."""
     if os.path.isdir(path):
@@ -67,7 +59,7 @@ def eval_command(args):
     scales = parse_scales(args.scales)
     if args.crop is not None and args.crop < 0:
         raise CliError(f"--crop must be >= 0, got {args.crop}", 2)
-    check_device(args.device)
+    check_cuda_requested(args.device)
     if args.model != "bicubic":
         from ..upscaling import default_device
         check_encoder_precision(args, args.device or default_device())

@@ -8,7 +8,8 @@ import sys
 import time
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
-                     CliError, HelpFormatter, check_encoder_precision, notice, say)
+                     CliError, HelpFormatter, check_cuda_requested, check_encoder_precision,
+                     notice, say)
 from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, check_writable_folder,
                           image_header_size, read_image, write_image)
 from .sizes import check_memory, check_scale, fit_size, keeps_aspect, parse_size
@@ -80,8 +81,7 @@ def upscale_device(requested, local_rank):
     import torch
 
     from ..upscaling import default_device
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA GPU is available", 2)
+    check_cuda_requested(requested)
     device = requested or default_device()
     if device == "cuda" and local_rank is not None:
         if local_rank >= torch.cuda.device_count():
