@@ -26,7 +26,6 @@ Run on an otherwise idle machine:
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -43,7 +42,8 @@ import liif_cuda  # noqa: E402
 from liif_cuda._backward import recompute_backward  # noqa: E402
 from liif_cuda.models import LIIF, EDSRBaseline  # noqa: E402
 from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, write_results)
+                          reset_peak_resident_set, result_header, run_memory_probe,
+                          write_results)
 
 BATCH, CHANNELS, SIZE, QUERIES = 16, 64, 48, 2304
 HIDDEN = [256, 256, 256, 256]
@@ -213,9 +213,7 @@ def main():
     memory = {}
     if not args.skip_memory:
         for name in names:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe",
-                                  name], check=True, capture_output=True, text=True).stdout
-            memory[name] = int(out.strip().splitlines()[-1])
+            memory[name] = int(run_memory_probe(__file__, "--memory-probe", name))
             query[name]["peak_memory_bytes"] = memory[name]
     errors = gradient_errors(feat, coords, cells, mlp)
     print(f"query forward + backward, batch {BATCH}, {SIZE}x{SIZE}, {QUERIES} queries per image:")

@@ -19,7 +19,6 @@ Run on an otherwise idle machine: a build or test run on another core distorts C
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,7 +32,8 @@ import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
 from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, write_results)
+                          reset_peak_resident_set, result_header, run_memory_probe,
+                          write_results)
 
 CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
@@ -78,10 +78,7 @@ def measure_peak_memory(size, scale, variant):
 
 
 def peak_memory_in_subprocess(size, scale, variant):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", f"{size},{scale},{variant}"]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return int(res.stdout.strip().splitlines()[-1])
+    return int(run_memory_probe(__file__, "--memory-probe", f"{size},{scale},{variant}"))
 
 
 def time_variants(size, scale, repeats, variants):

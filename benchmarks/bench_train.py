@@ -18,7 +18,6 @@ Run on an otherwise idle machine (about 3 minutes on 2 cores):
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,7 +33,8 @@ from liif_cuda.training.checkpointing import load_original_state_dict  # noqa: E
 from liif_cuda.training.datasets import make_dataset  # noqa: E402
 from liif_cuda.training.trainer import build_model, normalise_batch, train_step  # noqa: E402
 from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, write_results)
+                          reset_peak_resident_set, result_header, run_memory_probe,
+                          write_results)
 
 VARIANTS = {"cpu": ("reference", "reference-bf16", "liif_cuda-fp32", "liif_cuda-bf16"),
             "cuda": ("reference", "reference-bf16", "liif_cuda-fp32", "liif_cuda-bf16",
@@ -126,10 +126,8 @@ def measure(data_dir, device, repeats, memory=True):
             if device == "cuda":
                 peaks[name] = cuda_peak_memory(steps[name], data[0])
             else:
-                cmd = [sys.executable, os.path.abspath(__file__), "--data", data_dir,
-                       "--memory-probe", name]
-                res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                peaks[name] = int(res.stdout.strip().splitlines()[-1])
+                peaks[name] = int(run_memory_probe(__file__, "--data", data_dir,
+                                                   "--memory-probe", name))
     return {name: {"median_step_s": median[name], "iterations_per_s": 1 / median[name],
                    "speedup_vs_reference": median["reference"] / median[name],
                    "times_s": times[name], "peak_memory_bytes": peaks.get(name)}

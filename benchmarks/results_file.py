@@ -4,6 +4,8 @@ with --out; and the machine they ran on."""
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +72,14 @@ def reset_peak_resident_set():
     """Sets VmHWM to the current resident set, so that the next peak is the call's own."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def run_memory_probe(script, *args):
+    """Runs `python script *args` in a fresh process and returns the last line it prints (a memory
+    probe's result). malloc's mmap threshold is fixed there: left dynamic, glibc raises it after the
+    probe's warm-up call frees its large buffers, and the measured call then reuses the heap those
+    buffers left behind, unseen by the peak resident set."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)],
+                          capture_output=True, text=True, check=True, env=env)
+    return done.stdout.strip().splitlines()[-1]
