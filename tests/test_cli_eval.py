@@ -137,6 +137,35 @@ def test_crop(folder, capsys, no_work):
         "leaves 10x10, and SSIM needs at least 11x11" in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (("--protocol", "paper", "--crop", "0"), "--crop applies under the mmedit and mmagic protocols "
+                                             "only; the paper protocol removes its own border"),
+    (("--protocol", "classic", "--crop", "4"), "--crop applies under the mmedit and mmagic "
+                                               "protocols only; the classic protocol"),
+    (("--div2k",), "--div2k applies under the paper protocol only, not mmedit"),
+    (("--protocol", "classic", "--div2k"), "--div2k applies under the paper protocol only, "
+                                           "not classic"),
+])
+def test_options_the_protocol_ignores(folder, capsys, no_work, argv, message):
+    """They used to be ignored without a word."""
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2, *argv)
+    assert status == 2 and err.startswith(f"liif-cuda: error: {message}")
+    assert len(err.splitlines()) == 1
+
+
+def test_lr_dir_file_of_another_size(tmp_path, folder, capsys, no_work):
+    """An x3 file in the X2 folder: one line naming the file, its size and the size needed."""
+    lr = tmp_path / "LR" / "X2"
+    lr.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((10, 8, 3), np.uint8)).save(lr / f"{i}x2.png")
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--protocol", "paper", "--lr-dir", tmp_path / "LR")
+    assert status == 1 and err == (f"liif-cuda: error: --lr-dir: {lr / '0x2.png'} is 8x10, but x2 "
+                                   f"of {os.path.join(folder, '0.png')} (26x30) under the paper "
+                                   f"protocol needs a 13x15 LR image")
+
+
 @pytest.mark.filterwarnings("error")
 def test_crop_that_leaves_the_ssim_window_is_accepted(folder, capsys):
     assert run("--model", "bicubic", "--data", folder, "--scales", 2, "--crop", 6) == 0

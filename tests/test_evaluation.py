@@ -16,9 +16,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import liif_cuda
 from liif_cuda import cli
 from liif_cuda.evaluation import evaluate, format_table, imresize, psnr_rgb, psnr_y, ssim_mmedit
-from liif_cuda.evaluation.protocols import (ImageTooSmall, check_image_size, crop_for_scale,
-                                            finish_prediction, lr_shape, make_sample, matlab_y,
-                                            score)
+from liif_cuda.evaluation.protocols import (ImageTooSmall, LRFileMismatch, OptionIgnored,
+                                            check_image_size, crop_for_scale, finish_prediction,
+                                            lr_shape, make_sample, matlab_y, score)
 
 SET5 = os.path.join(SHARED, "data", "Set5")
 SET14 = os.path.join(SHARED, "data", "Set14")
@@ -318,6 +318,93 @@ def test_evaluate_checks_sizes_and_crop_before_loading_the_model(tmp_path):
         evaluate(missing, str(tmp_path), [2], crop=20, progress=False)
     with pytest.raises(ValueError, match="crop must be >= 0, got -1"):
         evaluate(missing, str(tmp_path), [2], crop=-1, progress=False)
+
+
+def test_options_a_protocol_ignores_are_refused(tmp_path):
+    """crop counts under mmedit and mmagic only, div2k under paper only: given elsewhere they are
+    refused before any work (they used to be ignored without a word)."""
+    Image.fromarray(np.zeros((30, 26, 3), np.uint8)).save(tmp_path / "a.png")
+    missing = str(tmp_path / "missing.pth")  # loading it would raise FileNotFoundError
+    for protocol in ("paper", "classic"):
+        with pytest.raises(OptionIgnored, match=rf"^crop applies under the mmedit and mmagic "
+                                                rf"protocols only; the {protocol} protocol"):
+            evaluate(missing, str(tmp_path), [2], protocol=protocol, crop=0, progress=False)
+    for protocol in ("mmedit", "mmagic", "classic"):
+        with pytest.raises(OptionIgnored, match=f"^div2k applies under the paper protocol only, "
+                                                f"not {protocol}$"):
+            evaluate(missing, str(tmp_path), [2], protocol=protocol, div2k=True, progress=False)
+    for protocol, crop, div2k in (("mmedit", 0, False), ("mmagic", 3, False), ("paper", None, True)):
+        results = evaluate("bicubic", str(tmp_path), [2], protocol=protocol, crop=crop,
+                           div2k=div2k, progress=False)
+        assert results[os.path.basename(tmp_path)]["2"]["images"]
+
+
+def lr_dir_case(tmp_path, lr_wh):
+    """A 26x30 (WxH) HR image and its x2 LR file of size `lr_wh`, under the LR folder's X2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (30, 26, 3), np.uint8)).save(data / "img.png")
+    (tmp_path / "LR" / "X2").mkdir(parents=True)
+    w, h = lr_wh
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
+        tmp_path / "LR" / "X2" / "imgx2.png")
+    return str(data), str(tmp_path / "LR")
+
+
+@pytest.mark.parametrize("protocol,lr_wh,accepted", [
+    ("paper", (13, 15), True),      # floor(26 / 2) x floor(30 / 2)
+    ("paper", (12, 12), False),     # made from the mmedit protocol's 24x24 GTmod12
+    ("paper", (9, 10), False),      # an x3 file in the X2 folder
+    ("paper", (14, 15), False),     # ceil, not floor
+    ("mmedit", (12, 12), True),
+    ("mmedit", (13, 15), False),
+])
+def test_lr_dir_file_sizes_are_checked_before_any_work(tmp_path, protocol, lr_wh, accepted):
+    """An LR file from lr_dir must be the LR size of its HR image at that scale: another size (made
+    for another scale, or another crop) would be upscaled to the ground truth's size and scored as
+    if it matched. Checked from the headers before the model loads, and again in make_sample."""
+    data, lr_dir = lr_dir_case(tmp_path, lr_wh)
+    missing = str(tmp_path / "missing.pth")  # loading it would raise FileNotFoundError
+    if accepted:
+        results = evaluate("bicubic", data, [2], protocol=protocol, lr_dir=lr_dir, progress=False)
+        assert len(results["data"]["2"]["images"]) == 1
+        return
+    w, h = lr_wh
+    want = "12x12" if protocol == "mmedit" else "13x15"
+    message = (rf"imgx2\.png is {w}x{h}, but x2 of .*img\.png \(26x30\) under the {protocol} "
+               rf"protocol needs a {want} LR image$")
+    with pytest.raises(LRFileMismatch, match=message):
+        evaluate(missing, data, [2], protocol=protocol, lr_dir=lr_dir, progress=False)
+    with pytest.raises(LRFileMismatch, match=message):
+        make_sample(os.path.join(data, "img.png"), 2, protocol, lr_dir=lr_dir)
+
+
+def test_missing_lr_file_is_found_before_any_work(tmp_path):
+    data, lr_dir = lr_dir_case(tmp_path, (13, 15))
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="no LR file for img.png at x3"):
+        evaluate(missing, data, [2, 3], protocol="paper", lr_dir=lr_dir, progress=False)
+
+
+def test_infinite_psnr_is_written_as_null(tmp_path):
+    """A prediction equal to its ground truth has an infinite PSNR; JSON has no Infinity (Python's
+    json would write it, and JavaScript's JSON.parse, jq and others refuse the file)."""
+    import json
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(data / "flat.png")
+    out = tmp_path / "r.json"
+    flat = lambda lr, h, w: np.full((h, w, 3), 90 / 255)  # noqa: E731
+    results = evaluate(flat, str(data), [2], json_path=str(out), progress=False)
+    assert results["data"]["2"]["psnr"] == math.inf  # the returned results keep it
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON file")
+    record = json.loads(out.read_text(), parse_constant=refuse)
+    assert record["results"]["data"]["2"]["psnr"] is None
+    assert record["results"]["data"]["2"]["images"][0]["psnr"] is None
+    assert record["results"]["data"]["2"]["ssim"] == pytest.approx(1)
 
 
 def test_evaluate_writes_json_atomically(tmp_path, monkeypatch):

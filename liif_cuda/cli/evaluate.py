@@ -54,11 +54,16 @@ def eval_command(args):
     from ..checkpoints import CheckpointError
     from ..evaluation import evaluate, format_table
     from ..evaluation.evaluate import write_results
-    from ..evaluation.protocols import ImageTooSmall
+    from ..evaluation.protocols import (ImageTooSmall, LRFileMismatch, OptionIgnored,
+                                        check_protocol_options)
     from ..pretrained import WeightsNotFound
     scales = parse_scales(args.scales)
     if args.crop is not None and args.crop < 0:
         raise CliError(f"--crop must be >= 0, got {args.crop}", 2)
+    try:
+        check_protocol_options(args.protocol, args.crop, args.div2k)
+    except OptionIgnored as exc:
+        raise CliError(f"--{exc.option} {exc.detail}", 2) from None
     check_cuda_requested(args.device)
     if args.model != "bicubic":
         from ..upscaling import default_device
@@ -78,6 +83,8 @@ def eval_command(args):
         option = {"scale": "--scales", "crop": "--crop", "protocol": "--protocol"}[exc.option]
         shown = f"{exc.value:g}" if isinstance(exc.value, float) else exc.value
         raise CliError(f"{option} {shown}: {exc.detail}") from None
+    except LRFileMismatch as exc:
+        raise CliError(f"--lr-dir: {exc}") from None
     except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
         raise CliError(str(exc)) from None
     print(format_table(results))

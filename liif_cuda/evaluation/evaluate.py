@@ -1,6 +1,7 @@
 """evaluate(): PSNR / SSIM of a model on image folders at several scales, under a published protocol."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 
 from .._files import write_atomically
 from .matlab_resize import imresize
-from .protocols import PROTOCOLS, check_image_size, finish_prediction, make_sample, score
+from .protocols import (PROTOCOLS, check_image_size, check_lr_size, check_protocol_options,
+                        find_lr_file, finish_prediction, make_sample, score)
 
 IMAGE_EXTENSIONS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
@@ -29,14 +31,31 @@ def image_size(path):
         return im.size[1], im.size[0]
 
 
-def check_sizes(files, scales, protocol, crop=None, div2k=False):
+def check_sizes(files, scales, protocol, crop=None, div2k=False, lr_dir=None):
     """Every image of `files` ({dataset: paths}) at every scale can be scored (from the sizes in the
-    files' headers, before any work); raises protocols.ImageTooSmall for the first that cannot."""
+    files' headers, before any work); raises protocols.ImageTooSmall for the first that cannot.
+    With `lr_dir`, every LR file is found and its size checked too (FileNotFoundError,
+    protocols.LRFileMismatch)."""
     for paths in files.values():
         for path in paths:
             h, w = image_size(path)
             for scale in scales:
                 check_image_size(path, h, w, scale, protocol, crop, div2k)
+                if lr_dir is not None:
+                    lr_path = find_lr_file(lr_dir, os.path.basename(path), scale)
+                    check_lr_size(lr_path, *image_size(lr_path), path, h, w, scale, protocol)
+
+
+def finite_or_none(value):
+    """`value` with every infinite or NaN float made None (JSON null): JSON has no Infinity, and a
+    PSNR is infinite when a prediction equals its ground truth."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_results(path, results, protocol="mmedit", resize="pillow", crop=None, div2k=False,
@@ -44,15 +63,16 @@ def write_results(path, results, protocol="mmedit", resize="pillow", crop=None, 
     """Writes evaluate()'s `results` with the settings that produced them as JSON to `path`, through
     a temporary file in the same folder renamed over it (never a partial file). With
     `overwrite=False` a file that exists at the time of the rename is left as it is
-    (FileExistsError)."""
+    (FileExistsError). Standard JSON: an infinite PSNR (a prediction equal to its ground truth) is
+    written as null, as is an SSIM the protocol does not compute."""
     record = {"protocol": protocol, "resize": resize, "crop": crop, "div2k": div2k,
               "lr_dir": lr_dir, "precision": precision,
-              "encoder_precision": encoder_precision, "results": results}
+              "encoder_precision": encoder_precision, "results": finite_or_none(results)}
 
     def refuse_existing():
         if not overwrite and os.path.exists(path):
             raise FileExistsError(f"{path} exists")
-    write_atomically(path, lambda f: json.dump(record, f, indent=1), binary=False,
+    write_atomically(path, lambda f: json.dump(record, f, indent=1, allow_nan=False), binary=False,
                      before_replace=refuse_existing)
 
 
@@ -84,7 +104,10 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     (write_results). Before any work (and before loading a named model) every image's size is
     checked at every scale: an image whose LR image would be empty, or whose ground truth has no
     pixels left after the border is removed (fewer than SSIM's 11x11 where SSIM is computed),
-    raises protocols.ImageTooSmall, a ValueError naming the image, its size and the setting."""
+    raises protocols.ImageTooSmall, a ValueError naming the image, its size and the setting; with
+    `lr_dir`, an LR file missing (FileNotFoundError) or of another size (protocols.LRFileMismatch)
+    is found then too. `crop` applies under mmedit and mmagic only, `div2k` under paper only; given
+    under another protocol they are refused (protocols.OptionIgnored) rather than ignored."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if resize not in ("pillow", "matlab"):
@@ -97,8 +120,9 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         raise ValueError(f"scales must be > 0, got {scales}")
     if crop is not None and not crop >= 0:
         raise ValueError(f"crop must be >= 0, got {crop}")
+    check_protocol_options(protocol, crop, div2k)
     files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
-    check_sizes(files, scales, protocol, crop, div2k)
+    check_sizes(files, scales, protocol, crop, div2k, lr_dir)
     if isinstance(model, str) and model != "bicubic":
         from ..load import load_model
         from ..upscaling import default_device

@@ -95,12 +95,31 @@ def find_lr_file(lr_dir, name, scale):
                             f"and similar)")
 
 
+class LRFileMismatch(ValueError):
+    """An LR file (from `lr_dir`) whose size is not the LR size of its HR image at that scale: made
+    for another scale or another crop of the image, it would be scored against a ground truth it
+    does not match."""
+
+
+def check_lr_size(lr_path, lr_h, lr_w, name, h, w, scale, protocol):
+    """Raises LRFileMismatch unless an (lr_h, lr_w) LR file fits the (h, w) HR image `name` at
+    `scale` under `protocol`: floor(size / scale) of the image (after GTmod12 where the protocol
+    has it), the size the HR image is cropped to match."""
+    want_h, want_w = lr_shape(*mod12_shape(h, w, protocol), scale)
+    if (lr_h, lr_w) != (want_h, want_w):
+        raise LRFileMismatch(
+            f"{lr_path} is {lr_w}x{lr_h}, but x{scale:g} of {name} ({w}x{h}) under the {protocol} "
+            f"protocol needs a {want_w}x{want_h} LR image")
+
+
 def make_sample(path, scale, protocol, resize="pillow", lr_dir=None):
     hr, gray = read_image(path)
     h12, w12 = mod12_shape(*hr.shape[:2], protocol)
     gt = crop_for_scale(hr[:h12, :w12], scale)  # GTmod12 first under mmedit and mmagic
     if lr_dir is not None:
-        lr = read_rgb(find_lr_file(lr_dir, os.path.basename(path), scale))
+        lr_path = find_lr_file(lr_dir, os.path.basename(path), scale)
+        lr = read_rgb(lr_path)
+        check_lr_size(lr_path, *lr.shape[:2], path, *hr.shape[:2], scale, protocol)
     else:
         lr = downscale(gt, scale, resize)
     return Sample(os.path.basename(path), lr, gt, gray)
@@ -127,6 +146,24 @@ def scoring_border(scale, protocol, crop=None, div2k=False):
     if protocol == "paper":
         return math.ceil(scale) + (6 if div2k else 0), False
     return (math.ceil(scale) if crop is None else crop), True
+
+
+class OptionIgnored(ValueError):
+    """A setting given under a protocol that has no use for it (`option`: "crop" or "div2k")."""
+
+    def __init__(self, option, detail):
+        self.option, self.detail = option, detail
+        super().__init__(f"{option} {detail}")
+
+
+def check_protocol_options(protocol, crop=None, div2k=False):
+    """Refuses `crop` and `div2k` under a protocol that would ignore them (OptionIgnored)."""
+    if crop is not None and protocol not in ("mmedit", "mmagic"):
+        border = "the scale + 6 with div2k, else the scale" if protocol == "paper" else "the scale"
+        raise OptionIgnored("crop", f"applies under the mmedit and mmagic protocols only; the "
+                                    f"{protocol} protocol removes its own border ({border})")
+    if div2k and protocol != "paper":
+        raise OptionIgnored("div2k", f"applies under the paper protocol only, not {protocol}")
 
 
 class ImageTooSmall(ValueError):
