@@ -137,6 +137,30 @@ def test_a_failed_write_leaves_nothing_and_the_run_goes_on(tmp_path, photos, che
     assert "disk full" in capsys.readouterr().err
 
 
+def test_an_interrupt_says_what_was_done(tmp_path, photos, checkpoint, capsys, monkeypatch):
+    """Ctrl-C during the second file: the first output stays whole, no partial second one, a
+    summary of what was done, and the interrupt's status 130."""
+    from liif_cuda.cli import upscale as upscale_cli
+    real = upscale_cli.upscale_to_file
+    calls = []
+
+    def interrupted_second(image, out_w, out_h, model, args, output, overwrite):
+        calls.append(output)
+        if len(calls) == 2:
+            def write(*a, **k):
+                raise KeyboardInterrupt
+            monkeypatch.setattr(Image.Image, "save", write)
+        return real(image, out_w, out_h, model, args, output, overwrite)
+    monkeypatch.setattr(upscale_cli, "upscale_to_file", interrupted_second)
+    assert run("upscale", photos, "-o", tmp_path / "out", "--scale", 2, "--model", checkpoint,
+               "--recursive") == 130
+    captured = capsys.readouterr()
+    assert files_under(tmp_path / "out") == ["a_x2.png"]  # no temporary file either
+    assert captured.out.splitlines()[-1] == (f"interrupted at {photos / 'b.jpg'}: 1 done, 0 skipped, "
+                                             f"0 failed, 2 not done (3 of 3 files)")
+    assert captured.err.splitlines()[-1] == "liif-cuda: interrupted"
+
+
 @pytest.mark.parametrize("make,argv,match,status", [
     (lambda t: (t / "file.png").write_bytes(b"x"), ["-o", "{tmp}/file.png"], "is not a folder", 2),
     (None, ["-o", "{tmp}/new.png"], "names the output folder", 2),

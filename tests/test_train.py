@@ -365,6 +365,21 @@ def test_out_must_be_a_folder(images, tmp_path):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_cuda_that_cannot_run_is_refused_before_the_run_folder(images, tmp_path, monkeypatch):
+    """As load_model's device check: no GPU, or liif_cuda built without its CUDA kernels (the
+    first query would have failed, after the run folder was made)."""
+    import liif_cuda
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="^device 'cuda': no CUDA GPU is available"):
+        train(tiny_config(images), str(tmp_path / "run"), device="cuda", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: {"cuda": False})
+    with pytest.raises(TrainingError, match="^device 'cuda': liif_cuda was built without its CUDA "
+                                            "kernels"):
+        train(tiny_config(images), str(tmp_path / "run"), device="cuda", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_from_another_architecture_is_refused(images, tmp_path):
     first = str(tmp_path / "first")
     train(tiny_config(images, epochs=1), first, device="cpu", progress=False)

@@ -3,6 +3,7 @@ line, notices and results printed around progress bars, the help formatter and t
 
 import argparse
 import sys
+import tempfile
 
 # liif_cuda.PRECISIONS, spelled out so that the parser is built without importing torch.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -24,6 +25,23 @@ def notice(message):
     """Notices (not errors) go to stderr, through tqdm so that they do not tear a progress bar."""
     from tqdm import tqdm
     tqdm.write(f"notice: {message}", file=sys.stderr)
+
+
+def cannot_write_into(folder):
+    """Why a file cannot be created in `folder` (read-only, no permission, /proc), or None: found
+    by creating one and removing it, since os.access says yes to root everywhere."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".liif-cuda-probe-"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def check_writable_folder(folder):
+    """An output folder that takes no file is found before the work."""
+    why = cannot_write_into(folder)
+    if why is not None:
+        raise CliError(f"cannot write into the output folder {folder} ({why})")
 
 
 def say(message):

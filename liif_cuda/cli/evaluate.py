@@ -5,7 +5,8 @@ import os
 import sys
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
-                     CliError, HelpFormatter, check_cuda_requested, check_encoder_precision)
+                     CliError, HelpFormatter, cannot_write_into, check_cuda_requested,
+                     check_encoder_precision)
 
 # liif_cuda.evaluation.protocols.PROTOCOLS, with one line each from that module's docstring.
 PROTOCOL_HELP = (
@@ -46,8 +47,9 @@ def check_json_path(path, overwrite):
         raise CliError(f"--json {path}: folder {folder} does not exist")
     if not os.path.isdir(folder):
         raise CliError(f"--json {path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"--json {path}: folder {folder} is not writable")
+    why = cannot_write_into(folder)
+    if why is not None:
+        raise CliError(f"--json {path}: cannot write into folder {folder} ({why})")
 
 
 def eval_command(args):

@@ -2,7 +2,6 @@
 no decoding, and writes to a temporary file renamed at the end (never a partial output)."""
 
 import os
-import tempfile
 
 from .._files import write_atomically
 from .common import CliError, notice
@@ -68,14 +67,3 @@ def write_image(image, path, overwrite):
                          before_replace=refuse_existing)
     except OSError as exc:  # its strerror: the message would name the temporary file
         raise CliError(f"cannot write {path} ({exc.strerror or exc})") from None
-
-
-def check_writable_folder(folder):
-    """An output folder that takes no file (read-only, no permission) is found before the work: a
-    file is created there and removed."""
-    try:
-        with tempfile.TemporaryFile(dir=folder, prefix=".liif-cuda-probe-"):
-            pass
-    except OSError as exc:
-        raise CliError(f"cannot write into the output folder {folder} "
-                       f"({exc.strerror or exc})") from None

@@ -9,9 +9,9 @@ import time
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, check_cuda_requested, check_encoder_precision,
-                     notice, say)
-from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, check_writable_folder,
-                          image_header_size, read_image, write_image)
+                     check_writable_folder, notice, say)
+from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
+                          write_image)
 from .sizes import check_memory, check_scale, fit_size, keeps_aspect, parse_size
 
 # Outputs of at least this many pixels get upscale()'s progress bar over pixels.
@@ -269,16 +269,24 @@ def upscale_batch(args, scale, size, rank, world, local_rank):
     input_paths = {os.path.realpath(path) for path, _ in jobs}
     counts = {"done": 0, "skipped": 0, "failed": 0}
     model = load_upscaling_model(args.model, device) if mine else None
+    shard = f"rank {rank} of {world}: " if world > 1 else ""
     # One bar over the files (on a terminal only); upscale() keeps its own over a large image's pixels.
     with tqdm(total=len(mine), unit="file", desc="files", disable=None) as bar:
         for source, rel in mine:
             try:
                 counts[upscale_job(source, rel, out_dir, model, args, scale, size, input_paths)] += 1
+            except KeyboardInterrupt:
+                # What was done stays (each output is whole: written to a temporary name and
+                # renamed); say what, then stop as an interrupt does.
+                bar.close()
+                left = len(mine) - sum(counts.values())
+                say(f"{shard}interrupted at {source}: {summary(counts)}, {left} not done "
+                    f"({len(mine)} of {len(jobs)} files)")
+                raise
             except Exception as exc:  # noqa: BLE001  (whatever fails one file, the others go on)
                 report_failure(source, exc)
                 counts["failed"] += 1
             bar.update()
-    shard = f"rank {rank} of {world}: " if world > 1 else ""
     say(f"{shard}{summary(counts)} ({len(mine)} of {len(jobs)} files)")
     totals = tally_across_ranks(counts, world)
     if totals is not None and rank == 0:

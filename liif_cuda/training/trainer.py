@@ -245,8 +245,12 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
     device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda': no CUDA GPU is available")
+    if device_type == "cuda":
+        from ..load import check_device
+        try:  # no GPU, a CPU build of torch, liif_cuda built without its CUDA kernels
+            check_device("cuda")
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
     if precision == "fp16" and device_type != "cuda":
         raise ValueError("precision 'fp16' needs CUDA (GradScaler); on the CPU use 'bf16'")
     check_config(config)  # a config built in Python, not by load_config, is checked all the same
