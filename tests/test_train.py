@@ -254,6 +254,34 @@ def test_init_from_a_checkpoint(images, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_init_with_another_normalisation_says_so(images, tmp_path, capsys, monkeypatch):
+    """An mmediting EDSR checkpoint (mean 0.4488..., std 1) as --init: training goes on with the
+    original (x - 0.5) / 0.5, and a note says so (it used to be silent)."""
+    import liif_cuda.load
+    first = str(tmp_path / "first")
+    train(tiny_config(images, epochs=1), first, device="cpu", progress=False)
+    real_load = liif_cuda.load.load_model
+
+    def load_as_mmedit(path, device=None):
+        model = real_load(path, device)
+        model.normalisation = "mmedit-edsr"
+        return model
+    monkeypatch.setattr(liif_cuda.load, "load_model", load_as_mmedit)
+    capsys.readouterr()
+    train(tiny_config(images, epochs=1), str(tmp_path / "second"), init=f"{first}/epoch-last.pth",
+          device="cpu", progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: --init {first}/epoch-last.pth was trained with the mmedit-edsr "
+                     f"normalisation (mean [0.4488, 0.4371, 0.404], std [1.0, 1.0, 1.0]); training "
+                     f"uses the original one (mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]), so the "
+                     f"first steps start from a model that sees its inputs and outputs on other "
+                     f"scales"]
+    monkeypatch.undo()
+    train(tiny_config(images, epochs=1), str(tmp_path / "third"), init=f"{first}/epoch-last.pth",
+          device="cpu", progress=False)
+    assert "note:" not in capsys.readouterr().out
+
+
 # -- many processes ---------------------------------------------------------------------------------
 
 def torchrun(*argv, cwd, nproc=2):
@@ -437,6 +465,12 @@ RDN_SPEC = {"name": "rdn", "args": {"RDNconfig": "A", "no_upsampling": True}}
     ("multi_step_lr.gamma", -2, "multi_step_lr.gamma must be > 0"),
     ("multi_step_lr.gamma", 0, "multi_step_lr.gamma must be > 0"),
     ("multi_step_lr.gamma", "5e-1", r"multi_step_lr.gamma must be a number.*write 1.e-4"),
+    ("train_dataset.wrapper.args.augment", "false",
+     "train_dataset.wrapper.args.augment must be true or false"),
+    ("train_dataset.wrapper.args.augment", 1, "wrapper.args.augment must be true or false"),
+    ("eval_bsize", 0, "eval_bsize must be >= 1"),
+    ("eval_bsize", "30000", "eval_bsize must be an integer"),
+    ("eval_bsize", 1.5, "eval_bsize must be an integer"),
     ("seed", "x", "seed must be an integer"),
     ("seed", -1, "seed must be >= 0"),
     ("optimizer.args.lr", -1, "optimizer.args.lr must be >= 0"),

@@ -124,6 +124,7 @@ def _check_dataset(spec, where):
                           f"sr-implicit-downsampled takes image-folder)")
     _number(wargs.get("inp_size"), f"{where}.wrapper.args.inp_size", int, 1, allow_none=True)
     _number(wargs.get("sample_q"), f"{where}.wrapper.args.sample_q", int, 1, allow_none=True)
+    _flag(wargs.get("augment", False), f"{where}.wrapper.args.augment")
     scale_min = _number(wargs.get("scale_min", 1), f"{where}.wrapper.args.scale_min", float, 1)
     scale_max = _number(wargs.get("scale_max", scale_min), f"{where}.wrapper.args.scale_max")
     if scale_max < scale_min:
@@ -206,6 +207,8 @@ def check_config(config):
     _number(config["epoch_max"], "epoch_max", int, 1)
     for key in ("epoch_val", "epoch_save"):
         _number(config.get(key), key, int, 1, allow_none=True)
+    # Queries per chunk of the validation's query (the original's eval_bsize); none: 30000.
+    _number(config.get("eval_bsize"), "eval_bsize", int, 1, allow_none=True)
     if config.get("multi_step_lr") is not None:
         steps = config["multi_step_lr"]
         _keys(steps, {"milestones": True, "gamma": True}, "multi_step_lr")

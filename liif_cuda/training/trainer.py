@@ -291,12 +291,25 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     model = build_model(config["model"], normalisation).to(device)
     if init is not None:
         from ..load import load_model
-        pretrained = load_model(init).state_dict()
+        init_model = load_model(init)
+        pretrained = init_model.state_dict()
         mismatch = _first_mismatch(model.state_dict(), pretrained)
         if mismatch is not None:
             raise ConfigError(f"--init {init}: the checkpoint's model does not match the config's "
                               f"model ({mismatch})")
         model.load_state_dict(pretrained, strict=True)
+        if (NORMALISATIONS[init_model.normalisation] != NORMALISATIONS[normalisation]
+                and dist.main):  # by value: mmediting's RDN has the original's
+            # Not an error (fine-tuning adapts the weights), but never silent: the weights learnt
+            # other input and output scales, and the border pixels keep that from being folded
+            # into the first convolution exactly.
+            (mean, std), (to_mean, to_std) = (NORMALISATIONS[init_model.normalisation],
+                                              NORMALISATIONS[normalisation])
+            print(f"note: --init {init} was trained with the {init_model.normalisation} "
+                  f"normalisation (mean {list(mean)}, std {list(std)}); training uses the "
+                  f"{normalisation} one (mean {list(to_mean)}, std {list(to_std)}), so the first "
+                  f"steps start from a model that sees its inputs and outputs on other scales",
+                  flush=True)
     optimizer = build_optimizer(config["optimizer"], model.parameters())
     steps = config.get("multi_step_lr")
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, **steps) if steps else None
