@@ -4,7 +4,10 @@
 Policy
   - Grayscale (numpy (H, W) or (H, W, 1), PIL "L"/"I;16", tensors with one channel) is replicated to
     RGB, as LIIF's loaders do (`.convert('RGB')`), and the RGB result is turned back into one channel
-    with the ITU-R 601 luma weights that Pillow's convert("L") uses.
+    with the ITU-R 601 luma weights that Pillow's convert("L") uses. A bilevel PIL image ("1") comes
+    back as "L".
+  - PIL palette ("P", "PA"), CMYK and YCbCr images come back as RGB (RGBA where they have
+    transparency): a palette's indices, or another colour space, cannot be interpolated.
   - An alpha channel (RGBA / LA, 4 or 2 channels) is not seen by the model, which was trained on RGB:
     it is resized separately with Pillow-style bicubic interpolation and reattached.
   - uint8 stays uint8 and uint16 stays uint16 (rounded); float arrays and tensors are taken as values
@@ -76,7 +79,10 @@ def to_tensor(image):
             arr = np.asarray(image).astype(np.uint16)
         elif mode in ("L", "RGB", "RGBA", "LA"):
             arr = np.asarray(image)
-        elif mode in ("P", "PA", "CMYK", "YCbCr", "1"):
+        elif mode == "1":  # bilevel: upscaling makes grey levels, so it comes back as "L"
+            return to_tensor(image.convert("L"))
+        elif mode in ("P", "PA", "CMYK", "YCbCr"):
+            # A palette's indices or another colour space mean nothing between pixels: RGB(A).
             converted = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB")
             return to_tensor(converted)
         else:

@@ -104,6 +104,23 @@ def test_grayscale_policy(model):
     assert pil.mode == "L" and np.array_equal(np.array(pil), out)
 
 
+def test_pil_modes_without_interpolable_values(model):
+    """Bilevel comes back as 8-bit grayscale; palette, CMYK and YCbCr as RGB, RGBA where there is
+    transparency: each the upscale of its conversion."""
+    rng = np.random.default_rng(8)
+    rgb = Image.fromarray(rng.integers(0, 256, (10, 9, 3), dtype=np.uint8))
+    bilevel = Image.fromarray(rng.integers(0, 2, (10, 9), dtype=np.uint8) * 255).convert("1")
+    palette = rgb.convert("P")
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    for image, mode in ((bilevel, "L"), (palette, "RGB"), (rgb.convert("CMYK"), "RGB"),
+                        (rgb.convert("YCbCr"), "RGB"), (transparent, "RGBA")):
+        out = liif_cuda.upscale(image, scale=2, model=model)
+        assert out.mode == mode and out.size == (18, 20), image.mode
+        same = liif_cuda.upscale(image.convert(mode), scale=2, model=model)
+        assert np.array_equal(np.array(out), np.array(same)), image.mode
+
+
 def test_alpha_policy(model):
     rng = np.random.default_rng(6)
     rgba = rng.integers(0, 256, (8, 11, 4), dtype=np.uint8)
