@@ -95,7 +95,13 @@ def to_tensor(image):
     c, h, w = chw.shape
     if h == 0 or w == 0:
         raise ValueError(f"image is empty ({h}x{w} pixels)")
-    peak = float(chw.max()) if kind.kind == "tensor" or _max_value(kind.dtype) is None else 0.0
+    is_float = kind.kind == "tensor" or _max_value(kind.dtype) is None
+    if is_float and not bool(torch.isfinite(chw).all()):
+        # One NaN would spread through the encoder's convolutions over the whole output.
+        bad = int((~torch.isfinite(chw)).sum())
+        raise ValueError(f"image has {bad} NaN or infinite value(s); a floating-point image must "
+                         f"hold values in [0, 1]")
+    peak = float(chw.max()) if is_float else 0.0
     if peak > 2:  # a float image (a tensor, or a numpy array that is not uint8 / uint16)
         warnings.warn(f"a floating-point image is taken as values in [0, 1], but this one goes up "
                       f"to {peak:g}: everything above 1 comes out white (an 8-bit image as float "

@@ -33,13 +33,36 @@ def pixel_centres(n):
     return (-1 + r) + (2 * r) * torch.arange(n).float()
 
 
+def _whole(value):
+    """An int from an integer or a float with no fraction (60.0: a computed size); TypeError or
+    ValueError otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return operator.index(value)
+
+
+def check_tiling(tile, chunk):
+    """`tile` (None: the encoder's default) and `chunk` must be whole numbers >= 1: a tile of 0 or
+    less would leave output pixels unwritten."""
+    for name, value, optional in (("tile", tile, True), ("chunk", chunk, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1"
+                             f"{' or None' if optional else ''}, got {value!r}")
+
+
 def output_size(in_h, in_w, scale=None, size=None):
     """(out_h, out_w) from a scale (a number, or (scale_y, scale_x)) or a size (width, height)."""
     if (scale is None) == (size is None):
         raise ValueError("give exactly one of scale and size")
     if size is not None:
         try:
-            out_w, out_h = (operator.index(v) for v in size)
+            out_w, out_h = (_whole(v) for v in size)
         except (TypeError, ValueError):
             raise ValueError(f"size must be (width, height) in whole pixels, got {size!r}") from None
         if out_w < 1 or out_h < 1:
@@ -123,7 +146,8 @@ def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, prog
     radius = getattr(encoder, "receptive_radius", None)
     if radius is None:
         raise ValueError("the model's encoder has no receptive_radius: it cannot be tiled")
-    tile = tile or getattr(encoder, "default_tile", 512)
+    check_tiling(tile, chunk)
+    tile = tile if tile is not None else getattr(encoder, "default_tile", 512)
     inp = model.normalise(img)
     out = torch.empty(out_h, out_w, 3)
     centres_y, centres_x = pixel_centres(out_h), pixel_centres(out_w)
@@ -175,12 +199,13 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
             cores; "bf16" also on CPUs with AVX512-BF16; float32 elsewhere, see liif_cuda.query).
         encoder_precision: the encoder's, "fp32" (default) or, through torch.autocast, "bf16"
             (CPU or CUDA) or "fp16" (CUDA); its features are rounded to that dtype.
-        tile: LR tile size for the encoder (default: the encoder's `default_tile`).
-        chunk: queries per fused-operator call.
+        tile: LR tile size for the encoder, >= 1 (default: the encoder's `default_tile`).
+        chunk: queries per fused-operator call, >= 1.
         progress: show a tqdm progress bar over the output pixels.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_tiling(tile, chunk)
     if device is not None:
         device = str(check_device(device))
     rgb, alpha, kind = to_tensor(image)

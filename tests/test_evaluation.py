@@ -380,6 +380,14 @@ def test_lr_dir_file_sizes_are_checked_before_any_work(tmp_path, protocol, lr_wh
         make_sample(os.path.join(data, "img.png"), 2, protocol, lr_dir=lr_dir)
 
 
+def test_16_bit_grayscale_is_refused_before_any_work(tmp_path):
+    """Pillow's convert('RGB') clips a 16-bit grayscale image to 255: it was scored as white."""
+    Image.fromarray(np.full((24, 24), 40000, np.uint16)).save(tmp_path / "deep.png")
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"deep\.png: Pillow mode I;16 \(more than 8 bits of gray\)"):
+        evaluate(missing, str(tmp_path), [2], progress=False)
+
+
 def test_missing_lr_file_is_found_before_any_work(tmp_path):
     data, lr_dir = lr_dir_case(tmp_path, (13, 15))
     missing = str(tmp_path / "missing.pth")

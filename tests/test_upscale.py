@@ -65,9 +65,11 @@ def test_output_size():
     for bad in ("2", (2,), (1, 2, 3), [2, "3"], True):
         with pytest.raises(ValueError, match="scale must be"):
             output_size(10, 20, scale=bad)
-    for bad in ((10.5, 10), ("10", 10), (10,)):
+    for bad in ((10.5, 10), ("10", 10), (10,), (float("nan"), 10), (float("inf"), 10),
+                (True, 10)):
         with pytest.raises(ValueError, match="whole pixels"):
             output_size(10, 20, size=bad)
+    assert output_size(10, 20, size=(60.0, 40.0)) == (40, 60)  # a computed size, no fraction
     assert output_size(10, 20, scale=np.float32(2)) == (20, 40)
     assert output_size(10, 20, size=np.array([33, 7])) == (7, 33)
 
@@ -152,6 +154,39 @@ def test_bad_images(model, image, match):
         liif_cuda.upscale(image, scale=2, model=model)
     with pytest.raises(ValueError, match=match):
         liif_cuda.upscale(image, size=(5, 5), model=model)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"tile": 0}, "tile must be a whole number >= 1 or None, got 0"),
+    ({"tile": -1}, "tile must be a whole number >= 1 or None, got -1"),
+    ({"tile": 2.5}, "tile must be"),
+    ({"tile": True}, "tile must be"),
+    ({"chunk": 0}, "chunk must be a whole number >= 1, got 0"),
+    ({"chunk": -1}, "chunk must be"),
+    ({"chunk": None}, "chunk must be"),
+])
+def test_bad_tile_or_chunk(model, kwargs, match):
+    """A negative tile used to return uninitialised memory (values up to 1e31) without a word."""
+    with pytest.raises(ValueError, match=match):
+        liif_cuda.upscale(np.zeros((20, 30, 3), np.uint8), scale=2, model=model, **kwargs)
+
+
+def test_small_tiles_and_chunks_agree(model):
+    image = np.random.default_rng(9).random((9, 7, 3), dtype=np.float32)
+    whole = liif_cuda.upscale(image, scale=2.5, model=model)
+    tiled = liif_cuda.upscale(image, scale=2.5, model=model, tile=1, chunk=1)
+    assert np.allclose(tiled, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_float_image(model, value):
+    """One such pixel used to make the whole output NaN without a word."""
+    image = np.full((6, 5, 3), 0.5, np.float32)
+    image[2, 3, 1] = value
+    with pytest.raises(ValueError, match=r"image has 1 NaN or infinite value\(s\)"):
+        liif_cuda.upscale(image, scale=2, model=model)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        liif_cuda.upscale(torch.from_numpy(image).permute(2, 0, 1), scale=2, model=model)
 
 
 @pytest.mark.parametrize("path", ["photo.png", b"photo.png", pathlib.Path("photo.png")])

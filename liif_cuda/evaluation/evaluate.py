@@ -25,9 +25,14 @@ def list_images(folder):
 
 
 def image_size(path):
-    """(h, w) of an image file, from its header."""
+    """(h, w) of an image file, from its header. An image of more than 8 bits per channel of gray
+    (Pillow's I and F modes: 16-bit grayscale PNG, TIFF) is refused (ValueError): the protocols
+    score 8-bit RGB, and converting it would clip its values to 255."""
     from PIL import Image
     with Image.open(path) as im:
+        if im.mode.startswith(("I", "F")):
+            raise ValueError(f"{path}: Pillow mode {im.mode} (more than 8 bits of gray), which 8-bit "
+                             f"scoring would clip; convert it to 8 bits")
         return im.size[1], im.size[0]
 
 
