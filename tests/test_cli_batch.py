@@ -137,6 +137,24 @@ def test_a_failed_write_leaves_nothing_and_the_run_goes_on(tmp_path, photos, che
     assert "disk full" in capsys.readouterr().err
 
 
+def test_one_input_into_an_existing_folder(tmp_path, photos, checkpoint, capsys):
+    """It used to be 'output ...: unsupported format'."""
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run("upscale", photos / "a.png", "-o", out, "--scale", 2, "--model", checkpoint) == 0
+    assert files_under(out) == ["a_x2.png"]
+    assert "1 done, 0 skipped, 0 failed (1 of 1 files)" in capsys.readouterr().out
+
+
+def test_one_input_is_never_its_own_output(tmp_path, photos, checkpoint, capsys):
+    before = (photos / "a.png").read_bytes()
+    status, err = error_of(capsys, "upscale", photos / "a.png", "-o", photos / "a.png", "--scale",
+                           2, "--model", checkpoint, "--overwrite")
+    assert status == 1 and err == (f"liif-cuda: error: output {photos / 'a.png'} is the input; "
+                                   f"not replacing it")
+    assert (photos / "a.png").read_bytes() == before
+
+
 def test_an_interrupt_says_what_was_done(tmp_path, photos, checkpoint, capsys, monkeypatch):
     """Ctrl-C during the second file: the first output stays whole, no partial second one, a
     summary of what was done, and the interrupt's status 130."""
@@ -166,13 +184,14 @@ def test_an_interrupt_says_what_was_done(tmp_path, photos, checkpoint, capsys, m
     (None, ["-o", "{tmp}/new.png"], "names the output folder", 2),
     (None, ["{tmp}/nothing*.png", "-o", "{tmp}/out"], "matches no image file", 1),
     (None, ["{tmp}/missing.png", "-o", "{tmp}/out"], "does not exist", 1),
-    (None, ["--format", "png", "-o", "{tmp}/out"], "would both be written", 2),
+    (None, ["--format", "png", "-o", "{tmp}/out"], "would both be written to {tmp}/out/b_*.png (*", 2),
 ])
 def test_batch_errors_are_one_line(tmp_path, photos, checkpoint, capsys, make, argv, match, status):
     if make:
         make(tmp_path)
     save_image(photos / "b.png")  # b.jpg and b.png collide with --format png
     argv = [a.format(tmp=tmp_path) for a in argv]
+    match = match.format(tmp=tmp_path)
     got, err = error_of(capsys, "upscale", photos, *argv, "--scale", 2, "--model", checkpoint)
     assert match in err and got == status
     assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []

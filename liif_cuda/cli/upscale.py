@@ -110,6 +110,8 @@ def upscale_single(args, scale, size, local_rank):
                        "the format", 2)
     if out_ext not in OUTPUT_FORMATS:
         raise CliError(f"output {args.output}: unsupported format (use .png, .jpg, .tif or .webp)", 2)
+    if os.path.exists(args.output) and os.path.samefile(source, args.output):
+        raise CliError(f"output {args.output} is the input; not replacing it")
     if os.path.exists(args.output) and not args.overwrite:
         raise CliError(f"output {args.output} exists; pass --overwrite to replace it")
     out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -203,7 +205,7 @@ def collect_jobs(args, out_dir):
             key = (stem, "." + args.format if args.format else ext)  # the name up to its size tag
             if key in by_target:
                 raise CliError(f"inputs {by_target[key]} and {path} would both be written to "
-                               f"{os.path.join(out_dir, os.path.splitext(rel)[0])}_...; upscale "
+                               f"{os.path.join(out_dir, stem)}_*{key[1]} (* the size); upscale "
                                f"them separately", 2)
             by_target[key] = path
             jobs.append((path, rel))
@@ -330,7 +332,8 @@ def upscale_command(args):
     check_scale(args.scale)
     size = parse_size(args.size) if args.size is not None else None
     rank, world, local_rank = torchrun_shard()
-    if is_single_file(args.inputs):
+    # One input and an existing folder as -o: written into the folder, as for several inputs.
+    if is_single_file(args.inputs) and not os.path.isdir(args.output):
         if rank != 0:
             # One file is rank 0's: the other ranks must not write it a second time.
             notice(f"rank {rank} of {world}: one input file, upscaled by rank 0")
@@ -339,7 +342,7 @@ def upscale_command(args):
         return 0
     return upscale_batch(args, args.scale, size, rank, world, local_rank)
 UPSCALE_EPILOG = """\
-one input file: -o is the output file (its extension gives the format).
+one input file: -o is the output file (its extension gives the format), or an existing folder.
 several inputs, a folder or a glob pattern: -o is the output folder (created if missing), and
   <input stem>_x<scale><ext>   with --scale, e.g. photo_x2.5.jpg
   <input stem>_<W>x<H><ext>    with --size, e.g. photo_1920x1080.jpg
