@@ -2,7 +2,8 @@
 
 Every line of a fenced ```bash block is checked without running anything: a script it runs
 (`bash tools/x.sh`, `python benchmarks/y.py`, `.venv/bin/python -P tools/z.py`) is a file of the
-repository; `liif-cuda ...`, `python -m liif_cuda ...` and `torchrun ... -m liif_cuda ...` name a real
+repository; `liif-cuda ...`, `python -m liif_cuda ...` and `torchrun ... -m liif_cuda ...` (or
+`torchrun ... --no-python liif-cuda ...`) name a real
 subcommand of `liif_cuda.cli.build_parser()` and only options that subcommand accepts (and a value among
 its choices, where the option has choices and the value is not a placeholder); a `LIIF_*` variable set
 in front of a command is read somewhere in the repository; the command itself is one the documentation
@@ -184,8 +185,14 @@ def check_command(words, where):
     if command in LIIF_CUDA:
         return check_liif_cuda(args, where)
     if command == "torchrun":
+        if "--no-python" in args:  # torchrun --no-python liif-cuda ...: the console script
+            i = next((j for j, a in enumerate(args) if a in LIIF_CUDA), None)
+            return (check_liif_cuda(args[i + 1:], where) if i is not None else
+                    [f"{where}: torchrun --no-python without liif-cuda"])
         if "-m" not in args:
-            return check_path(next(a for a in args if a.endswith(".py")), where)
+            script = next((a for a in args if a.endswith(".py")), None)
+            return (check_path(script, where) if script is not None else
+                    [f"{where}: torchrun without a script, -m or --no-python"])
         i = args.index("-m")
         return check_python(args[i:], where)
     if command in (".venv/bin/pytest", "pytest"):
@@ -249,6 +256,9 @@ def test_readme_has_commands():
     ("liif-cuda upscale photo.jpg -o x.png --scael 2", "no option --scael"),
     ("liif-cuda upscale a.png -o b.png --scale 2 --precision bf61", "does not accept"),
     ("torchrun --nproc_per_node 4 -m liif_cuda train --config rdn-liif --outt runs/x", "no option"),
+    ("torchrun --nproc_per_node 4 --no-python liif-cuda trian --config x", "no subcommand"),
+    ("torchrun --nproc_per_node 4 --no-python liif-cuda train --ouT runs/x", "no option --ouT"),
+    ("torchrun --nproc_per_node 4 --no-python liif_cuda train", "without liif-cuda"),
     ("python -m liif_cuda eval --data Set5 --protocol mmedti", "does not accept"),
     (".venv/bin/python -P benchmarks/bench_qeury.py", "not a file"),
     ("LIIF_CUDA_TOCH=cpu bash tools/setup_env.sh", "read nowhere"),
