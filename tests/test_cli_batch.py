@@ -137,6 +137,21 @@ def test_a_failed_write_leaves_nothing_and_the_run_goes_on(tmp_path, photos, che
     assert "disk full" in capsys.readouterr().err
 
 
+def test_broken_links_are_named(tmp_path, photos, checkpoint, capsys):
+    """A symlink loop inside a folder was left out without a word; named, it 'did not exist'."""
+    os.symlink(photos / "loop.png", photos / "loop.png")
+    os.symlink(tmp_path / "gone.png", photos / "dangling.png")
+    assert run("upscale", photos, "-o", tmp_path / "out", "--scale", 2, "--model", checkpoint) == 0
+    err = capsys.readouterr().err
+    for name in ("loop.png", "dangling.png"):
+        assert f"notice: {photos / name} is a broken symbolic link (or a loop); left out" in err
+    for argv in ([photos / "loop.png", photos / "a.png", "-o", tmp_path / "out2"],
+                 [photos / "loop.png", "-o", tmp_path / "out2.png"]):
+        status, err = error_of(capsys, "upscale", *argv, "--scale", 2, "--model", checkpoint)
+        assert err == (f"liif-cuda: error: input {photos / 'loop.png'} is a broken symbolic link "
+                       f"(or a loop)")
+
+
 def test_one_input_into_an_existing_folder(tmp_path, photos, checkpoint, capsys):
     """It used to be 'output ...: unsupported format'."""
     out = tmp_path / "out"

@@ -20,7 +20,8 @@ def _png_bit_depth(path):
 def check_input(path):
     """The checks of an input that need no decoding; raises CliError."""
     if not os.path.exists(path):
-        raise CliError(f"input {path} does not exist")
+        raise CliError(f"input {path} is a broken symbolic link (or a loop)" if os.path.islink(path)
+                       else f"input {path} does not exist")
     if not os.path.isfile(path):
         raise CliError(f"input {path} is not a file")
     if os.path.splitext(path)[1].lower() not in INPUT_FORMATS:

@@ -145,6 +145,8 @@ def scan_folder(folder, recursive):
             path = os.path.join(root, name)
             if _is_image_name(path) and os.path.isfile(path):
                 yield path, os.path.relpath(path, folder)
+            elif _is_image_name(path) and os.path.islink(path) and not os.path.exists(path):
+                notice(f"{path} is a broken symbolic link (or a loop); left out")
 
 
 def _fixed_prefix(pattern):
@@ -167,6 +169,8 @@ def expand_input(arg, recursive):
         return list(scan_folder(arg, recursive))
     if os.path.exists(arg):
         return [(arg, os.path.basename(arg))]
+    if os.path.islink(arg):
+        raise CliError(f"input {arg} is a broken symbolic link (or a loop)")
     if not GLOB_MAGIC.search(arg):
         raise CliError(f"input {arg} does not exist")
     base = _fixed_prefix(arg)
