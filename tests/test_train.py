@@ -490,6 +490,17 @@ RDN_SPEC = {"name": "rdn", "args": {"RDNconfig": "A", "no_upsampling": True}}
     ("model.args.imnet_spec.args.hidden_list", 256, "imnet_spec.args.hidden_list must be a list"),
     ("model.args.imnet_spec.args.out_dim", 4, "imnet_spec.args.out_dim must be 3"),
     ("model.args.feat_unfold", "false", "model.args.feat_unfold must be true or false"),
+    ("model.args.encoder_spec.args.no_upsampling", "false",
+     "model.args.encoder_spec.args.no_upsampling must be true or false"),
+    ("model.args.encoder_spec", {**RDN_SPEC, "args": {"no_upsampling": "true"}},
+     "model.args.encoder_spec.args.no_upsampling must be true or false"),
+    # The smallest HR patch of inp_size 8 at scale_min 1 has 64 pixels.
+    ("train_dataset.wrapper.args.sample_q", 65, r"^train_dataset.wrapper.args.sample_q 65 exceeds "
+     r"the 64 pixels of the smallest HR patch \(8x8: inp_size 8 at scale_min 1\)$"),
+    # round(3 * 1.5) is 4, as the wrapper rounds (half to even).
+    ("val_dataset.wrapper.args", {"inp_size": 3, "scale_min": 1.5, "scale_max": 3, "sample_q": 32},
+     r"^val_dataset.wrapper.args.sample_q 32 exceeds the 16 pixels .*\(4x4: inp_size 3 at "
+     r"scale_min 1.5\)$"),
     ("model.args.encoder_spec.args.n_feats", "64", "encoder_spec.args.n_feats must be an integer"),
     ("model.args.encoder_spec.args.n_resblocks", -1, "encoder_spec.args.n_resblocks must be >= 0"),
     ("model.args.encoder_spec", {**RDN_SPEC, "args": {"G0": 0}}, "encoder_spec.args.G0 must be"),
@@ -556,8 +567,16 @@ def test_bad_arguments(images, tmp_path):
     with pytest.raises(ConfigError, match="neither a file nor a packaged config"):
         load_config(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train_dataset: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("train_dataset: [unclosed\nepoch_max: 3\n")
+    with pytest.raises(ConfigError, match=f"^config {bad} is not valid YAML at line 2, column 10: "
+                                          f"expected ',' or ']', but got ':'$"):
+        load_config(str(bad))
+    import yaml
+    bad.write_text(yaml.safe_dump(tiny_config(images), sort_keys=False) + "epoch_max: 30\n")
+    lines = bad.read_text().splitlines()
+    with pytest.raises(ConfigError, match=f"^config {bad}: key 'epoch_max' at line {len(lines)} "
+                                          f"is given twice \\(first at line "
+                                          f"{lines.index('epoch_max: 3') + 1}\\)$"):
         load_config(str(bad))
 
 

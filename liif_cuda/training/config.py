@@ -12,6 +12,11 @@ class ConfigError(ValueError):
     """A config that does not fit the schema; the message names the key and what was expected."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on (existing checkpoints, nothing to resume, unreadable
+    training images, a checkpoint that cannot be written, ...)."""
+
+
 # Each dict maps an allowed key to whether it is required.
 TOP_LEVEL = {"train_dataset": True, "val_dataset": False, "data_norm": False, "model": True,
              "optimizer": True, "epoch_max": True, "multi_step_lr": False, "epoch_val": False,
@@ -123,13 +128,23 @@ def _check_dataset(spec, where):
                           f"(sr-implicit-paired takes paired-image-folders, "
                           f"sr-implicit-downsampled takes image-folder)")
     _number(wargs.get("inp_size"), f"{where}.wrapper.args.inp_size", int, 1, allow_none=True)
-    _number(wargs.get("sample_q"), f"{where}.wrapper.args.sample_q", int, 1, allow_none=True)
+    sample_q = _number(wargs.get("sample_q"), f"{where}.wrapper.args.sample_q", int, 1,
+                       allow_none=True)
     _flag(wargs.get("augment", False), f"{where}.wrapper.args.augment")
     scale_min = _number(wargs.get("scale_min", 1), f"{where}.wrapper.args.scale_min", float, 1)
     scale_max = _number(wargs.get("scale_max", scale_min), f"{where}.wrapper.args.scale_max")
     if scale_max < scale_min:
         raise ConfigError(f"{where}.wrapper.args.scale_max ({scale_max}) is below scale_min "
                           f"({scale_min})")
+    inp_size = wargs.get("inp_size")
+    if wrapper == "sr-implicit-downsampled" and inp_size is not None and sample_q is not None:
+        # The smallest HR patch, as SRImplicitDownsampled crops it at the scale scale_min (whole
+        # images and paired folders: known only at run time, where the wrapper checks it).
+        side = round(inp_size * scale_min)
+        if sample_q > side * side:
+            raise ConfigError(f"{where}.wrapper.args.sample_q {sample_q} exceeds the {side * side} "
+                              f"pixels of the smallest HR patch ({side}x{side}: inp_size "
+                              f"{inp_size} at scale_min {scale_min})")
 
 
 def _check_norm(norm):
@@ -155,7 +170,7 @@ def _check_model(model):
         _flag(args.get(key, True), f"model.args.{key}")
     encoder, eargs = _named(args["encoder_spec"], ENCODERS, "model.args.encoder_spec")
     where = "model.args.encoder_spec.args"
-    if not eargs.get("no_upsampling", True):
+    if not _flag(eargs.get("no_upsampling", True), f"{where}.no_upsampling"):
         raise ConfigError(f"{where}.no_upsampling must be true: LIIF's encoders have no upsampler")
     # (res_scale, rgb_range and RDNconfig: build_model checks the values it supports.)
     if encoder == "edsr-baseline":
@@ -225,10 +240,40 @@ def check_config(config):
     return config
 
 
+def read_yaml(stream, path):
+    """yaml.safe_load, but a key given twice in a mapping is an error (PyYAML keeps the last one
+    silently) and invalid YAML is one line with the file, line and column."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override keys
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"config {path}: key {key!r} at line {line} is given "
+                                          f"twice (first at line {seen[key]})")
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(stream, Loader=StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config {path} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(path_or_name):
     """A config from a YAML file, or a packaged one by name ("edsr-baseline-liif", "rdn-liif");
     checked with check_config. Returns a dict."""
-    import yaml
     path = os.fspath(path_or_name)
     if not os.path.isfile(path):
         packaged = os.path.join(PACKAGED, f"{path}.yaml")
@@ -238,10 +283,7 @@ def load_config(path_or_name):
                               f"({', '.join(names)})")
         path = packaged
     with open(path) as f:
-        try:
-            config = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        config = read_yaml(f, path)
     if not isinstance(config, dict):
         raise ConfigError(f"config {path} must be a YAML mapping")
     return check_config(copy.deepcopy(config))

@@ -20,17 +20,13 @@ from ..models import LIIF, NORMALISATIONS, RDN, EDSRBaseline
 from .._files import write_atomically
 from ..checkpoints import read_checkpoint
 from .checkpointing import load_original_state_dict, make_checkpoint, save_atomically
-from .config import ConfigError, check_config
+from .config import ConfigError, TrainingError, check_config
 from .datasets import make_dataset
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_psnr", "seconds"]
 RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (blocks, layers per block, growth)
 BAR_LOSS_EVERY = 20  # steps between the progress bar's loss readings
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on (existing checkpoints, nothing to resume, ...)."""
 
 
 # -- the model and the optimisation ------------------------------------------------------------
