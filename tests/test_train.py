@@ -384,6 +384,48 @@ def test_existing_run_is_refused_untouched(images, tmp_path):
         train(tiny_config(images), str(tmp_path / "new"), resume=True, device="cpu")
 
 
+def write_16bit_png(path, size=(40, 52)):
+    Image.fromarray(np.full(size, 30000, np.uint16)).save(path)  # mode I;16
+
+
+@pytest.mark.parametrize("cache", ["in_memory", "none"])
+def test_16bit_images_are_refused_naming_them(images, tmp_path, cache):
+    """convert('RGB') clips 16-bit grayscale to nearly white: refused when the dataset is made."""
+    write_16bit_png(os.path.join(images, "wide.png"))
+    spec = dataset_spec(images)
+    spec["dataset"]["args"]["cache"] = cache
+    with pytest.raises(TrainingError, match=f"^training image {images}/wide.png is a 16-bit"):
+        make_dataset(spec, seed=0)
+
+
+def test_a_truncated_image_is_named(images, tmp_path):
+    """Its header reads, its data does not: found when it is read, named (also through a
+    DataLoader worker, whose error message starts with "Caught ... in DataLoader worker")."""
+    path = os.path.join(images, "1.png")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    config = tiny_config(images, epochs=1, repeat=2)
+    for spec in (config["train_dataset"], config["val_dataset"]):
+        spec["dataset"]["args"]["cache"] = "none"
+    message = f"^training image {path} cannot be read \\(image file is truncated"
+    with pytest.raises(TrainingError, match=message):
+        make_dataset(config["train_dataset"], seed=0)[1]
+    spec = config["train_dataset"]
+    spec["dataset"]["args"]["cache"] = "in_memory"
+    with pytest.raises(TrainingError, match=message):
+        make_dataset(spec, seed=0)
+
+
+def test_sample_q_beyond_a_whole_image_names_the_key(images):
+    """Whole images (no inp_size): the HR patch is known only when the sample is made."""
+    spec = dataset_spec(images, inp_size=None, scale_max=1, sample_q=40 * 52 + 1, augment=False)
+    data = make_dataset(spec, seed=0, where="val_dataset")
+    with pytest.raises(ConfigError, match=f"^val_dataset.wrapper.args.sample_q 2081 exceeds the "
+                                          f"2080 pixels of the HR patch \\(40x52\\) of "
+                                          f"{images}/0.png$"):
+        data[0]
+
+
 def test_out_must_be_a_folder(images, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     for out, resume in (("file", False), ("file", True), ("file/run", False)):

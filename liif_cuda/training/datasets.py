@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..upscaling import pixel_centres
-from .config import ConfigError
+from .config import ConfigError, TrainingError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -39,10 +39,35 @@ def list_images(root_path, split_file=None, split_key=None, first_k=None):
     return [os.path.join(root_path, n) for n in names]
 
 
+def _png_bit_depth(path):
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else None
+
+
+def open_image(path):
+    """The opened image (header only), refusing 16-bit and other wide images: convert('RGB') clips
+    16-bit grayscale to nearly white and drops the low byte of 16-bit colour, as `liif-cuda upscale`
+    refuses them. Errors name the file (Pillow's do not)."""
+    try:
+        img = Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise TrainingError(f"training image {path} cannot be read ({exc})") from None
+    if img.mode in ("I", "F") or img.mode.startswith("I;16") or _png_bit_depth(path) == 16:
+        img.close()
+        raise TrainingError(f"training image {path} is a 16-bit (or wider) image, which training "
+                            f"does not support; convert it to 8 bits")
+    return img
+
+
 def read_rgb(path):
     """(3, H, W) uint8 tensor; Pillow's convert('RGB') as the original loader does."""
-    with Image.open(path) as img:
-        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    with open_image(path) as img:
+        try:
+            rgb = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
+            raise TrainingError(f"training image {path} cannot be read ({exc})") from None
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -55,16 +80,26 @@ class ImageFolder(torch.utils.data.Dataset):
         self.paths = list_images(root_path, split_file, split_key, first_k)
         self.repeat = repeat
         self.images = [read_rgb(p) for p in self.paths] if cache == "in_memory" else None
+        # Not cached: every header read now, so that an unreadable or 16-bit image is refused
+        # before the first epoch (its data, only when it is read).
+        self.sizes = None if self.images is not None else [self._header_size(p) for p in self.paths]
+
+    @staticmethod
+    def _header_size(path):
+        with open_image(path) as img:
+            return img.height, img.width
 
     def size(self, i):
         """(height, width) of image i, from the file's header when not cached."""
         if self.images is not None:
             return tuple(self.images[i].shape[-2:])
-        with Image.open(self.paths[i]) as img:
-            return img.height, img.width
+        return self.sizes[i]
 
     def __len__(self):
         return len(self.paths) * self.repeat
+
+    def path(self, idx):
+        return self.paths[idx % len(self.paths)]
 
     def __getitem__(self, idx):
         i = idx % len(self.paths)
@@ -84,6 +119,9 @@ class PairedImageFolders(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.first)
+
+    def path(self, idx):
+        return self.second.path(idx)  # the HR image
 
     def __getitem__(self, idx):
         return self.first[idx], self.second[idx]
@@ -105,8 +143,12 @@ def pixel_samples(img):
 
 
 class _Wrapper(torch.utils.data.Dataset):
-    def __init__(self, dataset, inp_size=None, augment=False, sample_q=None, seed=0):
+    """`where`: the dataset's key in the config (train_dataset, val_dataset), named by errors."""
+
+    def __init__(self, dataset, inp_size=None, augment=False, sample_q=None, seed=0,
+                 where="train_dataset"):
         self.dataset = dataset
+        self.where = where
         self.inp_size = inp_size
         self.augment = augment
         self.sample_q = sample_q
@@ -123,7 +165,7 @@ class _Wrapper(torch.utils.data.Dataset):
     def rng(self, idx):
         return np.random.default_rng([self.seed, self.epoch, idx])
 
-    def finish(self, rng, crop_lr, crop_hr):
+    def finish(self, idx, rng, crop_lr, crop_hr):
         """Augmentation, the query samples and their cells, as the original wrappers end."""
         if self.augment:
             hflip, vflip, dflip = (rng.random() < 0.5 for _ in range(3))
@@ -140,8 +182,11 @@ class _Wrapper(torch.utils.data.Dataset):
         coord, rgb = pixel_samples(crop_hr.contiguous())
         if self.sample_q is not None:
             if self.sample_q > len(coord):
-                raise ValueError(f"sample_q {self.sample_q} exceeds the {len(coord)} pixels of an "
-                                 f"HR patch")
+                # Whole images and paired folders: known only here (check_config checks patches).
+                h, w = crop_hr.shape[-2:]
+                raise ConfigError(f"{self.where}.wrapper.args.sample_q {self.sample_q} exceeds the "
+                                  f"{len(coord)} pixels of the HR patch ({h}x{w}) of "
+                                  f"{self.dataset.path(idx)}")
             keep = torch.from_numpy(rng.choice(len(coord), self.sample_q, replace=False))
             coord, rgb = coord[keep], rgb[keep]
         cell = torch.ones_like(coord)
@@ -156,8 +201,8 @@ class SRImplicitDownsampled(_Wrapper):
     the whole image, LR floor(H / s), HR cropped to round(LR * s))."""
 
     def __init__(self, dataset, inp_size=None, scale_min=1, scale_max=None, augment=False,
-                 sample_q=None, seed=0):
-        super().__init__(dataset, inp_size, augment, sample_q, seed)
+                 sample_q=None, seed=0, where="train_dataset"):
+        super().__init__(dataset, inp_size, augment, sample_q, seed, where)
         self.scale_min = scale_min
         self.scale_max = scale_min if scale_max is None else scale_max
         self.refuse_small_images()
@@ -192,7 +237,7 @@ class SRImplicitDownsampled(_Wrapper):
             y0 = int(rng.integers(0, img.shape[-1] - w_hr + 1))
             crop_hr = img[:, x0:x0 + w_hr, y0:y0 + w_hr]
             crop_lr = resize_bicubic(crop_hr, w_lr, w_lr)
-        return self.finish(rng, crop_lr, crop_hr)
+        return self.finish(idx, rng, crop_lr, crop_hr)
 
 
 class SRImplicitPaired(_Wrapper):
@@ -217,11 +262,11 @@ class SRImplicitPaired(_Wrapper):
             y0 = int(rng.integers(0, img_lr.shape[-1] - w_lr + 1))
             crop_lr = img_lr[:, x0:x0 + w_lr, y0:y0 + w_lr]
             crop_hr = img_hr[:, x0 * s:(x0 + w_lr) * s, y0 * s:(y0 + w_lr) * s]
-        return self.finish(rng, crop_lr, crop_hr)
+        return self.finish(idx, rng, crop_lr, crop_hr)
 
 
-def make_dataset(spec, seed):
-    """The wrapped dataset of a checked `train_dataset` / `val_dataset` spec."""
+def make_dataset(spec, seed, where="train_dataset"):
+    """The wrapped dataset of a checked `train_dataset` / `val_dataset` (`where`) spec."""
     args = dict(spec["dataset"].get("args") or {})
     args.setdefault("cache", "none")
     if spec["dataset"]["name"] == "image-folder":
@@ -230,5 +275,5 @@ def make_dataset(spec, seed):
         dataset = PairedImageFolders(**args)
     wrapper_args = dict(spec["wrapper"].get("args") or {})
     if spec["wrapper"]["name"] == "sr-implicit-downsampled":
-        return SRImplicitDownsampled(dataset, seed=seed, **wrapper_args)
-    return SRImplicitPaired(dataset, seed=seed, **wrapper_args)
+        return SRImplicitDownsampled(dataset, seed=seed, where=where, **wrapper_args)
+    return SRImplicitPaired(dataset, seed=seed, where=where, **wrapper_args)

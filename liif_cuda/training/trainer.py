@@ -363,7 +363,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
                           f"{batch_size} (raise repeat or lower batch_size)")
     val_loader = None
     if config.get("val_dataset") is not None and dist.main:
-        val_set = make_dataset(config["val_dataset"], seed + 1)  # the same samples every time
+        val_set = make_dataset(config["val_dataset"], seed + 1, "val_dataset")  # the same samples
         val_loader = torch.utils.data.DataLoader(
             val_set, batch_size=config["val_dataset"]["batch_size"], shuffle=False, **loader_args)
 
