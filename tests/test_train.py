@@ -81,7 +81,7 @@ def test_run_folder_log_and_checkpoints(images, tmp_path):
     run = str(tmp_path / "run")
     last = train(tiny_config(images, epochs=3), run, device="cpu", progress=False)
     assert last == os.path.join(run, "epoch-last.pth")
-    assert sorted(os.listdir(run)) == ["config.yaml", "epoch-2.pth", "epoch-best.pth",
+    assert sorted(os.listdir(run)) == [".lock", "config.yaml", "epoch-2.pth", "epoch-best.pth",
                                        "epoch-last.pth", "log.csv"]
     rows = read_log(run)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
@@ -160,6 +160,9 @@ def test_config_resume_from_an_original_checkpoint(images, tmp_path):
     rows = read_log(second)
     assert [r["epoch"] for r in rows] == ["3"]
     assert float(rows[0]["lr"]) == 5e-4  # milestone 2 passed: halved
+    # Nothing left to train: the last checkpoint is the one resumed from, not one in the new folder.
+    config["epoch_max"] = 2
+    assert train(config, str(tmp_path / "third"), device="cpu", progress=False) == path
 
 
 def test_samples_follow_the_recipe(images):
@@ -307,7 +310,7 @@ def test_ddp_step_equals_single_process_step(images, tmp_path):
     train(load_config(str(path)), single, device="cpu", progress=False)
     res = torchrun("train", "--config", str(path), "--out", ddp, "--device", "cpu", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(os.listdir(ddp)) == ["config.yaml", "epoch-last.pth", "log.csv"]
+    assert sorted(os.listdir(ddp)) == [".lock", "config.yaml", "epoch-last.pth", "log.csv"]
     a, b = model_state(f"{single}/epoch-last.pth"), model_state(f"{ddp}/epoch-last.pth")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
@@ -376,12 +379,100 @@ def test_resume_in_another_precision_says_so(images, tmp_path, capsys):
 def test_existing_run_is_refused_untouched(images, tmp_path):
     run = str(tmp_path / "run")
     train(tiny_config(images, epochs=1), run, device="cpu", progress=False)
-    stamp = {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run)}
+    def stamp():  # the lock file takes the pid of each process that locks it
+        return {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run) if f != ".lock"}
+    before = stamp()
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
-    assert {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run)} == stamp
+    assert stamp() == before
     with pytest.raises(TrainingError, match="does not exist"):
         train(tiny_config(images), str(tmp_path / "new"), resume=True, device="cpu")
+
+
+def test_a_run_folder_in_use_is_refused_untouched(images, tmp_path):
+    """Two trainings into one folder would mix their files: the second, with or without --resume,
+    is refused while the first holds the folder's lock (taken here by the test itself: flock locks
+    belong to an open file, so the same process is refused too)."""
+    import fcntl
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("the other training's")
+    with open(run / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("4242\n")
+        lock.flush()
+        for resume in (False, True):
+            with pytest.raises(TrainingError, match=f"^{run} is in use by another training "
+                                                    r"\(pid 4242\)$"):
+                train(tiny_config(images, epochs=1), str(run), resume=resume, device="cpu",
+                      progress=False)
+        assert sorted(os.listdir(run)) == [".lock", "config.yaml"]
+        assert (run / ".lock").read_text() == "4242\n"
+        assert (run / "config.yaml").read_text() == "the other training's"
+    # Released (the other training ended): this one runs.
+    train(tiny_config(images, epochs=1, repeat=2), str(run), device="cpu", progress=False)
+    assert (run / "epoch-last.pth").exists()
+
+
+def test_unwritable_checkpoint_is_a_clear_error(images, tmp_path, monkeypatch):
+    """A full disk made torch.save fail with "[enforce fail at inline_container.cc:672] .
+    unexpected pos ...": the error names the checkpoint and, where the disk is full, says so; the
+    previous checkpoint is kept and no temporary file is left."""
+    import collections
+    import shutil
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1, repeat=2), run, device="cpu", progress=False)
+    before = open(f"{run}/epoch-last.pth", "rb").read()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 12544128 "
+                           "vs 12544020")
+    monkeypatch.setattr(torch, "save", full_disk)
+    usage = collections.namedtuple("usage", "total used free")
+    for free, reason in ((1000, "No space left on device"), (10**12, r"\[enforce fail .* unexpected pos 12544128")):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, free))
+        with pytest.raises(TrainingError, match=f"^cannot write the checkpoint "
+                                                f"{run}/epoch-last.pth: {reason}"):
+            train(tiny_config(images, epochs=2, repeat=2), run, resume=True, device="cpu",
+                  progress=False)
+        assert open(f"{run}/epoch-last.pth", "rb").read() == before
+        assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+
+
+def test_resume_with_another_architecture_names_the_weight(images, tmp_path):
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1, repeat=2), run, device="cpu", progress=False)
+    config = tiny_config(images, epochs=2, repeat=2)
+    config["model"]["args"]["imnet_spec"]["args"]["hidden_list"] = [16, 32]
+    with pytest.raises(ConfigError, match=r"^--resume .*epoch-last.pth: the checkpoint's model does "
+                       r"not match the config's model \(imnet.layers.2.weight: \(16, 16\) in the "
+                       r"checkpoint, \(32, 16\) in the config's model\)$"):
+        train(config, run, resume=True, device="cpu", progress=False)
+
+
+def test_resume_with_a_changed_config_says_so_and_keeps_the_old_one(images, tmp_path, capsys):
+    """The optimizer state (its learning rate) comes from the checkpoint; config.yaml becomes the
+    new config, so the previous one is kept and the differences are named."""
+    run = str(tmp_path / "run")
+    first = tiny_config(images, epochs=1, repeat=2)
+    train(first, run, device="cpu", progress=False)
+    capsys.readouterr()
+    second = tiny_config(images, epochs=2, repeat=2)
+    second["optimizer"]["args"]["lr"] = 2.0e-3
+    train(second, run, resume=True, device="cpu", progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: the config differs from the run's (optimizer.args.lr 0.001 -> 0.002, "
+                     "epoch_max 1 -> 2); the optimizer state and learning rate "
+                     "come from the checkpoint, not from the config; the previous config is kept "
+                     "as config-before-epoch-2.yaml"]
+    assert load_config(f"{run}/config-before-epoch-2.yaml") == first
+    assert load_config(f"{run}/config.yaml") == second
+    assert float(read_log(run)[1]["lr"]) == 1e-3  # the checkpoint's
+    train(second, run, resume=True, device="cpu", progress=False)  # the same config: no note
+    assert "note:" not in capsys.readouterr().out
+    assert sorted(f for f in os.listdir(run) if f.startswith("config")) == [
+        "config-before-epoch-2.yaml", "config.yaml"]
 
 
 def write_16bit_png(path, size=(40, 52)):
@@ -410,6 +501,8 @@ def test_a_truncated_image_is_named(images, tmp_path):
     message = f"^training image {path} cannot be read \\(image file is truncated"
     with pytest.raises(TrainingError, match=message):
         make_dataset(config["train_dataset"], seed=0)[1]
+    with pytest.raises(TrainingError, match=message):
+        train(config, str(tmp_path / "run"), device="cpu", progress=False, workers=1)
     spec = config["train_dataset"]
     spec["dataset"]["args"]["cache"] = "in_memory"
     with pytest.raises(TrainingError, match=message):
@@ -593,21 +686,31 @@ def test_good_values_pass(images, key, value):
 def test_bad_configs_fail_before_training(images, tmp_path, edit, match):
     config = copy.deepcopy(tiny_config(images))
     edit(config)
-    run = str(tmp_path / "run")
+    run = str(tmp_path / "new" / "run")
     with pytest.raises(ValueError, match=match):
         train(config, run, device="cpu", progress=False)
-    assert not os.path.exists(run)  # a run that cannot start leaves no folder behind
+    # A run that cannot start leaves no folder behind (nor the lock file it took in one).
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_bad_arguments(images, tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
         train(tiny_config(images), str(tmp_path / "a"), precision="fp8", device="cpu")
-    with pytest.raises(ValueError, match="needs CUDA"):
+    with pytest.raises(ValueError, match="^--precision fp16 needs CUDA"):
         train(tiny_config(images), str(tmp_path / "b"), precision="fp16", device="cpu")
     with pytest.raises(ValueError, match="device must be"):
         train(tiny_config(images), str(tmp_path / "c"), device="tpu")
     with pytest.raises(ConfigError, match="neither a file nor a packaged config"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="^--out must name a folder$"):
+        train(tiny_config(images), "", device="cpu")
+    with pytest.raises(ConfigError, match="^--init nonexist.pth: "):
+        train(tiny_config(images), str(tmp_path / "d"), init="nonexist.pth", device="cpu")
+    config = tiny_config(images)
+    config["resume"] = "nope.pth"
+    with pytest.raises(ConfigError, match="^resume: nope.pth does not exist$"):
+        train(config, str(tmp_path / "e"), device="cpu")
+    assert not [f for f in os.listdir(tmp_path) if f in "abcde"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("train_dataset: [unclosed\nepoch_max: 3\n")
     with pytest.raises(ConfigError, match=f"^config {bad} is not valid YAML at line 2, column 10: "
@@ -698,3 +801,23 @@ def test_liif_cuda_train_command(images, tmp_path, capsys):
                      "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out" in err[0] and "is not a folder" in err[0]
+
+
+def test_interrupted_train_command_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    import liif_cuda.training.trainer
+    from liif_cuda import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(liif_cuda.training.trainer, "train", interrupted)
+    run = tmp_path / "run"
+    argv = ["train", "--config", "edsr-baseline-liif", "--out", str(run), "--precision", "bf16"]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err == "liif-cuda: interrupted\n"  # no checkpoint: no hint
+    run.mkdir()
+    (run / "epoch-last.pth").write_bytes(b"")
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"liif-cuda: {run}/epoch-last.pth holds the last finished epoch; to go on: liif-cuda "
+        f"train --config edsr-baseline-liif --out {run} --resume --precision bf16",
+        "liif-cuda: interrupted"]

@@ -9,9 +9,14 @@ liif_cuda.load_model both read, written so that no interruption can leave a trun
 The extra 'liif_cuda' entry holds what an exact resume needs beyond the original's fields.
 """
 
+import errno
+import os
+import shutil
+
 import torch
 
 from .._files import write_atomically
+from .config import TrainingError
 
 # The original EDSR keeps two 1x1 mean-shift convolutions in its state dict that LIIF never applies
 # (spec section 4); the original code loads state dicts strictly, so they are written back.
@@ -32,16 +37,46 @@ def original_state_dict(model):
     return state
 
 
+def without_mean_shift(state):
+    """An original-format state dict without the mean-shift entries LIIF's models do not have."""
+    return {k: v for k, v in state.items()
+            if not (k.startswith("encoder.sub_mean.") or k.startswith("encoder.add_mean."))}
+
+
 def load_original_state_dict(model, state):
     """Loads an original-format state dict (mean-shift entries dropped) strictly."""
-    state = {k: v for k, v in state.items()
-             if not (k.startswith("encoder.sub_mean.") or k.startswith("encoder.add_mean."))}
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(without_mean_shift(state), strict=True)
+
+
+def _tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_atomically(obj, path):
-    """torch.save through a temporary file renamed over `path`: never a truncated checkpoint."""
-    write_atomically(path, lambda f: torch.save(obj, f))
+    """torch.save through a temporary file renamed over `path`: never a truncated checkpoint. A
+    failed write (the temporary file removed, `path` left as it was) is a TrainingError naming the
+    checkpoint and, where the disk is full, saying so: torch's own message for it is
+    "[enforce fail at inline_container.cc:...] . unexpected pos ..."."""
+    try:
+        write_atomically(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as exc:
+        full = getattr(exc, "errno", None) == errno.ENOSPC
+        if not full:  # torch's zip writer loses the errno: compare the free space with the size
+            try:
+                free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+                full = free < _tensor_bytes(obj)
+            except OSError:
+                pass
+        reason = os.strerror(errno.ENOSPC) if full else (
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise TrainingError(f"cannot write the checkpoint {path}: {reason} (the previous "
+                            f"checkpoint, if any, is kept)") from exc
 
 
 def make_checkpoint(model, model_spec, optimizer, optimizer_spec, scheduler, scaler, epoch,

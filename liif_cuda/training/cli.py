@@ -1,6 +1,8 @@
 """`liif-cuda train` (also `python -m liif_cuda train`, and under torchrun)."""
 
 import argparse
+import os
+import shlex
 import sys
 
 # liif_cuda.training.trainer.PRECISIONS, spelled out so that the parser is built without it.
@@ -34,8 +36,19 @@ def train_command(args):
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     config = load_config(args.config)
-    path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,
-                 precision=args.precision, workers=args.workers,
-                 progress=sys.stderr.isatty())  # no bar fragments in a redirected log
+    try:
+        path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,
+                     precision=args.precision, workers=args.workers,
+                     progress=sys.stderr.isatty())  # no bar fragments in a redirected log
+    except KeyboardInterrupt:
+        # liif_cuda.cli prints "interrupted"; this says how to go on (rank 0 only under torchrun).
+        last = os.path.join(args.out, "epoch-last.pth")
+        if os.environ.get("RANK", "0") == "0" and os.path.isfile(last):
+            command = ["liif-cuda", "train", "--config", args.config, "--out", args.out,
+                       "--resume"] + (["--precision", args.precision]
+                                      if args.precision != "fp32" else [])
+            print(f"liif-cuda: {last} holds the last finished epoch; to go on: "
+                  f"{shlex.join(command)}", file=sys.stderr)
+        raise
     if path is not None:
         print(f"last checkpoint: {path}")

@@ -8,6 +8,7 @@ generator, so N epochs straight equal k epochs, a resume, and N - k epochs.
 """
 
 import csv
+import io
 import math
 import os
 import time
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from ..models import LIIF, NORMALISATIONS, RDN, EDSRBaseline
 from .._files import write_atomically
 from ..checkpoints import read_checkpoint
-from .checkpointing import load_original_state_dict, make_checkpoint, save_atomically
-from .config import ConfigError, TrainingError, check_config
+from .checkpointing import (load_original_state_dict, make_checkpoint, save_atomically,
+                            without_mean_shift)
+from .config import ConfigError, TrainingError, check_config, read_yaml
 from .datasets import make_dataset
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -187,6 +189,47 @@ class Distributed:
 
 # -- the run folder ------------------------------------------------------------------------------
 
+LOCK_NAME = ".lock"
+
+
+def lock_run_folder(out_dir):
+    """Takes the run folder's lock, which the process that writes the folder (rank 0) holds for the
+    whole run: a second training into the same folder is refused instead of mixing its files with
+    this one's. An flock, released when the process dies, so never stale. Makes the folder (and its
+    missing parents) if need be; returns (the lock's fd, the folders made, innermost first)."""
+    import fcntl
+    made, folder = [], os.path.abspath(out_dir)
+    while not os.path.isdir(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(os.path.join(out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise TrainingError(f"{out_dir} is in use by another training"
+                            + (f" (pid {holder})" if holder.isdigit() else "")) from None
+    os.ftruncate(fd, 0)  # the holder's pid, for the message above
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd, made
+
+
+def unlock_run_folder(out_dir, fd, made, failed):
+    """Releases the lock; after a failed setup, removes the folders this run made if they hold
+    nothing but the lock file (a run that cannot start leaves nothing behind)."""
+    try:
+        if failed and made and os.listdir(out_dir) == [LOCK_NAME]:
+            os.remove(os.path.join(out_dir, LOCK_NAME))
+            for folder in made:
+                os.rmdir(folder)
+    except OSError:
+        pass  # something else appeared in them: leave them
+    finally:
+        os.close(fd)
+
+
 def existing_checkpoints(out_dir):
     if not os.path.isdir(out_dir):
         return []
@@ -213,6 +256,57 @@ def write_config(config, out_dir):
     import yaml
     write_atomically(os.path.join(out_dir, "config.yaml"),
                      lambda f: yaml.safe_dump(config, f, sort_keys=False), binary=False)
+
+
+_UNSET = object()
+
+
+def config_differences(old, new, prefix=""):
+    """["dotted.key old -> new", ...] between two configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [d for k in keys for d in config_differences(old.get(k, _UNSET),
+                                                              new.get(k, _UNSET), f"{prefix}{k}.")]
+    if old is not _UNSET and new is not _UNSET and type(old) is type(new) and old == new:
+        return []
+    old, new = ("(unset)" if v is _UNSET else repr(v) for v in (old, new))
+    return [f"{prefix[:-1]} {old} -> {new}"]
+
+
+def keep_changed_config(config, out_dir, epoch):
+    """On --resume: the run's config.yaml is about to be replaced by the new config; where they
+    differ, say so and keep the previous one as config-before-epoch-EPOCH.yaml, so that the run
+    folder still describes every epoch. Returns that file's name, or None."""
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    try:
+        old = read_yaml(io.StringIO(text), path)
+    except ConfigError:
+        old = None
+    changes = config_differences(old, config) if isinstance(old, dict) else \
+        [f"{path} is not a config"]
+    if not changes:
+        return None
+    kept = f"config-before-epoch-{epoch}.yaml"
+    write_atomically(os.path.join(out_dir, kept), lambda f: f.write(text), binary=False)
+    print(f"note: the config differs from the run's ({', '.join(changes)}); the optimizer state "
+          f"and learning rate come from the checkpoint, not from the config; the previous config "
+          f"is kept as {kept}", flush=True)
+    return kept
+
+
+def _from_worker(exc):
+    """An error raised in a DataLoader worker comes back as "Caught X in DataLoader worker process
+    N." followed by the worker's traceback, whose last line holds the message (the CLI prints the
+    first line): the error with that message alone."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    return type(exc)(last.split(": ", 1)[1] if ": " in last else last)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -248,34 +342,53 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError("precision 'fp16' needs CUDA (GradScaler); on the CPU use 'bf16'")
+        raise ValueError("--precision fp16 needs CUDA (GradScaler); on the CPU use --precision "
+                         "bf16")
     check_config(config)  # a config built in Python, not by load_config, is checked all the same
     if "eval_type" in config:
         raise ConfigError("eval_type: liif-cuda train validates on val_dataset's samples as the "
                           "published training configs do; use `liif-cuda eval` for the benchmark "
                           "protocols")
     normalisation = normalisation_of(config)
-    # os.makedirs, at the end of the setup, would fail on a file in the way ("File exists").
+    if not os.fspath(out_dir):
+        raise ValueError("--out must name a folder")
+    if resume and init is not None:
+        raise ValueError("--init and --resume exclude each other")
+    if not resume and config.get("resume") is not None and not os.path.isfile(config["resume"]):
+        raise ConfigError(f"resume: {config['resume']} does not exist")
+    # os.makedirs would fail on a file in the way ("File exists").
     existing = os.path.abspath(out_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise TrainingError(f"--out {out_dir} is not a folder ({existing} is a file)")
-    ckpts = existing_checkpoints(out_dir)
-    if resume and "epoch-last.pth" not in ckpts:
-        raise TrainingError(f"--resume: {os.path.join(out_dir, 'epoch-last.pth')} does not exist")
-    if not resume and ckpts:
-        raise TrainingError(f"{out_dir} already holds checkpoints ({', '.join(ckpts[:3])}); pass "
-                            f"--resume to continue that run or choose another folder")
-    if resume and init is not None:
-        raise ValueError("--init and --resume exclude each other")
-
-    dist = Distributed(device_type)
+    # Before the checkpoints are looked at: another training could write them at any time.
+    lock = lock_run_folder(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    failed = True
     try:
-        return _train(config, out_dir, resume, init, dist, device_type, precision, workers,
-                      progress, normalisation)
+        ckpts = existing_checkpoints(out_dir)
+        if resume and "epoch-last.pth" not in ckpts:
+            raise TrainingError(f"--resume: {os.path.join(out_dir, 'epoch-last.pth')} does not "
+                                f"exist")
+        if not resume and ckpts:
+            raise TrainingError(f"{out_dir} already holds checkpoints ({', '.join(ckpts[:3])}); "
+                                f"pass --resume to continue that run or choose another folder")
+        dist = Distributed(device_type)
+        try:
+            path = _train(config, out_dir, resume, init, dist, device_type, precision, workers,
+                          progress, normalisation)
+        except (ConfigError, TrainingError) as exc:
+            unwrapped = _from_worker(exc)
+            if unwrapped is exc:
+                raise
+            raise unwrapped from None
+        finally:
+            dist.close()
+        failed = False
+        return path
     finally:
-        dist.close()
+        if lock is not None:
+            unlock_run_folder(out_dir, *lock, failed)
 
 
 def _train(config, out_dir, resume, init, dist, device_type, precision, workers, progress,
@@ -287,7 +400,11 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     model = build_model(config["model"], normalisation).to(device)
     if init is not None:
         from ..load import load_model
-        init_model = load_model(init)
+        try:
+            init_model = load_model(init)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"--init {init}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                              ) from None
         pretrained = init_model.state_dict()
         mismatch = _first_mismatch(model.state_dict(), pretrained)
         if mismatch is not None:
@@ -314,7 +431,16 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     start_epoch, best = 1, -math.inf
     resume_from = os.path.join(out_dir, "epoch-last.pth") if resume else config.get("resume")
     if resume_from is not None:
+        which = "--resume" if resume else "resume:"
         state = read_checkpoint(resume_from)
+        if not (isinstance(state, dict) and isinstance(state.get("model"), dict)
+                and "sd" in state["model"] and "optimizer" in state and "epoch" in state):
+            raise ConfigError(f"{which} {resume_from} is not a training checkpoint (the original "
+                              f"format's model, optimizer and epoch)")
+        mismatch = _first_mismatch(model.state_dict(), without_mean_shift(state["model"]["sd"]))
+        if mismatch is not None:
+            raise ConfigError(f"{which} {resume_from}: the checkpoint's model does not match the "
+                              f"config's model ({mismatch})")
         load_original_state_dict(model, state["model"]["sd"])
         optimizer.load_state_dict(state["optimizer"]["sd"])
         extra = state.get("liif_cuda") or {}
@@ -372,10 +498,12 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device_type == "cuda" else None)
 
-    # The run folder only once the data and the model are known to be good: a run that cannot start
-    # leaves nothing behind.
+    # The run folder's files only once the data and the model are known to be good: a run that
+    # cannot start leaves nothing behind (rank 0 made the folder for its lock, and removes it).
     if dist.main:
         os.makedirs(out_dir, exist_ok=True)
+        if resume:
+            keep_changed_config(config, out_dir, start_epoch)
         write_config(config, out_dir)
     dist.barrier()
 
@@ -437,4 +565,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
                 summary += f", val PSNR {val_psnr:.2f} dB"
             print(f"{summary}, {time.perf_counter() - started:.1f} s", flush=True)
         dist.barrier()
-    return last_path if dist.main else None
+    if not dist.main:
+        return None
+    # Nothing left to train after a config's `resume: PATH`: no checkpoint was written here.
+    return last_path if start_epoch <= epoch_max else resume_from
