@@ -1,5 +1,5 @@
 """Writing files so that no interruption leaves a partial one: shared by the writers of images,
-checkpoints, logs and configs."""
+checkpoints, logs and configs; and the one check of an image file that reads its bytes."""
 
 import os
 import tempfile
@@ -35,3 +35,12 @@ def write_atomically(path, write, binary=True, prefix=None, before_replace=None)
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def png_bit_depth(path):
+    """The bit depth in a PNG file's header, or None for a file that is not a PNG. Pillow reads a
+    16-bit colour PNG as 8-bit (the low byte dropped) and convert("RGB") clips 16-bit grayscale to
+    255, so the readers that take 8 bits refuse 16-bit PNGs by this."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else None

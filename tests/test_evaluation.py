@@ -384,7 +384,8 @@ def test_16_bit_grayscale_is_refused_before_any_work(tmp_path):
     """Pillow's convert('RGB') clips a 16-bit grayscale image to 255: it was scored as white."""
     Image.fromarray(np.full((24, 24), 40000, np.uint16)).save(tmp_path / "deep.png")
     missing = str(tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match=r"deep\.png: Pillow mode I;16 \(more than 8 bits of gray\)"):
+    with pytest.raises(ValueError, match=r"deep\.png is a 16-bit \(or wider\) image, which 8-bit "
+                                         r"scoring would clip or truncate"):
         evaluate(missing, str(tmp_path), [2], progress=False)
 
 

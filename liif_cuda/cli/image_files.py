@@ -3,18 +3,12 @@ no decoding, and writes to a temporary file renamed at the end (never a partial 
 
 import os
 
-from .._files import write_atomically
+from .._files import png_bit_depth, write_atomically
 from .common import CliError, notice
 
 INPUT_FORMATS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
                   ".webp": "WEBP"}
-
-
-def _png_bit_depth(path):
-    with open(path, "rb") as f:
-        head = f.read(26)
-    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else None
 
 
 def check_input(path):
@@ -26,7 +20,7 @@ def check_input(path):
         raise CliError(f"input {path} is not a file")
     if os.path.splitext(path)[1].lower() not in INPUT_FORMATS:
         raise CliError(f"input {path}: unsupported format (use PNG, JPEG, TIFF or WebP)")
-    if _png_bit_depth(path) == 16:
+    if png_bit_depth(path) == 16:
         # Pillow reads 16-bit colour PNGs as 8-bit: refuse rather than lose the precision silently.
         raise CliError(f"input {path} is a 16-bit PNG, which is not supported; convert it to 8 bits "
                        f"(the Python API takes 16-bit numpy arrays)")

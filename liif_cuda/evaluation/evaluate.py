@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .._files import write_atomically
+from .._files import png_bit_depth, write_atomically
 from .matlab_resize import imresize
 from .protocols import (PROTOCOLS, check_image_size, check_lr_size, check_protocol_options,
                         find_lr_file, finish_prediction, make_sample, score)
@@ -25,14 +25,14 @@ def list_images(folder):
 
 
 def image_size(path):
-    """(h, w) of an image file, from its header. An image of more than 8 bits per channel of gray
-    (Pillow's I and F modes: 16-bit grayscale PNG, TIFF) is refused (ValueError): the protocols
-    score 8-bit RGB, and converting it would clip its values to 255."""
+    """(h, w) of an image file, from its header. An image of more than 8 bits per channel (16-bit
+    PNG; Pillow's I and F modes) is refused (ValueError): the protocols score 8-bit RGB, and
+    Pillow would clip 16-bit grayscale to 255 and drop 16-bit colour's low byte."""
     from PIL import Image
     with Image.open(path) as im:
-        if im.mode.startswith(("I", "F")):
-            raise ValueError(f"{path}: Pillow mode {im.mode} (more than 8 bits of gray), which 8-bit "
-                             f"scoring would clip; convert it to 8 bits")
+        if im.mode.startswith(("I", "F")) or png_bit_depth(path) == 16:
+            raise ValueError(f"{path} is a 16-bit (or wider) image, which 8-bit scoring would clip "
+                             f"or truncate; convert it to 8 bits")
         return im.size[1], im.size[0]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._files import png_bit_depth
 from ..upscaling import pixel_centres
 from .config import ConfigError, TrainingError
 
@@ -39,12 +40,6 @@ def list_images(root_path, split_file=None, split_key=None, first_k=None):
     return [os.path.join(root_path, n) for n in names]
 
 
-def _png_bit_depth(path):
-    with open(path, "rb") as f:
-        head = f.read(25)
-    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else None
-
-
 def open_image(path):
     """The opened image (header only), refusing 16-bit and other wide images: convert('RGB') clips
     16-bit grayscale to nearly white and drops the low byte of 16-bit colour, as `liif-cuda upscale`
@@ -53,7 +48,7 @@ def open_image(path):
         img = Image.open(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise TrainingError(f"training image {path} cannot be read ({exc})") from None
-    if img.mode in ("I", "F") or img.mode.startswith("I;16") or _png_bit_depth(path) == 16:
+    if img.mode in ("I", "F") or img.mode.startswith("I;16") or png_bit_depth(path) == 16:
         img.close()
         raise TrainingError(f"training image {path} is a 16-bit (or wider) image, which training "
                             f"does not support; convert it to 8 bits")
