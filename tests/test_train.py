@@ -414,6 +414,36 @@ def test_a_run_folder_in_use_is_refused_untouched(images, tmp_path):
     assert (run / "epoch-last.pth").exists()
 
 
+def test_a_file_system_without_locks_trains_unguarded(images, tmp_path, monkeypatch, capsys):
+    """flock fails with ENOLCK on some network file systems: a note, and the run goes on."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    train(tiny_config(images, epochs=1, repeat=2), str(run), device="cpu", progress=False)
+    assert (run / "epoch-last.pth").exists()
+    assert f"note: cannot lock {run} (No locks available); a second training into it would not " \
+        f"be refused" in capsys.readouterr().out
+
+
+def test_unwritable_run_folder_is_named(images, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
+    run = tmp_path / "new" / "run"
+    with pytest.raises(TrainingError, match=f"^--out {run}: cannot write there \\(Permission "
+                                            f"denied\\)$"):
+        train(tiny_config(images, epochs=1), str(run), device="cpu", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
 def test_unwritable_checkpoint_is_a_clear_error(images, tmp_path, monkeypatch):
     """A full disk made torch.save fail with "[enforce fail at inline_container.cc:672] .
     unexpected pos ...": the error names the checkpoint and, where the disk is full, says so; the

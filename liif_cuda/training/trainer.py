@@ -202,8 +202,16 @@ def lock_run_folder(out_dir):
     while not os.path.isdir(folder):
         made.append(folder)
         folder = os.path.dirname(folder)
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(os.path.join(out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        for made_folder in made:  # innermost first; a run that cannot start leaves nothing
+            try:
+                os.rmdir(made_folder)
+            except OSError:
+                break
+        raise TrainingError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -211,6 +219,11 @@ def lock_run_folder(out_dir):
         os.close(fd)
         raise TrainingError(f"{out_dir} is in use by another training"
                             + (f" (pid {holder})" if holder.isdigit() else "")) from None
+    except OSError as exc:
+        # A file system without locks (some network ones: ENOLCK): the run goes on unguarded
+        # rather than not at all.
+        print(f"note: cannot lock {out_dir} ({exc.strerror or exc}); a second training into it "
+              f"would not be refused", flush=True)
     os.ftruncate(fd, 0)  # the holder's pid, for the message above
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd, made
