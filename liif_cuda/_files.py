@@ -1,5 +1,5 @@
 """Writing files so that no interruption leaves a partial one: shared by the writers of images,
-checkpoints, logs and configs; and the one check of an image file that reads its bytes."""
+checkpoints, logs and configs; and the checks of image files that take more than 8 bits."""
 
 import os
 import tempfile
@@ -44,3 +44,10 @@ def png_bit_depth(path):
     with open(path, "rb") as f:
         head = f.read(25)
     return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else None
+
+
+def wider_than_8_bits(image, path):
+    """Whether an opened PIL image (read from `path`) has more than 8 bits per channel: Pillow's
+    I and F modes (16-bit grayscale, whose convert("RGB") clips to 255) or a 16-bit PNG (colour
+    ones are read as 8-bit, their low byte dropped). For the readers that take 8 bits."""
+    return image.mode.startswith(("I", "F")) or png_bit_depth(path) == 16

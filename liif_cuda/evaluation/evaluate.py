@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .._files import png_bit_depth, write_atomically
+from .._files import wider_than_8_bits, write_atomically
 from .matlab_resize import imresize
 from .protocols import (PROTOCOLS, check_image_size, check_lr_size, check_protocol_options,
                         find_lr_file, finish_prediction, make_sample, score)
@@ -30,7 +30,7 @@ def image_size(path):
     Pillow would clip 16-bit grayscale to 255 and drop 16-bit colour's low byte."""
     from PIL import Image
     with Image.open(path) as im:
-        if im.mode.startswith(("I", "F")) or png_bit_depth(path) == 16:
+        if wider_than_8_bits(im, path):
             raise ValueError(f"{path} is a 16-bit (or wider) image, which 8-bit scoring would clip "
                              f"or truncate; convert it to 8 bits")
         return im.size[1], im.size[0]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .._files import png_bit_depth
+from .._files import wider_than_8_bits
 from ..upscaling import pixel_centres
 from .config import ConfigError, TrainingError
 
@@ -48,7 +48,7 @@ def open_image(path):
         img = Image.open(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise TrainingError(f"training image {path} cannot be read ({exc})") from None
-    if img.mode in ("I", "F") or img.mode.startswith("I;16") or png_bit_depth(path) == 16:
+    if wider_than_8_bits(img, path):
         img.close()
         raise TrainingError(f"training image {path} is a 16-bit (or wider) image, which training "
                             f"does not support; convert it to 8 bits")

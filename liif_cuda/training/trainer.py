@@ -206,11 +206,7 @@ def lock_run_folder(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         fd = os.open(os.path.join(out_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        for made_folder in made:  # innermost first; a run that cannot start leaves nothing
-            try:
-                os.rmdir(made_folder)
-            except OSError:
-                break
+        remove_made_folders(made)  # a run that cannot start leaves nothing behind
         raise TrainingError(f"--out {out_dir}: cannot write there ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,16 +225,24 @@ def lock_run_folder(out_dir):
     return fd, made
 
 
+def remove_made_folders(made):
+    """Removes the folders a run made (innermost first) while they are empty."""
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:  # something else appeared in it: leave it and those above
+            return
+
+
 def unlock_run_folder(out_dir, fd, made, failed):
     """Releases the lock; after a failed setup, removes the folders this run made if they hold
     nothing but the lock file (a run that cannot start leaves nothing behind)."""
     try:
         if failed and made and os.listdir(out_dir) == [LOCK_NAME]:
             os.remove(os.path.join(out_dir, LOCK_NAME))
-            for folder in made:
-                os.rmdir(folder)
+            remove_made_folders(made)
     except OSError:
-        pass  # something else appeared in them: leave them
+        pass  # the lock file or the folder went meanwhile: leave the rest
     finally:
         os.close(fd)
 
