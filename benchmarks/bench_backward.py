@@ -41,9 +41,8 @@ import liif_reference_models as ref_models  # noqa: E402
 import liif_cuda  # noqa: E402
 from liif_cuda._backward import recompute_backward  # noqa: E402
 from liif_cuda.models import LIIF, EDSRBaseline  # noqa: E402
-from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, run_memory_probe,
-                          write_results)
+from results_file import (cpu_machine_info, peak_rise_bytes, result_header,  # noqa: E402
+                          run_memory_probe, write_results)
 
 BATCH, CHANNELS, SIZE, QUERIES = 16, 64, 48, 2304
 HIDDEN = [256, 256, 256, 256]
@@ -131,12 +130,11 @@ def time_query(name, feat, coords, cells, mlp):
 def memory_probe(name):
     """Peak rise of the resident set over one forward + backward, in this (fresh) process."""
     feat, coords, cells, mlp = query_inputs()
-    time_query(name, feat, coords, cells, mlp)  # warm-up: allocator pools, BLAS buffers
-    mlp.zero_grad()
-    reset_peak_resident_set()
-    before = process_status_kib("VmRSS")
-    time_query(name, feat, coords, cells, mlp)
-    print((process_status_kib("VmHWM") - before) * 1024)
+
+    def warm_up():  # allocator pools, BLAS buffers; its gradients dropped before the measured pass
+        time_query(name, feat, coords, cells, mlp)
+        mlp.zero_grad()
+    print(peak_rise_bytes(lambda: time_query(name, feat, coords, cells, mlp), warm_up))
 
 
 def training_models():

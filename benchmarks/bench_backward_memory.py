@@ -26,9 +26,8 @@ sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")]
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
-from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, run_memory_probe,
-                          write_results)
+from results_file import (cpu_machine_info, peak_rise_bytes, result_header,  # noqa: E402
+                          run_memory_probe, write_results)
 
 
 def probe(variant):
@@ -44,15 +43,8 @@ def probe(variant):
         mlp.zero_grad(set_to_none=True)
         query(feat, coord, cell, mlp).square().sum().backward()
 
-    # Once first, so that what a process pays once (library code, thread pools, oneDNN's generated
-    # kernels) is not counted; the gradients are dropped before each pass, as an optimizer's
-    # zero_grad does.
-    step()
-    reset_peak_resident_set()
-    before = process_status_kib("VmRSS") * 1024
-    step()
-    peak = process_status_kib("VmHWM") * 1024 - before
-    print(json.dumps({"peak_memory_bytes": peak}))
+    # The gradients are dropped before each pass, as an optimizer's zero_grad does.
+    print(json.dumps({"peak_memory_bytes": peak_rise_bytes(step)}))
 
 
 def main():

@@ -31,9 +31,8 @@ sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")]
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
-from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, run_memory_probe,
-                          write_results)
+from results_file import (cpu_machine_info, peak_rise_bytes, result_header,  # noqa: E402
+                          run_memory_probe, write_results)
 
 CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
@@ -68,13 +67,7 @@ def measure_peak_memory(size, scale, variant):
     runs with a fixed malloc mmap threshold, so that the first call's freed buffers go back to the
     system instead of serving the second call unseen."""
     feat, coord, cell, imnet = make_inputs(size, scale)
-    run_variant(variant, feat, coord, cell, imnet)  # its result freed at once
-    reset_peak_resident_set()
-    before = process_status_kib("VmRSS")
-    out = run_variant(variant, feat, coord, cell, imnet)
-    peak = process_status_kib("VmHWM")
-    del out
-    return (peak - before) * 1024
+    return peak_rise_bytes(lambda: run_variant(variant, feat, coord, cell, imnet))
 
 
 def peak_memory_in_subprocess(size, scale, variant):

@@ -32,9 +32,8 @@ import liif_reference_models as ref_models  # noqa: E402
 from liif_cuda.training.checkpointing import load_original_state_dict  # noqa: E402
 from liif_cuda.training.datasets import make_dataset  # noqa: E402
 from liif_cuda.training.trainer import build_model, normalise_batch, train_step  # noqa: E402
-from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
-                          reset_peak_resident_set, result_header, run_memory_probe,
-                          write_results)
+from results_file import (cpu_machine_info, peak_rise_bytes, result_header,  # noqa: E402
+                          run_memory_probe, write_results)
 
 VARIANTS = {"cpu": ("reference", "reference-bf16", "liif_cuda-fp32", "liif_cuda-bf16"),
             "cuda": ("reference", "reference-bf16", "liif_cuda-fp32", "liif_cuda-bf16",
@@ -82,11 +81,7 @@ def peak_memory(data_dir, name):
     """In a fresh process (CPU): the rise of the resident set over one step, after a warm-up."""
     batch, warm = batches(data_dir, 2, "cpu")
     step = make_variant(name, "cpu")
-    step(warm)
-    reset_peak_resident_set()
-    before = process_status_kib("VmRSS")
-    step(batch)
-    return (process_status_kib("VmHWM") - before) * 1024
+    return peak_rise_bytes(lambda: step(batch), warm_up=lambda: step(warm))
 
 
 def cuda_peak_memory(step, batch):

@@ -74,6 +74,18 @@ def reset_peak_resident_set():
         f.write("5")
 
 
+def peak_rise_bytes(measured, warm_up=None):
+    """The rise of this process's peak resident set over one call of `measured`, in bytes, after one
+    call of `warm_up` (default: `measured` itself), so that what a process pays once (library code
+    paged in, thread pools, oneDNN's generated kernels) is not counted. Run it in a fresh process
+    started by run_memory_probe."""
+    (warm_up or measured)()
+    reset_peak_resident_set()
+    before = process_status_kib("VmRSS")
+    measured()
+    return (process_status_kib("VmHWM") - before) * 1024
+
+
 def run_memory_probe(script, *args):
     """Runs `python script *args` in a fresh process and returns the last line it prints (a memory
     probe's result). malloc's mmap threshold is fixed there: left dynamic, glibc raises it after the
