@@ -10,7 +10,8 @@
 # sub-folders, so the device tool brings all of them back) and never stops the others: a failed
 # path is left out of the benchmark, a failed build ends the run. Optional steps are skipped when
 # the time budget (GPU_CHECK_BUDGET_S, default 400 s) would be exceeded. Files:
-#   summary.txt  environment, then one line per step (status, seconds), then the verdict
+#   summary.txt  environment, then one line per step (status, seconds), issue 14's targets met or
+#                not (benchmarks/gpu_targets.py), then the verdict
 #   build.log  paths.log  paths.jsonl  bench.log  gpu_query_<device>_<date>.json  pytest.log  tools.log
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, GPU_CHECK_PATH_LIMIT_S (each path's
 # limit, default 60 s), LIIF_SHARED_DIR (default ./shared if present: Set5 and the official weights
@@ -217,6 +218,12 @@ if [ $DRY_RUN = 0 ]; then
       --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $(running bf16 bf16-mma16 bf16-wgmma \
       bf16-wgmma_ws tf32 fast-fp32) $SMALL
   fi
+fi
+
+# Issue 14's targets from the benchmark's JSON (informational: a target not met fails no step).
+if [ -f "$BENCH_JSON" ]; then
+  "$PYTHON" benchmarks/gpu_targets.py "$BENCH_JSON" $([ $DRY_RUN = 1 ] && echo --case 16x12x2) \
+    2>&1 | tee -a "$SUMMARY"
 fi
 
 if [ ${#FAILED[@]} = 0 ]; then
