@@ -1,19 +1,70 @@
 """patch(model): run an existing LIIF model's query through the fused operator, in place."""
 
+import functools
 import inspect
 
 from ._query import query
 
 _FLAGS = ("local_ensemble", "feat_unfold", "cell_decode")
+# query_rgb's first parameter in mmediting / mmagic, which pass the features; the original code's
+# query_rgb(coord, cell=None) reads them from self.feat (set by gen_feat).
+_FEATURE_PARAMETERS = ("feature", "feat", "x")
+
+
+def _flags(model):
+    return {f: bool(getattr(model, f)) for f in _FLAGS}  # read at every call
+
+
+def _query_rgb_with_features(self, feature, coord, cell=None):
+    """query_rgb through liif_cuda.query (installed by liif_cuda.patch)"""
+    return query(feature, coord, cell, self.imnet, **_flags(self))
+
+
+def _query_rgb_from_feat(self, coord, cell=None):
+    """query_rgb through liif_cuda.query (installed by liif_cuda.patch)"""
+    return query(self.feat, coord, cell, self.imnet, **_flags(self))
+
+
+def _new_patched(base):
+    """Unpickling and deepcopy of a patched model: an empty instance of its patched class, filled by
+    the model's __setstate__ afterwards."""
+    cls = _patched_class(base)
+    return cls.__new__(cls)
+
+
+def _reduce_ex(self, protocol):
+    # The patched class is made at run time and cannot be found by name: a patched model pickles as
+    # its own class's instance that is patched again when loaded (torch.save(model), deepcopy).
+    state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
+    return _new_patched, (type(self).__bases__[0],), state
+
+
+@functools.lru_cache(maxsize=None)
+def _patched_class(base):
+    """The subclass of a LIIF model class whose query_rgb is the fused one, one per class.
+
+    A method of the class, not a closure stored on the instance: copies (copy.deepcopy,
+    nn.DataParallel's replicas, pickling) then query their own features and MLP."""
+    params = list(inspect.signature(base.query_rgb).parameters)[1:]  # after self
+    fused = (_query_rgb_with_features if params and params[0] in _FEATURE_PARAMETERS
+             else _query_rgb_from_feat)
+    # Same names as the model's class, so that repr, errors and state_dict look as before.
+    return type(base.__name__, (base,), {
+        "query_rgb": fused, "__reduce_ex__": _reduce_ex, "__module__": base.__module__,
+        "__qualname__": base.__qualname__, "_liif_cuda_patched": True})
 
 
 def patch(model):
-    """Replaces `model.query_rgb` with the fused query and returns the model.
+    """Makes `model.query_rgb` the fused query and returns the model (the same object).
 
     Works with LIIF models of the original code (`query_rgb(coord, cell=None)` on `model.feat` set by
     `gen_feat`) and of mmediting / mmagic (`query_rgb(feature, coord, cell=None)`): anything with their
     `query_rgb`, an `imnet` MLP and the flags local_ensemble, feat_unfold and cell_decode, which are read
     at every call. Outputs stay equal to the unpatched model's within float32 rounding.
+
+    The model's class becomes a subclass of its class (same name) whose `query_rgb` is the fused
+    one, so `isinstance` still holds and the state_dict is unchanged; copies (`copy.deepcopy`,
+    `nn.DataParallel`) stay patched, and so does a pickled model (`torch.save(model)`) when loaded.
     """
     query_rgb = getattr(model, "query_rgb", None)
     if not callable(query_rgb):
@@ -24,21 +75,10 @@ def patch(model):
     missing = [f for f in _FLAGS if not hasattr(model, f)]
     if missing:
         raise TypeError(f"{type(model).__name__} lacks the LIIF flags {missing}")
-    if getattr(model, "_liif_cuda_patched", False):
+    if getattr(type(model), "_liif_cuda_patched", False):
         return model
-
-    def flags():
-        return {f: bool(getattr(model, f)) for f in _FLAGS}
-
-    params = list(inspect.signature(query_rgb).parameters)
-    if params and params[0] in ("feature", "feat", "x"):
-        def fused_query_rgb(feature, coord, cell=None):
-            return query(feature, coord, cell, model.imnet, **flags())
-    else:
-        def fused_query_rgb(coord, cell=None):
-            return query(model.feat, coord, cell, model.imnet, **flags())
-
-    fused_query_rgb.__doc__ = "query_rgb through liif_cuda.query (installed by liif_cuda.patch)"
-    model.query_rgb = fused_query_rgb
-    model._liif_cuda_patched = True
+    if "query_rgb" in vars(model):
+        raise TypeError(f"{type(model).__name__} has query_rgb set on the instance, which a patch of "
+                        f"its class would not replace")
+    model.__class__ = _patched_class(type(model))
     return model

@@ -1,5 +1,7 @@
 """The models through the fused op against the python/ reference models, and patch()."""
 
+import copy
+import io
 import os
 
 import numpy as np
@@ -102,6 +104,44 @@ def test_patch_rejects_non_liif():
                                                      hidden_list=[16])))
     model.imnet = None
     with pytest.raises(TypeError, match="imnet"):
+        liif_cuda.patch(model)
+
+
+def test_copies_of_a_patched_model_query_their_own_features_and_mlp():
+    """copy.deepcopy, nn.DataParallel's replicas and torch.save / torch.load of the whole model keep
+    the fused query, on the copy's own features and MLP (a closure stored on the instance would
+    query the original model's)."""
+    torch.manual_seed(3)
+    model = copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16]))
+    patched_class = type(liif_cuda.patch(model))
+    assert isinstance(model, refm.LIIF) and patched_class.__name__ == "LIIF"
+    inp, other = torch.rand(1, 3, 8, 9), torch.rand(1, 3, 8, 9)
+    coord = torch.rand(1, 60, 2) * 2 - 1
+    cell = torch.full((1, 60, 2), 0.1)
+
+    def expected(m, x):
+        return ref.query_rgb(m.encoder(x), coord, cell, m.imnet)
+
+    with torch.no_grad():
+        clone = copy.deepcopy(model)
+        clone.imnet.layers[0].weight.add_(0.5)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        model(inp, coord, cell)  # model.feat is now inp's: no copy may read it
+        replica = model._replicate_for_data_parallel()  # what nn.DataParallel does per device
+        for m, x in ((clone, other), (loaded, other), (replica, other), (model, inp)):
+            assert type(m) is patched_class
+            assert relative_error(m(x, coord, cell), expected(m, x)) <= 1e-5
+        assert relative_error(clone(inp, coord, cell), expected(model, inp)) > 1e-2
+        assert liif_cuda.patch(clone) is clone and type(clone) is patched_class
+
+
+def test_patch_refuses_a_query_rgb_set_on_the_instance():
+    model = copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16]))
+    model.query_rgb = model.query_rgb
+    with pytest.raises(TypeError, match="query_rgb set on the instance"):
         liif_cuda.patch(model)
 
 
