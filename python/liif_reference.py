@@ -5,7 +5,8 @@ This module is the test oracle and the benchmark baseline of liif_cuda. It follo
 only the model object is replaced by plain functions. Two changes, both needed to run at all:
 - the original moves the LR centre grid to `.cuda()`; here it is built on `feat`'s device,
 - the original always builds that grid in float32, which `grid_sample` rejects for float64 features;
-  here it is built in `feat`'s dtype (identical values for float32).
+  here it is built in float64 for them (float32 otherwise, as the original: under autocast, features
+  in bf16 or fp16 still meet a float32 grid).
 
 Do not optimise this file: its value is that it is obviously the reference.
 """
@@ -84,7 +85,8 @@ def query_rgb(feat, coord, cell, imnet, local_ensemble=True, feat_unfold=True, c
     rx = 2 / feat.shape[-2] / 2
     ry = 2 / feat.shape[-1] / 2
 
-    feat_coord = make_coord(feat.shape[-2:], flatten=False, dtype=feat.dtype, device=feat.device) \
+    grid_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    feat_coord = make_coord(feat.shape[-2:], flatten=False, dtype=grid_dtype, device=feat.device) \
         .permute(2, 0, 1) \
         .unsqueeze(0).expand(feat.shape[0], 2, *feat.shape[-2:])
 
