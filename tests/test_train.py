@@ -16,7 +16,8 @@ from PIL import Image
 
 import liif_cuda
 from liif_cuda.training import ConfigError, TrainingError, check_config, load_config, train
-from liif_cuda.training.checkpointing import load_original_state_dict
+from liif_cuda.training.checkpointing import (load_original_optimizer_state,
+                                              load_original_state_dict)
 from liif_cuda.training.datasets import make_dataset
 from liif_cuda.training.trainer import build_model, normalise_batch, train_step, validate
 
@@ -145,8 +146,8 @@ def test_dataloader_workers_train_the_same_model(images, tmp_path):
 
 def test_config_resume_from_an_original_checkpoint(images, tmp_path):
     """The original's `resume: PATH` key: a checkpoint without liif_cuda's extra entry (as the
-    original code writes them) starts a new run folder at its epoch + 1, the scheduler stepped to
-    that epoch as the original does."""
+    original code writes them) starts a new run folder at its epoch + 1, with the schedule's rate at
+    that epoch (the original's resume would apply the milestones passed a second time)."""
     first = str(tmp_path / "first")
     train(tiny_config(images, epochs=2), first, device="cpu", progress=False)
     original = torch.load(f"{first}/epoch-last.pth", weights_only=True)
@@ -163,6 +164,95 @@ def test_config_resume_from_an_original_checkpoint(images, tmp_path):
     # Nothing left to train: the last checkpoint is the one resumed from, not one in the new folder.
     config["epoch_max"] = 2
     assert train(config, str(tmp_path / "third"), device="cpu", progress=False) == path
+
+
+def original_twin(config):
+    """The original code's model for tiny_config's (python/liif_reference_models.py restates it)."""
+    import liif_reference_models as refm
+    return refm.LIIF(refm.EDSR(n_resblocks=1, n_feats=8), hidden_list=[16, 16])
+
+
+def adam_state_by_name(model, optimizer):
+    return {name: optimizer.state.get(p) for name, p in model.named_parameters()}
+
+
+def test_checkpoints_optimizer_state_in_the_original_layout(images, tmp_path):
+    """The original's optimizer covers the original model's parameters, EDSR's four mean-shift ones
+    first. A checkpoint's optimizer state loads into the original's optimizer (its
+    make_optimizer(load_sd=True): Adam(model.parameters()).load_state_dict), each parameter's state
+    on the same parameter; and a checkpoint as the original train_liif.py writes it resumes here,
+    each state on the same parameter again."""
+    run = str(tmp_path / "run")
+    config = tiny_config(images, epochs=2)
+    train(config, run, device="cpu", progress=False)
+    checkpoint = torch.load(f"{run}/epoch-last.pth", weights_only=True)
+    original = original_twin(config)
+    original.load_state_dict(checkpoint["model"]["sd"])  # strict, as the original loads it
+    original_adam = torch.optim.Adam(original.parameters(), lr=1e-3)
+    original_adam.load_state_dict(checkpoint["optimizer"]["sd"])
+    ours = build_model(config["model"])
+    ours_adam = torch.optim.Adam(ours.parameters(), lr=1e-3)
+    load_original_optimizer_state(ours, ours_adam, checkpoint["optimizer"]["sd"])
+    theirs, mine = adam_state_by_name(original, original_adam), adam_state_by_name(ours, ours_adam)
+    assert set(theirs) - set(mine) == {f"encoder.{m}.{p}" for m in ("sub_mean", "add_mean")
+                                       for p in ("weight", "bias")}
+    assert all(not theirs[n] for n in set(theirs) - set(mine))
+    for name, state in mine.items():
+        assert state["exp_avg"].shape == dict(ours.named_parameters())[name].shape
+        assert torch.equal(state["exp_avg_sq"], theirs[name]["exp_avg_sq"]), name
+
+    # A checkpoint of the original code: a step of the original model, saved as train_liif.py does.
+    torch.manual_seed(0)
+    original = original_twin(config)
+    original_adam = torch.optim.Adam(original.parameters(), lr=1e-3)
+    coord = torch.rand(1, 20, 2) * 2 - 1
+    original(torch.rand(1, 3, 8, 8), coord, torch.full((1, 20, 2), 0.1)).abs().mean().backward()
+    original_adam.step()
+    path = str(tmp_path / "original.pth")
+    torch.save({"model": {"name": "liif", "args": config["model"]["args"],
+                          "sd": original.state_dict()},
+                "optimizer": {"name": "adam", "args": {"lr": 1e-3},
+                              "sd": original_adam.state_dict()},
+                "epoch": 1}, path)
+    ours_adam = torch.optim.Adam(ours.parameters(), lr=1e-3)
+    load_original_optimizer_state(ours, ours_adam, torch.load(path, weights_only=True)["optimizer"]["sd"])
+    theirs, mine = adam_state_by_name(original, original_adam), adam_state_by_name(ours, ours_adam)
+    assert all(torch.equal(mine[n]["exp_avg"], theirs[n]["exp_avg"]) for n in mine)
+    config["resume"] = path
+    train(config, str(tmp_path / "from_original"), device="cpu", progress=False)
+    assert [r["epoch"] for r in read_log(str(tmp_path / "from_original"))] == ["2"]
+
+
+def test_optimizer_state_of_before_the_original_layout_and_a_wrong_one(images, tmp_path):
+    """liif_cuda's checkpoints of before the original layout (no mean-shift parameters) still load;
+    an optimizer state that fits neither layout is a one-line error naming the checkpoint."""
+    config = tiny_config(images, epochs=1)
+    run = str(tmp_path / "run")
+    train(config, run, device="cpu", progress=False)
+    checkpoint = torch.load(f"{run}/epoch-last.pth", weights_only=True)
+    ours = build_model(config["model"])
+    load_original_state_dict(ours, checkpoint["model"]["sd"])
+    adam = torch.optim.Adam(ours.parameters(), lr=1e-3)
+    load_original_optimizer_state(ours, adam, checkpoint["optimizer"]["sd"])
+    own_layout = adam.state_dict()
+    again = torch.optim.Adam(ours.parameters(), lr=1e-3)
+    load_original_optimizer_state(ours, again, own_layout)
+    assert all(torch.equal(again.state[p]["exp_avg"], adam.state[p]["exp_avg"])
+               for p in ours.parameters())
+    wrong = copy.deepcopy(checkpoint["optimizer"]["sd"])
+    wrong["state"][0] = copy.deepcopy(wrong["state"][4])  # state for a mean-shift parameter
+    with pytest.raises(ValueError, match="mean-shift"):
+        load_original_optimizer_state(ours, adam, wrong)
+    wrong = copy.deepcopy(checkpoint["optimizer"]["sd"])
+    wrong["param_groups"][0]["params"].pop()
+    checkpoint["optimizer"]["sd"] = wrong
+    path = str(tmp_path / "wrong.pth")
+    torch.save(checkpoint, path)
+    config = tiny_config(images, epochs=2)
+    config["resume"] = path
+    with pytest.raises(ConfigError, match=r"resume: .*wrong\.pth: its optimizer state does not "
+                                          r"fit the config's optimizer"):
+        train(config, str(tmp_path / "second"), device="cpu", progress=False)
 
 
 def test_samples_follow_the_recipe(images):
@@ -766,6 +856,24 @@ def test_packaged_configs_are_the_published_recipe():
         assert config["epoch_max"] == 1000
         assert config["model"]["args"]["encoder_spec"]["name"] == encoder
         build_model(config["model"])  # builds
+
+
+def test_validation_weights_each_batch_by_its_size():
+    """The original's eval_psnr adds each batch's PSNR to its Averager with the batch's size: a
+    batch of 3 at 20 dB and one of 1 at 40 dB give 25 dB, not 30."""
+    class Grey(torch.nn.Module):  # predicts 0.5 everywhere (0 before denormalisation)
+        def gen_feat(self, inp):
+            pass
+
+        def query_rgb(self, coord, cell):
+            return torch.zeros(*coord.shape[:2], 3)
+
+    def batch(size, error):
+        return {"inp": torch.zeros(size, 3, 4, 4), "coord": torch.zeros(size, 5, 2),
+                "cell": torch.zeros(size, 5, 2), "gt": torch.full((size, 5, 3), 0.5 + error)}
+
+    psnr = validate(Grey(), [batch(3, 0.1), batch(1, 0.01)], torch.device("cpu"), "fp32", 30000)
+    assert psnr == pytest.approx(25.0, abs=1e-5)
 
 
 # -- the official weights ---------------------------------------------------------------------------

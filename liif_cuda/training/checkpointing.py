@@ -28,10 +28,15 @@ def _mean_shift(sign):
     return weight, sign * torch.tensor(_EDSR_MEAN)
 
 
+def _has_mean_shift(model):
+    """Whether the original code's twin of the model has the mean-shift convolutions (EDSR)."""
+    return any(k.startswith("encoder.head.0.") for k in model.state_dict())
+
+
 def original_state_dict(model):
     """The model's state dict as the original code names and expects it."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if any(k.startswith("encoder.head.0.") for k in state):
+    if _has_mean_shift(model):
         for name, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
             state[f"encoder.{name}.weight"], state[f"encoder.{name}.bias"] = _mean_shift(sign)
     return state
@@ -46,6 +51,47 @@ def without_mean_shift(state):
 def load_original_state_dict(model, state):
     """Loads an original-format state dict (mean-shift entries dropped) strictly."""
     model.load_state_dict(without_mean_shift(state), strict=True)
+
+
+# The original code's optimizer takes model.parameters(), which for EDSR begin with the mean-shift
+# convolutions' weights and biases: never trained (requires_grad False), so without optimizer state,
+# but counted in the parameter indices of its state dict, which the original's load_state_dict
+# checks against its own parameters.
+_MEAN_SHIFT_PARAMETERS = 4
+
+
+def original_optimizer_state(model, optimizer):
+    """The optimizer's state dict as the original code's optimizer of the same model has it."""
+    state = optimizer.state_dict()
+    if not _has_mean_shift(model):
+        return state
+    shift = _MEAN_SHIFT_PARAMETERS
+    groups = [dict(g, params=[i + shift for i in g["params"]]) for g in state["param_groups"]]
+    groups[0]["params"] = list(range(shift)) + groups[0]["params"]
+    return {"state": {i + shift: s for i, s in state["state"].items()}, "param_groups": groups}
+
+
+def load_original_optimizer_state(model, optimizer, state):
+    """Loads an optimizer state dict of the original layout (as original_optimizer_state writes it,
+    or as the original code saves it), or in liif_cuda's own (no mean-shift parameters: its
+    checkpoints of before 2026-11-27)."""
+    groups = state["param_groups"]
+    count = sum(len(g["params"]) for g in groups)
+    ours = sum(len(g["params"]) for g in optimizer.param_groups)
+    if _has_mean_shift(model) and count == ours + _MEAN_SHIFT_PARAMETERS:
+        mean_shift = set(groups[0]["params"][:_MEAN_SHIFT_PARAMETERS])
+        if any(state["state"].get(i) for i in mean_shift):
+            raise ValueError("the state has values for the first parameters, which the original "
+                             "EDSR's mean-shift convolutions (never trained) would have none for")
+        index = {}  # the original's index -> liif_cuda's, in parameter order
+        for g in groups:
+            for i in g["params"]:
+                if i not in mean_shift:
+                    index[i] = len(index)
+        state = {"state": {index[i]: s for i, s in state["state"].items() if i in index},
+                 "param_groups": [dict(g, params=[index[i] for i in g["params"] if i in index])
+                                  for g in groups]}
+    optimizer.load_state_dict(state)
 
 
 def _tensor_bytes(obj):
@@ -84,7 +130,7 @@ def make_checkpoint(model, model_spec, optimizer, optimizer_spec, scheduler, sca
     return {
         "model": {"name": "liif", "args": model_spec["args"], "sd": original_state_dict(model)},
         "optimizer": {"name": optimizer_spec["name"], "args": optimizer_spec.get("args") or {},
-                      "sd": optimizer.state_dict()},
+                      "sd": original_optimizer_state(model, optimizer)},
         "epoch": epoch,
         "liif_cuda": {
             "scheduler": scheduler.state_dict() if scheduler is not None else None,

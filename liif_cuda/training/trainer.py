@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from ..models import LIIF, NORMALISATIONS, RDN, EDSRBaseline
 from .._files import write_atomically
 from ..checkpoints import read_checkpoint
-from .checkpointing import (load_original_state_dict, make_checkpoint, save_atomically,
-                            without_mean_shift)
+from .checkpointing import (load_original_optimizer_state, load_original_state_dict,
+                            make_checkpoint, save_atomically, without_mean_shift)
 from .config import ConfigError, TrainingError, check_config, read_yaml
 from .datasets import make_dataset
 
@@ -135,10 +135,11 @@ def normalise_batch(batch, device, normalisation="original"):
 
 @torch.no_grad()
 def validate(model, loader, device, precision, chunk, normalisation="original"):
-    """Mean over batches of the batch's PSNR on [0, 1] colours (the original's validation)."""
+    """Each batch's PSNR on [0, 1] colours, averaged with the batches' sizes as weights (the
+    original's validation: its Averager adds each batch's value with the batch's size)."""
     model.eval()
     mean, std = (torch.tensor(v, device=device) for v in NORMALISATIONS[normalisation])
-    values = []
+    total, samples = 0.0, 0
     for raw in loader:
         batch = normalise_batch(raw, device, normalisation)
         with autocast(device.type, precision):
@@ -147,9 +148,11 @@ def validate(model, loader, device, precision, chunk, normalisation="original"):
                      for i in range(0, batch["coord"].shape[1], chunk)]
         pred = (torch.cat(preds, 1).float() * std + mean).clamp(0, 1)
         mse = (pred - raw["gt"].to(device)).pow(2).mean()
-        values.append(-10 * math.log10(max(mse.item(), 1e-12)))
+        size = raw["gt"].shape[0]
+        total += size * -10 * math.log10(max(mse.item(), 1e-12))
+        samples += size
     model.train()
-    return sum(values) / len(values)
+    return total / samples
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -459,7 +462,11 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             raise ConfigError(f"{which} {resume_from}: the checkpoint's model does not match the "
                               f"config's model ({mismatch})")
         load_original_state_dict(model, state["model"]["sd"])
-        optimizer.load_state_dict(state["optimizer"]["sd"])
+        try:
+            load_original_optimizer_state(model, optimizer, state["optimizer"]["sd"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{which} {resume_from}: its optimizer state does not fit the "
+                              f"config's optimizer ({exc})") from exc
         extra = state.get("liif_cuda") or {}
         if scheduler is not None:
             if extra.get("scheduler") is not None:
