@@ -37,7 +37,7 @@ sys.path[:0] = [os.path.join(ROOT, "python"), os.path.join(ROOT, "benchmarks")]
 import liif_reference as ref  # noqa: E402
 
 import liif_cuda  # noqa: E402
-from results_file import write_results  # noqa: E402
+from results_file import new_results_path, write_results  # noqa: E402
 
 CHANNELS = 64
 HIDDEN = [256, 256, 256, 256]
@@ -329,20 +329,21 @@ def main():
         "rows": [],
         "failed_variants": {},
     }
-    stem = f"gpu_query_{info['device'].replace(' ', '_')}"
+    # One file for the whole run, rewritten after each part.
+    out = args.out or new_results_path(f"gpu_query_{info['device'].replace(' ', '_')}")
     for case in args.cases.split(","):
         result["rows"].append(measure_case(case, variants, args.repeats, args.device, peaks,
                                            result["failed_variants"]))
-        write_results(result, stem, args.out)
+        write_results(result, None, out)
     if not args.skip_training:
         result["training_forward_backward"] = measure_training(args.device, args.repeats)
-        write_results(result, stem, args.out)
+        write_results(result, None, out)
     if args.train_data:
         import bench_train
         result["training_step"] = bench_train.measure(args.train_data, args.device,
                                                       min(args.repeats, 5))
         bench_train.print_rows(result["training_step"])
-        write_results(result, stem, args.out)
+        write_results(result, None, out)
     return 1 if result["failed_variants"] else 0
 
 

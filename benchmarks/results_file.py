@@ -1,5 +1,5 @@
-"""Where the benchmarks put their results: benchmarks/results/<stem>_<YYYYMMDD>.json, or a path given
-with --out; and the machine they ran on."""
+"""Where the benchmarks put their results: benchmarks/results/<stem>_<YYYYMMDD>.json (_runN for a
+later run of the same day), or a path given with --out; and the machine they ran on."""
 
 import json
 import os
@@ -11,9 +11,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def new_results_path(stem):
+    """benchmarks/results/STEM_DATE.json, or STEM_DATE_runN.json with the first free N when a run of
+    the same day is there already: a new run never overwrites committed results."""
+    base = os.path.join(ROOT, "benchmarks", "results", f"{stem}_{time.strftime('%Y%m%d')}")
+    out, run = base + ".json", 1
+    while os.path.exists(out):
+        run += 1
+        out = f"{base}_run{run}.json"
+    return out
+
+
 def write_results(result, stem, out=None):
-    """Writes `result` as JSON and says where; returns the path."""
-    out = out or os.path.join(ROOT, "benchmarks", "results", f"{stem}_{time.strftime('%Y%m%d')}.json")
+    """Writes `result` as JSON to `out`, or to new_results_path(stem), and says where; returns the
+    path."""
+    out = out or new_results_path(stem)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,0 +1,25 @@
+"""benchmarks/results_file.write_results: a second run of a benchmark on the same day gets a file of
+its own (_run2, _run3) instead of overwriting the committed results of the first."""
+
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import results_file  # noqa: E402
+
+
+def test_same_day_runs_never_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(results_file, "ROOT", str(tmp_path))
+    day = time.strftime("%Y%m%d")
+    paths = [results_file.write_results({"run": i}, "bench_x") for i in (1, 2, 3)]
+    folder = tmp_path / "benchmarks" / "results"
+    assert paths == [str(folder / f"bench_x_{day}{tail}.json") for tail in ("", "_run2", "_run3")]
+    assert [json.loads(open(p).read())["run"] for p in paths] == [1, 2, 3]
+    explicit = str(tmp_path / "chosen.json")  # an explicit --out is the caller's choice
+    assert results_file.write_results({"run": 4}, "bench_x", explicit) == explicit
+    assert results_file.write_results({"run": 5}, "bench_x", explicit) == explicit
+    assert json.loads(open(explicit).read())["run"] == 5
