@@ -6,11 +6,14 @@ strictly: a missing or unexpected key is an error that names the layout and the 
 half-loaded is returned. Files are opened with `torch.load(weights_only=True)` only.
 """
 
+import ast
 import re
+import warnings
 
 import torch
 
 from .models import LIIF, RDN, EDSRBaseline
+from .models.liif import NORMALISATIONS
 
 
 class CheckpointError(ValueError):
@@ -96,9 +99,95 @@ def _unwrap(obj, source):
                           f"{keys[:5]}")
 
 
+_FLAGS = ("local_ensemble", "feat_unfold", "cell_decode")
+
+
+def _config_text(obj):
+    """The training config an mmediting / mmagic checkpoint keeps in its meta (mmcv's runner:
+    'config', mmengine's: 'cfg'; the config as Python text), or None."""
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    return next((meta[k] for k in ("cfg", "config") if isinstance(meta.get(k), str)), None)
+
+
+def _number(node):
+    """A number of a config's syntax tree, or numbers combined with + - * / (0.4488 * 255)."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_number(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+        a, b = _number(node.left), _number(node.right)
+        return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b,
+                ast.Div: a / b if b else float("nan")}[type(node.op)]
+    raise ValueError("not a number")
+
+
+def _pairs(node):
+    """(name, value node) of a dict(...) call or a {...} literal."""
+    if isinstance(node, ast.Call):
+        return [(k.arg, k.value) for k in node.keywords if k.arg]
+    if isinstance(node, ast.Dict):
+        return [(k.value, v) for k, v in zip(node.keys, node.values)
+                if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+    return []
+
+
+def config_settings(text, source="checkpoint"):
+    """What an mmediting / mmagic config says of the model that its weights do not: the flags, and
+    the normalisation as (mean, std) on [0, 1] (mmagic's data_preprocessor on 0-255, mmediting
+    0.x's rgb_mean / rgb_std). Read from the syntax tree, nothing of it run."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return {}
+    found = {}
+    for node in ast.walk(tree):
+        for name, value in _pairs(node):
+            if name in _FLAGS and isinstance(value, ast.Constant) and isinstance(value.value, bool):
+                found.setdefault(name, set()).add(value.value)
+            elif name in ("rgb_mean", "rgb_std", "data_preprocessor"):
+                inner = _pairs(value) if name == "data_preprocessor" else [(name, value)]
+                for key, numbers in inner:
+                    if key in ("mean", "std", "rgb_mean", "rgb_std") and isinstance(
+                            numbers, (ast.List, ast.Tuple)):
+                        try:
+                            values = [_number(e) for e in numbers.elts]
+                        except ValueError:
+                            continue
+                        scale = 255.0 if name == "data_preprocessor" else 1.0
+                        found.setdefault(key.replace("rgb_", ""), set()).add(
+                            tuple(round(v / scale, 6) for v in values))
+    for name, values in found.items():
+        if len(values) > 1:
+            raise CheckpointError(f"{source}: its config gives {name} several values "
+                                  f"({sorted(values)}), so the model it describes is unclear")
+    return {name: values.pop() for name, values in found.items()}
+
+
+def _normalisation_named(mean, std, is_rdn, source):
+    """The name in NORMALISATIONS of a config's (mean, std), preferring the encoder's own."""
+    def same(a, b):
+        a = a * 3 if len(a) == 1 else a
+        return len(a) == len(b) and all(abs(x - y) <= 1e-4 for x, y in zip(a, b))
+
+    preferred = ["mmedit-rdn", "original", "mmedit-edsr"] if is_rdn else \
+        ["mmedit-edsr", "original", "mmedit-rdn"]
+    for name in preferred:
+        if same(mean, NORMALISATIONS[name][0]) and same(std, NORMALISATIONS[name][1]):
+            return name
+    raise CheckpointError(f"{source}: its config normalises with mean {list(mean)} and std "
+                          f"{list(std)}, which liif_cuda's models do not support (they support "
+                          f"{', '.join(f'{m} / {s}' for m, s in NORMALISATIONS.values())})")
+
+
 def to_original_names(obj, source="checkpoint"):
-    """(state dict with the original code's names, layout, original args or None, normalisation)."""
+    """(state dict with the original code's names, layout, args, normalisation): args are the original
+    format's model args, or for mmediting / mmagic the flags their config states."""
     state, layout, args = _unwrap(obj, source)
+    odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{source} looks like the {layout} layout but its {odd!r} is a "
+                              f"{type(state[odd]).__name__}, not a tensor")
     if layout == ORIGINAL:
         state = {k: v for k, v in state.items() if not _UNUSED_ORIGINAL.match(k)}
         return state, layout, args, "original"
@@ -120,13 +209,25 @@ def to_original_names(obj, source="checkpoint"):
                         layout)
     is_rdn = any(k.startswith("encoder.SFENet1.") for k in state)
     normalisation = "mmedit-rdn" if is_rdn else "mmedit-edsr"
+    text = _config_text(obj)
+    settings = config_settings(text, source) if text is not None else {}
+    if "mean" in settings or "std" in settings:
+        mean, std = (settings.get(k, NORMALISATIONS[normalisation][i])
+                     for i, k in enumerate(("mean", "std")))
+        normalisation = _normalisation_named(mean, std, is_rdn, source)
+    flags = {k: settings[k] for k in _FLAGS if k in settings}
+    if "local_ensemble" not in flags:
+        # The weights are the same with and without the local ensemble: only a config can say.
+        warnings.warn(f"{source}: no config in the checkpoint's meta says whether the model "
+                      f"uses the local ensemble; loading it with local_ensemble=True and the "
+                      f"{normalisation} normalisation, as the published models", stacklevel=3)
     if preprocessor and not is_rdn:
         mean = preprocessor.get("data_preprocessor.mean")
         if mean is not None and not torch.allclose(mean.flatten().double() / 255,
                                                    torch.tensor([0.4488, 0.4371, 0.4040],
                                                                 dtype=torch.float64), atol=1e-4):
             raise CheckpointError(f"{source}: unsupported data_preprocessor.mean {mean.flatten()}")
-    return state, layout, None, normalisation
+    return state, layout, flags, normalisation
 
 
 def _infer_model(state, layout, args, normalisation, source):
@@ -158,16 +259,20 @@ def _infer_model(state, layout, args, normalisation, source):
     hidden = [w[0] for w in linears[:-1]]
     out_dim = linears[-1][0]
     imnet_args = (args or {}).get("imnet_spec", {}).get("args", {})
-    flags = {k: (args or {}).get(k, True) for k in ("local_ensemble", "feat_unfold", "cell_decode")}
+    flags = {k: (args or {}).get(k, True) for k in _FLAGS}
     c = encoder.out_dim
-    # The MLP's input width tells feat_unfold and cell_decode apart where args do not say them.
+    # The MLP's input width tells feat_unfold and cell_decode, which args (or a config) may also say.
     by_width = {c * 9 + 4: (True, True), c * 9 + 2: (True, False), c + 4: (False, True),
                 c + 2: (False, False)}
     if in_dim not in by_width:
         raise CheckpointError(f"{source}: the MLP takes {in_dim} inputs, which fits no LIIF variant "
                               f"of a {c}-channel encoder")
-    if args is None:
-        flags["feat_unfold"], flags["cell_decode"] = by_width[in_dim]
+    for name, value in zip(("feat_unfold", "cell_decode"), by_width[in_dim]):
+        if name in (args or {}) and bool(args[name]) != value:
+            said = "args say" if layout == ORIGINAL else "config says"
+            raise CheckpointError(f"{source}: its {said} {name}={args[name]}, but its MLP's "
+                                  f"{in_dim} inputs are those of {name}={value}")
+        flags[name] = value
     if imnet_args.get("hidden_list") not in (None, hidden):
         raise CheckpointError(f"{source}: args say hidden_list {imnet_args['hidden_list']}, the "
                               f"weights have {hidden}")
@@ -193,8 +298,43 @@ def model_from_checkpoint(obj, source="checkpoint"):
     return model.eval()
 
 
+class UnreadObject:
+    """Stands for an object of a checkpoint that weights_only does not allow (mmengine's message
+    hub: its history buffers and numpy values): made from nothing of the file, it runs nothing.
+    `global_name` says what the file held there."""
+
+    global_name = "?"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self):
+        return f"<unread {self.global_name}>"
+
+
+def _refused_globals(path):
+    """The globals torch.load(weights_only=True) refuses in the file ([] if this torch cannot say)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # older torch, or a file it cannot list
+        return []
+
+
+def _load_with_placeholders(path, names):
+    """torch.load(weights_only=True) with the globals `names` read as UnreadObjects. torch still
+    refuses the modules it blocks (os, subprocess, builtins' eval, ...), whatever is allowed."""
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (UnreadObject,), {"global_name": name}), name)
+                 for name in names]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path):
-    """torch.load with weights_only=True, with errors that say what went wrong."""
+    """torch.load with weights_only=True, with errors that say what went wrong. Objects it would
+    refuse (mmengine's checkpoints keep some beside the weights) are read as UnreadObjects."""
     # torch.save writes a zip archive (a pickle before PyTorch 1.6); for anything else (an image
     # given as --model, say) torch.load's message would suggest weights_only=False.
     with open(path, "rb") as f:
@@ -207,6 +347,15 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise
     except Exception as exc:  # unpickling errors of every kind
-        raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint with weights_only=True "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                              ) from None
+        error = exc
+    names = _refused_globals(path)
+    if names:
+        try:
+            return _load_with_placeholders(path, names)
+        except Exception:
+            raise CheckpointError(f"{path} cannot be read with weights_only=True: it holds "
+                                  f"{', '.join(names)}, which a checkpoint of weights has no use "
+                                  f"for and liif_cuda does not load") from None
+    first = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint with weights_only=True "
+                          f"({type(error).__name__}: {first[0] if first else ''})") from None

@@ -4,6 +4,8 @@ resolve without network in the tests."""
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,16 +72,67 @@ def mm_state(model, encoder="edsr", old=False):
     return out
 
 
-def mmedit_checkpoint(model, encoder="edsr", old=False):
+# The model part of the configs as their runners keep them in the meta (mmcv's 'config', mmengine's
+# 'cfg': the config's text), after mmediting 0.x's and mmagic's published LIIF configs.
+MMEDIT_CONFIG = """model = dict(
+    type='LIIF',
+    generator=dict(
+        type='LIIFEDSR',
+        encoder=dict(type='EDSR', in_channels=3, out_channels=3, mid_channels=64, num_blocks=16),
+        imnet=dict(type='MLPRefiner', in_dim=64, out_dim=3, hidden_list=[256, 256, 256, 256]),
+        local_ensemble={local_ensemble},
+        feat_unfold={feat_unfold},
+        cell_decode={cell_decode},
+        eval_bsize=30000),
+    rgb_mean=({mean}),
+    rgb_std=({std}),
+    pixel_loss=dict(type='L1Loss', loss_weight=1.0, reduction='mean'))
+"""
+MMAGIC_CONFIG = """model = dict(
+    type='LIIF',
+    generator=dict(
+        type='LIIFEDSRNet',
+        encoder=dict(type='EDSRNet', in_channels=3, out_channels=3, mid_channels=64, num_blocks=16),
+        imnet=dict(type='MLPRefiner', in_dim=64, out_dim=3, hidden_list=[256, 256, 256, 256]),
+        local_ensemble={local_ensemble},
+        feat_unfold={feat_unfold},
+        cell_decode={cell_decode},
+        eval_bsize=30000),
+    pixel_loss=dict(type='L1Loss', loss_weight=1.0, reduction='mean'),
+    data_preprocessor=dict(
+        type='DataPreprocessor',
+        mean=[{mean}],
+        std=[{std}],
+    ))
+"""
+EDSR_MEAN = "0.4488, 0.4371, 0.4040"
+MMAGIC_EDSR_MEAN, MMAGIC_EDSR_STD = "0.4488 * 255, 0.4371 * 255, 0.4040 * 255", "255., 255., 255."
+
+
+def flags_of(model, **given):
+    """The model's flags for a config template, `given` ones replacing them."""
+    return {k: given.get(k, getattr(model, k)) for k in ("local_ensemble", "feat_unfold",
+                                                          "cell_decode")}
+
+
+def mmedit_checkpoint(model, encoder="edsr", old=False, mean=None, std=None, config=True, **flags):
+    """mmediting 0.x's checkpoint of the model (with its config: rgb_mean and rgb_std as the
+    encoder's published config has them, unless given)."""
     meta = {"mmedit_version": "0.8.0" if old else "0.14.0", "time": "Fri Mar 19 2021",
-            "config": "model = dict(type='LIIF')", "epoch": 1, "iter": 1000000}
+            "epoch": 1, "iter": 1000000}
+    if config:
+        mean = mean or (EDSR_MEAN if encoder == "edsr" else "0.5, 0.5, 0.5")
+        std = std or ("1.0, 1.0, 1.0" if encoder == "edsr" else "0.5, 0.5, 0.5")
+        meta["config"] = MMEDIT_CONFIG.format(mean=mean, std=std, **flags_of(model, **flags))
     return {"meta": meta, "state_dict": mm_state(model, encoder, old),
             "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}
 
 
-def mmagic_checkpoint(model):
+def mmagic_checkpoint(model, mean=MMAGIC_EDSR_MEAN, std=MMAGIC_EDSR_STD, config=True, **flags):
     meta = {"mmengine_version": "0.10.4", "mmagic_version": "1.2.0", "epoch": 0, "iter": 1000000,
             "experiment_name": "liif-edsr-norm_c64b16_1xb16-1000k_div2k"}
+    if config:
+        meta["cfg"] = MMAGIC_CONFIG.format(mean=mean, std=std, **flags_of(model, **flags))
     return {"meta": meta, "state_dict": mm_state(model), "message_hub": {"log_scalars": {}},
             "optimizer": {"state": {}, "param_groups": []}}
 
@@ -130,6 +183,50 @@ def test_flags_inferred_from_the_mlp_width(tmp_path, flags):
     loaded = liif_cuda.load_model(save(tmp_path, mmedit_checkpoint(model)))
     assert all(getattr(loaded, k) == v for k, v in flags.items())
     assert torch.equal(run(loaded), run(model))
+
+
+@pytest.mark.parametrize("make", [mmedit_checkpoint, mmagic_checkpoint])
+def test_local_ensemble_comes_from_the_config(tmp_path, make):
+    """The weights are the same with and without the local ensemble: the config in the meta says
+    which (a model trained without it, loaded with it, is wrong by 20%)."""
+    model = small_model(local_ensemble=False)
+    loaded = liif_cuda.load_model(save(tmp_path, make(model)))
+    assert loaded.local_ensemble is False
+    assert torch.equal(run(loaded), run(model))
+    with pytest.warns(UserWarning, match="no config in the checkpoint's meta.*local_ensemble=True"):
+        assert liif_cuda.load_model(save(tmp_path, make(model, config=False))).local_ensemble
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda m: mmedit_checkpoint(m, mean="0.5, 0.5, 0.5"), None),  # rgb_std 1: no such model
+    (lambda m: mmagic_checkpoint(m, mean="127.5, 127.5, 127.5", std="127.5, 127.5, 127.5"),
+     "original"),
+    (lambda m: mmagic_checkpoint(m, mean="0.5 * 255, 0.5 * 255, 0.5 * 255",
+                                 std="0.5 * 255, 0.5 * 255, 0.5 * 255"), "original"),
+    (mmagic_checkpoint, "mmedit-edsr"),
+    (lambda m: mmagic_checkpoint(m, mean="0, 0, 0", std="255., 255., 255."), None),
+])
+def test_normalisation_comes_from_the_config(tmp_path, make, expected):
+    """mmagic's data_preprocessor (0-255) and mmediting 0.x's rgb_mean / rgb_std decide the
+    normalisation; one liif_cuda's models do not have is an error, not a silent guess."""
+    path = save(tmp_path, make(small_model()))
+    if expected is None:
+        with pytest.raises(CheckpointError, match="its config normalises with mean .* which "
+                                                  "liif_cuda's models do not support"):
+            liif_cuda.load_model(path)
+    else:
+        assert liif_cuda.load_model(path).normalisation == expected
+
+
+def test_config_that_contradicts_the_weights_or_itself(tmp_path):
+    ck = mmagic_checkpoint(small_model(cell_decode=False), cell_decode=True)
+    with pytest.raises(CheckpointError, match="its config says cell_decode=True, but its MLP's "
+                                              r"\d+ inputs are those of cell_decode=False"):
+        liif_cuda.load_model(save(tmp_path, ck))
+    ck = mmagic_checkpoint(small_model())
+    ck["meta"]["cfg"] += "\ntest_cfg = dict(local_ensemble=False)\n"
+    with pytest.raises(CheckpointError, match="its config gives local_ensemble several values"):
+        liif_cuda.load_model(save(tmp_path, ck))
 
 
 def test_missing_key_names_layout_and_key(tmp_path):
@@ -183,14 +280,70 @@ def test_unreadable_zip(tmp_path):
         liif_cuda.load_model(path)
 
 
-class NotAllowed:
-    """Any class: weights_only=True must refuse to construct it."""
+class RunsCode:
+    """Unpickling it would call os.remove on a file: a checkpoint must never run its own code."""
+
+    def __init__(self, victim):
+        self.victim = victim
+
+    def __reduce__(self):
+        return os.remove, (self.victim,)
 
 
-def test_arbitrary_pickle_is_refused(tmp_path):
-    path = save(tmp_path, {"model": NotAllowed()})
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+class NotATensor:
+    """Any class: weights_only refuses it; liif_cuda reads it as an UnreadObject."""
+
+
+def test_code_in_a_checkpoint_never_runs(tmp_path):
+    """A checkpoint that would run code (os.remove) is refused, naming what it holds; other objects
+    weights_only refuses are read as inert placeholders (UnreadObject), never made: beside the
+    weights they change nothing, in place of the weights they are an error."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("still here")
+    path = save(tmp_path, {"model": RunsCode(str(victim))})
+    with pytest.raises(CheckpointError, match=rf"cannot be read with weights_only=True: it holds "
+                                              rf"{os.remove.__module__}\.remove, which"):
         liif_cuda.load_model(path)
+    assert victim.read_text() == "still here"
+    model = small_model()
+    ck = mmagic_checkpoint(model)
+    ck["message_hub"] = {"log_scalars": {"train/lr": NotATensor()}}
+    loaded = liif_cuda.load_model(save(tmp_path, ck, "mm.pth"))
+    assert torch.equal(run(loaded), run(model))
+    ck["state_dict"]["generator.conv_first.weight"] = NotATensor()
+    with pytest.raises(CheckpointError, match="'generator.conv_first.weight' is a NotATensor, not "
+                                              "a tensor"):
+        liif_cuda.load_model(save(tmp_path, ck, "mm2.pth"))
+
+
+def test_mmengine_checkpoint_with_its_message_hub(tmp_path):
+    """mmengine's runner and mmagic's publish_model.py keep the message hub beside the weights:
+    history buffers (an mmengine class, not installed here) holding numpy arrays, and numpy
+    scalars, all of which weights_only refuses. The weights load; the rest stays unread."""
+    package = tmp_path / "fake_mmengine" / "mmengine" / "logging"
+    package.mkdir(parents=True)
+    for folder in (package.parent, package):
+        (folder / "__init__.py").write_text("")
+    (package / "history_buffer.py").write_text(
+        "import numpy as np\n"
+        "class HistoryBuffer:\n"
+        "    def __init__(self):\n"
+        "        self._log_history = np.array([1e-4, 1e-4])\n"
+        "        self._count_history = np.array([1, 1])\n")
+    model = small_model()
+    ck = mmagic_checkpoint(model)
+    path = str(tmp_path / "iter_1000000.pth")
+    maker = (f"import sys, numpy as np, torch; sys.path.insert(0, {str(package.parent.parent)!r})\n"
+             f"from mmengine.logging.history_buffer import HistoryBuffer\n"
+             f"ck = torch.load({save(tmp_path, ck)!r}, weights_only=True)\n"
+             f"ck['message_hub'] = {{'log_scalars': {{'train/lr': HistoryBuffer()}}, "
+             f"'runtime_info': {{'iter': np.int64(1000000)}}}}\n"
+             f"torch.save(ck, {path!r})\n")
+    subprocess.run([sys.executable, "-c", maker], check=True)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    loaded = liif_cuda.load_model(path)
+    assert loaded.layout == "mmagic 1.x" and torch.equal(run(loaded), run(model))
 
 
 def test_unknown_name():
