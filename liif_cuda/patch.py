@@ -58,7 +58,8 @@ def patch(model):
     """Makes `model.query_rgb` the fused query and returns the model (the same object).
 
     Works with LIIF models of the original code (`query_rgb(coord, cell=None)` on `model.feat` set by
-    `gen_feat`) and of mmediting / mmagic (`query_rgb(feature, coord, cell=None)`): anything with their
+    `gen_feat`) and of mmediting / mmagic (`query_rgb(feature, coord, cell=None)`; their restorer or
+    editor, which holds the net as `.generator`, has the generator patched): anything with their
     `query_rgb`, an `imnet` MLP and the flags local_ensemble, feat_unfold and cell_decode, which are read
     at every call. Outputs stay equal to the unpatched model's within float32 rounding.
 
@@ -67,6 +68,11 @@ def patch(model):
     `nn.DataParallel`) stay patched, and so does a pickled model (`torch.save(model)`) when loaded.
     """
     query_rgb = getattr(model, "query_rgb", None)
+    generator = getattr(model, "generator", None)
+    if not callable(query_rgb) and callable(getattr(generator, "query_rgb", None)):
+        # mmediting's restorer / mmagic's editor (named LIIF too) holds the LIIF net as .generator.
+        patch(generator)
+        return model
     if not callable(query_rgb):
         raise TypeError(f"{type(model).__name__} has no query_rgb method: not a LIIF model")
     if getattr(model, "imnet", None) is None:

@@ -97,6 +97,16 @@ def test_patch_original_and_mmedit_models():
         assert relative_error(reference.query_rgb(coord, cell), expected) <= 1e-5
 
 
+def test_patch_an_mmagic_editor_patches_its_generator():
+    """mmagic's editor (class LIIF, a BaseEditModel) and mmediting's restorer hold the LIIF net as
+    .generator and have no query_rgb of their own."""
+    reference = copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16]))
+    editor = torch.nn.Module()
+    editor.generator = MMEditStyleLIIF(reference)
+    assert liif_cuda.patch(editor) is editor
+    assert type(editor.generator)._liif_cuda_patched
+
+
 def test_patch_rejects_non_liif():
     with pytest.raises(TypeError, match="no query_rgb"):
         liif_cuda.patch(torch.nn.Linear(2, 2))
