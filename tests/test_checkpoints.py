@@ -193,7 +193,9 @@ def test_local_ensemble_comes_from_the_config(tmp_path, make):
     loaded = liif_cuda.load_model(save(tmp_path, make(model)))
     assert loaded.local_ensemble is False
     assert torch.equal(run(loaded), run(model))
-    with pytest.warns(UserWarning, match="no config in the checkpoint's meta.*local_ensemble=True"):
+    with pytest.warns(UserWarning, match="no config in the checkpoint's meta says how the model "
+                                         "was trained; loading it with local_ensemble=True and "
+                                         "the mmedit-edsr normalisation"):
         assert liif_cuda.load_model(save(tmp_path, make(model, config=False))).local_ensemble
 
 
@@ -216,6 +218,18 @@ def test_normalisation_comes_from_the_config(tmp_path, make, expected):
             liif_cuda.load_model(path)
     else:
         assert liif_cuda.load_model(path).normalisation == expected
+
+
+def test_normalisation_from_data_preprocessor_buffers(tmp_path):
+    """A state dict that kept mmagic's data preprocessor's buffers (mmengine registers them
+    non-persistent, so saved ones come from elsewhere) says the normalisation too."""
+    model = small_model()
+    ck = mmagic_checkpoint(model, config=False)
+    ck["state_dict"]["data_preprocessor.mean"] = torch.full((3, 1, 1), 127.5)
+    ck["state_dict"]["data_preprocessor.std"] = torch.full((3, 1, 1), 127.5)
+    with pytest.warns(UserWarning, match="loading it with local_ensemble=True, as the published"):
+        loaded = liif_cuda.load_model(save(tmp_path, ck))
+    assert loaded.normalisation == "original" and torch.equal(run(loaded), run(model))
 
 
 def test_config_that_contradicts_the_weights_or_itself(tmp_path):
