@@ -132,10 +132,28 @@ def _pairs(node):
     return []
 
 
+# mmcv's Config.text, which mmediting 0.x's tools/train.py keeps, is each file of the config (its
+# _base_ files first) as its path on a line of its own and then its text.
+_CONFIG_PATH_LINE = re.compile(r"^\S+\.(py|json|ya?ml)$")
+
+
 def config_settings(text, source="checkpoint"):
     """What an mmediting / mmagic config says of the model that its weights do not: the flags, and
     the normalisation as (mean, std) on [0, 1] (mmagic's data_preprocessor on 0-255, mmediting
-    0.x's rgb_mean / rgb_std). Read from the syntax tree, nothing of it run."""
+    0.x's rgb_mean / rgb_std). Read from the syntax tree, nothing of it run. Of a config kept as
+    its files (mmcv's Config.text), a later file's settings replace its _base_ files', as mmcv
+    merges them."""
+    settings, segment = {}, []
+    for line in text.splitlines() + [None]:
+        if line is None or _CONFIG_PATH_LINE.match(line.strip()):
+            settings.update(_file_settings("\n".join(segment), source))
+            segment = []
+        else:
+            segment.append(line)
+    return settings
+
+
+def _file_settings(text, source):
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -177,7 +195,7 @@ def _normalisation_named(mean, std, is_rdn, source):
             return name
     raise CheckpointError(f"{source}: its config normalises with mean {list(mean)} and std "
                           f"{list(std)}, which liif_cuda's models do not support (they support "
-                          f"{', '.join(f'{m} / {s}' for m, s in NORMALISATIONS.values())})")
+                          f"{', '.join(sorted({f'{m} / {s}' for m, s in NORMALISATIONS.values()}))})")
 
 
 def to_original_names(obj, source="checkpoint"):
@@ -335,6 +353,12 @@ def _load_with_placeholders(path, names):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _global_refused_in(error):
+    """The global a weights_only error names ("... GLOBAL numpy.dtype ..."), or None."""
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return named.group(1) if named else None
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True, with errors that say what went wrong. Objects it would
     refuse (mmengine's checkpoints keep some beside the weights) are read as UnreadObjects."""
@@ -351,14 +375,24 @@ def read_checkpoint(path):
         raise
     except Exception as exc:  # unpickling errors of every kind
         error = exc
-    names = _refused_globals(path)
-    if names:
+    # The refused globals: listed up front for zip files; for the older format (mmagic's
+    # publish_model.py writes it) one by one from the errors. Each try adds one or stops.
+    names, tried = list(_refused_globals(path)), None
+    while True:
+        refused = _global_refused_in(error)
+        if refused is not None and refused not in names:
+            names.append(refused)
+        if not names or names == tried:
+            break
+        tried = list(names)
         try:
             return _load_with_placeholders(path, names)
-        except Exception:
-            raise CheckpointError(f"{path} cannot be read with weights_only=True: it holds "
-                                  f"{', '.join(names)}, which a checkpoint of weights has no use "
-                                  f"for and liif_cuda does not load") from None
+        except Exception as exc:
+            error = exc
+    if names:
+        raise CheckpointError(f"{path} cannot be read with weights_only=True: it holds "
+                              f"{refused or ', '.join(names)}, which liif_cuda does not load (a "
+                              f"checkpoint of weights has no use for it)") from None
     first = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
     raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint with weights_only=True "
                           f"({type(error).__name__}: {first[0] if first else ''})") from None

@@ -220,6 +220,22 @@ def test_normalisation_comes_from_the_config(tmp_path, make, expected):
         assert liif_cuda.load_model(path).normalisation == expected
 
 
+@pytest.mark.parametrize("old", [False, True])
+def test_config_kept_as_its_files(tmp_path, old):
+    """mmediting 0.x's tools/train.py keeps mmcv's Config.text: each file's path on a line, then its
+    text, the _base_ files first; the later file's settings win, as in mmcv's merge."""
+    model = small_model(local_ensemble=False)
+    ck = mmedit_checkpoint(model, old=old, mean="0.5, 0.5, 0.5", std="0.5, 0.5, 0.5")
+    base = MMEDIT_CONFIG.format(mean=EDSR_MEAN, std="1.0, 1.0, 1.0", **flags_of(model,
+                                                                              local_ensemble=True))
+    ck["meta"]["config"] = (f"/work/mmediting/configs/_base_/models/liif_edsr.py\n{base}"
+                            f"/work/mmediting/configs/restorers/liif/liif_edsr_x2-4.py\n"
+                            f"{ck['meta']['config']}")
+    loaded = liif_cuda.load_model(save(tmp_path, ck))
+    assert loaded.local_ensemble is False and loaded.normalisation == "original"
+    assert torch.equal(run(loaded), run(model))
+
+
 def test_normalisation_from_data_preprocessor_buffers(tmp_path):
     """A state dict that kept mmagic's data preprocessor's buffers (mmengine registers them
     non-persistent, so saved ones come from elsewhere) says the normalisation too."""
@@ -353,11 +369,14 @@ def test_mmengine_checkpoint_with_its_message_hub(tmp_path):
              f"ck['message_hub'] = {{'log_scalars': {{'train/lr': HistoryBuffer()}}, "
              f"'runtime_info': {{'iter': np.int64(1000000)}}}}\n"
              f"torch.save(ck, {path!r})\n")
+    legacy = str(tmp_path / "published.pth")  # publish_model.py: torch.save's older format
+    maker += f"torch.save(ck, {legacy!r}, _use_new_zipfile_serialization=False)\n"
     subprocess.run([sys.executable, "-c", maker], check=True)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(path, weights_only=True)
-    loaded = liif_cuda.load_model(path)
-    assert loaded.layout == "mmagic 1.x" and torch.equal(run(loaded), run(model))
+    for checkpoint in (path, legacy):
+        with pytest.raises(Exception, match="Weights only load failed"):
+            torch.load(checkpoint, weights_only=True)
+        loaded = liif_cuda.load_model(checkpoint)
+        assert loaded.layout == "mmagic 1.x" and torch.equal(run(loaded), run(model))
 
 
 def test_unknown_name():
