@@ -25,6 +25,8 @@ ORIGINAL = "original LIIF"
 MMEDIT_OLD = "mmediting 0.x before July 2021"
 MMEDIT_NEW = "mmediting 0.x from July 2021"
 MMAGIC = "mmagic 1.x"
+MM_GENERATOR = "mmediting 0.x / mmagic 1.x"  # generator.* keys, no meta that says which
+MM_NET = "mmediting / mmagic LIIF net"  # the net's own state dict, without the generator. prefix
 
 # mmediting/mmagic -> original names. EDSR: conv_first -> head.0, body.i.conv1/conv2 ->
 # body.i.body.0/2, conv_after_body -> body.16. RDN: sfe1/sfe2 -> SFENet1/2, rdbs.i.layers.j.conv ->
@@ -92,9 +94,13 @@ def _unwrap(obj, source):
     if any(_PREPROCESSOR.match(k) for k in keys) or mmagic_meta:
         return state, MMAGIC, None
     if any(k.startswith("generator.") for k in keys):
-        return state, MMEDIT_NEW, None
+        mmedit_meta = any("mmedit" in str(k).lower() for k in meta)
+        return state, MMEDIT_NEW if mmedit_meta else MM_GENERATOR, None
     if any(k.startswith("head.") or k.startswith("encoder.0.") for k in keys):
         return state, MMEDIT_OLD, None
+    if (any(k.startswith(("conv_first.", "sfe1.")) for k in keys)
+            and any(k.startswith("imnet.") for k in keys)):
+        return state, MM_NET, None
     raise CheckpointError(f"{source} is not a LIIF checkpoint of a known layout; its first keys are "
                           f"{keys[:5]}")
 
@@ -217,11 +223,12 @@ def to_original_names(obj, source="checkpoint"):
         state = _rename(state, _MM_OLD_RENAMES + [(r"^encoder\.1\.", f"encoder.body.{n_blocks}.")],
                         layout)
     else:
-        if not all(k.startswith("generator.") for k in state):
-            odd = [k for k in state if not k.startswith("generator.")][:5]
+        prefix = "" if layout == MM_NET else "generator."
+        if not all(k.startswith(prefix) for k in state):
+            odd = [k for k in state if not k.startswith(prefix)][:5]
             raise CheckpointError(f"checkpoint looks like the {layout} layout but has keys outside "
-                                  f"'generator.': {odd}")
-        state = {k[len("generator."):]: v for k, v in state.items()}
+                                  f"'{prefix}': {odd}")
+        state = {k[len(prefix):]: v for k, v in state.items()}
         n_blocks = _count(state, r"^body\.(\d+)\.conv1\.weight$")
         state = _rename(state, _MM_RENAMES + [(r"^conv_after_body\.", f"encoder.body.{n_blocks}.")],
                         layout)

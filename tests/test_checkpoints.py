@@ -157,7 +157,12 @@ def run(model, seed=1):
     ("mmedit_old", lambda m: mmedit_checkpoint(m, old=True), "mmediting 0.x before July 2021"),
     ("mmedit_new", mmedit_checkpoint, "mmediting 0.x from July 2021"),
     ("mmagic", mmagic_checkpoint, "mmagic 1.x"),
+    # torch.save(editor.state_dict()) and torch.save(editor.generator.state_dict()): no meta
+    ("mm_generator", mm_state, "mmediting 0.x / mmagic 1.x"),
+    ("mm_net", lambda m: {k[len("generator."):]: v for k, v in mm_state(m).items()},
+     "mmediting / mmagic LIIF net"),
 ])
+@pytest.mark.filterwarnings("ignore:.*no config in the checkpoint's meta")
 def test_edsr_layouts_load_to_the_same_outputs(tmp_path, layout, make, expected):
     model = small_model()
     loaded = liif_cuda.load_model(save(tmp_path, make(model)))
