@@ -140,7 +140,7 @@ def _pairs(node):
 
 # mmcv's Config.text, which mmediting 0.x's tools/train.py keeps, is each file of the config (its
 # _base_ files first) as its path on a line of its own and then its text.
-_CONFIG_PATH_LINE = re.compile(r"^\S+\.(py|json|ya?ml)$")
+_CONFIG_PATH_LINE = re.compile(r"^[^=#'\"()\[\]{}]+\.(py|json|ya?ml)$")  # spaces allowed
 
 
 def config_settings(text, source="checkpoint"):
@@ -361,9 +361,12 @@ def _load_with_placeholders(path, names):
 
 
 def _global_refused_in(error):
-    """The global a weights_only error names ("... GLOBAL numpy.dtype ..."), or None."""
+    """The global a weights_only error names ("... GLOBAL numpy.dtype ..."), or None. A builtin
+    comes without its module ("GLOBAL getattr": mmengine's history buffers pickle methods so)."""
     named = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return named.group(1) if named else None
+    if named is None:
+        return None
+    return named.group(1) if "." in named.group(1) else f"builtins.{named.group(1)}"
 
 
 def read_checkpoint(path):

@@ -233,8 +233,8 @@ def test_config_kept_as_its_files(tmp_path, old):
     ck = mmedit_checkpoint(model, old=old, mean="0.5, 0.5, 0.5", std="0.5, 0.5, 0.5")
     base = MMEDIT_CONFIG.format(mean=EDSR_MEAN, std="1.0, 1.0, 1.0", **flags_of(model,
                                                                               local_ensemble=True))
-    ck["meta"]["config"] = (f"/work/mmediting/configs/_base_/models/liif_edsr.py\n{base}"
-                            f"/work/mmediting/configs/restorers/liif/liif_edsr_x2-4.py\n"
+    ck["meta"]["config"] = (f"/home/A User/mmediting/configs/_base_/models/liif_edsr.py\n{base}"
+                            f"/home/A User/mmediting/configs/restorers/liif/liif_edsr_x2-4.py\n"
                             f"{ck['meta']['config']}")
     loaded = liif_cuda.load_model(save(tmp_path, ck))
     assert loaded.local_ensemble is False and loaded.normalisation == "original"
@@ -364,7 +364,10 @@ def test_mmengine_checkpoint_with_its_message_hub(tmp_path):
         "class HistoryBuffer:\n"
         "    def __init__(self):\n"
         "        self._log_history = np.array([1e-4, 1e-4])\n"
-        "        self._count_history = np.array([1, 1])\n")
+        "        self._count_history = np.array([1, 1])\n"
+        "        self._statistics_methods = {'mean': HistoryBuffer.mean}  # pickled by getattr\n"
+        "    def mean(self):\n"
+        "        return self._log_history.mean()\n")
     model = small_model()
     ck = mmagic_checkpoint(model)
     path = str(tmp_path / "iter_1000000.pth")
