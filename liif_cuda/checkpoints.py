@@ -160,9 +160,11 @@ def config_settings(text, source="checkpoint"):
 
 
 def _file_settings(text, source):
+    """config_settings of one config file's text; {} for text that is not Python (a JSON or YAML
+    file of the config)."""
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError):
         return {}
     found = {}
     for node in ast.walk(tree):
