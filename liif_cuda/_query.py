@@ -30,7 +30,7 @@ def _check_floating(t, name):
 
 
 def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, cell_decode=True,
-          precision=None, backward_precision=None):
+          precision=None, backward_precision=None, out_dtype=None):
     """LIIF's `query_rgb` as one fused operator: (B, Q, out_dim) predictions for query points.
 
     Args:
@@ -67,6 +67,9 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
             8.0 and newer and on CPUs with AVX512-BF16, for MLPs with a layer between hidden
             layers; elsewhere the gradients are the exact ones. None (the default): "bf16" inside
             `torch.autocast` with bfloat16 for feat's device type, else "fp32".
+        out_dtype: the result's floating dtype. None (the default): the autocast dtype inside
+            `torch.autocast`, else the inputs' dtype (see Dtypes). The result is computed in
+            float32 (float64 for float64 inputs) and rounded once to it.
 
     Devices: CPU tensors run the CPU kernel, CUDA tensors the CUDA kernel (when liif_cuda was built
     with it, see `liif_cuda.build_info()`), on the tensors' device and the current stream.
@@ -98,6 +101,9 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         _check_floating(w, f"imnet layer {i} weight")
         _check_floating(b, f"imnet layer {i} bias")
 
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
     if backward_precision is not None and backward_precision not in BACKWARD_PRECISIONS:
@@ -109,22 +115,23 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     if autocast_dtype is not None:
         # As autocast does for the operators it runs in float32: every input to float32, and the
         # result in the autocast dtype.
-        out_dtype = autocast_dtype
+        result_dtype = out_dtype or autocast_dtype
         precision = precision or _AUTOCAST_PRECISION.get(autocast_dtype, "fp32")
         if backward_precision is None and autocast_dtype == torch.bfloat16:
             backward_precision = "bf16"
         to_float32 = torch.Tensor.float
     else:
         precision = precision or "fp32"
-        out_dtype = feat.dtype
-        if out_dtype in _COMPUTED_IN_FLOAT32:
+        input_dtype = feat.dtype
+        result_dtype = out_dtype or input_dtype
+        if input_dtype in _COMPUTED_IN_FLOAT32:
             def to_float32(t):
-                if t.dtype != out_dtype:
+                if t.dtype != input_dtype:
                     raise ValueError(
-                        f"all inputs must share feat's dtype {out_dtype}, got {t.dtype}")
+                        f"all inputs must share feat's dtype {input_dtype}, got {t.dtype}")
                 return t.float()
-        elif out_dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"feat must be float32, float64, float16 or bfloat16, got {out_dtype}")
+        elif input_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"feat must be float32, float64, float16 or bfloat16, got {input_dtype}")
     if to_float32 is not None:
         feat, coords = to_float32(feat), to_float32(coords)
         cells = None if cells is None else to_float32(cells)
@@ -148,4 +155,4 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         out, _ = torch.ops.liif_cuda.query_saving_map(*args)
     else:
         out = torch.ops.liif_cuda.query(*args)
-    return out.to(out_dtype)
+    return out.to(result_dtype)

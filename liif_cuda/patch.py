@@ -3,7 +3,9 @@
 import functools
 import inspect
 
-from ._query import query
+import torch
+
+from ._query import _autocast_dtype, query
 
 _FLAGS = ("local_ensemble", "feat_unfold", "cell_decode")
 # query_rgb's first parameter in mmediting / mmagic, which pass the features; the original code's
@@ -15,14 +17,22 @@ def _flags(model):
     return {f: bool(getattr(model, f)) for f in _FLAGS}  # read at every call
 
 
+def _fused(model, feature, coord, cell):
+    # Under autocast the original query_rgb returns float32 (its blend multiplies the MLP's
+    # half-precision predictions by float32 areas), where the operator returns the autocast dtype.
+    autocast = feature.dtype != torch.float64 and _autocast_dtype(feature.device.type) is not None
+    return query(feature, coord, cell, model.imnet, out_dtype=torch.float32 if autocast else None,
+                 **_flags(model))
+
+
 def _query_rgb_with_features(self, feature, coord, cell=None):
     """query_rgb through liif_cuda.query (installed by liif_cuda.patch)"""
-    return query(feature, coord, cell, self.imnet, **_flags(self))
+    return _fused(self, feature, coord, cell)
 
 
 def _query_rgb_from_feat(self, coord, cell=None):
     """query_rgb through liif_cuda.query (installed by liif_cuda.patch)"""
-    return query(self.feat, coord, cell, self.imnet, **_flags(self))
+    return _fused(self, self.feat, coord, cell)
 
 
 def _new_patched(base):

@@ -16,9 +16,9 @@ import liif_reference_models as refm
 from liif_cuda.models import LIIF, RDN, EDSRBaseline
 
 
-def copy_into_reference(model, encoder="edsr"):
+def copy_into_reference(model, encoder="edsr", hidden=(16,)):
     reference = refm.LIIF(refm.EDSR(n_resblocks=2, n_feats=8) if encoder == "edsr"
-                          else refm.RDN(G0=8, D=2, C=2, G=4), hidden_list=[16])
+                          else refm.RDN(G0=8, D=2, C=2, G=4), hidden_list=list(hidden))
     missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all("_mean" in k for k in missing)
     return reference.eval()
@@ -95,6 +95,26 @@ def test_patch_original_and_mmedit_models():
         reference.local_ensemble = False  # flags are read at every call
         expected = ref.query_rgb(feat, coord, cell, reference.imnet, local_ensemble=False)
         assert relative_error(reference.query_rgb(coord, cell), expected) <= 1e-5
+
+
+def test_patched_model_under_autocast_returns_float32_as_the_original():
+    """Under autocast the original query_rgb returns float32 (its blend multiplies bf16
+    predictions by float32 areas); so does the patched model, with its error against float32 at
+    most that of the original under the same autocast."""
+    torch.manual_seed(4)
+    model = copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16, 16]),
+                                hidden=(16, 16))
+    inp = torch.rand(1, 3, 8, 9)
+    coord = torch.rand(1, 60, 2) * 2 - 1
+    cell = torch.full((1, 60, 2), 0.1)
+    with torch.no_grad():
+        exact = model(inp, coord, cell)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            original = model(inp, coord, cell)
+            patched = liif_cuda.patch(copy.deepcopy(model))(inp, coord, cell)
+    assert original.dtype == patched.dtype == torch.float32
+    assert relative_error(patched, exact) <= 1.5 * relative_error(original, exact)
+    assert relative_error(patched, exact) > 1e-4  # bf16 really ran
 
 
 def test_patch_an_mmagic_editor_patches_its_generator():

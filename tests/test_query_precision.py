@@ -5,8 +5,11 @@ On the CPU "tf32" and "fp16" compute float32 and "bf16" the CPU bf16 path (float
 bf16; both in tests/test_query_cpu_bf16.py): results in the dtype the same call returns on CUDA.
 """
 
+import copy
+
 import pytest
 import torch
+from conftest import relative_error
 from helpers import REDUCED, make_mlp, random_inputs
 
 import liif_cuda
@@ -40,6 +43,28 @@ def test_autocast_returns_the_autocast_dtype(problem, dtype):
             out = liif_cuda.query(feat, coords, cells, mlp)
     assert out.dtype == dtype
     assert torch.equal(out, exact.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_out_dtype_keeps_the_unrounded_result(problem, dtype):
+    """out_dtype=float32 inside autocast: the same arithmetic, the result not rounded to the
+    autocast dtype (what liif_cuda.patch uses, as the original query_rgb returns float32 there)."""
+    feat, coords, cells, mlp = problem
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    with torch.no_grad():
+        exact = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        with torch.autocast("cpu", dtype=dtype):
+            out = liif_cuda.query(feat.to(dtype), coords, cells, mlp, out_dtype=torch.float32)
+        wide = liif_cuda.query(feat, coords, cells, mlp, out_dtype=torch.float64)
+        narrow = liif_cuda.query(feat.double(), coords.double(), cells.double(),
+                                 copy.deepcopy(mlp).double(), out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, liif_cuda.query(feat.to(dtype).float(), coords, cells, mlp,
+                                            precision=precision))
+    assert relative_error(out, exact) < 1e-2 and not torch.equal(out, exact.to(dtype).float())
+    assert wide.dtype == torch.float64 and narrow.dtype == torch.float32
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point torch.dtype"):
+        liif_cuda.query(feat, coords, cells, mlp, out_dtype=torch.int32)
 
 
 def test_explicit_precision_inside_autocast(problem):
