@@ -12,15 +12,21 @@ BACKWARD_PRECISIONS = ("fp32", "bf16")
 _AUTOCAST_PRECISION = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _autocast_dtype(device_type):
-    """The autocast dtype in effect for `device_type`, or None (also for device types that autocast
-    does not know, such as meta)."""
+# LIIF's three variant flags, query's keyword arguments (and attributes of LIIF models).
+QUERY_FLAGS = ("local_ensemble", "feat_unfold", "cell_decode")
+
+
+def _autocast_dtype(feat):
+    """The autocast dtype in effect for feat's device type, or None: also for float64 feat, which
+    autocast leaves alone (as in PyTorch), and device types autocast does not know (meta)."""
+    if feat.dtype == torch.float64:
+        return None
     try:
-        if not torch.is_autocast_enabled(device_type):
+        if not torch.is_autocast_enabled(feat.device.type):
             return None
     except RuntimeError:
         return None
-    return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_dtype(feat.device.type)
 
 
 def _check_floating(t, name):
@@ -109,8 +115,7 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     if backward_precision is not None and backward_precision not in BACKWARD_PRECISIONS:
         raise ValueError(f"backward_precision must be one of {BACKWARD_PRECISIONS} or None, got "
                          f"{backward_precision!r}")
-    # float64 is not eligible for autocast (as in PyTorch): it is computed as it is.
-    autocast_dtype = None if feat.dtype == torch.float64 else _autocast_dtype(feat.device.type)
+    autocast_dtype = _autocast_dtype(feat)
     to_float32 = None
     if autocast_dtype is not None:
         # As autocast does for the operators it runs in float32: every input to float32, and the

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from ._query import QUERY_FLAGS
 from .models import LIIF, RDN, EDSRBaseline
 from .models.liif import NORMALISATIONS
 
@@ -105,9 +106,6 @@ def _unwrap(obj, source):
                           f"{keys[:5]}")
 
 
-_FLAGS = ("local_ensemble", "feat_unfold", "cell_decode")
-
-
 def _config_text(obj):
     """The training config an mmediting / mmagic checkpoint keeps in its meta (mmcv's runner:
     'config', mmengine's: 'cfg'; the config as Python text), or None."""
@@ -169,7 +167,7 @@ def _file_settings(text, source):
     found = {}
     for node in ast.walk(tree):
         for name, value in _pairs(node):
-            if name in _FLAGS and isinstance(value, ast.Constant) and isinstance(value.value, bool):
+            if name in QUERY_FLAGS and isinstance(value, ast.Constant) and isinstance(value.value, bool):
                 found.setdefault(name, set()).add(value.value)
             elif name in ("rgb_mean", "rgb_std", "data_preprocessor"):
                 inner = _pairs(value) if name == "data_preprocessor" else [(name, value)]
@@ -249,7 +247,7 @@ def to_original_names(obj, source="checkpoint"):
         normalisation = _normalisation_named(mean, std, is_rdn, source)
     else:
         assumed.append(f"the {normalisation} normalisation")
-    flags = {k: settings[k] for k in _FLAGS if k in settings}
+    flags = {k: settings[k] for k in QUERY_FLAGS if k in settings}
     if "local_ensemble" not in flags:
         # The weights are the same with and without the local ensemble: only a config can say.
         assumed.insert(0, "local_ensemble=True")
@@ -289,7 +287,7 @@ def _infer_model(state, layout, args, normalisation, source):
     hidden = [w[0] for w in linears[:-1]]
     out_dim = linears[-1][0]
     imnet_args = (args or {}).get("imnet_spec", {}).get("args", {})
-    flags = {k: (args or {}).get(k, True) for k in _FLAGS}
+    flags = {k: (args or {}).get(k, True) for k in QUERY_FLAGS}
     c = encoder.out_dim
     # The MLP's input width tells feat_unfold and cell_decode, which args (or a config) may also say.
     by_width = {c * 9 + 4: (True, True), c * 9 + 2: (True, False), c + 4: (False, True),

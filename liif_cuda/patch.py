@@ -5,22 +5,20 @@ import inspect
 
 import torch
 
-from ._query import _autocast_dtype, query
-
-_FLAGS = ("local_ensemble", "feat_unfold", "cell_decode")
+from ._query import QUERY_FLAGS, _autocast_dtype, query
 # query_rgb's first parameter in mmediting / mmagic, which pass the features; the original code's
 # query_rgb(coord, cell=None) reads them from self.feat (set by gen_feat).
 _FEATURE_PARAMETERS = ("feature", "feat", "x")
 
 
 def _flags(model):
-    return {f: bool(getattr(model, f)) for f in _FLAGS}  # read at every call
+    return {f: bool(getattr(model, f)) for f in QUERY_FLAGS}  # read at every call
 
 
 def _fused(model, feature, coord, cell):
     # Under autocast the original query_rgb returns float32 (its blend multiplies the MLP's
     # half-precision predictions by float32 areas), where the operator returns the autocast dtype.
-    autocast = feature.dtype != torch.float64 and _autocast_dtype(feature.device.type) is not None
+    autocast = _autocast_dtype(feature) is not None
     return query(feature, coord, cell, model.imnet, out_dtype=torch.float32 if autocast else None,
                  **_flags(model))
 
@@ -88,7 +86,7 @@ def patch(model):
     if getattr(model, "imnet", None) is None:
         raise TypeError(f"{type(model).__name__}.imnet is missing or None: nothing to fuse (a LIIF "
                         f"without MLP only samples its features)")
-    missing = [f for f in _FLAGS if not hasattr(model, f)]
+    missing = [f for f in QUERY_FLAGS if not hasattr(model, f)]
     if missing:
         raise TypeError(f"{type(model).__name__} lacks the LIIF flags {missing}")
     if getattr(type(model), "_liif_cuda_patched", False):

@@ -5,6 +5,8 @@ import copy
 import math
 import os
 
+from .._query import QUERY_FLAGS
+
 PACKAGED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -166,7 +168,7 @@ def _check_model(model):
         raise ConfigError(f"model.name: unknown {model['name']!r} (known: liif)")
     args = model["args"]
     _keys(args, MODEL_ARGS, "model.args")
-    for key in ("local_ensemble", "feat_unfold", "cell_decode"):
+    for key in QUERY_FLAGS:
         _flag(args.get(key, True), f"model.args.{key}")
     encoder, eargs = _named(args["encoder_spec"], ENCODERS, "model.args.encoder_spec")
     where = "model.args.encoder_spec.args"
