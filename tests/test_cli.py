@@ -164,6 +164,21 @@ def test_errors_are_one_line(tmp_path, image, checkpoint, capsys, argv, match):
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("gpu,cuda_kernels,match", [
+    (False, True, "--device cuda: no CUDA GPU is available"),
+    (True, False, "--device cuda: liif_cuda was built without its CUDA kernels"),
+])
+def test_device_cuda_that_cannot_run_is_one_line(tmp_path, image, checkpoint, capsys, monkeypatch,
+                                                 gpu, cuda_kernels, match):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: {"cuda": cuda_kernels})
+    status, err = error_of(capsys, "upscale", image, "-o", tmp_path / "o.png", "--scale", 2,
+                           "--model", checkpoint, "--device", "cuda")
+    assert status == 2 and match in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_decompression_bomb_is_one_line(tmp_path, image, checkpoint, capsys, monkeypatch):
     """An input past Pillow's pixel limit (its decompression-bomb guard) is refused in one line."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the 14x10 image is then a "bomb"

@@ -51,11 +51,14 @@ def say(message):
 
 
 def check_cuda_requested(requested):
-    """--device cuda needs a CUDA GPU: one line before any work, not torch's assertion later."""
+    """--device cuda needs a CUDA GPU and liif_cuda's CUDA kernels: one line before any work, not
+    torch's assertion or a missing kernel later. The reasons are load.check_device's."""
     if requested == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise CliError("--device cuda: no CUDA GPU is available", 2)
+        from ..load import check_device
+        try:
+            check_device(requested)
+        except ValueError as exc:
+            raise CliError(f"--device cuda: {str(exc).split(': ', 1)[-1]}", 2) from None
 
 
 def check_encoder_precision(args, device):
