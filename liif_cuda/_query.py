@@ -29,6 +29,28 @@ def _autocast_dtype(feat):
     return torch.get_autocast_dtype(feat.device.type)
 
 
+def _check_no_func_transform():
+    """torch.func's transforms cannot run the operator: it has no batching rule (vmap) and no
+    forward-mode derivative, and its backward is registered for torch.autograd, which
+    torch.func.grad does not call. Said here, because jvp and jacfwd would otherwise return zero
+    tangents silently (torch's behaviour for such operators) and grad would fail with a message
+    about an autograd.Function the caller never wrote. torch.func.functionalize is fine."""
+    try:
+        interpreter = torch._C._functorch.peek_interpreter_stack()
+    except AttributeError:  # a torch without functorch's interpreter stack
+        return
+    if interpreter is None:
+        return
+    transform = interpreter.key()
+    if transform in (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Grad,
+                     torch._C._functorch.TransformType.Jvp):
+        raise NotImplementedError(
+            f"liif_cuda.query does not support torch.func transforms (here {transform.name}: vmap, "
+            f"grad, jvp, jacrev, jacfwd, hessian): it has no batching rule and no forward-mode "
+            f"derivative. For gradients use torch.autograd (.backward(), torch.autograd.grad); for "
+            f"a batch, stack it into feat's batch dimension")
+
+
 def _check_floating(t, name):
     if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
         kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
@@ -96,6 +118,8 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     Gradients are the exact float32 / float64 function's whatever the precision, unless
     `backward_precision` is "bf16" (see above). Double backward raises an error.
     """
+    if not torch.compiler.is_compiling():
+        _check_no_func_transform()
     weights, biases = mlp_parameters(imnet)
     _check_floating(feat, "feat")
     _check_floating(coords, "coords")
@@ -116,32 +140,33 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
         raise ValueError(f"backward_precision must be one of {BACKWARD_PRECISIONS} or None, got "
                          f"{backward_precision!r}")
     autocast_dtype = _autocast_dtype(feat)
-    to_float32 = None
+    # Inputs computed in float32: every one inside autocast (as autocast does for the operators it
+    # runs in float32, the result in the autocast dtype); float16 / bfloat16 ones of one dtype.
+    to_float32, required_dtype = False, None
     if autocast_dtype is not None:
-        # As autocast does for the operators it runs in float32: every input to float32, and the
-        # result in the autocast dtype.
         result_dtype = out_dtype or autocast_dtype
         precision = precision or _AUTOCAST_PRECISION.get(autocast_dtype, "fp32")
         if backward_precision is None and autocast_dtype == torch.bfloat16:
             backward_precision = "bf16"
-        to_float32 = torch.Tensor.float
+        to_float32 = True
     else:
         precision = precision or "fp32"
         input_dtype = feat.dtype
         result_dtype = out_dtype or input_dtype
         if input_dtype in _COMPUTED_IN_FLOAT32:
-            def to_float32(t):
-                if t.dtype != input_dtype:
-                    raise ValueError(
-                        f"all inputs must share feat's dtype {input_dtype}, got {t.dtype}")
-                return t.float()
+            to_float32, required_dtype = True, input_dtype
         elif input_dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"feat must be float32, float64, float16 or bfloat16, got {input_dtype}")
-    if to_float32 is not None:
-        feat, coords = to_float32(feat), to_float32(coords)
-        cells = None if cells is None else to_float32(cells)
-        weights = [to_float32(w) for w in weights]
-        biases = [to_float32(b) for b in biases]
+    if to_float32:
+        def convert(t, name):
+            if required_dtype is not None and t.dtype != required_dtype:
+                raise ValueError(f"{name} must have feat's dtype {required_dtype} (all inputs "
+                                 f"share one dtype outside autocast), got {t.dtype}")
+            return t.float()
+        feat, coords = convert(feat, "feat"), convert(coords, "coords")
+        cells = None if cells is None else convert(cells, "cells")
+        weights = [convert(w, f"imnet layer {i} weight") for i, w in enumerate(weights)]
+        biases = [convert(b, f"imnet layer {i} bias") for i, b in enumerate(biases)]
     if precision != "fp32" and feat.dtype != torch.float32:
         raise ValueError(f"precision={precision!r} needs float32, float16 or bfloat16 inputs, "
                          f"got {feat.dtype} (float64 is always computed in float64)")
@@ -153,10 +178,13 @@ def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, 
     check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
     args = (feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
             precision, backward_precision)
-    if torch.is_grad_enabled() and any(
+    if torch.is_grad_enabled() and not torch.compiler.is_exporting() and any(
             t is not None and t.requires_grad for t in (feat, coords, cells, *weights, *biases)):
         # Autograd will run the backward: keep the first-layer map for it rather than make it
         # again (B x H x W x width0 values, about a twentieth of the training step's query time).
+        # Not in torch.export: whether there is a map depends on the shapes (saves_first_layer_map),
+        # which a program exported for any number of queries cannot decide; its backward, if it
+        # runs one, makes the map again.
         out, _ = torch.ops.liif_cuda.query_saving_map(*args)
     else:
         out = torch.ops.liif_cuda.query(*args)

@@ -5,7 +5,9 @@ import inspect
 
 import torch
 
+from ._mlp import mlp_parameters
 from ._query import QUERY_FLAGS, _autocast_dtype, query
+
 # query_rgb's first parameter in mmediting / mmagic, which pass the features; the original code's
 # query_rgb(coord, cell=None) reads them from self.feat (set by gen_feat).
 _FEATURE_PARAMETERS = ("feature", "feat", "x")
@@ -86,6 +88,10 @@ def patch(model):
     if getattr(model, "imnet", None) is None:
         raise TypeError(f"{type(model).__name__}.imnet is missing or None: nothing to fuse (a LIIF "
                         f"without MLP only samples its features)")
+    try:  # an MLP the fused op cannot compute is named now, not at the first query
+        mlp_parameters(model.imnet)
+    except ValueError as exc:
+        raise TypeError(f"{type(model).__name__}.{exc}") from None
     missing = [f for f in QUERY_FLAGS if not hasattr(model, f)]
     if missing:
         raise TypeError(f"{type(model).__name__} lacks the LIIF flags {missing}")

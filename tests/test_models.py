@@ -136,6 +136,20 @@ def test_patch_rejects_non_liif():
     with pytest.raises(TypeError, match="imnet"):
         liif_cuda.patch(model)
 
+    class TanhMLP(torch.nn.Module):  # a forward the fused op would leave out
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            return torch.tanh(self.layers(x))
+
+    model.imnet = TanhMLP(torch.nn.Sequential(torch.nn.Linear(8 * 9 + 4, 16), torch.nn.ReLU(),
+                                              torch.nn.Linear(16, 3)))
+    with pytest.raises(TypeError, match="^MMEditStyleLIIF.imnet: TanhMLP defines its own forward"):
+        liif_cuda.patch(model)
+    assert not getattr(type(model), "_liif_cuda_patched", False)
+
 
 def test_copies_of_a_patched_model_query_their_own_features_and_mlp():
     """copy.deepcopy, nn.DataParallel's replicas and torch.save / torch.load of the whole model keep

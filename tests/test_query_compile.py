@@ -67,3 +67,59 @@ def test_compile_backward():
     eager = feat.detach().clone().requires_grad_()
     liif_cuda.query(eager, coords, cells, mlp).square().sum().backward()
     torch.testing.assert_close(feat.grad, eager.grad)
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, feat, coords, cells):
+        return liif_cuda.query(feat, coords, cells, self.mlp)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_export_with_any_number_of_queries(requires_grad):
+    """torch.export with a dynamic query count, parameters requiring gradients (an nn.Module's
+    default) or not: the exported program equals eager on other shapes too, and its backward runs.
+    (With gradients the forward would keep its first-layer map where the shapes make it pay off, a
+    decision on the query count that an exported program cannot take: it does not keep it there.)"""
+    decoder = _Decoder(make_mlp(31, [8], 3, torch.float32)).requires_grad_(requires_grad)
+    feat, coords, cells = random_inputs(1, 3, 4, 5, 30, seed=4)
+    queries = torch.export.Dim("queries")
+    program = torch.export.export(decoder, (feat, coords, cells),
+                                  dynamic_shapes=({}, {1: queries}, {1: queries}))
+    for q in (7, 30, 90):  # fewer and more (query, neighbour) rows than the map's 20 cells
+        feat, coords, cells = random_inputs(1, 3, 4, 5, q, seed=q)
+        out = program.module()(feat, coords, cells)
+        torch.testing.assert_close(out, decoder(feat, coords, cells), rtol=0, atol=0)
+        if requires_grad:
+            out.square().sum().backward()
+            grads = [p.grad for p in program.module().parameters()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jvp", "jacrev", "jacfwd"])
+def test_func_transforms_are_refused(transform):
+    """torch.func transforms would fail with a message about an autograd.Function nobody wrote
+    (grad, jacrev), or return zero tangents silently (jvp, jacfwd): a clear error instead."""
+    mlp = make_mlp(31, [8], 3, torch.float32)
+    feat, coords, cells = random_inputs(1, 3, 4, 5, 9, seed=3)
+
+    def f(x):
+        return liif_cuda.query(x, coords, cells, mlp)
+
+    calls = {"vmap": lambda: torch.func.vmap(f)(feat[None]),
+             "grad": lambda: torch.func.grad(lambda x: f(x).sum())(feat),
+             "jvp": lambda: torch.func.jvp(f, (feat,), (torch.ones_like(feat),)),
+             "jacrev": lambda: torch.func.jacrev(f)(feat),
+             "jacfwd": lambda: torch.func.jacfwd(f)(feat)}
+    with pytest.raises(NotImplementedError, match="does not support torch.func transforms"):
+        calls[transform]()
+
+
+def test_functionalize_is_fine():
+    mlp = make_mlp(31, [8], 3, torch.float32)
+    feat, coords, cells = random_inputs(1, 3, 4, 5, 9, seed=3)
+    out = torch.func.functionalize(lambda x: liif_cuda.query(x, coords, cells, mlp))(feat)
+    torch.testing.assert_close(out, liif_cuda.query(feat, coords, cells, mlp), rtol=0, atol=0)

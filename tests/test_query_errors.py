@@ -16,6 +16,20 @@ def good():
     return feat, coords, cells, mlp
 
 
+class _OwnForward(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.layers = mlp.layers
+
+    def forward(self, x):
+        return torch.tanh(self.layers(x))
+
+
+class _SequentialTanh(nn.Sequential):
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
 CASES = {
     "feat rank": (lambda f, c, ce, m: (f[0], c, ce, m), {}, r"feat must be \(B, C, H, W\)"),
     "coords rank": (lambda f, c, ce, m: (f, c[0], ce, m), {}, r"coords must be \(B, Q, 2\)"),
@@ -36,7 +50,10 @@ CASES = {
                      "feat must be a floating-point tensor"),
     "coords integer": (lambda f, c, ce, m: (f, c.long(), ce, m), {},
                        "coords must be a floating-point tensor"),
-    "half mixed": (lambda f, c, ce, m: (f.half(), c, ce, m), {}, "must share feat's dtype"),
+    "half mixed": (lambda f, c, ce, m: (f.half(), c, ce, m), {},
+                   "coords must have feat's dtype torch.float16"),
+    "half mixed weight": (lambda f, c, ce, m: (f.half(), c.half(), ce.half(), m), {},
+                          "imnet layer 0 weight must have feat's dtype torch.float16"),
     "first layer width": (lambda f, c, ce, m: (f, c, ce, make_mlp(30, [8], 3, torch.float32)),
                           {}, "the first layer takes 30 inputs.*gives 31"),
     "flags vs mlp": (lambda f, c, ce, m: (f, c, ce, m), {"feat_unfold": False},
@@ -60,6 +77,11 @@ CASES = {
                                                                          nn.ReLU())), {},
                             "must end with an nn.Linear"),
     "imnet empty": (lambda f, c, ce, m: (f, c, ce, []), {}, "needs at least one"),
+    # A forward that does more than the layers would be answered without it: refused.
+    "imnet own forward": (lambda f, c, ce, m: (f, c, ce, _OwnForward(m)), {},
+                          "_OwnForward defines its own forward.*pass imnet.layers"),
+    "imnet Sequential forward": (lambda f, c, ce, m: (f, c, ce, _SequentialTanh(*m.layers)), {},
+                                 "_SequentialTanh defines its own forward"),
     "imnet pair": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(3, 31),)]), {},
                    r"item 0 must be a \(weight, bias\) pair"),
 }

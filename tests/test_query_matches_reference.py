@@ -74,13 +74,34 @@ def test_zero_queries_returns_empty():
     assert out.shape == (2, 0, 3)
 
 
+class _MLPSubclass(ref.MLP):
+    """A subclass of LIIF's MLP that keeps its forward (the layers only): accepted."""
+
+    def __init__(self, mlp):
+        torch.nn.Module.__init__(self)
+        self.layers = mlp.layers
+
+
+class MLPRefiner(torch.nn.Module):
+    """mmediting's and mmagic's MLP, whose forward is its layers on the last dimension."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.layers = mlp.layers
+
+    def forward(self, x):
+        shape = x.shape[:-1]
+        return self.layers(x.view(-1, x.shape[-1])).view(*shape, -1)
+
+
 def test_imnet_forms_agree():
-    """Sequential, a module with .layers, and (weight, bias) pairs, with and without biases."""
+    """Sequential, a module with .layers (LIIF's MLP, a subclass that keeps its forward,
+    mmediting's MLPRefiner), and (weight, bias) pairs, with and without biases."""
     feat, coords, cells = random_inputs(1, 4, 5, 6, 30, seed=5)
     mlp = make_mlp(40, [16, 8], 2, torch.float32)
     pairs = [(m.weight, m.bias) for m in mlp.layers if isinstance(m, torch.nn.Linear)]
     expected = ref.query_rgb(feat, coords, cells, mlp)
-    for imnet in (mlp, mlp.layers, pairs, tuple(pairs)):
+    for imnet in (mlp, mlp.layers, pairs, tuple(pairs), _MLPSubclass(mlp), MLPRefiner(mlp)):
         assert relative_error(liif_cuda.query(feat, coords, cells, imnet), expected) <= 1e-5
     no_bias = torch.nn.Sequential(torch.nn.Linear(40, 16, bias=False), torch.nn.ReLU(),
                                   torch.nn.Linear(16, 2))
