@@ -8,14 +8,19 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 try:
     from . import _C
 except ImportError as _error:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if any(name.startswith("_C.") for name in os.listdir(_here)):
+        # Built, but it does not load (another torch than it was built against, say).
+        raise ImportError(f"liif_cuda's compiled extension in {_here} does not load ({_error}); "
+                          f"rebuild it: bash tools/setup_env.sh (docs/install.md)") from None
     # Most often the checkout's source folder, which Python finds first from the checkout's root
-    # (python -m, torchrun -m, a script there): it has no compiled _C.
+    # (python -m, torchrun -m, a script there): it has no compiled _C. (Python's own message here,
+    # a "partially initialized module" and a "circular import", would only mislead.)
     raise ImportError(
-        f"liif_cuda's compiled extension (_C) is not in {os.path.dirname(os.path.abspath(__file__))}"
-        f": in a checkout's root Python imports the source folder instead of the installed "
-        f"package; run from another folder or with `python -P` (torchrun: from another folder). "
-        f"Otherwise build and install it: bash tools/setup_env.sh (docs/install.md). "
-        f"({_error})") from None
+        f"liif_cuda's compiled extension (_C) is not in {_here}: in a checkout's root Python "
+        f"imports the source folder instead of the installed package; run from another folder or "
+        f"with `python -P` (torchrun: from another folder). Otherwise build and install it: bash "
+        f"tools/setup_env.sh (docs/install.md)") from None
 from . import _registration  # noqa: F401  (fake and autograd kernels of liif_cuda::query)
 from ._mlp import mlp_parameters
 from ._query import PRECISIONS, query

@@ -10,6 +10,10 @@ from .pretrained import PRETRAINED, resolve
 DEFAULT_MODEL = "edsr-baseline-liif"
 
 
+class ModelNotFound(FileNotFoundError):
+    """load_model's argument is neither a checkpoint file nor a pretrained name."""
+
+
 def check_device(device):
     """torch.device(device), with a clear ValueError where it cannot run liif_cuda here (instead of
     torch's assertion from deep inside Module.to, or a missing kernel at the first query)."""
@@ -40,7 +44,7 @@ def load_model(path_or_name=DEFAULT_MODEL, device=None):
     mmagic 1.x; the layout is detected from the keys) or a pretrained name (see
     `liif_cuda.pretrained.PRETRAINED`: "edsr-baseline-liif"), which is looked up in
     $LIIF_CUDA_WEIGHTS, then in ~/.cache/liif_cuda, and otherwise downloaded, verified and cached.
-    Raises FileNotFoundError for a path that does not exist and is no known name,
+    Raises ModelNotFound (a FileNotFoundError) for a path that does not exist and is no known name,
     liif_cuda.checkpoints.CheckpointError for a file that is not a LIIF checkpoint, and ValueError
     for a device that cannot run it here.
     """
@@ -52,7 +56,7 @@ def load_model(path_or_name=DEFAULT_MODEL, device=None):
     elif name in PRETRAINED:
         path = resolve(name)
     else:
-        raise FileNotFoundError(f"{name!r} is neither a checkpoint file nor a pretrained name "
+        raise ModelNotFound(f"{name!r} is neither a checkpoint file nor a pretrained name "
                                 f"({', '.join(sorted(PRETRAINED))})")
     model = model_from_checkpoint(read_checkpoint(path), source=path)
     return model.to(device) if device is not None else model

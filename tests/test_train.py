@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import OFFICIAL_WEIGHTS, SHARED, requires_shared
+from conftest import OFFICIAL_WEIGHTS, ROOT, SHARED, requires_shared
 from PIL import Image
 
 import liif_cuda
@@ -824,7 +824,8 @@ def test_bad_arguments(images, tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="^--out must name a folder$"):
         train(tiny_config(images), "", device="cpu")
-    with pytest.raises(ConfigError, match="^--init nonexist.pth: "):
+    with pytest.raises(ConfigError, match="^--init nonexist.pth: 'nonexist.pth' is neither a "
+                                          "checkpoint file nor a pretrained name"):
         train(tiny_config(images), str(tmp_path / "d"), init="nonexist.pth", device="cpu")
     config = tiny_config(images)
     config["resume"] = "nope.pth"
@@ -926,8 +927,15 @@ def test_liif_cuda_train_command(images, tmp_path, capsys):
     assert cli.main(["train", "--config", "no-such-config", "--out", str(tmp_path / "y")]) == 1
     assert "neither a file nor a packaged config" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "z"),
-                     "--workers", "-1"]) == 1
+                     "--workers", "-1"]) == 2  # a usage error, as in the other commands
     assert "--workers must be >= 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "v"),
+                         "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            "liif-cuda: error: --device cuda: no CUDA GPU is available"), err
+        assert not (tmp_path / "v").exists()
     path.write_text(yaml.safe_dump({**tiny_config(images), "multi_step_lr": {"milestones": 1,
                                                                            "gamma": 0.5}}))
     assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "w")]) == 1
@@ -959,3 +967,33 @@ def test_interrupted_train_command_says_how_to_go_on(tmp_path, capsys, monkeypat
         f"liif-cuda: {run}/epoch-last.pth holds the last finished epoch; to go on: liif-cuda "
         f"train --config edsr-baseline-liif --out {run} --resume --precision bf16",
         "liif-cuda: interrupted"]
+
+
+def docs_try_config():
+    """The config of docs/training.md's "A short run on your own images", as the page shows it."""
+    import yaml
+    with open(os.path.join(ROOT, "docs", "training.md")) as f:
+        text = f.read()
+    block = text.split("```yaml\n# try.yaml\n", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(block)
+
+
+def test_the_documented_short_run(tmp_path, capsys):
+    """docs/training.md's short run trains as the page says: 16 images of 96x96 pixels, 2 epochs of
+    4 steps, validated after each, a checkpoint per epoch that load_model reads."""
+    import yaml
+
+    from liif_cuda import cli
+    config = docs_try_config()
+    assert config["epoch_max"] == 2 and config["train_dataset"]["batch_size"] == 4
+    images = write_images(str(tmp_path / "my_images"), count=16, size=(96, 96))
+    for part in ("train_dataset", "val_dataset"):
+        config[part]["dataset"]["args"]["root_path"] = images
+    path = tmp_path / "try.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = str(tmp_path / "runs" / "try")
+    assert cli.main(["train", "--config", str(path), "--out", run, "--device", "cpu"]) == 0
+    log = read_log(run)
+    assert [r["epoch"] for r in log] == ["1", "2"] and all(r["val_psnr"] for r in log)
+    assert {"epoch-1.pth", "epoch-2.pth", "epoch-last.pth", "epoch-best.pth"} <= set(os.listdir(run))
+    assert isinstance(liif_cuda.load_model(f"{run}/epoch-last.pth"), liif_cuda.models.LIIF)

@@ -76,6 +76,13 @@ def test_output_size():
             output_size(10, 20, scale=tiny)
     assert output_size(10, 20, scale=np.float32(2)) == (20, 40)
     assert output_size(10, 20, size=np.array([33, 7])) == (7, 33)
+    # One side None: the aspect ratio kept, rounded as the CLI's --size 33x / x7 rounds it.
+    assert output_size(10, 20, size=(33, None)) == (17, 33)   # 16.5, halves up
+    assert output_size(10, 20, size=(None, 7)) == (7, 14)
+    assert output_size(10, 20, size=(1, None)) == (1, 1)      # at least one pixel
+    for bad in ((None, None), (None, 0), (-3, None), (None, 2.5)):
+        with pytest.raises(ValueError, match="size must be"):
+            output_size(10, 20, size=bad)
 
 
 def test_image_kinds_agree(model):

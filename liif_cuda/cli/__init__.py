@@ -23,14 +23,15 @@ outputs without --overwrite) print one line to stderr and exit with status 2 (us
 every output file is written to a temporary name and renamed at the end, so it is never left partial.
 """
 
-import argparse
+import difflib
 import re
 import sys
 
-from .common import PRECISIONS, CliError, HelpFormatter
+from ..upscaling import fit_size, keeps_aspect
+from .common import PRECISIONS, ArgumentParser, CliError, HelpFormatter
 from .evaluate import add_eval_parser
 from .info import VersionAction, add_models_parser
-from .sizes import fit_size, format_bytes, keeps_aspect
+from .sizes import format_bytes
 from .upscale import add_upscale_parser
 
 __all__ = ["main", "build_parser", "CliError", "PRECISIONS", "fit_size", "format_bytes",
@@ -38,17 +39,43 @@ __all__ = ["main", "build_parser", "CliError", "PRECISIONS", "fit_size", "format
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="liif-cuda", description="LIIF super-resolution",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="liif-cuda", description="LIIF super-resolution",
+                            formatter_class=HelpFormatter)
     parser.add_argument("--version", action=VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)  # their parsers are ArgumentParsers
     # One function per command: a new command is one more add_*_parser(sub) whose parser sets `func`.
     add_upscale_parser(sub)
     add_eval_parser(sub)
     add_models_parser(sub)
     from ..training.cli import add_train_parser
     add_train_parser(sub, HelpFormatter)
+    parser.commands = sub.choices
     return parser
+
+
+def check_options_known(parser, argv):
+    """An option the command does not have is named, with the closest ones, before argparse parses:
+    argparse would first complain about a required option the typo was meant to give
+    ("--scael 2": "one of the arguments --scale --size is required"), or print the top-level usage.
+    Abbreviations of an option, which argparse accepts, and values after "--" pass."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = getattr(parser, "commands", {}).get(command)
+    if sub is None:
+        return  # no command, or an unknown one: argparse says so
+    known = sub._option_string_actions
+    for arg in argv[argv.index(command) + 1:]:
+        if arg == "--":
+            return
+        if not arg.startswith("-") or arg == "-" or re.match(r"-\.?\d", arg):
+            continue  # a value (a negative number included)
+        name = arg.split("=", 1)[0]
+        if name in known or (not name.startswith("--") and name[:2] in known):  # -oFILE
+            continue
+        if name.startswith("--") and any(option.startswith(name) for option in known):
+            continue  # an abbreviation (argparse refuses an ambiguous one itself)
+        close = difflib.get_close_matches(name, [o for o in known if o.startswith("--")], n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        sub.error(f"unrecognized option {name}{hint}")
 
 
 # Options whose value may start with "-": argparse takes "-5x" or "-1e-9" (not plain negative
@@ -74,8 +101,9 @@ def main(argv=None):
     """Runs one command; returns the exit status (0, 1 when something failed, 2 for usage errors).
     A command's func returns its status (None meaning 0) or raises CliError."""
     parser = build_parser()
-    args = parser.parse_args(join_dashed_values([str(a) for a in (sys.argv[1:] if argv is None
-                                                                  else argv)]))
+    argv = join_dashed_values([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    check_options_known(parser, argv)
+    args = parser.parse_args(argv)
     try:
         status = args.func(args)
     except CliError as exc:

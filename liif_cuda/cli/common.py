@@ -61,9 +61,26 @@ def check_cuda_requested(requested):
             raise CliError(f"--device cuda: {str(exc).split(': ', 1)[-1]}", 2) from None
 
 
+def model_errors():
+    """What load_model raises for a --model it cannot load (a missing file or unknown name, a file
+    that is not a LIIF checkpoint, pretrained weights that cannot be had)."""
+    from ..checkpoints import CheckpointError
+    from ..load import ModelNotFound
+    from ..pretrained import WeightsNotFound
+    return (ModelNotFound, CheckpointError, WeightsNotFound)
+
+
 def check_encoder_precision(args, device):
     if args.encoder_precision == "fp16" and not device.startswith("cuda"):
         raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (a bad value, a missing option) in one line, as the commands' errors,
+    instead of a usage block before it; the command's --help has the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

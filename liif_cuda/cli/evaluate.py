@@ -6,7 +6,7 @@ import sys
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, cannot_write_into, check_cuda_requested,
-                     check_encoder_precision)
+                     check_encoder_precision, model_errors)
 
 # liif_cuda.evaluation.protocols.PROTOCOLS, with one line each from that module's docstring.
 PROTOCOL_HELP = (
@@ -53,12 +53,10 @@ def check_json_path(path, overwrite):
 
 
 def eval_command(args):
-    from ..checkpoints import CheckpointError
     from ..evaluation import evaluate, format_table
     from ..evaluation.evaluate import write_results
     from ..evaluation.protocols import (ImageTooSmall, LRFileMismatch, OptionIgnored,
                                         check_protocol_options)
-    from ..pretrained import WeightsNotFound
     scales = parse_scales(args.scales)
     if args.crop is not None and args.crop < 0:
         raise CliError(f"--crop must be >= 0, got {args.crop}", 2)
@@ -87,8 +85,8 @@ def eval_command(args):
         raise CliError(f"{option} {shown}: {exc.detail}") from None
     except LRFileMismatch as exc:
         raise CliError(f"--lr-dir: {exc}") from None
-    except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
-        raise CliError(str(exc)) from None
+    except model_errors() as exc:
+        raise CliError(f"--model: {exc}") from None
     print(format_table(results))
     if args.json:  # written after the table is printed: a failure here does not lose the results
         try:

@@ -1,5 +1,5 @@
-"""Output sizes for `liif-cuda upscale`: --size parsing, aspect ratios, and the memory an output needs,
-said in readable units whatever the size."""
+"""Output sizes for `liif-cuda upscale`: --size parsing and the memory an output needs, said in
+readable units whatever the size (the aspect ratio's rule is liif_cuda.upscaling's)."""
 
 import decimal
 
@@ -47,27 +47,6 @@ def parse_size(text):
     if (w is not None and w < 1) or (h is not None and h < 1):
         raise CliError(f"--size must be positive, got {text!r}", 2)
     return w, h
-
-
-def _proportional(side, along, across):
-    """round(side * across / along), halves up, at least 1 (integers: exact at any size)."""
-    return max(1, (2 * side * across + along) // (2 * along))
-
-
-def fit_size(size, in_w, in_h):
-    """The output (w, h) of a parsed --size for an in_w x in_h image: a missing side keeps the
-    aspect ratio."""
-    w, h = size
-    if h is None:
-        h = _proportional(w, in_w, in_h)
-    elif w is None:
-        w = _proportional(h, in_h, in_w)
-    return w, h
-
-
-def keeps_aspect(w, h, in_w, in_h):
-    """Whether w x h is in_w x in_h scaled, up to the rounding of one side."""
-    return h == _proportional(w, in_w, in_h) or w == _proportional(h, in_h, in_w)
 
 
 def check_scale(scale):

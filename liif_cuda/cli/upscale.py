@@ -7,12 +7,13 @@ import re
 import sys
 import time
 
+from ..upscaling import fit_size, keeps_aspect
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, check_cuda_requested, check_encoder_precision,
-                     check_writable_folder, notice, say)
+                     check_writable_folder, model_errors, notice, say)
 from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
                           write_image)
-from .sizes import check_memory, check_scale, fit_size, keeps_aspect, parse_size
+from .sizes import check_memory, check_scale, parse_size
 
 # Outputs of at least this many pixels get upscale()'s progress bar over pixels.
 PIXEL_BAR_MIN = 1 << 21
@@ -38,13 +39,11 @@ def plan_output(source, in_w, in_h, scale, size):
 
 
 def load_upscaling_model(name, device):
-    from ..checkpoints import CheckpointError
     from ..load import load_model
-    from ..pretrained import WeightsNotFound
     try:
         return load_model(name, device=device)
-    except (FileNotFoundError, CheckpointError, WeightsNotFound) as exc:
-        raise CliError(f"model: {exc}") from None
+    except model_errors() as exc:
+        raise CliError(f"--model: {exc}") from None
 
 
 def upscale_to_file(image, out_w, out_h, model, args, output, overwrite):
@@ -327,7 +326,7 @@ def tally_across_ranks(counts, world):
         dist.all_reduce(totals)
         dist.destroy_process_group()
     except (RuntimeError, ValueError) as exc:
-        notice(f"no total over the ranks ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+        notice(f"no total over the ranks ({(str(exc).splitlines() or [repr(exc)])[0]})")
         return None
     return dict(zip(keys, totals.tolist()))
 

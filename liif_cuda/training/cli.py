@@ -31,10 +31,13 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
 
 
 def train_command(args):
+    from ..cli.common import CliError, check_cuda_requested
     from .config import load_config
     from .trainer import train
+    # Usage errors (status 2), as in the other commands.
     if args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise CliError(f"--workers must be >= 0, got {args.workers}", 2)
+    check_cuda_requested(args.device)
     config = load_config(args.config)
     try:
         path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,

@@ -423,7 +423,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
         try:
             init_model = load_model(init)
         except (ValueError, OSError) as exc:
-            raise ConfigError(f"--init {init}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            raise ConfigError(f"--init {init}: {(str(exc).splitlines() or [repr(exc)])[0]}"
                               ) from None
         pretrained = init_model.state_dict()
         mismatch = _first_mismatch(model.state_dict(), pretrained)
