@@ -96,6 +96,38 @@ def relative_error(out, expected):
     return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+# The tensor-core kernels' tiles: 128 (query, neighbour) rows, query-major, so 32 queries of the
+# flattened batch per tile; in the wgmma kernels warp w of a tile owns rows 16 w .. +15 (queries
+# 4 w .. +3), the warpgroup w / 4, and the warp-specialised kernel alternates two tile buffers.
+TILE_QUERIES = 32
+
+
+def where_wrong(out, expected, tolerance):
+    """Where a failed forward path's wrong queries are, in the tensor-core kernels' terms, so that a
+    layout or synchronisation mistake shows from one run: a query is wrong where its error exceeds
+    10x the path's tolerance (relative to the reference's RMS) or it has a NaN. Counts by warp of
+    the tile (queries q % 32 // 4), by tile buffer (q // 32 % 2), by output channel, the first wrong
+    query and tile, and whether wrong outputs are zeros."""
+    out, expected = out.double().flatten(0, -2), expected.double().flatten(0, -2)
+    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
+    error = (out - expected).abs() / scale
+    wrong_element = error.isnan() | (error > 10 * tolerance)
+    wrong = wrong_element.any(1)
+    index = wrong.nonzero().flatten()
+    if index.numel() == 0:
+        return {"wrong_queries": 0}
+    warp = index % TILE_QUERIES // 4
+    return {
+        "wrong_queries": int(index.numel()), "of_queries": int(out.shape[0]),
+        "first_wrong_query": int(index[0]), "first_wrong_tile": int(index[0]) // TILE_QUERIES,
+        "wrong_by_warp": ",".join(str(int((warp == w).sum())) for w in range(TILE_QUERIES // 4)),
+        "wrong_by_tile_buffer": ",".join(
+            str(int((index // TILE_QUERIES % 2 == b).sum())) for b in range(2)),
+        "wrong_by_channel": ",".join(str(int(c)) for c in wrong_element.sum(0)),
+        "wrong_are_zero": bool((out[index] == 0).all()),
+    }
+
+
 class Runner:
     def __init__(self, device, small, repeats=5, profile=True):
         self.device = torch.device(device)
@@ -189,6 +221,8 @@ def forward_path(r, name):
         ok = ok and res["error_vs_reference"] <= res["bound"]
         if r.cuda:  # the tensor-core kernel really ran (not the exact fallback)
             ok = ok and res["error_vs_reference"] > TOLERANCE["fp32"]
+    if not ok:
+        res.update(where_wrong(out, expected, res["tolerance"]))
     res["kernels"] = r.kernels(run)
     if res["kernels"] is not None:
         ok = ok and kernel_ran(kernel, res["kernels"])

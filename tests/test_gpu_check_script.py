@@ -102,3 +102,31 @@ def test_a_hung_kernel_is_not_run_again(tmp_path):
     assert "variants: fused-fp32,fused-bf16,fused-bf16-wgmma," in (results / "bench.log").read_text()
     assert "hung kernels: 'wgmma_ws'" in (results / "pytest.log").read_text()
     assert "verdict: failed: path bf16-wgmma_ws (" in summary
+
+
+def test_a_failed_path_says_where_its_wrong_queries_are():
+    """gpu_paths.where_wrong, which a failed forward path prints: the wrong queries located by warp
+    of the tensor-core kernels' tiles (32 queries, 4 per warp), tile buffer and channel."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from gpu_paths import where_wrong
+    finally:
+        sys.path.pop(0)
+    expected = torch.randn(2, 96, 3, generator=torch.Generator().manual_seed(0))
+    assert where_wrong(expected.clone(), expected, 1e-3) == {"wrong_queries": 0}
+    out = expected.clone().flatten(0, 1)
+    # Warp 5's queries (20..23 of each tile) of odd tiles wrong in channel 1, as a layout or
+    # buffer mistake would make them; one NaN in query 0 (tile 0, warp 0, channel 2).
+    for tile in (1, 3, 5):
+        out[tile * 32 + 20: tile * 32 + 24, 1] += 1.0
+    out[0, 2] = float("nan")
+    found = where_wrong(out.view(2, 96, 3), expected, 1e-3)
+    assert found == {"wrong_queries": 13, "of_queries": 192, "first_wrong_query": 0,
+                     "first_wrong_tile": 0, "wrong_by_warp": "1,0,0,0,0,12,0,0",
+                     "wrong_by_tile_buffer": "1,12", "wrong_by_channel": "0,12,1",
+                     "wrong_are_zero": False}
+    zeros = expected.clone()
+    zeros[1, 64:] = 0  # queries 160..191, the last tile
+    found = where_wrong(zeros, expected, 1e-3)
+    assert found["first_wrong_tile"] == 5 and found["wrong_are_zero"] and found["wrong_queries"] == 32
