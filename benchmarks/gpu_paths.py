@@ -98,16 +98,18 @@ def relative_error(out, expected):
 
 # The tensor-core kernels' tiles: 128 (query, neighbour) rows, query-major, so 32 queries of the
 # flattened batch per tile; in the wgmma kernels warp w of a tile owns rows 16 w .. +15 (queries
-# 4 w .. +3), the warpgroup w / 4, and the warp-specialised kernel alternates two tile buffers.
+# 4 w .. +3), the warpgroup w / 4. The warp-specialised kernel's persistent blocks (one per SM, at
+# most one per tile) take tiles b, b + blocks, ..., the k-th of them in tile buffer k % 2.
 TILE_QUERIES = 32
 
 
-def where_wrong(out, expected, tolerance):
+def where_wrong(out, expected, tolerance, persistent_blocks=None):
     """Where a failed forward path's wrong queries are, in the tensor-core kernels' terms, so that a
     layout or synchronisation mistake shows from one run: a query is wrong where its error exceeds
     10x the path's tolerance (relative to the reference's RMS) or it has a NaN. Counts by warp of
-    the tile (queries q % 32 // 4), by tile buffer (q // 32 % 2), by output channel, the first wrong
-    query and tile, and whether wrong outputs are zeros."""
+    the tile (queries q % 32 // 4), by output channel and, for the persistent kernel of
+    `persistent_blocks` blocks, by tile buffer; the first wrong query and tile, and whether wrong
+    outputs are zeros."""
     out, expected = out.double().flatten(0, -2), expected.double().flatten(0, -2)
     scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
     error = (out - expected).abs() / scale
@@ -117,15 +119,17 @@ def where_wrong(out, expected, tolerance):
     if index.numel() == 0:
         return {"wrong_queries": 0}
     warp = index % TILE_QUERIES // 4
-    return {
+    found = {
         "wrong_queries": int(index.numel()), "of_queries": int(out.shape[0]),
         "first_wrong_query": int(index[0]), "first_wrong_tile": int(index[0]) // TILE_QUERIES,
         "wrong_by_warp": ",".join(str(int((warp == w).sum())) for w in range(TILE_QUERIES // 4)),
-        "wrong_by_tile_buffer": ",".join(
-            str(int((index // TILE_QUERIES % 2 == b).sum())) for b in range(2)),
         "wrong_by_channel": ",".join(str(int(c)) for c in wrong_element.sum(0)),
         "wrong_are_zero": bool((out[index] == 0).all()),
     }
+    if persistent_blocks:
+        buffer = index // TILE_QUERIES // persistent_blocks % 2
+        found["wrong_by_tile_buffer"] = ",".join(str(int((buffer == b).sum())) for b in range(2))
+    return found
 
 
 class Runner:
@@ -222,7 +226,11 @@ def forward_path(r, name):
         if r.cuda:  # the tensor-core kernel really ran (not the exact fallback)
             ok = ok and res["error_vs_reference"] > TOLERANCE["fp32"]
     if not ok:
-        res.update(where_wrong(out, expected, res["tolerance"]))
+        blocks = None
+        if name.endswith("-wgmma_ws") and runs_wgmma(feat.device):  # launch_blocks in C++
+            tiles = -(-res["queries"] // TILE_QUERIES)
+            blocks = min(tiles, torch.cuda.get_device_properties(feat.device).multi_processor_count)
+        res.update(where_wrong(out, expected, res["tolerance"], blocks))
     res["kernels"] = r.kernels(run)
     if res["kernels"] is not None:
         ok = ok and kernel_ran(kernel, res["kernels"])

@@ -124,8 +124,10 @@ def test_a_failed_path_says_where_its_wrong_queries_are():
     found = where_wrong(out.view(2, 96, 3), expected, 1e-3)
     assert found == {"wrong_queries": 13, "of_queries": 192, "first_wrong_query": 0,
                      "first_wrong_tile": 0, "wrong_by_warp": "1,0,0,0,0,12,0,0",
-                     "wrong_by_tile_buffer": "1,12", "wrong_by_channel": "0,12,1",
-                     "wrong_are_zero": False}
+                     "wrong_by_channel": "0,12,1", "wrong_are_zero": False}
+    # The persistent kernel with 2 blocks: tiles 0, 1 in buffer 0, tiles 2, 3 in buffer 1, ...
+    found = where_wrong(out.view(2, 96, 3), expected, 1e-3, persistent_blocks=2)
+    assert found["wrong_by_tile_buffer"] == "9,4"  # query 0, tiles 1 and 5 in 0; tile 3 in 1
     zeros = expected.clone()
     zeros[1, 64:] = 0  # queries 160..191, the last tile
     found = where_wrong(zeros, expected, 1e-3)
