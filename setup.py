@@ -140,7 +140,7 @@ setup(
     # The training recipes' configs (liif-cuda train --config edsr-baseline-liif): a folder of data
     # without __init__.py, named as a package so that setuptools installs it without a warning.
     packages=find_packages(include=["liif_cuda", "liif_cuda.*"]) + ["liif_cuda.training.configs"],
-    package_data={"liif_cuda.training.configs": ["*.yaml"]},
+    package_data={"liif_cuda": ["py.typed"], "liif_cuda.training.configs": ["*.yaml"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[f"torch=={torch_major_minor}.*", "numpy", "Pillow", "tqdm", "PyYAML"],

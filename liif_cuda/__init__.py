@@ -28,7 +28,7 @@ from ._query import PRECISIONS, query
 __version__ = "0.1.0"
 
 
-def build_info():
+def build_info() -> dict:
     """How the extension was built, and what it does on this machine: {'cuda': bool (CUDA kernels
     compiled), 'cuda_archs': str (their targets), 'cuda_wgmma': bool (H100 / H200 GPUs run this
     build's sm_90a code, where LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma or wgmma_ws selects a wgmma

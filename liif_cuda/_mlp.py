@@ -1,5 +1,7 @@
 """Reading the MLP ("imnet") of a LIIF model into per-layer weights and biases for the fused op."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 
 import torch
@@ -48,7 +50,7 @@ def _check_forward_is_layers(imnet):
         f"{'nn.Sequential(*imnet)' if isinstance(imnet, nn.Sequential) else 'imnet.layers'}")
 
 
-def mlp_parameters(imnet):
+def mlp_parameters(imnet) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(weights, biases) of an MLP given as the original code and mmediting build it.
 
     Accepted: an `nn.Sequential` of `Linear, ReLU, ..., Linear`; a module holding that Sequential as

@@ -1,5 +1,10 @@
 """The public fused query: a drop-in replacement for LIIF's `query_rgb`."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Tuple, Union
+
 import torch
 
 from ._mlp import mlp_parameters
@@ -57,8 +62,15 @@ def _check_floating(t, name):
         raise ValueError(f"{name} must be a floating-point tensor, got {kind}")
 
 
-def query(feat, coords, cells, imnet, *, local_ensemble=True, feat_unfold=True, cell_decode=True,
-          precision=None, backward_precision=None, out_dtype=None):
+# What query's `imnet` may be (mlp_parameters): an nn.Sequential of Linear / ReLU, a module holding
+# one as `.layers`, or (weight, bias) pairs.
+ImNet = Union[torch.nn.Module, Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]]]
+
+
+def query(feat: torch.Tensor, coords: torch.Tensor, cells: Optional[torch.Tensor], imnet: ImNet, *,
+          local_ensemble: bool = True, feat_unfold: bool = True, cell_decode: bool = True,
+          precision: Optional[str] = None, backward_precision: Optional[str] = None,
+          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """LIIF's `query_rgb` as one fused operator: (B, Q, out_dim) predictions for query points.
 
     Args:

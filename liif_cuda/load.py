@@ -1,10 +1,12 @@
 """load_model: a LIIF model from a checkpoint file or a pretrained name."""
 
 import os
+from typing import Union
 
 import torch
 
 from .checkpoints import model_from_checkpoint, read_checkpoint
+from .models import LIIF
 from .pretrained import PRETRAINED, resolve
 
 DEFAULT_MODEL = "edsr-baseline-liif"
@@ -37,7 +39,8 @@ def check_device(device):
     return dev
 
 
-def load_model(path_or_name=DEFAULT_MODEL, device=None):
+def load_model(path_or_name: Union[str, os.PathLike] = DEFAULT_MODEL,
+               device: Union[str, torch.device, None] = None) -> LIIF:
     """Loads a LIIF model in eval mode.
 
     `path_or_name` is a checkpoint file (original LIIF, mmediting before or after July 2021, or

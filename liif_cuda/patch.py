@@ -1,7 +1,10 @@
 """patch(model): run an existing LIIF model's query through the fused operator, in place."""
 
+from __future__ import annotations
+
 import functools
 import inspect
+from typing import TypeVar
 
 import torch
 
@@ -64,7 +67,10 @@ def _patched_class(base):
         "__qualname__": base.__qualname__, "_liif_cuda_patched": True})
 
 
-def patch(model):
+Model = TypeVar("Model", bound=torch.nn.Module)
+
+
+def patch(model: Model) -> Model:
     """Makes `model.query_rgb` the fused query and returns the model (the same object).
 
     Works with LIIF models of the original code (`query_rgb(coord, cell=None)` on `model.feat` set by

@@ -10,10 +10,16 @@ An image no larger than one tile is encoded whole and queried with the reference
 Memory beyond the input and output images is one tile's encoder activations and one chunk's query.
 """
 
+from __future__ import annotations
+
 import functools
 import numbers
 import operator
+import os
+from typing import Optional, Tuple, TypeVar, Union
 
+import numpy as np
+import PIL.Image
 import torch
 
 from ._query import PRECISIONS, query
@@ -213,8 +219,17 @@ def super_resolve(model, img, out_h, out_w, tile=None, chunk=DEFAULT_CHUNK, prog
     return out.permute(2, 0, 1).unsqueeze(0)
 
 
-def upscale(image, scale=None, size=None, model=None, device=None, precision="fp32", *,
-            encoder_precision="fp32", tile=None, chunk=DEFAULT_CHUNK, progress=False):
+# upscale's image: it returns the same kind.
+ImageT = TypeVar("ImageT", PIL.Image.Image, np.ndarray, torch.Tensor)
+Scale = Union[float, Tuple[float, float]]
+Size = Tuple[Optional[int], Optional[int]]
+
+
+def upscale(image: ImageT, scale: Optional[Scale] = None, size: Optional[Size] = None,
+            model: Union[torch.nn.Module, str, os.PathLike, None] = None,
+            device: Union[str, torch.device, None] = None, precision: str = "fp32", *,
+            encoder_precision: str = "fp32", tile: Optional[int] = None, chunk: int = DEFAULT_CHUNK,
+            progress: bool = False) -> ImageT:
     """Super-resolves `image` with a LIIF model; returns the same kind of image.
 
     Args:
