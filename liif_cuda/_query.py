@@ -190,13 +190,15 @@ def query(feat: torch.Tensor, coords: torch.Tensor, cells: Optional[torch.Tensor
     check_query_args(feat, coords, cells, weights, biases, feat_unfold, cell_decode)
     args = (feat, coords, cells, weights, biases, local_ensemble, feat_unfold, cell_decode,
             precision, backward_precision)
-    if torch.is_grad_enabled() and not torch.compiler.is_exporting() and any(
-            t is not None and t.requires_grad for t in (feat, coords, cells, *weights, *biases)):
+    if (torch.is_grad_enabled() and not torch.compiler.is_exporting()
+            and not torch.jit.is_tracing() and any(t is not None and t.requires_grad
+                                                   for t in (feat, coords, cells, *weights, *biases))):
         # Autograd will run the backward: keep the first-layer map for it rather than make it
         # again (B x H x W x width0 values, about a twentieth of the training step's query time).
         # Not in torch.export: whether there is a map depends on the shapes (saves_first_layer_map),
-        # which a program exported for any number of queries cannot decide; its backward, if it
-        # runs one, makes the map again.
+        # which a program exported for any number of queries cannot decide; nor in torch.jit.trace,
+        # whose check of the trace reruns without gradients. Their backward, if one runs, makes
+        # the map again.
         out, _ = torch.ops.liif_cuda.query_saving_map(*args)
     else:
         out = torch.ops.liif_cuda.query(*args)
