@@ -16,23 +16,25 @@ class ModelNotFound(FileNotFoundError):
     """load_model's argument is neither a checkpoint file nor a pretrained name."""
 
 
-def check_device(device):
+def check_device(device, name=None):
     """torch.device(device), with a clear ValueError where it cannot run liif_cuda here (instead of
-    torch's assertion from deep inside Module.to, or a missing kernel at the first query)."""
+    torch's assertion from deep inside Module.to, or a missing kernel at the first query). `name`
+    leads the messages of a device it cannot use (default "device 'cuda:1'", say)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if dev.type == "cuda":
         from . import build_info
+        name = name or f"device {device!r}"
         if not torch.cuda.is_available():
             build = "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"
-            raise ValueError(f"device {device!r}: no CUDA GPU is available{build}")
+            raise ValueError(f"{name}: no CUDA GPU is available{build}")
         if not build_info()["cuda"]:
-            raise ValueError(f"device {device!r}: liif_cuda was built without its CUDA kernels "
+            raise ValueError(f"{name}: liif_cuda was built without its CUDA kernels "
                              f"(docs/install.md)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+            raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} "
                              f"CUDA GPU(s)")
     elif dev.type != "cpu":
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")

@@ -56,9 +56,9 @@ def check_cuda_requested(requested):
     if requested == "cuda":
         from ..load import check_device
         try:
-            check_device(requested)
+            check_device(requested, name="--device cuda")
         except ValueError as exc:
-            raise CliError(f"--device cuda: {str(exc).split(': ', 1)[-1]}", 2) from None
+            raise CliError(str(exc), 2) from None
 
 
 def model_errors():
