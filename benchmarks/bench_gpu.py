@@ -330,20 +330,21 @@ def main():
         "failed_variants": {},
     }
     # One file for the whole run, rewritten after each part.
-    out = args.out or new_results_path(f"gpu_query_{info['device'].replace(' ', '_')}")
+    stem = f"gpu_query_{info['device'].replace(' ', '_')}"
+    out = args.out or new_results_path(stem)
     for case in args.cases.split(","):
         result["rows"].append(measure_case(case, variants, args.repeats, args.device, peaks,
                                            result["failed_variants"]))
-        write_results(result, None, out)
+        write_results(result, stem, out)
     if not args.skip_training:
         result["training_forward_backward"] = measure_training(args.device, args.repeats)
-        write_results(result, None, out)
+        write_results(result, stem, out)
     if args.train_data:
         import bench_train
         result["training_step"] = bench_train.measure(args.train_data, args.device,
                                                       min(args.repeats, 5))
         bench_train.print_rows(result["training_step"])
-        write_results(result, None, out)
+        write_results(result, stem, out)
     return 1 if result["failed_variants"] else 0
 
 

@@ -152,6 +152,8 @@ def cpu_bf16_problems(draw):
     problem["hidden"] = draw(st.lists(st.sampled_from([1, 2, 7, 16, 31, 32, 33, 64, 70, 256]),
                                       min_size=1, max_size=3))
     problem["out_dim"] = draw(st.integers(1, 20))
+    # Every row count modulo the kernel's 8-row blocks (without the local ensemble rows = queries).
+    problem["queries"] = draw(st.integers(17, 40))
     return problem
 
 

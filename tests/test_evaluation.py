@@ -447,3 +447,18 @@ def test_published_scales_pass_the_size_check():
     for protocol in ("mmedit", "mmagic", "paper", "classic"):
         for div2k in (False, True):
             check_sizes(files, [2, 3, 4, 6, 12, 18, 24, 30], protocol, div2k=div2k)
+
+
+def test_score_applies_each_protocols_metric():
+    """score() itself: which metric, border and SSIM channels each protocol scores with."""
+    gt, pred = noisy_pair(11, (40, 44, 3))
+    gt = gt.astype(np.uint8)
+    border = 4 + 6
+    assert score(pred, gt, 4, "paper", div2k=True)["psnr"] == pytest.approx(
+        psnr_rgb(pred, gt.astype(float), crop=border), abs=1e-12)
+    assert score(pred, gt, 4, "paper")["psnr"] == pytest.approx(
+        psnr_y(pred / 255, gt / 255, shave=4), abs=1e-12)
+    for protocol, blue_only in (("mmedit", True), ("mmagic", False)):
+        assert score(pred, gt, 4, protocol)["ssim"] == pytest.approx(
+            ssim_mmedit(pred, gt.astype(float), 4, first_channel_only=blue_only), abs=1e-12)
+    assert score(pred, gt, 4, "mmedit")["ssim"] != pytest.approx(score(pred, gt, 4, "mmagic")["ssim"])

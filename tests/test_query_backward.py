@@ -95,8 +95,19 @@ def blend_noise(feat, coords, cells, mlp, grad_out, flags, dtype):
         total = total + area
         blend_grad = (grad_out.double() * pred.double().view(B, Q, -1)).sum(-1).abs()
         terms.append(blend_grad * (rel[..., 1].abs() * H + rel[..., 0].abs() * W))
-    per_query = 8 * torch.finfo(dtype).eps * sum(terms) / total
-    return per_query.norm().item()
+    return 8 * torch.finfo(dtype).eps * sum(terms) / total
+
+
+def query_parts(i, blend_noise_per_query, scale_per_query):
+    """Indices that split gradient i for its check: the coordinate gradient's (i == 1) queries whose
+    blend noise is below `scale_per_query` (the check's own tolerance per query), checked without
+    that noise's slack, and the others (total areas near 1e-9 on cell borders), checked with it, so
+    that a few such queries do not make the slack cover every query's gradient; other gradients
+    whole."""
+    if i != 1:
+        return [...]
+    quiet = blend_noise_per_query <= scale_per_query
+    return [quiet, ~quiet]
 
 
 def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
@@ -111,6 +122,9 @@ def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
     # without the local ensemble) comes out of the reference as rounding noise: both below this.
     noise = 1e3 * torch.finfo(dtype).eps * grad_out.norm().item()
     noise_coords = blend_noise(feat, coords, cells, mlp, grad_out, flags, dtype)
+
+    def per_query(g):
+        return g.double().norm(dim=-1)
     if dtype == torch.float64:
         twin, back = permuted(mlp, seed=3)
         other = grads(ref.query_rgb, feat, coords, cells, twin, grad_out, flags)
@@ -123,8 +137,11 @@ def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
             if max(o.norm().item(), t.norm().item()) <= noise:
                 continue
             own = relative_error(t, e)
-            slack = 2 * noise_coords if i == 1 else 0
-            assert (o - t).norm().item() <= (2 * own + 1e-10) * t.norm().item() + slack, (i, own)
+            for part in query_parts(i, noise_coords, 1e-10 * per_query(t)):
+                o_, t_ = o[part], t[part]
+                slack = 2 * noise_coords[part].norm().item() if i == 1 else 0
+                assert (o_ - t_).norm().item() <= (2 * own + 1e-10) * t_.norm().item() + slack, \
+                    (i, own)
         return
     as64 = [None if t is None else t.double() for t in (feat, coords, cells)]
     mlp64 = copy.deepcopy(mlp).double()
@@ -136,11 +153,13 @@ def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
             continue
         if max(o.norm().item(), t.norm().item()) <= noise:
             continue
-        error = (o.double() - e).norm().item()
-        own = (t.double() - e).norm().item()
-        slack = 2 * noise_coords if i == 1 else 0
-        assert error <= 2 * own + 1e-5 * (e.norm().item() + size.norm().item()) + slack, \
-            (i, error, own)
+        for part in query_parts(i, noise_coords, 1e-5 * (per_query(e) + per_query(size))):
+            o_, t_, e_, size_ = o[part], t[part], e[part], size[part]
+            error = (o_.double() - e_).norm().item()
+            own = (t_.double() - e_).norm().item()
+            slack = 2 * noise_coords[part].norm().item() if i == 1 else 0
+            assert error <= 2 * own + 1e-5 * (e_.norm().item() + size_.norm().item()) + slack, \
+                (i, error, own)
 
 
 @given(query_problems())
@@ -336,3 +355,13 @@ def test_wrong_number_of_flags_is_a_clear_error():
         torch.ops.liif_cuda.query_backward(torch.randn(1, 9, 3), feat, coords, cells,
                                            [x.detach() for x in w], [x.detach() for x in b],
                                            True, True, True, [True] * 6)
+
+
+@pytest.mark.parametrize("height,width", [(70, 70), (9, 8)], ids=["direct", "map"])
+def test_gradients_past_one_wave_of_tiles(height, width):
+    """More than kWaveTiles = 16 tiles of 256 rows per image (1100 queries x 4 neighbours), B = 2:
+    the per-cell rows of every wave reach feat's gradient, on both first-layer paths."""
+    feat, coords, cells = random_inputs(2, 3, height, width, 1100, seed=9, dtype=torch.float64,
+                                        spread=1.1)
+    mlp = make_mlp(ref.imnet_in_dim(3), [16, 16], 2, torch.float64)
+    assert_gradients_match((feat, coords, cells, mlp), PUBLISHED_FLAGS, torch.float64)

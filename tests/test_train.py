@@ -997,3 +997,16 @@ def test_the_documented_short_run(tmp_path, capsys):
     assert [r["epoch"] for r in log] == ["1", "2"] and all(r["val_psnr"] for r in log)
     assert {"epoch-1.pth", "epoch-2.pth", "epoch-last.pth", "epoch-best.pth"} <= set(os.listdir(run))
     assert isinstance(liif_cuda.load_model(f"{run}/epoch-last.pth"), liif_cuda.models.LIIF)
+
+
+def test_resume_keeps_the_best_validation_psnr(images, tmp_path):
+    """A resumed run compares with the best PSNR of before the resume, not from scratch."""
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
+    last = torch.load(f"{run}/epoch-last.pth", weights_only=True)
+    last["liif_cuda"]["best_val_psnr"] = 1e9  # nothing after the resume can beat it
+    torch.save(last, f"{run}/epoch-last.pth")
+    best_epoch = torch.load(f"{run}/epoch-best.pth", weights_only=True)["epoch"]
+    train(tiny_config(images, epochs=3), run, resume=True, device="cpu", progress=False)
+    assert torch.load(f"{run}/epoch-best.pth", weights_only=True)["epoch"] == best_epoch
+    assert torch.load(f"{run}/epoch-last.pth", weights_only=True)["liif_cuda"]["best_val_psnr"] == 1e9
