@@ -321,3 +321,26 @@ def test_bad_sizes_are_usage_errors(tmp_path, photos, checkpoint, capsys, size):
     status, err = error_of(capsys, "upscale", photos / "a.png", "-o", tmp_path / "o.png", "--size",
                            size, "--model", checkpoint)
     assert status == 2 and "--size" in err
+
+
+def test_a_batch_never_overwrites_one_of_its_inputs(tmp_path, photos, checkpoint, capsys):
+    """Two explicit inputs, one the other's output name, --overwrite, -o their folder: that
+    output is refused and reported, the input kept, the other file done."""
+    save_image(photos / "a_x2.png", 28, 20, seed=9)
+    before = (photos / "a_x2.png").read_bytes()
+    assert run("upscale", photos / "a.png", photos / "a_x2.png", "-o", photos, "--scale", 2,
+               "--model", checkpoint, "--overwrite") == 1
+    captured = capsys.readouterr()
+    assert (photos / "a_x2.png").read_bytes() == before
+    assert f"output {photos / 'a_x2.png'} is one of the inputs; not replacing it" in captured.err
+    assert (photos / "a_x2_x2.png").exists()
+    assert "1 done, 0 skipped, 1 failed (2 of 2 files)" in captured.out
+
+
+def test_hidden_files_and_folders_are_not_inputs(tmp_path, photos, checkpoint):
+    """As glob's *: .hidden.png and .cache/ are left out, with --recursive too."""
+    save_image(photos / ".hidden.png", seed=5)
+    save_image(photos / ".cache" / "d.png", seed=6)
+    assert run("upscale", photos, "-o", tmp_path / "out", "--scale", 2, "--model", checkpoint,
+               "--recursive") == 0
+    assert files_under(tmp_path / "out") == ["a_x2.png", "b_x2.jpg", "sub/c_x2.png"]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TOLERANCE, relative_error
 from helpers import build, make_mlp, query_problems, random_inputs
 from hypothesis import given
@@ -168,3 +169,64 @@ def test_one_pixel_map_leaves_the_mlp_untouched(feat_unfold):
     assert torch.equal(first, second)
     expected = ref.query_rgb(feat, coords, cells, mlp, feat_unfold=feat_unfold)
     assert relative_error(first, expected) <= TOLERANCE[torch.float32]
+
+
+def _selecting_mlp(channels, selected):
+    """A one-layer MLP whose output j is input `selected[j]`."""
+    in_dim = ref.imnet_in_dim(channels)
+    mlp = ref.MLP(in_dim, len(selected), []).double()
+    with torch.no_grad():
+        mlp.layers[0].weight.zero_()
+        mlp.layers[0].bias.zero_()
+        for j, i in enumerate(selected):
+            mlp.layers[0].weight[j, i] = 1.0
+    return mlp
+
+
+@pytest.mark.parametrize("query", [ref.query_rgb, liif_cuda.query])
+def test_the_query_is_bilinear_interpolation_for_a_pass_through_mlp(query):
+    """An oracle independent of python/: with the local ensemble, an MLP that passes a feature
+    through makes LIIF bilinear interpolation (grid_sample, align_corners False, border padding):
+    the swapped areas are the bilinear weights. Pins make_coord, rx / ry, the eps shift and clamp,
+    the area swap, the 3x3 unfold's order (its centre and its top-left entry), the relative
+    coordinates' and cells' scaling by H and W, for the reference and the kernel alike."""
+    g = torch.Generator().manual_seed(11)
+    B, C, H, W, Q = 2, 3, 5, 7, 400
+
+    def exact(n):  # LR pixel centres (not the last: see below) and the edges between pixels
+        return [-1 + (2 * k + 1) / n for k in range(n - 1)] + [-1 + 2 * k / n for k in range(1, n)]
+    grid = torch.tensor([(y, x) for y in exact(H) for x in exact(W)], dtype=torch.float64)
+    feat = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    coords = (torch.rand(B, Q, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1.3
+    coords[:, :len(grid)] = grid
+    cells = torch.rand(B, Q, 2, generator=g, dtype=torch.float64) * 0.5
+    centre = [9 * c + 4 for c in range(C)]
+    top_left = [9 * c for c in range(C)]
+    rel = [9 * C, 9 * C + 1, 9 * C + 2, 9 * C + 3]
+    mlp = _selecting_mlp(C, centre + top_left + rel)
+    with torch.no_grad():
+        out = query(feat, coords, cells, mlp)
+
+    def bilinear(f):
+        return F.grid_sample(f, coords.flip(-1).unsqueeze(1), mode="bilinear",
+                             padding_mode="border", align_corners=False)[:, :, 0].permute(0, 2, 1)
+    shifted = F.pad(feat, (1, 0, 1, 0))[..., :H, :W]  # feat[y - 1, x - 1], zero outside
+    # Not on the first / last centres, where both neighbours of an axis are one cell and their
+    # areas vanish with the relative coordinate (the 1e-9 then weighs the four alike).
+    ok = ((coords[..., 0].abs() - (1 - 1 / H)).abs() > 1e-3) & \
+        ((coords[..., 1].abs() - (1 - 1 / W)).abs() > 1e-3)
+    # The 1e-9 LIIF adds to each area moves the weights by up to 3e-8 here (areas down to 1e-3 by
+    # 1e-3 of an LR pixel's side next to the left-out bands).
+    torch.testing.assert_close(out[..., :C][ok], bilinear(feat)[ok], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[..., C:2 * C][ok], bilinear(shifted)[ok], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[..., 2 * C + 2], cells[..., 0] * H, rtol=1e-7, atol=0)
+    torch.testing.assert_close(out[..., 2 * C + 3], cells[..., 1] * W, rtol=1e-7, atol=0)
+    # Beyond the map's last centres every neighbour is the same cell: the relative coordinate of
+    # that cell's centre, in LR pixels.
+    for axis, n in ((0, H), (1, W)):
+        c = coords[..., axis]
+        outside = c.abs() > 1 - 1 / n
+        nearest_centre = torch.sign(c) * (1 - 1 / n)
+        torch.testing.assert_close(out[..., 2 * C + axis][outside],
+                                   ((c - nearest_centre) * n)[outside], rtol=1e-7, atol=1e-9)
+        assert outside.sum() > 20

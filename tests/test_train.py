@@ -1010,3 +1010,239 @@ def test_resume_keeps_the_best_validation_psnr(images, tmp_path):
     train(tiny_config(images, epochs=3), run, resume=True, device="cpu", progress=False)
     assert torch.load(f"{run}/epoch-best.pth", weights_only=True)["epoch"] == best_epoch
     assert torch.load(f"{run}/epoch-last.pth", weights_only=True)["liif_cuda"]["best_val_psnr"] == 1e9
+
+
+# -- the recipe, sample by sample ---------------------------------------------------------------
+
+def write_noise_images(folder, sizes, seed=0):
+    """Random noise images (no two windows alike, under any flip or transpose)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f"{folder}/{i}.png")
+    return folder
+
+
+def read_float(path):
+    array = np.array(Image.open(path).convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+def pillow_bicubic(x, h, w):
+    """The original resize_fn, restated: 8 bits, Pillow bicubic to (h, w), back to [0, 1]."""
+    array = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    out = np.array(Image.fromarray(array).resize((w, h), Image.BICUBIC))
+    return torch.from_numpy(out).permute(2, 0, 1).float() / 255
+
+
+def original_augment(x, hflip, vflip, dflip):
+    if hflip:
+        x = x.flip(-2)
+    if vflip:
+        x = x.flip(-1)
+    if dflip:
+        x = x.transpose(-2, -1)
+    return x
+
+
+def undo_augment(x, hflip, vflip, dflip):
+    if dflip:
+        x = x.transpose(-2, -1)
+    if vflip:
+        x = x.flip(-1)
+    if hflip:
+        x = x.flip(-2)
+    return x
+
+
+FLIPS = [(h, v, d) for h in (False, True) for v in (False, True) for d in (False, True)]
+
+
+def locate_patch(img, patch):
+    """[(flips, x0, y0)]: where the un-augmented patch lies in img, for each augmentation."""
+    found = []
+    for flips in FLIPS:
+        p = undo_augment(patch, *flips)
+        h, w = p.shape[-2:]
+        for x0 in range(img.shape[-2] - h + 1):
+            for y0 in range(img.shape[-1] - w + 1):
+                if torch.equal(img[:, x0:x0 + h, y0:y0 + w], p):
+                    found.append((flips, x0, y0))
+    return found
+
+
+def whole_sample_check(sample, img, inp_size):
+    """One sample of sr-implicit-downsampled without sample_q against the recipe: coord the HR
+    patch's make_coord, cell (2 / h, 2 / w), gt the patch, which lies in the image (after one of
+    the 8 augmentations) and whose Pillow bicubic, augmented the same way, is inp. Returns
+    (flips, x0, y0, HR side)."""
+    import liif_reference as ref
+    h, w = (round(2 / c) for c in sample["cell"][0].tolist())
+    assert torch.equal(sample["coord"], ref.make_coord((h, w)))
+    assert torch.equal(sample["cell"], ref.make_cell(sample["coord"], (h, w)))
+    hr = sample["gt"].view(h, w, 3).permute(2, 0, 1)
+    where = locate_patch(img, hr)
+    assert len(where) == 1, where
+    flips, x0, y0 = where[0]
+    hr0 = undo_augment(hr, *flips)
+    lr = pillow_bicubic(hr0, inp_size, inp_size)
+    assert torch.equal(sample["inp"], original_augment(lr, *flips))
+    return flips, x0, y0, hr0.shape[-2]
+
+
+def test_patches_augmentation_and_lr_follow_the_original_wrapper(tmp_path):
+    """Each sample's HR patch is a window of its image (crops anywhere from 0 to H - w_hr and 0 to
+    W - w_hr), its LR is that window's Pillow bicubic, and the same flips / transpose turn both."""
+    root = write_noise_images(str(tmp_path / "noise"), [(14, 11)])
+    img = read_float(os.path.join(root, "0.png"))
+    spec = dataset_spec(root, repeat=80, inp_size=8, scale_max=1, sample_q=None)
+    data = make_dataset(spec, seed=0)
+    xs, ys, flips = set(), set(), set()
+    for i in range(80):
+        f, x0, y0, _ = whole_sample_check(data[i], img, 8)
+        xs.add(x0), ys.add(y0), flips.add(f)
+    assert xs == set(range(14 - 8 + 1)) and ys == set(range(11 - 8 + 1))
+    assert flips == set(FLIPS)
+    # Scales in [scale_min, scale_max]: HR patches of round(4 * s), LR their Pillow bicubic.
+    root = write_noise_images(str(tmp_path / "noise2"), [(16, 15)], seed=1)
+    img = read_float(os.path.join(root, "0.png"))
+    spec = dataset_spec(root, repeat=40, inp_size=4, scale_max=3, sample_q=None)
+    spec["wrapper"]["args"]["scale_min"] = 2
+    data = make_dataset(spec, seed=0)
+    sides = {whole_sample_check(data[i], img, 4)[3] for i in range(40)}
+    assert min(sides) >= 8 and max(sides) <= 12 and len(sides) >= 4
+
+
+def test_whole_image_samples_are_the_recipes(tmp_path):
+    """inp_size None: LR floor(H / s), HR the image cropped to round(LR * s), cells (2 / H, 2 / W)
+    of a non-square HR image, coords row-major as make_coord."""
+    import liif_reference as ref
+    root = write_noise_images(str(tmp_path / "noise"), [(40, 52)])
+    img = read_float(os.path.join(root, "0.png"))
+    spec = dataset_spec(root, repeat=1, augment=False, inp_size=None, scale_max=3, sample_q=None)
+    spec["wrapper"]["args"]["scale_min"] = 3
+    sample = make_dataset(spec, seed=0)[0]
+    hr = img[:, :39, :51]
+    assert torch.equal(sample["coord"], ref.make_coord((39, 51)))
+    assert torch.equal(sample["cell"], ref.make_cell(sample["coord"], (39, 51)))
+    assert torch.equal(sample["gt"], hr.permute(1, 2, 0).reshape(-1, 3))
+    assert torch.equal(sample["inp"], pillow_bicubic(hr, 13, 17))
+
+
+def test_sampled_queries_keep_their_colours(tmp_path):
+    """With sample_q the queries are distinct pixels of the full sample, each with its own
+    colour."""
+    root = write_noise_images(str(tmp_path / "noise"), [(30, 26)])
+    def spec(sample_q):
+        return dataset_spec(root, repeat=8, inp_size=6, scale_max=3, sample_q=sample_q)
+    full, some = make_dataset(spec(None), seed=2), make_dataset(spec(30), seed=2)
+    for i in range(8):
+        a, b = full[i], some[i]
+        assert torch.equal(a["inp"], b["inp"])
+        colour = {tuple(c): g for c, g in zip(a["coord"].tolist(), a["gt"])}
+        coords = [tuple(c) for c in b["coord"].tolist()]
+        assert len(set(coords)) == 30
+        for c, g in zip(coords, b["gt"]):
+            assert torch.equal(colour[c], g)
+
+
+# -- the loop's cadence and order ---------------------------------------------------------------
+
+def test_each_epoch_visits_every_sample_in_the_samplers_order(images, tmp_path, monkeypatch):
+    """Epoch e reads every training sample once, in DistributedSampler's permutation for (seed, e),
+    with the dataset set to epoch e (new crops each epoch)."""
+    from liif_cuda.training import datasets
+    seen = []
+    real = datasets.SRImplicitDownsampled.__getitem__
+
+    def recording(self, idx):
+        if self.where == "train_dataset":
+            seen.append((self.epoch, idx))
+        return real(self, idx)
+    monkeypatch.setattr(datasets.SRImplicitDownsampled, "__getitem__", recording)
+    train(tiny_config(images, epochs=2), str(tmp_path / "run"), device="cpu", progress=False)
+    n = 16  # 2 images x repeat 8
+    for epoch in (1, 2):
+        order = [idx for e, idx in seen if e == epoch]
+        g = torch.Generator()
+        g.manual_seed(0 + epoch)  # the run's seed (the config's default, 0) plus the epoch
+        assert order == torch.randperm(n, generator=g).tolist()
+    assert [e for e, _ in seen] == [1] * n + [2] * n
+
+
+def test_epoch_val_and_epoch_save_cadence(images, tmp_path):
+    run = str(tmp_path / "run")
+    config = tiny_config(images, epochs=4)
+    config["epoch_val"], config["epoch_save"] = 2, 3
+    train(config, run, device="cpu", progress=False)
+    assert [bool(r["val_psnr"]) for r in read_log(run)] == [False, True, False, True]
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pth")) == \
+        ["epoch-3.pth", "epoch-best.pth", "epoch-last.pth"]
+
+
+class _Fixed(torch.nn.Module):
+    """A model whose normalised prediction is a function of the query coordinates."""
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def gen_feat(self, inp):
+        pass
+
+    def query_rgb(self, coord, cell):
+        return self.fn(coord)
+
+
+def test_validation_clamps_and_chunks_as_the_original():
+    """Predictions are clamped to [0, 1] before the PSNR (as the original's eval_psnr), and an
+    eval_bsize smaller than the queries gives the PSNR of one chunk."""
+    coord = torch.rand(2, 50, 2) * 2 - 1
+    gt = (coord.sum(-1, keepdim=True).expand(2, 50, 3) * 0.2 * 0.5 + 0.5)
+    batch = {"inp": torch.zeros(2, 3, 4, 4), "coord": coord, "cell": torch.zeros(2, 50, 2),
+             "gt": gt}
+    right = _Fixed(lambda c: c.sum(-1, keepdim=True).expand(*c.shape[:2], 3) * 0.2)
+    cpu = torch.device("cpu")
+    assert validate(right, [batch], cpu, "fp32", 30000) == pytest.approx(120.0)
+    assert validate(right, [batch], cpu, "fp32", 7) == pytest.approx(120.0)
+    white = dict(batch, gt=torch.ones(2, 50, 3))
+    too_bright = _Fixed(lambda c: torch.full((*c.shape[:2], 3), 3.0))  # 2.0 after denormalising
+    assert validate(too_bright, [white], cpu, "fp32", 30000) == pytest.approx(120.0)
+
+
+def test_normalise_batch_is_the_published_data_norm():
+    batch = {"inp": torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2).clone(),
+             "coord": torch.zeros(1, 3, 2), "cell": torch.zeros(1, 3, 2),
+             "gt": torch.tensor([[[0.0, 0.25, 1.0]] * 3])}
+    out = normalise_batch(batch, "cpu")
+    assert torch.equal(out["inp"][0, :, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(out["gt"][0, 0], torch.tensor([-1.0, -0.5, 1.0]))
+
+
+def test_train_step_with_a_gradient_scaler():
+    """fp16's GradScaler path of train_step (on the CPU's scaler): the step is the unscaled one, and
+    a step with non-finite gradients is skipped and halves the scale."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 3)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = copy.deepcopy(model)
+
+        def forward(self, inp, coord, cell):
+            return self.lin(coord)
+    batch = {"inp": torch.zeros(1, 3, 2, 2), "coord": torch.rand(1, 5, 2),
+             "cell": torch.zeros(1, 5, 2), "gt": torch.rand(1, 5, 3)}
+    plain, scaled = Tiny(), Tiny()
+    train_step(plain, torch.optim.SGD(plain.parameters(), lr=0.1), batch)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(scaled.parameters(), lr=0.1)
+    train_step(scaled, opt, batch, scaler=scaler)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b)
+    assert scaler.get_scale() == 1024.0
+    before = [p.detach().clone() for p in scaled.parameters()]
+    bad = dict(batch, coord=torch.full((1, 5, 2), float("inf")))  # infinite gradients
+    train_step(scaled, opt, bad, scaler=scaler)
+    assert all(torch.equal(p, b) for p, b in zip(scaled.parameters(), before))
+    assert scaler.get_scale() == 512.0
