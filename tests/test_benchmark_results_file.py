@@ -23,3 +23,29 @@ def test_same_day_runs_never_overwrite(tmp_path, monkeypatch):
     assert results_file.write_results({"run": 4}, "bench_x", explicit) == explicit
     assert results_file.write_results({"run": 5}, "bench_x", explicit) == explicit
     assert json.loads(open(explicit).read())["run"] == 5
+
+
+PROBE = """import json, sys
+sys.path.insert(0, {benchmarks!r})
+import results_file
+MIB = 2 ** 20
+print("a line before the result")
+print(json.dumps({{
+    "alone": results_file.peak_rise_bytes(lambda: len(b"x" * (64 * MIB))),
+    "after_larger_warm_up": results_file.peak_rise_bytes(
+        lambda: len(b"x" * (64 * MIB)), warm_up=lambda: len(b"x" * (256 * MIB))),
+    "nothing": results_file.peak_rise_bytes(lambda: None, warm_up=lambda: len(b"x" * (256 * MIB))),
+}}))
+"""
+
+
+def test_peak_rise_is_the_measured_calls_own(tmp_path):
+    """run_memory_probe returns the probe's last line; peak_rise_bytes counts a call's transient
+    64 MiB buffer (freed before it returns) and not the larger peak of the warm-up before it."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE.format(benchmarks=os.path.join(ROOT, "benchmarks")))
+    rise = json.loads(results_file.run_memory_probe(str(script)))
+    mib = 2 ** 20
+    assert 60 * mib < rise["alone"] < 100 * mib, rise
+    assert 60 * mib < rise["after_larger_warm_up"] < 100 * mib, rise
+    assert rise["nothing"] < 16 * mib, rise

@@ -132,3 +132,45 @@ def test_a_failed_path_says_where_its_wrong_queries_are():
     zeros[1, 64:] = 0  # queries 160..191, the last tile
     found = where_wrong(zeros, expected, 1e-3)
     assert found["first_wrong_tile"] == 5 and found["wrong_are_zero"] and found["wrong_queries"] == 32
+
+
+@pytest.mark.parametrize("path,spoil", [
+    ("bf16", "none"), ("bf16", "above-model-bound"), ("bf16", "above-tolerance"), ("bf16", "nan"),
+    ("generic-fp32", "none"), ("generic-fp32", "above-tolerance"), ("generic-fp32", "nan")])
+def test_a_forward_path_fails_outside_its_bounds(monkeypatch, path, spoil):
+    """gpu_paths.forward_path's verdict, here on the CPU: a path is right within its precision's
+    tolerance and, for a reduced precision (bf16), twice its rounding model's error; failed, with
+    the wrong queries located, for an output further from the reference than the model allows
+    (though within the tolerance), beyond the tolerance (3x, within the 10x that where_wrong
+    counts as wrong), or with a NaN. Its tolerances are the tests' own (conftest.py)."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_paths
+    finally:
+        sys.path.pop(0)
+    from conftest import PRECISION_TOLERANCE, TOLERANCE
+    assert gpu_paths.TOLERANCE == {"fp32": TOLERANCE[torch.float32],
+                                   "fp64": TOLERANCE[torch.float64], **PRECISION_TOLERANCE}
+    runner = gpu_paths.Runner("cpu", small=True, repeats=0, profile=False)
+    ok, res = gpu_paths.forward_path(runner, path)
+    assert ok and res["error_vs_reference"] <= res.get("bound", res["tolerance"]), res
+    assert res.get("bound", 0) < res["tolerance"], res
+    query = gpu_paths.liif_cuda.query
+    scale = {"above-model-bound": (res.get("bound", 0) + res["tolerance"]) / 2,
+             "above-tolerance": 3 * res["tolerance"]}.get(spoil, 0.0)
+
+    def spoilt(*args, **kwargs):
+        out = query(*args, **kwargs)
+        g = torch.Generator().manual_seed(0)
+        out = out + scale * out.norm() / out.numel() ** 0.5 * torch.randn(out.shape, generator=g)
+        if spoil == "nan":
+            out[0, 0, 0] = float("nan")
+        return out
+    monkeypatch.setattr(gpu_paths.liif_cuda, "query", spoilt)
+    ok, res = gpu_paths.forward_path(runner, path)
+    assert ok == (spoil == "none"), res
+    if spoil == "above-model-bound":
+        assert res["bound"] < res["error_vs_reference"] < res["tolerance"], res
+    if spoil == "nan":
+        assert res["nan"] == 1 and res["wrong_queries"] >= 1, res

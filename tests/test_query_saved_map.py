@@ -124,6 +124,37 @@ def test_opcheck_query_saving_map(queries, dtype):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("local_ensemble,queries,kept", [
+    (True, 5, False), (True, 6, True), (False, 20, False), (False, 21, True), (False, 6, False)])
+def test_map_kept_exactly_past_one_row_per_lr_cell(local_ensemble, queries, kept):
+    """The map is kept when (query, neighbour) rows outnumber the 4 x 5 LR cells (4 rows a query
+    with the local ensemble, 1 without) and not when they are as many: the kernel and the fake
+    (checked by opcheck) agree with saves_first_layer_map at that boundary."""
+    feat, coords, cells = random_inputs(2, 3, 4, 5, queries)
+    mlp = make_mlp(ref.imnet_in_dim(3), [8, 6], 3, torch.float32)
+    flags = dict(local_ensemble=local_ensemble, feat_unfold=True, cell_decode=True)
+    args = op_args(feat, coords, cells, mlp, flags)
+    _, first_layer_map = torch.ops.liif_cuda.query_saving_map(*args)
+    assert (first_layer_map.numel() > 0) == kept
+    assert saves_first_layer_map(feat, coords, args[3], local_ensemble, "fp32") == kept
+    torch.library.opcheck(torch.ops.liif_cuda.query_saving_map.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_on_cuda_only_the_exact_map_is_kept():
+    """On a CUDA device the map is kept for precision "fp32" alone (a reduced precision's map is not
+    the exact one the backward needs); on the CPU for every precision."""
+    feat, coords, _ = random_inputs(2, 3, 4, 5, 30)
+    w = [torch.empty(8, 27), torch.empty(3, 8)]
+    for precision in ("fp32", "tf32", "bf16", "fp16"):
+        assert saves_first_layer_map(feat, coords, w, True, precision)
+        assert saves_first_layer_map(feat.to("meta"), coords.to("meta"), w, True, precision)
+    for precision, kept in (("fp32", True), ("tf32", False), ("bf16", False), ("fp16", False)):
+        on_cuda = type("CudaTensor", (), {"shape": feat.shape,
+                                           "device": torch.device("cuda", 0)})()
+        assert saves_first_layer_map(on_cuda, coords, w, True, precision) == kept
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda m: m[:, :-1], r"first_layer_map must be \(B, H, W, width0\)"),
     (lambda m: m.double(), "first_layer_map must have feat's dtype"),
