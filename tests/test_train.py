@@ -1036,6 +1036,8 @@ def pillow_bicubic(x, h, w):
 
 
 def original_augment(x, hflip, vflip, dflip):
+    """The original wrappers' augment, restated here rather than taken from datasets.py, so that a
+    change there shows against it."""
     if hflip:
         x = x.flip(-2)
     if vflip:
