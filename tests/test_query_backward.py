@@ -100,13 +100,13 @@ def blend_noise(feat, coords, cells, mlp, grad_out, flags, dtype):
 
 def query_parts(i, blend_noise_per_query, scale_per_query):
     """Indices that split gradient i for its check: the coordinate gradient's (i == 1) queries whose
-    blend noise is below `scale_per_query` (the check's own tolerance per query), checked without
-    that noise's slack, and the others (total areas near 1e-9 on cell borders), checked with it, so
-    that a few such queries do not make the slack cover every query's gradient; other gradients
-    whole."""
+    blend noise is below `scale_per_query()` (the check's own tolerance per query, computed for the
+    coordinate gradient only), checked without that noise's slack, and the others (total areas
+    near 1e-9 on cell borders), checked with it, so that a few such queries do not make the slack
+    cover every query's gradient; other gradients whole."""
     if i != 1:
         return [...]
-    quiet = blend_noise_per_query <= scale_per_query
+    quiet = blend_noise_per_query <= scale_per_query()
     return [quiet, ~quiet]
 
 
@@ -137,7 +137,7 @@ def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
             if max(o.norm().item(), t.norm().item()) <= noise:
                 continue
             own = relative_error(t, e)
-            for part in query_parts(i, noise_coords, 1e-10 * per_query(t)):
+            for part in query_parts(i, noise_coords, lambda: 1e-10 * per_query(t)):
                 o_, t_ = o[part], t[part]
                 slack = 2 * noise_coords[part].norm().item() if i == 1 else 0
                 assert (o_ - t_).norm().item() <= (2 * own + 1e-10) * t_.norm().item() + slack, \
@@ -153,7 +153,7 @@ def assert_gradients_match(problem_inputs, flags, dtype, query=liif_cuda.query):
             continue
         if max(o.norm().item(), t.norm().item()) <= noise:
             continue
-        for part in query_parts(i, noise_coords, 1e-5 * (per_query(e) + per_query(size))):
+        for part in query_parts(i, noise_coords, lambda: 1e-5 * (per_query(e) + per_query(size))):
             o_, t_, e_, size_ = o[part], t[part], e[part], size[part]
             error = (o_.double() - e_).norm().item()
             own = (t_.double() - e_).norm().item()
