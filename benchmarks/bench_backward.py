@@ -186,7 +186,8 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--memory-probe":
         memory_probe(sys.argv[2])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default=None)

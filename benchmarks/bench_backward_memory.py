@@ -51,7 +51,8 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         probe(sys.argv[2])
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
     variants = {}

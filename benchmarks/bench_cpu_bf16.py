@@ -8,7 +8,8 @@ the query's "bf16" computes float32).
 
 Run on an otherwise idle machine:
 
-    python benchmarks/bench_cpu_bf16.py --weights ../shared/weights/edsr-baseline-liif.pth --data ../shared/data
+    python benchmarks/bench_cpu_bf16.py --weights ../shared/weights/edsr-baseline-liif.pth \
+        --data ../shared/data
 """
 
 import argparse
@@ -92,7 +93,8 @@ def set5_psnr(model, data, scales):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=os.path.join(SHARED, "weights", "edsr-baseline-liif.pth"))
     parser.add_argument("--data", default=os.path.join(SHARED, "data"))
     parser.add_argument("--scales", default="2,3,4,6,12")

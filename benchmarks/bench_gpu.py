@@ -291,7 +291,8 @@ def measure_training(device, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=DEFAULT_CASES, help="WxHxSCALE, comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, among {', '.join(VARIANTS)} (reference always runs)")

@@ -2,12 +2,13 @@
 
 Variants: the reference, the fused query in float32 ("fused") and with precision="bf16"
 ("fused-bf16": the bf16 kernels where the CPU has AVX512-BF16, float32 otherwise; the machine record
-says which). All run in this process on the same inputs (C = 64 features, the published MLP 580-256x4-3, a full
-output grid at each scale), interleaved, after a warm-up run each; the table reports the median time
-of the repeats, queries per second and the speed ratio. Peak memory is measured for each variant in
-isolation, in a fresh subprocess per (size, scale, variant): the rise of the process's peak resident
-set (VmHWM) over its resident set just before the call, so it counts everything the call allocates,
-the output included. Results go to benchmarks/results/ as JSON with the machine and versions.
+says which). All run in this process on the same inputs (C = 64 features, the published MLP
+580-256x4-3, a full output grid at each scale), interleaved, after a warm-up run each; the table
+reports the median time of the repeats, queries per second and the speed ratio. Peak memory is
+measured for each variant in isolation, in a fresh subprocess per (size, scale, variant): the rise
+of the process's peak resident set (VmHWM) over its resident set just before the call, so it counts
+everything the call allocates, the output included. Results go to benchmarks/results/ as JSON with
+the machine and versions.
 
 Run on an otherwise idle machine: a build or test run on another core distorts CPU timings.
 
@@ -117,7 +118,8 @@ def matmul_rate(repeats=5, dtype=torch.float32):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="32,64,128", help="LR sizes (square), comma-separated")
     parser.add_argument("--scales", default="2,4,8", help="upscaling factors, comma-separated")
     parser.add_argument("--variants", default=",".join(VARIANTS),
@@ -143,7 +145,7 @@ def main():
     fused = [v for v in variants if v != "reference"]
     header = f"{'LR':>8} {'scale':>5} {'queries':>9} {'ref q/s':>10}"
     for v in fused:
-        header += f" {v + ' q/s':>15} {'vs ref':>7} {'peak MiB':>9} {'rel err':>8} {'% floor':>7}"
+        header += f" {v + ' q/s':>15} {'vs ref':>7} {'peak MiB':>9} {'rel err':>8} {'% of floor':>10}"
     print(header + f" {'ref peak MiB':>12}")
     for size in [int(s) for s in args.sizes.split(",")]:
         for scale in [int(s) for s in args.scales.split(",")]:
@@ -172,9 +174,13 @@ def main():
             line = f"{size:>4}x{size:<3} {scale:>5} {queries:>9} {qps['reference']:>10.0f}"
             for v in fused:
                 line += (f" {qps[v]:>15.0f} {row['speedup'][v]:>6.2f}x {mem[v] / 2**20:>9.1f} "
-                         f"{rel_err[v]:>8.1e} {100 * row['fraction_of_floor'][v]:>6.0f}%")
+                         f"{rel_err[v]:>8.1e} {100 * row['fraction_of_floor'][v]:>9.0f}%")
             print(line + f" {mem['reference'] / 2**20:>12.1f}", flush=True)
 
+    if any(f > 1.15 for row in rows for f in row["fraction_of_floor"].values()):
+        # Well above 100%: the matmul rate (measured first, alone) was low, as on a busy machine.
+        print("note: a variant ran faster than its floor: the matmul rate above was measured "
+              "low; is another job running? (benchmark on an idle machine)")
     result = {
         **result_header("bench_query (CPU, float32 and bf16, C=64, MLP 580-256x4-3, reference "
                         "chunk 30000)", __file__, sys.argv[1:]),

@@ -4,9 +4,10 @@ the original model (python/liif_reference_models.py: reference query, torch auto
 and optimizer), on the same batches of the published recipe made by liif_cuda's data pipeline
 (48x48 LR patches at scales U(1, 4), 2304 queries each, batch 16, EDSR-baseline-LIIF, same initial
 weights). Variants: the reference in float32 and under autocast bf16; liif_cuda in float32 and with
---precision bf16 (autocast, and the query's bf16 backward; on CUDA also fp16 with a GradScaler). Interleaved, median of `--repeats` steps after a
-warm-up step each. Peak memory on the CPU: the rise of the resident set over one step, each variant in
-a fresh process; on CUDA: the peak allocated during one step above what was allocated before it.
+--precision bf16 (autocast, and the query's bf16 backward; on CUDA also fp16 with a GradScaler).
+Interleaved, median of `--repeats` steps after a warm-up step each. Peak memory on the CPU: the rise
+of the resident set over one step, each variant in a fresh process; on CUDA: the peak allocated
+during one step above what was allocated before it.
 Writes benchmarks/results/cpu_train_<date>.json with the machine (CPU flags included) and versions;
 on a GPU, benchmarks/bench_gpu.py --train-data DIR runs the same comparison (gpu_check.sh does).
 
@@ -135,17 +136,21 @@ def print_rows(rows):
         mem = row["peak_memory_bytes"]
         print(f"{name:>16} {row['median_step_s']:>8.3f} {row['iterations_per_s']:>7.3f} "
               f"{row['speedup_vs_reference']:>6.2f}x "
-              f"{mem / 2**20 if mem is not None else float('nan'):>9.0f}", flush=True)
+              f"{f'{mem / 2**20:.0f}' if mem is not None else '-':>9}", flush=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data",
                                                        "BSD68"),
                         help="a folder of training images (at least 192x192)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed steps per variant, after one warm-up step (default: 5)")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="no peak-memory measurement (it runs each variant in a new process)")
+    parser.add_argument("--out", default=None,
+                        help="the results file (default: benchmarks/results/cpu_train_DATE.json)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:

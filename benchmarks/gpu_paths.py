@@ -322,7 +322,8 @@ def large_path(r, _name):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help=f"any of {', '.join(PATHS)}")
     parser.add_argument("--list", action="store_true",
                         help="print the paths the GPU check runs and exit")

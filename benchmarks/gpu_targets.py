@@ -111,7 +111,8 @@ def report(results, case):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="a JSON file written by benchmarks/bench_gpu.py")
     parser.add_argument("--case", default="480x270x4", help="LR width x height x scale (default "
                         "480x270x4, the 1080p frame)")

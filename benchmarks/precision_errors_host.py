@@ -29,7 +29,8 @@ PRECISIONS = ["fp32", "tf32", "bf16", "fp16"]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -2,11 +2,12 @@
 EDSR-baseline-LIIF weights on Set5 under the mmedit protocol at x2, x4 and x12, decoded by the
 reference query (python/liif_reference.py) whose MLP rounds exactly where liif_cuda's tensor-core
 kernel rounds (python/liif_rounding_model.py, with the first-layer map exact, as the host harness
-computes it; a GPU may compute that map in TF32), against the same with no rounding. Issue 4 asks each
-path to stay within 0.005 dB of float32; tests/test_query_cuda_precision.py checks the kernel itself
-on a GPU. Writes benchmarks/results/precision_psnr_<date>.json.
+computes it; a GPU may compute that map in TF32), against the same with no rounding. Issue 4 asks
+each path to stay within 0.005 dB of float32; tests/test_query_cuda_precision.py checks the kernel
+itself on a GPU. Writes benchmarks/results/precision_psnr_<date>.json.
 
-    python benchmarks/precision_psnr.py --data ../shared/data --weights ../shared/weights/edsr-baseline-liif.pth
+    python benchmarks/precision_psnr.py --data ../shared/data \
+        --weights ../shared/weights/edsr-baseline-liif.pth
 """
 
 import argparse
@@ -43,7 +44,8 @@ def reference_predictor(model, imnet):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
     parser.add_argument("--weights", default=os.path.join(os.path.dirname(ROOT), "shared", "weights",
                                                           "edsr-baseline-liif.pth"))

@@ -32,7 +32,8 @@ BICUBIC = {"Set5": {2: 33.66, 3: 30.39, 4: 28.42}, "Set14": {2: 30.24, 3: 27.55,
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
     parser.add_argument("--model", default="edsr-baseline-liif")
     parser.add_argument("--device", default=None)

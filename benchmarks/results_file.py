@@ -23,13 +23,16 @@ def new_results_path(stem):
 
 
 def write_results(result, stem, out=None):
-    """Writes `result` as JSON to `out`, or to new_results_path(stem), and says where; returns the
-    path."""
-    out = out or new_results_path(stem)
+    """Writes `result` as JSON to `out`, or to new_results_path(stem), and says where (`out` as
+    given, the default path from the checkout's root); returns the path."""
+    shown = out
+    if out is None:
+        out = new_results_path(stem)
+        shown = os.path.relpath(out, ROOT)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    print(f"wrote {shown}")
     return out
 
 

@@ -12,17 +12,21 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import results_file  # noqa: E402
 
 
-def test_same_day_runs_never_overwrite(tmp_path, monkeypatch):
-    monkeypatch.setattr(results_file, "ROOT", str(tmp_path))
+def test_same_day_runs_never_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(results_file, "ROOT", str(tmp_path / "checkout"))
     day = time.strftime("%Y%m%d")
     paths = [results_file.write_results({"run": i}, "bench_x") for i in (1, 2, 3)]
-    folder = tmp_path / "benchmarks" / "results"
+    folder = tmp_path / "checkout" / "benchmarks" / "results"
     assert paths == [str(folder / f"bench_x_{day}{tail}.json") for tail in ("", "_run2", "_run3")]
     assert [json.loads(open(p).read())["run"] for p in paths] == [1, 2, 3]
     explicit = str(tmp_path / "chosen.json")  # an explicit --out is the caller's choice
     assert results_file.write_results({"run": 4}, "bench_x", explicit) == explicit
     assert results_file.write_results({"run": 5}, "bench_x", explicit) == explicit
     assert json.loads(open(explicit).read())["run"] == 5
+    # Where it wrote: the default from the checkout's root, an --out as given (not ../chosen.json).
+    assert capsys.readouterr().out.splitlines() == (
+        [f"wrote benchmarks/results/bench_x_{day}{tail}.json" for tail in ("", "_run2", "_run3")]
+        + [f"wrote {explicit}"] * 2)
 
 
 PROBE = """import json, sys

@@ -96,6 +96,28 @@ def test_rgba_to_jpeg_drops_alpha_with_a_notice(tmp_path, checkpoint, capsys):
     assert "alpha" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("precision,cpu_bf16,said", [
+    ("tf32", True, "--precision tf32 runs float32 on the CPU"),
+    ("fp16", True, "--precision fp16 runs float32 on the CPU"),
+    ("bf16", False, "--precision bf16 runs float32 on this CPU (it has no AVX512-BF16)"),
+    ("bf16", True, None),
+    ("fp32", False, None),
+])
+def test_precision_the_cpu_runs_in_float32_is_said(tmp_path, image, checkpoint, capsys,
+                                                   monkeypatch, precision, cpu_bf16, said):
+    """A reduced precision that the CPU runs in float32 takes float32's time: a notice says so, once
+    (the upscale still runs)."""
+    info = {**liif_cuda.build_info(), "cpu_bf16": cpu_bf16}
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: info)
+    assert run("upscale", image, "-o", tmp_path / "o.png", "--scale", 2, "--model", checkpoint,
+               "--device", "cpu", "--precision", precision) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "notice:" in line]
+    if said:
+        assert len(notices) == 1 and notices[0].startswith(f"notice: {said}"), notices
+    else:
+        assert notices == [], notices
+
+
 def error_of(capsys, *argv):
     status = run(*argv)
     err = capsys.readouterr().err.strip()
@@ -128,17 +150,20 @@ def test_failed_write_leaves_no_file(tmp_path, image, checkpoint, capsys, monkey
     assert f"cannot write {out} (No space left on device)" in err and ".tmp" not in err
 
 
+SCALE_MUST = "--scale must be a finite number > 0"
+
+
 @pytest.mark.parametrize("argv,match", [
     (["upscale", "{tmp}/missing.png", "-o", "{tmp}/o.png", "--scale", "2"], "does not exist"),
     (["upscale", "{tmp}", "-o", "{tmp}/o.png", "--scale", "2"], "-o names the output folder"),
     (["upscale", "{tmp}/junk.png", "-o", "{tmp}/o.png", "--scale", "2"], "cannot be read"),
     (["upscale", "{tmp}/in.bmp", "-o", "{tmp}/o.png", "--scale", "2"], "unsupported format"),
-    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "0"], "--scale must be > 0"),
-    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-2"], "--scale must be > 0"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "0"], SCALE_MUST),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-2"], SCALE_MUST),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "12by4"], "WIDTHxHEIGHT"),
     # Values starting with "-" reach the option's own check (argparse took them for options).
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "-5x"], "--size"),
-    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-1e-9"], "--scale must be > 0"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-1e-9"], SCALE_MUST),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
     (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
     (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),

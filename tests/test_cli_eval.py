@@ -242,6 +242,17 @@ def test_image_too_small_for_the_mmedit_protocol(tmp_path, capsys, no_work):
                           f"is too small: the protocol crops it to a multiple of 12 pixels")
 
 
+@pytest.mark.parametrize("content", [b"", b"not an image"])
+def test_unreadable_image_is_named(tmp_path, folder, capsys, no_work, content):
+    """As upscale's "input X cannot be read as an image", before any work."""
+    bad = os.path.join(folder, "2.png")
+    with open(bad, "wb") as f:
+        f.write(content)
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2)
+    assert status == 1 and err == (f"liif-cuda: error: {bad} cannot be read as an image (Pillow "
+                                   f"cannot identify its format)")
+
+
 @pytest.mark.parametrize("scales,message", [
     ("2,,3", "--scales has an empty item in '2,,3'"),
     ("2,", "--scales has an empty item in '2,'"),

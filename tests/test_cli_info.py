@@ -115,8 +115,8 @@ def test_format_bytes(n, text):
     ("1e6", "a 14000000x10000000 output needs about 4.97 PiB, more than the", 1),
     ("1e300", "an output of 1.4e+602 pixels needs about 5.6e+603 bytes", 1),
     ("1.7e308", "gives an output too large for any machine", 1),
-    ("inf", "--scale must be a finite number", 2),
-    ("nan", "--scale must be > 0", 2),
+    ("inf", "--scale must be a finite number > 0, got inf", 2),
+    ("nan", "--scale must be a finite number > 0, got nan", 2),
 ])
 def test_huge_scales_are_one_clean_line(tmp_path, image, checkpoint, capsys, scale, match, status):
     got, err = error_of(capsys, "upscale", image, "-o", tmp_path / "o.png", "--scale", scale,

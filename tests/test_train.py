@@ -929,6 +929,11 @@ def test_liif_cuda_train_command(images, tmp_path, capsys):
     assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "z"),
                      "--workers", "-1"]) == 2  # a usage error, as in the other commands
     assert "--workers must be >= 0" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "u"),
+                     "--device", "cpu", "--precision", "fp16"]) == 2  # usage, as in upscale
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision fp16 needs CUDA" in err[0]
+    assert not (tmp_path / "u").exists()
     if not torch.cuda.is_available():
         assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "v"),
                          "--device", "cuda"]) == 2

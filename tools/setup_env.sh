@@ -65,7 +65,7 @@ fi
 run .venv/bin/python -m pip install --upgrade pip
 phase "venv ready (.venv, $(.venv/bin/python --version))"
 
-run .venv/bin/python -m pip install "$TORCH_SPEC" numpy ninja pybind11 setuptools wheel \
+run .venv/bin/python -m pip install "$TORCH_SPEC" numpy ninja pybind11 "setuptools>=77" wheel \
   Pillow tqdm PyYAML scikit-image pytest hypothesis
 phase "torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') installed, with the build and test tools"
 

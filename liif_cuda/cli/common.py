@@ -70,9 +70,21 @@ def model_errors():
     return (ModelNotFound, CheckpointError, WeightsNotFound)
 
 
-def check_encoder_precision(args, device):
+def check_precisions(args, device):
+    """--encoder-precision fp16 without CUDA is refused; a --precision that the CPU runs in float32
+    (the operator's documented fallback) is said, since it looks like a reduced precision but
+    takes float32's time."""
     if args.encoder_precision == "fp16" and not device.startswith("cuda"):
         raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
+    if device != "cpu":
+        return
+    if args.precision in ("tf32", "fp16"):
+        notice(f"--precision {args.precision} runs float32 on the CPU (tf32 and fp16 are CUDA "
+               f"tensor-core precisions; the CPU's reduced precision is bf16)")
+    elif args.precision == "bf16":
+        from .. import build_info
+        if not build_info()["cpu_bf16"]:
+            notice("--precision bf16 runs float32 on this CPU (it has no AVX512-BF16)")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -6,7 +6,7 @@ import sys
 
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
                      CliError, HelpFormatter, cannot_write_into, check_cuda_requested,
-                     check_encoder_precision, model_errors)
+                     check_precisions, model_errors)
 
 # liif_cuda.evaluation.protocols.PROTOCOLS, with one line each from that module's docstring.
 PROTOCOL_HELP = (
@@ -67,7 +67,7 @@ def eval_command(args):
     check_cuda_requested(args.device)
     if args.model != "bicubic":
         from ..upscaling import default_device
-        check_encoder_precision(args, args.device or default_device())
+        check_precisions(args, args.device or default_device())
     for folder in args.data:
         if not os.path.isdir(folder):
             raise CliError(f"--data {folder} is not a folder")
@@ -126,7 +126,8 @@ def add_eval_parser(sub):
                          "scale)")
     ev.add_argument("--div2k", action="store_true", help="paper protocol: RGB, shave scale + 6")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: CUDA when available, else CPU")
+                    help="default: CUDA when available, else CPU; cuda is the first visible GPU "
+                         "(choose it with CUDA_VISIBLE_DEVICES)")
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     ev.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
                     help=ENCODER_PRECISION_HELP)

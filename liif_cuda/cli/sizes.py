@@ -52,10 +52,8 @@ def parse_size(text):
 def check_scale(scale):
     if scale is None:
         return
-    if not scale > 0:
-        raise CliError(f"--scale must be > 0, got {scale:g}", 2)
-    if scale == float("inf"):
-        raise CliError(f"--scale must be a finite number, got {scale}", 2)
+    if not 0 < scale < float("inf"):  # nan fails both comparisons
+        raise CliError(f"--scale must be a finite number > 0, got {scale:g}", 2)
 
 
 def available_memory():

@@ -9,7 +9,7 @@ import time
 
 from ..upscaling import fit_size, keeps_aspect
 from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
-                     CliError, HelpFormatter, check_cuda_requested, check_encoder_precision,
+                     CliError, HelpFormatter, check_cuda_requested, check_precisions,
                      check_writable_folder, model_errors, notice, say)
 from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
                           write_image)
@@ -118,7 +118,7 @@ def upscale_single(args, scale, size, local_rank):
         raise CliError(f"output folder {out_dir} does not exist")
     check_writable_folder(out_dir)
     device = upscale_device(args.device, local_rank)
-    check_encoder_precision(args, device)
+    check_precisions(args, device)
     image = read_image(source)
     out_w, out_h = plan_output(source, image.width, image.height, scale, size)
     model = load_upscaling_model(args.model, device)
@@ -267,7 +267,7 @@ def upscale_batch(args, scale, size, rank, world, local_rank):
     out_dir = args.output
     check_output_folder(out_dir)
     device = upscale_device(args.device, local_rank)
-    check_encoder_precision(args, device)
+    check_precisions(args, device)
     jobs = collect_jobs(args, out_dir)
     make_output_folder(out_dir)  # only once the inputs are known to be good
     mine = jobs[rank::world]   # file i of the sorted list goes to rank i % world_size
@@ -385,7 +385,8 @@ def add_upscale_parser(sub):
     up.add_argument("--format", choices=["png", "jpg", "tif", "webp"], default=None,
                     help="format of the outputs with several inputs (default: the input's)")
     up.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: CUDA when available, else CPU; cuda:LOCAL_RANK under torchrun")
+                    help="default: CUDA when available, else CPU; cuda is the first visible GPU "
+                         "(choose it with CUDA_VISIBLE_DEVICES); under torchrun cuda:LOCAL_RANK")
     up.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     up.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
                     help=ENCODER_PRECISION_HELP)

@@ -27,9 +27,15 @@ def list_images(folder):
 def image_size(path):
     """(h, w) of an image file, from its header. An image of more than 8 bits per channel (16-bit
     PNG; Pillow's I and F modes) is refused (ValueError): the protocols score 8-bit RGB, and
-    Pillow would clip 16-bit grayscale to 255 and drop 16-bit colour's low byte."""
-    from PIL import Image
-    with Image.open(path) as im:
+    Pillow would clip 16-bit grayscale to 255 and drop 16-bit colour's low byte. A file that Pillow
+    cannot identify (empty, truncated, another format under .png) is a ValueError naming it."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} cannot be read as an image (Pillow cannot identify its "
+                         f"format)") from None
+    with im:
         if wider_than_8_bits(im, path):
             raise ValueError(f"{path} is a 16-bit (or wider) image, which 8-bit scoring would clip "
                              f"or truncate; convert it to 8 bits")

@@ -21,7 +21,8 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     tr.add_argument("--init", default=None,
                     help="start from a pretrained model: a name (edsr-baseline-liif) or a checkpoint")
     tr.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: CUDA when available, else CPU")
+                    help="default: CUDA when available, else CPU; cuda is the first visible GPU "
+                         "(choose it with CUDA_VISIBLE_DEVICES); under torchrun cuda:LOCAL_RANK")
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="fp32; bf16 (autocast, CPU or CUDA); fp16 (CUDA autocast + GradScaler)")
     tr.add_argument("--workers", type=int, default=None,
@@ -38,6 +39,11 @@ def train_command(args):
     if args.workers is not None and args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}", 2)
     check_cuda_requested(args.device)
+    if args.precision == "fp16":
+        from ..upscaling import default_device
+        if (args.device or default_device()) != "cuda":
+            raise CliError("--precision fp16 needs CUDA (GradScaler); on the CPU use --precision "
+                           "bf16", 2)
     config = load_config(args.config)
     try:
         path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,
