@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import relative_error
 from helpers import border_coords, build, make_mlp, query_problems, random_inputs
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import cuda_harness
@@ -201,10 +201,21 @@ def test_gradients_published_mlp(dtype, case):
 # operator, None from autograd), and what is asked for equals the full computation's.
 
 NEEDS = st.lists(st.booleans(), min_size=3 + 2 * 3, max_size=3 + 2 * 3)
+# Each of the gradients that need layer 0's output gradient, alone: feat's, the coordinates', the
+# cells', layer 0's weight's and bias's (each must make the backward go down to layer 0).
+LAYER0_ALONE = [[i == j for i in range(9)] for j in (0, 1, 2, 3, 6)]
+
+
+def with_layer0_alone(test):
+    """`test(needs, cell_decode)` with an explicit example for each of LAYER0_ALONE."""
+    for needs in LAYER0_ALONE:
+        test = example(needs, True)(test)
+    return test
 
 
 @settings(max_examples=40)
 @given(NEEDS, st.booleans())
+@with_layer0_alone
 def test_any_subset_of_gradients(needs, cell_decode):
     feat, coords, cells = random_inputs(2, 3, 5, 4, 90, seed=1, dtype=torch.float64, spread=1.1)
     cells = cells if cell_decode else None
@@ -223,42 +234,49 @@ def test_any_subset_of_gradients(needs, cell_decode):
             assert s.numel() == 0, i
 
 
+@pytest.mark.parametrize("local_ensemble,feat_unfold,cell_decode", [
+    (True, True, True), (False, True, False), (True, False, True)])
 @pytest.mark.parametrize("chunk_bytes", [1, None])
-def test_recompute_backward_equals_the_fused_kernel(monkeypatch, chunk_bytes):
+def test_recompute_backward_equals_the_fused_kernel(monkeypatch, chunk_bytes, local_ensemble,
+                                                    feat_unfold, cell_decode):
     """The recompute backward in torch operations (the CUDA backward for now) against the CPU's fused
-    kernel, in float64: in one chunk and in chunks of a single query per batch element."""
+    kernel, in float64: in one chunk and in chunks of a single query per batch element; with and
+    without each flag (the cells given, and unused, without cell_decode)."""
     from liif_cuda import _backward
     if chunk_bytes is not None:
         monkeypatch.setattr(_backward, "CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(_backward, "MIN_CHUNK_QUERIES", 1)
     feat, coords, cells = random_inputs(2, 3, 5, 4, 40, seed=4, dtype=torch.float64, spread=1.2)
     coords[0, 3] = float("nan")
-    mlp = make_mlp(ref.imnet_in_dim(3), [16, 12], 2, torch.float64)
+    mlp = make_mlp(ref.imnet_in_dim(3, feat_unfold, cell_decode), [16, 12], 2, torch.float64)
     w, b = (list(x.detach() for x in p) for p in liif_cuda.mlp_parameters(mlp))
     grad_out = torch.randn(2, 40, 2, dtype=torch.float64)
-    args = (grad_out, feat, coords, cells, w, b, True, True, True, [True] * 9)
+    args = (grad_out, feat, coords, cells, w, b, local_ensemble, feat_unfold, cell_decode,
+            [True] * 9)
     fused = torch.ops.liif_cuda.query_backward(*args)
     recomputed = _backward.recompute_backward(*args)
     for i, (f, r) in enumerate(zip(fused, recomputed)):
         torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12, equal_nan=True, msg=str(i))
 
 
+@pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("where", ["cpu kernel", "cuda backward on the host"])
-def test_nan_activation_passes_its_gradient_as_in_torch(where):
-    """A NaN activation (here: a hidden unit whose bias is NaN) passes its gradient through the
-    ReLU, as torch's threshold_backward does in the reference's autograd (`a <= 0` stops it, NaN
-    does not): the first hidden layer's weight gradient is finite and equal to the reference's,
-    NaN where the reference's is."""
+def test_nan_activation_passes_its_gradient_as_in_torch(where, layer):
+    """A NaN activation (here: unit 5 of `layer`, whose bias is NaN: layer 0, whose ReLU the CUDA
+    backward's first-layer kernel applies, or the first hidden layer, whose ReLU is torch's)
+    passes its gradient through the ReLU, as torch's threshold_backward does in the reference's
+    autograd (`a <= 0` stops it, NaN does not): that layer's weight gradient is finite and equal
+    to the reference's, NaN where the reference's is."""
     feat, coords, cells = random_inputs(1, 3, 5, 6, 30, seed=4, dtype=torch.float64)
     mlp = make_mlp(ref.imnet_in_dim(3), [16, 16, 16], 3, torch.float64)
     with torch.no_grad():
-        mlp.layers[2].bias[5] = float("nan")  # layer 1's unit 5
+        mlp.layers[2 * layer].bias[5] = float("nan")  # the Linear layers are every other module
     grad_out = torch.randn(1, 30, 3, dtype=torch.float64)
     query = liif_cuda.query if where == "cpu kernel" else cuda_harness.query_with_backward
     ours = grads(query, feat, coords, cells, mlp, grad_out, {})
     theirs = grads(ref.query_rgb, feat, coords, cells, mlp, grad_out, {})
-    weight1 = 4  # [feat, coords, cells, weight0, weight1, ...]
-    assert torch.isfinite(theirs[weight1][5]).all() and theirs[weight1][5].abs().sum() > 0
+    weight = 3 + layer  # [feat, coords, cells, weight0, weight1, ...]
+    assert torch.isfinite(theirs[weight][5]).all() and theirs[weight][5].abs().sum() > 0
     for o, t in zip(ours[3:], theirs[3:]):
         assert torch.equal(o.isnan(), t.isnan())
         assert torch.allclose(o, t, rtol=1e-10, atol=1e-12, equal_nan=True)
@@ -322,12 +340,14 @@ def test_double_backward_is_a_clear_error():
         grad.sum().backward()
 
 
-def test_opcheck_backward_operator():
+@pytest.mark.parametrize("needs", [[True] * 9, [False, True, False] + [True, False, False] * 2])
+def test_opcheck_backward_operator(needs):
+    """Every gradient, and some (the fake's empty tensors where none is asked for)."""
     feat, coords, cells = random_inputs(2, 3, 4, 5, 9)
     mlp = make_mlp(31, [8, 6], 3, torch.float32)
     w, b = liif_cuda.mlp_parameters(mlp)
     args = (torch.randn(2, 9, 3), feat, coords, cells, [x.detach() for x in w],
-            [x.detach() for x in b], True, True, True, [True] * 9)
+            [x.detach() for x in b], True, True, True, needs)
     torch.library.opcheck(torch.ops.liif_cuda.query_backward.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -5,9 +5,11 @@ of the reference's own autograd under torch.autocast bf16 (the error PyTorch use
 train in bf16), and must be visible (the mode really ran) where the CPU has bf16 products; the
 choice of mode, the fallback and the errors."""
 
+import copy
+
 import pytest
 import torch
-from conftest import CUDA_SKIP_REASON, relative_error
+from conftest import CUDA_SKIP_REASON, TOLERANCE, relative_error
 from helpers import border_coords, build, make_mlp, query_problems, random_inputs
 from hypothesis import given
 from hypothesis import strategies as st
@@ -156,11 +158,52 @@ def test_without_bf16_products_it_is_the_exact_backward(float32_fallback):
     assert all(torch.equal(a, e) for a, e in zip(bf16, exact))
 
 
-def test_two_layer_mlp_is_exact():
+@pytest.mark.parametrize("where", ["cpu kernel", "cuda backward on the host"])
+def test_two_layer_mlp_is_exact(where):
+    """No layer between hidden layers: nothing is rounded, not even layer 0's output."""
     feat, coords, cells, mlp, grad_out = problem(queries=60, hidden=(32,))
-    exact = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out)
-    bf16 = gradients(liif_cuda.query, feat, coords, cells, mlp, grad_out, backward_precision="bf16")
+    query = liif_cuda.query if where == "cpu kernel" else cuda_harness.query_with_backward
+    exact = gradients(query, feat, coords, cells, mlp, grad_out)
+    bf16 = gradients(query, feat, coords, cells, mlp, grad_out, backward_precision="bf16")
     assert all(torch.equal(a, e) for a, e in zip(bf16, exact))
+
+
+def test_output_gradient_rounded_where_the_mode_says():
+    """The CUDA backward on the host, where its only rounding is that of the output gradient of
+    the layer between hidden layers: every value of the forward is a small integer (exact in
+    bf16), one neighbour per query (blend weight 1) and a last layer of one output whose weights
+    are powers of two, so that the layer's output gradient rounded to bf16 is that of grad_out
+    rounded to bf16. The gradients of that layer's weight and of what lies below it (layer 0's
+    parameters, feat's) are then the exact ones (the reference's, float64) for grad_out rounded to
+    bf16, those of its bias and of the last layer the exact ones for grad_out itself."""
+    g = torch.Generator().manual_seed(4)
+    flags = dict(local_ensemble=False, feat_unfold=False)  # and no cells: cell_decode=False
+    feat = torch.randint(-2, 3, (2, 3, 4, 5), generator=g).float()
+    coords = torch.rand(2, 30, 2, generator=g) * 2 - 1
+    mlp = make_mlp(ref.imnet_in_dim(3, False, False), [6, 5], 1, torch.float32)
+    first, hidden, last = [m for m in mlp.layers if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer in (first, hidden):
+            layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape, generator=g))
+            layer.bias.copy_(torch.randint(-1, 3, layer.bias.shape, generator=g))
+        first.weight[:, 3:] = 0  # the relative coordinates' columns: integers stay integers
+        powers = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])
+        last.weight.copy_(powers[torch.randint(0, 6, last.weight.shape, generator=g)])
+    grad_out = torch.randn(2, 30, 1, generator=g)
+    rounded = grad_out.bfloat16().float()
+    assert not torch.equal(rounded, grad_out)
+    ours = gradients(cuda_harness.query_with_backward, feat, coords, None, mlp, grad_out,
+                     backward_precision="bf16", **flags)
+    mlp64 = copy.deepcopy(mlp).double()
+    exact = [gradients(ref.query_rgb, feat.double(), coords.double(), None, mlp64, go.double(),
+                       **flags) for go in (grad_out, rounded)]
+    # [feat, coords, weight 0, 1, 2, bias 0, 1, 2]: which grad_out each one sees. The coordinates'
+    # is zero (the blend weight of one neighbour is 1 and the relative coordinates' columns are
+    # zero), up to float32 noise: left out.
+    sees_rounded = [True, None, True, True, False, True, False, False]
+    for i, (o, r) in enumerate(zip(ours, sees_rounded)):
+        if r is not None:
+            assert relative_error(o.double(), exact[r][i]) <= TOLERANCE[torch.float32], i
 
 
 @pytest.mark.parametrize("needs", [[True, False, False] + [False, False, True, False] * 2,

@@ -8,8 +8,8 @@ same operator there."""
 import pytest
 import torch
 from helpers import build, make_mlp, query_problems, random_inputs
-from hypothesis import given, settings
-from test_query_backward import (NEEDS, PUBLISHED_FLAGS, assert_gradients_match,
+from hypothesis import example, given, settings
+from test_query_backward import (LAYER0_ALONE, NEEDS, PUBLISHED_FLAGS, assert_gradients_match,
                                  published_mlp_problem)
 
 import cuda_harness
@@ -80,9 +80,40 @@ def test_non_finite_coordinates_as_the_cpu_kernel(value, local_ensemble):
     assert (ours[2][1, 0] == 0).all()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("local_ensemble", [True, False])
+def test_output_gradient_of_an_undecoded_query_is_ignored(value, local_ensemble):
+    """A loss of a query's NaN output (its coordinate is not finite) may hand back a NaN or
+    infinite output gradient for it (a squared error's, say): the query still contributes nothing,
+    the gradients are those of a zero output gradient there, as on the CPU kernel (float64)."""
+    grad_out, feat, coords, cells, w, b = small_problem()
+    coords[1, 0, 0] = float("nan")
+    coords[0, 5, 1] = float("inf")
+    needs = [True] * 9
+    grad_out[1, 0] = grad_out[0, 5] = 0.0
+    zero = cuda_harness.backward(grad_out, feat, coords, cells, w, b, needs,
+                                 local_ensemble=local_ensemble)
+    grad_out[1, 0] = grad_out[0, 5] = value
+    args = (grad_out, feat, coords, cells, w, b)
+    ours = cuda_harness.backward(*args, needs, local_ensemble=local_ensemble)
+    cpu = torch.ops.liif_cuda.query_backward(*args, local_ensemble, True, True, needs)
+    for i, (o, z, c) in enumerate(zip(ours, zero, cpu)):
+        assert torch.equal(o.isnan(), z.isnan()), i
+        torch.testing.assert_close(o, z, rtol=0, atol=0, equal_nan=True, msg=str(i))
+        torch.testing.assert_close(o, c, rtol=1e-10, atol=1e-12, equal_nan=True, msg=str(i))
+
+
+def with_layer0_alone(test):
+    """`test` with an explicit example for each of LAYER0_ALONE (needs asked by keyword)."""
+    for needs in LAYER0_ALONE:
+        test = example(needs=needs)(test)
+    return test
+
+
 @settings(max_examples=30)
 @pytest.mark.parametrize("cell_decode", [True, False])
 @given(needs=NEEDS)
+@with_layer0_alone
 def test_any_subset_of_gradients(cell_decode, needs):
     """What is not asked for comes back empty, what is asked for equals the full computation's."""
     grad_out, feat, coords, cells, w, b = small_problem(cell_decode)

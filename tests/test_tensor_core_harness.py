@@ -134,6 +134,32 @@ def test_kernel_choice_and_fallback(hidden, out_dim, shared, path):
     assert relative_error(out, reference(feat, coords, cells, mlp)) <= bound
 
 
+@pytest.mark.parametrize("kernel,fallback", [("mma", TENSOR_CORE), ("wgmma", MMA),
+                                             ("wgmma_ws", MMA)])
+def test_tensor_core_kernels_exactly_where_their_blocks_fit(kernel, fallback):
+    """bf16: the 128-row kernels run exactly where their blocks fit the device's limit, and a
+    byte less runs the next kernel that does (the mma.sync kernel, else WMMA). Their blocks
+    (csrc/cuda/liif_query_launch.h): 128 rows of 256 bf16 layer-0 activations padded by 16 bytes,
+    or for the warp-specialised kernel two tiles' operands of 128 x 256 bf16 unpadded; a ring of
+    4 chunks of 256 x 80 bytes (mma.sync), 6 (wgmma) or 5 (wgmma_ws) of 256 x 64; and the float32
+    geometry of 128 rows and 32 queries (twice, for the warp-specialised kernel's two tiles)."""
+    rows, queries = 128, 32
+    geometry = rows * (3 * 4 + 4) + queries * (2 * 4 + 4)
+    act, ring, tiles = {"mma": (rows * (256 * 2 + 16), 4 * 256 * 80, 1),
+                        "wgmma": (rows * (256 * 2 + 16), 6 * 256 * 64, 1),
+                        "wgmma_ws": (2 * rows * 256 * 2, 5 * 256 * 64, 2)}[kernel]
+    fits = act + ring + tiles * geometry
+    feat, coords, cells = random_inputs(1, 4, 5, 6, 8, seed=5)
+    mlp = make_mlp(ref.imnet_in_dim(4), [256, 256], 3, torch.float32)
+    path = {"mma": MMA, "wgmma": WGMMA, "wgmma_ws": WGMMA_WS}[kernel]
+    exact, bound = rounding_model_bound(feat, coords, cells, mlp, "bf16", FLAGS)
+    for shared, expected in ((fits, path), (fits - 1, fallback)):
+        out, used = run(feat, coords, cells, mlp, shared, precision="bf16",
+                        tensor_core_kernel=kernel)
+        assert used == expected, shared
+        assert relative_error(out, exact) <= bound
+
+
 def test_reduced_precision_needs_float32():
     feat, coords, cells = random_inputs(1, 2, 3, 3, 4, seed=5, dtype=torch.float64)
     mlp = make_mlp(ref.imnet_in_dim(2), [256], 3, torch.float64)
