@@ -34,7 +34,7 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
 def train_command(args):
     from ..cli.common import CliError, check_cuda_requested
     from .config import load_config
-    from .trainer import train
+    from .trainer import FP16_NEEDS_CUDA, train
     # Usage errors (status 2), as in the other commands.
     if args.workers is not None and args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}", 2)
@@ -42,8 +42,7 @@ def train_command(args):
     if args.precision == "fp16":
         from ..upscaling import default_device
         if (args.device or default_device()) != "cuda":
-            raise CliError("--precision fp16 needs CUDA (GradScaler); on the CPU use --precision "
-                           "bf16", 2)
+            raise CliError(FP16_NEEDS_CUDA, 2)
     config = load_config(args.config)
     try:
         path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,

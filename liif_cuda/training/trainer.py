@@ -31,6 +31,10 @@ RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (blocks, layers per block,
 BAR_LOSS_EVERY = 20  # steps between the progress bar's loss readings
 
 
+# Refused before any work, by train() and (as a usage error) by `liif-cuda train`.
+FP16_NEEDS_CUDA = "--precision fp16 needs CUDA (GradScaler); on the CPU use --precision bf16"
+
+
 # -- the model and the optimisation ------------------------------------------------------------
 
 def normalisation_of(config):
@@ -362,8 +366,7 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA (GradScaler); on the CPU use --precision "
-                         "bf16")
+        raise ValueError(FP16_NEEDS_CUDA)
     check_config(config)  # a config built in Python, not by load_config, is checked all the same
     if "eval_type" in config:
         raise ConfigError("eval_type: liif-cuda train validates on val_dataset's samples as the "
