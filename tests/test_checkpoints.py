@@ -180,7 +180,9 @@ def test_rdn_layouts_load_to_the_same_outputs(tmp_path, make):
     model = small_model("rdn")
     loaded = liif_cuda.load_model(save(tmp_path, make(model)))
     assert isinstance(loaded.encoder, RDN)
-    assert loaded.normalisation in ("original", "mmedit-rdn")
+    # Both are (x - 0.5) / 0.5; the name says whose (an RDN config's 0.5 / 0.5 is mmediting's).
+    assert loaded.normalisation == ("original" if loaded.layout == "original LIIF" else
+                                    "mmedit-rdn")
     assert torch.equal(run(loaded), run(model))
 
 
@@ -253,6 +255,56 @@ def test_normalisation_from_data_preprocessor_buffers(tmp_path):
     with pytest.warns(UserWarning, match="loading it with local_ensemble=True, as the published"):
         loaded = liif_cuda.load_model(save(tmp_path, ck))
     assert loaded.normalisation == "original" and torch.equal(run(loaded), run(model))
+
+
+def test_config_and_data_preprocessor_buffers_that_differ(tmp_path):
+    """Where the config states the normalisation, it is the config's: buffers in the state dict
+    (mmengine does not save its own) only stand in for a config that does not say."""
+    ck = mmagic_checkpoint(small_model())
+    ck["state_dict"]["data_preprocessor.mean"] = torch.full((3, 1, 1), 127.5)
+    ck["state_dict"]["data_preprocessor.std"] = torch.full((3, 1, 1), 127.5)
+    assert liif_cuda.load_model(save(tmp_path, ck)).normalisation == "mmedit-edsr"
+
+
+def test_original_args_that_contradict_the_weights(tmp_path):
+    """The original format's args are checked against the weights they come with."""
+    ck = original_checkpoint(small_model())
+    ck["model"]["args"]["imnet_spec"]["args"]["hidden_list"] = [32, 32]
+    with pytest.raises(CheckpointError, match=r"args say hidden_list \[32, 32\], the weights have "
+                                              r"\[16, 16\]"):
+        liif_cuda.load_model(save(tmp_path, ck))
+    ck = original_checkpoint(small_model())
+    ck["model"]["args"]["feat_unfold"] = False
+    with pytest.raises(CheckpointError, match=r"its args say feat_unfold=False, but its MLP's 76 "
+                                              r"inputs are those of feat_unfold=True"):
+        liif_cuda.load_model(save(tmp_path, ck))
+
+
+def test_original_args_give_the_local_ensemble(tmp_path):
+    model = small_model(local_ensemble=False)
+    ck = original_checkpoint(model)
+    ck["model"]["args"]["local_ensemble"] = False
+    loaded = liif_cuda.load_model(save(tmp_path, ck))
+    assert loaded.local_ensemble is False and torch.equal(run(loaded), run(model))
+
+
+@pytest.mark.parametrize("make,key,match", [
+    (mmedit_checkpoint, "generator.upsampler.0.weight",
+     "mmediting 0.x from July 2021 layout but has the unexpected key 'upsampler.0.weight'"),
+    (lambda m: mmedit_checkpoint(m, old=True), "upsampler.0.weight",
+     "mmediting 0.x before July 2021 layout but has the unexpected key 'upsampler.0.weight'"),
+    (lambda m: {k[len("generator."):]: v for k, v in mm_state(m).items()}, "tail.weight",
+     "mmediting / mmagic LIIF net layout but has the unexpected key 'tail.weight'"),
+    (mmagic_checkpoint, "discriminator.conv.weight",
+     r"mmagic 1.x layout but has keys outside 'generator.': \['discriminator.conv.weight'\]"),
+], ids=["mmedit-new", "mmedit-old", "mm-net", "mmagic"])
+def test_unknown_key_of_an_mm_layout_names_layout_and_key(tmp_path, make, key, match):
+    """Each key of an mmediting / mmagic state dict must have its place in the model: one that
+    has none (an upsampler, a discriminator) is an error naming it as the file does."""
+    ck = make(small_model())
+    (ck.get("state_dict", ck))[key] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=match):
+        liif_cuda.load_model(save(tmp_path, ck))
 
 
 def test_config_that_contradicts_the_weights_or_itself(tmp_path):

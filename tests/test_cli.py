@@ -166,6 +166,8 @@ SCALE_MUST = "--scale must be a finite number > 0"
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-1e-9"], SCALE_MUST),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
     (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
+    (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--format", "jpg"],
+     "--format is for several inputs"),
     (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),
     # Found before the work: /proc takes no new file, not even root's.
     (["upscale", "{img}", "-o", "/proc/o.png", "--scale", "2"],

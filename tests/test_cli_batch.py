@@ -314,6 +314,8 @@ def test_proportional_rounding():
     assert cli.fit_size((None, 3), 2, 4) == (2, 3)            # 1.5: halves up
     assert cli.fit_size((1, None), 1000, 1) == (1, 1)         # at least 1
     assert cli.keeps_aspect(21, 15, 14, 10) and not cli.keeps_aspect(21, 16, 14, 10)
+    # One side rounded from the other is enough: 5x of 10x3 is 5x2 (1.5 up), though x2 is 7x2.
+    assert cli.keeps_aspect(5, 2, 10, 3) and cli.fit_size((None, 2), 10, 3) == (7, 2)
 
 
 @pytest.mark.parametrize("size", ["x", "12x4x3", "axb", "0x", "x0", "0x0", "12", "1.5x2", ""])

@@ -17,8 +17,10 @@ from liif_cuda.models import LIIF, RDN, EDSRBaseline
 
 
 def copy_into_reference(model, encoder="edsr", hidden=(16,)):
+    """The original code's model with the model's weights and its three flags."""
+    flags = {k: getattr(model, k) for k in ("local_ensemble", "feat_unfold", "cell_decode")}
     reference = refm.LIIF(refm.EDSR(n_resblocks=2, n_feats=8) if encoder == "edsr"
-                          else refm.RDN(G0=8, D=2, C=2, G=4), hidden_list=list(hidden))
+                          else refm.RDN(G0=8, D=2, C=2, G=4), hidden_list=list(hidden), **flags)
     missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all("_mean" in k for k in missing)
     return reference.eval()
@@ -36,6 +38,22 @@ def test_encoders_and_model_match_reference(encoder):
     cell = torch.full((2, 77, 2), 0.03)
     with torch.no_grad():
         assert torch.equal(model.encoder(inp), reference.encoder(inp))
+        assert relative_error(model(inp, coord, cell), reference(inp, coord, cell)) <= 1e-5
+
+
+@pytest.mark.parametrize("flags", [
+    dict(local_ensemble=False), dict(feat_unfold=False), dict(cell_decode=False),
+    dict(local_ensemble=False, feat_unfold=False, cell_decode=False)])
+def test_model_without_an_option_matches_reference(flags):
+    """A model built without the local ensemble, the unfold or the cell: forward (query_rgb) as
+    the original code's model built so."""
+    torch.manual_seed(5)
+    model = LIIF(EDSRBaseline(n_resblocks=2, n_feats=8), hidden_list=[16], **flags).eval()
+    reference = copy_into_reference(model)
+    inp = torch.rand(1, 3, 8, 9)
+    coord = torch.rand(1, 60, 2) * 2 - 1
+    cell = torch.full((1, 60, 2), 0.1)
+    with torch.no_grad():
         assert relative_error(model(inp, coord, cell), reference(inp, coord, cell)) <= 1e-5
 
 

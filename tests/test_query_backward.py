@@ -234,19 +234,24 @@ def test_any_subset_of_gradients(needs, cell_decode):
             assert s.numel() == 0, i
 
 
+@pytest.mark.parametrize("placement", ["uniform", "borders"])
 @pytest.mark.parametrize("local_ensemble,feat_unfold,cell_decode", [
     (True, True, True), (False, True, False), (True, False, True)])
 @pytest.mark.parametrize("chunk_bytes", [1, None])
 def test_recompute_backward_equals_the_fused_kernel(monkeypatch, chunk_bytes, local_ensemble,
-                                                    feat_unfold, cell_decode):
+                                                    feat_unfold, cell_decode, placement):
     """The recompute backward in torch operations (the CUDA backward for now) against the CPU's fused
     kernel, in float64: in one chunk and in chunks of a single query per batch element; with and
-    without each flag (the cells given, and unused, without cell_decode)."""
+    without each flag (the cells given, and unused, without cell_decode); anywhere, and on the cell
+    edges the ensemble's shifts land on (where its cells are the kernel's only if its geometry is
+    the kernel's to the last constant)."""
     from liif_cuda import _backward
     if chunk_bytes is not None:
         monkeypatch.setattr(_backward, "CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(_backward, "MIN_CHUNK_QUERIES", 1)
     feat, coords, cells = random_inputs(2, 3, 5, 4, 40, seed=4, dtype=torch.float64, spread=1.2)
+    if placement == "borders":
+        coords = border_coords(5, 4, 2, 40, torch.Generator().manual_seed(5), torch.float64)
     coords[0, 3] = float("nan")
     mlp = make_mlp(ref.imnet_in_dim(3, feat_unfold, cell_decode), [16, 12], 2, torch.float64)
     w, b = (list(x.detach() for x in p) for p in liif_cuda.mlp_parameters(mlp))
@@ -256,6 +261,11 @@ def test_recompute_backward_equals_the_fused_kernel(monkeypatch, chunk_bytes, lo
     fused = torch.ops.liif_cuda.query_backward(*args)
     recomputed = _backward.recompute_backward(*args)
     for i, (f, r) in enumerate(zip(fused, recomputed)):
+        if placement == "borders" and i == 1:
+            # Next to a cell's centre or edge a coordinate's gradient sums terms of 1e5 and more
+            # (the blend's derivative where an area is near 0) to values near 1: equal to float64's
+            # rounding of those terms only (test_gradients_published_mlp bounds it).
+            continue
         torch.testing.assert_close(r, f, rtol=1e-10, atol=1e-12, equal_nan=True, msg=str(i))
 
 

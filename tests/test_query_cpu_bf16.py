@@ -157,6 +157,26 @@ def test_upscale_encoder_in_bf16():
     assert 0 < relative(out, exact) <= 2e-2
 
 
+def test_upscale_encoder_in_bf16_gives_bf16_features(monkeypatch):
+    """The encoder's features reach the query rounded to bf16 (autocast's dtype), which float32
+    features and float16 ones (10 bits of mantissa, not bf16's 7) are not."""
+    import liif_cuda.upscaling as upscaling
+    seen = []
+    real_query = upscaling.query
+
+    def recording_query(feat, *args, **kwargs):
+        seen.append(feat)
+        return real_query(feat, *args, **kwargs)
+
+    monkeypatch.setattr(upscaling, "query", recording_query)
+    model = small_model()
+    for precision, bf16_features in (("bf16", True), ("fp32", False)):
+        seen.clear()
+        liif_cuda.upscale(image(), scale=2, model=model, device="cpu", encoder_precision=precision)
+        assert seen and all(f.dtype == torch.float32 for f in seen)
+        assert all(torch.equal(f, f.bfloat16().float()) for f in seen) == bf16_features, precision
+
+
 def test_upscale_encoder_precision_errors():
     model = small_model()
     with pytest.raises(ValueError, match="encoder_precision must be one of"):

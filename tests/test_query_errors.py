@@ -30,6 +30,11 @@ class _SequentialTanh(nn.Sequential):
         return torch.tanh(super().forward(x))
 
 
+# A Sequential named as LIIF's MLP (which holds its layers as .layers), with a forward of its own.
+_TanhMLP = type("MLP", (nn.Sequential,),
+                {"forward": lambda self, x: torch.tanh(nn.Sequential.forward(self, x))})
+
+
 CASES = {
     "feat rank": (lambda f, c, ce, m: (f[0], c, ce, m), {}, r"feat must be \(B, C, H, W\)"),
     "coords rank": (lambda f, c, ce, m: (f, c[0], ce, m), {}, r"coords must be \(B, Q, 2\)"),
@@ -91,6 +96,10 @@ CASES = {
                           "_OwnForward defines its own forward.*pass imnet.layers"),
     "imnet Sequential forward": (lambda f, c, ce, m: (f, c, ce, _SequentialTanh(*m.layers)), {},
                                  "_SequentialTanh defines its own forward"),
+    "imnet Sequential named MLP": (lambda f, c, ce, m: (f, c, ce, _TanhMLP(*m.layers)), {},
+                                   r"MLP defines its own forward.*pass nn.Sequential\(\*imnet\)"),
+    "feat without channels": (lambda f, c, ce, m: (f[:, :0], c, ce, m), {},
+                              "feat must have C, H, W >= 1"),
     "imnet pair": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(3, 31),)]), {},
                    r"item 0 must be a \(weight, bias\) pair"),
 }

@@ -17,7 +17,7 @@ from PIL import Image
 import liif_cuda
 from liif_cuda.training import ConfigError, TrainingError, check_config, load_config, train
 from liif_cuda.training.checkpointing import (load_original_optimizer_state,
-                                              load_original_state_dict)
+                                              load_original_state_dict, make_checkpoint)
 from liif_cuda.training.datasets import make_dataset
 from liif_cuda.training.trainer import build_model, normalise_batch, train_step, validate
 
@@ -94,6 +94,9 @@ def test_run_folder_log_and_checkpoints(images, tmp_path):
     ck = torch.load(last, weights_only=True)
     assert ck["epoch"] == 3 and ck["model"]["name"] == "liif"
     assert ck["optimizer"]["name"] == "adam" and "state" in ck["optimizer"]["sd"]
+    # The specs the original's make_optimizer and make_model build from when they resume.
+    assert ck["optimizer"]["args"] == {"lr": 1e-3}
+    assert ck["model"]["args"] == tiny_config(images)["model"]["args"]
     assert "encoder.sub_mean.weight" in ck["model"]["sd"]  # the original EDSR's strict keys
     model = liif_cuda.load_model(last)
     assert model.imnet.layers[0].out_features == 16
@@ -187,6 +190,9 @@ def test_checkpoints_optimizer_state_in_the_original_layout(images, tmp_path):
     train(config, run, device="cpu", progress=False)
     checkpoint = torch.load(f"{run}/epoch-last.pth", weights_only=True)
     original = original_twin(config)
+    # The mean-shift convolutions LIIF never applies are written as the original EDSR makes them.
+    for name in (f"encoder.{m}.{p}" for m in ("sub_mean", "add_mean") for p in ("weight", "bias")):
+        assert torch.equal(checkpoint["model"]["sd"][name], original.state_dict()[name]), name
     original.load_state_dict(checkpoint["model"]["sd"])  # strict, as the original loads it
     original_adam = torch.optim.Adam(original.parameters(), lr=1e-3)
     original_adam.load_state_dict(checkpoint["optimizer"]["sd"])
@@ -724,6 +730,13 @@ RDN_SPEC = {"name": "rdn", "args": {"RDNconfig": "A", "no_upsampling": True}}
      "train_dataset.wrapper.args.augment must be true or false"),
     ("train_dataset.wrapper.args.augment", 1, "wrapper.args.augment must be true or false"),
     ("eval_bsize", 0, "eval_bsize must be >= 1"),
+    ("epoch_save", 0, "^epoch_save must be >= 1, got 0$"),
+    ("epoch_val", 1.5, "^epoch_val must be an integer, got 1.5$"),
+    ("train_dataset.dataset.args.first_k", 0,
+     "^train_dataset.dataset.args.first_k must be >= 1, got 0$"),
+    ("val_dataset.dataset.args.repeat", 0, "^val_dataset.dataset.args.repeat must be >= 1, got 0$"),
+    ("train_dataset.wrapper", {"name": "sr-implicit-paired", "args": {"inp_size": 8}},
+     "^train_dataset: wrapper 'sr-implicit-paired' does not go with dataset 'image-folder'"),
     ("eval_bsize", "30000", "eval_bsize must be an integer"),
     ("eval_bsize", 1.5, "eval_bsize must be an integer"),
     ("seed", "x", "seed must be an integer"),
@@ -844,6 +857,20 @@ def test_bad_arguments(images, tmp_path):
                                           f"is given twice \\(first at line "
                                           f"{lines.index('epoch_max: 3') + 1}\\)$"):
         load_config(str(bad))
+
+
+def test_yaml_merge_keys_may_override(images, tmp_path):
+    """`<<: *anchor` merges a mapping whose keys the mapping may then give again: not a key given
+    twice."""
+    import yaml
+    config = tiny_config(images)
+    del config["val_dataset"]
+    text = yaml.safe_dump(config, sort_keys=False).replace("train_dataset:\n",
+                                                           "train_dataset: &train\n", 1)
+    path = tmp_path / "merged.yaml"
+    path.write_text(text + "val_dataset:\n  <<: *train\n  batch_size: 2\n")
+    merged = load_config(str(path))
+    assert merged["val_dataset"] == dict(config["train_dataset"], batch_size=2)
 
 
 def test_packaged_configs_are_the_published_recipe():
@@ -1226,8 +1253,8 @@ def test_normalise_batch_is_the_published_data_norm():
 
 
 def test_train_step_with_a_gradient_scaler():
-    """fp16's GradScaler path of train_step (on the CPU's scaler): the step is the unscaled one, and
-    a step with non-finite gradients is skipped and halves the scale."""
+    """fp16's GradScaler path of train_step (on the CPU's scaler): the step is the unscaled one, a
+    step with non-finite gradients is skipped and halves the scale, and checkpoints keep it."""
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 3)
 
@@ -1253,3 +1280,10 @@ def test_train_step_with_a_gradient_scaler():
     train_step(scaled, opt, bad, scaler=scaler)
     assert all(torch.equal(p, b) for p, b in zip(scaled.parameters(), before))
     assert scaler.get_scale() == 512.0
+    # A checkpoint keeps the scaler's state: a resumed run goes on at the backed-off scale.
+    checkpoint = make_checkpoint(scaled, {"args": {}}, opt, {"name": "sgd", "args": {"lr": 0.1}},
+                                 None, scaler, 1, None, 0, precision="fp16")
+    assert checkpoint["liif_cuda"]["scaler"] == scaler.state_dict()
+    resumed = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    resumed.load_state_dict(checkpoint["liif_cuda"]["scaler"])
+    assert resumed.get_scale() == 512.0
