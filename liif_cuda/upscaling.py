@@ -138,11 +138,20 @@ def _owned(n_out, n_in, start, stop):
 
 def _to_crop(centres, n, start, stop):
     """Global coordinates -> coordinates in the feature crop [start, stop) of n cells, and the factor
-    that scales cells. The identity (exactly) for the whole axis."""
+    that scales cells. The identity (exactly) for the whole axis.
+
+    Each point keeps its offset from the centre of the cell it lies in, as the kernel computes both
+    (make_coord's centres in float32), scaled to the crop: an offset of exactly 0 stays 0. It must:
+    on the far border both ensemble neighbours clamp to the last cell, each blend area there is
+    |offset_y * offset_x| + 1e-9, and a point on that cell's centre (scales 1, 3, 5, ...) takes its
+    value from the float32 rounding of an offset near 0 (0 or one step: 2/255 apart with the
+    official weights). Mapped as exact points instead, a crop rounds them unlike the whole image."""
     if start == 0 and stop == n:
         return centres, 1.0
     crop = stop - start
-    mapped = ((centres.double() + 1) * n - 2 * start) / crop - 1
+    cell = ((centres.double() + 1) * (n / 2)).floor().long().clamp_(start, stop - 1)
+    offset = centres.double() - pixel_centres(n)[cell].double()   # exact: float32 - float32
+    mapped = pixel_centres(crop)[cell - start].double() + offset * (n / crop)
     return mapped.float(), n / crop
 
 

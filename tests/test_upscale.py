@@ -1,5 +1,6 @@
 """upscale(): tiling equals the untiled computation, any scale and size, every image kind."""
 
+import io
 import pathlib
 
 import numpy as np
@@ -289,3 +290,101 @@ def test_tf32_and_fp16_compute_float32_on_the_cpu(model, precision):
     exact = liif_cuda.upscale(image, scale=1.7, model=model, device="cpu")
     out = liif_cuda.upscale(image, scale=1.7, model=model, device="cpu", precision=precision)
     assert np.array_equal(out, exact)
+
+
+class ShiftEncoder(torch.nn.Module):
+    """Features that are the input `radius` pixels away along each diagonal, zero beyond the image
+    (as `radius` 3x3 convolutions that each shift by one pixel would give): the receptive radius is
+    exactly `radius` and, unlike a random network's, the farthest pixel's influence does not fade,
+    so a tile that encodes one pixel too few of its margin changes the result by far more than
+    rounding."""
+
+    def __init__(self, radius):
+        super().__init__()
+        self.out_dim, self.receptive_radius, self.default_tile = 12, radius, 512
+
+    def forward(self, x):
+        r, (h, w) = self.receptive_radius, x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (r, r, r, r))
+        return torch.cat([padded[:, :, dy:dy + h, dx:dx + w] for dy in (0, 2 * r)
+                          for dx in (0, 2 * r)], 1)
+
+
+@pytest.mark.parametrize("out_hw", [(28, 22), (12, 10), (8, 6), (20, 4), (13, 11), (39, 33)])
+def test_tiles_encode_exactly_the_margin_they_need(out_hw):
+    """Every tile size from 1 pixel up, upscales and downscales (a pixel owned by one tile may read
+    features up to two cells beyond it): the same result as the image encoded whole."""
+    torch.manual_seed(6)
+    model = LIIF(ShiftEncoder(3), hidden_list=[16]).eval()
+    img = torch.rand(3, 13, 11, generator=torch.Generator().manual_seed(7))
+    whole = liif_cuda.upscale(img, size=out_hw[::-1], model=model)
+    for tile in range(1, 8):
+        tiled = liif_cuda.upscale(img, size=out_hw[::-1], model=model, tile=tile)
+        assert relative_error(tiled, whole) <= 1e-5, tile
+
+
+def test_each_pixel_is_one_query_in_calls_of_at_most_chunk(model, monkeypatch):
+    """The memory bound: every output pixel is queried once, by calls of at most `chunk` queries
+    (or one row of a tile, where that is longer); and the progress bar counts the pixels."""
+    import tqdm
+
+    import liif_cuda.upscaling as upscaling
+    calls, bars = [], []
+    real_query = upscaling.query
+
+    def counting_query(feat, coords, *args, **kwargs):
+        calls.append(coords.shape[1])
+        return real_query(feat, coords, *args, **kwargs)
+
+    class RecordingBar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, file=io.StringIO(), **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(upscaling, "query", counting_query)
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    img = torch.rand(3, 16, 19, generator=torch.Generator().manual_seed(1))
+    for tile, chunk in ((None, 97), (None, 1), (5, 97), (8, 10)):
+        calls.clear()
+        liif_cuda.upscale(img, size=(61, 53), model=model, tile=tile, chunk=chunk, progress=True)
+        assert sum(calls) == 53 * 61 and max(calls) <= max(chunk, 61), (tile, chunk)
+        assert bars[-1].n == bars[-1].total == 53 * 61
+
+
+def test_tile_coordinates_keep_their_offset_from_the_cell_centre():
+    """A tile's query coordinate is its cell's centre in the feature crop (make_coord's, as the
+    kernel computes it) plus the point's offset from that cell's centre in the whole image, scaled
+    to the crop and rounded once: within half a float32 step of that, and exactly the centre where
+    the offset is 0 (the far border's values hang on it). The whole axis is left as it is."""
+    from liif_cuda.upscaling import _to_crop, pixel_centres
+    zeros = 0
+    for n in (7, 19, 1000):
+        for out in (n, 3 * n, 2 * n + 1):
+            centres = pixel_centres(out)
+            assert _to_crop(centres, n, 0, n) == (centres, 1.0)
+            for start, stop in ((0, n - 1), (1, n), (n // 3, n // 3 + 4)):
+                inside = ((centres + 1) * n / 2 >= start) & ((centres + 1) * n / 2 < stop)
+                points = centres[inside]
+                mapped, factor = _to_crop(points, n, start, stop)
+                assert mapped.dtype == torch.float32 and factor == n / (stop - start)
+                cell = ((points.double() + 1) * n / 2).floor().long()
+                offset = points.double() - pixel_centres(n)[cell].double()
+                centre = pixel_centres(stop - start)[cell - start].double()
+                expected = centre + offset * factor
+                half_step = torch.from_numpy(np.spacing(expected.float().abs().numpy())) / 2
+                assert ((mapped.double() - expected).abs() <= half_step.double()).all()
+                assert torch.equal(mapped[offset == 0].double(), centre[offset == 0])
+                zeros += int((offset == 0).sum())
+    assert zeros > 0
+
+
+@pytest.mark.parametrize("scale", [1, 3, 5])
+def test_tiled_far_border_at_scales_on_cell_centres(model, scale):
+    """At odd integer scales the last row's and column's pixels lie on the last cells' centres,
+    where both ensemble neighbours clamp to one cell and the float32 rounding of an offset near 0
+    picks the value (here up to 0.016 apart): the tiles round it as the whole image does."""
+    img = torch.rand(3, 16, 19, generator=torch.Generator().manual_seed(1))
+    whole = liif_cuda.upscale(img, scale=scale, model=model)
+    for tile in (5, 8):
+        tiled = liif_cuda.upscale(img, scale=scale, model=model, tile=tile)
+        assert (tiled - whole).abs().max() <= 1e-5, tile
