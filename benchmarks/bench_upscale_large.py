@@ -12,22 +12,18 @@ Writes benchmarks/results/upscale_large_<date>.json.
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 import liif_cuda
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
-from results_file import process_status_kib, reset_peak_resident_set  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from results_file import (cpu_machine_info, process_status_kib,  # noqa: E402
+                          reset_peak_resident_set, result_header, write_results)
 
 
 def main():
@@ -54,22 +50,16 @@ def main():
     print(f"{args.width}x{args.height} -> {out_w}x{out_h}: {seconds / 60:.1f} min, peak memory "
           f"+{peak / 2**20:.2f} GiB over {before / 2**20:.2f} GiB before the call")
     record = {
-        "benchmark": "bench_upscale_large (CPU, float32, official EDSR-baseline-LIIF)",
-        "command": "python benchmarks/bench_upscale_large.py",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **result_header("bench_upscale_large (CPU, float32, official EDSR-baseline-LIIF)",
+                        __file__, sys.argv[1:]),
         "input_wh": [args.width, args.height], "output_wh": [out_w, out_h],
         "seconds": seconds, "peak_rss_increase_bytes": peak * 1024,
         "rss_before_bytes": before * 1024,
         "output_mean": float(result.mean()),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "liif_cuda": liif_cuda.__version__},
+        "machine": cpu_machine_info(),
     }
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"upscale_large_{time.strftime('%Y%m%d')}.json")
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    # Through results_file: a second run of the day gets _run2 instead of overwriting the first.
+    write_results(record, "upscale_large", args.out)
 
 
 if __name__ == "__main__":

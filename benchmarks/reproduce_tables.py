@@ -8,8 +8,8 @@ with the per-image values.
 """
 
 import argparse
-import json
 import os
+import sys
 import time
 
 import torch
@@ -17,7 +17,9 @@ import torch
 import liif_cuda
 from liif_cuda.evaluation import evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under python -P
+from results_file import ROOT, result_header, write_results  # noqa: E402
+
 SCALES = [2, 3, 4, 6, 12, 18, 24, 30]
 # The model card (liif_edsr_norm_c64b16_g1_1000k_div2k, mmediting 0.x protocol).
 CARD = {
@@ -38,6 +40,7 @@ def main():
     parser.add_argument("--model", default="edsr-baseline-liif")
     parser.add_argument("--device", default=None)
     parser.add_argument("--scales", default=",".join(map(str, SCALES)))
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")]
     folders = [os.path.join(args.data, d) for d in CARD]
@@ -65,13 +68,11 @@ def main():
             cells += [f"{BICUBIC[d][s]:.2f}", f"{bicubic[d][str(s)]['psnr']:.4f}"]
         print(f"| x{s} | " + " | ".join(cells) + " |")
     print(f"\n{minutes:.1f} min, torch {torch.__version__}, liif_cuda {liif_cuda.__version__}")
-    out = os.path.join(ROOT, "benchmarks", "results", f"eval_tables_{time.strftime('%Y%m%d')}.json")
-    with open(out, "w") as f:
-        json.dump({"command": "python benchmarks/reproduce_tables.py", "minutes": minutes,
-                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "card": CARD,
-                   "published_bicubic": BICUBIC, "liif_mmedit": liif, "bicubic_classic": bicubic},
-                  f, indent=1)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    # Through results_file: a second run of the day gets _run2 instead of overwriting the first.
+    write_results({**result_header("reproduce_tables (Set5, Set14: official weights under mmedit, "
+                                   "bicubic under the classic protocol)", __file__, sys.argv[1:]),
+                   "minutes": minutes, "card": CARD, "published_bicubic": BICUBIC,
+                   "liif_mmedit": liif, "bicubic_classic": bicubic}, "eval_tables", args.out)
 
 
 if __name__ == "__main__":

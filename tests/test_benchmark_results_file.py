@@ -50,6 +50,8 @@ def test_peak_rise_is_the_measured_calls_own(tmp_path):
     script.write_text(PROBE.format(benchmarks=os.path.join(ROOT, "benchmarks")))
     rise = json.loads(results_file.run_memory_probe(str(script)))
     mib = 2 ** 20
-    assert 60 * mib < rise["alone"] < 100 * mib, rise
-    assert 60 * mib < rise["after_larger_warm_up"] < 100 * mib, rise
+    # At least 63 MiB: the kernel's resident-set counters lag by some pages (63.93 MiB seen), and
+    # KiB read as 1000 bytes would give at most 62.5 MiB.
+    assert 63 * mib < rise["alone"] < 100 * mib, rise
+    assert 63 * mib < rise["after_larger_warm_up"] < 100 * mib, rise
     assert rise["nothing"] < 16 * mib, rise
