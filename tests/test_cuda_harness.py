@@ -253,3 +253,28 @@ def test_emulation_rejects_a_divergent_barrier():
     load()
     with pytest.raises(RuntimeError, match="__syncthreads"):
         torch.ops.liif_cuda_harness.divergent_barrier()
+
+
+def test_emulation_guards_the_end_of_shared_memory():
+    """A block's dynamic shared memory is exactly its launch's size: its last bytes are the
+    block's; past them a read sees NaN (as float32, and as fp16 / bf16 for each half) and a write,
+    stored or copied asynchronously, is an error (a kernel whose layout outgrew the plan it is
+    launched with), also of all-ones bytes (an int -1: the buffer's own NaN fill)."""
+    load()
+    bounds = torch.ops.liif_cuda_harness.shared_bounds
+    value = torch.full((4,), 1.5)
+    for async_copy in (False, True):
+        assert bounds(value, 256, 240, async_copy, 252).item() == 1.5
+    past = bounds(value, 256, 0, False, 256)
+    assert torch.isnan(past).all()
+    assert past.view(torch.float16).isnan().all() and past.view(torch.bfloat16).isnan().all()
+    assert torch.isnan(bounds(value, 250, 0, False, 252)).all()  # in the allocation's rounding
+    minus_one = torch.full((4,), -1, dtype=torch.int32).view(torch.float32)
+    for write_at, src in ((256, value), (1264, value), (256 + 15360, value), (256, minus_one)):
+        with pytest.raises(RuntimeError, match=f"block 0 wrote past the end of its 256 bytes of "
+                                               f"dynamic shared memory \\(at byte {write_at}\\)"):
+            bounds(src, 256, write_at, False, 0)
+    with pytest.raises(RuntimeError, match="block 0 wrote past the end of its 250 bytes .* 250"):
+        bounds(value, 250, 240, False, 0)
+    with pytest.raises(RuntimeError, match="async_copy_16 to bytes outside the block's 256 bytes"):
+        bounds(value, 256, 256, True, 0)

@@ -1,8 +1,8 @@
 """Mutation tests of the host execution harness: the mma.sync and wgmma kernels with one
-fragment-layout, ordering, hand-over or reduction mistake, of the kind that compiles and runs on a GPU, must
-fail the harness check that CI runs (tests/test_tensor_core_harness.py). Each mutant is a copy of
-csrc/ with one edit, built into its own harness in a subprocess (the harness registers a fixed
-operator namespace)."""
+fragment-layout, ordering, hand-over, reduction or shared-memory-layout mistake, of the kind that
+compiles and runs on a GPU, must fail the harness check that CI runs
+(tests/test_tensor_core_harness.py). Each mutant is a copy of csrc/ with one edit, built into its
+own harness in a subprocess (the harness registers a fixed operator namespace)."""
 
 import os
 import shutil
@@ -70,6 +70,10 @@ MUTATIONS = {
         "    named_barrier_arrive(kWsFullBarrier + b, kWgmmaWsThreads);\n"
         "    ws_first_layer<P>(p, s, ws_tile(smem, b), tid);\n"
         "    fence_proxy_async();  // the tensor cores read these operands next\n"),
+    # Past the plan by less than the allocation's rounding: caught by the guard zone only.
+    "wgmma_ws second tile's geometry 32 bytes past the planned shared memory": (WGMMA_WS,
+        "return carve_shared<float, unsigned char>(smem + b * geometry_bytes(l), l);",
+        "return carve_shared<float, unsigned char>(smem + b * (geometry_bytes(l) + 32), l);"),
     "wgmma_ws producer blends a tile before the consumers are done": (WGMMA_WS,
         "    named_barrier_sync(kWsDoneBarrier + b, kWgmmaWsThreads);\n",
         "    named_barrier_arrive(kWsDoneBarrier + b, kWgmmaWsThreads);\n"),

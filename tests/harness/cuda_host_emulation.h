@@ -12,7 +12,11 @@
 //   - Blocks run one at a time per OS thread; several OS threads run different blocks.
 //   - Dynamic shared memory (LIIF_DYNAMIC_SHARED) is a per-block buffer of exactly the launch's size,
 //     filled with NaN bytes (0xFF) before each block, so that reading what no thread wrote poisons
-//     the output.
+//     the output. A guard zone of 64 KiB follows it, filled with 0xFFFE (NaN as fp16, bf16 and
+//     float32, but not the all-ones bytes of a -1 or of the buffer's own fill): a read past the end
+//     poisons the output too, a write past the end is an error when the block ends (a kernel whose
+//     layout outgrew its launch's plan, which the GPU may let pass silently), an asynchronous copy
+//     or an ldmatrix / wgmma operand there an error at once.
 //   - threadIdx, blockIdx, blockDim and gridDim are x-only (y = z = 1).
 //   - __syncthreads() reached by some threads of a block while others have returned (undefined on
 //     the GPU) raises an error, as does a launch without a kernel's required grid.
@@ -79,8 +83,8 @@
 //     fence.proxy.async after ordinary stores (only cp.async landings are tracked);
 //   - no atomics, no __threadfence, no static __shared__ arrays, no texture or constant memory;
 //   - memory is the host's: sequentially consistent, with no bounds checks of global memory (the
-//     harness tests compare results; out-of-range shared-memory reads stay inside the NaN-filled
-//     buffer only if they are small);
+//     harness tests compare results) and none of shared memory beyond the guard zone (nor a write
+//     of the guard's own pattern into it);
 //   - floating point is the host's: no FMA contraction (built with -ffp-contract=off), so float32
 //     results differ from the GPU's in the last bits of the MLP sums, never in the geometry.
 #pragma once
@@ -199,17 +203,25 @@ struct Fiber {
   std::vector<std::vector<PendingCopy>> committed_copies;
 };
 
-// Shared memory of one block, aligned as the GPU aligns dynamic shared memory.
+// Bytes after a block's dynamic shared memory that are checked for writes (see the header), and
+// their fill: 0xFFFE at even addresses (the buffer is 128-byte aligned), that is bytes FE FF.
+constexpr size_t kSharedGuardBytes = 64 * 1024;
+inline unsigned char guard_byte(size_t offset) { return offset % 2 == 0 ? 0xFE : 0xFF; }
+
+// Shared memory of one block, aligned as the GPU aligns dynamic shared memory, and its guard zone:
+// [data, data + size) is the block's, [data + size, data + capacity) the guard.
 struct AlignedBuffer {
   explicit AlignedBuffer(size_t bytes)
       : size(bytes),
-        data(static_cast<unsigned char*>(std::aligned_alloc(128, (bytes + 127) / 128 * 128 + 128))) {
+        capacity((bytes + 127) / 128 * 128 + kSharedGuardBytes),
+        data(static_cast<unsigned char*>(std::aligned_alloc(128, capacity))) {
     if (data == nullptr) throw std::bad_alloc();
   }
   ~AlignedBuffer() { std::free(data); }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   size_t size;
+  size_t capacity;
   unsigned char* data;
 };
 
@@ -228,6 +240,7 @@ class BlockRunner {
     kernel_ = &kernel;
     reverse_order_ = reverse_order;
     std::memset(shared_.data, 0xFF, shared_.size);
+    for (size_t i = shared_.size; i < shared_.capacity; ++i) shared_.data[i] = guard_byte(i);
     for (WarpExchange& w : warps_) {
       w.instruction = nullptr;
       w.arrived = 0;
@@ -346,6 +359,7 @@ class BlockRunner {
                 std::to_string(blockIdx.x) + ")");
           }
         }
+        check_guard_zone();
         break;
       }
       if (finished != 0) {
@@ -359,6 +373,7 @@ class BlockRunner {
   }
 
   unsigned char* shared_memory() { return shared_.data; }
+  size_t shared_size() const { return shared_.size; }
 
   void sync() {
     Fiber& f = fibers_[current_];
@@ -475,6 +490,18 @@ class BlockRunner {
       if (f.unfenced_async_writes) return true;
     }
     return false;
+  }
+
+  // A write past the end of the block's shared memory, into the guard zone: an error.
+  void check_guard_zone() const {
+    for (size_t i = shared_.size; i < shared_.capacity; ++i) {
+      if (shared_.data[i] == guard_byte(i)) continue;
+      current_runner() = nullptr;
+      throw std::runtime_error(
+          "host harness: block " + std::to_string(blockIdx.x) + " wrote past the end of its " +
+          std::to_string(shared_.size) + " bytes of dynamic shared memory (at byte " +
+          std::to_string(i) + ")");
+    }
   }
 
   // Whether [p, p + bytes) lies inside this block's shared memory.
@@ -738,9 +765,15 @@ inline void async_copy_16(void* shared, const void* global) {
   if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 || reinterpret_cast<uintptr_t>(global) % 16 != 0) {
     throw std::runtime_error("host harness: async_copy_16 needs 16-byte aligned addresses");
   }
+  liif_harness::BlockRunner* runner = liif_harness::BlockRunner::current_runner();
+  if (!runner->in_shared_memory(shared, 16)) {
+    throw std::runtime_error("host harness: async_copy_16 to bytes outside the block's " +
+                             std::to_string(runner->shared_size()) +
+                             " bytes of dynamic shared memory");
+  }
   liif_harness::PendingCopy copy{shared, {}};
   std::memcpy(copy.bytes, global, 16);
-  liif_harness::BlockRunner::current_runner()->current_fiber().open_copies.push_back(copy);
+  runner->current_fiber().open_copies.push_back(copy);
 }
 
 inline void async_copy_commit() {

@@ -178,6 +178,22 @@ __global__ void async_copy_kernel(const float* src, float* out, bool wait_first)
   liif::cuda::async_copy_wait<0>();
 }
 
+// Thread 0 writes the 16 bytes of src at byte `write_at` of the block's dynamic shared memory (a
+// store, or an asynchronous copy waited for), then reads the float at byte `read_at` into out.
+__global__ void shared_bounds_kernel(const float* src, float* out, int64_t write_at, bool async,
+                                     int64_t read_at) {
+  LIIF_DYNAMIC_SHARED(smem);
+  if (threadIdx.x != 0) return;
+  if (async) {
+    liif::cuda::async_copy_16(smem + write_at, src);
+    liif::cuda::async_copy_commit();
+    liif::cuda::async_copy_wait<0>();
+  } else {
+    std::memcpy(smem + write_at, src, 16);
+  }
+  std::memcpy(out, smem + read_at, sizeof(float));
+}
+
 // Loads a 16 x 8 tf32 operand from shared memory, rounded with __float_to_tf32 or not.
 __global__ void tf32_operand_kernel(bool rounded) {
   LIIF_DYNAMIC_SHARED(smem);
@@ -202,6 +218,22 @@ at::Tensor async_copy(at::Tensor src, bool wait_first) {
   float* data = out.data_ptr<float>();
   liif_harness::launch(1, threads, src.numel() * sizeof(float),
                        [&] { async_copy_kernel(in, data, wait_first); }, false, 1);
+  return out;
+}
+
+// The float that shared_bounds_kernel reads, in a block of 32 threads and `shared_bytes`; src: 4
+// floats (any bits).
+at::Tensor shared_bounds(const at::Tensor& src, int64_t shared_bytes, int64_t write_at, bool async,
+                         int64_t read_at) {
+  TORCH_CHECK(src.dtype() == at::kFloat && src.is_contiguous() && src.numel() == 4 &&
+              shared_bytes >= 0 && write_at >= 0 && read_at >= 0 && write_at % 16 == 0 &&
+              read_at % 4 == 0 && write_at + 16 <= shared_bytes + 16384 &&
+              read_at + 4 <= shared_bytes + 16384, "shared_bounds: arguments out of the test's range");
+  at::Tensor out = at::zeros({1});
+  const float* in = src.const_data_ptr<float>();
+  float* data = out.data_ptr<float>();
+  liif_harness::launch(1, 32, static_cast<size_t>(shared_bytes),
+                       [&] { shared_bounds_kernel(in, data, write_at, async, read_at); }, false, 1);
   return out;
 }
 
@@ -544,6 +576,9 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.impl("round_operands", c10::DispatchKey::CPU, &round_operands);
   m.def("async_copy(Tensor src, bool wait_first) -> Tensor");
   m.impl("async_copy", c10::DispatchKey::CPU, &async_copy);
+  m.def("shared_bounds(Tensor src, int shared_bytes, int write_at, bool async, int read_at) -> "
+        "Tensor");
+  m.impl("shared_bounds", c10::DispatchKey::CPU, &shared_bounds);
   m.def("tf32_operand(bool rounded) -> ()");
   m.impl("tf32_operand", c10::DispatchKey::CatchAll, &tf32_operand);
   m.def("divergent_barrier() -> ()");
