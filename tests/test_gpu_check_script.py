@@ -152,6 +152,8 @@ def test_a_forward_path_fails_outside_its_bounds(monkeypatch, path, spoil):
     from conftest import PRECISION_TOLERANCE, TOLERANCE
     assert gpu_paths.TOLERANCE == {"fp32": TOLERANCE[torch.float32],
                                    "fp64": TOLERANCE[torch.float64], **PRECISION_TOLERANCE}
+    # forward_path sets the kernel's environment variable: restored after the test by monkeypatch.
+    monkeypatch.setenv("LIIF_CUDA_TENSOR_CORE_KERNEL", "mma")
     runner = gpu_paths.Runner("cpu", small=True, repeats=0, profile=False)
     ok, res = gpu_paths.forward_path(runner, path)
     assert ok and res["error_vs_reference"] <= res.get("bound", res["tolerance"]), res
