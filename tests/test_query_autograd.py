@@ -1,5 +1,7 @@
 """Gradients of the fused query: float64 gradcheck and agreement with the reference's autograd."""
 
+import copy
+
 import pytest
 import torch
 from conftest import relative_error
@@ -82,6 +84,35 @@ def test_only_requested_gradients_are_computed():
         p.requires_grad_(False)
     liif_cuda.query(feat, coords, cells, mlp).sum().backward()
     assert feat.grad is not None and coords.grad is None and cells.grad is None
+
+
+@pytest.mark.parametrize("trainable", ["feat", "coords", "cells", "weights", "biases"])
+def test_each_input_alone_gets_the_reference_gradient(trainable):
+    """One kind of input alone requires a gradient (a frozen MLP, or bias-only fine-tuning): it
+    gets the reference's gradient and no other input gets one. The backward maps needs_input_grad
+    onto the inputs by position: a mix-up shows only when the kinds' flags differ."""
+    flags = FLAG_SETS[0]
+    feat, coords, cells, mlp = small_problem(flags, seed=4)
+    grad_out = torch.randn(2, 7, 2, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(4))
+    results = []
+    for query in (ref.query_rgb, liif_cuda.query):
+        mlp_ = copy.deepcopy(mlp).requires_grad_(False)
+        f, c, ce = (t.clone() for t in (feat, coords, cells))
+        params = list(mlp_.parameters())
+        inputs = {"feat": [f], "coords": [c], "cells": [ce], "weights": params[0::2],
+                  "biases": params[1::2]}
+        for t in inputs[trainable]:
+            t.requires_grad_()
+        (query(f, c, ce, mlp_, **flags) * grad_out).sum().backward()
+        results.append({kind: [t.grad for t in ts] for kind, ts in inputs.items()})
+    expected, got = results
+    for kind in expected:
+        for e, g in zip(expected[kind], got[kind]):
+            if kind == trainable:
+                assert relative_error(g, e) <= 1e-12, kind
+            else:
+                assert g is None, kind
 
 
 def test_non_finite_queries_do_not_poison_gradients():

@@ -395,3 +395,16 @@ def test_gradients_past_one_wave_of_tiles(height, width):
                                         spread=1.1)
     mlp = make_mlp(ref.imnet_in_dim(3), [16, 16], 2, torch.float64)
     assert_gradients_match((feat, coords, cells, mlp), PUBLISHED_FLAGS, torch.float64)
+
+
+def test_a_chunk_of_every_batch_element_stays_within_the_bound():
+    """chunk_queries answers queries per batch element, and a chunk holds them for every batch
+    element together: its memory bound is shared by the batch (a bound per element would let a
+    chunk grow with the batch size)."""
+    from liif_cuda import _backward
+    widths = [256] * 4 + [3]
+    one = _backward.chunk_queries(1, 4, widths, 4)
+    assert one > _backward.MIN_CHUNK_QUERIES  # the bound, not the minimum, decides here
+    for batch in (2, 4, 16):
+        per_element = _backward.chunk_queries(batch, 4, widths, 4)
+        assert one - batch < batch * per_element <= one, batch

@@ -71,6 +71,11 @@ CASES = {
     "layer chain": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8, 31), torch.randn(8)),
                                                     (torch.randn(3, 7), torch.randn(3))]), {},
                     "layer 1 takes 7 inputs but layer 0 outputs 8"),
+    # Every layer's parameters are checked, not only the first layer's.
+    "second weight dtype": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8, 31), torch.randn(8)),
+                                                            (torch.randn(3, 8).double(),
+                                                             torch.randn(3))]), {},
+                            "imnet layer 1 weight must have feat's dtype"),
     "bias dtype": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8, 31), torch.randn(8).double()),
                                                    (torch.randn(3, 8), torch.randn(3))]), {},
                    "imnet layer 0 bias must have feat's dtype"),
@@ -102,6 +107,22 @@ CASES = {
                               "feat must have C, H, W >= 1"),
     "imnet pair": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(3, 31),)]), {},
                    r"item 0 must be a \(weight, bias\) pair"),
+    # A third item (an activation, say) would be dropped silently.
+    "imnet triple": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(3, 31), torch.randn(3), None)]),
+                     {}, r"item 0 must be a \(weight, bias\) pair"),
+    "feat without width": (lambda f, c, ce, m: (f[..., :0], c, ce, m), {},
+                           "feat must have C, H, W >= 1"),
+    # Checked before the dtypes are compared: under autocast integer cells would be converted.
+    "cells integer": (lambda f, c, ce, m: (f, c, ce.long(), m), {},
+                      "cells must be a floating-point tensor"),
+    # The biases have messages of their own, not their layer's weight's.
+    "bias integer": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(8, 31), torch.arange(8)),
+                                                     (torch.randn(3, 8), torch.randn(3))]), {},
+                     "imnet layer 0 bias must be a floating-point tensor"),
+    "half mixed bias": (lambda f, c, ce, m: (f.half(), c.half(), ce.half(),
+                                             [(torch.randn(8, 31).half(), torch.randn(8)),
+                                              (torch.randn(3, 8).half(), torch.randn(3).half())]),
+                        {}, "imnet layer 0 bias must have feat's dtype torch.float16"),
 }
 
 
@@ -160,3 +181,20 @@ def test_meta_tensors_give_the_output_shape():
     assert out.device.type == "meta" and out.shape == (2, 6, 3)
     with pytest.raises(ValueError, match="coords must be on feat's device"):
         liif_cuda.query(meta[0], coords, cells, mlp)
+
+
+def test_fake_kernel_follows_batch_out_dim_and_dtype():
+    """The fake (meta) kernel is what torch.compile and torch.export plan with: its output must be
+    (B, Q, out_dim) in feat's dtype for any B, out_dim and float64 too, not only for the published
+    out_dim = 3 in float32. The raw operator is asked too: the wrapper's final cast to the result
+    dtype would hide a fake of the wrong dtype."""
+    feat = torch.randn(3, 2, 4, 5, dtype=torch.float64, device="meta")
+    coords = torch.empty(3, 7, 2, dtype=torch.float64, device="meta")
+    mlp = make_mlp(2 * 9 + 4, [8], 2, torch.float64).to("meta")
+    out = liif_cuda.query(feat, coords, coords, mlp)
+    assert out.shape == (3, 7, 2) and out.dtype == torch.float64
+    weights, biases = liif_cuda.mlp_parameters(mlp)
+    for op in (torch.ops.liif_cuda.query, torch.ops.liif_cuda.query_saving_map):
+        raw = op(feat, coords, coords, weights, biases, True, True, True)
+        raw = raw[0] if isinstance(raw, tuple) else raw
+        assert raw.shape == (3, 7, 2) and raw.dtype == torch.float64 and raw.device.type == "meta"

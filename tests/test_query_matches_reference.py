@@ -83,6 +83,15 @@ class _MLPSubclass(ref.MLP):
         self.layers = mlp.layers
 
 
+class _LayersHolder(torch.nn.Module):
+    """A module that only holds the layers (its forward is nn.Module's, it has none of its own):
+    nothing but the layers to compute, so accepted."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.layers = mlp.layers
+
+
 class MLPRefiner(torch.nn.Module):
     """mmediting's and mmagic's MLP, whose forward is its layers on the last dimension."""
 
@@ -97,12 +106,14 @@ class MLPRefiner(torch.nn.Module):
 
 def test_imnet_forms_agree():
     """Sequential, a module with .layers (LIIF's MLP, a subclass that keeps its forward,
-    mmediting's MLPRefiner), and (weight, bias) pairs, with and without biases."""
+    mmediting's MLPRefiner, a module with no forward of its own), and (weight, bias) pairs, with
+    and without biases."""
     feat, coords, cells = random_inputs(1, 4, 5, 6, 30, seed=5)
     mlp = make_mlp(40, [16, 8], 2, torch.float32)
     pairs = [(m.weight, m.bias) for m in mlp.layers if isinstance(m, torch.nn.Linear)]
     expected = ref.query_rgb(feat, coords, cells, mlp)
-    for imnet in (mlp, mlp.layers, pairs, tuple(pairs), _MLPSubclass(mlp), MLPRefiner(mlp)):
+    for imnet in (mlp, mlp.layers, pairs, tuple(pairs), _MLPSubclass(mlp), MLPRefiner(mlp),
+                  _LayersHolder(mlp)):
         assert relative_error(liif_cuda.query(feat, coords, cells, imnet), expected) <= 1e-5
     no_bias = torch.nn.Sequential(torch.nn.Linear(40, 16, bias=False), torch.nn.ReLU(),
                                   torch.nn.Linear(16, 2))
@@ -111,6 +122,15 @@ def test_imnet_forms_agree():
                                                 (no_bias[2].weight, no_bias[2].bias)])
     assert relative_error(out, expected) <= 1e-5
     assert relative_error(liif_cuda.query(feat, coords, cells, no_bias), expected) <= 1e-5
+
+
+def test_missing_biases_in_float64():
+    """A missing bias counts as zeros of its weight's dtype and device: float64 too."""
+    feat, coords, cells = random_inputs(1, 4, 5, 6, 30, seed=5, dtype=torch.float64)
+    no_bias = torch.nn.Sequential(torch.nn.Linear(40, 16, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Linear(16, 2, bias=False)).double()
+    expected = ref.query_rgb(feat, coords, cells, no_bias)
+    assert relative_error(liif_cuda.query(feat, coords, cells, no_bias), expected) <= 1e-12
 
 
 def test_cells_ignored_without_cell_decode():

@@ -104,6 +104,18 @@ def test_the_backward_reads_the_map_it_is_given():
     assert not torch.equal(host[0][3 + 1], host[1][3 + 1])
 
 
+def test_the_map_output_is_not_differentiable():
+    """The backward takes the query output's gradient only: a gradient flowing into the map would
+    be dropped silently, so the map is marked non-differentiable (autograd refuses it instead)."""
+    feat, coords, cells = random_inputs(2, 3, 4, 5, 30)
+    mlp = make_mlp(ref.imnet_in_dim(3), [8], 3, torch.float32)
+    flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
+    args = op_args(feat.requires_grad_(), coords, cells, mlp, flags)
+    out, first_layer_map = torch.ops.liif_cuda.query_saving_map(*args)
+    assert first_layer_map.numel() > 0 and out.requires_grad
+    assert not first_layer_map.requires_grad
+
+
 @pytest.mark.parametrize("queries", [30, 2], ids=["map", "direct"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_query_saving_map(queries, dtype):
