@@ -209,13 +209,15 @@ constexpr size_t kSharedGuardBytes = 64 * 1024;
 inline unsigned char guard_byte(size_t offset) { return offset % 2 == 0 ? 0xFE : 0xFF; }
 
 // Shared memory of one block, aligned as the GPU aligns dynamic shared memory, and its guard zone:
-// [data, data + size) is the block's, [data + size, data + capacity) the guard.
+// [data, data + size) is the block's, [data + size, data + capacity) the guard. The guard is filled
+// once: every block checks it when it ends, and one that changed it ends the launch.
 struct AlignedBuffer {
   explicit AlignedBuffer(size_t bytes)
       : size(bytes),
         capacity((bytes + 127) / 128 * 128 + kSharedGuardBytes),
         data(static_cast<unsigned char*>(std::aligned_alloc(128, capacity))) {
     if (data == nullptr) throw std::bad_alloc();
+    for (size_t i = size; i < capacity; ++i) data[i] = guard_byte(i);
   }
   ~AlignedBuffer() { std::free(data); }
   AlignedBuffer(const AlignedBuffer&) = delete;
@@ -240,7 +242,6 @@ class BlockRunner {
     kernel_ = &kernel;
     reverse_order_ = reverse_order;
     std::memset(shared_.data, 0xFF, shared_.size);
-    for (size_t i = shared_.size; i < shared_.capacity; ++i) shared_.data[i] = guard_byte(i);
     for (WarpExchange& w : warps_) {
       w.instruction = nullptr;
       w.arrived = 0;
