@@ -44,9 +44,9 @@ HIDDEN = [256, 256, 256, 256]
 # (LR width, LR height, scale): the 1080p frame and a square x4 case.
 DEFAULT_CASES = "480x270x4,128x128x4"
 # variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
-# applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice (mma.sync with 8 warps by default,
-# its 16-warp form, WMMA, or the wgmma kernel or its warp-specialised form on H100 / H200 with an
-# sm_90a build).
+# applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice, named for each variant (mma.sync
+# with 8 warps, its 16-warp form, WMMA, or the wgmma kernel or its warp-specialised form on H100 /
+# H200 with an sm_90a build; the default, "auto", is the wgmma kernel there, else mma16).
 VARIANTS = {
     "reference": ("reference", "fp32", None),
     "reference-autocast-fp16": ("reference", "fp16", None),

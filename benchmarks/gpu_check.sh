@@ -8,8 +8,11 @@
 #
 # Every step has its own timeout, writes its log into RESULTS_DIR as it runs (at most 8 files, no
 # sub-folders, so the device tool brings all of them back) and never stops the others: a failed
-# path is left out of the benchmark, a failed build ends the run. Optional steps are skipped when
-# the time budget (GPU_CHECK_BUDGET_S, default 400 s) would be exceeded. Files:
+# path is left out of the benchmark, a failed build ends the run, each CUDA test file runs in a
+# process of its own (a crash loses that file only). A crash of a path or test process appends its
+# native stack, resolved to source lines, to its log (benchmarks/native_backtrace.c). Optional
+# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 420 s) would be exceeded.
+# Files:
 #   summary.txt  environment, then one line per step (status, seconds), issue 14's targets met or
 #                not (benchmarks/gpu_targets.py), then the verdict
 #   build.log  paths.log  paths.jsonl  bench.log  gpu_query_<device>_<date>.json  pytest.log  tools.log
@@ -30,7 +33,7 @@ fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-400}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
 SUMMARY=$RESULTS/summary.txt
 DEVICE=cuda
 [ $DRY_RUN = 1 ] && DEVICE=cpu
@@ -49,6 +52,32 @@ CUDA_TESTS="tests/test_query_cuda.py tests/test_query_cuda_precision.py tests/te
 FAILED=()
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# The crash handler preloaded into the path and test processes (where a C compiler is found; else
+# LD_PRELOAD stays empty): NATIVE_BACKTRACE_FILE names the log it appends to.
+BACKTRACE_LIB=""
+if command -v gcc > /dev/null && gcc -O2 -shared -fPIC -o "${TMPDIR:-/tmp}/liif_native_backtrace.so" \
+    benchmarks/native_backtrace.c 2> /dev/null; then
+  BACKTRACE_LIB=${TMPDIR:-/tmp}/liif_native_backtrace.so
+fi
+# resolve_backtraces LOG: the unnamed frames of LOG's native backtraces, as function and source
+# line (addr2line; liif_cuda is built with -g), appended to LOG after each new crash.
+resolve_backtraces() {
+  local log=$1 frame lib offset crashes resolved
+  crashes=$(grep -c "^== end of native backtrace" "$log" 2> /dev/null)
+  resolved=$(grep -c "^== native frames resolved" "$log" 2> /dev/null)
+  [ "${crashes:-0}" -gt "${resolved:-0}" ] && command -v addr2line > /dev/null || return 0
+  {
+    echo "== native frames resolved (addr2line)"
+    grep -oE "^[^ (]+\([^)]*\+0x[0-9a-f]+\)" "$log" | sort -u | while read -r frame; do
+      lib=${frame%%(*}
+      offset=${frame##*+}
+      offset=${offset%)}
+      [[ "$frame" == *"(+0x"* ]] || continue  # exported symbols are named already
+      echo "$frame -> $(addr2line -f -C -i -e "$lib" "$offset" 2> /dev/null | paste -sd ' ' | cut -c 1-300)"
+    done
+  } >> "$log"
+}
 
 # step NAME TIMEOUT_S LOG required|optional COMMAND...: runs COMMAND with its output appended to
 # LOG, records the outcome; an optional step is skipped when it could overrun the budget.
@@ -158,9 +187,10 @@ for p in $("$PYTHON" benchmarks/gpu_paths.py --list); do
     note "$(printf '%-22s skipped (its kernel timed out on an earlier path)' "path $p")"
     continue
   fi
-  step "path $p" "$PATH_LIMIT" "$RESULTS/paths.log" required \
-    "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"
+  step "path $p" "$PATH_LIMIT" "$RESULTS/paths.log" required env LD_PRELOAD="$BACKTRACE_LIB" \
+    NATIVE_BACKTRACE_FILE="$RESULTS/paths.log" "$PYTHON" benchmarks/gpu_paths.py "$p" --device $DEVICE --json "$RESULTS/paths.jsonl"
   rc=$?
+  resolve_backtraces "$RESULTS/paths.log"
   if [ $rc = 0 ]; then
     case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws) VARIANTS="$VARIANTS,fused-$p" ;; esac
   elif [ $rc = 124 ] || [ $rc = 137 ]; then
@@ -187,36 +217,60 @@ else
 fi
 sed -n '/^variant/,/^$/p;/^LR /p' "$RESULTS/bench.log" | tail -n 20
 
-# -P: the installed liif_cuda, not the source folder (which has no compiled _C).
-# shellcheck disable=SC2086
-HYPOTHESIS_PROFILE=gpu step "cuda tests" 240 "$RESULTS/pytest.log" required \
-  "$PYTHON" -P -m pytest -ra -q -p no:cacheprovider $CUDA_TESTS
-tail -n 40 "$RESULTS/pytest.log" | grep -E "^(FAILED|ERROR)|passed|failed" | sed "s/^/    /"
+# One process per file (-P: the installed liif_cuda, not the source folder, which has no compiled
+# _C): a crash loses that file's cases only (run 5: a CPU case crashed its whole process).
+for f in $CUDA_TESTS; do
+  HYPOTHESIS_PROFILE=gpu step "cuda tests $(basename "$f" .py)" 120 "$RESULTS/pytest.log" required \
+    env LD_PRELOAD="$BACKTRACE_LIB" NATIVE_BACKTRACE_FILE="$RESULTS/pytest.log" \
+    "$PYTHON" -P -m pytest -ra -q -p no:cacheprovider "$f"
+  resolve_backtraces "$RESULTS/pytest.log"
+  tail -n 40 "$RESULTS/pytest.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -n 5 \
+    | sed "s/^/    /"
+done
 
 if [ $DRY_RUN = 0 ]; then
   SMALL="--small --device cuda --no-profile"
-  # Nsight Compute on one launch of each kernel at the default size (about 46k queries; with the
-  # warp stall reasons, which say what the latency-bound mma.sync kernel waits for), then
-  # compute-sanitizer on small problems (no caching allocator, so that memcheck sees each buffer).
-  if command -v ncu > /dev/null; then
-    for p in $(running bf16-wgmma_ws bf16-wgmma bf16 bf16-mma16 tf32); do
-      step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
-        -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section SchedulerStats \
-        "$PYTHON" benchmarks/gpu_paths.py $p --no-profile --repeats 0
-    done
-  fi
+  # compute-sanitizer on small problems first (no caching allocator, so that memcheck sees each
+  # buffer; run 5's follow-up: memcheck 7 s for four kernels, racecheck about 30 s per kernel),
+  # then Nsight Compute on one launch of each kernel at the default size (about 46k queries), with
+  # the warp stall reasons and where in the source the warps stall (SourceCounters; -lineinfo).
   if command -v compute-sanitizer > /dev/null; then
     # shellcheck disable=SC2086,SC2046
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 90 "$RESULTS/tools.log" optional \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 60 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
       bf16-wgmma_ws tf32 bf16-wmma) $SMALL
+    # Run 5: racecheck reported hazards in the warp-specialised kernel alone (its predictions,
+    # written by the consumers, read by the producer's blend after a bar.arrive / bar.sync
+    # hand-over; docs/gpu.md): it runs last, and if racecheck fails, again with each hazard's
+    # threads and addresses.
     # shellcheck disable=SC2086,SC2046
-    step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $(running bf16 bf16-mma16 bf16-wgmma \
-      bf16-wgmma_ws tf32 fast-fp32) $SMALL
+    step "racecheck" 150 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $(running bf16-mma16 bf16-wgmma \
+      bf16-wgmma_ws) $SMALL
+    if [ $? = 3 ] && ! hung bf16-wgmma_ws; then
+      # shellcheck disable=SC2086
+      step "racecheck hazards" 60 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+        --racecheck-report hazard --print-limit 24 --error-exitcode 3 \
+        "$PYTHON" benchmarks/gpu_paths.py bf16-wgmma_ws $SMALL
+      # Whether racecheck accepts a correct hand-over shaped like the kernel's (modes 0-3 should be
+      # clean, mode 4 has no barrier and must be reported).
+      step "racecheck probe" 60 "$RESULTS/tools.log" optional bash -c '
+        probe=${TMPDIR:-/tmp}/racecheck_handover
+        "$CUDA_HOME/bin/nvcc" -arch=sm_90 -o "$probe" benchmarks/racecheck_handover.cu || exit 1
+        for mode in 0 1 2 3 4; do
+          compute-sanitizer --tool racecheck "$probe" $mode 2>&1 | grep -E "mode|RACECHECK SUMMARY"
+        done'
+    fi
+  fi
+  if command -v ncu > /dev/null; then
+    for p in $(running bf16-wgmma_ws bf16-wgmma bf16-mma16); do
+      step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
+        -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats --section SourceCounters \
+        "$PYTHON" benchmarks/gpu_paths.py $p --no-profile --repeats 0
+    done
   fi
 fi
 

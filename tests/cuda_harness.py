@@ -50,18 +50,19 @@ SHARED_SM80 = 166912
 def tensor_core_path(precision, local_ensemble, depth, out_dim, shared, kernel):
     """The kernel the planner must choose for a reduced precision and an MLP of `depth` hidden
     layers 256 wide (csrc/cuda/liif_query_launch.h, plan_launch) on the harness's device, which
-    runs wgmma: the wgmma kernel (or its warp-specialised form) where it is preferred, the
-    precision is bf16 or fp16, there is a hidden-to-hidden layer, out_dim <= 32 and its shared
-    memory fits (sm_90's); else the mma.sync kernel (8 or 16 warps; 8 where wgmma was preferred)
-    where there is a hidden-to-hidden
-    layer, out_dim <= 32 and its 128 rows fit; else WMMA (whose tf32 block without the local
-    ensemble does not fit sm_86: then the exact FAST kernel)."""
+    runs wgmma: the wgmma kernel (or its warp-specialised form) where it is preferred ("auto",
+    the default, prefers the wgmma kernel), the precision is bf16 or fp16, there is a
+    hidden-to-hidden layer, out_dim <= 32 and its shared memory fits (sm_90's); else the mma.sync
+    kernel (16 warps for "mma16" and "auto", else 8) where there is a hidden-to-hidden layer,
+    out_dim <= 32 and its 128 rows fit; else WMMA (whose tf32 block without the local ensemble
+    does not fit sm_86: then the exact FAST kernel)."""
     mma_fits = shared >= (SHARED_SM90 if precision == "tf32" else SHARED_SM80)
-    if (kernel in ("wgmma", "wgmma_ws") and precision != "tf32" and depth >= 2 and out_dim <= 32
-            and shared >= SHARED_SM90):
+    if (kernel in ("auto", "wgmma", "wgmma_ws") and precision != "tf32" and depth >= 2
+            and out_dim <= 32 and shared >= SHARED_SM90):
         return WGMMA_WS if kernel == "wgmma_ws" else WGMMA
-    if kernel in ("mma", "mma16", "wgmma", "wgmma_ws") and depth >= 2 and out_dim <= 32 and mma_fits:
-        return MMA16 if kernel == "mma16" else MMA
+    if (kernel in ("auto", "mma", "mma16", "wgmma", "wgmma_ws") and depth >= 2 and out_dim <= 32
+            and mma_fits):
+        return MMA16 if kernel in ("auto", "mma16") else MMA
     if precision == "tf32" and shared == SHARED_SM86 and not local_ensemble:
         return FAST
     return TENSOR_CORE
@@ -74,7 +75,7 @@ def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, preci
         tensor_core_kernel="mma", **flags):
     """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE,
     MMA, MMA16, WGMMA, WGMMA_WS). `tensor_core_kernel`: the one preferred for a reduced precision
-    ("mma", "mma16", "wmma", "wgmma" or "wgmma_ws")."""
+    ("auto", "mma", "mma16", "wmma", "wgmma" or "wgmma_ws")."""
     flags = {**FLAGS, **flags}
     weights, biases = liif_cuda.mlp_parameters(mlp)
     with torch.no_grad():

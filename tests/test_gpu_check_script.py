@@ -5,6 +5,7 @@ rare GPU sessions."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -102,6 +103,53 @@ def test_a_hung_kernel_is_not_run_again(tmp_path):
     assert "variants: fused-fp32,fused-bf16,fused-bf16-wgmma," in (results / "bench.log").read_text()
     assert "hung kernels: 'wgmma_ws'" in (results / "pytest.log").read_text()
     assert "verdict: failed: path bf16-wgmma_ws (" in summary
+
+
+CRASHING_PYTHON = """#!{python}
+# Stands in for Python in gpu_check.sh's dry run: every path and the benchmark pass at once; the
+# test file test_query_saved_map.py crashes its process (SIGSEGV), the others pass.
+import os, signal, sys
+args = sys.argv[1:]
+if "benchmarks/gpu_paths.py" in args:
+    rest = args[args.index("benchmarks/gpu_paths.py") + 1:]
+    print("bf16" if rest[0] == "--list" else rest[0] + " ok")
+elif "benchmarks/bench_gpu.py" in args:
+    print("variants:", args[args.index("--variants") + 1])
+elif "pytest" in args:
+    if args[-1].endswith("test_query_saved_map.py"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    print("3 passed in 0.1s")
+else:
+    os.execv(sys.executable, [sys.executable] + args)
+"""
+
+
+def test_a_crashed_test_file_loses_only_its_own_cases(tmp_path):
+    """Each CUDA test file runs in a process of its own: one that crashes fails its step, with its
+    native stack in pytest.log (where a C compiler built the crash handler), and the other files
+    still run."""
+    python = tmp_path / "python"
+    python.write_text(CRASHING_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHON": str(python)}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(results),
+                           "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (results / "summary.txt").read_text()
+    steps = [x for x in summary.splitlines() if x.startswith("cuda tests ")]
+    script = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")).read()
+    files = re.search(r'CUDA_TESTS="([^"]*)"', script).group(1).replace("\\\n", " ").split()
+    assert len(steps) == len(files), steps
+    for step, name in zip(steps, files):
+        crashed = name.endswith("test_query_saved_map.py")
+        assert step.startswith(f"cuda tests {os.path.basename(name)[:-3]} ")
+        assert ("FAIL (exit 139)" in step) == crashed and (" ok " in step) != crashed, step
+    assert "verdict: failed: cuda tests test_query_saved_map (" in summary
+    log = (results / "pytest.log").read_text()
+    if shutil.which("gcc") and shutil.which("addr2line"):
+        assert log.count("== native backtrace (SIGSEGV)") == 1, log[-3000:]
+        assert "== end of native backtrace" in log and "== native frames resolved" in log
 
 
 def test_a_failed_path_says_where_its_wrong_queries_are():

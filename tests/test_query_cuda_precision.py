@@ -30,8 +30,9 @@ def runs_wgmma():
     return liif_cuda.build_info()["cuda_wgmma"] and torch.cuda.get_device_capability() == (9, 0)
 
 
-# The tensor-core kernels liif_cuda.query can be asked for (LIIF_CUDA_TENSOR_CORE_KERNEL).
-TENSOR_CORE_KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
+# The tensor-core kernels liif_cuda.query can be asked for (LIIF_CUDA_TENSOR_CORE_KERNEL; "auto" is
+# the default's name).
+TENSOR_CORE_KERNELS = ["auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
 # Kernels that hung on their path earlier in this run of benchmarks/gpu_check.sh: their cases skip,
 # so that one hang does not spend the check's test step too.
 HUNG_KERNELS = os.environ.get("LIIF_GPU_CHECK_HUNG_KERNELS", "").split()
@@ -111,6 +112,29 @@ def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     assert any(f"liif_query_{kernel}_kernel" in n for n in names), sorted(set(names))
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_default_kernel(precision):
+    """With LIIF_CUDA_TENSOR_CORE_KERNEL unset: the wgmma kernel for bf16 and fp16 where it runs,
+    else the 16-warp mma.sync kernel (on the GPUs whose shared memory holds its block)."""
+    major_minor = torch.cuda.get_device_capability()
+    if major_minor not in ((8, 0), (9, 0)):
+        pytest.skip(f"the mma.sync kernel's block needs an A100 / H100 / H200's shared memory "
+                    f"(this device: compute capability {major_minor})")
+    if precision == "tf32" and major_minor == (8, 0):
+        pytest.skip("the mma.sync kernel's tf32 block needs an H100 / H200's shared memory")
+    feat, coords, cells, mlp = published(batch=1, queries=2000, seed=4)
+    environment = {k: v for k, v in os.environ.items() if k != "LIIF_CUDA_TENSOR_CORE_KERNEL"}
+    with torch.no_grad(), mock.patch.dict(os.environ, environment, clear=True), \
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        torch.cuda.synchronize()
+    names = sorted({e.name for e in prof.events() if "liif_query" in e.name})
+    if runs_wgmma() and precision != "tf32":
+        assert any("liif_query_wgmma_kernel<" in n for n in names), names
+    else:  # the 16-warp form: 32 rows per warp
+        assert any("liif_query_mma_kernel<" in n and ", 32>" in n for n in names), names
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -285,6 +285,25 @@ def test_mma_kernel_with_16_warps_equals_8_warps(precision):
     assert torch.equal(eight, sixteen)
 
 
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("shared", [SHARED_SM80, SHARED_SM90])
+def test_default_kernel_is_wgmma_else_16_warps(precision, shared):
+    """"auto" (the default: LIIF_CUDA_TENSOR_CORE_KERNEL unset) runs the wgmma kernel where it
+    applies and fits, else the 16-warp mma.sync kernel (the fastest of each on an H200), and
+    gives that kernel's bits."""
+    feat, coords, cells, mlp = published_problem(1, 4, 5, 40, seed=11)
+    out, path = run(feat, coords, cells, mlp, shared, precision=precision,
+                    tensor_core_kernel="auto")
+    if precision == "tf32" and shared == SHARED_SM80:
+        assert path == TENSOR_CORE  # the mma.sync kernel's tf32 block does not fit an A100
+        return
+    expected_path = WGMMA if precision != "tf32" and shared == SHARED_SM90 else MMA16
+    assert path == expected_path == tensor_core_path(precision, True, 4, 3, shared, "auto")
+    named, _ = run(feat, coords, cells, mlp, shared, precision=precision,
+                   tensor_core_kernel="wgmma" if expected_path == WGMMA else "mma16")
+    assert torch.equal(out, named)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("batch,height,width,queries", [(2, 4, 7, 90), (1, 9, 9, 300)])
 def test_warp_specialised_wgmma_kernel_equals_wgmma_kernel(precision, batch, height, width,

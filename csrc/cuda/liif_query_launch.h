@@ -98,17 +98,26 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 }
 
 // Which tensor-core kernel runs the reduced precisions where several could (liif_cuda.query reads
-// it from LIIF_CUDA_TENSOR_CORE_KERNEL): mma.sync with 8 warps per block (the default), the same
-// with 16 warps of half the rows each (kMma16), the WMMA kernel mma.sync replaced, or the wgmma
-// kernel or its warp-specialised form (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for
-// tf32, the mma.sync kernel runs); kept selectable until GPUs have measured them.
-enum class TensorCoreKernel : int { kMma = 0, kWmma = 1, kMma16 = 2, kWgmma = 3, kWgmmaWs = 4 };
+// it from LIIF_CUDA_TENSOR_CORE_KERNEL): the default (kAuto: what an H200 measured fastest, see
+// plan_launch), mma.sync with 8 warps per block (kMma), the same with 16 warps of half the rows each
+// (kMma16), the WMMA kernel mma.sync replaced, or the wgmma kernel or its warp-specialised form
+// (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for tf32, the mma.sync kernel runs).
+enum class TensorCoreKernel : int {
+  kMma = 0,
+  kWmma = 1,
+  kMma16 = 2,
+  kWgmma = 3,
+  kWgmmaWs = 4,
+  kAuto = 5
+};
 
-// The kernel a name ("mma", "mma16", "wmma", "wgmma" or "wgmma_ws"; empty or null: the default)
-// selects, into *kernel; false for any other name. Shared by liif_cuda.query (the environment variable) and the
-// host harness (its argument).
+// The kernel a name ("auto", "mma", "mma16", "wmma", "wgmma" or "wgmma_ws"; empty or null: "auto")
+// selects, into *kernel; false for any other name. Shared by liif_cuda.query (the environment
+// variable) and the host harness (its argument).
 inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
-  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "mma") == 0) {
+  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "auto") == 0) {
+    *kernel = TensorCoreKernel::kAuto;
+  } else if (std::strcmp(name, "mma") == 0) {
     *kernel = TensorCoreKernel::kMma;
   } else if (std::strcmp(name, "mma16") == 0) {
     *kernel = TensorCoreKernel::kMma16;
@@ -289,25 +298,32 @@ inline bool wgmma_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
 // A reduced precision runs the wgmma kernel (or its warp-specialised form) if `preferred` and it
-// applies (`has_wgmma`: the device runs this build's sm_90a code), else the mma.sync kernel (8 or 16 warps, as `preferred`
-// says; unless `preferred` is the WMMA kernel), else the WMMA kernel (other MLP shapes, or too
-// little shared memory: sm_86 / sm_89), else the float32 kernels.
+// applies (`has_wgmma`: the device runs this build's sm_90a code), else the mma.sync kernel (8 or
+// 16 warps, as `preferred` says; unless `preferred` is the WMMA kernel), else the WMMA kernel
+// (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32 kernels.
+// kAuto, the default, is the wgmma kernel where it applies and fits, else the 16-warp mma.sync
+// kernel: the fastest of each on an H200 for every precision and size measured
+// (benchmarks/results/gpu_query_NVIDIA_H200_20261127_run1.json: at 1080p bf16 15.4 ms against
+// 16.1 and 17.0 ms for 16 and 8 warps; the wgmma kernel clean under memcheck and racecheck). The
+// warp-specialised form was 3% faster still, but racecheck reports hazards in it (docs/gpu.md).
 template <typename T>
 inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
                               bool has_tensor_cores,
-                              TensorCoreKernel preferred = TensorCoreKernel::kMma,
+                              TensorCoreKernel preferred = TensorCoreKernel::kAuto,
                               bool has_wgmma = false) {
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
+  const bool automatic = preferred == TensorCoreKernel::kAuto;
   const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
                   wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
-  const bool wgmma = preferred == TensorCoreKernel::kWgmma && wgmma_path_applies(p, has_wgmma) &&
+  const bool wgmma = (preferred == TensorCoreKernel::kWgmma || automatic) &&
+                     wgmma_path_applies(p, has_wgmma) &&
                      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
   if (ws || wgmma ||
       (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
        shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
     // The three share their 128 rows per block (per tile) and their layer-0 activations' pitch.
-    const bool wide = preferred == TensorCoreKernel::kMma16;
+    const bool wide = preferred == TensorCoreKernel::kMma16 || automatic;
     plan.path = ws      ? KernelPath::kWgmmaWs
                 : wgmma ? KernelPath::kWgmma
                 : wide  ? KernelPath::kMma16

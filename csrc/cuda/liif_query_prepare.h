@@ -120,7 +120,7 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
 // compute capability 8.0 or newer; `has_wgmma`: it runs this build's sm_90a code.
 template <typename T>
 LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, bool has_tensor_cores,
-                               TensorCoreKernel preferred = TensorCoreKernel::kMma,
+                               TensorCoreKernel preferred = TensorCoreKernel::kAuto,
                                bool has_wgmma = false) {
   const LaunchPlan plan =
       plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred, has_wgmma);

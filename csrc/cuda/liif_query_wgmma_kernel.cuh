@@ -48,24 +48,27 @@ static_assert(kWgmmaChunkBytes == 2 * kWgmmaStepBytes, "a chunk is two k-steps")
 
 // Chunk `chunk` of the packed hidden-layer weights ([layer][chunk][out][32 inputs], 64 bytes per
 // output) into a ring slot in the canonical layout: byte (step, n / 8, k / 8 % 2, n % 8) of the
-// slot holds inputs 16 step + 8 (k / 8 % 2) .. +7 of output n. Copy v fills bytes 16 v .. +15, so
-// that eight consecutive threads fill 128 contiguous bytes (no bank conflicts), and a warp reads
-// 32 bytes from each of 16 outputs (whole sectors). By kWgmmaThreads threads, of which this is
-// `worker`.
+// slot holds inputs 16 step + 8 (k / 8 % 2) .. +7 of output n, that is 16-byte unit
+// u = 2 step + k / 8 % 2 of output n's 64 bytes. Each warp copies one group of 8 outputs, their
+// 512 contiguous bytes (4 whole lines from L2; run 6 measured the wgmma kernels' L2 busy twice as
+// long as mma.sync's when each warp read 32 bytes of 16 outputs, 8 lines): lane i takes unit i / 8
+// of output i % 8, so that each 8 lanes fill 128 contiguous bytes of the slot (no bank
+// conflicts). By kWgmmaThreads threads, of which this is `worker`.
 __device__ __forceinline__ void wgmma_fetch_chunk(const unsigned char* weights, int chunk,
                                                   unsigned char* slot,
                                                   int worker = static_cast<int>(threadIdx.x)) {
   const unsigned char* src = weights + static_cast<int64_t>(chunk) * kWgmmaChunkBytes;
   constexpr int kCopies = kWgmmaChunkBytes / 16 / kWgmmaThreads;
-  constexpr int kCopiesPerStep = kWgmmaStepBytes / 16;
+  static_assert(kWgmmaThreads % 32 == 0 && kMmaChunkRowBytes == 4 * 16,
+                "whole warps, four 16-byte units per output");
 #pragma unroll
   for (int v = 0; v < kCopies; ++v) {
     const int copy = v * kWgmmaThreads + worker;
-    const int step = copy / kCopiesPerStep;
-    const int rest = copy % kCopiesPerStep;
-    const int n = 8 * (rest / 16) + rest % 8;
-    const int unit = 2 * step + (rest / 8) % 2;  // the 16-byte unit of output n's 64 bytes
-    async_copy_16(slot + 16 * copy, src + n * kMmaChunkRowBytes + 16 * unit);
+    const int group = copy / 32, lane = copy % 32;  // outputs 8 group .. 8 group + 7
+    const int n = 8 * group + lane % 8, unit = lane / 8;
+    async_copy_16(slot + (unit / 2) * kWgmmaStepBytes + group * static_cast<int>(kWgmmaSbo) +
+                      (unit % 2) * static_cast<int>(kWgmmaLbo) + (n % 8) * 16,
+                  src + n * kMmaChunkRowBytes + 16 * unit);
   }
 }
 

@@ -159,11 +159,32 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaWs, false).path ==
              KernelPath::kMma,
          "mma.sync where the device does not run the warp-specialised wgmma kernel");
+  // The default: the wgmma kernel where it runs and fits, else the 16-warp mma.sync kernel.
+  const auto automatic = liif::cuda::plan_launch(p, 232448, true);
+  expect(automatic.path == KernelPath::kMma16 && automatic.threads == 512,
+         "by default the 16-warp mma.sync kernel where the device does not run wgmma");
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kAuto, true).path ==
+             KernelPath::kWgmma,
+         "by default the wgmma kernel where it runs");
+  expect(liif::cuda::plan_launch(p, 166912, true, TensorCoreKernel::kAuto, true).path ==
+             KernelPath::kMma16,
+         "by default the 16-warp mma.sync kernel where the wgmma ring does not fit");
+  TensorCoreKernel named = TensorCoreKernel::kMma;
+  expect(liif::cuda::tensor_core_kernel_named(nullptr, &named) && named == TensorCoreKernel::kAuto &&
+             liif::cuda::tensor_core_kernel_named("", &named) && named == TensorCoreKernel::kAuto,
+         "no name is the default");
+  expect(liif::cuda::tensor_core_kernel_named("mma", &named) && named == TensorCoreKernel::kMma &&
+             liif::cuda::tensor_core_kernel_named("auto", &named) &&
+             named == TensorCoreKernel::kAuto && !liif::cuda::tensor_core_kernel_named("wgmma ", &named),
+         "names");
   p.precision = liif::cuda::Precision::kTf32;
   for (const TensorCoreKernel k : {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs}) {
     expect(liif::cuda::plan_launch(p, 232448, true, k, true).path == KernelPath::kMma,
            "mma.sync for tf32");
   }
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kAuto, true).path ==
+             KernelPath::kMma16,
+         "by default the 16-warp mma.sync kernel for tf32");
 }
 
 void test_map_bands() {

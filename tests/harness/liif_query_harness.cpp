@@ -63,8 +63,8 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
 // 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma, 7 its warp-specialised form).
 // `max_shared_bytes` stands for the device's per-block shared-memory limit (101376 on sm_86/sm_89,
 // 232448 on sm_90); the emulated device has tensor cores and kEmulatedMultiprocessors SMs;
-// `tensor_core_kernel` ("mma", "mma16", "wmma", "wgmma" or "wgmma_ws") is the kernel preferred for
-// the reduced precisions.
+// `tensor_core_kernel` ("auto", "mma", "mma16", "wmma", "wgmma" or "wgmma_ws") is the kernel
+// preferred for the reduced precisions (the emulated device runs the wgmma kernels).
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
   TensorCoreKernel preferred = TensorCoreKernel::kMma;
   TORCH_CHECK(!tensor_core_kernel.empty() &&
                   tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
-              "host harness: tensor_core_kernel must be mma, mma16, wmma, wgmma or wgmma_ws");
+              "host harness: tensor_core_kernel must be auto, mma, mma16, wmma, wgmma or wgmma_ws");
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
