@@ -64,6 +64,12 @@ VARIANTS = {
     "fused-fp16-wgmma": ("fused", "fp16", "wgmma"),
     "fused-bf16-wgmma_ws": ("fused", "bf16", "wgmma_ws"),
     "fused-fp16-wgmma_ws": ("fused", "fp16", "wgmma_ws"),
+    # Timing probes, wrong outputs (LIIF_CUDA_TIMING_PROBE=no-map-loads: the tensor-core kernel
+    # without its first-layer map loads): their time against the kernel's own row says what the
+    # layer-0 gather costs (docs/gpu.md, "what to try next").
+    "probe-bf16-mma16-no-map-loads": ("probe", "bf16", "mma16"),
+    "probe-bf16-wgmma-no-map-loads": ("probe", "bf16", "wgmma"),
+    "probe-bf16-wgmma_ws-no-map-loads": ("probe", "bf16", "wgmma_ws"),
 }
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of the device name.
 DENSE_PEAK_TFLOPS = [
@@ -102,7 +108,13 @@ def run_variant(name, feat, coord, cell, imnet):
                 return ref.batched_query_rgb(feat, coord, cell, imnet, bsize=30000)
         if kernel is not None:
             os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = kernel  # read by the op at every call
-        return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
+        if runner != "probe":
+            return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
+        os.environ["LIIF_CUDA_TIMING_PROBE"] = "no-map-loads"
+        try:
+            return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
+        finally:
+            del os.environ["LIIF_CUDA_TIMING_PROBE"]
 
 
 def timed(name, inputs):

@@ -22,11 +22,27 @@ __device__ __forceinline__ void sync(int id, int count) {
 // mode 1: the id from a kernel argument (registers, as the kernel's 7 + buffer);
 // mode 2: mode 1, written by one lane in four after a shuffle reduction (as the last layer's fold);
 // mode 3: mode 2 over two tiles per block, alternating buffers and barriers 7 and 8;
-// mode 4: no barrier (a race).
+// mode 4: mode 2 after the kernel's barriers among subsets of the block (the consumers' ring
+//         barrier 1 of 256 threads, each consumer warpgroup's barrier 3 or 4 of 128, the
+//         producer's barrier 2 of 128), around writes of their own;
+// mode 5: no barrier (a race).
 __global__ void handover(float* out, int mode, int done_barrier) {
   __shared__ float predictions[2][256];
   const int t = threadIdx.x, lane = t % 32;
+  __shared__ float scratch[kThreads];
   const int tiles = mode == 3 ? 2 : 1;
+  if (mode == 4) {  // each warpgroup passes words around its own threads between the barriers
+    const int base = t / 128 * 128;
+    scratch[t] = t;
+    if (t >= 128) {
+      sync(1, 256);
+    } else {
+      sync(2, 128);
+    }
+    const float next = scratch[base + (t + 1) % 128];
+    sync(t >= 128 ? 3 + (t - 128) / 128 : 2, 128);
+    scratch[t] = next + 1.f;
+  }
   for (int k = 0; k < tiles; ++k) {
     const int b = k % 2;
     const int id = mode == 0 ? 7 : done_barrier + b;
@@ -44,16 +60,17 @@ __global__ void handover(float* out, int mode, int done_barrier) {
       }
       if (mode == 0) {
         asm volatile("bar.arrive 7, 384;" ::: "memory");
-      } else if (mode != 4) {
+      } else if (mode != 5) {
         arrive(id, kThreads);
       }
     } else {  // the producer
       if (mode == 0) {
         asm volatile("bar.sync 7, 384;" ::: "memory");
-      } else if (mode != 4) {
+      } else if (mode != 5) {
         sync(id, kThreads);
       }
-      out[(blockIdx.x * tiles + k) * 128 + t] = predictions[b][2 * t] + predictions[b][2 * t + 1];
+      out[(blockIdx.x * tiles + k) * 128 + t] =
+          predictions[b][2 * t] + predictions[b][2 * t + 1] + (mode == 4 ? scratch[t] : 0.f);
     }
   }
 }

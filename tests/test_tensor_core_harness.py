@@ -15,6 +15,8 @@ most twice the model's error, plus float32's 1e-5. That also catches roundings m
 a result would stay within the issue's bound.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
@@ -302,6 +304,26 @@ def test_default_kernel_is_wgmma_else_16_warps(precision, shared):
     named, _ = run(feat, coords, cells, mlp, shared, precision=precision,
                    tensor_core_kernel="wgmma" if expected_path == WGMMA else "mma16")
     assert torch.equal(out, named)
+
+
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+def test_timing_probe_without_map_loads(monkeypatch, kernel):
+    """LIIF_CUDA_TIMING_PROBE=no-map-loads (benchmarks' probe rows) reads no map row: the result
+    of an MLP whose first layer has zero feature columns (a zero map), bit for bit; unset, the
+    kernel's own."""
+    feat, coords, cells, mlp = published_problem(1, 5, 6, 50, seed=12)
+    plain, path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    no_features = copy.deepcopy(mlp)
+    with torch.no_grad():
+        no_features.layers[0].weight[:, :9 * feat.shape[1]] = 0
+    zero_map, _ = run(feat, coords, cells, no_features, precision="bf16", tensor_core_kernel=kernel)
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "no-map-loads")
+    probe, probe_path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    assert probe_path == path == tensor_core_path("bf16", True, 4, 3, SHARED_SM90, kernel)
+    assert torch.equal(probe, zero_map) and not torch.equal(probe, plain)
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "no-map")
+    with pytest.raises(RuntimeError, match="LIIF_CUDA_TIMING_PROBE must be"):
+        run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -159,7 +159,25 @@ struct QueryKernelParams {
   int widths[kMaxLayers] = {};  // output width of each layer; widths[num_layers - 1] = out_dim
   int act_pitch = 0;            // floats per activation row in shared memory
   int queries_per_block = 0;
+  // Timing probes (LIIF_CUDA_TIMING_PROBE, for benchmarks/bench_gpu.py's probe-* rows only; the
+  // outputs are then wrong): kProbeNoMapLoads reads no first-layer map rows (zeros instead), so
+  // that a tensor-core kernel's time without its layer-0 gather shows what the gather costs.
+  int timing_probe = 0;
 };
+
+constexpr int kProbeNoMapLoads = 1;
+
+// The probe a name selects ("" or null: none; "no-map-loads"), into *probe; false for any other.
+inline bool timing_probe_named(const char* name, int* probe) {
+  if (name == nullptr || name[0] == '\0') {
+    *probe = 0;
+  } else if (std::strcmp(name, "no-map-loads") == 0) {
+    *probe = kProbeNoMapLoads;
+  } else {
+    return false;
+  }
+  return true;
+}
 
 // kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form, kWgmma
 // the wgmma one, kWgmmaWs its warp-specialised, persistent form.

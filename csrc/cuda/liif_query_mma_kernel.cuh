@@ -98,8 +98,9 @@ __device__ __forceinline__ float4 first_layer_map(const QueryKernelParams<float>
                                                   const BlockShared<float, unsigned char>& s,
                                                   int r, int c) {
   const int cell = s.cell[r];
-  return cell >= 0 ? *reinterpret_cast<const float4*>(p.map + static_cast<int64_t>(cell) * kFastWidth + c)
-                   : float4{0.f, 0.f, 0.f, 0.f};
+  return cell >= 0 && !(p.timing_probe & kProbeNoMapLoads)
+             ? *reinterpret_cast<const float4*>(p.map + static_cast<int64_t>(cell) * kFastWidth + c)
+             : float4{0.f, 0.f, 0.f, 0.f};
 }
 
 // Row r's layer 0 at the columns `w` describes from its map values m, rounded as operands (zeros

@@ -177,6 +177,13 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
              liif::cuda::tensor_core_kernel_named("auto", &named) &&
              named == TensorCoreKernel::kAuto && !liif::cuda::tensor_core_kernel_named("wgmma ", &named),
          "names");
+  int probe = -1;
+  expect(liif::cuda::timing_probe_named(nullptr, &probe) && probe == 0 &&
+             liif::cuda::timing_probe_named("", &probe) && probe == 0 &&
+             liif::cuda::timing_probe_named("no-map-loads", &probe) &&
+             probe == liif::cuda::kProbeNoMapLoads &&
+             !liif::cuda::timing_probe_named("no-map", &probe),
+         "timing probe names");
   p.precision = liif::cuda::Precision::kTf32;
   for (const TensorCoreKernel k : {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs}) {
     expect(liif::cuda::plan_launch(p, 232448, true, k, true).path == KernelPath::kMma,
