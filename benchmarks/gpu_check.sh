@@ -11,7 +11,7 @@
 # path is left out of the benchmark, a failed build ends the run, each CUDA test file runs in a
 # process of its own (a crash loses that file only). A crash of a path or test process appends its
 # native stack, resolved to source lines, to its log (benchmarks/native_backtrace.c). Optional
-# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 420 s) would be exceeded.
+# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 460 s) would be exceeded.
 # Files:
 #   summary.txt  environment, then one line per step (status, seconds), issue 14's targets met or
 #                not (benchmarks/gpu_targets.py), then the verdict
@@ -33,7 +33,7 @@ fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-460}
 SUMMARY=$RESULTS/summary.txt
 DEVICE=cuda
 [ $DRY_RUN = 1 ] && DEVICE=cpu
@@ -248,7 +248,7 @@ if [ $DRY_RUN = 0 ]; then
     # hand-over; docs/gpu.md): it runs last, and if racecheck fails, again with each hazard's
     # threads and addresses.
     # shellcheck disable=SC2086,SC2046
-    step "racecheck" 150 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+    step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
       --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $(running bf16-mma16 bf16-wgmma \
       bf16-wgmma_ws) $SMALL
     if [ $? = 3 ] && ! hung bf16-wgmma_ws; then
