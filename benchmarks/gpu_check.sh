@@ -21,17 +21,21 @@
 # for the slow PSNR tests).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-cd "$(dirname "$0")/.."
 
 RESULTS=${1:-${OUT:-}}
 DRY_RUN=0
 [ "${2:-}" = "--dry-run" ] && DRY_RUN=1
-if [ -z "$RESULTS" ]; then
+if [ -z "$RESULTS" ] || [[ "$RESULTS" == -* ]]; then
   echo "usage: bash benchmarks/gpu_check.sh RESULTS_DIR [--dry-run]" >&2
   exit 2
 fi
-mkdir -p "$RESULTS"
-RESULTS=$(cd "$RESULTS" && pwd)
+# Without a usable RESULTS_DIR every log would go to / (RESULTS empty): stop here instead.
+if ! mkdir -p -- "$RESULTS" || ! RESULTS=$(cd -- "$RESULTS" && pwd) || [ ! -w "$RESULTS" ]; then
+  echo "gpu_check.sh: error: cannot write into the results folder '$RESULTS'" >&2
+  exit 2
+fi
+# RESULTS_DIR is relative to where the script was started; the rest to the checkout.
+cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
 SUMMARY=$RESULTS/summary.txt
@@ -55,18 +59,23 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # The crash handler preloaded into the path and test processes (where a C compiler is found; else
 # LD_PRELOAD stays empty): NATIVE_BACKTRACE_FILE names the log it appends to.
+# In a folder of its own under /tmp: LD_PRELOAD splits paths at spaces; concurrent checks differ.
 BACKTRACE_LIB=""
-if command -v gcc > /dev/null && gcc -O2 -shared -fPIC -o "${TMPDIR:-/tmp}/liif_native_backtrace.so" \
-    benchmarks/native_backtrace.c 2> /dev/null; then
-  BACKTRACE_LIB=${TMPDIR:-/tmp}/liif_native_backtrace.so
+BACKTRACE_DIR=$(mktemp -d /tmp/liif_backtrace.XXXXXX 2> /dev/null) || BACKTRACE_DIR=""
+if [ -n "$BACKTRACE_DIR" ] && command -v gcc > /dev/null && gcc -O2 -shared -fPIC \
+    -o "$BACKTRACE_DIR/native_backtrace.so" benchmarks/native_backtrace.c 2> /dev/null; then
+  BACKTRACE_LIB=$BACKTRACE_DIR/native_backtrace.so
 fi
 # resolve_backtraces LOG: the unnamed frames of LOG's native backtraces, as function and source
-# line (addr2line; liif_cuda is built with -g), appended to LOG after each new crash.
+# line (addr2line; liif_cuda is built with -g), appended to LOG when it has crashes not yet
+# resolved (RESOLVED_CRASHES counts them per log: one step may hold several).
+declare -A RESOLVED_CRASHES=()
 resolve_backtraces() {
-  local log=$1 frame lib offset crashes resolved
+  local log=$1 frame lib offset crashes
   crashes=$(grep -c "^== end of native backtrace" "$log" 2> /dev/null)
-  resolved=$(grep -c "^== native frames resolved" "$log" 2> /dev/null)
-  [ "${crashes:-0}" -gt "${resolved:-0}" ] && command -v addr2line > /dev/null || return 0
+  [ "${crashes:-0}" -gt "${RESOLVED_CRASHES[$log]:-0}" ] && command -v addr2line > /dev/null \
+    || return 0
+  RESOLVED_CRASHES[$log]=$crashes
   {
     echo "== native frames resolved (addr2line)"
     grep -oE "^[^ (]+\([^)]*\+0x[0-9a-f]+\)" "$log" | sort -u | while read -r frame; do
@@ -183,7 +192,13 @@ hung() { local k; k=$(kernel_of "$1"); [ -n "$k" ] && [[ " $HUNG_KERNELS " == *"
 running() { local p; for p in "$@"; do hung "$p" || printf '%s ' "$p"; done; }
 VARIANTS=fused-fp32
 PROBES=""
-for p in $("$PYTHON" benchmarks/gpu_paths.py --list); do
+# A list that cannot be made (gpu_paths.py failing to import) would leave every path unchecked.
+if ! PATHS=$("$PYTHON" benchmarks/gpu_paths.py --list 2>> "$RESULTS/paths.log") || [ -z "$PATHS" ]; then
+  note "$(printf '%-22s FAIL (gpu_paths.py --list: no paths, see paths.log)' "path list")"
+  FAILED+=("path list")
+  PATHS=""
+fi
+for p in $PATHS; do
   if hung "$p"; then
     note "$(printf '%-22s skipped (its kernel timed out on an earlier path)' "path $p")"
     continue
@@ -214,9 +229,11 @@ else
   # With a whole training step of the recipe (liif-cuda train's step against the reference
   # model's) in the same JSON, on Set5's images (at least 192x192) from the shared data.
   TRAIN_DATA=${LIIF_SHARED_DIR:-shared}/data/Set5
+  TRAIN_ARGS=()
+  [ -d "$TRAIN_DATA" ] && TRAIN_ARGS=(--train-data "$TRAIN_DATA")
   step benchmark 240 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
     --variants "$VARIANTS,reference-autocast-fp16$PROBES" --out "$BENCH_JSON" \
-    $([ -d "$TRAIN_DATA" ] && echo --train-data "$TRAIN_DATA")
+    ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
 fi
 sed -n '/^variant/,/^$/p;/^LR /p' "$RESULTS/bench.log" | tail -n 20
 
@@ -260,7 +277,8 @@ if [ $DRY_RUN = 0 ]; then
       # clean, mode 5 has no barrier and must be reported).
       step "racecheck probe" 60 "$RESULTS/tools.log" optional bash -c '
         probe=${TMPDIR:-/tmp}/racecheck_handover
-        "$CUDA_HOME/bin/nvcc" -arch=sm_90 -o "$probe" benchmarks/racecheck_handover.cu || exit 1
+        "${CUDA_HOME:+$CUDA_HOME/bin/}nvcc" -arch=sm_90 -o "$probe" benchmarks/racecheck_handover.cu \
+          || exit 1
         for mode in 0 1 2 3 4 5; do
           compute-sanitizer --tool racecheck "$probe" $mode 2>&1 | grep -E "mode|RACECHECK SUMMARY"
         done'

@@ -149,7 +149,10 @@ def test_a_crashed_test_file_loses_only_its_own_cases(tmp_path):
     log = (results / "pytest.log").read_text()
     if shutil.which("gcc") and shutil.which("addr2line"):
         assert log.count("== native backtrace (SIGSEGV)") == 1, log[-3000:]
-        assert "== end of native backtrace" in log and "== native frames resolved" in log
+        assert "== end of native backtrace" in log and log.count("== native frames resolved") == 1
+        # the unnamed frames (+0x...) resolved, each once
+        resolved = log.split("== native frames resolved")[1]
+        assert "(+0x" in resolved and " -> " in resolved, resolved[:2000]
 
 
 def test_a_failed_path_says_where_its_wrong_queries_are():
@@ -224,3 +227,123 @@ def test_a_forward_path_fails_outside_its_bounds(monkeypatch, path, spoil):
         assert res["bound"] < res["error_vs_reference"] < res["tolerance"], res
     if spoil == "nan":
         assert res["nan"] == 1 and res["wrong_queries"] >= 1, res
+
+
+def test_a_results_dir_that_is_an_option_or_unusable_stops_at_once(tmp_path):
+    """`gpu_check.sh --dry-run` (RESULTS_DIR forgotten) and a RESULTS_DIR that cannot be made end
+    with exit 2 before any step, not a check whose logs would go to /."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    proc = subprocess.run(["bash", script, "--dry-run"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage" in proc.stderr, proc.stdout + proc.stderr
+    (tmp_path / "a file").write_text("")
+    proc = subprocess.run(["bash", script, str(tmp_path / "a file" / "results"), "--dry-run"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "a file" in proc.stderr, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+
+
+# Stands in for Python on a "GPU" machine (gpu_check.sh without --dry-run): the device is sm_90, the
+# build fails for the architectures in FAKE_FAILING_ARCHS, gpu_paths.py --list fails with
+# FAKE_LIST_FAILS; everything else passes at once.
+FAKE_GPU_PYTHON = """#!{python}
+import os, sys
+args = sys.argv[1:]
+if args[:1] == ["-c"] and "get_device_capability" in args[1]:
+    print("9.0")
+elif args[:1] == ["-c"] and "get_device_name" in args[1]:
+    print("Fake_GPU")
+elif args[:3] == ["-m", "pip", "install"]:
+    arch = os.environ["TORCH_CUDA_ARCH_LIST"]
+    print("building for", arch, "LIIF_WERROR", os.environ.get("LIIF_WERROR"))
+    if arch in os.environ.get("FAKE_FAILING_ARCHS", "").split():
+        sys.exit("error: the build failed")
+    print("ptxas info    : Used 64 registers")
+elif "benchmarks/gpu_paths.py" in args:
+    rest = args[args.index("benchmarks/gpu_paths.py") + 1:]
+    if rest[0] == "--list":
+        if os.environ.get("FAKE_LIST_FAILS"):
+            sys.exit("ImportError: liif_cuda/_C.so: undefined symbol")
+        print("bf16 bf16-wgmma")
+    else:
+        print(rest[0], "ok")
+elif "benchmarks/bench_gpu.py" in args:
+    print("benchmark arguments:", args[1:])
+elif "pytest" in args:
+    print("1 passed in 0.1s")
+elif args[:1] == ["-c"]:
+    print("liif_cuda (fake)")
+else:
+    os.execv(sys.executable, [sys.executable] + args)
+"""
+
+
+def run_gpu_mode(tmp_path, **env):
+    """gpu_check.sh in its GPU mode with FAKE_GPU_PYTHON and fake compute-sanitizer and ncu (each
+    passes, printing its arguments)."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_GPU_PYTHON.format(python=sys.executable))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("compute-sanitizer", "ncu", "nvidia-smi"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n')
+    for f in [python, *bin_dir.iterdir()]:
+        f.chmod(0o755)
+    results = tmp_path / "results"
+    full_env = {**os.environ, "PYTHON": str(python), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                "LIIF_SHARED_DIR": "", **env}
+    # RESULTS_DIR relative to the directory it is run from (not the checkout)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "results"],
+                          cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
+    return proc, (results / "summary.txt").read_text(), results
+
+
+def summary_line(summary, step):
+    return next((x for x in summary.splitlines() if x.startswith(step + " ")), None)
+
+
+def test_gpu_mode_skips_the_optional_steps_beyond_the_budget(tmp_path):
+    """With 100 s of budget, memcheck and ncu (60 s limits) run, racecheck (120 s) is skipped; the
+    Set5 folder of the shared data (its path with a space) reaches the benchmark intact; a relative
+    RESULTS_DIR is taken from where the script is run."""
+    shared = tmp_path / "shared data"
+    (shared / "data" / "Set5").mkdir(parents=True)
+    proc, summary, results = run_gpu_mode(tmp_path, GPU_CHECK_BUDGET_S="100",
+                                          LIIF_SHARED_DIR=str(shared))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "building for 9.0a LIIF_WERROR 0" in (results / "build.log").read_text()
+    assert " ok " in summary_line(summary, "build")
+    for step in ("path bf16", "path bf16-wgmma", "benchmark", "memcheck", "ncu bf16-wgmma"):
+        assert " ok " in summary_line(summary, step), (step, summary)
+    assert len([x for x in summary.splitlines() if x.startswith("cuda tests ")]) == 6, summary
+    assert "skipped (" in summary_line(summary, "racecheck") and "needs 120)" in summary, summary
+    assert f"'--train-data', '{shared}/data/Set5'" in (results / "bench.log").read_text()
+    assert "verdict: every step passed" in summary
+
+
+@pytest.mark.parametrize("failing", ["9.0a", "9.0a 9.0"])
+def test_gpu_mode_build_failure(tmp_path, failing):
+    """A failed 9.0a build is retried as 9.0 (the check then runs, failed: build); when that fails
+    too, nothing else runs and the check fails."""
+    proc, summary, results = run_gpu_mode(tmp_path, FAKE_FAILING_ARCHS=failing,
+                                          GPU_CHECK_BUDGET_S="0")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAIL (exit 1)" in summary_line(summary, "build")
+    retried = summary_line(summary, "build 9.0")
+    if failing == "9.0a":
+        assert " ok " in retried and " ok " in summary_line(summary, "path bf16"), summary
+        assert "verdict: failed: build (" in summary
+    else:
+        assert "FAIL" in retried and summary_line(summary, "path bf16") is None, summary
+        assert "verdict: the build failed" in summary
+
+
+def test_a_path_list_that_fails_fails_the_check(tmp_path):
+    """gpu_paths.py --list failing (the extension does not import) fails the check: it must not pass
+    with no path checked."""
+    proc, summary, results = run_gpu_mode(tmp_path, FAKE_LIST_FAILS="1", GPU_CHECK_BUDGET_S="0")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAIL" in summary_line(summary, "path list"), summary
+    assert "undefined symbol" in (results / "paths.log").read_text()
+    assert "verdict: failed: path list (" in summary

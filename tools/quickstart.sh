@@ -9,4 +9,5 @@ cd "$(dirname "$0")/.."
 # The phase lines, without the per-kernel ptxas report (it stays in build/ptxas-report.log); setup
 # errors go to stderr, unfiltered.
 bash tools/setup_env.sh | grep --line-buffered -v '^  ptxas: '
-exec .venv/bin/python -P tools/demo.py "$@"
+# Not -P (Python < 3.11 lacks it): a script's own folder (tools/), not the root, is on sys.path.
+exec .venv/bin/python tools/demo.py "$@"

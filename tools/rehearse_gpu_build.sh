@@ -19,6 +19,11 @@ ARCH=${ARCH:-9.0a}
 VENV=$ROOT/build/rehearsal-venv
 SRC=$ROOT/build/rehearsal-src
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# Before installing torch (about 5 GB): the build needs nvcc.
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "rehearse_gpu_build.sh: error: no CUDA toolkit: $CUDA_HOME/bin/nvcc not found (set CUDA_HOME)" >&2
+  exit 2
+fi
 mkdir -p build
 START=$SECONDS
 

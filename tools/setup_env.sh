@@ -59,10 +59,12 @@ if [ "$LIIF_CUDA_TORCH" = cuda ] && [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/c
   export CUDA_HOME=/usr/local/cuda
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  run "$PYTHON" -m venv .venv
+# A .venv without pip (its creation failed or was interrupted at ensurepip) is made again; pip is
+# upgraded only in a new .venv (no index needed when re-running).
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version > /dev/null 2>&1; then
+  run "$PYTHON" -m venv --clear .venv
+  run .venv/bin/python -m pip install --upgrade pip
 fi
-run .venv/bin/python -m pip install --upgrade pip
 phase "venv ready (.venv, $(.venv/bin/python --version))"
 
 run .venv/bin/python -m pip install "$TORCH_SPEC" numpy ninja pybind11 "setuptools>=77" wheel \
@@ -80,9 +82,15 @@ fi
 
 # What was built, from the installed extension itself (not from the log, which only shows what was
 # recompiled this time).
-INFO=$(.venv/bin/python -P -c \
-  "import liif_cuda; b = liif_cuda.build_info(); print(int(b['cuda']), b['cuda_archs'] or '-')" 2>&1) || {
-  echo "setup_env.sh: error: liif_cuda was built but does not import: $INFO" >&2; exit 1; }
+# Run from / (not with -P, which Python < 3.11 lacks): the installed package, not ./liif_cuda. Only
+# stdout is parsed (an import's warnings go to the log).
+VENV_PYTHON=$PWD/.venv/bin/python ABS_LOG=$PWD/$LOG
+echo "+ import liif_cuda (from /)" >> "$LOG"
+INFO=$(cd / && "$VENV_PYTHON" -c \
+  "import liif_cuda; b = liif_cuda.build_info(); print(int(b['cuda']), b['cuda_archs'] or '-')" \
+  2>> "$ABS_LOG") || {
+  echo "setup_env.sh: error: liif_cuda was built but does not import; the end of $LOG:" >&2
+  tail -n 20 "$LOG" >&2; exit 1; }
 read -r CUDA_BUILT CUDA_ARCHS <<< "$INFO"
 PTXAS_RE='ptxas (info|warning|error) *: (Compiling entry|Used)'
 if [ "$CUDA_BUILT" = 0 ]; then
@@ -97,5 +105,5 @@ else
   if [ -s "$PTXAS_REPORT" ]; then last="the report of their last compile is in $PTXAS_REPORT"; else last="no report of their last compile was kept"; fi
   phase "liif_cuda built (CUDA kernels: $CUDA_ARCHS, up to date, not recompiled; $last)"
 fi
-phase "$(.venv/bin/python -P -c "import liif_cuda, torch; print('liif_cuda', liif_cuda.__version__, 'torch', torch.__version__, liif_cuda.build_info())")"
+phase "$(cd / && "$VENV_PYTHON" -c "import liif_cuda, torch; print('liif_cuda', liif_cuda.__version__, 'torch', torch.__version__, liif_cuda.build_info())")"
 phase "ready: run .venv/bin/liif-cuda --help (or: source .venv/bin/activate; liif-cuda --help)"

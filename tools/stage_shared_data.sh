@@ -4,12 +4,19 @@
 # of git and the device tool sends with the checkout (the ../shared beside it does not travel).
 #
 #   bash tools/stage_shared_data.sh            # from ../shared
-#   bash tools/stage_shared_data.sh DIR        # from DIR (with data/Set5 and weights/)
+#   bash tools/stage_shared_data.sh DIR        # from DIR (with data/Set5 and weights/*.pth)
 set -euo pipefail
+# DIR is relative to where the script is run from, ../shared to the checkout.
+SOURCE=${1:-}
+case $SOURCE in ""|/*) ;; *) SOURCE=$PWD/$SOURCE ;; esac
 cd "$(dirname "$0")/.."
-SOURCE=${1:-../shared}
-if [ ! -d "$SOURCE/data/Set5" ] || [ ! -d "$SOURCE/weights" ]; then
-  echo "stage_shared_data.sh: error: $SOURCE must hold data/Set5 and weights/" >&2
+SOURCE=${SOURCE:-../shared}
+if [ ! -d "$SOURCE/data/Set5" ] || ! compgen -G "$SOURCE/weights/*.pth" > /dev/null; then
+  echo "stage_shared_data.sh: error: $SOURCE must hold data/Set5 and weights/*.pth" >&2
+  exit 2
+fi
+if [ "$(cd "$SOURCE" && pwd -P)" = "$(mkdir -p shared && cd shared && pwd -P)" ]; then
+  echo "stage_shared_data.sh: error: $SOURCE is ./shared itself" >&2
   exit 2
 fi
 mkdir -p shared/data shared/weights
