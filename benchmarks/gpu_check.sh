@@ -238,7 +238,7 @@ fi
 sed -n '/^variant/,/^$/p;/^LR /p' "$RESULTS/bench.log" | tail -n 20
 
 # One process per file (-P: the installed liif_cuda, not the source folder, which has no compiled
-# _C): a crash loses that file's cases only (run 5: a CPU case crashed its whole process).
+# _C): a crash loses that file's cases only (run 6: a CPU case crashed its whole process).
 for f in $CUDA_TESTS; do
   HYPOTHESIS_PROFILE=gpu step "cuda tests $(basename "$f" .py)" 120 "$RESULTS/pytest.log" required \
     env LD_PRELOAD="$BACKTRACE_LIB" NATIVE_BACKTRACE_FILE="$RESULTS/pytest.log" \
@@ -251,7 +251,7 @@ done
 if [ $DRY_RUN = 0 ]; then
   SMALL="--small --device cuda --no-profile"
   # compute-sanitizer on small problems first (no caching allocator, so that memcheck sees each
-  # buffer; run 5's follow-up: memcheck 7 s for four kernels, racecheck about 30 s per kernel),
+  # buffer; run 6's follow-up: memcheck 7 s for four kernels, racecheck about 30 s per kernel),
   # then Nsight Compute on one launch of each kernel at the default size (about 46k queries), with
   # the warp stall reasons and where in the source the warps stall (SourceCounters; -lineinfo).
   if command -v compute-sanitizer > /dev/null; then
@@ -260,7 +260,7 @@ if [ $DRY_RUN = 0 ]; then
       compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
       bf16-wgmma_ws tf32 bf16-wmma) $SMALL
-    # Run 5: racecheck reported hazards in the warp-specialised kernel alone (its predictions,
+    # Run 6: racecheck reported hazards in the warp-specialised kernel alone (its predictions,
     # written by the consumers, read by the producer's blend after a bar.arrive / bar.sync
     # hand-over; docs/gpu.md): it runs last, and if racecheck fails, again with each hazard's
     # threads and addresses.

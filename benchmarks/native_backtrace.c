@@ -1,7 +1,7 @@
 // Loaded into the GPU check's Python processes (LD_PRELOAD, benchmarks/gpu_check.sh): on a crash
 // (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) it appends the native stack to the file named by
 // NATIVE_BACKTRACE_FILE, then lets the signal end the process as it would have. The GPU machine has
-// no gdb, and faulthandler shows only Python frames: run 5 lost a CPU test's crash to that.
+// no gdb, and faulthandler shows only Python frames: run 6 lost a CPU test's crash to that.
 // Installed before Python starts, so pytest's faulthandler, which chains to the handler it
 // replaces, still prints the Python frames first.
 #define _GNU_SOURCE
