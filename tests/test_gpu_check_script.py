@@ -59,37 +59,47 @@ def test_usage_error_without_results_dir():
 
 
 FAKE_PYTHON = """#!{python}
-# Stands in for Python in gpu_check.sh's dry run: the path bf16-wgmma_ws hangs, every other path,
-# the benchmark and the tests pass at once; the tests print the kernels they were told hung.
-import os, sys, time
+# Stands in for Python in gpu_check.sh's dry run: the path FAKE_HANG_PATH hangs and the test file
+# FAKE_CRASH_TEST crashes its process (SIGSEGV); every other path, the benchmark and the tests pass
+# at once; the tests print the kernels they were told hung.
+import os, signal, sys, time
 args = sys.argv[1:]
 if "benchmarks/gpu_paths.py" in args:
     rest = args[args.index("benchmarks/gpu_paths.py") + 1:]
     if rest[0] == "--list":
         print("bf16 bf16-wgmma_ws fp16-wgmma_ws bf16-wgmma")
-    elif rest[0] == "bf16-wgmma_ws":
+    elif rest[0] == os.environ.get("FAKE_HANG_PATH"):
         time.sleep(60)
     else:
         print(rest[0], "ok")
 elif "benchmarks/bench_gpu.py" in args:
     print("variants:", args[args.index("--variants") + 1])
 elif "pytest" in args:
+    if os.environ.get("FAKE_CRASH_TEST") and args[-1].endswith(os.environ["FAKE_CRASH_TEST"]):
+        os.kill(os.getpid(), signal.SIGSEGV)
     print("hung kernels:", repr(os.environ.get("LIIF_GPU_CHECK_HUNG_KERNELS")))
 else:
     os.execv(sys.executable, [sys.executable] + args)
 """
 
 
-def test_a_hung_kernel_is_not_run_again(tmp_path):
-    """A kernel whose path times out (a hang on the GPU) costs one path's limit: its other paths are
-    skipped, the benchmark leaves it out and the CUDA tests are told to skip it."""
+def run_dry_with_fake_python(tmp_path, **env):
+    """gpu_check.sh --dry-run with FAKE_PYTHON as its Python: (process, results folder)."""
     python = tmp_path / "python"
     python.write_text(FAKE_PYTHON.format(python=sys.executable))
     python.chmod(0o755)
     results = tmp_path / "results"
-    env = {**os.environ, "PYTHON": str(python), "GPU_CHECK_PATH_LIMIT_S": "3"}
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(results),
-                           "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+                           "--dry-run"], env={**os.environ, "PYTHON": str(python), **env},
+                          capture_output=True, text=True, timeout=300)
+    return proc, results
+
+
+def test_a_hung_kernel_is_not_run_again(tmp_path):
+    """A kernel whose path times out (a hang on the GPU) costs one path's limit: its other paths are
+    skipped, the benchmark leaves it out and the CUDA tests are told to skip it."""
+    proc, results = run_dry_with_fake_python(tmp_path, FAKE_HANG_PATH="bf16-wgmma_ws",
+                                             GPU_CHECK_PATH_LIMIT_S="3")
     summary = (results / "summary.txt").read_text()
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = summary.splitlines()
@@ -105,36 +115,11 @@ def test_a_hung_kernel_is_not_run_again(tmp_path):
     assert "verdict: failed: path bf16-wgmma_ws (" in summary
 
 
-CRASHING_PYTHON = """#!{python}
-# Stands in for Python in gpu_check.sh's dry run: every path and the benchmark pass at once; the
-# test file test_query_saved_map.py crashes its process (SIGSEGV), the others pass.
-import os, signal, sys
-args = sys.argv[1:]
-if "benchmarks/gpu_paths.py" in args:
-    rest = args[args.index("benchmarks/gpu_paths.py") + 1:]
-    print("bf16" if rest[0] == "--list" else rest[0] + " ok")
-elif "benchmarks/bench_gpu.py" in args:
-    print("variants:", args[args.index("--variants") + 1])
-elif "pytest" in args:
-    if args[-1].endswith("test_query_saved_map.py"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    print("3 passed in 0.1s")
-else:
-    os.execv(sys.executable, [sys.executable] + args)
-"""
-
-
 def test_a_crashed_test_file_loses_only_its_own_cases(tmp_path):
     """Each CUDA test file runs in a process of its own: one that crashes fails its step, with its
     native stack in pytest.log (where a C compiler built the crash handler), and the other files
     still run."""
-    python = tmp_path / "python"
-    python.write_text(CRASHING_PYTHON.format(python=sys.executable))
-    python.chmod(0o755)
-    results = tmp_path / "results"
-    env = {**os.environ, "PYTHON": str(python)}
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(results),
-                           "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    proc, results = run_dry_with_fake_python(tmp_path, FAKE_CRASH_TEST="test_query_saved_map.py")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (results / "summary.txt").read_text()
     steps = [x for x in summary.splitlines() if x.startswith("cuda tests ")]

@@ -37,17 +37,6 @@ TensorCoreKernel preferred_tensor_core_kernel() {
   return kernel;
 }
 
-// LIIF_CUDA_TIMING_PROBE: unset or empty in every real use; "no-map-loads" makes the tensor-core
-// kernels skip their first-layer map loads (wrong outputs: a benchmark's probe of what they cost).
-int requested_timing_probe() {
-  const char* value = std::getenv("LIIF_CUDA_TIMING_PROBE");
-  int probe = 0;
-  TORCH_CHECK(timing_probe_named(value, &probe),
-              "liif_cuda.query: LIIF_CUDA_TIMING_PROBE must be unset, empty or no-map-loads, got '",
-              value, "'");
-  return probe;
-}
-
 // Whether a device of compute capability major.minor runs this build's wgmma kernel: sm_90a code
 // runs on 9.0 only, and the build has it only without plain sm_90 code beside it (setup.py).
 bool runs_wgmma(int major, int minor) {

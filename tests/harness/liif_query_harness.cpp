@@ -89,10 +89,7 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
     const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
                                                 /*has_tensor_cores=*/true, preferred,
                                                 /*has_wgmma=*/true);
-    // As liif_cuda.query reads it (benchmarks' timing probes).
-    TORCH_CHECK(timing_probe_named(std::getenv("LIIF_CUDA_TIMING_PROBE"),
-                                   &prepared.params.timing_probe),
-                "host harness: LIIF_CUDA_TIMING_PROBE must be unset, empty or no-map-loads");
+    prepared.params.timing_probe = requested_timing_probe();  // as liif_cuda.query reads it
     run_kernel(prepared.params, plan, reverse_order);
     out = prepared.out;
     path = static_cast<int64_t>(plan.path);
