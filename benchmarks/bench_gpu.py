@@ -64,13 +64,18 @@ VARIANTS = {
     "fused-fp16-wgmma": ("fused", "fp16", "wgmma"),
     "fused-bf16-wgmma_ws": ("fused", "bf16", "wgmma_ws"),
     "fused-fp16-wgmma_ws": ("fused", "fp16", "wgmma_ws"),
-    # Timing probes, wrong outputs (LIIF_CUDA_TIMING_PROBE=no-map-loads: the tensor-core kernel
-    # without its first-layer map loads): their time against the kernel's own row says what the
-    # layer-0 gather costs (docs/gpu.md, "what to try next").
-    "probe-bf16-mma16-no-map-loads": ("probe", "bf16", "mma16"),
-    "probe-bf16-wgmma-no-map-loads": ("probe", "bf16", "wgmma"),
-    "probe-bf16-wgmma_ws-no-map-loads": ("probe", "bf16", "wgmma_ws"),
 }
+# Timing probes, wrong outputs: a tensor-core kernel without one or both of its data streams
+# (LIIF_CUDA_TIMING_PROBE: no first-layer map loads, no hidden-layer weight copies). Their times
+# against the kernel's own row say what the layer-0 gather and the weight stream cost
+# (docs/gpu.md, "what to try next"). Never counted against the targets.
+# Variant name: LIIF_CUDA_TIMING_PROBE's value.
+PROBES = {f"probe-bf16-{kernel}-{name}": value
+          for kernel in ("mma16", "wgmma", "wgmma_ws")
+          for name, value in (("no-map-loads", "no-map-loads"),
+                              ("no-weight-loads", "no-weight-loads"),
+                              ("no-loads", "no-map-loads,no-weight-loads"))}
+VARIANTS.update({name: ("probe", "bf16", name.split("-")[2]) for name in PROBES})
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of the device name.
 DENSE_PEAK_TFLOPS = [
     ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
@@ -79,6 +84,13 @@ DENSE_PEAK_TFLOPS = [
     ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
     ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
 ]
+
+
+def with_probes(variants):
+    """The variants and the timing probes of each probed kernel whose bf16 variant is among them
+    (a kernel left out, say one that hung, is not probed either)."""
+    return variants + [name for name in PROBES if name not in variants
+                       and f"fused-bf16-{VARIANTS[name][2]}" in variants]
 
 
 def dense_peak(device_name):
@@ -110,7 +122,7 @@ def run_variant(name, feat, coord, cell, imnet):
             os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = kernel  # read by the op at every call
         if runner != "probe":
             return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
-        os.environ["LIIF_CUDA_TIMING_PROBE"] = "no-map-loads"
+        os.environ["LIIF_CUDA_TIMING_PROBE"] = PROBES[name]
         try:
             return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
         finally:
@@ -223,13 +235,14 @@ def measure_case(case, variants, repeats, device, peaks, failed):
     }
     print(f"\nLR {width}x{height} -> {width * scale}x{height * scale}, {queries} queries, "
           f"{flops / 1e12:.2f} TFLOP needed")
-    print(f"{'variant':<24} {'ms':>8} {'q/s':>10} {'vs ref':>7} {'vs ref16':>8} {'MiB':>7} "
+    name_width = max(len(k) for k in names)
+    print(f"{'variant':<{name_width}} {'ms':>8} {'q/s':>10} {'vs ref':>7} {'vs ref16':>8} {'MiB':>7} "
           f"{'mem':>6} {'rel err':>8} {'TFLOP/s':>8} {'% peak':>6}")
     frac = row["fraction_of_dense_peak"]
     vs16 = row["speedup_vs_reference_autocast_fp16"]
     ratio = row["memory_ratio"]
     for k in names:
-        cells = [f"{k:<24}", f"{med[k] * 1e3:>8.2f}", f"{queries / med[k]:>10.3e}",
+        cells = [f"{k:<{name_width}}", f"{med[k] * 1e3:>8.2f}", f"{queries / med[k]:>10.3e}",
                  f"{row['speedup_vs_reference'][k]:>6.2f}x",
                  f"{'' if vs16 is None else f'{vs16[k]:.2f}x':>8}",
                  f"{'' if ratio is None else f'{mem[k] / 2**20:.0f}':>7}",
@@ -312,6 +325,9 @@ def main():
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a dry run of this script on tiny cases")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--probes", action="store_true",
+                        help="also the timing probes (probe-* rows) of each bf16 variant among "
+                             "--variants whose kernel has them")
     parser.add_argument("--skip-training", action="store_true",
                         help="leave out the forward + backward at the training shape")
     parser.add_argument("--train-data", default=None,
@@ -322,6 +338,8 @@ def main():
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose among {', '.join(VARIANTS)}")
+    if args.probes:
+        variants = with_probes(variants)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu for a dry run)")
     if args.device == "cuda" and not liif_cuda.build_info()["cuda"]:

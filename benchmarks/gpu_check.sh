@@ -191,7 +191,6 @@ hung() { local k; k=$(kernel_of "$1"); [ -n "$k" ] && [[ " $HUNG_KERNELS " == *"
 # running PATH...: those of the paths whose kernel has not hung.
 running() { local p; for p in "$@"; do hung "$p" || printf '%s ' "$p"; done; }
 VARIANTS=fused-fp32
-PROBES=""
 # A list that cannot be made (gpu_paths.py failing to import) would leave every path unchecked.
 if ! PATHS=$("$PYTHON" benchmarks/gpu_paths.py --list 2>> "$RESULTS/paths.log") || [ -z "$PATHS" ]; then
   note "$(printf '%-22s FAIL (gpu_paths.py --list: no paths, see paths.log)' "path list")"
@@ -209,8 +208,6 @@ for p in $PATHS; do
   resolve_backtraces "$RESULTS/paths.log"
   if [ $rc = 0 ]; then
     case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws) VARIANTS="$VARIANTS,fused-$p" ;; esac
-    # The timing probes of the kernels whose gather run 6 could not separate from their products.
-    case $p in bf16-mma16|bf16-wgmma|bf16-wgmma_ws) PROBES="$PROBES,probe-$p-no-map-loads" ;; esac
   elif [ $rc = 124 ] || [ $rc = 137 ]; then
     [ -n "$(kernel_of "$p")" ] && HUNG_KERNELS="$HUNG_KERNELS $(kernel_of "$p")"
   fi
@@ -223,7 +220,7 @@ TAG=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' 
 BENCH_JSON=$RESULTS/gpu_query_${TAG}_$(date -u +%Y%m%d).json
 if [ $DRY_RUN = 1 ]; then
   step benchmark 120 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py --device cpu \
-    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16$PROBES" --skip-training \
+    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --probes --skip-training \
     --out "$BENCH_JSON"
 else
   # With a whole training step of the recipe (liif-cuda train's step against the reference
@@ -232,10 +229,11 @@ else
   TRAIN_ARGS=()
   [ -d "$TRAIN_DATA" ] && TRAIN_ARGS=(--train-data "$TRAIN_DATA")
   step benchmark 240 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
-    --variants "$VARIANTS,reference-autocast-fp16$PROBES" --out "$BENCH_JSON" \
+    --variants "$VARIANTS,reference-autocast-fp16" --probes --out "$BENCH_JSON" \
     ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
 fi
-sed -n '/^variant/,/^$/p;/^LR /p' "$RESULTS/bench.log" | tail -n 20
+# The first case's table (the 1080p frame; bench.log has them all).
+sed -n '/^LR /,/^$/p' "$RESULTS/bench.log" | sed '/^$/q'
 
 # One process per file (-P: the installed liif_cuda, not the source folder, which has no compiled
 # _C): a crash loses that file's cases only (run 6: a CPU case crashed its whole process).

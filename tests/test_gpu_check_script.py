@@ -36,6 +36,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert [r["path"] for r in lines] == paths and all(r["ok"] for r in lines)
     bench = json.loads(next(results.glob("gpu_query_*.json")).read_text())
     assert bench["rows"] and not bench["failed_variants"]
+    assert "probe-bf16-wgmma_ws-no-weight-loads" in bench["rows"][0]["median_s"]  # --probes
 
 
 def test_gpu_check_runs_every_test_file_with_gpu_cases():

@@ -169,3 +169,15 @@ def test_dense_peaks_and_flop_count_behind_the_fraction(run4):
     peak = run4["machine"]["dense_peak_tflops"]["bf16"]
     assert row["fraction_of_dense_peak"]["fused-bf16"] == pytest.approx(
         flops / row["median_s"]["fused-bf16"] / 1e12 / peak, rel=1e-9)
+
+
+def test_timing_probes_follow_their_kernels_variants():
+    """--probes adds the probe rows of the kernels benchmarked in bf16, and only theirs."""
+    import bench_gpu
+    picked = bench_gpu.with_probes(["reference", "fused-bf16-wgmma", "fused-fp16-wgmma_ws",
+                                    "probe-bf16-wgmma-no-loads"])
+    assert picked == ["reference", "fused-bf16-wgmma", "fused-fp16-wgmma_ws",
+                      "probe-bf16-wgmma-no-loads", "probe-bf16-wgmma-no-map-loads",
+                      "probe-bf16-wgmma-no-weight-loads"]
+    assert all(bench_gpu.VARIANTS[v][0] == "probe" and gpu_targets.precision_of(v) is None
+               for v in picked[3:])

@@ -321,9 +321,25 @@ def test_timing_probe_without_map_loads(monkeypatch, kernel):
     probe, probe_path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
     assert probe_path == path == tensor_core_path("bf16", True, 4, 3, SHARED_SM90, kernel)
     assert torch.equal(probe, zero_map) and not torch.equal(probe, plain)
-    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "no-map")
-    with pytest.raises(RuntimeError, match="LIIF_CUDA_TIMING_PROBE must be"):
-        run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    for bad in ("no-map", "no-map-loads,", "no-map-loads,,no-weight-loads"):
+        monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", bad)
+        with pytest.raises(RuntimeError, match="LIIF_CUDA_TIMING_PROBE must be"):
+            run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+
+
+@pytest.mark.parametrize("probes", ["no-weight-loads", "no-map-loads,no-weight-loads"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+def test_timing_probe_without_weight_loads(monkeypatch, kernel, probes):
+    """LIIF_CUDA_TIMING_PROBE=no-weight-loads copies no hidden-layer weight into the ring (the
+    harness hands the probe a misaligned weight pointer, so any copy would be an error), and the
+    products read what the harness fills shared memory with before each block (NaN bytes): every
+    output NaN, where the kernel's own are finite; the same with both probes at once."""
+    feat, coords, cells, mlp = published_problem(1, 5, 6, 50, seed=12)
+    plain, path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", probes)
+    probe, probe_path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    assert probe_path == path == tensor_core_path("bf16", True, 4, 3, SHARED_SM90, kernel)
+    assert torch.isfinite(plain).all() and torch.isnan(probe).all()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -160,22 +160,40 @@ struct QueryKernelParams {
   int act_pitch = 0;            // floats per activation row in shared memory
   int queries_per_block = 0;
   // Timing probes (LIIF_CUDA_TIMING_PROBE, for benchmarks/bench_gpu.py's probe-* rows only; the
-  // outputs are then wrong): kProbeNoMapLoads reads no first-layer map rows (zeros instead), so
-  // that a tensor-core kernel's time without its layer-0 gather shows what the gather costs.
+  // outputs are then wrong), bits of kProbe*: each takes one of the tensor-core kernels' data
+  // streams away, so that the kernel's time without it shows what that stream costs.
   int timing_probe = 0;
 };
 
+// No first-layer map rows read (zeros instead): the layer-0 gather.
 constexpr int kProbeNoMapLoads = 1;
+// No hidden-layer weights copied into the ring (the products read whatever it holds): the weight
+// stream. Its waits and barriers stay.
+constexpr int kProbeNoWeightLoads = 2;
 
-// The probe a name selects ("" or null: none; "no-map-loads"), into *probe; false for any other.
+// The probes a comma-separated list of names selects ("" or null: none; "no-map-loads",
+// "no-weight-loads"), into *probe; false for anything else (an unknown or empty name).
 inline bool timing_probe_named(const char* name, int* probe) {
-  if (name == nullptr || name[0] == '\0') {
-    *probe = 0;
-  } else if (std::strcmp(name, "no-map-loads") == 0) {
-    *probe = kProbeNoMapLoads;
-  } else {
-    return false;
+  int bits = 0;
+  if (name != nullptr && name[0] != '\0') {
+    for (const char* start = name;; ++start) {
+      const char* end = std::strchr(start, ',');
+      const size_t length = end == nullptr ? std::strlen(start) : static_cast<size_t>(end - start);
+      auto is = [&](const char* probe_name) {
+        return std::strlen(probe_name) == length && std::strncmp(start, probe_name, length) == 0;
+      };
+      if (is("no-map-loads")) {
+        bits |= kProbeNoMapLoads;
+      } else if (is("no-weight-loads")) {
+        bits |= kProbeNoWeightLoads;
+      } else {
+        return false;
+      }
+      if (end == nullptr) break;
+      start = end;
+    }
   }
+  *probe = bits;
   return true;
 }
 

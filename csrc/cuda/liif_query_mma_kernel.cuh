@@ -284,12 +284,13 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
   constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
   const int chunks = hidden * kChunksPerLayer;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+  const bool copy_weights = !(p.timing_probe & kProbeNoWeightLoads);
 
   // The first chunks stream in while the geometry and layer 0 are computed. Every thread commits
   // one group per chunk slot, empty past the last chunk, so that "chunk c has landed" is always
   // "at most kMmaStages - 2 groups pending" at chunk c.
   for (int c = 0; c < kMmaStages - 1; ++c) {
-    if (c < chunks) mma_fetch_chunk<kThreads>(weights, c, ring);
+    if (c < chunks && copy_weights) mma_fetch_chunk<kThreads>(weights, c, ring);
     async_copy_commit();
   }
   load_geometry(p, s, first, layout.queries);
@@ -323,7 +324,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
       // slot the next fetch refills.
       async_copy_wait<kMmaStages - 2>();
       __syncthreads();
-      if (chunk + kMmaStages - 1 < chunks) {
+      if (chunk + kMmaStages - 1 < chunks && copy_weights) {
         mma_fetch_chunk<kThreads>(weights, chunk + kMmaStages - 1, ring);
       }
       async_copy_commit();

@@ -165,13 +165,15 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
 }
 
 // LIIF_CUDA_TIMING_PROBE (read by liif_cuda.query and the host harness): unset or empty in every
-// real use; "no-map-loads" makes the tensor-core kernels skip their first-layer map loads (wrong
-// outputs: a benchmark's probe of what they cost).
+// real use; a comma-separated list of "no-map-loads" and "no-weight-loads" makes the tensor-core
+// kernels skip their first-layer map loads or their hidden-layer weight copies (wrong outputs: a
+// benchmark's probe of what they cost).
 inline int requested_timing_probe() {
   const char* value = std::getenv("LIIF_CUDA_TIMING_PROBE");
   int probe = 0;
   TORCH_CHECK(timing_probe_named(value, &probe),
-              "liif_cuda.query: LIIF_CUDA_TIMING_PROBE must be unset, empty or no-map-loads, got '",
+              "liif_cuda.query: LIIF_CUDA_TIMING_PROBE must be unset, empty or a comma-separated "
+              "list of no-map-loads and no-weight-loads, got '",
               value, "'");
   return probe;
 }

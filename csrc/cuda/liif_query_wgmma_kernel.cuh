@@ -158,12 +158,13 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int hidden = p.num_layers - 2;
   const int chunks = hidden * kChunksPerLayer;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+  const bool copy_weights = !(p.timing_probe & kProbeNoWeightLoads);
 
   // The first chunks stream in while the geometry and layer 0 are computed. One group per chunk
   // slot, empty past the last chunk: chunk c has landed when at most kWgmmaStages - 3 groups are
   // pending at chunk c.
   for (int c = 0; c < kWgmmaStages - 2; ++c) {
-    if (c < chunks) wgmma_fetch_chunk(weights, c, ring + c * kWgmmaChunkBytes);
+    if (c < chunks && copy_weights) wgmma_fetch_chunk(weights, c, ring + c * kWgmmaChunkBytes);
     async_copy_commit();
   }
   load_geometry(p, s, first, layout.queries);
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
       async_copy_wait<kWgmmaStages - 3>();
       fence_proxy_async();
       __syncthreads();
-      if (chunk + kWgmmaStages - 2 < chunks) {
+      if (chunk + kWgmmaStages - 2 < chunks && copy_weights) {
         const int next = chunk + kWgmmaStages - 2;
         wgmma_fetch_chunk(weights, next, ring + (next % kWgmmaStages) * kWgmmaChunkBytes);
       }

@@ -181,7 +181,9 @@ __device__ void ws_consumer(const QueryKernelParams<float>& p, unsigned char* sm
   // The chunk stream: the next fetch's chunk of the tile and ring slot, counted rather than
   // divided (a 64-bit division per chunk), and how many chunks are left to fetch.
   int fetch_chunk = 0, fetch_slot = 0;
-  int64_t unfetched = static_cast<int64_t>(my_tiles) * chunks;
+  // (None with the no-weight-loads timing probe.)
+  int64_t unfetched =
+      p.timing_probe & kProbeNoWeightLoads ? 0 : static_cast<int64_t>(my_tiles) * chunks;
   auto fetch_next = [&] {
     if (unfetched > 0) {
       wgmma_fetch_chunk(weights, fetch_chunk, ring + fetch_slot * kWgmmaChunkBytes, worker);

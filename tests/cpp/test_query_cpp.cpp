@@ -182,7 +182,14 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
              liif::cuda::timing_probe_named("", &probe) && probe == 0 &&
              liif::cuda::timing_probe_named("no-map-loads", &probe) &&
              probe == liif::cuda::kProbeNoMapLoads &&
-             !liif::cuda::timing_probe_named("no-map", &probe),
+             liif::cuda::timing_probe_named("no-weight-loads", &probe) &&
+             probe == liif::cuda::kProbeNoWeightLoads &&
+             liif::cuda::timing_probe_named("no-weight-loads,no-map-loads", &probe) &&
+             probe == (liif::cuda::kProbeNoMapLoads | liif::cuda::kProbeNoWeightLoads) &&
+             !liif::cuda::timing_probe_named("no-map", &probe) &&
+             !liif::cuda::timing_probe_named("no-map-loads,", &probe) &&
+             !liif::cuda::timing_probe_named(",no-map-loads", &probe) &&
+             !liif::cuda::timing_probe_named("no-map-loads no-weight-loads", &probe),
          "timing probe names");
   p.precision = liif::cuda::Precision::kTf32;
   for (const TensorCoreKernel k : {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs}) {
