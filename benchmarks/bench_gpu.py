@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -111,7 +112,8 @@ def make_inputs(width, height, scale, device):
     return feat, coord, cell, imnet
 
 
-def run_variant(name, feat, coord, cell, imnet):
+def run_variant(name, feat, coord, cell, imnet, extra_probe=None):
+    """The variant's output; `extra_probe` (a LIIF_CUDA_TIMING_PROBE name) is added to its own."""
     runner, precision, kernel = VARIANTS[name]
     with torch.no_grad():
         if runner == "reference":
@@ -120,13 +122,42 @@ def run_variant(name, feat, coord, cell, imnet):
                 return ref.batched_query_rgb(feat, coord, cell, imnet, bsize=30000)
         if kernel is not None:
             os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = kernel  # read by the op at every call
-        if runner != "probe":
+        probes = [p for p in (PROBES.get(name), extra_probe) if p]
+        if not probes:
             return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
-        os.environ["LIIF_CUDA_TIMING_PROBE"] = PROBES[name]
+        os.environ["LIIF_CUDA_TIMING_PROBE"] = ",".join(probes)
         try:
             return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
         finally:
             del os.environ["LIIF_CUDA_TIMING_PROBE"]
+
+
+def phase_clocks(name, inputs):
+    """Where the variant's kernel spends its cycles: the line the phase-clocks timing probe prints
+    (csrc/cuda/liif_phase_clocks.h) from C++ on the process's stderr, caught there, as a dict
+    (kernel, blocks, tiles, cycles per tile of each phase and in all); None where none is printed
+    (a kernel without clocks, or the CPU)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            run_variant(name, *inputs, extra_probe="phase-clocks")
+            if inputs[0].is_cuda:
+                torch.cuda.synchronize()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read().decode(errors="replace")
+    prefix = "liif_cuda phase clocks: "
+    lines = [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
+    sys.stderr.write("".join(line + "\n" for line in text.splitlines()
+                             if not line.startswith(prefix)))  # anything else, passed on
+    if not lines:
+        return None
+    values = dict(item.split("=", 1) for item in lines[-1].split())
+    return {k: v if k == "kernel" else float(v) for k, v in values.items()}
 
 
 def timed(name, inputs):
@@ -188,8 +219,10 @@ def device_info(device):
     }
 
 
-def measure_case(case, variants, repeats, device, peaks, failed):
-    """One case's row; variants that raise are recorded in `failed` (name -> error) and skipped."""
+def measure_case(case, variants, repeats, device, peaks, failed, with_phase_clocks=False):
+    """One case's row; variants that raise are recorded in `failed` (name -> error) and skipped.
+    With `with_phase_clocks`, the row's "phase_clocks": each tensor-core variant's (phase_clocks),
+    from one more call after the timed ones."""
     width, height, scale = (int(v) for v in case.lower().split("x"))
     inputs = make_inputs(width, height, scale, device)
     queries = inputs[1].shape[1]
@@ -249,10 +282,23 @@ def measure_case(case, variants, repeats, device, peaks, failed):
                  f"{'' if ratio is None else f'{ratio[k]:.3f}':>6}", f"{rel_err[k]:>8.1e}",
                  f"{tflops[k]:>8.1f}", f"{'' if frac is None else f'{100 * frac[k]:.1f}':>6}"]
         print(" ".join(cells), flush=True)
+    if with_phase_clocks:
+        row["phase_clocks"] = {k: phase_clocks(k, inputs) for k in names
+                               if VARIANTS[k][2] in ("mma", "mma16", "wgmma", "wgmma_ws")}
+        print_phase_clocks(row["phase_clocks"], name_width)
     del inputs
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def print_phase_clocks(clocks, name_width):
+    phases = ["geometry", "first_layer", "layers", "blend", "total"]
+    print("\nphase clocks, cycles per tile of 128 rows (LIIF_CUDA_TIMING_PROBE=phase-clocks)")
+    print(f"{'variant':<{name_width}} " + " ".join(f"{p:>11}" for p in phases))
+    for k, values in clocks.items():
+        cells = ["" if values is None or p not in values else f"{values[p]:.0f}" for p in phases]
+        print(f"{k:<{name_width}} " + " ".join(f"{c:>11}" for c in cells), flush=True)
 
 
 def measure_training(device, repeats):
@@ -328,6 +374,9 @@ def main():
     parser.add_argument("--probes", action="store_true",
                         help="also the timing probes (probe-* rows) of each bf16 variant among "
                              "--variants whose kernel has them")
+    parser.add_argument("--phase-clocks", action="store_true",
+                        help="also where each tensor-core variant's kernel spends its cycles "
+                             "(LIIF_CUDA_TIMING_PROBE=phase-clocks, one more call each)")
     parser.add_argument("--skip-training", action="store_true",
                         help="leave out the forward + backward at the training shape")
     parser.add_argument("--train-data", default=None,
@@ -365,7 +414,7 @@ def main():
     out = args.out or new_results_path(stem)
     for case in args.cases.split(","):
         result["rows"].append(measure_case(case, variants, args.repeats, args.device, peaks,
-                                           result["failed_variants"]))
+                                           result["failed_variants"], args.phase_clocks))
         write_results(result, stem, out)
     if not args.skip_training:
         result["training_forward_backward"] = measure_training(args.device, args.repeats)

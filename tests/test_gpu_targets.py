@@ -181,3 +181,24 @@ def test_timing_probes_follow_their_kernels_variants():
                       "probe-bf16-wgmma-no-weight-loads"]
     assert all(bench_gpu.VARIANTS[v][0] == "probe" and gpu_targets.precision_of(v) is None
                for v in picked[3:])
+
+
+def test_phase_clocks_are_read_from_the_ops_stderr(monkeypatch, capfd):
+    """bench_gpu.py --phase-clocks reads the line the op prints from C++ on the process's stderr
+    (file descriptor 2, not sys.stderr) and passes anything else on."""
+    import bench_gpu
+    import torch
+
+    def op_printing(name, *inputs, extra_probe=None):
+        assert (name, extra_probe) == ("fused-bf16-wgmma", "phase-clocks")
+        os.write(2, b"a warning\nliif_cuda phase clocks: kernel=wgmma blocks=2 tiles=2 geometry=20 "
+                    b"first_layer=30 layers=250 blend=15 total=315\n")
+
+    monkeypatch.setattr(bench_gpu, "run_variant", op_printing)
+    clocks = bench_gpu.phase_clocks("fused-bf16-wgmma", (torch.zeros(1),))
+    assert clocks == {"kernel": "wgmma", "blocks": 2, "tiles": 2, "geometry": 20, "first_layer": 30,
+                      "layers": 250, "blend": 15, "total": 315}
+    err = capfd.readouterr().err
+    assert "a warning" in err and "phase clocks" not in err
+    monkeypatch.setattr(bench_gpu, "run_variant", lambda *args, **kwargs: None)
+    assert bench_gpu.phase_clocks("fused-bf16-wgmma", (torch.zeros(1),)) is None

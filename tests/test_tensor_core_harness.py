@@ -342,6 +342,33 @@ def test_timing_probe_without_weight_loads(monkeypatch, kernel, probes):
     assert torch.isfinite(plain).all() and torch.isnan(probe).all()
 
 
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+def test_phase_clocks_probe(monkeypatch, capfd, kernel):
+    """LIIF_CUDA_TIMING_PROBE=phase-clocks changes no output bit and prints one line: each phase's
+    mean cycles per tile (the harness's clock is in nanoseconds), adding up to the block's total;
+    for the warp-specialised kernel the total only. 180 queries: 6 tiles of 32, on 6 blocks, or
+    on the emulated device's 2 SMs for the persistent kernel."""
+    feat, coords, cells, mlp = published_problem(2, 4, 7, 90, seed=13)
+    plain, _ = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    assert "phase clocks" not in capfd.readouterr().err  # without the probe, no line
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "phase-clocks")
+    probed, _ = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    assert torch.equal(probed, plain)
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("liif_cuda phase clocks:")]
+    assert len(lines) == 1, lines
+    values = dict(item.split("=") for item in lines[0].split(": ", 1)[1].split())
+    phases = ["geometry", "first_layer", "layers", "blend"]
+    assert values.pop("kernel") == kernel and int(values.pop("tiles")) == 6
+    assert int(values.pop("blocks")) == (2 if kernel == "wgmma_ws" else 6)
+    total = float(values.pop("total"))
+    assert total > 0
+    if kernel == "wgmma_ws":
+        assert values == {}
+    else:
+        assert sorted(values) == sorted(phases) and all(float(values[k]) > 0 for k in phases)
+        assert sum(float(values[k]) for k in phases) == pytest.approx(total, abs=4)  # rounding
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("batch,height,width,queries", [(2, 4, 7, 90), (1, 9, 9, 300)])
 def test_warp_specialised_wgmma_kernel_equals_wgmma_kernel(precision, batch, height, width,

@@ -87,10 +87,12 @@ std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
                             /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel(),
                             runs_wgmma(major, minor));
     prepared.params.timing_probe = requested_timing_probe();
+    const at::Tensor phase_clocks = phase_clock_buffer(prepared.params, plan, feat.device());
     const LaunchStatus status = launch_query_kernel(prepared.params, plan,
                                                     c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",
                 status.stage, ": ", cudaGetErrorString(status.error));
+    print_phase_clocks(phase_clocks, plan);
     // The temporaries go back to the caching allocator, which keeps them for this stream until
     // the kernel is done with them.
     out = prepared.out;

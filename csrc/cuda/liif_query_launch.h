@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../liif_geometry.h"
+#include "liif_phase_clocks.h"
 
 namespace liif {
 namespace cuda {
@@ -163,6 +164,8 @@ struct QueryKernelParams {
   // outputs are then wrong), bits of kProbe*: each takes one of the tensor-core kernels' data
   // streams away, so that the kernel's time without it shows what that stream costs.
   int timing_probe = 0;
+  // With kProbePhaseClocks: kPhaseSlots clocks per block (liif_phase_clocks.h), else null.
+  int64_t* phase_clocks = nullptr;
 };
 
 // No first-layer map rows read (zeros instead): the layer-0 gather.
@@ -170,9 +173,12 @@ constexpr int kProbeNoMapLoads = 1;
 // No hidden-layer weights copied into the ring (the products read whatever it holds): the weight
 // stream. Its waits and barriers stay.
 constexpr int kProbeNoWeightLoads = 2;
+// Outputs right: thread 0 of each block records the end of each phase (liif_phase_clocks.h).
+constexpr int kProbePhaseClocks = 4;
 
 // The probes a comma-separated list of names selects ("" or null: none; "no-map-loads",
-// "no-weight-loads"), into *probe; false for anything else (an unknown or empty name).
+// "no-weight-loads", "phase-clocks"), into *probe; false for anything else (an unknown or empty
+// name).
 inline bool timing_probe_named(const char* name, int* probe) {
   int bits = 0;
   if (name != nullptr && name[0] != '\0') {
@@ -186,6 +192,8 @@ inline bool timing_probe_named(const char* name, int* probe) {
         bits |= kProbeNoMapLoads;
       } else if (is("no-weight-loads")) {
         bits |= kProbeNoWeightLoads;
+      } else if (is("phase-clocks")) {
+        bits |= kProbePhaseClocks;
       } else {
         return false;
       }
@@ -209,6 +217,17 @@ enum class KernelPath : int {
   kWgmma = 6,
   kWgmmaWs = 7
 };
+
+// The name of a kernel that records the phase-clocks probe's clocks, null for the others.
+inline const char* phase_clock_kernel_name(KernelPath path) {
+  switch (path) {
+    case KernelPath::kMma: return "mma";
+    case KernelPath::kMma16: return "mma16";
+    case KernelPath::kWgmma: return "wgmma";
+    case KernelPath::kWgmmaWs: return "wgmma_ws";
+    default: return nullptr;
+  }
+}
 
 struct LaunchPlan {
   KernelPath path = KernelPath::kNone;

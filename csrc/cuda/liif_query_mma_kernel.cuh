@@ -103,6 +103,24 @@ __device__ __forceinline__ float4 first_layer_map(const QueryKernelParams<float>
              : float4{0.f, 0.f, 0.f, 0.f};
 }
 
+// The phase-clocks timing probe (liif_phase_clocks.h): thread 0 stamps the end of phase `slot`,
+// or stores `value` (the tile count) there.
+__device__ __forceinline__ void record_phase(const QueryKernelParams<float>& p, int slot) {
+  if (p.phase_clocks != nullptr && threadIdx.x == 0) {
+    p.phase_clocks[static_cast<int64_t>(blockIdx.x) * kPhaseSlots + slot] = clock64();
+  }
+}
+__device__ __forceinline__ void record_phase(const QueryKernelParams<float>& p, int slot,
+                                             int64_t value) {
+  if (p.phase_clocks != nullptr && threadIdx.x == 0) {
+    p.phase_clocks[static_cast<int64_t>(blockIdx.x) * kPhaseSlots + slot] = value;
+  }
+}
+// A barrier with the probe only, where the kernel has none but a phase ends for the whole block.
+__device__ __forceinline__ void phase_barrier(const QueryKernelParams<float>& p) {
+  if (p.phase_clocks != nullptr) __syncthreads();
+}
+
 // Row r's layer 0 at the columns `w` describes from its map values m, rounded as operands (zeros
 // for a row without a query, which keep the following layers finite).
 template <Precision P>
@@ -284,18 +302,25 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
   constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
   const int chunks = hidden * kChunksPerLayer;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
-  const bool copy_weights = !(p.timing_probe & kProbeNoWeightLoads);
+  // The chunks to copy: all, or none with the no-weight-loads timing probe (a bound rather than a
+  // flag, which would take a register the wgmma kernel does not have).
+  const int copied_chunks = p.timing_probe & kProbeNoWeightLoads ? 0 : chunks;
 
+  record_phase(p, kPhaseStart);
+  record_phase(p, kPhaseTiles, 1);
   // The first chunks stream in while the geometry and layer 0 are computed. Every thread commits
   // one group per chunk slot, empty past the last chunk, so that "chunk c has landed" is always
   // "at most kMmaStages - 2 groups pending" at chunk c.
   for (int c = 0; c < kMmaStages - 1; ++c) {
-    if (c < chunks && copy_weights) mma_fetch_chunk<kThreads>(weights, c, ring);
+    if (c < copied_chunks) mma_fetch_chunk<kThreads>(weights, c, ring);
     async_copy_commit();
   }
   load_geometry(p, s, first, layout.queries);
   __syncthreads();
+  record_phase(p, kPhaseGeometry);
   mma_first_layer<P, kThreads>(p, s);
+  phase_barrier(p);
+  record_phase(p, kPhaseFirstLayer);
 
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
@@ -324,7 +349,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
       // slot the next fetch refills.
       async_copy_wait<kMmaStages - 2>();
       __syncthreads();
-      if (chunk + kMmaStages - 1 < chunks && copy_weights) {
+      if (chunk + kMmaStages - 1 < copied_chunks) {
         mma_fetch_chunk<kThreads>(weights, chunk + kMmaStages - 1, ring);
       }
       async_copy_commit();
@@ -342,6 +367,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
     }
   }
   __syncthreads();
+  record_phase(p, kPhaseLayers);
 
   // The blend; each prediction is the last layer's bias plus the four column warps' partial sums,
   // in a fixed order.
@@ -352,6 +378,8 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
     }
     return pred;
   });
+  phase_barrier(p);
+  record_phase(p, kPhaseEnd);
 }
 
 #else

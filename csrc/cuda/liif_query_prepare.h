@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <vector>
 
@@ -164,16 +165,41 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
   return plan;
 }
 
+// The phase-clocks timing probe (liif_phase_clocks.h) for a launch of `plan`: where the probe is on
+// and the kernel records clocks (the four mma.sync and wgmma kernels), a zeroed buffer of
+// kPhaseSlots clocks per block on `device`, its address in `params`; else an undefined tensor.
+template <typename T>
+at::Tensor phase_clock_buffer(QueryKernelParams<T>& params, const LaunchPlan& plan,
+                              c10::Device device) {
+  const char* kernel = phase_clock_kernel_name(plan.path);
+  if (!(params.timing_probe & kProbePhaseClocks) || kernel == nullptr) return at::Tensor();
+  at::Tensor clocks = at::zeros({plan.blocks, kPhaseSlots}, at::dtype(at::kLong).device(device));
+  params.phase_clocks = clocks.data_ptr<int64_t>();
+  return clocks;
+}
+
+// After the launch: the buffer's line (phase_clock_summary) on stderr, if there is a buffer. The
+// copy to the host waits for the kernel.
+inline void print_phase_clocks(const at::Tensor& clocks, const LaunchPlan& plan) {
+  if (!clocks.defined()) return;
+  const at::Tensor host = clocks.cpu();
+  std::fprintf(stderr, "%s\n",
+               phase_clock_summary(host.const_data_ptr<int64_t>(), host.size(0),
+                                   phase_clock_kernel_name(plan.path))
+                   .c_str());
+  std::fflush(stderr);
+}
+
 // LIIF_CUDA_TIMING_PROBE (read by liif_cuda.query and the host harness): unset or empty in every
 // real use; a comma-separated list of "no-map-loads" and "no-weight-loads" makes the tensor-core
 // kernels skip their first-layer map loads or their hidden-layer weight copies (wrong outputs: a
-// benchmark's probe of what they cost).
+// benchmark's probe of what they cost), "phase-clocks" print where their cycles go.
 inline int requested_timing_probe() {
   const char* value = std::getenv("LIIF_CUDA_TIMING_PROBE");
   int probe = 0;
   TORCH_CHECK(timing_probe_named(value, &probe),
               "liif_cuda.query: LIIF_CUDA_TIMING_PROBE must be unset, empty or a comma-separated "
-              "list of no-map-loads and no-weight-loads, got '",
+              "list of no-map-loads, no-weight-loads and phase-clocks, got '",
               value, "'");
   return probe;
 }

@@ -158,19 +158,25 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int hidden = p.num_layers - 2;
   const int chunks = hidden * kChunksPerLayer;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
-  const bool copy_weights = !(p.timing_probe & kProbeNoWeightLoads);
+  // The chunks to copy: all, or none with the no-weight-loads timing probe (a bound rather than a
+  // flag, which would take a register the wgmma kernel does not have).
+  const int copied_chunks = p.timing_probe & kProbeNoWeightLoads ? 0 : chunks;
 
+  record_phase(p, kPhaseStart);
+  record_phase(p, kPhaseTiles, 1);
   // The first chunks stream in while the geometry and layer 0 are computed. One group per chunk
   // slot, empty past the last chunk: chunk c has landed when at most kWgmmaStages - 3 groups are
   // pending at chunk c.
   for (int c = 0; c < kWgmmaStages - 2; ++c) {
-    if (c < chunks && copy_weights) wgmma_fetch_chunk(weights, c, ring + c * kWgmmaChunkBytes);
+    if (c < copied_chunks) wgmma_fetch_chunk(weights, c, ring + c * kWgmmaChunkBytes);
     async_copy_commit();
   }
   load_geometry(p, s, first, layout.queries);
   __syncthreads();
+  record_phase(p, kPhaseGeometry);
   mma_first_layer<P, kWgmmaThreads>(p, s);
   __syncthreads();
+  record_phase(p, kPhaseFirstLayer);
 
   // Warp w owns rows 16 w .. +15 (warpgroup w / 4, its warp w % 4).
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -205,7 +211,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
       async_copy_wait<kWgmmaStages - 3>();
       fence_proxy_async();
       __syncthreads();
-      if (chunk + kWgmmaStages - 2 < chunks && copy_weights) {
+      if (chunk + kWgmmaStages - 2 < copied_chunks) {
         const int next = chunk + kWgmmaStages - 2;
         wgmma_fetch_chunk(weights, next, ring + (next % kWgmmaStages) * kWgmmaChunkBytes);
       }
@@ -243,9 +249,12 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
     }
   }
   __syncthreads();
+  record_phase(p, kPhaseLayers);
 
   blend_and_write(p, s, layout.queries, out_dim(), first,
                   [&](int r, int o) { return last_b()[o] + preds[r * out_dim() + o]; });
+  phase_barrier(p);
+  record_phase(p, kPhaseEnd);
 }
 
 #else

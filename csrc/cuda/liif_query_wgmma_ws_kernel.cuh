@@ -275,9 +275,12 @@ __global__ void __launch_bounds__(kWgmmaWsThreads, 1)
   // The launch has at most one block per tile (launch_blocks), so every block has one at least.
   const int my_tiles = static_cast<int>((all_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x);
   if (my_tiles <= 0) return;  // the whole block (its hand-overs would wait forever)
+  record_phase(p, kPhaseStart);  // (the phase-clocks probe: start, end and tiles only)
+  record_phase(p, kPhaseTiles, my_tiles);
   if (threadIdx.x < 128) {
     release_registers<kWsProducerRegisters>();
     ws_producer<P>(p, smem, layout, my_tiles);
+    record_phase(p, kPhaseEnd);  // the producer's blend of the last tile ends the block
   } else {
     claim_registers<kWsConsumerRegisters>();
     ws_consumer<P>(p, smem, smem + layout.act_bytes, my_tiles,

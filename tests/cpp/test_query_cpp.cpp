@@ -186,6 +186,10 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
              probe == liif::cuda::kProbeNoWeightLoads &&
              liif::cuda::timing_probe_named("no-weight-loads,no-map-loads", &probe) &&
              probe == (liif::cuda::kProbeNoMapLoads | liif::cuda::kProbeNoWeightLoads) &&
+             liif::cuda::timing_probe_named("phase-clocks", &probe) &&
+             probe == liif::cuda::kProbePhaseClocks &&
+             liif::cuda::timing_probe_named("phase-clocks,no-map-loads", &probe) &&
+             probe == (liif::cuda::kProbePhaseClocks | liif::cuda::kProbeNoMapLoads) &&
              !liif::cuda::timing_probe_named("no-map", &probe) &&
              !liif::cuda::timing_probe_named("no-map-loads,", &probe) &&
              !liif::cuda::timing_probe_named(",no-map-loads", &probe) &&
@@ -212,6 +216,23 @@ void test_map_bands() {
   expect(liif::cuda::map_band_rows(1, 256, 0, 480, 4) == 1, "an empty map: one (empty) band");
 }
 
+void test_phase_clock_summary() {
+  // Two blocks of one tile each, a third never launched (start 0): each phase's mean cycles per
+  // tile, and the whole block's. Then a warp-specialised block (start, end and 3 tiles only).
+  using namespace liif::cuda;
+  const int64_t clocks[3][kPhaseSlots] = {{100, 110, 150, 450, 470, 1},
+                                          {1000, 1030, 1050, 1250, 1260, 1},
+                                          {0, 0, 0, 0, 0, 0}};
+  expect(phase_clock_summary(&clocks[0][0], 3, "wgmma") ==
+             "liif_cuda phase clocks: kernel=wgmma blocks=2 tiles=2 geometry=20 first_layer=30 "
+             "layers=250 blend=15 total=315",
+         "phase clocks of two blocks");
+  const int64_t ws[kPhaseSlots] = {500, 0, 0, 0, 1400, 3};
+  expect(phase_clock_summary(ws, 1, "wgmma_ws") ==
+             "liif_cuda phase clocks: kernel=wgmma_ws blocks=1 tiles=3 total=300",
+         "the warp-specialised kernel's total only");
+}
+
 }  // namespace
 
 int main() {
@@ -223,6 +244,7 @@ int main() {
   test_plan_rejects_layers_too_wide_for_shared_memory();
   test_plan_runs_wgmma_only_where_the_device_does();
   test_map_bands();
+  test_phase_clock_summary();
   if (failures == 0) std::printf("all C++ checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -97,6 +97,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -585,6 +586,12 @@ inline void __syncthreads() { liif_harness::BlockRunner::current_runner()->sync(
 
 // Warp-level ordering is not modelled (see the header).
 inline void __syncwarp(unsigned = 0xFFFFFFFFu) {}
+
+// The SM's cycle counter (the phase-clocks timing probe): here the steady clock's nanoseconds,
+// which increase as the GPU's cycles do and are never 0.
+inline long long clock64() {
+  return static_cast<long long>(std::chrono::steady_clock::now().time_since_epoch().count());
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reduced-precision operand types, bit-exact.

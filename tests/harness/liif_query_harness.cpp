@@ -95,7 +95,9 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
       prepared.params.operand_weights =
           static_cast<const unsigned char*>(prepared.params.operand_weights) + 8;
     }
+    const at::Tensor phase_clocks = phase_clock_buffer(prepared.params, plan, feat.device());
     run_kernel(prepared.params, plan, reverse_order);
+    print_phase_clocks(phase_clocks, plan);
     out = prepared.out;
     path = static_cast<int64_t>(plan.path);
   });
