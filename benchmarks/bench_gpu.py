@@ -66,6 +66,11 @@ VARIANTS = {
     "fused-bf16-wgmma_ws": ("fused", "bf16", "wgmma_ws"),
     "fused-fp16-wgmma_ws": ("fused", "fp16", "wgmma_ws"),
 }
+# Map staging (LIIF_CUDA_STAGE_MAP=1, an experiment: a tile's distinct first-layer map rows copied
+# into shared memory once): the same bits as the kernel's own row, which the table's "same bits"
+# column checks.
+STAGED = {f"fused-bf16-{kernel}-staged": f"fused-bf16-{kernel}" for kernel in ("mma16", "wgmma")}
+VARIANTS.update({name: ("fused", "bf16", base.split("-")[2]) for name, base in STAGED.items()})
 # Timing probes, wrong outputs: a tensor-core kernel without one or both of its data streams
 # (LIIF_CUDA_TIMING_PROBE: no first-layer map loads, no hidden-layer weight copies). Their times
 # against the kernel's own row say what the layer-0 gather and the weight stream cost
@@ -85,6 +90,12 @@ DENSE_PEAK_TFLOPS = [
     ("H200", {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
     ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
 ]
+
+
+def with_staged(variants):
+    """The variants and the map-staging ones of each kernel whose bf16 variant is among them."""
+    return variants + [name for name, base in STAGED.items()
+                       if name not in variants and base in variants]
 
 
 def with_probes(variants):
@@ -123,13 +134,17 @@ def run_variant(name, feat, coord, cell, imnet, extra_probe=None):
         if kernel is not None:
             os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = kernel  # read by the op at every call
         probes = [p for p in (PROBES.get(name), extra_probe) if p]
-        if not probes:
-            return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
-        os.environ["LIIF_CUDA_TIMING_PROBE"] = ",".join(probes)
+        settings = {"LIIF_CUDA_TIMING_PROBE": ",".join(probes) if probes else None,
+                    "LIIF_CUDA_STAGE_MAP": "1" if name in STAGED else None}
+        for key, value in settings.items():
+            if value is not None:
+                os.environ[key] = value  # read by the op at every call
         try:
             return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
         finally:
-            del os.environ["LIIF_CUDA_TIMING_PROBE"]
+            for key, value in settings.items():
+                if value is not None:
+                    del os.environ[key]
 
 
 def phase_clocks(name, inputs):
@@ -239,6 +254,9 @@ def measure_case(case, variants, repeats, device, peaks, failed, with_phase_cloc
             failed[name] = f"{type(e).__name__}: {e}"
             print(f"{name} failed: {failed[name]}", flush=True)
     names = list(outs)
+    # Map staging changes where layer 0's operands are read from, not their values.
+    same_bits = {k: torch.equal(outs[k], outs[STAGED[k]]) for k in names
+                 if k in STAGED and STAGED[k] in outs}
     reference = outs["reference"]
     rel_err = {k: ((v - reference).norm() / reference.norm()).item() for k, v in outs.items()}
     nan = {k: int(v.isnan().sum()) for k, v in outs.items()}
@@ -261,7 +279,7 @@ def measure_case(case, variants, repeats, device, peaks, failed, with_phase_cloc
         "peak_memory_bytes": mem,
         "memory_ratio": None if mem["reference"] is None else
             {k: v / mem["reference"] for k, v in mem.items()},
-        "relative_error": rel_err, "nan_count": nan,
+        "relative_error": rel_err, "nan_count": nan, "same_bits_as_unstaged": same_bits,
         "mlp_flops": flops, "tflops_per_s": tflops,
         "fraction_of_dense_peak": None if peaks is None else
             {k: tflops[k] / peaks[VARIANTS[k][1]] for k in names},
@@ -282,6 +300,9 @@ def measure_case(case, variants, repeats, device, peaks, failed, with_phase_cloc
                  f"{'' if ratio is None else f'{ratio[k]:.3f}':>6}", f"{rel_err[k]:>8.1e}",
                  f"{tflops[k]:>8.1f}", f"{'' if frac is None else f'{100 * frac[k]:.1f}':>6}"]
         print(" ".join(cells), flush=True)
+    if same_bits:
+        print("map staging, the same bits as the kernel's own row: " +
+              ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same_bits.items()), flush=True)
     if with_phase_clocks:
         row["phase_clocks"] = {k: phase_clocks(k, inputs) for k in names
                                if VARIANTS[k][2] in ("mma", "mma16", "wgmma", "wgmma_ws")}
@@ -293,7 +314,7 @@ def measure_case(case, variants, repeats, device, peaks, failed, with_phase_cloc
 
 
 def print_phase_clocks(clocks, name_width):
-    phases = ["geometry", "first_layer", "layers", "blend", "total"]
+    phases = ["geometry", "first_layer", "layers", "blend", "total", "staged_rows"]
     print("\nphase clocks, cycles per tile of 128 rows (LIIF_CUDA_TIMING_PROBE=phase-clocks)")
     print(f"{'variant':<{name_width}} " + " ".join(f"{p:>11}" for p in phases))
     for k, values in clocks.items():
@@ -374,6 +395,9 @@ def main():
     parser.add_argument("--probes", action="store_true",
                         help="also the timing probes (probe-* rows) of each bf16 variant among "
                              "--variants whose kernel has them")
+    parser.add_argument("--staged", action="store_true",
+                        help="also the map-staging variant (*-staged) of each bf16 variant among "
+                             "--variants whose kernel stages")
     parser.add_argument("--phase-clocks", action="store_true",
                         help="also where each tensor-core variant's kernel spends its cycles "
                              "(LIIF_CUDA_TIMING_PROBE=phase-clocks, one more call each)")
@@ -387,6 +411,8 @@ def main():
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose among {', '.join(VARIANTS)}")
+    if args.staged:
+        variants = with_staged(variants)
     if args.probes:
         variants = with_probes(variants)
     if args.device == "cuda" and not torch.cuda.is_available():

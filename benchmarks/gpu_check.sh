@@ -220,7 +220,7 @@ TAG=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0).replace(' 
 BENCH_JSON=$RESULTS/gpu_query_${TAG}_$(date -u +%Y%m%d).json
 if [ $DRY_RUN = 1 ]; then
   step benchmark 120 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py --device cpu \
-    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --probes --phase-clocks --skip-training \
+    --cases 16x12x2 --repeats 2 --variants "$VARIANTS,reference-autocast-fp16" --staged --probes --phase-clocks --skip-training \
     --out "$BENCH_JSON"
 else
   # With a whole training step of the recipe (liif-cuda train's step against the reference
@@ -229,7 +229,7 @@ else
   TRAIN_ARGS=()
   [ -d "$TRAIN_DATA" ] && TRAIN_ARGS=(--train-data "$TRAIN_DATA")
   step benchmark 240 "$RESULTS/bench.log" required "$PYTHON" benchmarks/bench_gpu.py \
-    --variants "$VARIANTS,reference-autocast-fp16" --probes --phase-clocks --out "$BENCH_JSON" \
+    --variants "$VARIANTS,reference-autocast-fp16" --staged --probes --phase-clocks --out "$BENCH_JSON" \
     ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
 fi
 # The first case's tables (the 1080p frame; bench.log has them all): times, then phase clocks.

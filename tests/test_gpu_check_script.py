@@ -37,6 +37,8 @@ def test_dry_run_runs_every_step(tmp_path):
     bench = json.loads(next(results.glob("gpu_query_*.json")).read_text())
     assert bench["rows"] and not bench["failed_variants"]
     assert "probe-bf16-wgmma_ws-no-weight-loads" in bench["rows"][0]["median_s"]  # --probes
+    assert bench["rows"][0]["same_bits_as_unstaged"] == {"fused-bf16-mma16-staged": True,
+                                                         "fused-bf16-wgmma-staged": True}
 
 
 def test_gpu_check_runs_every_test_file_with_gpu_cases():

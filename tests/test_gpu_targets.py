@@ -202,3 +202,14 @@ def test_phase_clocks_are_read_from_the_ops_stderr(monkeypatch, capfd):
     assert "a warning" in err and "phase clocks" not in err
     monkeypatch.setattr(bench_gpu, "run_variant", lambda *args, **kwargs: None)
     assert bench_gpu.phase_clocks("fused-bf16-wgmma", (torch.zeros(1),)) is None
+
+
+def test_map_staging_variants_follow_their_kernels_variants():
+    """--staged adds the map-staging variant of the kernels benchmarked in bf16 that stage; they
+    count against the targets as any bf16 variant (the same bits as their kernel's own)."""
+    import bench_gpu
+    picked = bench_gpu.with_staged(["reference", "fused-bf16-wgmma", "fused-bf16-wgmma_ws",
+                                    "fused-fp16-mma16"])
+    assert picked[4:] == ["fused-bf16-wgmma-staged"]
+    assert bench_gpu.VARIANTS["fused-bf16-wgmma-staged"] == ("fused", "bf16", "wgmma")
+    assert gpu_targets.precision_of("fused-bf16-wgmma-staged") == "bf16"

@@ -77,7 +77,11 @@ MUTATIONS = {
     "wgmma_ws producer blends a tile before the consumers are done": (WGMMA_WS,
         "    named_barrier_sync(kWsDoneBarrier + b, kWgmmaWsThreads);\n",
         "    named_barrier_arrive(kWsDoneBarrier + b, kWgmmaWsThreads);\n"),
+    "map staging: slots not offset by the earlier warps' new cells": (MMA,
+        "    for (int w = 0; w < warp; ++w) slot += st.new_cells[w];\n", ""),
 }
+# Mutants of map staging, checked with it on (LIIF_CUDA_STAGE_MAP=1), as "unmutated mma staged".
+STAGED = {"map staging: slots not offset by the earlier warps' new cells"}
 
 CHECK = textwrap.dedent("""
     import os, sys, torch, torch.utils.cpp_extension
@@ -113,10 +117,11 @@ CHECK = textwrap.dedent("""
     """)
 
 
-def run_check(csrc, build, cwd, kernel):
+def run_check(csrc, build, cwd, kernel, staged=False):
     # Run outside the checkout: the installed liif_cuda, not the source folder, is imported.
+    env = {**os.environ, "LIIF_CUDA_STAGE_MAP": "1" if staged else "0"}
     return subprocess.run([sys.executable, "-c", CHECK, ROOT, csrc, build, kernel], cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_mutations_are_distinct_edits():
@@ -127,7 +132,7 @@ def test_mutations_are_distinct_edits():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTATIONS) + ["unmutated mma", "unmutated wgmma",
-                                                     "unmutated wgmma_ws"])
+                                                     "unmutated wgmma_ws", "unmutated mma staged"])
 def test_harness_catches_the_mutant(name, tmp_path):
     """The unmutated copy passes the same check (so that a failure means the mutation)."""
     csrc = tmp_path / "csrc"
@@ -140,7 +145,8 @@ def test_harness_catches_the_mutant(name, tmp_path):
         kernel = KERNEL_OF_FILE[kernel_file]
         path = csrc / kernel_file
         path.write_text(path.read_text().replace(original, mutant))
-    proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path), kernel)
+    proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path), kernel,
+                     staged=name in STAGED or name.endswith("staged"))
     log = proc.stdout + proc.stderr[-3000:]
     assert "built" in proc.stdout, log  # the mutant compiles: what fails next is the check
     if unmutated:

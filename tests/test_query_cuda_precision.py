@@ -114,6 +114,23 @@ def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
     assert any(f"liif_query_{kernel}_kernel" in n for n in names), sorted(set(names))
 
 
+@pytest.mark.parametrize("kernel", kernels("mma", "mma16", "wgmma"))
+@pytest.mark.parametrize("precision", REDUCED)
+def test_map_staging_gives_the_same_bits(precision, kernel):
+    """LIIF_CUDA_STAGE_MAP=1 (each tile's distinct map rows copied into shared memory, the rest
+    from global memory past its 56 slots): the same bits as without, on a grid at x4 (every row
+    staged) and on scattered queries (some staged)."""
+    feat, coords, cells, mlp = published(batch=2, queries=3000, seed=5)
+    out_hw = (4 * 30, 4 * 40)
+    grid = ref.make_coord(out_hw, device="cuda").unsqueeze(0).expand(2, -1, -1).contiguous()
+    for c, cl in ((coords, cells), (grid, ref.make_cell(grid, out_hw))):
+        with torch.no_grad(), tensor_core_kernel(kernel):
+            plain = liif_cuda.query(feat, c, cl, mlp, precision=precision)
+            with mock.patch.dict(os.environ, {"LIIF_CUDA_STAGE_MAP": "1"}):
+                staged = liif_cuda.query(feat, c, cl, mlp, precision=precision)
+        assert torch.equal(staged, plain)
+
+
 @pytest.mark.parametrize("precision", REDUCED)
 def test_default_kernel(precision):
     """With LIIF_CUDA_TENSOR_CORE_KERNEL unset: the wgmma kernel for bf16 and fp16 where it runs,

@@ -369,6 +369,54 @@ def test_phase_clocks_probe(monkeypatch, capfd, kernel):
         assert sum(float(values[k]) for k in phases) == pytest.approx(total, abs=4)  # rounding
 
 
+def grid_problem(batch, height, width, scale, seed=14):
+    """A whole output grid at `scale` (as upscaling queries it): C = 64, the published MLP."""
+    feat, _, _, mlp = published_problem(batch, height, width, 1, seed=seed)
+    out_hw = (height * scale, width * scale)
+    coords = ref.make_coord(out_hw).unsqueeze(0).expand(batch, -1, -1).contiguous()
+    return feat, coords, ref.make_cell(coords, out_hw), mlp
+
+
+def staged_rows_per_tile(capfd):
+    line = [x for x in capfd.readouterr().err.splitlines() if x.startswith("liif_cuda phase")][-1]
+    return float(dict(item.split("=") for item in line.split(": ", 1)[1].split())
+                 .get("staged_rows", 0))
+
+
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma"])
+@pytest.mark.parametrize("problem,staged", [
+    # A grid at x4, two images (tiles straddle them): every row's cell staged.
+    (lambda: grid_problem(2, 3, 5, 4), "all"),
+    # Random queries over 16 x 16 cells: about 100 distinct cells a tile, past the 56 slots.
+    (lambda: published_problem(1, 16, 16, 64, seed=15), "some"),
+])
+def test_map_staging_gives_the_same_bits(monkeypatch, capfd, kernel, problem, staged):
+    """LIIF_CUDA_STAGE_MAP=1: the tile's distinct map rows copied into shared memory once, layer 0
+    gathered from there (from global memory past the slots): the same bits as without. The
+    phase-clocks line counts the rows staged, so that a staging that never happens fails."""
+    feat, coords, cells, mlp = problem()
+    plain, path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "phase-clocks")
+    monkeypatch.setenv("LIIF_CUDA_STAGE_MAP", "1")
+    capfd.readouterr()
+    out, staged_path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel,
+                           reverse_order=True)
+    assert staged_path == path and torch.equal(out, plain)
+    rows = staged_rows_per_tile(capfd)
+    queries = coords.shape[0] * coords.shape[1]
+    tiles = -(-queries // 32)
+    if staged == "all":
+        assert rows == pytest.approx(4 * queries / tiles, abs=0.05)
+    else:
+        assert 0 < rows < 100
+    monkeypatch.setenv("LIIF_CUDA_STAGE_MAP", "0")
+    run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+    assert staged_rows_per_tile(capfd) == 0
+    monkeypatch.setenv("LIIF_CUDA_STAGE_MAP", "yes")
+    with pytest.raises(RuntimeError, match="LIIF_CUDA_STAGE_MAP must be unset, empty, 0 or 1"):
+        run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("batch,height,width,queries", [(2, 4, 7, 90), (1, 9, 9, 300)])
 def test_warp_specialised_wgmma_kernel_equals_wgmma_kernel(precision, batch, height, width,

@@ -19,27 +19,30 @@ enum PhaseSlot : int {
   kPhaseStart = 0,   // the block starts
   kPhaseGeometry,    // its rows' geometry is in shared memory
   kPhaseFirstLayer,  // layer 0's activations are
-  kPhaseLayers,      // the hidden layers and the last one are done (the predictions in shared memory)
+  kPhaseLayers,      // the hidden layers and the last one are done (predictions in shared memory)
   kPhaseEnd,         // the blended outputs are written
   kPhaseTiles,       // not a clock: the block's tiles of 128 rows
+  kPhaseStagedRows,  // not a clock: its rows whose map row was staged (LIIF_CUDA_STAGE_MAP)
   kPhaseSlots
 };
 
 // The line liif_cuda.query prints for `blocks` blocks' slots (rows of kPhaseSlots; a row whose
 // start is 0 was not launched): mean cycles per tile of each phase, its name a key, and of the
-// whole block. A phase some block did not record (the warp-specialised kernel's) is left out.
+// whole block. A phase some block did not record (the warp-specialised kernel's) is left out; so
+// are staged rows where none were.
 inline std::string phase_clock_summary(const int64_t* clocks, int64_t blocks, const char* kernel) {
   static const char* const kNames[] = {"geometry", "first_layer", "layers", "blend"};
   double sums[kPhaseEnd] = {};
   bool recorded[kPhaseEnd];
   for (bool& r : recorded) r = true;
-  double total = 0, tiles = 0;
+  double total = 0, tiles = 0, staged_rows = 0;
   int64_t launched = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t* row = clocks + b * kPhaseSlots;
     if (row[kPhaseStart] == 0) continue;
     ++launched;
     tiles += static_cast<double>(row[kPhaseTiles]);
+    staged_rows += static_cast<double>(row[kPhaseStagedRows]);
     total += static_cast<double>(row[kPhaseEnd] - row[kPhaseStart]);
     for (int s = kPhaseGeometry; s <= kPhaseEnd; ++s) {
       if (row[s] == 0 || row[s - 1] == 0) recorded[s - 1] = false;
@@ -56,7 +59,12 @@ inline std::string phase_clock_summary(const int64_t* clocks, int64_t blocks, co
     line += value;
   }
   std::snprintf(value, sizeof value, " total=%.0f", tiles > 0 ? total / tiles : 0.0);
-  return line + value;
+  line += value;
+  if (staged_rows > 0) {  // rows per tile whose map row came from shared memory
+    std::snprintf(value, sizeof value, " staged_rows=%.1f", staged_rows / tiles);
+    line += value;
+  }
+  return line;
 }
 
 }  // namespace cuda

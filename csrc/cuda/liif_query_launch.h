@@ -166,7 +166,22 @@ struct QueryKernelParams {
   int timing_probe = 0;
   // With kProbePhaseClocks: kPhaseSlots clocks per block (liif_phase_clocks.h), else null.
   int64_t* phase_clocks = nullptr;
+  // Map staging (LIIF_CUDA_STAGE_MAP, an experiment of the mma.sync and wgmma kernels): up to
+  // `staged_cells` distinct first-layer map rows of a block's tile copied once into shared memory
+  // at byte `staged_offset`, its rows gathered from there; 0: off.
+  int staged_cells = 0;
+  int64_t staged_offset = 0;
 };
+
+// Map staging's shared memory, after everything else the block has: a header (each row's slot,
+// each slot's cell, the warps' counts of new cells: kStageHeaderBytes) and kStagedCells rows of the
+// map (1 KiB each). 56 fit beside the wgmma kernel's 164 KiB; a tile at x4 needs about 20.
+constexpr int kStagedCells = 56;
+constexpr int kStageHeaderBytes = 1024;
+static_assert(4 * (kMmaRows + kStagedCells + 4) <= kStageHeaderBytes, "the header fits");
+LIIF_HOST_DEVICE constexpr int64_t staging_bytes(int cells) {
+  return kStageHeaderBytes + static_cast<int64_t>(cells) * kFastWidth * 4;
+}
 
 // No first-layer map rows read (zeros instead): the layer-0 gather.
 constexpr int kProbeNoMapLoads = 1;

@@ -93,18 +93,8 @@ __device__ __forceinline__ FirstLayerColumns first_layer_columns(const QueryKern
           at(p.extra_columns + 2 * kFastWidth), at(p.extra_columns + 3 * kFastWidth)};
 }
 
-// The map's values of row r at columns c .. c + 3 (zeros for a row without a query).
-__device__ __forceinline__ float4 first_layer_map(const QueryKernelParams<float>& p,
-                                                  const BlockShared<float, unsigned char>& s,
-                                                  int r, int c) {
-  const int cell = s.cell[r];
-  return cell >= 0 && !(p.timing_probe & kProbeNoMapLoads)
-             ? *reinterpret_cast<const float4*>(p.map + static_cast<int64_t>(cell) * kFastWidth + c)
-             : float4{0.f, 0.f, 0.f, 0.f};
-}
-
 // The phase-clocks timing probe (liif_phase_clocks.h): thread 0 stamps the end of phase `slot`,
-// or stores `value` (the tile count) there.
+// or stores `value` (a count: tiles, staged rows) there.
 __device__ __forceinline__ void record_phase(const QueryKernelParams<float>& p, int slot) {
   if (p.phase_clocks != nullptr && threadIdx.x == 0) {
     p.phase_clocks[static_cast<int64_t>(blockIdx.x) * kPhaseSlots + slot] = clock64();
@@ -119,6 +109,110 @@ __device__ __forceinline__ void record_phase(const QueryKernelParams<float>& p, 
 // A barrier with the probe only, where the kernel has none but a phase ends for the whole block.
 __device__ __forceinline__ void phase_barrier(const QueryKernelParams<float>& p) {
   if (p.phase_clocks != nullptr) __syncthreads();
+}
+
+// Map staging (LIIF_CUDA_STAGE_MAP): where in shared memory the block's staged map rows are.
+struct StagedMap {
+  int* slot_of_row;  // per row: its cell's slot, or -1 (no query, or past the slots: from global)
+  int* cell_of_slot;
+  int* new_cells;    // per warp of rows: how many of its rows are their cell's first
+  float* rows;       // slot j: the map row of cell_of_slot[j], kFastWidth floats
+};
+__device__ __forceinline__ StagedMap staged_map(const QueryKernelParams<float>& p,
+                                                unsigned char* smem) {
+  unsigned char* base = smem + p.staged_offset;
+  int* header = reinterpret_cast<int*>(base);
+  return {header, header + kMmaRows, header + kMmaRows + kStagedCells,
+          reinterpret_cast<float*>(base + kStageHeaderBytes)};
+}
+
+// Copies the distinct map rows of the block's 128 rows into shared memory once, the first
+// p.staged_cells of them in row order, and gives each row its slot. A row is its cell's first if no
+// earlier row has the cell (threads 0..127, one row each, compare with every earlier row); a
+// ballot ranks the first rows within each warp, and the warps' counts order them across warps.
+// The copies are plain loads, all of a thread's issued before its stores, so that the gather costs
+// about one latency. Ends with a barrier.
+template <int Threads>
+__device__ void stage_map(const QueryKernelParams<float>& p,
+                          const BlockShared<float, unsigned char>& s, unsigned char* smem) {
+  static_assert(kMmaRows % 32 == 0 && Threads >= kMmaRows, "whole warps of rows, a thread each");
+  const StagedMap st = staged_map(p, smem);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % 32, warp = tid / 32;
+  int cell = -1, first_of_cell = -1;  // this row's cell, and its first row
+  if (tid < kMmaRows) {
+    cell = s.cell[tid];
+    first_of_cell = tid;
+    for (int q = 0; q < tid && cell >= 0; ++q) {
+      if (s.cell[q] == cell) {
+        first_of_cell = q;
+        break;
+      }
+    }
+  }
+  const bool first = cell >= 0 && first_of_cell == tid;
+  unsigned ballot = 0;
+  if (tid < kMmaRows) {
+    ballot = __ballot_sync(0xFFFFFFFFu, first);
+    if (lane == 0) st.new_cells[warp] = __popc(ballot);
+  }
+  __syncthreads();
+  int slot = -1;
+  if (first) {
+    slot = __popc(ballot & ((1u << lane) - 1u));
+    for (int w = 0; w < warp; ++w) slot += st.new_cells[w];
+    if (slot >= p.staged_cells) slot = -1;
+    if (slot >= 0) st.cell_of_slot[slot] = cell;
+    st.slot_of_row[tid] = slot;
+  }
+  int staged = 0;  // the slots filled
+  for (int w = 0; w < kMmaRows / 32; ++w) staged += st.new_cells[w];
+  staged = staged < p.staged_cells ? staged : p.staged_cells;
+  __syncthreads();
+  if (tid < kMmaRows && cell >= 0 && !first) st.slot_of_row[tid] = st.slot_of_row[first_of_cell];
+  if (tid < kMmaRows && cell < 0) st.slot_of_row[tid] = -1;
+  if (p.phase_clocks != nullptr) {  // the phase-clocks probe counts the rows staged
+    __syncthreads();
+    int rows = 0;
+    if (tid == 0) {
+      for (int r = 0; r < kMmaRows; ++r) rows += st.slot_of_row[r] >= 0 ? 1 : 0;
+    }
+    record_phase(p, kPhaseStagedRows, rows);
+  }
+  // The copies: 16 bytes each, kFastWidth / 4 per slot, kBatch per thread in flight at once.
+  constexpr int kPerRow = kFastWidth / 4;
+  constexpr int kBatch = Threads > kThreadsPerBlock ? 4 : 8;
+  float4* rows = reinterpret_cast<float4*>(st.rows);
+  for (int base = tid; base < staged * kPerRow; base += kBatch * Threads) {
+    float4 v[kBatch] = {};
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int copy = base + b * Threads;
+      if (copy < staged * kPerRow) {
+        const int64_t cell_of_copy = st.cell_of_slot[copy / kPerRow];
+        v[b] = *reinterpret_cast<const float4*>(p.map + cell_of_copy * kFastWidth +
+                                                4 * (copy % kPerRow));
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (base + b * Threads < staged * kPerRow) rows[base + b * Threads] = v[b];
+    }
+  }
+  __syncthreads();
+}
+
+// The map's values of row r at columns c .. c + 3 (zeros for a row without a query): from the
+// staged rows where `st` has the row's cell, else from global memory.
+__device__ __forceinline__ float4 first_layer_map(const QueryKernelParams<float>& p,
+                                                  const BlockShared<float, unsigned char>& s,
+                                                  int r, int c, const StagedMap* st = nullptr) {
+  const int cell = s.cell[r];
+  if (cell < 0 || (p.timing_probe & kProbeNoMapLoads)) return float4{0.f, 0.f, 0.f, 0.f};
+  const int slot = st != nullptr ? st->slot_of_row[r] : -1;
+  const float* row = slot >= 0 ? st->rows + slot * kFastWidth
+                               : p.map + static_cast<int64_t>(cell) * kFastWidth;
+  return *reinterpret_cast<const float4*>(row + c);
 }
 
 // Row r's layer 0 at the columns `w` describes from its map values m, rounded as operands (zeros
@@ -148,11 +242,13 @@ __device__ __forceinline__ OperandQuad<typename Operand<P>::storage> first_layer
 // Layer 0 into the activations, as first_layer() computes it (map row + bias + coordinate and cell
 // terms, ReLU, one rounding), four columns per thread: thread t always handles columns
 // 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + i Threads / 64.
-// The map rows come from L2 (or HBM): each thread issues the loads of kBatch rows before it uses
-// any, so that their latencies overlap instead of adding up over its rows.
-template <Precision P, int Threads>
-__device__ void mma_first_layer(const QueryKernelParams<float>& p,
-                                const BlockShared<float, unsigned char>& s) {
+// The map rows come from L2 (or HBM), or from the staged rows (kStaged): each thread issues the
+// loads of kBatch rows before it uses any, so that their latencies overlap instead of adding up
+// over its rows.
+template <Precision P, int Threads, bool kStaged>
+__device__ void mma_first_layer_rows(const QueryKernelParams<float>& p,
+                                     const BlockShared<float, unsigned char>& s,
+                                     const StagedMap& st) {
   using S = typename Operand<P>::storage;
   constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kGroups = kFastWidth / 4;
@@ -166,13 +262,28 @@ __device__ void mma_first_layer(const QueryKernelParams<float>& p,
   for (int first_row = tid / kGroups; first_row < kMmaRows; first_row += kStride * kBatch) {
     float4 m[kBatch];
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) m[b] = first_layer_map(p, s, first_row + kStride * b, c);
+    for (int b = 0; b < kBatch; ++b) {
+      m[b] = first_layer_map(p, s, first_row + kStride * b, c, kStaged ? &st : nullptr);
+    }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int r = first_row + kStride * b;
       *reinterpret_cast<OperandQuad<S>*>(s.act + r * kPitch + c * static_cast<int>(sizeof(S))) =
           first_layer_quad<P>(p, s, w, r, m[b]);
     }
+  }
+}
+
+// Layer 0 of the mma.sync and wgmma kernels: with map staging (p.staged_cells > 0), the tile's
+// distinct map rows copied into shared memory first (stage_map), else gathered from global memory.
+template <Precision P, int Threads>
+__device__ void mma_first_layer(const QueryKernelParams<float>& p,
+                                const BlockShared<float, unsigned char>& s, unsigned char* smem) {
+  if (p.staged_cells > 0) {
+    stage_map<Threads>(p, s, smem);
+    mma_first_layer_rows<P, Threads, true>(p, s, staged_map(p, smem));
+  } else {
+    mma_first_layer_rows<P, Threads, false>(p, s, StagedMap{});
   }
 }
 
@@ -318,7 +429,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
   load_geometry(p, s, first, layout.queries);
   __syncthreads();
   record_phase(p, kPhaseGeometry);
-  mma_first_layer<P, kThreads>(p, s);
+  mma_first_layer<P, kThreads>(p, s, smem);
   phase_barrier(p);
   record_phase(p, kPhaseFirstLayer);
 

@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../liif_query_checks.h"
@@ -188,6 +189,34 @@ inline void print_phase_clocks(const at::Tensor& clocks, const LaunchPlan& plan)
                                    phase_clock_kernel_name(plan.path))
                    .c_str());
   std::fflush(stderr);
+}
+
+// LIIF_CUDA_STAGE_MAP (read by liif_cuda.query and the host harness): unset, empty or "0" off, "1"
+// on. An experiment until a GPU has measured it (docs/gpu.md): the mma.sync and wgmma kernels copy
+// each tile's distinct first-layer map rows into shared memory once and gather layer 0 from there.
+// The outputs are the same bits either way.
+inline bool requested_map_staging() {
+  const char* value = std::getenv("LIIF_CUDA_STAGE_MAP");
+  const bool off = value == nullptr || value[0] == '\0' || std::strcmp(value, "0") == 0;
+  TORCH_CHECK(off || std::strcmp(value, "1") == 0,
+              "liif_cuda.query: LIIF_CUDA_STAGE_MAP must be unset, empty, 0 or 1, got '", value,
+              "'");
+  return !off;
+}
+
+// Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma) and
+// kStagedCells rows fit after its shared memory (at a 128-byte boundary), else nothing.
+template <typename T>
+void plan_map_staging(QueryKernelParams<T>& params, LaunchPlan& plan, size_t max_shared_bytes,
+                      bool requested) {
+  const bool stages = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
+                      plan.path == KernelPath::kWgmma;
+  const int64_t offset = (static_cast<int64_t>(plan.shared_bytes) + 127) / 128 * 128;
+  const int64_t bytes = offset + staging_bytes(kStagedCells);
+  if (!requested || !stages || bytes > static_cast<int64_t>(max_shared_bytes)) return;
+  params.staged_cells = kStagedCells;
+  params.staged_offset = offset;
+  plan.shared_bytes = static_cast<size_t>(bytes);
 }
 
 // LIIF_CUDA_TIMING_PROBE (read by liif_cuda.query and the host harness): unset or empty in every

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   load_geometry(p, s, first, layout.queries);
   __syncthreads();
   record_phase(p, kPhaseGeometry);
-  mma_first_layer<P, kWgmmaThreads>(p, s);
+  mma_first_layer<P, kWgmmaThreads>(p, s, smem);
   __syncthreads();
   record_phase(p, kPhaseFirstLayer);
 

@@ -220,17 +220,22 @@ void test_phase_clock_summary() {
   // Two blocks of one tile each, a third never launched (start 0): each phase's mean cycles per
   // tile, and the whole block's. Then a warp-specialised block (start, end and 3 tiles only).
   using namespace liif::cuda;
-  const int64_t clocks[3][kPhaseSlots] = {{100, 110, 150, 450, 470, 1},
-                                          {1000, 1030, 1050, 1250, 1260, 1},
-                                          {0, 0, 0, 0, 0, 0}};
+  const int64_t clocks[3][kPhaseSlots] = {{100, 110, 150, 450, 470, 1, 0},
+                                          {1000, 1030, 1050, 1250, 1260, 1, 0},
+                                          {0, 0, 0, 0, 0, 0, 0}};
   expect(phase_clock_summary(&clocks[0][0], 3, "wgmma") ==
              "liif_cuda phase clocks: kernel=wgmma blocks=2 tiles=2 geometry=20 first_layer=30 "
              "layers=250 blend=15 total=315",
          "phase clocks of two blocks");
-  const int64_t ws[kPhaseSlots] = {500, 0, 0, 0, 1400, 3};
+  const int64_t ws[kPhaseSlots] = {500, 0, 0, 0, 1400, 3, 0};
   expect(phase_clock_summary(ws, 1, "wgmma_ws") ==
              "liif_cuda phase clocks: kernel=wgmma_ws blocks=1 tiles=3 total=300",
          "the warp-specialised kernel's total only");
+  const int64_t staged[kPhaseSlots] = {100, 110, 150, 450, 470, 1, 97};
+  expect(phase_clock_summary(staged, 1, "mma") ==
+             "liif_cuda phase clocks: kernel=mma blocks=1 tiles=1 geometry=10 first_layer=40 "
+             "layers=300 blend=20 total=370 staged_rows=97.0",
+         "staged rows per tile");
 }
 
 }  // namespace

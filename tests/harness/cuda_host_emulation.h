@@ -940,6 +940,28 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return result;
 }
 
+// __ballot_sync over the full warp: bit l of every lane's result is lane l's predicate.
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  if (mask != 0xFFFFFFFFu) throw std::runtime_error("host harness: __ballot_sync needs a full mask");
+  const uint32_t in = predicate != 0 ? 1u : 0u;
+  uint32_t result;
+  liif_harness::BlockRunner::current_runner()->warp_instruction(
+      "vote.ballot", &in, sizeof in, &result, sizeof result,
+      [](const liif_harness::WarpRegisters& regs, liif_harness::WarpRegisters& out, unsigned lanes) {
+    if (lanes != 32) throw std::runtime_error("host harness: __ballot_sync needs a full warp");
+    uint32_t bits = 0;
+    for (unsigned l = 0; l < 32; ++l) {
+      uint32_t v;
+      std::memcpy(&v, regs[l], 4);
+      bits |= v << l;
+    }
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(out[l], &bits, 4);
+  });
+  return result;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 // ---------------------------------------------------------------------------------------------
 // Warpgroup-wide, asynchronous instructions of the wgmma kernel (liif_tensor_core.cuh's names on
 // the GPU; the model in the header).

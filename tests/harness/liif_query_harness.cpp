@@ -86,9 +86,11 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_on_host);
-    const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
-                                                /*has_tensor_cores=*/true, preferred,
-                                                /*has_wgmma=*/true);
+    LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
+                                          /*has_tensor_cores=*/true, preferred,
+                                          /*has_wgmma=*/true);
+    plan_map_staging(prepared.params, plan, static_cast<size_t>(max_shared_bytes),
+                     requested_map_staging());  // as liif_cuda.query reads it
     prepared.params.timing_probe = requested_timing_probe();  // as liif_cuda.query reads it
     if (prepared.params.timing_probe & kProbeNoWeightLoads) {
       // The probe copies no weight: a misaligned pointer makes any copy from it an error.
