@@ -208,11 +208,12 @@ __device__ __forceinline__ float4 first_layer_map(const QueryKernelParams<float>
                                                   const BlockShared<float, unsigned char>& s,
                                                   int r, int c, const StagedMap* st = nullptr) {
   const int cell = s.cell[r];
-  if (cell < 0 || (p.timing_probe & kProbeNoMapLoads)) return float4{0.f, 0.f, 0.f, 0.f};
   const int slot = st != nullptr ? st->slot_of_row[r] : -1;
   const float* row = slot >= 0 ? st->rows + slot * kFastWidth
                                : p.map + static_cast<int64_t>(cell) * kFastWidth;
-  return *reinterpret_cast<const float4*>(row + c);
+  return cell >= 0 && !(p.timing_probe & kProbeNoMapLoads)
+             ? *reinterpret_cast<const float4*>(row + c)
+             : float4{0.f, 0.f, 0.f, 0.f};
 }
 
 // Row r's layer 0 at the columns `w` describes from its map values m, rounded as operands (zeros
@@ -276,15 +277,19 @@ __device__ void mma_first_layer_rows(const QueryKernelParams<float>& p,
 
 // Layer 0 of the mma.sync and wgmma kernels: with map staging (p.staged_cells > 0), the tile's
 // distinct map rows copied into shared memory first (stage_map), else gathered from global memory.
+// Not compiled for tf32, whose block leaves no room for staging on any GPU (and whose 16-warp
+// kernel would spill on sm_80).
 template <Precision P, int Threads>
 __device__ void mma_first_layer(const QueryKernelParams<float>& p,
                                 const BlockShared<float, unsigned char>& s, unsigned char* smem) {
-  if (p.staged_cells > 0) {
-    stage_map<Threads>(p, s, smem);
-    mma_first_layer_rows<P, Threads, true>(p, s, staged_map(p, smem));
-  } else {
-    mma_first_layer_rows<P, Threads, false>(p, s, StagedMap{});
+  if constexpr (P != Precision::kTf32) {
+    if (p.staged_cells > 0) {
+      stage_map<Threads>(p, s, smem);
+      mma_first_layer_rows<P, Threads, true>(p, s, staged_map(p, smem));
+      return;
+    }
   }
+  mma_first_layer_rows<P, Threads, false>(p, s, StagedMap{});
 }
 
 // One chunk of a hidden layer: acc += act[:, chunk's inputs] x w (the ring slot), two k-steps, for
@@ -413,9 +418,9 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
   constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
   const int chunks = hidden * kChunksPerLayer;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
-  // The chunks to copy: all, or none with the no-weight-loads timing probe (a bound rather than a
-  // flag, which would take a register the wgmma kernel does not have).
-  const int copied_chunks = p.timing_probe & kProbeNoWeightLoads ? 0 : chunks;
+  // Whether to copy the weights: not with the no-weight-loads timing probe. (A flag, not the
+  // wgmma kernel's bound on the chunks copied: the bound spills the 16-warp tf32 kernel on sm_80.)
+  const bool copy_weights = !(p.timing_probe & kProbeNoWeightLoads);
 
   record_phase(p, kPhaseStart);
   record_phase(p, kPhaseTiles, 1);
@@ -423,7 +428,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
   // one group per chunk slot, empty past the last chunk, so that "chunk c has landed" is always
   // "at most kMmaStages - 2 groups pending" at chunk c.
   for (int c = 0; c < kMmaStages - 1; ++c) {
-    if (c < copied_chunks) mma_fetch_chunk<kThreads>(weights, c, ring);
+    if (c < chunks && copy_weights) mma_fetch_chunk<kThreads>(weights, c, ring);
     async_copy_commit();
   }
   load_geometry(p, s, first, layout.queries);
@@ -460,7 +465,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
       // slot the next fetch refills.
       async_copy_wait<kMmaStages - 2>();
       __syncthreads();
-      if (chunk + kMmaStages - 1 < copied_chunks) {
+      if (chunk + kMmaStages - 1 < chunks && copy_weights) {
         mma_fetch_chunk<kThreads>(weights, chunk + kMmaStages - 1, ring);
       }
       async_copy_commit();

@@ -204,13 +204,15 @@ inline bool requested_map_staging() {
   return !off;
 }
 
-// Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma) and
-// kStagedCells rows fit after its shared memory (at a 128-byte boundary), else nothing.
+// Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma; bf16
+// and fp16: tf32's block leaves no room) and kStagedCells rows fit after its shared memory (at a
+// 128-byte boundary), else nothing.
 template <typename T>
 void plan_map_staging(QueryKernelParams<T>& params, LaunchPlan& plan, size_t max_shared_bytes,
                       bool requested) {
-  const bool stages = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
-                      plan.path == KernelPath::kWgmma;
+  const bool stages = (plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
+                       plan.path == KernelPath::kWgmma) &&
+                      params.precision != Precision::kTf32;
   const int64_t offset = (static_cast<int64_t>(plan.shared_bytes) + 127) / 128 * 128;
   const int64_t bytes = offset + staging_bytes(kStagedCells);
   if (!requested || !stages || bytes > static_cast<int64_t>(max_shared_bytes)) return;

@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int chunks = hidden * kChunksPerLayer;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
   // The chunks to copy: all, or none with the no-weight-loads timing probe (a bound rather than a
-  // flag, which would take a register the wgmma kernel does not have).
+  // flag, which spills this kernel: 255 registers).
   const int copied_chunks = p.timing_probe & kProbeNoWeightLoads ? 0 : chunks;
 
   record_phase(p, kPhaseStart);
