@@ -5,6 +5,8 @@ atomic checkpoints and every bad input. Small images made here, a tiny model, fe
 import copy
 import csv
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -383,13 +385,13 @@ def test_init_with_another_normalisation_says_so(images, tmp_path, capsys, monke
 
 # -- many processes ---------------------------------------------------------------------------------
 
-def torchrun(*argv, cwd, nproc=2):
+def torchrun(*argv, cwd, nproc=2, timeout=600):
     """`torchrun --standalone --nproc_per_node N -m liif_cuda ARGV`, run outside the repository
     (whose source folder would shadow the installed package)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), "-m", "liif_cuda", *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -412,6 +414,130 @@ def test_ddp_step_equals_single_process_step(images, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert len(read_log(ddp)) == 1
     liif_cuda.load_model(f"{ddp}/epoch-last.pth")
+
+
+def write_config(config, path):
+    import yaml
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def assert_same_model(a, b):
+    """Two checkpoints' parameters, equal up to the float32 rounding in which DDP's gradient
+    average differs from one process's mean (the tolerance of the test above)."""
+    sa, sb = model_state(a), model_state(b)
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-6)
+
+
+def assert_same_log(a, b):
+    ra, rb = read_log(a), read_log(b)
+    assert [(r["epoch"], r["lr"]) for r in ra] == [(r["epoch"], r["lr"]) for r in rb]
+    for x, y in zip(ra, rb):
+        assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-5)
+        assert float(x["val_psnr"]) == pytest.approx(float(y["val_psnr"]), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_epochs_equal_single_process_epochs_with_a_sample_count_not_a_multiple(tmp_path):
+    """3 samples, batch 2: one step an epoch on one process (the partial batch dropped) and so on
+    two; DistributedSampler's default padding (3 -> 4, a repeated sample) made it two steps there.
+    Parameters, logged losses and validation PSNR (rank 0 alone) are the single process's."""
+    images = write_images(str(tmp_path / "images"), count=3)
+    path = write_config(tiny_config(images, epochs=2, repeat=1, batch_size=2),
+                        tmp_path / "config.yaml")
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train(load_config(path), single, device="cpu", progress=False)
+    res = torchrun("train", "--config", path, "--out", ddp, "--device", "cpu", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_model(f"{single}/epoch-last.pth", f"{ddp}/epoch-last.pth")
+    assert_same_log(single, ddp)
+
+
+@pytest.mark.slow
+def test_ddp_resume_equals_training_straight(images, tmp_path):
+    """Two processes stopped after epoch 2 (past the milestone) and resumed, by two processes or
+    by one, end where one process training 3 epochs straight ends: every rank restores the model,
+    optimizer, schedule and epoch, and the checkpoint holds no per-process state."""
+    short = write_config(tiny_config(images, epochs=2, repeat=2, batch_size=2),
+                         tmp_path / "short.yaml")
+    full = write_config(tiny_config(images, epochs=3, repeat=2, batch_size=2),
+                        tmp_path / "full.yaml")
+    straight, ddp = str(tmp_path / "straight"), str(tmp_path / "ddp")
+    train(load_config(full), straight, device="cpu", progress=False)
+    res = torchrun("train", "--config", short, "--out", ddp, "--device", "cpu", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    single = str(tmp_path / "single")
+    shutil.copytree(ddp, single)
+    res = torchrun("train", "--config", full, "--out", ddp, "--device", "cpu", "--resume",
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout and res.stdout.count("epoch 3/3") == 1  # rank 0 alone
+    train(load_config(full), single, resume=True, device="cpu", progress=False)
+    a = torch.load(f"{straight}/epoch-last.pth", weights_only=True)
+    for run in (ddp, single):
+        assert_same_model(f"{straight}/epoch-last.pth", f"{run}/epoch-last.pth")
+        b = torch.load(f"{run}/epoch-last.pth", weights_only=True)
+        assert b["epoch"] == 3 and b["liif_cuda"]["scheduler"] == a["liif_cuda"]["scheduler"]
+        assert_same_log(straight, run)
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_the_run(images, tmp_path):
+    """A truncated image (read by whichever rank draws it) fails the run within seconds, the image
+    named: torchrun stops the other rank, which would otherwise wait in a collective for it."""
+    path = os.path.join(images, "1.png")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    config = tiny_config(images, epochs=1, repeat=2, batch_size=2)
+    config["train_dataset"]["dataset"]["args"]["cache"] = "none"
+    config = write_config(config, tmp_path / "config.yaml")
+    res = torchrun("train", "--config", config, "--out", str(tmp_path / "run"), "--device", "cpu",
+                   cwd=tmp_path, timeout=120)
+    assert res.returncode != 0
+    assert f"liif-cuda: error: training image {path} cannot be read" in res.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "two"}, "RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets "
+                            "them), got RANK='0', WORLD_SIZE='two', LOCAL_RANK='0'"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": ""}, "must be integers"),
+    ({"WORLD_SIZE": "0"}, "RANK=0, WORLD_SIZE=0, LOCAL_RANK=0: need 0 <= RANK < WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2, WORLD_SIZE=2, LOCAL_RANK=0: need"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1, WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK >= 0"),
+])
+def test_bad_torchrun_variables_are_one_line_errors(images, tmp_path, monkeypatch, capsys, env,
+                                                    message):
+    """Before anything is made: not int()'s message, a division by zero or a wait of 30 minutes
+    in init_process_group for a rank that never comes; a usage error (status 2) on the command
+    line, as for `upscale`."""
+    from liif_cuda import cli
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        train(tiny_config(images, epochs=1), str(run), device="cpu", progress=False)
+    path = write_config(tiny_config(images, epochs=1), tmp_path / "config.yaml")
+    assert cli.main(["train", "--config", path, "--out", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("liif-cuda: error: ") and message in err[0], err
+    assert not run.exists()
+
+
+def test_a_local_rank_beyond_the_gpus_is_named(monkeypatch):
+    """On CUDA each process takes cuda:LOCAL_RANK; a LOCAL_RANK the process cannot see (a launcher
+    that gives each process one GPU through CUDA_VISIBLE_DEVICES) is named, not torch's "invalid
+    device ordinal". Checked before any CUDA call, so no GPU is needed."""
+    from liif_cuda.training.trainer import Distributed
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    message = "LOCAL_RANK=1, but this process sees 1 CUDA GPU(s)"
+    with pytest.raises(TrainingError, match=f"^{re.escape(message)}$"):
+        Distributed("cuda")
 
 
 # -- checkpoints are never partial ------------------------------------------------------------------

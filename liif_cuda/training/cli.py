@@ -34,10 +34,14 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
 def train_command(args):
     from ..cli.common import CliError, check_cuda_requested
     from .config import load_config
-    from .trainer import FP16_NEEDS_CUDA, train
+    from .trainer import FP16_NEEDS_CUDA, TrainingError, torchrun_place, train
     # Usage errors (status 2), as in the other commands.
     if args.workers is not None and args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}", 2)
+    try:
+        torchrun_place()
+    except TrainingError as exc:  # bad torchrun variables, a usage error as for `upscale`
+        raise CliError(str(exc), 2) from None
     check_cuda_requested(args.device)
     if args.precision == "fp16":
         from ..upscaling import default_device

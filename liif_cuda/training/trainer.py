@@ -161,14 +161,35 @@ def validate(model, loader, device, precision, chunk, normalisation="original"):
 
 # -- processes ---------------------------------------------------------------------------------
 
+def torchrun_place():
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0)
+    outside it. Checked before anything else: int() says nothing of which variable is wrong, a
+    WORLD_SIZE of 0 divides by zero, and a RANK outside the world waits in init_process_group for
+    the 30 minutes of its timeout."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    values = [os.environ.get(name, default) for name, default in zip(names, ("0", "1", "0"))]
+    try:
+        rank, world, local_rank = (int(v) for v in values)
+    except ValueError:
+        raise TrainingError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets "
+                            f"them), got {', '.join(f'{n}={v!r}' for n, v in zip(names, values))}"
+                            ) from None
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise TrainingError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}: need "
+                            f"0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0 (as torchrun sets them)")
+    return rank, world, local_rank
+
+
 class Distributed:
     """The process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
 
     def __init__(self, device_type):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.rank, self.world, self.local_rank = torchrun_place()
         self.enabled = self.world > 1
+        if device_type == "cuda" and self.local_rank >= torch.cuda.device_count():
+            # Else torch's "invalid device ordinal", which names neither the rank nor the count.
+            raise TrainingError(f"LOCAL_RANK={self.local_rank}, but this process sees "
+                                f"{torch.cuda.device_count()} CUDA GPU(s)")
         if self.enabled and not torch.distributed.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
             if device_type == "cuda":
@@ -191,6 +212,12 @@ class Distributed:
 
     def close(self):
         if self.enabled and torch.distributed.is_initialized():
+            # Gloo's worker threads let go of the last collectives' tensors (Python objects, so
+            # with the GIL) just after the waits for them returned. Were the interpreter exiting by
+            # then, a process whose run has finished would abort ("terminate called without an
+            # active exception", status -6, and torchrun reports the run failed): about 1 run in
+            # 10 of two CPU processes with torch 2.13. A pause without the GIL lets them finish.
+            time.sleep(0.05)
             torch.distributed.destroy_process_group()
 
 
@@ -385,8 +412,9 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise TrainingError(f"--out {out_dir} is not a folder ({existing} is a file)")
+    rank = torchrun_place()[0]  # bad torchrun variables: an error before the run folder is made
     # Before the checkpoints are looked at: another training could write them at any time.
-    lock = lock_run_folder(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    lock = lock_run_folder(out_dir) if rank == 0 else None
     failed = True
     try:
         ckpts = existing_checkpoints(out_dir)
@@ -505,8 +533,13 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
         raise ConfigError(f"train_dataset.batch_size {batch_size} (the global batch) must be a "
                           f"multiple of the {dist.world} processes")
     train_set = make_dataset(train_spec, seed)
+    # drop_last: the sampler's default pads the permutation with its first samples up to a
+    # multiple of the processes, which adds a step (repeated samples) to an epoch whose partial
+    # last batch one process drops. Dropping up to WORLD_SIZE - 1 samples from the end instead
+    # leaves every full global batch, so N processes take the single process's steps.
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world,
-                                                  rank=dist.rank, shuffle=True, seed=seed)
+                                                  rank=dist.rank, shuffle=True, seed=seed,
+                                                  drop_last=True)
     workers = (4 if device_type == "cuda" else 0) if workers is None else workers
     loader_args = dict(num_workers=workers, pin_memory=device_type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size // dist.world,
