@@ -89,7 +89,9 @@ resolve_backtraces() {
 }
 
 # step NAME TIMEOUT_S LOG required|optional COMMAND...: runs COMMAND with its output appended to
-# LOG, records the outcome; an optional step is skipped when it could overrun the budget.
+# LOG, records the outcome; an optional step is skipped when it could overrun the budget. Returns
+# COMMAND's exit status, but 124 for every timeout (timeout's KILL after TERM exits 137 too), so
+# that a 137 is a kill from elsewhere before the limit: the out-of-memory killer, not a hang.
 step() {
   local name=$1 limit=$2 log=$3 kind=$4
   shift 4
@@ -103,7 +105,9 @@ step() {
   timeout -k 5 "$limit" "$@" >> "$log" 2>&1
   rc=$?
   local status=ok
-  if [ $rc = 124 ] || [ $rc = 137 ]; then status="TIMEOUT after ${limit} s"
+  if [ $rc = 137 ] && [ $((SECONDS - t0)) -ge "$limit" ]; then rc=124; fi
+  if [ $rc = 124 ]; then status="TIMEOUT after ${limit} s"
+  elif [ $rc = 137 ]; then status="KILLED (exit 137: out of memory?)"
   elif [ $rc != 0 ]; then status="FAIL (exit $rc)"; fi
   note "$(printf '%-22s %-24s %4d s' "$name" "$status" $((SECONDS - t0)))"
   if [ "$status" != ok ]; then
@@ -208,7 +212,7 @@ for p in $PATHS; do
   resolve_backtraces "$RESULTS/paths.log"
   if [ $rc = 0 ]; then
     case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws) VARIANTS="$VARIANTS,fused-$p" ;; esac
-  elif [ $rc = 124 ] || [ $rc = 137 ]; then
+  elif [ $rc = 124 ]; then
     [ -n "$(kernel_of "$p")" ] && HUNG_KERNELS="$HUNG_KERNELS $(kernel_of "$p")"
   fi
   grep -E "^$p (ok|FAIL)" "$RESULTS/paths.log" | tail -n 1 | cut -c 1-400 | sed 's/^/    /'

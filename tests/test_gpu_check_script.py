@@ -62,7 +62,8 @@ def test_usage_error_without_results_dir():
 
 
 FAKE_PYTHON = """#!{python}
-# Stands in for Python in gpu_check.sh's dry run: the path FAKE_HANG_PATH hangs and the test file
+# Stands in for Python in gpu_check.sh's dry run: the path FAKE_HANG_PATH hangs, the path
+# FAKE_KILLED_PATH is killed at once (as by the out-of-memory killer), and the test file
 # FAKE_CRASH_TEST crashes its process (SIGSEGV); every other path, the benchmark and the tests pass
 # at once; the tests print the kernels they were told hung.
 import os, signal, sys, time
@@ -73,6 +74,8 @@ if "benchmarks/gpu_paths.py" in args:
         print("bf16 bf16-wgmma_ws fp16-wgmma_ws bf16-wgmma")
     elif rest[0] == os.environ.get("FAKE_HANG_PATH"):
         time.sleep(60)
+    elif rest[0] == os.environ.get("FAKE_KILLED_PATH"):
+        os.kill(os.getpid(), signal.SIGKILL)
     else:
         print(rest[0], "ok")
 elif "benchmarks/bench_gpu.py" in args:
@@ -116,6 +119,22 @@ def test_a_hung_kernel_is_not_run_again(tmp_path):
     assert "variants: fused-fp32,fused-bf16,fused-bf16-wgmma," in (results / "bench.log").read_text()
     assert "hung kernels: 'wgmma_ws'" in (results / "pytest.log").read_text()
     assert "verdict: failed: path bf16-wgmma_ws (" in summary
+
+
+def test_a_killed_path_is_not_a_hang(tmp_path):
+    """A path killed before its limit (exit 137: the out-of-memory killer, say) fails as killed,
+    and its kernel's other paths, the benchmark and the tests still run it: only a timeout marks a
+    kernel hung."""
+    proc, results = run_dry_with_fake_python(tmp_path, FAKE_KILLED_PATH="bf16-wgmma_ws",
+                                             GPU_CHECK_PATH_LIMIT_S="30")
+    summary = (results / "summary.txt").read_text()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = summary.splitlines()
+    assert "KILLED (exit 137: out of memory?)" in next(
+        x for x in lines if x.startswith("path bf16-wgmma_ws "))
+    assert " ok " in next(x for x in lines if x.startswith("path fp16-wgmma_ws "))
+    assert "hung kernels" not in summary
+    assert "hung kernels: ''" in (results / "pytest.log").read_text()
 
 
 def test_a_crashed_test_file_loses_only_its_own_cases(tmp_path):
