@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -67,8 +68,8 @@ VARIANTS = {
     "fused-fp16-wgmma_ws": ("fused", "fp16", "wgmma_ws"),
 }
 # Map staging (LIIF_CUDA_STAGE_MAP=1, an experiment: a tile's distinct first-layer map rows copied
-# into shared memory once): the same bits as the kernel's own row, which the table's "same bits"
-# column checks.
+# into shared memory once): the same bits as the kernel's own row, which the line after the table
+# checks.
 STAGED = {f"fused-bf16-{kernel}-staged": f"fused-bf16-{kernel}" for kernel in ("mma16", "wgmma")}
 VARIANTS.update({name: ("fused", "bf16", base.split("-")[2]) for name, base in STAGED.items()})
 # Timing probes, wrong outputs: a tensor-core kernel without one or both of its data streams
@@ -134,17 +135,13 @@ def run_variant(name, feat, coord, cell, imnet, extra_probe=None):
         if kernel is not None:
             os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = kernel  # read by the op at every call
         probes = [p for p in (PROBES.get(name), extra_probe) if p]
-        settings = {"LIIF_CUDA_TIMING_PROBE": ",".join(probes) if probes else None,
-                    "LIIF_CUDA_STAGE_MAP": "1" if name in STAGED else None}
-        for key, value in settings.items():
-            if value is not None:
-                os.environ[key] = value  # read by the op at every call
-        try:
+        settings = {}  # read by the op at every call; the environment restored after it
+        if probes:
+            settings["LIIF_CUDA_TIMING_PROBE"] = ",".join(probes)
+        if name in STAGED:
+            settings["LIIF_CUDA_STAGE_MAP"] = "1"
+        with mock.patch.dict(os.environ, settings):
             return liif_cuda.query(feat, coord, cell, imnet, precision=precision)
-        finally:
-            for key, value in settings.items():
-                if value is not None:
-                    del os.environ[key]
 
 
 def phase_clocks(name, inputs):

@@ -82,19 +82,15 @@ std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_map);
-    LaunchPlan plan =
+    const LaunchPlan plan =
         plan_prepared_query(prepared, static_cast<size_t>(max_shared),
                             /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel(),
                             runs_wgmma(major, minor));
-    plan_map_staging(prepared.params, plan, static_cast<size_t>(max_shared),
-                     requested_map_staging());
-    prepared.params.timing_probe = requested_timing_probe();
-    const at::Tensor phase_clocks = phase_clock_buffer(prepared.params, plan, feat.device());
     const LaunchStatus status = launch_query_kernel(prepared.params, plan,
                                                     c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",
                 status.stage, ": ", cudaGetErrorString(status.error));
-    print_phase_clocks(phase_clocks, plan);
+    print_phase_clocks(prepared.phase_clocks, plan);
     // The temporaries go back to the caching allocator, which keeps them for this stream until
     // the kernel is done with them.
     out = prepared.out;

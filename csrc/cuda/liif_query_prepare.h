@@ -26,6 +26,7 @@ template <typename T>
 struct PreparedQuery {
   // Owners of the memory the parameters point to; they must outlive the launch.
   at::Tensor map, extra_columns, first_bias, weights, biases, operand_weights, coords, cells, out;
+  at::Tensor phase_clocks;  // the phase-clocks timing probe's buffer, where it records
   QueryKernelParams<T> params;
 };
 
@@ -118,69 +119,19 @@ PreparedQuery<T> prepare_query(const at::Tensor& feat, const at::Tensor& coords,
   return p;
 }
 
-// Completes the parameters with the plan's block shape (and, for the tensor-core kernel, its
-// operand weights); raises when no kernel can run the MLP. `has_tensor_cores`: the device has
-// compute capability 8.0 or newer; `has_wgmma`: it runs this build's sm_90a code.
-template <typename T>
-LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, bool has_tensor_cores,
-                               TensorCoreKernel preferred = TensorCoreKernel::kAuto,
-                               bool has_wgmma = false) {
-  const LaunchPlan plan =
-      plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred, has_wgmma);
-  TORCH_CHECK(plan.path != KernelPath::kNone,
-              "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
-              max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
-  TORCH_CHECK(plan.blocks <= INT_MAX, "liif_cuda.query (CUDA kernel): too many queries (",
-              p.params.total_queries, ") for one launch; split them");
-  p.params.queries_per_block = plan.queries_per_block;
-  p.params.act_pitch = plan.act_pitch;
-  // The wgmma kernels read the mma.sync kernel's packing (and rearrange it as they copy).
-  const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
-                   plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaWs;
-  if (plan.path == KernelPath::kTensorCore || mma) {
-    // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
-    // stays float32.
-    const int64_t layers = p.params.num_layers - 2;
-    const int64_t hidden = layers * kFastWidth * kFastWidth;
-    at::Tensor w = p.weights.narrow(0, 0, hidden);
-    if (mma) {
-      // The mma.sync kernel streams each layer in chunks of `kc` inputs of every output column,
-      // each chunk contiguous: [layer][chunk][out][kc], i.e. the (out, in) weight cut along `in`.
-      const int64_t kc = mma_chunk_inputs(p.params.precision);
-      w = w.view({layers, kFastWidth, kFastWidth})
-              .transpose(1, 2)
-              .reshape({layers, kFastWidth, kFastWidth / kc, kc})
-              .permute({0, 2, 1, 3})
-              .contiguous()
-              .view({-1});
-    }
-    if (hidden == 0) {
-      p.operand_weights = p.weights.new_zeros({8});  // a two-layer MLP reads none; a valid pointer
-    } else if (p.params.precision == Precision::kTf32) {
-      p.operand_weights = round_to_tf32(w);
-    } else {
-      p.operand_weights = w.to(p.params.precision == Precision::kBf16 ? at::kBFloat16 : at::kHalf);
-    }
-    p.params.operand_weights = p.operand_weights.const_data_ptr();
-  }
-  return plan;
-}
-
 // The phase-clocks timing probe (liif_phase_clocks.h) for a launch of `plan`: where the probe is on
 // and the kernel records clocks (the four mma.sync and wgmma kernels), a zeroed buffer of
-// kPhaseSlots clocks per block on `device`, its address in `params`; else an undefined tensor.
+// kPhaseSlots clocks per block on the output's device, in p.phase_clocks and the parameters.
 template <typename T>
-at::Tensor phase_clock_buffer(QueryKernelParams<T>& params, const LaunchPlan& plan,
-                              c10::Device device) {
-  const char* kernel = phase_clock_kernel_name(plan.path);
-  if (!(params.timing_probe & kProbePhaseClocks) || kernel == nullptr) return at::Tensor();
-  at::Tensor clocks = at::zeros({plan.blocks, kPhaseSlots}, at::dtype(at::kLong).device(device));
-  params.phase_clocks = clocks.data_ptr<int64_t>();
-  return clocks;
+void add_phase_clock_buffer(PreparedQuery<T>& p, const LaunchPlan& plan) {
+  const bool records = phase_clock_kernel_name(plan.path) != nullptr;
+  if (!(p.params.timing_probe & kProbePhaseClocks) || !records) return;
+  p.phase_clocks = at::zeros({plan.blocks, kPhaseSlots}, p.out.options().dtype(at::kLong));
+  p.params.phase_clocks = p.phase_clocks.template data_ptr<int64_t>();
 }
 
-// After the launch: the buffer's line (phase_clock_summary) on stderr, if there is a buffer. The
-// copy to the host waits for the kernel.
+// After the launch: the line (phase_clock_summary) of the buffer add_phase_clock_buffer made on
+// stderr, if it made one. The copy to the host waits for the kernel.
 inline void print_phase_clocks(const at::Tensor& clocks, const LaunchPlan& plan) {
   if (!clocks.defined()) return;
   const at::Tensor host = clocks.cpu();
@@ -233,6 +184,59 @@ inline int requested_timing_probe() {
               "list of no-map-loads, no-weight-loads and phase-clocks, got '",
               value, "'");
   return probe;
+}
+
+// Completes the parameters with the plan's block shape (and, for the tensor-core kernel, its
+// operand weights), and with what liif_cuda.query reads from the environment at every call (map
+// staging, timing probes and their buffer); raises when no kernel can run the MLP.
+// `has_tensor_cores`: the device has compute capability 8.0 or newer; `has_wgmma`: it runs this
+// build's sm_90a code.
+template <typename T>
+LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, bool has_tensor_cores,
+                               TensorCoreKernel preferred = TensorCoreKernel::kAuto,
+                               bool has_wgmma = false) {
+  LaunchPlan plan =
+      plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred, has_wgmma);
+  TORCH_CHECK(plan.path != KernelPath::kNone,
+              "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
+              max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
+  TORCH_CHECK(plan.blocks <= INT_MAX, "liif_cuda.query (CUDA kernel): too many queries (",
+              p.params.total_queries, ") for one launch; split them");
+  p.params.queries_per_block = plan.queries_per_block;
+  p.params.act_pitch = plan.act_pitch;
+  // The wgmma kernels read the mma.sync kernel's packing (and rearrange it as they copy).
+  const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
+                   plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaWs;
+  if (plan.path == KernelPath::kTensorCore || mma) {
+    // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
+    // stays float32.
+    const int64_t layers = p.params.num_layers - 2;
+    const int64_t hidden = layers * kFastWidth * kFastWidth;
+    at::Tensor w = p.weights.narrow(0, 0, hidden);
+    if (mma) {
+      // The mma.sync kernel streams each layer in chunks of `kc` inputs of every output column,
+      // each chunk contiguous: [layer][chunk][out][kc], i.e. the (out, in) weight cut along `in`.
+      const int64_t kc = mma_chunk_inputs(p.params.precision);
+      w = w.view({layers, kFastWidth, kFastWidth})
+              .transpose(1, 2)
+              .reshape({layers, kFastWidth, kFastWidth / kc, kc})
+              .permute({0, 2, 1, 3})
+              .contiguous()
+              .view({-1});
+    }
+    if (hidden == 0) {
+      p.operand_weights = p.weights.new_zeros({8});  // a two-layer MLP reads none; a valid pointer
+    } else if (p.params.precision == Precision::kTf32) {
+      p.operand_weights = round_to_tf32(w);
+    } else {
+      p.operand_weights = w.to(p.params.precision == Precision::kBf16 ? at::kBFloat16 : at::kHalf);
+    }
+    p.params.operand_weights = p.operand_weights.const_data_ptr();
+  }
+  plan_map_staging(p.params, plan, max_shared_bytes, requested_map_staging());
+  p.params.timing_probe = requested_timing_probe();
+  add_phase_clock_buffer(p, plan);
+  return plan;
 }
 
 }  // namespace cuda

@@ -86,20 +86,17 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_on_host);
-    LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
-                                          /*has_tensor_cores=*/true, preferred,
-                                          /*has_wgmma=*/true);
-    plan_map_staging(prepared.params, plan, static_cast<size_t>(max_shared_bytes),
-                     requested_map_staging());  // as liif_cuda.query reads it
-    prepared.params.timing_probe = requested_timing_probe();  // as liif_cuda.query reads it
+    // With the environment's map staging and timing probes, as liif_cuda.query reads them.
+    const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
+                                                /*has_tensor_cores=*/true, preferred,
+                                                /*has_wgmma=*/true);
     if (prepared.params.timing_probe & kProbeNoWeightLoads) {
       // The probe copies no weight: a misaligned pointer makes any copy from it an error.
       prepared.params.operand_weights =
           static_cast<const unsigned char*>(prepared.params.operand_weights) + 8;
     }
-    const at::Tensor phase_clocks = phase_clock_buffer(prepared.params, plan, feat.device());
     run_kernel(prepared.params, plan, reverse_order);
-    print_phase_clocks(phase_clocks, plan);
+    print_phase_clocks(prepared.phase_clocks, plan);
     out = prepared.out;
     path = static_cast<int64_t>(plan.path);
   });
