@@ -22,6 +22,14 @@
 #define LIIF_HOST_DEVICE inline
 #endif
 
+// A loop the device compiler keeps rolled (see visit_neighbours); host compilers get nothing, as
+// GCC warns about the pragma.
+#if defined(__CUDA_ARCH__)
+#define LIIF_DEVICE_NO_UNROLL _Pragma("unroll 1")
+#else
+#define LIIF_DEVICE_NO_UNROLL
+#endif
+
 namespace liif {
 
 constexpr int kMaxNeighbours = 4;
@@ -189,15 +197,21 @@ struct Neighbour {
   T weight;        // blend weight: area of the diagonally opposite neighbour / total area
 };
 
-// Fills nb[0 .. g.num_neighbours) for the query (cy, cx). Returns false (and fills nothing) when a
-// coordinate is NaN or infinite: the reference's output is then NaN, and the caller writes NaN itself
-// instead of letting a meaningless index reach memory.
-template <typename T>
-LIIF_HOST_DEVICE bool query_neighbours(const FeatureGrid<T>& g, T cy, T cx, Neighbour<T>* nb) {
+// The neighbours of the query (cy, cx), handed out as they are found rather than collected:
+// located(k, iy, ix, rel_y, rel_x) for k in [0, g.num_neighbours), and weight(k), a T& where the
+// blend weight of neighbour k goes (it first holds the neighbour's area). Returns false (and calls
+// neither) when a coordinate is NaN or infinite: the reference's output is then NaN, and the caller
+// writes NaN itself instead of letting a meaningless index reach memory. A GPU kernel stores each
+// neighbour in shared (or global) memory as it comes: collected in an array indexed by a runtime
+// k, the neighbours and their areas lived in local memory (a 144-byte stack frame in every forward
+// kernel); kept in registers, they spilled the kernels with the least room.
+template <typename T, typename Located, typename Weight>
+LIIF_HOST_DEVICE bool visit_neighbours(const FeatureGrid<T>& g, T cy, T cx, Located located,
+                                       Weight weight) {
   if (!is_finite(cy) || !is_finite(cx)) return false;
-  T area[kMaxNeighbours];
+  const int nn = g.num_neighbours;
   T total = T(0);
-  for (int k = 0; k < g.num_neighbours; ++k) {
+  for (int k = 0; k < nn; ++k) {
     const T sy = clamp_coordinate(add_rn(cy, g.shift_y[k]), g.clamp_lo, g.clamp_hi);
     const T sx = clamp_coordinate(add_rn(cx, g.shift_x[k]), g.clamp_lo, g.clamp_hi);
     const int64_t iy = nearest_index(sy, g.size_y, g.height, g.fused_index);
@@ -207,20 +221,41 @@ LIIF_HOST_DEVICE bool query_neighbours(const FeatureGrid<T>& g, T cy, T cx, Neig
     // The relative coordinate uses the original, unshifted and unclamped query coordinate.
     const T rel_y = mul_rn(add_rn(cy, -centre_y), g.size_y);
     const T rel_x = mul_rn(add_rn(cx, -centre_x), g.size_x);
-    nb[k].iy = iy;
-    nb[k].ix = ix;
-    nb[k].rel_y = rel_y;
-    nb[k].rel_x = rel_x;
-    area[k] = add_rn(abs_value(mul_rn(rel_y, rel_x)), g.area_eps);
-    total = add_rn(total, area[k]);  // stack(areas).sum(0): accumulated in neighbour order
+    located(k, iy, ix, rel_y, rel_x);
+    const T area = add_rn(abs_value(mul_rn(rel_y, rel_x)), g.area_eps);
+    weight(k) = area;
+    total = add_rn(total, area);  // stack(areas).sum(0): accumulated in neighbour order
   }
   // With the local ensemble each prediction takes the area of the diagonally opposite neighbour
-  // (swaps 0<->3 and 1<->2, i.e. k <-> 3 - k); the total is taken before the swap.
-  for (int k = 0; k < g.num_neighbours; ++k) {
-    const int opposite = g.num_neighbours == kMaxNeighbours ? kMaxNeighbours - 1 - k : k;
-    nb[k].weight = area[opposite] / total;
+  // (swaps 0<->3 and 1<->2, i.e. k <-> 3 - k); the total is taken before the swap. Each pair is
+  // swapped once, from its first member (without the ensemble, neighbour 0 is its own opposite).
+  // Kept rolled on the device: unrolled, the divisions' calls of their slow path made the wgmma
+  // kernel (255 registers) spill elsewhere.
+  LIIF_DEVICE_NO_UNROLL
+  for (int k = 0; k < nn; ++k) {
+    const int opposite = nn == kMaxNeighbours ? kMaxNeighbours - 1 - k : k;
+    if (opposite < k) continue;
+    const T area = weight(k);
+    const T opposite_area = weight(opposite);
+    weight(k) = opposite_area / total;
+    weight(opposite) = area / total;
   }
   return true;
+}
+
+// Fills nb[0 .. g.num_neighbours) for the query (cy, cx); false (and nothing filled) as
+// visit_neighbours.
+template <typename T>
+LIIF_HOST_DEVICE bool query_neighbours(const FeatureGrid<T>& g, T cy, T cx, Neighbour<T>* nb) {
+  return visit_neighbours(
+      g, cy, cx,
+      [nb](int k, int64_t iy, int64_t ix, T rel_y, T rel_x) {
+        nb[k].iy = iy;
+        nb[k].ix = ix;
+        nb[k].rel_y = rel_y;
+        nb[k].rel_x = rel_x;
+      },
+      [nb](int k) -> T& { return nb[k].weight; });
 }
 
 // The first-layer input of the cell: (cell_y * H, cell_x * W).

@@ -29,22 +29,26 @@ __global__ void backward_geometry_kernel(const BackwardChunkParams<T> p) {
   const int nn = p.grid.num_neighbours;
   for (int64_t i = global_thread(); i < p.queries; i += grid_threads()) {
     const int64_t q = p.first_query + i;
-    Neighbour<T> nb[kMaxNeighbours];
     T cell[2] = {T(0), T(0)};
-    const bool valid = query_neighbours(p.grid, p.coords[2 * q], p.coords[2 * q + 1], nb);
     if (p.cells != nullptr) scaled_cell(p.grid, p.cells[2 * q], p.cells[2 * q + 1], cell);
     const int64_t image = q / p.queries_per_image;
-    for (int k = 0; k < nn; ++k) {
-      const int64_t r = i * nn + k;
-      T* x = p.extra + 4 * r;
-      if (valid) {
-        p.cell[r] = static_cast<int>((image * p.grid.height + nb[k].iy) * p.grid.width + nb[k].ix);
-        p.blend[r] = nb[k].weight;
-        x[0] = nb[k].rel_y;
-        x[1] = nb[k].rel_x;
-        x[2] = cell[0];
-        x[3] = cell[1];
-      } else {
+    // Each neighbour is stored as it is found (see visit_neighbours).
+    const bool valid = visit_neighbours(
+        p.grid, p.coords[2 * q], p.coords[2 * q + 1],
+        [&](int k, int64_t iy, int64_t ix, T rel_y, T rel_x) {
+          const int64_t r = i * nn + k;
+          T* x = p.extra + 4 * r;
+          p.cell[r] = static_cast<int>((image * p.grid.height + iy) * p.grid.width + ix);
+          x[0] = rel_y;
+          x[1] = rel_x;
+          x[2] = cell[0];
+          x[3] = cell[1];
+        },
+        [&](int k) -> T& { return p.blend[i * nn + k]; });
+    if (!valid) {
+      for (int k = 0; k < nn; ++k) {
+        const int64_t r = i * nn + k;
+        T* x = p.extra + 4 * r;
         p.cell[r] = -1;
         p.blend[r] = T(0);
         x[0] = x[1] = x[2] = x[3] = T(0);

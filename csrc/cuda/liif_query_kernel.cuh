@@ -95,26 +95,31 @@ __device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T
   const int nn = p.grid.num_neighbours;
   for (int i = worker; i < queries; i += workers) {
     const int64_t q = first + i;
-    Neighbour<T> nb[kMaxNeighbours];
     T cell[2] = {T(0), T(0)};
     int state = -1;
+    const int64_t image = q / p.queries_per_image;
     if (q < p.total_queries) {
-      state = query_neighbours(p.grid, p.coords[2 * q], p.coords[2 * q + 1], nb) ? 1 : 0;
+      // Each neighbour goes to shared memory as it is found (see visit_neighbours).
+      state = visit_neighbours(
+                  p.grid, p.coords[2 * q], p.coords[2 * q + 1],
+                  [&](int k, int64_t iy, int64_t ix, T rel_y, T rel_x) {
+                    const int r = i * nn + k;
+                    // The host checks that B * H * W fits an int.
+                    s.cell[r] = static_cast<int>((image * p.grid.height + iy) * p.grid.width + ix);
+                    s.rel_y[r] = rel_y;
+                    s.rel_x[r] = rel_x;
+                  },
+                  [&](int k) -> T& { return s.blend[i * nn + k]; })
+                  ? 1
+                  : 0;
       if (p.cells != nullptr) scaled_cell(p.grid, p.cells[2 * q], p.cells[2 * q + 1], cell);
     }
     s.state[i] = state;
     s.cell_y[i] = cell[0];
     s.cell_x[i] = cell[1];
-    const int64_t image = q / p.queries_per_image;
-    for (int k = 0; k < nn; ++k) {
-      const int r = i * nn + k;
-      if (state == 1) {
-        // The host checks that B * H * W fits an int.
-        s.cell[r] = static_cast<int>((image * p.grid.height + nb[k].iy) * p.grid.width + nb[k].ix);
-        s.rel_y[r] = nb[k].rel_y;
-        s.rel_x[r] = nb[k].rel_x;
-        s.blend[r] = nb[k].weight;
-      } else {
+    if (state != 1) {
+      for (int k = 0; k < nn; ++k) {
+        const int r = i * nn + k;
         s.cell[r] = -1;
         s.rel_y[r] = s.rel_x[r] = s.blend[r] = T(0);
       }
