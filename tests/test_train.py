@@ -21,7 +21,8 @@ from liif_cuda.training import ConfigError, TrainingError, check_config, load_co
 from liif_cuda.training.checkpointing import (load_original_optimizer_state,
                                               load_original_state_dict, make_checkpoint)
 from liif_cuda.training.datasets import make_dataset
-from liif_cuda.training.trainer import build_model, normalise_batch, train_step, validate
+from liif_cuda.training.trainer import (build_model, normalise_batch, train_step, validate,
+                                        validate_shared)
 
 pytest.importorskip("yaml", reason="PyYAML (a training dependency) is not installed")
 
@@ -124,6 +125,9 @@ def test_resume_equals_training_straight(images, tmp_path):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert a["liif_cuda"]["scheduler"] == b["liif_cuda"]["scheduler"]
     assert [r["train_loss"] for r in read_log(straight)] == [r["train_loss"] for r in read_log(split)]
+    # The data loaders draw their base seeds from torch's generator: restored, it is where the
+    # straight run's is.
+    assert torch.equal(a["liif_cuda"]["torch_rng"], b["liif_cuda"]["torch_rng"])
 
 
 def test_workers_do_not_change_the_samples(images, tmp_path):
@@ -1030,6 +1034,42 @@ def test_validation_weights_each_batch_by_its_size():
     assert psnr == pytest.approx(25.0, abs=1e-5)
 
 
+class ThreadRank:
+    """One of `world` ranks run as threads of this process: sum() adds every rank's values, as
+    Distributed.sum's all_reduce does."""
+
+    def __init__(self, rank, world, board, barrier):
+        self.rank, self.world, self.board, self.barrier = rank, world, board, barrier
+
+    def sum(self, values, device):
+        self.board[self.rank] = list(values)
+        self.barrier.wait()
+        return [sum(column) for column in zip(*self.board)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shared_validation_is_one_process_validation(images, world):
+    """10 samples in batches of 3 (3, 3, 3, 1) shared among 1, 2, 3 or 5 ranks (5: one rank
+    without a batch): every rank returns the PSNR of one process validating them all."""
+    import threading
+    torch.manual_seed(0)
+    model = build_model(tiny_config(images)["model"])
+    val_set = make_dataset(dataset_spec(images, repeat=5, augment=False), seed=1)
+    cpu = torch.device("cpu")
+    whole = validate(model, torch.utils.data.DataLoader(val_set, batch_size=3), cpu, "fp32", 30000)
+    board, barrier, results = [None] * world, threading.Barrier(world), [None] * world
+
+    def rank(r):
+        results[r] = validate_shared(model, val_set, 3, ThreadRank(r, world, board, barrier), cpu,
+                                     "fp32", 30000, "original", {})
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == [pytest.approx(whole, rel=1e-12)] * world
+
+
 # -- the official weights ---------------------------------------------------------------------------
 
 @requires_shared
@@ -1169,6 +1209,17 @@ def test_resume_keeps_the_best_validation_psnr(images, tmp_path):
     assert torch.load(f"{run}/epoch-best.pth", weights_only=True)["epoch"] == best_epoch
     assert torch.load(f"{run}/epoch-last.pth", weights_only=True)["liif_cuda"]["best_val_psnr"] == 1e9
 
+
+
+def test_resume_with_a_damaged_random_state_names_the_checkpoint(images, tmp_path):
+    run = str(tmp_path / "run")
+    train(tiny_config(images, epochs=1), run, device="cpu", progress=False)
+    last = torch.load(f"{run}/epoch-last.pth", weights_only=True)
+    last["liif_cuda"]["torch_rng"] = torch.zeros(3)  # not a generator's state
+    torch.save(last, f"{run}/epoch-last.pth")
+    with pytest.raises(ConfigError, match=r"--resume .*epoch-last\.pth: its saved random state "
+                                          r"cannot be restored"):
+        train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
 
 # -- the recipe, sample by sample ---------------------------------------------------------------
 

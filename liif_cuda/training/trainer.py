@@ -138,12 +138,11 @@ def normalise_batch(batch, device, normalisation="original"):
 
 
 @torch.no_grad()
-def validate(model, loader, device, precision, chunk, normalisation="original"):
-    """Each batch's PSNR on [0, 1] colours, averaged with the batches' sizes as weights (the
-    original's validation: its Averager adds each batch's value with the batch's size)."""
+def batch_psnrs(model, loader, device, precision, chunk, normalisation="original"):
+    """(size, PSNR on [0, 1] colours) of each batch, in the loader's order."""
     model.eval()
     mean, std = (torch.tensor(v, device=device) for v in NORMALISATIONS[normalisation])
-    total, samples = 0.0, 0
+    values = []
     for raw in loader:
         batch = normalise_batch(raw, device, normalisation)
         with autocast(device.type, precision):
@@ -152,11 +151,61 @@ def validate(model, loader, device, precision, chunk, normalisation="original"):
                      for i in range(0, batch["coord"].shape[1], chunk)]
         pred = (torch.cat(preds, 1).float() * std + mean).clamp(0, 1)
         mse = (pred - raw["gt"].to(device)).pow(2).mean()
-        size = raw["gt"].shape[0]
-        total += size * -10 * math.log10(max(mse.item(), 1e-12))
-        samples += size
+        values.append((raw["gt"].shape[0], -10 * math.log10(max(mse.item(), 1e-12))))
     model.train()
+    return values
+
+
+def size_weighted_mean(values):
+    """The original's validation: its Averager adds each batch's PSNR with the batch's size."""
+    total, samples = 0.0, 0
+    for size, psnr in values:
+        total += size * psnr
+        samples += size
     return total / samples
+
+
+def validate(model, loader, device, precision, chunk, normalisation="original"):
+    """Each batch's PSNR on [0, 1] colours, averaged with the batches' sizes as weights."""
+    return size_weighted_mean(batch_psnrs(model, loader, device, precision, chunk, normalisation))
+
+
+def validate_shared(model, val_set, batch_size, dist, device, precision, chunk, normalisation,
+                    loader_args):
+    """validate() with the batches shared among the processes: batch j (samples j * batch_size ..)
+    is validated by rank j % world, and the weighted mean is taken over all batches in order, so
+    the result is one process's (the batches are the same, only spread). Every rank works: where
+    rank 0 validated alone, the others waited in a barrier whose timeout (30 minutes with gloo,
+    10 with NCCL) a long validation could reach."""
+    sampler = torch.utils.data.BatchSampler(range(len(val_set)), batch_size, drop_last=False)
+    batches = list(sampler)
+    mine = list(range(dist.rank, len(batches), dist.world))
+    loader = torch.utils.data.DataLoader(val_set, batch_sampler=[batches[j] for j in mine],
+                                         **loader_args)
+    sizes, psnrs = [0.0] * len(batches), [0.0] * len(batches)
+    for j, (size, psnr) in zip(mine, batch_psnrs(model, loader, device, precision, chunk,
+                                                 normalisation)):
+        sizes[j], psnrs[j] = float(size), psnr
+    # Each batch's values come from one rank and zeros from the others: the sums are exact.
+    values = dist.sum(sizes + psnrs, device)
+    return size_weighted_mean(zip((int(v) for v in values[:len(batches)]), values[len(batches):]))
+
+
+def restore_random_state(extra, source):
+    """Puts back the random states make_checkpoint saved: torch's, and CUDA's where this process
+    sees as many GPUs as the one that saved them. The results draw nothing from them (the samples
+    have their own generators), but each DataLoader iterator draws its base seed from torch's, so
+    that without them a resumed run's generator was not the straight run's."""
+    try:
+        if extra.get("torch_rng") is not None:
+            torch.set_rng_state(extra["torch_rng"])
+        cuda = extra.get("cuda_rng") or []
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    except (TypeError, RuntimeError) as exc:
+        raise ConfigError(f"{source}: its saved random state cannot be restored "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                          ) from None
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -516,6 +565,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             scaler.load_state_dict(extra["scaler"])
         if extra.get("best_val_psnr") is not None:
             best = extra["best_val_psnr"]
+        restore_random_state(extra, f"{which} {resume_from}")
         start_epoch = state["epoch"] + 1
         if dist.main:
             print(f"resuming from {resume_from}: epoch {state['epoch']} of {config['epoch_max']}"
@@ -547,11 +597,9 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     if len(train_loader) == 0:
         raise ConfigError(f"train_dataset: {len(train_set)} samples make no batch of "
                           f"{batch_size} (raise repeat or lower batch_size)")
-    val_loader = None
-    if config.get("val_dataset") is not None and dist.main:
+    val_set = None
+    if config.get("val_dataset") is not None:
         val_set = make_dataset(config["val_dataset"], seed + 1, "val_dataset")  # the same samples
-        val_loader = torch.utils.data.DataLoader(
-            val_set, batch_size=config["val_dataset"]["batch_size"], shuffle=False, **loader_args)
 
     train_model = model
     if dist.enabled:
@@ -600,9 +648,10 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             scheduler.step()
         loss_sum, count = dist.sum([loss_sum.item(), count], device)
         val_psnr = None
-        if val_loader is not None and epoch_val and epoch % epoch_val == 0:
-            val_psnr = validate(model, val_loader, device, precision,
-                                config.get("eval_bsize") or 30000, normalisation)
+        if val_set is not None and epoch_val and epoch % epoch_val == 0:
+            val_psnr = validate_shared(model, val_set, config["val_dataset"]["batch_size"], dist,
+                                       device, precision, config.get("eval_bsize") or 30000,
+                                       normalisation, loader_args)
         if dist.main:
             improved = val_psnr is not None and val_psnr > best
             best = val_psnr if improved else best
