@@ -34,8 +34,10 @@ def check_device(device, name=None):
             raise ValueError(f"{name}: liif_cuda was built without its CUDA kernels "
                              f"(docs/install.md)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} "
-                             f"CUDA GPU(s)")
+            # The count of this process, not of the machine: CUDA_VISIBLE_DEVICES narrows it.
+            raise ValueError(f"{name}: GPU {dev.index} is not visible; this process sees "
+                             f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0 "
+                             f"(CUDA_VISIBLE_DEVICES chooses which GPUs it sees)")
     elif dev.type != "cpu":
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return dev

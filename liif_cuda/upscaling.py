@@ -250,8 +250,8 @@ def upscale(image: ImageT, scale: Optional[Scale] = None, size: Optional[Size] =
             them whatever its aspect ratio.
         model: a LIIF model, a checkpoint path or a pretrained name (default "edsr-baseline-liif";
             names and paths are loaded once per process and device).
-        device: "cpu" or "cuda" (default: the model's device, else CUDA when available). A model
-            object on another device is moved there (nn.Module.to, in place).
+        device: "cpu", "cuda" or "cuda:N" (default: the model's device, else CUDA when
+            available). A model object on another device is moved there (nn.Module.to, in place).
         precision: the query's arithmetic, "fp32" (exact), "tf32", "bf16" or "fp16" (CUDA tensor
             cores; "bf16" also on CPUs with AVX512-BF16; float32 elsewhere, see liif_cuda.query).
         encoder_precision: the encoder's, "fp32" (default) or, through torch.autocast, "bf16"

@@ -544,6 +544,64 @@ def test_a_local_rank_beyond_the_gpus_is_named(monkeypatch):
         Distributed("cuda")
 
 
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """Two GPUs and liif_cuda's CUDA kernels, as the device checks see them; no torchrun. Returns
+    the devices torch.cuda.set_device is given (it is not called for real)."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: {"cuda": True})
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(str(device)))
+    return current
+
+
+def test_cuda_n_device_trains_on_gpu_n(images, tmp_path, monkeypatch, two_fake_gpus):
+    """device="cuda:1" trains on GPU 1 (not cuda:LOCAL_RANK, 0 here), made the current device
+    (the DataLoader's pin-memory thread and bare torch.cuda calls use it), and is CUDA to the fp16
+    check; "cuda" is still cuda:LOCAL_RANK. The loop itself is replaced by a recorder."""
+    from liif_cuda.training import trainer
+    taken = []
+    monkeypatch.setattr(trainer, "_train", lambda config, out_dir, resume, init, dist, device_type,
+                        *rest: taken.append((str(dist.device), device_type)))
+    train(tiny_config(images, epochs=1), str(tmp_path / "a"), device="cuda:1", precision="fp16",
+          progress=False)
+    assert taken == [("cuda:1", "cuda")] and two_fake_gpus == ["cuda:1"]
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    train(tiny_config(images, epochs=1), str(tmp_path / "b"), device="cuda", progress=False)
+    assert taken[1] == ("cuda:1", "cuda") and two_fake_gpus[1] == "cuda:1"
+
+
+def test_cuda_n_device_beyond_the_gpus_is_refused(images, tmp_path, two_fake_gpus):
+    """load_model's check of the index, before the run folder: not torch's "invalid device
+    ordinal" from the first allocation."""
+    message = ("device 'cuda:2': GPU 2 is not visible; this process sees 2 CUDA GPU(s), numbered "
+               "from 0 (CUDA_VISIBLE_DEVICES chooses which GPUs it sees)")
+    with pytest.raises(TrainingError, match=f"^{re.escape(message)}$"):
+        train(tiny_config(images, epochs=1), str(tmp_path / "run"), device="cuda:2",
+              progress=False)
+    assert not (tmp_path / "run").exists() and two_fake_gpus == []
+
+
+def test_cuda_n_device_under_torchrun_is_refused(images, tmp_path, monkeypatch, two_fake_gpus):
+    """With several processes each takes cuda:LOCAL_RANK: "cuda:N" would put them all on GPU N
+    (NCCL refuses two ranks on one GPU). Refused before the run folder or the process group."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+
+    def init_process_group(*args, **kwargs):
+        raise AssertionError("the process group was made")
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    message = ("device 'cuda:1': under torchrun (WORLD_SIZE=2) each process takes cuda:LOCAL_RANK; "
+               "pass 'cuda'")
+    with pytest.raises(TrainingError, match=f"^{re.escape(message)}$"):
+        train(tiny_config(images, epochs=1), str(tmp_path / "run"), device="cuda:1",
+              progress=False)
+    assert not (tmp_path / "run").exists() and two_fake_gpus == []
+
+
 # -- checkpoints are never partial ------------------------------------------------------------------
 
 def test_interrupted_save_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch):

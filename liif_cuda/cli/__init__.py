@@ -3,14 +3,14 @@ and runs a command.
 
     liif-cuda upscale INPUT... -o OUTPUT (--scale S | --size WxH|Wx|xH) [--model NAME|PATH]
                       [--recursive] [--format png|jpg|tif|webp] [--overwrite]
-                      [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                      [--device cpu|cuda|cuda:N] [--precision fp32|tf32|bf16|fp16]
                       [--encoder-precision fp32|bf16|fp16]
     liif-cuda eval --model NAME|PATH|bicubic --data DIR [--data DIR ...] --scales 2,3,4
                    --protocol mmedit|mmagic|paper|classic [--lr-dir DIR] [--resize pillow|matlab]
-                   [--crop N] [--div2k] [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                   [--crop N] [--div2k] [--device cpu|cuda|cuda:N] [--precision fp32|tf32|bf16|fp16]
                    [--encoder-precision fp32|bf16|fp16] [--json PATH]
     liif-cuda train --config CONFIG.yaml|NAME --out RUN_DIR [--resume] [--init NAME|PATH]
-                    [--device cpu|cuda] [--precision fp32|bf16|fp16] [--workers N]
+                    [--device cpu|cuda|cuda:N] [--precision fp32|bf16|fp16] [--workers N]
     liif-cuda models
     liif-cuda --version
 

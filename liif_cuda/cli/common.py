@@ -2,6 +2,7 @@
 line, notices and results printed around progress bars, the help formatter and the precisions."""
 
 import argparse
+import re
 import sys
 import tempfile
 
@@ -13,6 +14,32 @@ PRECISION_HELP = ("query arithmetic: fp32 exact (default); tf32, bf16, fp16 on C
 ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
 ENCODER_PRECISION_HELP = ("encoder arithmetic: fp32 (default), or autocast in bf16 (CPU or CUDA) or "
                           "fp16 (CUDA)")
+
+
+# --device: the forms the three commands take (load.check_device takes the same and more).
+DEVICE_METAVAR = "cpu|cuda|cuda:N"
+DEVICE_HELP = ("cpu, cuda or cuda:N (default: CUDA when available, else CPU); cuda is the first "
+               "visible GPU, cuda:N the N-th from 0 (CUDA_VISIBLE_DEVICES chooses which GPUs are "
+               "visible)")
+DEVICE_TORCHRUN_HELP = DEVICE_HELP + ("; under torchrun, cuda is cuda:LOCAL_RANK and cuda:N is "
+                                      "refused")
+
+
+def device_type(text):
+    """argparse's type of --device: "cpu", "cuda" or "cuda:N", N in the ASCII digits 0-9 (re's
+    digit class would take other scripts' digits too), leading zeros dropped ("cuda:01" is
+    cuda:1; torch.device refuses it). Anything else is argparse's one-line usage error, which
+    names --device, instead of torch's "Invalid device string" at the first use."""
+    match = re.fullmatch(r"cpu|cuda(?::([0-9]+))?", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N a GPU index, 0 "
+                                          f"for the first), got {text!r}")
+    return text if match.group(1) is None else f"cuda:{int(match.group(1))}"
+
+
+def is_cuda(device):
+    """Whether a --device value (or default_device()'s) is CUDA: "cuda" and "cuda:N" alike."""
+    return device == "cuda" or device.startswith("cuda:")
 
 
 class CliError(Exception):
@@ -50,15 +77,22 @@ def say(message):
     tqdm.write(message, file=sys.stdout)
 
 
-def check_cuda_requested(requested):
-    """--device cuda needs a CUDA GPU and liif_cuda's CUDA kernels: one line before any work, not
-    torch's assertion or a missing kernel later. The reasons are load.check_device's."""
-    if requested == "cuda":
-        from ..load import check_device
-        try:
-            check_device(requested, name="--device cuda")
-        except ValueError as exc:
-            raise CliError(str(exc), 2) from None
+def check_cuda_requested(requested, world=1):
+    """--device cuda or cuda:N needs a CUDA GPU (GPU N visible) and liif_cuda's CUDA kernels: one
+    line before any work, not torch's assertion or a missing kernel later. The reasons are
+    load.check_device's. Under torchrun with several processes (`world`), each process takes
+    cuda:LOCAL_RANK: a cuda:N would put them all on one GPU (NCCL refuses that, or the ranks
+    share it unawares), so it is refused."""
+    if requested is None or not is_cuda(requested):
+        return
+    if requested != "cuda" and world > 1:
+        raise CliError(f"--device {requested}: under torchrun (WORLD_SIZE={world}) each process "
+                       f"takes cuda:LOCAL_RANK; pass --device cuda", 2)
+    from ..load import check_device
+    try:
+        check_device(requested, name=f"--device {requested}")
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
 
 
 def model_errors():
@@ -74,7 +108,7 @@ def check_precisions(args, device):
     """--encoder-precision fp16 without CUDA is refused; a --precision that the CPU runs in float32
     (the operator's documented fallback) is said, since it looks like a reduced precision but
     takes float32's time."""
-    if args.encoder_precision == "fp16" and not device.startswith("cuda"):
+    if args.encoder_precision == "fp16" and not is_cuda(device):
         raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
     if device != "cpu":
         return

@@ -4,9 +4,9 @@ import math
 import os
 import sys
 
-from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
-                     CliError, HelpFormatter, cannot_write_into, check_cuda_requested,
-                     check_precisions, model_errors)
+from .common import (DEVICE_HELP, DEVICE_METAVAR, ENCODER_PRECISION_HELP, ENCODER_PRECISIONS,
+                     PRECISION_HELP, PRECISIONS, CliError, HelpFormatter, cannot_write_into,
+                     check_cuda_requested, check_precisions, device_type, model_errors)
 
 # liif_cuda.evaluation.protocols.PROTOCOLS, with one line each from that module's docstring.
 PROTOCOL_HELP = (
@@ -125,9 +125,8 @@ def add_eval_parser(sub):
                     help="border pixels (>= 0) excluded by the mmedit/mmagic metrics (default: the "
                          "scale)")
     ev.add_argument("--div2k", action="store_true", help="paper protocol: RGB, shave scale + 6")
-    ev.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: CUDA when available, else CPU; cuda is the first visible GPU "
-                         "(choose it with CUDA_VISIBLE_DEVICES)")
+    ev.add_argument("--device", type=device_type, metavar=DEVICE_METAVAR, default=None,
+                    help=DEVICE_HELP)
     ev.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     ev.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
                     help=ENCODER_PRECISION_HELP)

@@ -8,9 +8,10 @@ import sys
 import time
 
 from ..upscaling import fit_size, keeps_aspect
-from .common import (ENCODER_PRECISION_HELP, ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS,
-                     CliError, HelpFormatter, check_cuda_requested, check_precisions,
-                     check_writable_folder, model_errors, notice, say)
+from .common import (DEVICE_METAVAR, DEVICE_TORCHRUN_HELP, ENCODER_PRECISION_HELP,
+                     ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS, CliError, HelpFormatter,
+                     check_cuda_requested, check_precisions, check_writable_folder, device_type,
+                     model_errors, notice, say)
 from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
                           write_image)
 from .sizes import check_memory, check_scale, parse_size
@@ -75,20 +76,20 @@ def torchrun_shard():
 
 
 def upscale_device(requested, local_rank):
-    """The device of this process: --device or the default; cuda:LOCAL_RANK under torchrun, so
-    that each rank has its own GPU."""
+    """The device of this process (--device checked by check_cuda_requested): --device or the
+    default; cuda:LOCAL_RANK under torchrun, so that each rank has its own GPU."""
     import torch
 
     from ..upscaling import default_device
-    check_cuda_requested(requested)
     device = requested or default_device()
     if device == "cuda" and local_rank is not None:
         if local_rank >= torch.cuda.device_count():
             raise CliError(f"LOCAL_RANK={local_rank}, but this process sees "
                            f"{torch.cuda.device_count()} CUDA GPU(s)", 2)
-        # The current device too, for any allocation or launch that does not name one.
-        torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
+    if device.startswith("cuda:"):
+        # The current device too, for any allocation or launch that does not name one.
+        torch.cuda.set_device(torch.device(device))
     return device
 
 
@@ -335,6 +336,8 @@ def upscale_command(args):
     check_scale(args.scale)
     size = parse_size(args.size) if args.size is not None else None
     rank, world, local_rank = torchrun_shard()
+    # Every rank, before any work (rank > 0 returns at once with one input file).
+    check_cuda_requested(args.device, world)
     # One input and an existing folder as -o: written into the folder, as for several inputs.
     if is_single_file(args.inputs) and not os.path.isdir(args.output):
         if rank != 0:
@@ -384,9 +387,8 @@ def add_upscale_parser(sub):
                          "span folders)")
     up.add_argument("--format", choices=["png", "jpg", "tif", "webp"], default=None,
                     help="format of the outputs with several inputs (default: the input's)")
-    up.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: CUDA when available, else CPU; cuda is the first visible GPU "
-                         "(choose it with CUDA_VISIBLE_DEVICES); under torchrun cuda:LOCAL_RANK")
+    up.add_argument("--device", type=device_type, metavar=DEVICE_METAVAR, default=None,
+                    help=DEVICE_TORCHRUN_HELP)
     up.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     up.add_argument("--encoder-precision", choices=ENCODER_PRECISIONS, default="fp32",
                     help=ENCODER_PRECISION_HELP)

@@ -5,6 +5,8 @@ import os
 import shlex
 import sys
 
+from ..cli.common import DEVICE_METAVAR, DEVICE_TORCHRUN_HELP, device_type
+
 # liif_cuda.training.trainer.PRECISIONS, spelled out so that the parser is built without it.
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -20,9 +22,8 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     tr.add_argument("--resume", action="store_true", help="continue from OUT/epoch-last.pth")
     tr.add_argument("--init", default=None,
                     help="start from a pretrained model: a name (edsr-baseline-liif) or a checkpoint")
-    tr.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="default: CUDA when available, else CPU; cuda is the first visible GPU "
-                         "(choose it with CUDA_VISIBLE_DEVICES); under torchrun cuda:LOCAL_RANK")
+    tr.add_argument("--device", type=device_type, metavar=DEVICE_METAVAR, default=None,
+                    help=DEVICE_TORCHRUN_HELP)
     tr.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="fp32; bf16 (autocast, CPU or CUDA); fp16 (CUDA autocast + GradScaler)")
     tr.add_argument("--workers", type=int, default=None,
@@ -32,20 +33,20 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
 
 
 def train_command(args):
-    from ..cli.common import CliError, check_cuda_requested
+    from ..cli.common import CliError, check_cuda_requested, is_cuda
     from .config import load_config
     from .trainer import FP16_NEEDS_CUDA, TrainingError, torchrun_place, train
     # Usage errors (status 2), as in the other commands.
     if args.workers is not None and args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}", 2)
     try:
-        torchrun_place()
+        world = torchrun_place()[1]
     except TrainingError as exc:  # bad torchrun variables, a usage error as for `upscale`
         raise CliError(str(exc), 2) from None
-    check_cuda_requested(args.device)
+    check_cuda_requested(args.device, world)
     if args.precision == "fp16":
         from ..upscaling import default_device
-        if (args.device or default_device()) != "cuda":
+        if not is_cuda(args.device or default_device()):
             raise CliError(FP16_NEEDS_CUDA, 2)
     config = load_config(args.config)
     try:

@@ -232,18 +232,25 @@ def torchrun_place():
 class Distributed:
     """The process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
 
-    def __init__(self, device_type):
+    def __init__(self, device):
+        """`device`: "cpu", "cuda" (this process's: cuda:LOCAL_RANK) or "cuda:N" (one process
+        only: train refuses it under torchrun); the device taken is self.device."""
         self.rank, self.world, self.local_rank = torchrun_place()
         self.enabled = self.world > 1
-        if device_type == "cuda" and self.local_rank >= torch.cuda.device_count():
-            # Else torch's "invalid device ordinal", which names neither the rank nor the count.
-            raise TrainingError(f"LOCAL_RANK={self.local_rank}, but this process sees "
-                                f"{torch.cuda.device_count()} CUDA GPU(s)")
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                if self.local_rank >= torch.cuda.device_count():
+                    # Else torch's "invalid device ordinal", which names neither the rank nor
+                    # the count.
+                    raise TrainingError(f"LOCAL_RANK={self.local_rank}, but this process sees "
+                                        f"{torch.cuda.device_count()} CUDA GPU(s)")
+                self.device = torch.device("cuda", self.local_rank)
+            # The current device, for what names none: NCCL's communicator, the DataLoader's
+            # pin-memory thread, a bare torch.cuda call.
+            torch.cuda.set_device(self.device)
         if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
-            if device_type == "cuda":
-                torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group(backend)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self):
@@ -420,8 +427,8 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
             is refused (TrainingError) and nothing in it is touched.
         init: start from a pretrained model: a name ("edsr-baseline-liif") or a checkpoint path
             (any layout load_model reads); its architecture must be the config's.
-        device: "cpu" or "cuda" (default: CUDA when available); under torchrun each process takes
-            cuda:LOCAL_RANK.
+        device: "cpu", "cuda" or "cuda:N" (default: CUDA when available); under torchrun each
+            process takes cuda:LOCAL_RANK ("cuda"), and "cuda:N" is refused (TrainingError).
         precision: "fp32", "bf16" (autocast on the CPU or CUDA) or "fp16" (CUDA autocast with a
             GradScaler).
         workers: DataLoader worker processes (default: 4 on CUDA, 0 on the CPU, where they would
@@ -432,13 +439,18 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's "Invalid device string"
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    device_type = dev.type
     if device_type == "cuda":
         from ..load import check_device
-        try:  # no GPU, a CPU build of torch, liif_cuda built without its CUDA kernels
-            check_device("cuda")
+        try:  # no GPU, a CPU build of torch, liif_cuda built without its CUDA kernels, no GPU N
+            check_device(device)
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
     if precision == "fp16" and device_type != "cuda":
@@ -461,7 +473,12 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise TrainingError(f"--out {out_dir} is not a folder ({existing} is a file)")
-    rank = torchrun_place()[0]  # bad torchrun variables: an error before the run folder is made
+    # Bad torchrun variables: an error before the run folder is made.
+    rank, world, _ = torchrun_place()
+    if world > 1 and device_type == "cuda" and dev.index is not None:
+        # Every process on GPU N: NCCL refuses two ranks on one GPU (or they would share it).
+        raise TrainingError(f"device {device!r}: under torchrun (WORLD_SIZE={world}) each process "
+                            f"takes cuda:LOCAL_RANK; pass 'cuda'")
     # Before the checkpoints are looked at: another training could write them at any time.
     lock = lock_run_folder(out_dir) if rank == 0 else None
     failed = True
@@ -473,7 +490,7 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         if not resume and ckpts:
             raise TrainingError(f"{out_dir} already holds checkpoints ({', '.join(ckpts[:3])}); "
                                 f"pass --resume to continue that run or choose another folder")
-        dist = Distributed(device_type)
+        dist = Distributed(device)
         try:
             path = _train(config, out_dir, resume, init, dist, device_type, precision, workers,
                           progress, normalisation)
@@ -493,8 +510,7 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
 
 def _train(config, out_dir, resume, init, dist, device_type, precision, workers, progress,
            normalisation):
-    device = torch.device(device_type, dist.local_rank) if device_type == "cuda" else \
-        torch.device("cpu")
+    device = dist.device
     seed = config.get("seed", 0)
     torch.manual_seed(seed)
     model = build_model(config["model"], normalisation).to(device)
