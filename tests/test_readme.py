@@ -5,7 +5,7 @@ Every line of a fenced ```bash block is checked without running anything: a scri
 repository; `liif-cuda ...`, `python -m liif_cuda ...` and `torchrun ... -m liif_cuda ...` (or
 `torchrun ... --no-python liif-cuda ...`) name a real
 subcommand of `liif_cuda.cli.build_parser()` and only options that subcommand accepts (and a value among
-its choices, where the option has choices and the value is not a placeholder); a `LIIF_*` variable set
+its choices, or one its type parses, where the value is not a placeholder); a `LIIF_*` variable set
 in front of a command is read somewhere in the repository; the command itself is one the documentation
 is expected to use. `liif_cuda.X` names in ```python blocks exist, and relative links (with their
 #anchors) point at files and headings that exist.
@@ -120,10 +120,16 @@ def check_options(parser, words, where):
         action = known[name]
         value = word.split("=", 1)[1] if "=" in word else (
             words[i + 1] if i + 1 < len(words) and action.nargs != 0 else None)
-        if action.choices and value is not None and not value.startswith("-") \
-                and not is_placeholder(value) and value not in action.choices:
+        if value is None or value.startswith("-") or is_placeholder(value):
+            continue
+        if action.choices and value not in action.choices:
             errors.append(f"{where}: {parser.prog} {name} does not accept {value!r} "
                           f"(choices: {', '.join(map(str, action.choices))})")
+        elif action.type is not None:
+            try:  # int, float, or the command's own parser (--device's)
+                action.type(value)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                errors.append(f"{where}: {parser.prog} {name} does not accept {value!r} ({exc})")
     return errors
 
 
@@ -260,6 +266,9 @@ def test_readme_has_commands():
     ("torchrun --nproc_per_node 4 --no-python liif-cuda train --ouT runs/x", "no option --ouT"),
     ("torchrun --nproc_per_node 4 --no-python liif_cuda train", "without liif-cuda"),
     ("python -m liif_cuda eval --data Set5 --protocol mmedti", "does not accept"),
+    ("liif-cuda upscale a.png -o b.png --scale 2 --device gpu", "--device does not accept 'gpu'"),
+    ("liif-cuda upscale a.png -o b.png --scale 2x", "--scale does not accept '2x'"),
+    ("liif-cuda train --config x --out y --workers two", "--workers does not accept"),
     (".venv/bin/python -P benchmarks/bench_qeury.py", "not a file"),
     ("LIIF_CUDA_TOCH=cpu bash tools/setup_env.sh", "read nowhere"),
     ("liif-cdua --version", "unexpected command"),
