@@ -155,6 +155,9 @@ SCALE_MUST = "--scale must be a finite number > 0"
 
 @pytest.mark.parametrize("argv,match", [
     (["upscale", "{tmp}/missing.png", "-o", "{tmp}/o.png", "--scale", "2"], "does not exist"),
+    # A missing input is named first, not the output format a single input implies for -o.
+    (["upscale", "{tmp}/nosuch/", "-o", "{tmp}/outdir", "--scale", "2"],
+     "input {tmp}/nosuch/ does not exist"),
     (["upscale", "{tmp}", "-o", "{tmp}/o.png", "--scale", "2"], "-o names the output folder"),
     (["upscale", "{tmp}/junk.png", "-o", "{tmp}/o.png", "--scale", "2"], "cannot be read"),
     (["upscale", "{tmp}/in.bmp", "-o", "{tmp}/o.png", "--scale", "2"], "unsupported format"),
@@ -187,7 +190,7 @@ def test_errors_are_one_line(tmp_path, image, checkpoint, capsys, argv, match):
     if "--model" not in argv:
         argv += ["--model", checkpoint]
     _, err = error_of(capsys, *argv)
-    assert match in err
+    assert match.format(tmp=tmp_path) in err
     assert not (tmp_path / "o.png").exists()
 
 

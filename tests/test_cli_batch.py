@@ -221,6 +221,20 @@ def test_outputs_in_an_input_folder_are_not_inputs(tmp_path, photos, checkpoint)
     assert files_under(out) == ["a_x2.png", "b_x2.jpg", "sub/c_x2.png"]
 
 
+def test_no_image_says_why(tmp_path, photos, checkpoint, capsys):
+    """An empty folder: no image; a folder whose images all lie in the output folder: how many."""
+    (tmp_path / "empty").mkdir()
+    got, err = error_of(capsys, "upscale", tmp_path / "empty", "-o", tmp_path / "out", "--scale", 2,
+                        "--model", checkpoint)
+    assert got == 1 and err.strip().endswith("error: no image files in the inputs")
+    out = photos / "big"
+    out.mkdir()
+    for name in ("a_x2.png", "b_x2.png"):
+        save_image(out / name)
+    got, err = error_of(capsys, "upscale", out, "-o", out, "--scale", 2, "--model", checkpoint)
+    assert got == 1 and (f"no image files in the inputs (2 inside the output folder {out}, which "
+                         f"are not taken as inputs)") in err
+
 def test_one_file_under_torchrun_is_rank_0s(tmp_path, photos, checkpoint, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -290,10 +304,17 @@ def test_bad_torchrun_variables(tmp_path, photos, checkpoint, monkeypatch, capsy
 @pytest.mark.parametrize("size,expected", [("21x", (21, 15)), ("x7", (10, 7)), ("X5", (7, 5)),
                                            ("1x", (1, 1)), ("28x20", (28, 20))])
 def test_size_keeps_the_aspect_ratio(tmp_path, photos, checkpoint, capsys, size, expected):
+    """a.png is 14x10; an output smaller than it gets a notice (--size 10x is 10 wide, easily
+    meant as 10 times), the others none."""
     out = tmp_path / "o.png"
     assert run("upscale", photos / "a.png", "-o", out, "--size", size, "--model", checkpoint) == 0
     assert Image.open(out).size == expected
-    assert "notice" not in capsys.readouterr().err
+    notices = [line for line in capsys.readouterr().err.splitlines() if "notice" in line]
+    if expected[0] < 14 and expected[1] < 10:
+        assert notices == [f"notice: --size gives {expected[0]}x{expected[1]}, smaller than "
+                           f"{photos / 'a.png'} (14x10); to enlarge by a factor, use --scale"]
+    else:
+        assert notices == []
 
 
 def test_size_of_another_aspect_ratio_gives_a_notice(tmp_path, photos, checkpoint, capsys):

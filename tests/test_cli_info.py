@@ -54,6 +54,13 @@ def test_version(capsys):
                    f"build_info {liif_cuda.build_info()}")
 
 
+def test_no_command_shows_the_help(capsys):
+    assert cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("usage: liif-cuda")
+    for command in ("upscale", "eval", "train", "models"):
+        assert command in captured.err
+
 def test_version_through_the_console_script_and_python_m(tmp_path):
     for argv in ([console_script()], [sys.executable, "-m", "liif_cuda"]):
         res = subprocess.run(argv + ["--version"], capture_output=True, text=True, cwd=tmp_path)

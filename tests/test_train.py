@@ -669,8 +669,15 @@ def test_existing_run_is_refused_untouched(images, tmp_path):
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
     assert stamp() == before
-    with pytest.raises(TrainingError, match="does not exist"):
+    with pytest.raises(TrainingError, match="epoch-last.pth does not exist$"):
         train(tiny_config(images), str(tmp_path / "new"), resume=True, device="cpu")
+    # A run stopped before its first epoch ended: its config, no checkpoint.
+    os.makedirs(tmp_path / "stopped")
+    shutil.copy(os.path.join(run, "config.yaml"), tmp_path / "stopped")
+    with pytest.raises(TrainingError, match="epoch-last.pth does not exist; the run there stopped "
+                                            "before its first epoch ended: start it again without "
+                                            "--resume"):
+        train(tiny_config(images), str(tmp_path / "stopped"), resume=True, device="cpu")
 
 
 def test_a_run_folder_in_use_is_refused_untouched(images, tmp_path):
@@ -1215,7 +1222,9 @@ def test_interrupted_train_command_says_how_to_go_on(tmp_path, capsys, monkeypat
     run = tmp_path / "run"
     argv = ["train", "--config", "edsr-baseline-liif", "--out", str(run), "--precision", "bf16"]
     assert cli.main(argv) == 130
-    assert capsys.readouterr().err == "liif-cuda: interrupted\n"  # no checkpoint: no hint
+    assert capsys.readouterr().err.splitlines() == [  # no checkpoint: start again
+        "liif-cuda: no epoch had ended, so there is nothing to resume; the same command starts "
+        "the run again", "liif-cuda: interrupted"]
     run.mkdir()
     (run / "epoch-last.pth").write_bytes(b"")
     assert cli.main(argv) == 130

@@ -102,6 +102,9 @@ def main(argv=None):
     A command's func returns its status (None meaning 0) or raises CliError."""
     parser = build_parser()
     argv = join_dashed_values([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    if not argv:  # the help says more than argparse's "the following arguments are required"
+        parser.print_help(sys.stderr)
+        return 2
     check_options_known(parser, argv)
     args = parser.parse_args(argv)
     try:

@@ -12,8 +12,8 @@ from .common import (DEVICE_METAVAR, DEVICE_TORCHRUN_HELP, ENCODER_PRECISION_HEL
                      ENCODER_PRECISIONS, PRECISION_HELP, PRECISIONS, CliError, HelpFormatter,
                      check_cuda_requested, check_precisions, check_writable_folder, device_type,
                      model_errors, notice, say)
-from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, image_header_size, read_image,
-                          write_image)
+from .image_files import (INPUT_FORMATS, OUTPUT_FORMATS, check_input, image_header_size,
+                          read_image, write_image)
 from .sizes import check_memory, check_scale, parse_size
 
 # Outputs of at least this many pixels get upscale()'s progress bar over pixels.
@@ -36,6 +36,10 @@ def plan_output(source, in_w, in_h, scale, size):
     if size is not None and None not in size and not keeps_aspect(out_w, out_h, in_w, in_h):
         notice(f"--size {out_w}x{out_h} changes the aspect ratio of {source} "
                f"({in_w}x{in_h}, {in_w / in_h:.3g}:1 -> {out_w / out_h:.3g}:1)")
+    if size is not None and out_w < in_w and out_h < in_h:
+        # --size is in pixels: "--size 10x" (10 wide) is easily meant as "10 times".
+        notice(f"--size gives {out_w}x{out_h}, smaller than {source} ({in_w}x{in_h}); to enlarge "
+               f"by a factor, use --scale")
     return out_w, out_h
 
 
@@ -104,6 +108,7 @@ def is_single_file(inputs):
 
 def upscale_single(args, scale, size, local_rank):
     source = args.inputs[0]
+    check_input(source)  # first: a missing input is the error to name, not the -o it implies
     out_ext = os.path.splitext(args.output)[1].lower()
     if args.format is not None:
         raise CliError("--format is for several inputs; with one input the extension of -o gives "
@@ -197,12 +202,15 @@ def collect_jobs(args, out_dir):
     """The sorted list of (input path, relative output stem path) of a batch; every rank computes the
     same list. Images found in folders or patterns inside the output folder are not inputs (they are
     earlier outputs); two inputs that would give the same output name are refused."""
-    jobs, seen, by_target = [], set(), {}
+    jobs, seen, by_target, earlier_outputs = [], set(), {}, 0
     for arg in args.inputs:
         explicit = os.path.isfile(arg)
         for path, rel in expand_input(arg, args.recursive):
             real = os.path.realpath(path)
-            if real in seen or (not explicit and _inside(path, out_dir)):
+            if not explicit and _inside(path, out_dir):
+                earlier_outputs += 1
+                continue
+            if real in seen:
                 continue
             seen.add(real)
             stem, ext = os.path.splitext(rel)
@@ -214,8 +222,9 @@ def collect_jobs(args, out_dir):
             by_target[key] = path
             jobs.append((path, rel))
     if not jobs:
-        raise CliError(f"no image files in the inputs (images inside the output folder {out_dir} "
-                       f"are not taken as inputs)")
+        raise CliError("no image files in the inputs" + (
+            f" ({earlier_outputs} inside the output folder {out_dir}, which are not taken as "
+            f"inputs)" if earlier_outputs else ""))
     return sorted(jobs, key=lambda job: job[1])
 
 

@@ -62,6 +62,9 @@ def train_command(args):
                                       if args.precision != "fp32" else [])
             print(f"liif-cuda: {last} holds the last finished epoch; to go on: "
                   f"{shlex.join(command)}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0" and not args.resume:
+            print("liif-cuda: no epoch had ended, so there is nothing to resume; the same command "
+                  "starts the run again", file=sys.stderr)
         raise
     if path is not None:
         print(f"last checkpoint: {path}")

@@ -485,8 +485,12 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
     try:
         ckpts = existing_checkpoints(out_dir)
         if resume and "epoch-last.pth" not in ckpts:
+            # A run stopped before its first epoch ended leaves its config and nothing to resume.
+            started = os.path.isfile(os.path.join(out_dir, "config.yaml"))
             raise TrainingError(f"--resume: {os.path.join(out_dir, 'epoch-last.pth')} does not "
-                                f"exist")
+                                f"exist" + ("; the run there stopped before its first epoch "
+                                            "ended: start it again without --resume"
+                                            if started else ""))
         if not resume and ckpts:
             raise TrainingError(f"{out_dir} already holds checkpoints ({', '.join(ckpts[:3])}); "
                                 f"pass --resume to continue that run or choose another folder")
