@@ -1288,6 +1288,22 @@ def test_resume_with_a_damaged_random_state_names_the_checkpoint(images, tmp_pat
                                           r"cannot be restored"):
         train(tiny_config(images, epochs=2), run, resume=True, device="cpu", progress=False)
 
+
+def test_a_resume_restores_the_random_state_of_its_own_gpu_only(monkeypatch):
+    """On CUDA only this process's GPU gets its saved state (setting every GPU's would open a
+    context on each from every process); without a saved state for it, none."""
+    from liif_cuda.training.trainer import restore_random_state
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev: calls.append((state, dev)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
+    extra = {"torch_rng": torch.get_rng_state(), "cuda_rng": ["gpu0", "gpu1", "gpu2"]}
+    restore_random_state(extra, "here", torch.device("cuda", 1))
+    assert calls == [("gpu1", torch.device("cuda", 1))]
+    calls.clear()
+    restore_random_state(extra, "here", torch.device("cuda", 3))
+    restore_random_state(extra, "here", torch.device("cpu"))
+    assert calls == []
+
 # -- the recipe, sample by sample ---------------------------------------------------------------
 
 def write_noise_images(folder, sizes, seed=0):

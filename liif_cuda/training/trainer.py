@@ -191,17 +191,18 @@ def validate_shared(model, val_set, batch_size, dist, device, precision, chunk, 
     return size_weighted_mean(zip((int(v) for v in values[:len(batches)]), values[len(batches):]))
 
 
-def restore_random_state(extra, source):
-    """Puts back the random states make_checkpoint saved: torch's, and CUDA's where this process
-    sees as many GPUs as the one that saved them. The results draw nothing from them (the samples
-    have their own generators), but each DataLoader iterator draws its base seed from torch's, so
-    that without them a resumed run's generator was not the straight run's."""
+def restore_random_state(extra, source, device):
+    """Puts back the random states make_checkpoint saved: torch's, and on CUDA the state of this
+    process's GPU (its index in the saved list) alone: setting every GPU's would open a context on
+    each from every process. The results draw nothing from them (the samples have their own
+    generators), but each DataLoader iterator draws its base seed from torch's, so that without
+    them a resumed run's generator was not the straight run's."""
     try:
         if extra.get("torch_rng") is not None:
             torch.set_rng_state(extra["torch_rng"])
         cuda = extra.get("cuda_rng") or []
-        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+        if device.type == "cuda" and device.index is not None and device.index < len(cuda):
+            torch.cuda.set_rng_state(cuda[device.index], device)
     except (TypeError, RuntimeError) as exc:
         raise ConfigError(f"{source}: its saved random state cannot be restored "
                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
@@ -585,7 +586,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             scaler.load_state_dict(extra["scaler"])
         if extra.get("best_val_psnr") is not None:
             best = extra["best_val_psnr"]
-        restore_random_state(extra, f"{which} {resume_from}")
+        restore_random_state(extra, f"{which} {resume_from}", device)
         start_epoch = state["epoch"] + 1
         if dist.main:
             print(f"resuming from {resume_from}: epoch {state['epoch']} of {config['epoch_max']}"
