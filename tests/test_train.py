@@ -446,7 +446,8 @@ def assert_same_log(a, b):
 def test_ddp_epochs_equal_single_process_epochs_with_a_sample_count_not_a_multiple(tmp_path):
     """3 samples, batch 2: one step an epoch on one process (the partial batch dropped) and so on
     two; DistributedSampler's default padding (3 -> 4, a repeated sample) made it two steps there.
-    Parameters, logged losses and validation PSNR (rank 0 alone) are the single process's."""
+    Parameters, logged losses and validation PSNR (shared: its 6 samples make batches of 4 and 2,
+    one per rank) are the single process's."""
     images = write_images(str(tmp_path / "images"), count=3)
     path = write_config(tiny_config(images, epochs=2, repeat=1, batch_size=2),
                         tmp_path / "config.yaml")
