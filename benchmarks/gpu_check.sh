@@ -188,7 +188,8 @@ PATH_LIMIT=${GPU_CHECK_PATH_LIMIT_S:-60}  # run 4's paths took 4-12 s each
 HUNG_KERNELS=""
 # kernel_of PATH: the tensor-core kernel a path asks for by its suffix (none: the default's).
 kernel_of() {
-  case $1 in *-wgmma_ws) echo wgmma_ws ;; *-wgmma) echo wgmma ;; *-mma16) echo mma16 ;;
+  case $1 in *-wgmma_ws) echo wgmma_ws ;; *-wgmma_mc) echo wgmma_mc ;; *-wgmma) echo wgmma ;;
+    *-mma16) echo mma16 ;;
     *-wmma) echo wmma ;; esac
 }
 hung() { local k; k=$(kernel_of "$1"); [ -n "$k" ] && [[ " $HUNG_KERNELS " == *" $k "* ]]; }
@@ -211,7 +212,9 @@ for p in $PATHS; do
   rc=$?
   resolve_backtraces "$RESULTS/paths.log"
   if [ $rc = 0 ]; then
-    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws) VARIANTS="$VARIANTS,fused-$p" ;; esac
+    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws|*-wgmma_mc)
+      VARIANTS="$VARIANTS,fused-$p" ;;
+    esac
   elif [ $rc = 124 ]; then
     [ -n "$(kernel_of "$p")" ] && HUNG_KERNELS="$HUNG_KERNELS $(kernel_of "$p")"
   fi
@@ -262,16 +265,20 @@ if [ $DRY_RUN = 0 ]; then
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 60 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
-      bf16-wgmma_ws tf32 bf16-wmma) $SMALL
-    # Run 6: racecheck reported hazards in the warp-specialised kernel alone (its predictions,
-    # written by the consumers, read by the producer's blend after a bar.arrive / bar.sync
-    # hand-over; docs/gpu.md): it runs last, and if racecheck fails, again with each hazard's
-    # threads and addresses.
-    # shellcheck disable=SC2086,SC2046
-    step "racecheck" 120 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $(running bf16-mma16 bf16-wgmma \
-      bf16-wgmma_ws) $SMALL
-    if [ $? = 3 ] && ! hung bf16-wgmma_ws; then
+      bf16-wgmma_mc bf16-wgmma_ws tf32 bf16-wmma) $SMALL
+    # One racecheck step per kernel (about 30 s each in run 6's follow-up), the newest first, so
+    # that a short budget still checks some. Run 6: racecheck reported hazards in the
+    # warp-specialised kernel alone (its predictions, written by the consumers, read by the
+    # producer's blend after a bar.arrive / bar.sync hand-over; docs/gpu.md): it runs last, and
+    # if racecheck fails there, again with each hazard's threads and addresses.
+    RACECHECK_WS=0
+    for p in $(running bf16-wgmma_mc bf16-mma16 bf16-wgmma bf16-wgmma_ws); do
+      # shellcheck disable=SC2086
+      step "racecheck $p" 50 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+        --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $p $SMALL
+      [ $? = 3 ] && [ $p = bf16-wgmma_ws ] && RACECHECK_WS=1
+    done
+    if [ $RACECHECK_WS = 1 ]; then
       # shellcheck disable=SC2086
       step "racecheck hazards" 60 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
         --racecheck-report hazard --print-limit 24 --error-exitcode 3 \
@@ -288,7 +295,7 @@ if [ $DRY_RUN = 0 ]; then
     fi
   fi
   if command -v ncu > /dev/null; then
-    for p in $(running bf16-wgmma_ws bf16-wgmma bf16-mma16); do
+    for p in $(running bf16-wgmma_mc bf16-wgmma_ws bf16-wgmma bf16-mma16); do
       step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
         -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \

@@ -9,9 +9,9 @@ median time. benchmarks/gpu_check.sh runs every path this way before anything el
     python benchmarks/gpu_paths.py fast-fp32 --device cpu --small   # dry run of the script itself
 
 Paths: forward kernels (fast-fp32, generic-fp32, generic-fp64; tf32, bf16, fp16 on the mma.sync
-kernel, -mma16 on its 16-warp form, -wmma on the WMMA kernel, -wgmma on the wgmma kernel and
--wgmma_ws on its warp-specialised form where the GPU runs them: H100 / H200 with an sm_90a
-build), `backward`
+kernel, -mma16 on its 16-warp form, -wmma on the WMMA kernel, -wgmma on the wgmma kernel,
+-wgmma_ws on its warp-specialised form and -wgmma_mc on its form with multicast weights where the
+GPU runs them: H100 / H200 with an sm_90a build), `backward`
 (autograd against the reference's, float64 and float32; benchmarks/bench_gpu.py times forward +
 backward at the training shape), `graph`
 (capture and replay equal the eager result), `large` (a 64M-query call, checked on a sample).
@@ -41,7 +41,7 @@ TOLERANCE = {"fp32": 1e-5, "fp64": 1e-12, "tf32": 5e-4, "fp16": 1e-3, "bf16": 4e
 # path: (dtype, hidden widths, precision, kernel expected in the profile: its name, then after "@"
 # its last template argument where it has one); the reduced precisions on the mma.sync kernel (the
 # default: 8 warps of 64 rows), on its 16-warp form (-mma16: 32 rows per warp), on the WMMA
-# kernel and on the two wgmma kernels (LIIF_CUDA_TENSOR_CORE_KERNEL).
+# kernel and on the three wgmma kernels (LIIF_CUDA_TENSOR_CORE_KERNEL).
 FORWARD = {
     "fast-fp32": (torch.float32, [256] * 4, "fp32", "liif_query_fast_kernel"),
     "generic-fp32": (torch.float32, [96, 80, 64], "fp32", "liif_query_generic_kernel"),
@@ -59,8 +59,12 @@ FORWARD = {
     "fp16-wgmma": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_kernel"),
     "bf16-wgmma_ws": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_ws_kernel"),
     "fp16-wgmma_ws": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_ws_kernel"),
+    "bf16-wgmma_mc": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_mc_kernel"),
+    "fp16-wgmma_mc": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_mc_kernel"),
 }
-SUFFIXES = ("-wmma", "-mma16", "-wgmma", "-wgmma_ws")  # the tensor-core kernel a path's name selects
+WGMMA_SUFFIXES = ("-wgmma", "-wgmma_ws", "-wgmma_mc")
+# the tensor-core kernel a path's name selects
+SUFFIXES = ("-wmma", "-mma16") + WGMMA_SUFFIXES
 PATHS = list(FORWARD) + ["backward", "graph", "large"]
 # The paths the GPU check runs (--list): all but the WMMA kernel's, which runs 1 to 3 measured and
 # the mma.sync kernel replaced (the CUDA tests still run it; its paths still run by name), so that
@@ -71,7 +75,7 @@ CHECKED = [p for p in PATHS if not p.endswith("-wmma")]
 def runs_wgmma(device):
     """Whether liif_cuda plans the wgmma kernel on `device`: a compute capability 9.0 GPU and a
     build with sm_90a code (liif_cuda.build_info()["cuda_wgmma"]); elsewhere the mma.sync kernel
-    runs the -wgmma and -wgmma_ws paths."""
+    runs the -wgmma, -wgmma_ws and -wgmma_mc paths."""
     return (device.type == "cuda" and liif_cuda.build_info()["cuda_wgmma"]
             and torch.cuda.get_device_capability(device) == (9, 0))
 
@@ -199,7 +203,7 @@ def forward_path(r, name):
     os.environ["LIIF_CUDA_TENSOR_CORE_KERNEL"] = name.rpartition("-")[2] if name.endswith(
         SUFFIXES) else "mma"
     feat, coords, cells, mlp = r.problem(dtype, hidden)
-    if name.endswith(("-wgmma", "-wgmma_ws")) and not runs_wgmma(feat.device):
+    if name.endswith(WGMMA_SUFFIXES) and not runs_wgmma(feat.device):
         kernel = "liif_query_mma_kernel@64"
 
     def run():

@@ -38,7 +38,8 @@ def test_dry_run_runs_every_step(tmp_path):
     assert bench["rows"] and not bench["failed_variants"]
     assert "probe-bf16-wgmma_ws-no-weight-loads" in bench["rows"][0]["median_s"]  # --probes
     assert bench["rows"][0]["same_bits_as_unstaged"] == {"fused-bf16-mma16-staged": True,
-                                                         "fused-bf16-wgmma-staged": True}
+                                                         "fused-bf16-wgmma-staged": True,
+                                                         "fused-bf16-wgmma_mc-staged": True}
 
 
 def test_gpu_check_runs_every_test_file_with_gpu_cases():
@@ -272,7 +273,7 @@ elif "benchmarks/gpu_paths.py" in args:
     if rest[0] == "--list":
         if os.environ.get("FAKE_LIST_FAILS"):
             sys.exit("ImportError: liif_cuda/_C.so: undefined symbol")
-        print("bf16 bf16-wgmma")
+        print("bf16 bf16-wgmma bf16-wgmma_mc")
     else:
         print(rest[0], "ok")
 elif "benchmarks/bench_gpu.py" in args:
@@ -310,10 +311,11 @@ def summary_line(summary, step):
     return next((x for x in summary.splitlines() if x.startswith(step + " ")), None)
 
 
-def test_gpu_mode_skips_the_optional_steps_beyond_the_budget(tmp_path):
-    """With 100 s of budget, memcheck and ncu (60 s limits) run, racecheck (120 s) is skipped; the
-    Set5 folder of the shared data (its path with a space) reaches the benchmark intact; a relative
-    RESULTS_DIR is taken from where the script is run."""
+def test_gpu_mode_runs_the_optional_steps_within_the_budget(tmp_path):
+    """With 100 s of budget, memcheck and ncu (60 s limits) and racecheck (50 s, one step per
+    kernel) run (the fake tools take no time); the Set5 folder of the shared data (its path with a
+    space) reaches the benchmark intact; a relative RESULTS_DIR is taken from where the script is
+    run."""
     shared = tmp_path / "shared data"
     (shared / "data" / "Set5").mkdir(parents=True)
     proc, summary, results = run_gpu_mode(tmp_path, GPU_CHECK_BUDGET_S="100",
@@ -321,10 +323,12 @@ def test_gpu_mode_skips_the_optional_steps_beyond_the_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building for 9.0a LIIF_WERROR 0" in (results / "build.log").read_text()
     assert " ok " in summary_line(summary, "build")
-    for step in ("path bf16", "path bf16-wgmma", "benchmark", "memcheck", "ncu bf16-wgmma"):
+    for step in ("path bf16", "path bf16-wgmma", "path bf16-wgmma_mc", "benchmark", "memcheck",
+                 "racecheck bf16-wgmma_mc", "racecheck bf16-wgmma_ws", "ncu bf16-wgmma",
+                 "ncu bf16-wgmma_mc"):
         assert " ok " in summary_line(summary, step), (step, summary)
     assert len([x for x in summary.splitlines() if x.startswith("cuda tests ")]) == 6, summary
-    assert "skipped (" in summary_line(summary, "racecheck") and "needs 120)" in summary, summary
+    assert summary_line(summary, "racecheck hazards") is None, summary  # only after a failure
     assert f"'--train-data', '{shared}/data/Set5'" in (results / "bench.log").read_text()
     assert "verdict: every step passed" in summary
 
@@ -341,6 +345,10 @@ def test_gpu_mode_build_failure(tmp_path, failing):
     if failing == "9.0a":
         assert " ok " in retried and " ok " in summary_line(summary, "path bf16"), summary
         assert "verdict: failed: build (" in summary
+        # Without budget the optional steps are skipped, each saying what it would have needed.
+        for step, limit in (("memcheck", 60), ("racecheck bf16-wgmma_mc", 50),
+                            ("ncu bf16-wgmma_mc", 60)):
+            assert f"needs {limit})" in summary_line(summary, step), (step, summary)
     else:
         assert "FAIL" in retried and summary_line(summary, "path bf16") is None, summary
         assert "verdict: the build failed" in summary

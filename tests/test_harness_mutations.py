@@ -16,9 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MMA = os.path.join("cuda", "liif_query_mma_kernel.cuh")
 WGMMA = os.path.join("cuda", "liif_query_wgmma_kernel.cuh")
 WGMMA_WS = os.path.join("cuda", "liif_query_wgmma_ws_kernel.cuh")
-KERNEL_OF_FILE = {MMA: "mma", WGMMA: "wgmma", WGMMA_WS: "wgmma_ws"}
+WGMMA_MC = os.path.join("cuda", "liif_query_wgmma_mc_kernel.cuh")
+PREPARE = os.path.join("cuda", "liif_query_prepare.h")
+KERNEL_OF_FILE = {MMA: "mma", WGMMA: "wgmma", WGMMA_WS: "wgmma_ws", WGMMA_MC: "wgmma_mc"}
 
-# name: (the kernel's file, original text in it, the mutant's text)
+# name: (the kernel's file, original text in it, the mutant's text[, the kernel checked, for a
+# file that is not a kernel's])
 MUTATIONS = {
     "mma.sync A fragments: k halves taken as row halves": (MMA,
         "const int row = row0 + 16 * i + lane % 8 + 8 * (j % 2);\n"
@@ -79,6 +82,19 @@ MUTATIONS = {
         "    named_barrier_arrive(kWsDoneBarrier + b, kWgmmaWsThreads);\n"),
     "map staging: slots not offset by the earlier warps' new cells": (MMA,
         "    for (int w = 0; w < warp; ++w) slot += st.new_cells[w];\n", ""),
+    "wgmma_mc: a block copies its part into its own ring only": (WGMMA_MC,
+        "full + slot, kWholeCluster);", "full + slot, 1u << rank);"),
+    "wgmma_mc: a slot refilled before the cluster released it": (WGMMA_MC,
+        "      mbarrier_wait(empty + release_slot, release_parity);\n", ""),
+    "wgmma_mc: a warp releases a slot in its own block only": (WGMMA_MC,
+        "mbarrier_arrive(empty + release_slot, block);",
+        "mbarrier_arrive(empty + release_slot, rank);"),
+    "wgmma_mc: mbarriers used before the cluster saw them initialised": (WGMMA_MC,
+        "  cluster_sync();\n  record_phase(p, kPhaseStart);", "  record_phase(p, kPhaseStart);"),
+    "wgmma_mc: a block exits while its peer may still arrive on its mbarriers": (WGMMA_MC,
+        "  cluster_sync();  // no arrival", "  // no arrival"),
+    "wgmma_mc weights: a chunk image's core matrices along k exchanged": (PREPARE,
+        ".permute({0, 3, 1, 4, 2, 5})", ".permute({0, 4, 1, 3, 2, 5})", "wgmma_mc"),
 }
 # Mutants of map staging, checked with it on (LIIF_CUDA_STAGE_MAP=1), as "unmutated mma staged".
 STAGED = {"map staging: slots not offset by the earlier warps' new cells"}
@@ -98,7 +114,8 @@ CHECK = textwrap.dedent("""
     from conftest import relative_error
     kernel = sys.argv[4]
     precisions, expected_path = {"mma": (("bf16", "tf32"), 4), "wgmma": (("bf16", "fp16"), 6),
-                                 "wgmma_ws": (("bf16", "fp16"), 7)}[kernel]
+                                 "wgmma_ws": (("bf16", "fp16"), 7),
+                                 "wgmma_mc": (("bf16", "fp16"), 8)}[kernel]
     feat, coords, cells, published = published_problem(1, 3, 4, 70, seed=11)
     flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
     # Three and two hidden-to-hidden layers: an even number of epilogues could undo a mistake.
@@ -125,14 +142,15 @@ def run_check(csrc, build, cwd, kernel, staged=False):
 
 
 def test_mutations_are_distinct_edits():
-    for name, (kernel_file, original, _) in MUTATIONS.items():
+    for name, (kernel_file, original, *_) in MUTATIONS.items():
         text = open(os.path.join(ROOT, "csrc", kernel_file)).read()
         assert text.count(original) == 1, name
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTATIONS) + ["unmutated mma", "unmutated wgmma",
-                                                     "unmutated wgmma_ws", "unmutated mma staged"])
+                                                     "unmutated wgmma_ws", "unmutated wgmma_mc",
+                                                     "unmutated mma staged"])
 def test_harness_catches_the_mutant(name, tmp_path):
     """The unmutated copy passes the same check (so that a failure means the mutation)."""
     csrc = tmp_path / "csrc"
@@ -141,8 +159,8 @@ def test_harness_catches_the_mutant(name, tmp_path):
     if unmutated:
         kernel = name.split()[1]
     else:
-        kernel_file, original, mutant = MUTATIONS[name]
-        kernel = KERNEL_OF_FILE[kernel_file]
+        kernel_file, original, mutant, *checked = MUTATIONS[name]
+        kernel = checked[0] if checked else KERNEL_OF_FILE[kernel_file]
         path = csrc / kernel_file
         path.write_text(path.read_text().replace(original, mutant))
     proc = run_check(str(csrc), str(tmp_path / "build"), str(tmp_path), kernel,

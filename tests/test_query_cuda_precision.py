@@ -25,14 +25,14 @@ def has_tensor_cores():
 
 def runs_wgmma():
     """An H100 / H200 and a build with its sm_90a code: where LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma
-    (or wgmma_ws) runs the wgmma kernel (or its warp-specialised form; elsewhere the mma.sync
-    one)."""
+    (or wgmma_ws, wgmma_mc) runs the wgmma kernel (or its warp-specialised or multicast form;
+    elsewhere the mma.sync one)."""
     return liif_cuda.build_info()["cuda_wgmma"] and torch.cuda.get_device_capability() == (9, 0)
 
 
 # The tensor-core kernels liif_cuda.query can be asked for (LIIF_CUDA_TENSOR_CORE_KERNEL; "auto" is
 # the default's name).
-TENSOR_CORE_KERNELS = ["auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
+TENSOR_CORE_KERNELS = ["auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc"]
 # Kernels that hung on their path earlier in this run of benchmarks/gpu_check.sh: their cases skip,
 # so that one hang does not spend the check's test step too.
 HUNG_KERNELS = os.environ.get("LIIF_GPU_CHECK_HUNG_KERNELS", "").split()
@@ -84,7 +84,7 @@ def test_tensor_core_kernel_matches_reference(problem):
     assert relative_error(out, exact) <= bound
 
 
-@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws"))
+@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws", "wgmma_mc"))
 @given(problem=tensor_core_problems())
 def test_wgmma_kernel_matches_reference(kernel, problem):
     """The wgmma kernels (the mma.sync one where they do not apply) held to the same bound."""
@@ -97,7 +97,7 @@ def test_wgmma_kernel_matches_reference(kernel, problem):
     assert relative_error(out, exact) <= bound
 
 
-@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws"))
+@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws", "wgmma_mc"))
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
     """On an H100 / H200 with an sm_90a build the wgmma kernel asked for is what runs (not a
@@ -114,7 +114,7 @@ def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
     assert any(f"liif_query_{kernel}_kernel" in n for n in names), sorted(set(names))
 
 
-@pytest.mark.parametrize("kernel", kernels("mma", "mma16", "wgmma"))
+@pytest.mark.parametrize("kernel", kernels("mma", "mma16", "wgmma", "wgmma_mc"))
 @pytest.mark.parametrize("precision", REDUCED)
 def test_map_staging_gives_the_same_bits(precision, kernel):
     """LIIF_CUDA_STAGE_MAP=1 (each tile's distinct map rows copied into shared memory, the rest
@@ -129,6 +129,25 @@ def test_map_staging_gives_the_same_bits(precision, kernel):
             with mock.patch.dict(os.environ, {"LIIF_CUDA_STAGE_MAP": "1"}):
                 staged = liif_cuda.query(feat, c, cl, mlp, precision=precision)
         assert torch.equal(staged, plain)
+
+
+@pytest.mark.parametrize("queries", [2000, 2048, 150])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("kernel", kernels("wgmma_mc"))
+def test_multicast_wgmma_kernel_equals_wgmma_kernel(kernel, precision, queries):
+    """The multicast form (clusters of two blocks sharing each weight chunk) gives the wgmma
+    kernel's bits: the same products in the same order. 2000 and 150 queries make an odd number of
+    tiles of 32 (a block without one completes the last cluster), 2048 an even one."""
+    if not runs_wgmma():
+        pytest.skip("the multicast wgmma kernel needs an H100 / H200 (compute capability 9.0) and "
+                    f"a build with TORCH_CUDA_ARCH_LIST 9.0a (this one: {liif_cuda.build_info()})")
+    feat, coords, cells, mlp = published(batch=1, queries=queries, seed=6)
+    with torch.no_grad():
+        with tensor_core_kernel("wgmma"):
+            plain = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+        with tensor_core_kernel(kernel):
+            multicast = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
+    assert torch.equal(multicast, plain)
 
 
 @pytest.mark.parametrize("precision", REDUCED)
@@ -180,7 +199,7 @@ def test_cpu_tensors_ignore_cuda_autocast():
     assert out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kernel", kernels("mma", "wgmma", "wgmma_ws"))
+@pytest.mark.parametrize("kernel", kernels("mma", "wgmma", "wgmma_ws", "wgmma_mc"))
 @pytest.mark.parametrize("precision", REDUCED)
 def test_deterministic_and_graph_capturable(precision, kernel):
     feat, coords, cells, mlp = published(batch=1, queries=3000, seed=3)

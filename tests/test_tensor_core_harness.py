@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
-                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_WS, load, reference, run,
-                          tensor_core_path)
+                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_MC, WGMMA_WS, load,
+                          reference, run, tensor_core_path)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given, settings
@@ -32,7 +32,7 @@ from liif_rounding_model import KernelRounding, tf32_round_nearest_away
 import liif_reference as ref
 
 
-KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws"]
+KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc"]
 
 
 # Each example runs 256-thread blocks of emulated tensor-core tiles: half the profile's examples.
@@ -137,23 +137,25 @@ def test_kernel_choice_and_fallback(hidden, out_dim, shared, path):
 
 
 @pytest.mark.parametrize("kernel,fallback", [("mma", TENSOR_CORE), ("wgmma", MMA),
-                                             ("wgmma_ws", MMA)])
+                                             ("wgmma_ws", MMA), ("wgmma_mc", MMA)])
 def test_tensor_core_kernels_exactly_where_their_blocks_fit(kernel, fallback):
     """bf16: the 128-row kernels run exactly where their blocks fit the device's limit, and a
     byte less runs the next kernel that does (the mma.sync kernel, else WMMA). Their blocks
     (csrc/cuda/liif_query_launch.h): 128 rows of 256 bf16 layer-0 activations padded by 16 bytes,
     or for the warp-specialised kernel two tiles' operands of 128 x 256 bf16 unpadded; a ring of
-    4 chunks of 256 x 80 bytes (mma.sync), 6 (wgmma) or 5 (wgmma_ws) of 256 x 64; and the float32
-    geometry of 128 rows and 32 queries (twice, for the warp-specialised kernel's two tiles)."""
+    4 chunks of 256 x 80 bytes (mma.sync), 6 (wgmma) or 5 (wgmma_ws) of 256 x 64, and for the
+    multicast kernel 6 with two 8-byte mbarriers each; and the float32 geometry of 128 rows and 32
+    queries (twice, for the warp-specialised kernel's two tiles)."""
     rows, queries = 128, 32
     geometry = rows * (3 * 4 + 4) + queries * (2 * 4 + 4)
     act, ring, tiles = {"mma": (rows * (256 * 2 + 16), 4 * 256 * 80, 1),
                         "wgmma": (rows * (256 * 2 + 16), 6 * 256 * 64, 1),
-                        "wgmma_ws": (2 * rows * 256 * 2, 5 * 256 * 64, 2)}[kernel]
+                        "wgmma_ws": (2 * rows * 256 * 2, 5 * 256 * 64, 2),
+                        "wgmma_mc": (rows * (256 * 2 + 16), 6 * 256 * 64 + 6 * 2 * 8, 1)}[kernel]
     fits = act + ring + tiles * geometry
     feat, coords, cells = random_inputs(1, 4, 5, 6, 8, seed=5)
     mlp = make_mlp(ref.imnet_in_dim(4), [256, 256], 3, torch.float32)
-    path = {"mma": MMA, "wgmma": WGMMA, "wgmma_ws": WGMMA_WS}[kernel]
+    path = {"mma": MMA, "wgmma": WGMMA, "wgmma_ws": WGMMA_WS, "wgmma_mc": WGMMA_MC}[kernel]
     exact, bound = rounding_model_bound(feat, coords, cells, mlp, "bf16", FLAGS)
     for shared, expected in ((fits, path), (fits - 1, fallback)):
         out, used = run(feat, coords, cells, mlp, shared, precision="bf16",
@@ -261,7 +263,7 @@ def test_emulated_mma_tile_is_a_matrix_product(precision, via_ldmatrix):
     assert torch.equal(d, a @ b + c)
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
 @pytest.mark.parametrize("precision", REDUCED)
 def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     """Threads run in order or in reverse between barriers: a missing barrier or a read of a
@@ -271,7 +273,7 @@ def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     again, _ = run(feat, coords, cells, mlp, reverse_order=True, precision=precision,
                    tensor_core_kernel=kernel)
     assert path == tensor_core_path(precision, True, 4, 3, SHARED_SM90, kernel)
-    assert path in (MMA, MMA16, WGMMA, WGMMA_WS)
+    assert path in (MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC)
     assert torch.equal(out, again)
 
 
@@ -306,7 +308,7 @@ def test_default_kernel_is_wgmma_else_16_warps(precision, shared):
     assert torch.equal(out, named)
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
 def test_timing_probe_without_map_loads(monkeypatch, kernel):
     """LIIF_CUDA_TIMING_PROBE=no-map-loads (benchmarks' probe rows) reads no map row: the result
     of an MLP whose first layer has zero feature columns (a zero map), bit for bit; unset, the
@@ -328,7 +330,7 @@ def test_timing_probe_without_map_loads(monkeypatch, kernel):
 
 
 @pytest.mark.parametrize("probes", ["no-weight-loads", "no-map-loads,no-weight-loads"])
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
 def test_timing_probe_without_weight_loads(monkeypatch, kernel, probes):
     """LIIF_CUDA_TIMING_PROBE=no-weight-loads copies no hidden-layer weight into the ring (the
     harness hands the probe a misaligned weight pointer, so any copy would be an error), and the
@@ -342,7 +344,7 @@ def test_timing_probe_without_weight_loads(monkeypatch, kernel, probes):
     assert torch.isfinite(plain).all() and torch.isnan(probe).all()
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
 def test_phase_clocks_probe(monkeypatch, capfd, kernel):
     """LIIF_CUDA_TIMING_PROBE=phase-clocks changes no output bit and prints one line: each phase's
     mean cycles per tile (the harness's clock is in nanoseconds), adding up to the block's total;
@@ -383,7 +385,7 @@ def staged_rows_per_tile(capfd):
                  .get("staged_rows", 0))
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_mc"])
 @pytest.mark.parametrize("problem,staged", [
     # A grid at x4, two images (tiles straddle them): every row's cell staged.
     (lambda: grid_problem(2, 3, 5, 4), "all"),
@@ -432,6 +434,31 @@ def test_warp_specialised_wgmma_kernel_equals_wgmma_kernel(precision, batch, hei
     assert torch.equal(plain, ws)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("batch,height,width,queries,tiles", [
+    (2, 4, 7, 90, 6), (1, 9, 9, 150, 5), (1, 3, 3, 5, 1)])
+def test_multicast_wgmma_kernel_equals_wgmma_kernel(monkeypatch, capfd, precision, batch, height,
+                                                    width, queries, tiles):
+    """The multicast form streams the same weights by bulk copies shared by a cluster of two
+    blocks, with mbarriers instead of a barrier per chunk, but changes no sum's order: the same
+    bits, in both thread orders (the harness runs a cluster's blocks together, each as far ahead
+    of the other as the mbarriers let it). An odd number of tiles launches a block without one,
+    which takes part in its cluster's stream, writes nothing and counts no tile in the phase
+    clocks."""
+    feat, coords, cells, mlp = published_problem(batch, height, width, queries, seed=9)
+    plain, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel="wgmma")
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "phase-clocks")
+    capfd.readouterr()
+    for reverse_order in (False, True):
+        multicast, path_mc = run(feat, coords, cells, mlp, reverse_order=reverse_order,
+                                 precision=precision, tensor_core_kernel="wgmma_mc")
+        assert (path, path_mc) == (WGMMA, WGMMA_MC)
+        assert torch.equal(plain, multicast)
+        line = [x for x in capfd.readouterr().err.splitlines() if x.startswith("liif_cuda phase")]
+        values = dict(item.split("=") for item in line[-1].split(": ", 1)[1].split())
+        assert (values["blocks"], values["tiles"]) == (str(tiles + tiles % 2), str(tiles))
+
+
 # The wgmma kernel: warpgroup-wide, asynchronous, emulated on each lane's own registers.
 
 def wgmma_operands(seed):
@@ -476,6 +503,27 @@ def test_emulated_named_barriers_hand_over_and_refuse_misuse():
                           ("count", "reached with 32 and 64 threads")]:
         with pytest.raises(RuntimeError, match=message):
             torch.ops.liif_cuda_harness.named_barrier(mode)
+
+
+def test_emulated_bulk_copies_multicast_and_refuse_misuse():
+    """A cluster of two blocks: each copies half of 32 floats into both blocks' buffers and
+    announces the whole on its own mbarrier; after the wait both hold all 32, before it the bytes
+    that were there (NaN). A copy nobody waits for, an mbarrier used uninitialised or overwritten,
+    too many arrivals in a phase, an arrival on a block whose threads returned and a misaligned
+    size are errors."""
+    load()
+    src = torch.arange(32, dtype=torch.float32)
+    assert torch.equal(torch.ops.liif_cuda_harness.bulk_copy(src, "multicast"),
+                       torch.stack([src, src]))
+    assert torch.isnan(torch.ops.liif_cuda_harness.bulk_copy(src, "read_before_wait")).all()
+    for mode, message in [("never_waited", "bulk copies that no thread waited for"),
+                          ("uninitialised", "used before mbarrier.init"),
+                          ("overwritten", "was overwritten by ordinary stores"),
+                          ("too_many", "more arrivals on the mbarrier"),
+                          ("exit_before_arrival", "after all its threads returned"),
+                          ("unaligned", "a size that is a multiple of 16")]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.liif_cuda_harness.bulk_copy(src, mode)
 
 
 @pytest.mark.parametrize("mode,message", [

@@ -1,5 +1,6 @@
 // The CUDA translation unit: the query kernels (liif_query_kernel.cuh, liif_query_mma_kernel.cuh,
-// liif_query_wgmma_kernel.cuh, liif_query_wgmma_ws_kernel.cuh) and their launch.
+// liif_query_wgmma_kernel.cuh, liif_query_wgmma_ws_kernel.cuh, liif_query_wgmma_mc_kernel.cuh) and
+// their launch.
 #include <cuda_runtime.h>
 
 #include "liif_query_cuda_launcher.h"
@@ -44,8 +45,27 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
               "LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma instead)"};
     }
   }
-  kernel<<<dim3(static_cast<unsigned>(launch_blocks(plan, multiprocessors))),
-           dim3(static_cast<unsigned>(plan.threads)), plan.shared_bytes, stream>>>(params);
+  const dim3 grid(static_cast<unsigned>(launch_blocks(plan, multiprocessors)));
+  const dim3 block(static_cast<unsigned>(plan.threads));
+  if (launch_cluster(plan) > 1) {
+    // The multicast kernel's blocks come in clusters (launch_blocks made the grid whole clusters).
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(launch_cluster(plan));
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = plan.shared_bytes;
+    config.stream = stream;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    err = cudaLaunchKernelEx(&config, kernel, params);
+    if (err != cudaSuccess) return {err, "launching the kernel in clusters"};
+  } else {
+    kernel<<<grid, block, plan.shared_bytes, stream>>>(params);
+  }
   err = cudaGetLastError();
   if (err != cudaSuccess) return {err, "launching the kernel"};
   return {};

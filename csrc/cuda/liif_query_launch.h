@@ -91,6 +91,14 @@ constexpr int kWgmmaWsStages = 5;
 // some from the producer to the consumers, which needs the whole pool.
 constexpr int kWgmmaWsLaunchRegisters = 65536 / kWgmmaWsThreads / 8 * 8;
 
+// The wgmma kernel with its weights multicast (liif_query_wgmma_mc_kernel.cuh): the wgmma kernel's
+// block, in clusters of kWgmmaMcCluster blocks that share each weight chunk: every block copies its
+// part of a chunk by one bulk copy (the TMA unit) into the ring of every block of the cluster, so
+// that each weight byte fetched from L2 serves kWgmmaMcCluster x 128 rows. A ring of
+// kWgmmaMcStages chunks with a full and an empty mbarrier per slot.
+constexpr int kWgmmaMcCluster = 2;
+constexpr int kWgmmaMcStages = 6;
+
 LIIF_HOST_DEVICE constexpr int mma_chunk_inputs(Precision p) {
   return kMmaChunkRowBytes / operand_bytes(p);
 }
@@ -101,18 +109,21 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 // Which tensor-core kernel runs the reduced precisions where several could (liif_cuda.query reads
 // it from LIIF_CUDA_TENSOR_CORE_KERNEL): the default (kAuto: what an H200 measured fastest, see
 // plan_launch), mma.sync with 8 warps per block (kMma), the same with 16 warps of half the rows each
-// (kMma16), the WMMA kernel mma.sync replaced, or the wgmma kernel or its warp-specialised form
-// (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for tf32, the mma.sync kernel runs).
+// (kMma16), the WMMA kernel mma.sync replaced, or the wgmma kernel, its warp-specialised form or
+// its form with multicast weights (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for
+// tf32, the mma.sync kernel runs).
 enum class TensorCoreKernel : int {
   kMma = 0,
   kWmma = 1,
   kMma16 = 2,
   kWgmma = 3,
   kWgmmaWs = 4,
-  kAuto = 5
+  kAuto = 5,
+  kWgmmaMc = 6
 };
 
-// The kernel a name ("auto", "mma", "mma16", "wmma", "wgmma" or "wgmma_ws"; empty or null: "auto")
+// The kernel a name ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws" or "wgmma_mc"; empty or
+// null: "auto")
 // selects, into *kernel; false for any other name. Shared by liif_cuda.query (the environment
 // variable) and the host harness (its argument).
 inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
@@ -128,6 +139,8 @@ inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel)
     *kernel = TensorCoreKernel::kWgmma;
   } else if (std::strcmp(name, "wgmma_ws") == 0) {
     *kernel = TensorCoreKernel::kWgmmaWs;
+  } else if (std::strcmp(name, "wgmma_mc") == 0) {
+    *kernel = TensorCoreKernel::kWgmmaMc;
   } else {
     return false;
   }
@@ -221,7 +234,8 @@ inline bool timing_probe_named(const char* name, int* probe) {
 }
 
 // kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form, kWgmma
-// the wgmma one, kWgmmaWs its warp-specialised, persistent form.
+// the wgmma one, kWgmmaWs its warp-specialised, persistent form, kWgmmaMc its form with multicast
+// weights.
 enum class KernelPath : int {
   kNone = 0,
   kFast = 1,
@@ -230,7 +244,8 @@ enum class KernelPath : int {
   kMma = 4,
   kMma16 = 5,
   kWgmma = 6,
-  kWgmmaWs = 7
+  kWgmmaWs = 7,
+  kWgmmaMc = 8
 };
 
 // The name of a kernel that records the phase-clocks probe's clocks, null for the others.
@@ -240,6 +255,7 @@ inline const char* phase_clock_kernel_name(KernelPath path) {
     case KernelPath::kMma16: return "mma16";
     case KernelPath::kWgmma: return "wgmma";
     case KernelPath::kWgmmaWs: return "wgmma_ws";
+    case KernelPath::kWgmmaMc: return "wgmma_mc";
     default: return nullptr;
   }
 }
@@ -253,9 +269,19 @@ struct LaunchPlan {
   size_t shared_bytes = 0;
 };
 
-// Blocks to launch for `plan` on a device of `multiprocessors` SMs: one per tile, but for the
-// persistent kernel, one per SM (one block fits an SM), each looping over its tiles.
+// Blocks per cluster for `plan`: kWgmmaMcCluster for the multicast kernel, else 1 (no clusters).
+inline int launch_cluster(const LaunchPlan& plan) {
+  return plan.path == KernelPath::kWgmmaMc ? kWgmmaMcCluster : 1;
+}
+
+// Blocks to launch for `plan` on a device of `multiprocessors` SMs: one per tile, rounded up to
+// whole clusters (a block past the last tile takes part in its cluster's weight stream and writes
+// nothing); but for the persistent kernel, one per SM (one block fits an SM), each looping over
+// its tiles.
 inline int64_t launch_blocks(const LaunchPlan& plan, int multiprocessors) {
+  if (plan.path == KernelPath::kWgmmaMc) {
+    return (plan.blocks + kWgmmaMcCluster - 1) / kWgmmaMcCluster * kWgmmaMcCluster;
+  }
   if (plan.path != KernelPath::kWgmmaWs) return plan.blocks;
   const int64_t sms = multiprocessors > 0 ? multiprocessors : 1;
   return plan.blocks < sms ? plan.blocks : sms;
@@ -309,6 +335,15 @@ LIIF_HOST_DEVICE SharedLayout mma_layout(Precision p, int num_neighbours) {
 LIIF_HOST_DEVICE SharedLayout wgmma_layout(Precision p, int num_neighbours) {
   SharedLayout layout = mma_layout(p, num_neighbours);
   layout.weight_bytes = static_cast<int64_t>(kWgmmaStages) * kWgmmaChunkBytes;
+  return layout;
+}
+
+// The multicast wgmma kernel: the wgmma kernel's layout, its ring followed by the full and the empty
+// mbarrier of each slot (8 bytes each).
+LIIF_HOST_DEVICE SharedLayout wgmma_mc_layout(Precision p, int num_neighbours) {
+  SharedLayout layout = mma_layout(p, num_neighbours);
+  layout.weight_bytes = static_cast<int64_t>(kWgmmaMcStages) * kWgmmaChunkBytes +
+                        round_up_32(2 * 8 * kWgmmaMcStages);
   return layout;
 }
 
@@ -367,10 +402,11 @@ inline bool wgmma_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
 
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
-// A reduced precision runs the wgmma kernel (or its warp-specialised form) if `preferred` and it
-// applies (`has_wgmma`: the device runs this build's sm_90a code), else the mma.sync kernel (8 or
-// 16 warps, as `preferred` says; unless `preferred` is the WMMA kernel), else the WMMA kernel
-// (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32 kernels.
+// A reduced precision runs the wgmma kernel (or its warp-specialised or multicast form) if
+// `preferred` and it applies (`has_wgmma`: the device runs this build's sm_90a code), else the
+// mma.sync kernel (8 or 16 warps, as `preferred` says; unless `preferred` is the WMMA kernel), else
+// the WMMA kernel (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32
+// kernels.
 // kAuto, the default, is the wgmma kernel where it applies and fits, else the 16-warp mma.sync
 // kernel: the fastest of each on an H200 for every precision and size measured
 // (benchmarks/results/gpu_query_NVIDIA_H200_20261127_run1.json: at 1080p bf16 15.4 ms against
@@ -386,22 +422,26 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
   const bool automatic = preferred == TensorCoreKernel::kAuto;
   const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
                   wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
+  const bool mc = preferred == TensorCoreKernel::kWgmmaMc && wgmma_path_applies(p, has_wgmma) &&
+                  shared_bytes<float>(wgmma_mc_layout(p.precision, nn)) <= max_shared_bytes;
   const bool wgmma = (preferred == TensorCoreKernel::kWgmma || automatic) &&
                      wgmma_path_applies(p, has_wgmma) &&
                      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
-  if (ws || wgmma ||
+  if (ws || mc || wgmma ||
       (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
        shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
-    // The three share their 128 rows per block (per tile) and their layer-0 activations' pitch.
+    // They share their 128 rows per block (per tile) and their layer-0 activations' pitch.
     const bool wide = preferred == TensorCoreKernel::kMma16 || automatic;
     plan.path = ws      ? KernelPath::kWgmmaWs
+                : mc    ? KernelPath::kWgmmaMc
                 : wgmma ? KernelPath::kWgmma
                 : wide  ? KernelPath::kMma16
                         : KernelPath::kMma;
-    plan.threads = ws ? kWgmmaWsThreads : wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
+    plan.threads = ws ? kWgmmaWsThreads : mc || wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
     plan.shared_bytes = ws      ? wgmma_ws_shared_bytes(p.precision, nn)
+                        : mc    ? shared_bytes<float>(wgmma_mc_layout(p.precision, nn))
                         : wgmma ? shared_bytes<float>(wgmma_layout(p.precision, nn))
                                 : shared_bytes<float>(mma_layout(p.precision, nn));
   } else if (tensor_core_path_applies(p, has_tensor_cores) &&

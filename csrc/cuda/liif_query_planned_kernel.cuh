@@ -4,6 +4,7 @@
 
 #include <type_traits>
 
+#include "liif_query_wgmma_mc_kernel.cuh"
 #include "liif_query_wgmma_ws_kernel.cuh"
 
 namespace liif {
@@ -32,6 +33,14 @@ inline QueryKernel<T> planned_kernel(const LaunchPlan& plan, Precision precision
       switch (precision) {
         case Precision::kBf16: return liif_query_wgmma_kernel<Precision::kBf16>;
         case Precision::kFp16: return liif_query_wgmma_kernel<Precision::kFp16>;
+        case Precision::kTf32:
+        case Precision::kFp32: break;
+      }
+    }
+    if (plan.path == KernelPath::kWgmmaMc) {
+      switch (precision) {
+        case Precision::kBf16: return liif_query_wgmma_mc_kernel<Precision::kBf16>;
+        case Precision::kFp16: return liif_query_wgmma_mc_kernel<Precision::kFp16>;
         case Precision::kTf32:
         case Precision::kFp32: break;
       }

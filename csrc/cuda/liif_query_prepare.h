@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -126,7 +127,9 @@ template <typename T>
 void add_phase_clock_buffer(PreparedQuery<T>& p, const LaunchPlan& plan) {
   const bool records = phase_clock_kernel_name(plan.path) != nullptr;
   if (!(p.params.timing_probe & kProbePhaseClocks) || !records) return;
-  p.phase_clocks = at::zeros({plan.blocks, kPhaseSlots}, p.out.options().dtype(at::kLong));
+  // A row per block launched, at least (the multicast kernel's grid is rounded up to clusters).
+  const int64_t rows = std::max(plan.blocks, launch_blocks(plan, 1));
+  p.phase_clocks = at::zeros({rows, kPhaseSlots}, p.out.options().dtype(at::kLong));
   p.params.phase_clocks = p.phase_clocks.template data_ptr<int64_t>();
 }
 
@@ -155,14 +158,15 @@ inline bool requested_map_staging() {
   return !off;
 }
 
-// Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma; bf16
+// Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma and
+// its multicast form; bf16
 // and fp16: tf32's block leaves no room) and kStagedCells rows fit after its shared memory (at a
 // 128-byte boundary), else nothing.
 template <typename T>
 void plan_map_staging(QueryKernelParams<T>& params, LaunchPlan& plan, size_t max_shared_bytes,
                       bool requested) {
   const bool stages = (plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
-                       plan.path == KernelPath::kWgmma) &&
+                       plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaMc) &&
                       params.precision != Precision::kTf32;
   const int64_t offset = (static_cast<int64_t>(plan.shared_bytes) + 127) / 128 * 128;
   const int64_t bytes = offset + staging_bytes(kStagedCells);
@@ -204,9 +208,11 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
               p.params.total_queries, ") for one launch; split them");
   p.params.queries_per_block = plan.queries_per_block;
   p.params.act_pitch = plan.act_pitch;
-  // The wgmma kernels read the mma.sync kernel's packing (and rearrange it as they copy).
+  // The wgmma kernels read the mma.sync kernel's packing (and rearrange it as they copy), but for
+  // the multicast one, whose bulk copies need each chunk as the image of its ring slot.
+  const bool image = plan.path == KernelPath::kWgmmaMc;
   const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
-                   plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaWs;
+                   plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaWs || image;
   if (plan.path == KernelPath::kTensorCore || mma) {
     // The hidden layers lead the packed weights (all 256 x 256, each as (in, out)); the last layer
     // stays float32.
@@ -223,6 +229,16 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
               .permute({0, 2, 1, 3})
               .contiguous()
               .view({-1});
+      if (image) {
+        // Within each chunk, output n's 16-byte unit u (of its 4) goes to unit
+        // (u / 2, n / 8, u % 2, n % 8) of the slot: wgmma's canonical K-major layout, k-step u / 2,
+        // core matrices along k u % 2 (wgmma_fetch_chunk's placement, done once here).
+        const int64_t values = 16 / operand_bytes(p.params.precision);  // per 16-byte unit
+        w = w.view({-1, kFastWidth / 8, 8, 2, 2, values})
+                .permute({0, 3, 1, 4, 2, 5})
+                .contiguous()
+                .view({-1});
+      }
     }
     if (hidden == 0) {
       p.operand_weights = p.weights.new_zeros({8});  // a two-layer MLP reads none; a valid pointer

@@ -115,6 +115,37 @@ __device__ __forceinline__ void round_as_operands(float (&acc)[128]) {
   }
 }
 
+// Layer 1's A operand of warp rows row0 .. +15 from layer 0's activations (`act`, rows of
+// mma_act_pitch_bytes(P)), k-step by k-step: ldmatrix matrix j is rows 8 (j % 2) .. +7, 16-byte
+// unit j / 2 of the step (a[s][0] .. a[s][3]).
+template <Precision P>
+__device__ __forceinline__ void wgmma_first_operands(uint32_t (&a)[kFastWidth / 16][4],
+                                                     const unsigned char* act, int row0,
+                                                     int lane) {
+  const int j = lane / 8;
+  const unsigned char* row = act + (row0 + lane % 8 + 8 * (j % 2)) * mma_act_pitch_bytes(P);
+#pragma unroll
+  for (int step = 0; step < kFastWidth / 16; ++step) {
+    ldmatrix_x4(a[step], row + 16 * (2 * step + j / 2));
+  }
+}
+
+// The next layer's A operand from a layer's accumulators, after ReLU and the rounding: k-step s is
+// columns 16 s .. +15, accumulator blocks 2 s, 2 s + 1.
+template <Precision P>
+__device__ __forceinline__ void wgmma_next_operands(uint32_t (&a)[kFastWidth / 16][4],
+                                                    const float (&acc)[128]) {
+#pragma unroll
+  for (int step = 0; step < kFastWidth / 16; ++step) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int jn = 2 * step + r / 2, h = r % 2;
+      a[step][r] = operand_pair<P>(relu(acc[4 * jn + 2 * h]), relu(acc[4 * jn + 2 * h + 1]));
+      fence_register(a[step][r]);  // written before the next layer's wgmma.fence
+    }
+  }
+}
+
 // The last layer folded into a warp's accumulators (its 16 rows' last hidden activations, as
 // round_as_operands left them; `wt` the layer's float32 weight (256, outs)): for each output o,
 // each lane's dot products over its 64 columns, summed over the 4 lanes of a row by shuffles, so
@@ -147,7 +178,6 @@ template <Precision P>
 __global__ void __launch_bounds__(kWgmmaThreads, 1)
     liif_query_wgmma_kernel(const QueryKernelParams<float> p) {
   static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
-  constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
   constexpr int kSteps = kFastWidth / 16;  // wgmma k-steps of a layer
   LIIF_DYNAMIC_SHARED(smem);
@@ -183,15 +213,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int row0 = 16 * warp;
   const int t = lane % 4;
-  // Layer 1's A operand, k-step by k-step: ldmatrix matrix j is rows 8 (j % 2) .. +7, 16-byte unit
-  // j / 2 of the step (a[s][0] .. a[s][3]).
   uint32_t a[kSteps][4];
-  {
-    const int j = lane / 8;
-    const unsigned char* row = s.act + (row0 + lane % 8 + 8 * (j % 2)) * kPitch;
-#pragma unroll
-    for (int step = 0; step < kSteps; ++step) ldmatrix_x4(a[step], row + 16 * (2 * step + j / 2));
-  }
+  wgmma_first_operands<P>(a, s.act, row0, lane);
 
   auto out_dim = [&] { return p.widths[p.num_layers - 1]; };
   auto last_w = [&] { return p.weights + static_cast<int64_t>(hidden) * kFastWidth * kFastWidth; };
@@ -230,16 +253,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
 #pragma unroll
     for (int e = 0; e < 128; ++e) fence_register(acc[e]);
     if (l + 1 < hidden) {
-      // The next layer's A operand: k-step s is columns 16 s .. +15, accumulator blocks 2 s, 2 s + 1.
-#pragma unroll
-      for (int step = 0; step < kSteps; ++step) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int jn = 2 * step + r / 2, h = r % 2;
-          a[step][r] = operand_pair<P>(relu(acc[4 * jn + 2 * h]), relu(acc[4 * jn + 2 * h + 1]));
-          fence_register(a[step][r]);  // written before the next layer's wgmma.fence
-        }
-      }
+      wgmma_next_operands<P>(a, acc);
     } else {
       // The last hidden layer's activations, rounded as the operand type, then the last layer.
       round_as_operands<P>(acc);

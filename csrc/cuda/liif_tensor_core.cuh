@@ -293,6 +293,76 @@ template <int Count>
 __device__ __forceinline__ void claim_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Count));
 }
+
+// Clusters, mbarriers and bulk copies (sm_90; the multicast weight stream of the wgmma_mc kernel).
+// An mbarrier is 8 bytes of shared memory that counts arrivals and transaction bytes; a phase
+// completes when `count` threads have arrived and every byte announced by expect_tx has landed;
+// try_wait.parity(p) returns once the phase of parity p has completed (starting at phase 0, so a
+// wait for parity 1 returns at once). cp.async.bulk copies contiguous bytes from global memory into
+// shared memory by the TMA unit, completing its transaction bytes on an mbarrier; with .multicast
+// into the same offset of several blocks of the cluster, each counting on its own mbarrier at the
+// same offset. The cluster's blocks reach each other's shared memory by mapa.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count)
+               : "memory");
+}
+// Makes the initialisations visible to the cluster (then cluster_sync before anyone uses them).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// An arrival on this block's mbarrier at `bar` that first announces `bytes` of transactions.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   shared_address(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// An arrival on the mbarrier at `bar`'s offset in block `block` of the cluster (this block's own
+// included), ordering this thread's earlier memory accesses before it for the cluster.
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar, uint32_t block) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(
+          shared_address(bar)),
+      "r"(block)
+      : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t address = shared_address(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.b32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(address), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+// `bytes` (a multiple of 16) from global `src` to `dst` in this block's shared memory and the same
+// offset of every block of the cluster in `mask`, each completing them on its mbarrier at `bar`'s
+// offset.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar, uint32_t mask) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1], %2, [%3], %4;\n" ::"r"(shared_address(dst)),
+      "l"(src), "r"(bytes), "r"(shared_address(bar)), "h"(static_cast<uint16_t>(mask))
+      : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+// Every thread of every block of the cluster (barrier.cluster, release and acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
 #else
 // The host execution harness: warpgroup-wide and asynchronous, in cuda_host_emulation.h.
 inline uint32_t shared_address(const void* p) { return liif_harness::shared_address(p); }
@@ -331,6 +401,20 @@ inline void named_barrier_sync(int id, int count) { liif_harness::named_barrier(
 inline void named_barrier_arrive(int id, int count) {
   liif_harness::named_barrier(id, count, false);
 }
+inline void mbarrier_init(uint64_t* bar, int count) { liif_harness::mbarrier_init(bar, count); }
+inline void fence_mbarrier_init() {}
+inline void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  liif_harness::mbarrier_arrive(bar, liif_harness::cluster_rank(), bytes);
+}
+inline void mbarrier_arrive(uint64_t* bar, uint32_t block) {
+  liif_harness::mbarrier_arrive(bar, block, 0);
+}
+inline void mbarrier_wait(uint64_t* bar, uint32_t parity) { liif_harness::mbarrier_wait(bar, parity); }
+inline void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint32_t mask) {
+  liif_harness::bulk_copy(dst, src, bytes, bar, mask);
+}
+inline uint32_t cluster_rank() { return liif_harness::cluster_rank(); }
+inline void cluster_sync() { liif_harness::cluster_sync(); }
 #endif
 #endif  // LIIF_WGMMA
 

@@ -159,6 +159,21 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaWs, false).path ==
              KernelPath::kMma,
          "mma.sync where the device does not run the warp-specialised wgmma kernel");
+  // The multicast form: the wgmma kernel's block, in clusters of two, a grid of whole clusters
+  // (1000 queries: 32 tiles; 1030: 33 tiles and a block without one).
+  const auto mc = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, true);
+  expect(mc.path == KernelPath::kWgmmaMc && mc.threads == 256 && mc.shared_bytes <= 232448 &&
+             mc.shared_bytes == wgmma.shared_bytes + 96 && liif::cuda::launch_cluster(mc) == 2 &&
+             liif::cuda::launch_cluster(wgmma) == 1 && liif::cuda::launch_blocks(mc, 132) == 32,
+         "the multicast wgmma kernel where it runs: 6 slots' two mbarriers more");
+  p.total_queries = 1030;
+  const auto odd = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, true);
+  expect(odd.blocks == 33 && liif::cuda::launch_blocks(odd, 132) == 34,
+         "an odd number of tiles launches a block more");
+  p.total_queries = 1000;
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, false).path ==
+             KernelPath::kMma,
+         "mma.sync where the device does not run the multicast wgmma kernel");
   // The default: the wgmma kernel where it runs and fits, else the 16-warp mma.sync kernel.
   const auto automatic = liif::cuda::plan_launch(p, 232448, true);
   expect(automatic.path == KernelPath::kMma16 && automatic.threads == 512,
@@ -173,7 +188,11 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::tensor_core_kernel_named(nullptr, &named) && named == TensorCoreKernel::kAuto &&
              liif::cuda::tensor_core_kernel_named("", &named) && named == TensorCoreKernel::kAuto,
          "no name is the default");
-  expect(liif::cuda::tensor_core_kernel_named("mma", &named) && named == TensorCoreKernel::kMma &&
+  expect(liif::cuda::tensor_core_kernel_named("wgmma_mc", &named) &&
+             named == TensorCoreKernel::kWgmmaMc &&
+             liif::cuda::tensor_core_kernel_named("wgmma_ws", &named) &&
+             named == TensorCoreKernel::kWgmmaWs &&
+             liif::cuda::tensor_core_kernel_named("mma", &named) && named == TensorCoreKernel::kMma &&
              liif::cuda::tensor_core_kernel_named("auto", &named) &&
              named == TensorCoreKernel::kAuto && !liif::cuda::tensor_core_kernel_named("wgmma ", &named),
          "names");
@@ -196,7 +215,8 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
              !liif::cuda::timing_probe_named("no-map-loads no-weight-loads", &probe),
          "timing probe names");
   p.precision = liif::cuda::Precision::kTf32;
-  for (const TensorCoreKernel k : {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs}) {
+  for (const TensorCoreKernel k :
+       {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs, TensorCoreKernel::kWgmmaMc}) {
     expect(liif::cuda::plan_launch(p, 232448, true, k, true).path == KernelPath::kMma,
            "mma.sync for tf32");
   }

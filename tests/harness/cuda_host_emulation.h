@@ -67,6 +67,22 @@
 //     barrier or returned while others wait in one, raise an error. ldmatrix addresses must be
 //     16-byte aligned rows inside the block's shared memory; tf32 operands must be rounded.
 //
+//   - Clusters (a launch with `cluster` > 1, what the multicast wgmma kernel runs in): a cluster's
+//     blocks run together on one OS thread, each with its own shared memory, __syncthreads() and
+//     named barriers; barrier.cluster (cluster_sync) waits for every thread of every block. The
+//     blocks run one at a time, each as far as it can before the next (the first first, or in
+//     reversed order the last), so that one runs ahead of another as far as their mbarriers let
+//     it. mbarriers (mbarrier_init, mbarrier_arrive with its expect_tx bytes, also on a peer
+//     block's mbarrier at the same offset, and mbarrier_wait for a phase's parity) count arrivals
+//     and transaction bytes; a phase completes when both are in. A bulk copy (cp.async.bulk,
+//     multicast to the blocks of a mask) reads its source when issued and lands at the latest
+//     moment (once no thread can run, a thread waits for its mbarrier and its arrivals are all
+//     in), or in reversed order at once: a read before the wait sees stale bytes, and a slot refilled while a
+//     block may still read it is overwritten early. Errors: an mbarrier used before mbarrier_init
+//     or whose 8 bytes were overwritten, more arrivals than its count in one phase, a wait that
+//     never completes, a bulk copy nobody waited for when the cluster ends, and an arrival or a
+//     copy that reaches a block whose threads have all returned.
+//
 // Limits (what the harness does not model)
 //   - warps only as above: no other warp primitives (__ballot_*, ...) and no warp-level ordering of
 //     ordinary memory accesses: __syncwarp() does nothing (each lane's WMMA fragment store writes the
@@ -76,7 +92,10 @@
 //     it goes unnoticed (the compiler's placement, which the kernel pins with fence_register, is
 //     checked in the PTX, not here); the A registers are compared at retirement only;
 //   - cp.async copies land at the latest moment (the wait), never earlier: a ring slot refilled
-//     while a wgmma or another warp may still read it is not caught;
+//     while a wgmma or another warp may still read it is not caught (bulk copies do land early in
+//     reversed order);
+//   - mbarrier operations' memory semantics and scopes (release, acquire, cta, cluster) are not
+//     modelled, only their counts and phases;
 //   - a wgmma is issued once all 128 threads of its warpgroup have reached it, which orders their
 //     earlier stores before it: a missing barrier between the warps of a warpgroup that wrote a
 //     shared-memory operand and the wgmma that reads it is not caught, nor a missing
@@ -96,6 +115,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -104,6 +124,8 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -150,17 +172,38 @@ enum class FiberState {
   kArrived,  // after bar.arrive: resumed once no other thread can run
   kInWarpInstruction,
   kInWarpgroupInstruction,
+  kAtMbarrier,
   kFinished
 };
 
 // A named barrier (bar.sync / bar.arrive with an id and a thread count): arrivals in the current
-// generation, and the generations completed.
+// generation, and the generations completed. Also a cluster's __syncthreads() (id 0 of each of its
+// blocks) and its barrier.cluster.
 struct NamedBarrier {
   int count = 0;  // of the current generation (set by its first arrival)
   int arrived = 0;
   int64_t completed = 0;
 };
 constexpr int kNamedBarriers = 16;
+
+// An mbarrier object (mbarrier.init / arrive / expect_tx / try_wait.parity): the arrivals each
+// phase expects and those still missing, the transaction bytes expected minus those landed, and
+// the phases completed. A phase completes when both reach 0.
+struct Mbarrier {
+  int count = 0;
+  int pending = 0;
+  int64_t tx = 0;
+  int64_t completed = 0;
+};
+
+// A bulk copy (cp.async.bulk) into one block of the cluster, not yet landed: its bytes (read when
+// issued), where they go and the mbarrier whose transaction count their landing completes.
+struct BulkCopy {
+  unsigned block;  // in the cluster
+  uint32_t dst;
+  uint32_t barrier;
+  std::vector<unsigned char> bytes;
+};
 
 // The warp-wide instruction the lanes of one warp are in: each lane's input registers, and the
 // outputs once the last lane has arrived.
@@ -194,8 +237,11 @@ struct Fiber {
   int64_t barriers = 0;
   int64_t warp_instructions = 0;  // warp-wide instructions this lane has completed
   int64_t warpgroup_instructions = 0;
-  int named_barrier = 0;             // the one this thread waits at (kAtNamedBarrier)
+  int named_barrier = 0;             // the one this thread waits at (kAtNamedBarrier; -1: cluster)
+  NamedBarrier* waiting_at = nullptr;
   int64_t named_barrier_generation = 0;  // and the generation it waits to complete
+  uint32_t mbarrier = 0;  // the mbarrier this thread waits at (kAtMbarrier), in its block
+  uint32_t mbarrier_parity = 0;  // and the parity of the phase it waits to complete
   // cp.async data landed since this thread's last fence_proxy_async (a wgmma may not read it yet).
   bool unfenced_async_writes = false;
   std::exception_ptr error;
@@ -228,21 +274,34 @@ struct AlignedBuffer {
   unsigned char* data;
 };
 
-// Runs the blocks one OS thread is given.
+// Runs the blocks one OS thread is given, a cluster of them at a time (one block unless the launch
+// has clusters). The fibers of all the cluster's blocks share one scheduler: fiber t is thread
+// t % threads of the cluster's block t / threads.
 class BlockRunner {
  public:
-  BlockRunner(unsigned threads, size_t shared_bytes)
-      : fibers_(threads),
-        warps_((threads + 31) / 32),
-        warpgroups_((threads + 127) / 128),
-        shared_(shared_bytes) {
+  BlockRunner(unsigned threads, size_t shared_bytes, unsigned cluster = 1)
+      : threads_(threads),
+        cluster_(cluster),
+        fibers_(static_cast<size_t>(threads) * cluster),
+        warps_((fibers_.size() + 31) / 32),
+        warpgroups_((fibers_.size() + 127) / 128),
+        named_(cluster),
+        finished_(cluster) {
+    if (cluster > 1 && threads % 128 != 0) {
+      throw std::invalid_argument("host harness: the blocks of a cluster must be whole warpgroups");
+    }
+    for (unsigned b = 0; b < cluster; ++b) {
+      shared_.push_back(std::make_unique<AlignedBuffer>(shared_bytes));
+    }
     for (Fiber& f : fibers_) f.stack.resize(kStackBytes);
   }
 
-  void run_block(const std::function<void()>& kernel, bool reverse_order) {
+  // Runs the cluster whose first block is `first_block` (blocks first_block .. + cluster - 1).
+  void run_block(const std::function<void()>& kernel, bool reverse_order, unsigned first_block = 0) {
     kernel_ = &kernel;
     reverse_order_ = reverse_order;
-    std::memset(shared_.data, 0xFF, shared_.size);
+    first_block_ = first_block;
+    for (auto& buffer : shared_) std::memset(buffer->data, 0xFF, buffer->size);
     for (WarpExchange& w : warps_) {
       w.instruction = nullptr;
       w.arrived = 0;
@@ -255,7 +314,13 @@ class BlockRunner {
       w.open.clear();
       w.committed.clear();
     }
-    for (NamedBarrier& b : named_) b = NamedBarrier{};
+    for (auto& block : named_) {
+      for (NamedBarrier& b : block) b = NamedBarrier{};
+    }
+    cluster_barrier_ = NamedBarrier{};
+    mbarriers_.clear();
+    bulk_copies_.clear();
+    std::fill(finished_.begin(), finished_.end(), 0u);
     for (Fiber& f : fibers_) {
       f.state = FiberState::kRunnable;
       f.finished = false;
@@ -277,34 +342,49 @@ class BlockRunner {
     for (int64_t phase = 0;; ++phase) {
       // Passes over the threads until each is at the barrier or has returned: a lane waiting in a
       // warp-wide instruction resumes in a later pass, once the last lane of its warp has arrived
-      // (a thread at a named barrier once it completes). Reversed order alternates by phase and by
-      // pass (a kernel of named barriers only has one phase).
+      // (a thread at a named barrier once it completes, at an mbarrier once its phase does).
+      // Reversed order alternates by phase and by pass (a kernel of named barriers only, or a
+      // cluster, has one phase).
+      // A cluster's blocks run one at a time, each as far as it can before the next (the first
+      // first, or in reversed order the last): so that one block runs ahead of another as far as
+      // their mbarriers let it, and a block that exits while a peer may still copy into it or
+      // arrive on its barriers is caught.
       bool resumed = true;
       for (int64_t pass = 0; resumed; ++pass) {
         resumed = false;
         const bool reverse = reverse_order && ((phase + pass) % 2 == 1);
-        for (unsigned i = 0; i < n; ++i) {
-          const unsigned t = reverse ? n - 1 - i : i;
-          Fiber& f = fibers_[t];
-          const bool ready =
-              f.state == FiberState::kRunnable ||
-              (f.state == FiberState::kInWarpInstruction &&
-               warps_[t / 32].completed > f.warp_instructions) ||
-              (f.state == FiberState::kInWarpgroupInstruction &&
-               warpgroups_[t / 128].completed > f.warpgroup_instructions) ||
-              (f.state == FiberState::kAtNamedBarrier &&
-               named_[f.named_barrier].completed > f.named_barrier_generation);
-          if (!ready) continue;
-          current_ = t;
-          threadIdx.x = t;
-          f.state = FiberState::kRunnable;
-          swapcontext(&scheduler_, &f.context);
-          resumed = true;
-          if (f.error) {
-            current_runner() = nullptr;
-            std::rethrow_exception(f.error);
+        for (unsigned k = 0; k < cluster_; ++k) {
+          const unsigned block = reverse ? cluster_ - 1 - k : k;
+          for (bool block_resumed = true; block_resumed;) {
+            block_resumed = false;
+            for (unsigned i = 0; i < threads_; ++i) {
+              const unsigned t = block * threads_ + (reverse ? threads_ - 1 - i : i);
+              Fiber& f = fibers_[t];
+              current_ = t;
+              const bool ready =
+                  f.state == FiberState::kRunnable ||
+                  (f.state == FiberState::kInWarpInstruction &&
+                   warps_[t / 32].completed > f.warp_instructions) ||
+                  (f.state == FiberState::kInWarpgroupInstruction &&
+                   warpgroups_[t / 128].completed > f.warpgroup_instructions) ||
+                  (f.state == FiberState::kAtNamedBarrier &&
+                   f.waiting_at->completed > f.named_barrier_generation) ||
+                  (f.state == FiberState::kAtMbarrier && mbarrier_phase_done(f));
+              if (!ready) continue;
+              threadIdx.x = t % threads_;
+              blockIdx.x = first_block_ + block;
+              f.state = FiberState::kRunnable;
+              swapcontext(&scheduler_, &f.context);
+              block_resumed = resumed = true;
+              if (f.error) {
+                current_runner() = nullptr;
+                std::rethrow_exception(f.error);
+              }
+            }
+            if (cluster_ == 1) break;  // one pass over the threads of a lone block
           }
         }
+        if (!resumed) resumed = land_awaited_copies();
         if (!resumed) {
           for (Fiber& f : fibers_) {
             if (f.state == FiberState::kArrived) {
@@ -316,33 +396,40 @@ class BlockRunner {
       }
       for (unsigned w = 0; w < warps_.size(); ++w) {
         if (warps_[w].arrived != 0) {
-          current_runner() = nullptr;
-          throw std::runtime_error(
-              std::string("host harness: ") + warps_[w].instruction + " reached by " +
-              std::to_string(warps_[w].arrived) + " lanes of warp " + std::to_string(w) +
-              " while the others wait at a barrier or returned (block " +
-              std::to_string(blockIdx.x) + ")");
+          fail(std::string(warps_[w].instruction) + " reached by " +
+               std::to_string(warps_[w].arrived) + " lanes of warp " + std::to_string(w) +
+               " while the others wait at a barrier or returned (block " +
+               std::to_string(first_block_ + w * 32 / threads_) + ")");
         }
       }
       for (unsigned v = 0; v < warpgroups_.size(); ++v) {
         if (warpgroups_[v].arrived != 0) {
-          current_runner() = nullptr;
-          throw std::runtime_error(
-              std::string("host harness: ") + warpgroups_[v].instruction + " reached by " +
-              std::to_string(warpgroups_[v].arrived) + " threads of warpgroup " +
-              std::to_string(v) + " while the others wait at a barrier or returned (block " +
-              std::to_string(blockIdx.x) + ")");
+          fail(std::string(warpgroups_[v].instruction) + " reached by " +
+               std::to_string(warpgroups_[v].arrived) + " threads of warpgroup " +
+               std::to_string(v) + " while the others wait at a barrier or returned (block " +
+               std::to_string(first_block_ + v * 128 / threads_) + ")");
         }
       }
       for (unsigned t = 0; t < n; ++t) {
-        if (fibers_[t].state == FiberState::kAtNamedBarrier) {
-          current_runner() = nullptr;
-          const NamedBarrier& b = named_[fibers_[t].named_barrier];
-          throw std::runtime_error(
-              "host harness: thread " + std::to_string(t) + " waits forever at named barrier " +
-              std::to_string(fibers_[t].named_barrier) + " (" + std::to_string(b.arrived) + " of " +
-              std::to_string(b.count) + " threads arrived; the others wait elsewhere or returned, "
-              "block " + std::to_string(blockIdx.x) + ")");
+        const Fiber& f = fibers_[t];
+        if (f.state == FiberState::kAtNamedBarrier) {
+          const NamedBarrier& b = *f.waiting_at;
+          fail("thread " + std::to_string(t % threads_) + " waits forever at " +
+               (f.named_barrier < 0  ? std::string("the cluster barrier")
+                : f.named_barrier == 0 ? std::string("__syncthreads()")
+                                       : "named barrier " + std::to_string(f.named_barrier)) +
+               " (" + std::to_string(b.arrived) + " of " + std::to_string(b.count) +
+               " threads arrived; the others wait elsewhere or returned, block " +
+               std::to_string(first_block_ + t / threads_) + ")");
+        }
+        if (f.state == FiberState::kAtMbarrier) {
+          const Mbarrier& b = mbarriers_.at({t / threads_, f.mbarrier});
+          fail("thread " + std::to_string(t % threads_) + " waits forever at the mbarrier at byte " +
+               std::to_string(f.mbarrier) + " for phase parity " +
+               std::to_string(f.mbarrier_parity) + " (" + std::to_string(b.pending) + " of " +
+               std::to_string(b.count) + " arrivals and " + std::to_string(b.tx) +
+               " transaction bytes missing, block " + std::to_string(first_block_ + t / threads_) +
+               ")");
         }
       }
       for (Fiber& f : fibers_) {
@@ -351,37 +438,55 @@ class BlockRunner {
       unsigned finished = 0;
       for (const Fiber& f : fibers_) finished += f.finished ? 1 : 0;
       if (finished == n) {
-        for (int id = 0; id < kNamedBarriers; ++id) {
-          if (named_[id].arrived != 0) {
-            current_runner() = nullptr;
-            throw std::runtime_error(
-                "host harness: the block ended with " + std::to_string(named_[id].arrived) +
-                " of " + std::to_string(named_[id].count) + " threads arrived at named barrier " +
-                std::to_string(id) + " (an arrival nobody waited for; block " +
-                std::to_string(blockIdx.x) + ")");
+        for (unsigned b = 0; b < cluster_; ++b) {
+          for (int id = 0; id < kNamedBarriers; ++id) {
+            if (named_[b][id].arrived != 0) {
+              fail("the block ended with " + std::to_string(named_[b][id].arrived) + " of " +
+                   std::to_string(named_[b][id].count) + " threads arrived at named barrier " +
+                   std::to_string(id) + " (an arrival nobody waited for; block " +
+                   std::to_string(first_block_ + b) + ")");
+            }
           }
+        }
+        if (!bulk_copies_.empty()) {
+          fail("the cluster ended with " + std::to_string(bulk_copies_.size()) +
+               " bulk copies that no thread waited for (block " +
+               std::to_string(first_block_ + bulk_copies_.front().block) + ")");
         }
         check_guard_zone();
         break;
       }
       if (finished != 0) {
-        throw std::runtime_error("host harness: __syncthreads() reached by " +
-                                 std::to_string(n - finished) + " of " + std::to_string(n) +
-                                 " threads while the others returned (block " +
-                                 std::to_string(blockIdx.x) + ")");
+        fail("__syncthreads() reached by " + std::to_string(n - finished) + " of " +
+             std::to_string(n) + " threads while the others returned (block " +
+             std::to_string(first_block_) + ")");
       }
     }
     current_runner() = nullptr;
   }
 
-  unsigned char* shared_memory() { return shared_.data; }
-  size_t shared_size() const { return shared_.size; }
+  // The current thread's block: its index in the cluster, its shared memory.
+  unsigned block_in_cluster() const { return current_ / threads_; }
+  unsigned cluster_size() const { return cluster_; }
+  unsigned char* shared_memory() { return shared_[block_in_cluster()]->data; }
+  size_t shared_size() const { return shared_[block_in_cluster()]->size; }
 
   void sync() {
     Fiber& f = fibers_[current_];
     ++f.barriers;
+    if (cluster_ > 1) {
+      // In a cluster each block's __syncthreads() is its own: a barrier of the block's threads
+      // (the others may wait for something else meanwhile, such as an mbarrier).
+      barrier_arrive(named_[block_in_cluster()][0], 0, static_cast<int>(threads_), true);
+      return;
+    }
     f.state = FiberState::kAtBarrier;
     swapcontext(&f.context, &scheduler_);
+  }
+
+  // barrier.cluster.arrive + barrier.cluster.wait: every thread of every block of the cluster.
+  void cluster_sync() {
+    barrier_arrive(cluster_barrier_, -1, static_cast<int>(fibers_.size()), true);
   }
 
   // bar.sync (`wait`) or bar.arrive on named barrier `id` (1 .. 15) of `count` threads (a multiple
@@ -392,37 +497,93 @@ class BlockRunner {
       throw std::runtime_error("host harness: named barrier id " + std::to_string(id) +
                                " outside 1 .. 15 (0 is __syncthreads())");
     }
-    if (count <= 0 || count % 32 != 0 || static_cast<size_t>(count) > fibers_.size()) {
+    if (count <= 0 || count % 32 != 0 || static_cast<unsigned>(count) > threads_) {
       throw std::runtime_error("host harness: named barrier " + std::to_string(id) + " count " +
                                std::to_string(count) + " is not a multiple of 32 up to the block size");
     }
-    NamedBarrier& b = named_[id];
-    if (b.arrived == 0) {
-      b.count = count;
-    } else if (b.count != count) {
-      throw std::runtime_error("host harness: named barrier " + std::to_string(id) + " reached with " +
-                               std::to_string(count) + " and " + std::to_string(b.count) +
-                               " threads in one generation");
+    barrier_arrive(named_[block_in_cluster()][id], id, count, wait);
+  }
+
+  // mbarrier.init: the mbarrier at `bar` (8 bytes of this block's shared memory) expects `count`
+  // arrivals per phase. Its bytes hold a pattern from then on: a kernel that overwrites them
+  // (placing data over its barriers) fails at the barrier's next use.
+  void mbarrier_init(const void* bar, int count) {
+    const uint32_t at = mbarrier_offset(bar, "mbarrier.init");
+    if (count < 1 || count >= (1 << 20)) {
+      throw std::runtime_error("host harness: mbarrier.init count " + std::to_string(count) +
+                               " outside 1 .. 2^20 - 1");
     }
-    const int64_t generation = b.completed;
+    Mbarrier& b = mbarriers_[{block_in_cluster(), at}];
+    b = Mbarrier{count, count, 0, 0};
+    std::memcpy(shared_memory() + at, &kMbarrierPattern, 8);
+  }
+
+  // mbarrier.arrive (with expect_tx `bytes` first) on the mbarrier at `bar`'s offset in block
+  // `block` of the cluster (mapa; this thread's own block included).
+  void mbarrier_arrive(const void* bar, unsigned block, uint32_t bytes) {
+    const uint32_t at = mbarrier_offset(bar, "mbarrier.arrive");
+    if (block >= cluster_) {
+      throw std::runtime_error("host harness: mbarrier.arrive on block " + std::to_string(block) +
+                               " of a cluster of " + std::to_string(cluster_));
+    }
+    if (finished_[block] == threads_) {
+      throw std::runtime_error("host harness: an mbarrier.arrive reaches block " +
+                               std::to_string(first_block_ + block) +
+                               " of the cluster after all its threads returned (a block must not "
+                               "exit while others may still arrive on its barriers)");
+    }
+    Mbarrier& b = initialized(block, at);
+    b.tx += bytes;
+    if (--b.pending < 0) {
+      throw std::runtime_error("host harness: more arrivals on the mbarrier at byte " +
+                               std::to_string(at) + " than its count " + std::to_string(b.count) +
+                               " in one phase");
+    }
+    complete_phase_if_done(b);
+  }
+
+  // mbarrier.try_wait.parity in a loop: returns once the phase of parity `parity` of the mbarrier
+  // at `bar` (this block's) has completed, that is once the current phase's parity differs.
+  void mbarrier_wait(const void* bar, uint32_t parity) {
     Fiber& f = fibers_[current_];
-    if (++b.arrived == count) {
-      b.arrived = 0;
-      ++b.completed;
-    } else if (wait) {
-      f.named_barrier = id;
-      f.named_barrier_generation = generation;
-      f.state = FiberState::kAtNamedBarrier;
-      swapcontext(&f.context, &scheduler_);
-      return;
+    f.mbarrier = mbarrier_offset(bar, "mbarrier.try_wait");
+    f.mbarrier_parity = parity & 1;
+    initialized(block_in_cluster(), f.mbarrier);
+    if (mbarrier_phase_done(f)) return;
+    f.state = FiberState::kAtMbarrier;
+    swapcontext(&f.context, &scheduler_);
+  }
+
+  // cp.async.bulk (multicast to the blocks of `mask`, or this block alone): `bytes` from global
+  // memory at `src` to `dst` (this block's shared memory; the same offset in each block of the
+  // mask), completing that many transaction bytes on the mbarrier at `bar`'s offset in each. The
+  // source is read now; the data lands at the latest moment (once no thread can run, a thread
+  // waits for the mbarrier and its arrivals are all in), or in reversed order at once: so that a
+  // read before the wait sees stale bytes, and a slot refilled while it may still be read is
+  // overwritten early.
+  void bulk_copy(void* dst, const void* src, uint32_t bytes, const void* bar, unsigned mask) {
+    if (bytes == 0 || bytes % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+        reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+      throw std::runtime_error("host harness: cp.async.bulk needs 16-byte aligned addresses and a "
+                               "size that is a multiple of 16");
     }
-    // A thread that arrived goes on at once in reversed order (so that what it reads after
-    // arriving is not yet written by the threads that wait at the barrier, if nothing else made
-    // it wait for them), and otherwise only once every other thread has run as far as it can (the
-    // ones it released included: what it writes after arriving is missing when they read it).
-    if (!wait && !reverse_order_) {
-      f.state = FiberState::kArrived;
-      swapcontext(&f.context, &scheduler_);
+    if (!in_shared_memory(dst, bytes)) {
+      throw std::runtime_error("host harness: cp.async.bulk to bytes outside the block's shared "
+                               "memory");
+    }
+    if (mask == 0 || mask >= (1u << cluster_)) {
+      throw std::runtime_error("host harness: cp.async.bulk multicast mask " + std::to_string(mask) +
+                               " names no block or one outside the cluster of " +
+                               std::to_string(cluster_));
+    }
+    const uint32_t dst_at = static_cast<uint32_t>(static_cast<unsigned char*>(dst) - shared_memory());
+    const uint32_t bar_at = mbarrier_offset(bar, "cp.async.bulk");
+    const unsigned char* from = static_cast<const unsigned char*>(src);
+    for (unsigned block = 0; block < cluster_; ++block) {
+      if ((mask >> block & 1u) == 0) continue;
+      initialized(block, bar_at);
+      bulk_copies_.push_back({block, dst_at, bar_at, std::vector<unsigned char>(from, from + bytes)});
+      if (reverse_order_) land(bulk_copies_.size() - 1);
     }
   }
 
@@ -435,7 +596,7 @@ class BlockRunner {
     const unsigned t = current_;
     Fiber& f = fibers_[t];
     WarpExchange& w = warps_[t / 32];
-    const unsigned lanes = std::min(32u, static_cast<unsigned>(fibers_.size()) - t / 32 * 32);
+    const unsigned lanes = std::min(32u, threads_ - t % threads_ / 32 * 32);
     if (w.arrived == 0) {
       w.instruction = name;
     } else if (std::strcmp(w.instruction, name) != 0) {
@@ -463,7 +624,7 @@ class BlockRunner {
     const unsigned t = current_;
     Fiber& f = fibers_[t];
     WarpgroupExchange& w = warpgroups_[t / 128];
-    if (fibers_.size() < (t / 128 + 1) * 128) {
+    if (threads_ < (t % threads_ / 128 + 1) * 128) {
       throw std::runtime_error(std::string("host harness: ") + name +
                                " needs a whole warpgroup of 128 threads");
     }
@@ -486,30 +647,35 @@ class BlockRunner {
     ++f.warpgroup_instructions;
   }
 
-  // Whether some thread of the block has cp.async data landed since its last fence_proxy_async.
+  // Whether some thread of this block has cp.async data landed since its last fence_proxy_async.
   bool any_unfenced_async_writes() const {
-    for (const Fiber& f : fibers_) {
-      if (f.unfenced_async_writes) return true;
+    const unsigned first = block_in_cluster() * threads_;
+    for (unsigned t = first; t < first + threads_; ++t) {
+      if (fibers_[t].unfenced_async_writes) return true;
     }
     return false;
   }
 
-  // A write past the end of the block's shared memory, into the guard zone: an error.
+  // A write past the end of a block's shared memory, into the guard zone: an error.
   void check_guard_zone() const {
-    for (size_t i = shared_.size; i < shared_.capacity; ++i) {
-      if (shared_.data[i] == guard_byte(i)) continue;
-      current_runner() = nullptr;
-      throw std::runtime_error(
-          "host harness: block " + std::to_string(blockIdx.x) + " wrote past the end of its " +
-          std::to_string(shared_.size) + " bytes of dynamic shared memory (at byte " +
-          std::to_string(i) + ")");
+    for (unsigned b = 0; b < cluster_; ++b) {
+      const AlignedBuffer& buffer = *shared_[b];
+      for (size_t i = buffer.size; i < buffer.capacity; ++i) {
+        if (buffer.data[i] == guard_byte(i)) continue;
+        current_runner() = nullptr;
+        throw std::runtime_error(
+            "host harness: block " + std::to_string(first_block_ + b) + " wrote past the end of its " +
+            std::to_string(buffer.size) + " bytes of dynamic shared memory (at byte " +
+            std::to_string(i) + ")");
+      }
     }
   }
 
   // Whether [p, p + bytes) lies inside this block's shared memory.
   bool in_shared_memory(const void* p, size_t bytes) const {
+    const AlignedBuffer& buffer = *shared_[block_in_cluster()];
     const unsigned char* c = static_cast<const unsigned char*>(p);
-    return c >= shared_.data && c + bytes <= shared_.data + shared_.size;
+    return c >= buffer.data && c + bytes <= buffer.data + buffer.size;
   }
 
   Fiber& current_fiber() { return fibers_[current_]; }
@@ -521,6 +687,7 @@ class BlockRunner {
 
  private:
   static constexpr size_t kStackBytes = 256 * 1024;
+  static constexpr uint64_t kMbarrierPattern = 0x4D42415252494552ull;  // "MBARRIER"
 
   static void fiber_main() {
     BlockRunner* self = current_runner();
@@ -531,41 +698,167 @@ class BlockRunner {
     }
     self->fibers_[self->current_].finished = true;
     self->fibers_[self->current_].state = FiberState::kFinished;
+    ++self->finished_[self->block_in_cluster()];
     // Returning resumes uc_link, the scheduler.
   }
 
+  [[noreturn]] void fail(const std::string& what) {
+    current_runner() = nullptr;
+    throw std::runtime_error("host harness: " + what);
+  }
+
+  // An arrival at barrier `b` (named barrier `id`; 0: a cluster block's __syncthreads(); -1: the
+  // cluster barrier) of `count` threads; waits for its generation to complete if `wait`.
+  void barrier_arrive(NamedBarrier& b, int id, int count, bool wait) {
+    if (b.arrived == 0) {
+      b.count = count;
+    } else if (b.count != count) {
+      throw std::runtime_error("host harness: named barrier " + std::to_string(id) + " reached with " +
+                               std::to_string(count) + " and " + std::to_string(b.count) +
+                               " threads in one generation");
+    }
+    const int64_t generation = b.completed;
+    Fiber& f = fibers_[current_];
+    if (++b.arrived == count) {
+      b.arrived = 0;
+      ++b.completed;
+    } else if (wait) {
+      f.named_barrier = id;
+      f.waiting_at = &b;
+      f.named_barrier_generation = generation;
+      f.state = FiberState::kAtNamedBarrier;
+      swapcontext(&f.context, &scheduler_);
+      return;
+    }
+    // A thread that arrived goes on at once in reversed order (so that what it reads after
+    // arriving is not yet written by the threads that wait at the barrier, if nothing else made
+    // it wait for them), and otherwise only once every other thread has run as far as it can (the
+    // ones it released included: what it writes after arriving is missing when they read it).
+    if (!wait && !reverse_order_) {
+      f.state = FiberState::kArrived;
+      swapcontext(&f.context, &scheduler_);
+    }
+  }
+
+  uint32_t mbarrier_offset(const void* bar, const char* what) const {
+    if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || !in_shared_memory(bar, 8)) {
+      throw std::runtime_error(std::string("host harness: ") + what +
+                               ": the mbarrier is not 8 bytes aligned inside the block's shared "
+                               "memory");
+    }
+    return static_cast<uint32_t>(static_cast<const unsigned char*>(bar) -
+                                 shared_[block_in_cluster()]->data);
+  }
+
+  // The mbarrier at byte `at` of block `block`: initialised, its bytes unchanged since.
+  Mbarrier& initialized(unsigned block, uint32_t at) {
+    auto found = mbarriers_.find({block, at});
+    if (found == mbarriers_.end()) {
+      throw std::runtime_error("host harness: an mbarrier at byte " + std::to_string(at) +
+                               " of block " + std::to_string(first_block_ + block) +
+                               " used before mbarrier.init");
+    }
+    if (std::memcmp(shared_[block]->data + at, &kMbarrierPattern, 8) != 0) {
+      throw std::runtime_error("host harness: the mbarrier at byte " + std::to_string(at) +
+                               " of block " + std::to_string(first_block_ + block) +
+                               " was overwritten by ordinary stores or copies");
+    }
+    return found->second;
+  }
+
+  static void complete_phase_if_done(Mbarrier& b) {
+    if (b.pending == 0 && b.tx == 0) {
+      ++b.completed;
+      b.pending = b.count;
+    }
+  }
+
+  // Lands bulk copy i: its bytes into its block's shared memory, its transaction bytes completed.
+  void land(size_t i) {
+    BulkCopy copy = std::move(bulk_copies_[i]);
+    bulk_copies_.erase(bulk_copies_.begin() + static_cast<std::ptrdiff_t>(i));
+    if (finished_[copy.block] == threads_) {
+      throw std::runtime_error("host harness: a bulk copy lands in block " +
+                               std::to_string(first_block_ + copy.block) +
+                               " of the cluster after all its threads returned");
+    }
+    std::memcpy(shared_[copy.block]->data + copy.dst, copy.bytes.data(), copy.bytes.size());
+    Mbarrier& b = initialized(copy.block, copy.barrier);
+    b.tx -= static_cast<int64_t>(copy.bytes.size());
+    complete_phase_if_done(b);
+  }
+
+  // Whether the phase fiber f waits for has completed.
+  bool mbarrier_phase_done(const Fiber& f) {
+    const unsigned block = static_cast<unsigned>(&f - fibers_.data()) / threads_;
+    return (initialized(block, f.mbarrier).completed & 1) != f.mbarrier_parity;
+  }
+
+  // The latest moment, when no thread can run: the bulk copies into each mbarrier that a thread
+  // waits at and whose arrivals are all in land. Whether any did.
+  bool land_awaited_copies() {
+    bool landed = false;
+    for (size_t i = 0; i < bulk_copies_.size();) {
+      const BulkCopy& copy = bulk_copies_[i];
+      const auto first = fibers_.begin() + static_cast<std::ptrdiff_t>(copy.block * threads_);
+      const bool awaited = std::any_of(first, first + threads_, [&](const Fiber& f) {
+        return f.state == FiberState::kAtMbarrier && f.mbarrier == copy.barrier;
+      });
+      if (awaited && initialized(copy.block, copy.barrier).pending == 0) {
+        land(i);
+        landed = true;
+      } else {
+        ++i;
+      }
+    }
+    return landed;
+  }
+
+  unsigned threads_;
+  unsigned cluster_;
   std::vector<Fiber> fibers_;
   std::vector<WarpExchange> warps_;
   std::vector<WarpgroupExchange> warpgroups_;
-  NamedBarrier named_[kNamedBarriers];
-  AlignedBuffer shared_;
+  std::vector<std::array<NamedBarrier, kNamedBarriers>> named_;  // per block of the cluster
+  NamedBarrier cluster_barrier_;
+  std::map<std::pair<unsigned, uint32_t>, Mbarrier> mbarriers_;  // by block and byte
+  std::vector<BulkCopy> bulk_copies_;
+  std::vector<unsigned> finished_;  // threads returned, per block
+  std::vector<std::unique_ptr<AlignedBuffer>> shared_;
   ucontext_t scheduler_{};
   const std::function<void()>* kernel_ = nullptr;
   bool reverse_order_ = false;
+  unsigned first_block_ = 0;
   unsigned current_ = 0;
 };
 
 // Runs `kernel` (a call of the __global__ function with its arguments) on a grid of `blocks` blocks
-// of `threads` threads with `shared_bytes` of dynamic shared memory, on up to `workers` OS threads.
+// of `threads` threads with `shared_bytes` of dynamic shared memory, on up to `workers` OS threads;
+// in clusters of `cluster` blocks (blocks a multiple of it), each cluster's blocks run together.
 inline void launch(unsigned blocks, unsigned threads, size_t shared_bytes,
-                   const std::function<void()>& kernel, bool reverse_order, unsigned workers) {
+                   const std::function<void()>& kernel, bool reverse_order, unsigned workers,
+                   unsigned cluster = 1) {
   if (blocks == 0) return;
   if (threads == 0 || threads > 1024) throw std::invalid_argument("host harness: bad block size");
-  workers = std::max(1u, std::min(workers, blocks));
+  if (cluster == 0 || cluster > 8 || blocks % cluster != 0) {
+    throw std::invalid_argument("host harness: a grid of " + std::to_string(blocks) +
+                                " blocks is not whole clusters of " + std::to_string(cluster));
+  }
+  const unsigned clusters = blocks / cluster;
+  workers = std::max(1u, std::min(workers, clusters));
   std::atomic<unsigned> next{0};
   std::vector<std::exception_ptr> errors(workers);
   auto work = [&](unsigned w) {
     try {
-      BlockRunner runner(threads, shared_bytes);
+      BlockRunner runner(threads, shared_bytes, cluster);
       blockDim.x = threads;
       gridDim.x = blocks;
-      for (unsigned b = next++; b < blocks; b = next++) {
-        blockIdx.x = b;
-        runner.run_block(kernel, reverse_order);
+      for (unsigned c = next++; c < clusters; c = next++) {
+        runner.run_block(kernel, reverse_order, c * cluster);
       }
     } catch (...) {
       errors[w] = std::current_exception();
-      next = blocks;
+      next = clusters;
     }
   };
   std::vector<std::thread> pool;
@@ -1146,5 +1439,21 @@ inline void wgmma_m64n256k16_ss(MmaOperands kind, float (&d)[128], uint64_t a, u
 inline void named_barrier(int id, int count, bool wait) {
   BlockRunner::current_runner()->named_barrier(id, count, wait);
 }
+
+// Clusters, mbarriers and bulk copies (the model in BlockRunner's mbarrier_* and bulk_copy).
+inline void mbarrier_init(const void* bar, int count) {
+  BlockRunner::current_runner()->mbarrier_init(bar, count);
+}
+inline void mbarrier_arrive(const void* bar, unsigned block, uint32_t bytes) {
+  BlockRunner::current_runner()->mbarrier_arrive(bar, block, bytes);
+}
+inline void mbarrier_wait(const void* bar, uint32_t parity) {
+  BlockRunner::current_runner()->mbarrier_wait(bar, parity);
+}
+inline void bulk_copy(void* dst, const void* src, uint32_t bytes, const void* bar, unsigned mask) {
+  BlockRunner::current_runner()->bulk_copy(dst, src, bytes, bar, mask);
+}
+inline unsigned cluster_rank() { return BlockRunner::current_runner()->block_in_cluster(); }
+inline void cluster_sync() { BlockRunner::current_runner()->cluster_sync(); }
 
 }  // namespace liif_harness

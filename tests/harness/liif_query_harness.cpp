@@ -1,6 +1,6 @@
 // The CUDA query path run on the host: the same preparation as the CUDA operator
 // (csrc/cuda/liif_query_prepare.h) and the very kernels of csrc/cuda/liif_query_kernel.cuh,
-// liif_query_mma_kernel.cuh and the two wgmma kernels, executed by the host emulation of
+// liif_query_mma_kernel.cuh and the three wgmma kernels, executed by the host emulation of
 // cuda_host_emulation.h. Exposed as the CPU operator liif_cuda_harness::query, built by
 // tests/cuda_harness.py and compared with the reference in tests/test_cuda_harness.py.
 #include <ATen/ATen.h>
@@ -56,15 +56,17 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
   liif_harness::launch(static_cast<unsigned>(launch_blocks(plan, kEmulatedMultiprocessors)),
                        static_cast<unsigned>(plan.threads),
                        plan.shared_bytes,
-                       [&] { kernel(params); }, reverse_order, workers);
+                       [&] { kernel(params); }, reverse_order, workers,
+                       static_cast<unsigned>(launch_cluster(plan)));
 }
 
 // Returns the output and the kernel that ran (KernelPath: 1 fast, 2 generic, 3 WMMA tensor cores,
-// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma, 7 its warp-specialised form).
+// 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma, 7 its warp-specialised form,
+// 8 its multicast form).
 // `max_shared_bytes` stands for the device's per-block shared-memory limit (101376 on sm_86/sm_89,
 // 232448 on sm_90); the emulated device has tensor cores and kEmulatedMultiprocessors SMs;
-// `tensor_core_kernel` ("auto", "mma", "mma16", "wmma", "wgmma" or "wgmma_ws") is the kernel
-// preferred for the reduced precisions (the emulated device runs the wgmma kernels).
+// `tensor_core_kernel` ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws" or "wgmma_mc") is the
+// kernel preferred for the reduced precisions (the emulated device runs the wgmma kernels).
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
@@ -75,7 +77,8 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
   TensorCoreKernel preferred = TensorCoreKernel::kMma;
   TORCH_CHECK(!tensor_core_kernel.empty() &&
                   tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
-              "host harness: tensor_core_kernel must be auto, mma, mma16, wmma, wgmma or wgmma_ws");
+              "host harness: tensor_core_kernel must be auto, mma, mma16, wmma, wgmma, wgmma_ws or "
+              "wgmma_mc");
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
@@ -572,6 +575,66 @@ at::Tensor named_barrier(c10::string_view mode) {
   return out;
 }
 
+// Bulk copies and mbarriers in a cluster of two blocks of 128 threads: the multicast kernel's
+// weight stream in small. `mode`: "multicast" (block r copies half r of the 32 floats of `src`
+// into both blocks' buffers, each block announcing the whole on its mbarrier; each block's first
+// warp reads its buffer after the wait: returned, (2, 32)), "read_before_wait" (read before the
+// wait: what was there, NaN), "never_waited" (a copy nobody waits for), "uninitialised" (an
+// arrival on an mbarrier never initialised), "overwritten" (a float stored over an mbarrier),
+// "too_many" (two arrivals in one phase of an mbarrier of count 1), "exit_before_arrival" (block
+// 1 arrives on block 0's mbarrier after block 0 returned: no cluster barrier before the exit),
+// "unaligned" (a copy of 8 bytes).
+__global__ void bulk_copy_kernel(const float* src, float* out, int mode) {
+  LIIF_DYNAMIC_SHARED(smem);
+  float* data = reinterpret_cast<float*>(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + 128);
+  const uint32_t rank = liif::cuda::cluster_rank();
+  const int tid = static_cast<int>(threadIdx.x);
+  uint64_t* other = full + 1;
+  if (tid == 0 && mode != 3) {
+    liif::cuda::mbarrier_init(full, 1);
+    liif::cuda::mbarrier_init(other, 1);
+  }
+  liif::cuda::cluster_sync();
+  if (mode == 6) {
+    // Block 0 arrives on block 1's other mbarrier and returns; block 1 waits for that, then
+    // arrives on block 0's.
+    if (rank == 0 && tid == 0) liif::cuda::mbarrier_arrive(other, 1);
+    if (rank == 1 && tid == 0) {
+      liif::cuda::mbarrier_wait(other, 0);
+      liif::cuda::mbarrier_arrive(full, 0);
+    }
+    return;
+  }
+  if (tid == 0) {
+    if (mode == 3) liif::cuda::mbarrier_arrive(full, rank);
+    if (mode == 4) *reinterpret_cast<float*>(smem + 128) = 1.f;
+    liif::cuda::mbarrier_arrive_expect_tx(full, 128);
+    if (mode == 5) liif::cuda::mbarrier_arrive(full, rank);
+    liif::cuda::bulk_copy(data + 16 * rank, src + 16 * rank, mode == 7 ? 8 : 64, full, 3);
+  }
+  if (mode == 1 && tid < 32) out[32 * rank + tid] = data[tid];
+  if (mode != 2) liif::cuda::mbarrier_wait(full, 0);
+  if (mode == 0 && tid < 32) out[32 * rank + tid] = data[tid];
+  liif::cuda::cluster_sync();
+}
+
+at::Tensor cluster_bulk_copy(const at::Tensor& src, c10::string_view mode) {
+  static const char* const kModes[] = {"multicast", "read_before_wait", "never_waited",
+                                       "uninitialised", "overwritten", "too_many",
+                                       "exit_before_arrival", "unaligned"};
+  int m = -1;
+  for (int i = 0; i < 8; ++i) m = mode == kModes[i] ? i : m;
+  TORCH_CHECK(m >= 0, "host harness: unknown bulk_copy mode");
+  TORCH_CHECK(src.scalar_type() == at::kFloat && src.numel() == 32 && src.is_contiguous(),
+              "host harness: bulk_copy takes 32 contiguous floats");
+  at::Tensor out = at::full({2, 32}, -1.f, at::kFloat);
+  const float* ps = src.const_data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  liif_harness::launch(2, 128, 256, [&] { bulk_copy_kernel(ps, po, m); }, false, 1, 2);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(liif_cuda_harness, m) {
@@ -602,6 +665,8 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.impl("map_in_bands", c10::DispatchKey::CPU, &map_in_bands);
   m.def("named_barrier(str mode) -> Tensor");
   m.impl("named_barrier", c10::DispatchKey::CatchAll, &named_barrier);
+  m.def("bulk_copy(Tensor src, str mode) -> Tensor");
+  m.impl("bulk_copy", c10::DispatchKey::CPU, &cluster_bulk_copy);
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision, "

@@ -1,0 +1,195 @@
+// The wgmma kernel with its weights multicast across a cluster (sm_90a: H100, H200; bf16 and fp16):
+// the wgmma kernel's tiles of 128 rows, geometry, layer 0, products, roundings and last-layer fold
+// (liif_query_wgmma_kernel.cuh), with another weight stream. At 45% of the dense peak the wgmma
+// kernel's stream (every block fetches each layer's 128 KiB from L2 for its 128 rows) would move
+// about 3.4 TB/s from L2 at 1080p, near what L2 delivers; here each byte serves two blocks:
+//   - blocks come in clusters of kWgmmaMcCluster (2, on neighbouring SMs). A chunk of the hidden
+//     layers' weights (16 KiB, packed on the host as the exact image of a ring slot in wgmma's
+//     canonical layout) is copied by the TMA unit: block r of the cluster copies part r of it, one
+//     cp.async.bulk, into the same slot of every block of the cluster (.multicast::cluster). Each
+//     byte fetched from L2 serves 2 x 128 rows, and a chunk costs each SM one instruction instead
+//     of the wgmma kernel's 1024 16-byte copies;
+//   - each of the kWgmmaMcStages ring slots has a full mbarrier (one arrival, this block's thread
+//     0 announcing the chunk's 16 KiB; complete once both parts have landed) and an empty one (an
+//     arrival from each warp of each block of the cluster once its wgmmas reading the slot are
+//     retired). Thread 0 of each block refills a slot with its part of the chunk S ahead once its
+//     own empty mbarrier says every block of the cluster is done with it. No block-wide barrier
+//     per chunk: a warpgroup waits for its chunk's full mbarrier only;
+//   - the cluster synchronises when the mbarriers are initialised (before a copy or an arrival
+//     can reach a peer's) and before its blocks exit (arrivals for the last chunks may still be
+//     on their way to a peer's mbarriers). A block past the last tile takes part in the stream
+//     and writes nothing.
+// Deterministic, the same bits as the wgmma kernel: the same products in the same order.
+//
+// Compiled by nvcc for sm_90a, and by the host execution harness, which runs a cluster's blocks
+// together, with mbarriers that count arrivals and transaction bytes and bulk copies that land at
+// the latest moment (or, in reversed order, at once), so that a wait, an arrival or a refill out of
+// place fails in CI (tests/test_tensor_core_harness.py).
+#pragma once
+
+#include <cstdint>
+
+#include "liif_query_wgmma_kernel.cuh"
+
+namespace liif {
+namespace cuda {
+
+#if defined(LIIF_WGMMA)
+
+static_assert(kWgmmaChunkBytes % (16 * kWgmmaMcCluster) == 0, "whole 16-byte units per part");
+static_assert(kWgmmaMcStages >= 2, "a chunk in flight while one is multiplied");
+
+template <Precision P>
+__global__ void __launch_bounds__(kWgmmaThreads, 1)
+    liif_query_wgmma_mc_kernel(const QueryKernelParams<float> p) {
+  static_assert(P == Precision::kBf16 || P == Precision::kFp16, "16-bit operands");
+  constexpr int kChunksPerLayer = kFastWidth / mma_chunk_inputs(P);
+  constexpr int kSteps = kFastWidth / 16;  // wgmma k-steps of a layer
+  constexpr int kPart = kWgmmaChunkBytes / kWgmmaMcCluster;
+  constexpr uint32_t kWholeCluster = (1u << kWgmmaMcCluster) - 1;
+  constexpr int kWarps = kWgmmaThreads / 32;
+  LIIF_DYNAMIC_SHARED(smem);
+  const SharedLayout layout = wgmma_mc_layout(P, p.grid.num_neighbours);
+  const BlockShared<float, unsigned char> s = carve_shared<float, unsigned char>(smem, layout);
+  unsigned char* ring = s.weights;
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kWgmmaMcStages * kWgmmaChunkBytes);
+  uint64_t* empty = full + kWgmmaMcStages;
+  const unsigned char* weights = static_cast<const unsigned char*>(p.operand_weights);
+  const int hidden = p.num_layers - 2;
+  const int chunks = hidden * kChunksPerLayer;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * layout.queries;
+  const uint32_t rank = cluster_rank();
+  // No copies with the no-weight-loads timing probe: the announcement alone completes a phase.
+  const uint32_t chunk_bytes = p.timing_probe & kProbeNoWeightLoads ? 0 : kWgmmaChunkBytes;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+
+  // Chunk c into ring slot `slot` (c % kWgmmaMcStages), by thread 0: the chunk announced on this
+  // block's full mbarrier, this block's part copied into the slot of every block of the cluster.
+  auto fetch = [&](int c, int slot) {
+    mbarrier_arrive_expect_tx(full + slot, chunk_bytes);
+    if (chunk_bytes != 0) {
+      bulk_copy(ring + slot * kWgmmaChunkBytes + rank * kPart,
+                weights + static_cast<int64_t>(c) * kWgmmaChunkBytes + rank * kPart, kPart,
+                full + slot, kWholeCluster);
+    }
+  };
+
+  if (threadIdx.x == 0) {
+    for (int slot = 0; slot < kWgmmaMcStages; ++slot) {
+      mbarrier_init(full + slot, 1);
+      mbarrier_init(empty + slot, kWgmmaMcCluster * kWarps);
+    }
+    fence_mbarrier_init();
+  }
+  cluster_sync();
+  record_phase(p, kPhaseStart);
+  record_phase(p, kPhaseTiles, first < p.total_queries ? 1 : 0);  // none past the last tile
+  // The first chunks stream in while the geometry and layer 0 are computed.
+  if (threadIdx.x == 0) {
+    for (int c = 0; c < kWgmmaMcStages && c < chunks; ++c) fetch(c, c);
+  }
+  load_geometry(p, s, first, layout.queries);
+  __syncthreads();
+  record_phase(p, kPhaseGeometry);
+  mma_first_layer<P, kWgmmaThreads>(p, s, smem);
+  __syncthreads();
+  record_phase(p, kPhaseFirstLayer);
+
+  // Warp w owns rows 16 w .. +15 (warpgroup w / 4, its warp w % 4).
+  const int row0 = 16 * warp;
+  const int t = lane % 4;
+  uint32_t a[kSteps][4];
+  wgmma_first_operands<P>(a, s.act, row0, lane);
+
+  // The ring's position, counted rather than divided: the slot of the next chunk to multiply and
+  // the parity of its phase, and the same for the next chunk to release.
+  int slot = 0, released = 0, release_slot = 0;
+  uint32_t parity = 0, release_parity = 0;
+  // This warp's wgmmas reading the next chunk to release are retired: lane 0 arrives on the slot's
+  // empty mbarrier in every block of the cluster. Then thread 0 refills the slot with the chunk
+  // kWgmmaMcStages ahead, once its own empty mbarrier has every warp of the cluster's arrival.
+  auto release = [&] {
+    if (lane == 0) {
+      for (uint32_t block = 0; block < kWgmmaMcCluster; ++block) {
+        mbarrier_arrive(empty + release_slot, block);
+      }
+    }
+    if (threadIdx.x == 0 && released + kWgmmaMcStages < chunks) {
+      mbarrier_wait(empty + release_slot, release_parity);
+      fetch(released + kWgmmaMcStages, release_slot);
+    }
+    __syncwarp();  // lane 0 rejoins its warp before the next warpgroup-wide (.aligned) instruction
+    ++released;
+    if (++release_slot == kWgmmaMcStages) {
+      release_slot = 0;
+      release_parity ^= 1u;
+    }
+  };
+
+  auto out_dim = [&] { return p.widths[p.num_layers - 1]; };
+  auto last_w = [&] { return p.weights + static_cast<int64_t>(hidden) * kFastWidth * kFastWidth; };
+  auto last_b = [&] { return p.biases + static_cast<int64_t>(hidden) * kFastWidth; };
+  // The rows' predictions (without the last bias) after the last layer, where layer 0's
+  // activations were.
+  float* preds = reinterpret_cast<float*>(s.act);
+  float acc[128];
+  for (int l = 0; l < hidden; ++l) {
+    start_from_bias(acc, p.biases + static_cast<int64_t>(l) * kFastWidth, t);
+#pragma unroll
+    for (int c = 0; c < kChunksPerLayer; ++c) {
+      // Both parts of this chunk have landed in this block's slot (the full mbarrier's phase).
+      mbarrier_wait(full + slot, parity);
+      const uint32_t address = shared_address(ring + slot * kWgmmaChunkBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+        wgmma_m64n256k16<P>(
+            acc, a[2 * c + step],
+            wgmma_descriptor(address + step * kWgmmaStepBytes, kWgmmaLbo, kWgmmaSbo));
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the wgmmas of the chunk before are done
+      if (c > 0) release();
+      if (++slot == kWgmmaMcStages) {
+        slot = 0;
+        parity ^= 1u;
+      }
+    }
+    wgmma_wait<0>();
+    release();  // the layer's last chunk
+#pragma unroll
+    for (int e = 0; e < 128; ++e) fence_register(acc[e]);
+    if (l + 1 < hidden) {
+      wgmma_next_operands<P>(a, acc);
+    } else {
+      // The last hidden layer's activations, rounded as the operand type, then the last layer,
+      // whose predictions go over layer 0's activations once every warp has loaded its own (no
+      // barrier per chunk orders the warps here).
+      round_as_operands<P>(acc);
+      __syncthreads();
+      wgmma_fold_last_layer(acc, last_w(), out_dim(), lane, [&](int row, int o, float sum) {
+        preds[(row0 + row) * out_dim() + o] = sum;
+      });
+    }
+  }
+  __syncthreads();
+  record_phase(p, kPhaseLayers);
+
+  blend_and_write(p, s, layout.queries, out_dim(), first,
+                  [&](int r, int o) { return last_b()[o] + preds[r * out_dim() + o]; });
+  phase_barrier(p);
+  record_phase(p, kPhaseEnd);
+  cluster_sync();  // no arrival or copy of a peer is still on its way to this block
+}
+
+#else
+// Targets other than sm_90a (never launched there, see LIIF_WGMMA).
+template <Precision P>
+__global__ void liif_query_wgmma_mc_kernel(const QueryKernelParams<float>) {
+  __trap();
+}
+#endif  // LIIF_WGMMA
+
+}  // namespace cuda
+}  // namespace liif
