@@ -85,14 +85,16 @@ MUTATIONS = {
     "wgmma_mc: a block copies its part into its own ring only": (WGMMA_MC,
         "full + slot, kWholeCluster);", "full + slot, 1u << rank);"),
     "wgmma_mc: a slot refilled before the cluster released it": (WGMMA_MC,
-        "      mbarrier_wait(empty + release_slot, release_parity);\n", ""),
+        "      mbarrier_wait(empty + before, "
+        "release_slot == 0 ? release_parity ^ 1u : release_parity);\n", ""),
     "wgmma_mc: a warp releases a slot in its own block only": (WGMMA_MC,
         "mbarrier_arrive(empty + release_slot, block);",
         "mbarrier_arrive(empty + release_slot, rank);"),
     "wgmma_mc: mbarriers used before the cluster saw them initialised": (WGMMA_MC,
         "  cluster_sync();\n  record_phase(p, kPhaseStart);", "  record_phase(p, kPhaseStart);"),
     "wgmma_mc: a block exits while its peer may still arrive on its mbarriers": (WGMMA_MC,
-        "  cluster_sync();  // no arrival", "  // no arrival"),
+        "for (int c = chunks - kWgmmaMcStages; c < chunks; ++c)",
+        "for (int c = chunks; c < chunks; ++c)"),
     "wgmma_mc weights: a chunk image's core matrices along k exchanged": (PREPARE,
         ".permute({0, 3, 1, 4, 2, 5})", ".permute({0, 4, 1, 3, 2, 5})", "wgmma_mc"),
 }

@@ -13,12 +13,13 @@
 //     0 announcing the chunk's 16 KiB; complete once both parts have landed) and an empty one (an
 //     arrival from each warp of each block of the cluster once its wgmmas reading the slot are
 //     retired). Thread 0 of each block refills a slot with its part of the chunk S ahead once its
-//     own empty mbarrier says every block of the cluster is done with it. No block-wide barrier
-//     per chunk: a warpgroup waits for its chunk's full mbarrier only;
+//     own empty mbarrier says every block of the cluster is done with it, one chunk behind the
+//     releases (so that it rarely waits). No block-wide barrier per chunk: a warpgroup waits for
+//     its chunk's full mbarrier only;
 //   - the cluster synchronises when the mbarriers are initialised (before a copy or an arrival
-//     can reach a peer's) and before its blocks exit (arrivals for the last chunks may still be
-//     on their way to a peer's mbarriers). A block past the last tile takes part in the stream
-//     and writes nothing.
+//     can reach a peer's); before a block exits, its thread 0 waits for the cluster's release of
+//     the last chunks (arrivals for them may still be on their way to its mbarriers). A block
+//     past the last tile takes part in the stream and writes nothing.
 // Deterministic, the same bits as the wgmma kernel: the same products in the same order.
 //
 // Compiled by nvcc for sm_90a, and by the host execution harness, which runs a cluster's blocks
@@ -38,6 +39,9 @@ namespace cuda {
 
 static_assert(kWgmmaChunkBytes % (16 * kWgmmaMcCluster) == 0, "whole 16-byte units per part");
 static_assert(kWgmmaMcStages >= 2, "a chunk in flight while one is multiplied");
+static_assert(kFastWidth / mma_chunk_inputs(Precision::kBf16) >= kWgmmaMcStages &&
+                  kFastWidth / mma_chunk_inputs(Precision::kFp16) >= kWgmmaMcStages,
+              "a hidden layer has at least as many chunks as the ring has slots (the exit's wait)");
 
 template <Precision P>
 __global__ void __launch_bounds__(kWgmmaThreads, 1)
@@ -107,17 +111,20 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   int slot = 0, released = 0, release_slot = 0;
   uint32_t parity = 0, release_parity = 0;
   // This warp's wgmmas reading the next chunk to release are retired: lane 0 arrives on the slot's
-  // empty mbarrier in every block of the cluster. Then thread 0 refills the slot with the chunk
-  // kWgmmaMcStages ahead, once its own empty mbarrier has every warp of the cluster's arrival.
+  // empty mbarrier in every block of the cluster. Then thread 0 refills the slot of the chunk
+  // before it with the chunk kWgmmaMcStages after that one, once its own empty mbarrier has every
+  // warp of the cluster's arrival for it: one chunk behind, so that thread 0 (and with it its
+  // warpgroup) rarely waits there for the other warpgroup or the other block.
   auto release = [&] {
     if (lane == 0) {
       for (uint32_t block = 0; block < kWgmmaMcCluster; ++block) {
         mbarrier_arrive(empty + release_slot, block);
       }
     }
-    if (threadIdx.x == 0 && released + kWgmmaMcStages < chunks) {
-      mbarrier_wait(empty + release_slot, release_parity);
-      fetch(released + kWgmmaMcStages, release_slot);
+    if (threadIdx.x == 0 && released > 0 && released - 1 + kWgmmaMcStages < chunks) {
+      const int before = release_slot == 0 ? kWgmmaMcStages - 1 : release_slot - 1;
+      mbarrier_wait(empty + before, release_slot == 0 ? release_parity ^ 1u : release_parity);
+      fetch(released - 1 + kWgmmaMcStages, before);
     }
     __syncwarp();  // lane 0 rejoins its warp before the next warpgroup-wide (.aligned) instruction
     ++released;
@@ -180,7 +187,16 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
                   [&](int r, int o) { return last_b()[o] + preds[r * out_dim() + o]; });
   phase_barrier(p);
   record_phase(p, kPhaseEnd);
-  cluster_sync();  // no arrival or copy of a peer is still on its way to this block
+  // Before the block exits, thread 0 waits for every warp of the cluster's release of the last
+  // kWgmmaMcStages chunks (the others were waited for by the refills): then no arrival of the
+  // peer is still on its way to this block's mbarriers, and this block's copies into the peer
+  // have landed (the peer released them after its full mbarrier saw them). Cheaper than a
+  // cluster barrier here (a MEMBAR.ALL.GPU after the outputs' stores), and the other threads exit.
+  if (threadIdx.x == 0) {
+    for (int c = chunks - kWgmmaMcStages; c < chunks; ++c) {
+      mbarrier_wait(empty + c % kWgmmaMcStages, static_cast<uint32_t>(c / kWgmmaMcStages) & 1u);
+    }
+  }
 }
 
 #else
