@@ -62,9 +62,8 @@ FORWARD = {
     "bf16-wgmma_mc": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_mc_kernel"),
     "fp16-wgmma_mc": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_mc_kernel"),
 }
-WGMMA_SUFFIXES = ("-wgmma", "-wgmma_ws", "-wgmma_mc")
-# the tensor-core kernel a path's name selects
-SUFFIXES = ("-wmma", "-mma16") + WGMMA_SUFFIXES
+WGMMA_SUFFIXES = ("-wgmma", "-wgmma_ws", "-wgmma_mc")  # the paths of the wgmma kernels
+SUFFIXES = ("-wmma", "-mma16") + WGMMA_SUFFIXES  # the tensor-core kernel a path's name selects
 PATHS = list(FORWARD) + ["backward", "graph", "large"]
 # The paths the GPU check runs (--list): all but the WMMA kernel's, which runs 1 to 3 measured and
 # the mma.sync kernel replaced (the CUDA tests still run it; its paths still run by name), so that

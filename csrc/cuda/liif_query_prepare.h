@@ -159,9 +159,8 @@ inline bool requested_map_staging() {
 }
 
 // Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma and
-// its multicast form; bf16
-// and fp16: tf32's block leaves no room) and kStagedCells rows fit after its shared memory (at a
-// 128-byte boundary), else nothing.
+// its multicast form; bf16 and fp16: tf32's block leaves no room) and kStagedCells rows fit after
+// its shared memory (at a 128-byte boundary), else nothing.
 template <typename T>
 void plan_map_staging(QueryKernelParams<T>& params, LaunchPlan& plan, size_t max_shared_bytes,
                       bool requested) {

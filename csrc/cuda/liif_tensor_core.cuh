@@ -318,7 +318,10 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 // An arrival on the mbarrier at `bar`'s offset in block `block` of the cluster (this block's own
-// included), ordering this thread's earlier memory accesses before it for the cluster.
+// included). A release at CTA scope, as CUTLASS's ClusterBarrier::arrive: what it orders here is
+// the retirement of this warp's wgmmas (which read a ring slot through the async proxy) before the
+// peer's next bulk copy into the slot; the cluster-scoped release compiles to a MEMBAR.ALL.GPU
+// before each arrival.
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar, uint32_t block) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
@@ -328,6 +331,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar, uint32_t block) {
       "r"(block)
       : "memory");
 }
+// Returns once the phase of parity `parity` of this block's mbarrier at `bar` has completed (an
+// acquire at CTA scope, as CUTLASS's waits; the cluster-scoped one invalidates L1 after each).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   const uint32_t address = shared_address(bar);
   uint32_t done = 0;
