@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
-                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_MC, WGMMA_WS, load,
-                          reference, run, tensor_core_path)
+                          SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_MC, WGMMA_PATHS,
+                          WGMMA_WS, load, reference, run, tensor_core_path)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given, settings
@@ -155,7 +155,7 @@ def test_tensor_core_kernels_exactly_where_their_blocks_fit(kernel, fallback):
     fits = act + ring + tiles * geometry
     feat, coords, cells = random_inputs(1, 4, 5, 6, 8, seed=5)
     mlp = make_mlp(ref.imnet_in_dim(4), [256, 256], 3, torch.float32)
-    path = {"mma": MMA, "wgmma": WGMMA, "wgmma_ws": WGMMA_WS, "wgmma_mc": WGMMA_MC}[kernel]
+    path = {"mma": MMA, **WGMMA_PATHS}[kernel]
     exact, bound = rounding_model_bound(feat, coords, cells, mlp, "bf16", FLAGS)
     for shared, expected in ((fits, path), (fits - 1, fallback)):
         out, used = run(feat, coords, cells, mlp, shared, precision="bf16",

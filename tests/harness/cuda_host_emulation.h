@@ -467,7 +467,6 @@ class BlockRunner {
 
   // The current thread's block: its index in the cluster, its shared memory.
   unsigned block_in_cluster() const { return current_ / threads_; }
-  unsigned cluster_size() const { return cluster_; }
   unsigned char* shared_memory() { return shared_[block_in_cluster()]->data; }
   size_t shared_size() const { return shared_[block_in_cluster()]->size; }
 
