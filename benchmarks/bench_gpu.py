@@ -48,8 +48,8 @@ DEFAULT_CASES = "480x270x4,128x128x4"
 # variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
 # applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice, named for each variant (mma.sync
 # with 8 warps, its 16-warp form, WMMA, or the wgmma kernel, its warp-specialised form or its form
-# with multicast weights on H100 / H200 with an sm_90a build; the default, "auto", is the wgmma
-# kernel there, else mma16).
+# with multicast weights on H100 / H200 with an sm_90a build; the default, "auto", is the multicast
+# form there, else mma16).
 VARIANTS = {
     "reference": ("reference", "fp32", None),
     "reference-autocast-fp16": ("reference", "fp16", None),

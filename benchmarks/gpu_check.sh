@@ -11,7 +11,7 @@
 # path is left out of the benchmark, a failed build ends the run, each CUDA test file runs in a
 # process of its own (a crash loses that file only). A crash of a path or test process appends its
 # native stack, resolved to source lines, to its log (benchmarks/native_backtrace.c). Optional
-# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 460 s) would be exceeded.
+# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 520 s) would be exceeded.
 # Files:
 #   summary.txt  environment, then one line per step (status, seconds), issue 14's targets met or
 #                not (benchmarks/gpu_targets.py), then the verdict
@@ -37,7 +37,7 @@ fi
 # RESULTS_DIR is relative to where the script was started; the rest to the checkout.
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-460}
+BUDGET=${GPU_CHECK_BUDGET_S:-520}
 SUMMARY=$RESULTS/summary.txt
 DEVICE=cuda
 [ $DRY_RUN = 1 ] && DEVICE=cpu
@@ -153,6 +153,15 @@ if [ $DRY_RUN = 0 ]; then
   # Hopper (9.0) builds its arch-specific target, the only one with the wgmma kernel.
   [ "$ARCH" = 9.0 ] && ARCH=9.0a
   export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  # The system's C and C++ compilers, not the image's CC / CXX. Runs 5 to 7 built with the image's
+  # /opt/gcc/bin (a wrapper of GCC 13.3), which put libstdc++'s own code into _C.so (the crash's
+  # stack ran std::ostream::_M_insert<long> inside _C.so): beside torch's shared libstdc++, the
+  # first error message that formatted a number crashed (test_query_saved_map). Built by
+  # /usr/bin/g++, that file passed (run 7's follow-up).
+  if [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then
+    [ -n "${CC:-}${CXX:-}" ] && note "compilers: /usr/bin/gcc and g++ instead of CC=${CC:-} CXX=${CXX:-}"
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++
+  fi
   # LIIF_WERROR=0: an untried compiler's or header's warnings must not cost the lease (CI keeps
   # them errors); the log keeps every warning and ptxas's report.
   build_extension() {
@@ -175,6 +184,12 @@ if [ $DRY_RUN = 0 ]; then
   fi
   grep -E "ptxas (info|warning|error) *: (Compiling entry|Used)" "$RESULTS/build.log" \
     | sed -E 's/^ *//' | tee -a "$SUMMARY"
+  # libstdc++ linked into _C.so (the crash above) shows as its functions among _C.so's symbols.
+  SO=$(cd /tmp && "$PYTHON" -c "import liif_cuda._C as c; print(c.__file__)" 2> /dev/null)
+  if [ -n "$SO" ] && command -v nm > /dev/null; then
+    note "libstdc++ functions defined in _C.so: $(nm -D --defined-only "$SO" | grep -cE \
+      '_ZNSo9_M_insert|_ZNSt6locale') (0 expected: it uses torch's shared libstdc++)"
+  fi
   note "$(grep -ciE "warning" "$RESULTS/build.log") lines with 'warning' in build.log"
 fi
 (cd /tmp && "$PYTHON" -c "import liif_cuda; print('liif_cuda', liif_cuda.__version__, liif_cuda.build_info())") \
@@ -260,49 +275,54 @@ if [ $DRY_RUN = 0 ]; then
   # buffer; run 6's follow-up: memcheck 7 s for four kernels, racecheck about 30 s per kernel),
   # then Nsight Compute on one launch of each kernel at the default size (about 46k queries), with
   # the warp stall reasons and where in the source the warps stall (SourceCounters; -lineinfo).
+  # racecheck_step PATH / ncu_step PATH: one kernel's racecheck (about 30-40 s in runs 6 and 7)
+  # or Nsight Compute profile (with the stall reasons and the source lines and SASS instructions
+  # where its warps wait: run 7's printed SourceCounters' totals only), each skipped without its
+  # tool. Run 6: racecheck reported hazards in the warp-specialised kernel alone (its
+  # predictions, written by the consumers, read by the producer's blend after a bar.arrive /
+  # bar.sync hand-over; docs/gpu.md): if it fails there, it runs again with each hazard's threads
+  # and addresses.
+  RACECHECK_WS=0
+  racecheck_step() {
+    command -v compute-sanitizer > /dev/null || return 0
+    # shellcheck disable=SC2086
+    step "racecheck $1" 50 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+      --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $1 $SMALL
+    [ $? = 3 ] && [ $1 = bf16-wgmma_ws ] && RACECHECK_WS=1
+    return 0
+  }
+  ncu_step() {
+    command -v ncu > /dev/null || return 0
+    step "ncu $1" 75 "$RESULTS/tools.log" optional env PYTHON="$PYTHON" \
+      bash benchmarks/ncu_profile.sh "$1"
+  }
   if command -v compute-sanitizer > /dev/null; then
     # shellcheck disable=SC2086,SC2046
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 60 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
       bf16-wgmma_mc bf16-wgmma_ws tf32 bf16-wmma) $SMALL
-    # One racecheck step per kernel (about 30 s each in run 6's follow-up), the newest first, so
-    # that a short budget still checks some. Run 6: racecheck reported hazards in the
-    # warp-specialised kernel alone (its predictions, written by the consumers, read by the
-    # producer's blend after a bar.arrive / bar.sync hand-over; docs/gpu.md): it runs last, and
-    # if racecheck fails there, again with each hazard's threads and addresses.
-    RACECHECK_WS=0
-    for p in $(running bf16-wgmma_mc bf16-mma16 bf16-wgmma bf16-wgmma_ws); do
-      # shellcheck disable=SC2086
-      step "racecheck $p" 50 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-        --error-exitcode 3 "$PYTHON" benchmarks/gpu_paths.py $p $SMALL
-      [ $? = 3 ] && [ $p = bf16-wgmma_ws ] && RACECHECK_WS=1
-    done
-    if [ $RACECHECK_WS = 1 ]; then
-      # shellcheck disable=SC2086
-      step "racecheck hazards" 60 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
-        --racecheck-report hazard --print-limit 24 --error-exitcode 3 \
-        "$PYTHON" benchmarks/gpu_paths.py bf16-wgmma_ws $SMALL
-      # Whether racecheck accepts a correct hand-over shaped like the kernel's (modes 0-4 should be
-      # clean, mode 5 has no barrier and must be reported).
-      step "racecheck probe" 60 "$RESULTS/tools.log" optional bash -c '
-        probe=${TMPDIR:-/tmp}/racecheck_handover
-        "${CUDA_HOME:+$CUDA_HOME/bin/}nvcc" -arch=sm_90 -o "$probe" benchmarks/racecheck_handover.cu \
-          || exit 1
-        for mode in 0 1 2 3 4 5; do
-          compute-sanitizer --tool racecheck "$probe" $mode 2>&1 | grep -E "mode|RACECHECK SUMMARY"
-        done'
-    fi
   fi
-  if command -v ncu > /dev/null; then
-    for p in $(running bf16-wgmma_mc bf16-wgmma_ws bf16-wgmma bf16-mma16); do
-      step "ncu $p" 60 "$RESULTS/tools.log" optional ncu --clock-control none \
-        -k regex:liif_query -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-        --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section SchedulerStats --section SourceCounters \
-        "$PYTHON" benchmarks/gpu_paths.py $p --no-profile --repeats 0
-    done
+  # The default kernel (multicast wgmma) first, its racecheck and its profile, so that a short
+  # budget still checks and reads it; then the other kernels' racecheck, then their profiles.
+  for p in $(running bf16-wgmma_mc); do racecheck_step $p; ncu_step $p; done
+  for p in $(running bf16-mma16 bf16-wgmma bf16-wgmma_ws); do racecheck_step $p; done
+  if [ $RACECHECK_WS = 1 ]; then
+    # shellcheck disable=SC2086
+    step "racecheck hazards" 60 "$RESULTS/tools.log" optional compute-sanitizer --tool racecheck \
+      --racecheck-report hazard --print-limit 24 --error-exitcode 3 \
+      "$PYTHON" benchmarks/gpu_paths.py bf16-wgmma_ws $SMALL
+    # Whether racecheck accepts a correct hand-over shaped like the kernel's (modes 0-4 should be
+    # clean, mode 5 has no barrier and must be reported).
+    step "racecheck probe" 60 "$RESULTS/tools.log" optional bash -c '
+      probe=${TMPDIR:-/tmp}/racecheck_handover
+      "${CUDA_HOME:+$CUDA_HOME/bin/}nvcc" -arch=sm_90 -o "$probe" benchmarks/racecheck_handover.cu \
+        || exit 1
+      for mode in 0 1 2 3 4 5; do
+        compute-sanitizer --tool racecheck "$probe" $mode 2>&1 | grep -E "mode|RACECHECK SUMMARY"
+      done'
   fi
+  for p in $(running bf16-wgmma_ws bf16-wgmma bf16-mma16); do ncu_step $p; done
 fi
 
 # Issue 14's targets from the benchmark's JSON (informational: a target not met fails no step).

@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 def build_info() -> dict:
     """How the extension was built, and what it does on this machine: {'cuda': bool (CUDA kernels
     compiled), 'cuda_archs': str (their targets), 'cuda_wgmma': bool (H100 / H200 GPUs run this
-    build's sm_90a code: the wgmma kernel for bf16 and fp16 by default), 'cpu_bf16': bool
+    build's sm_90a code: the multicast wgmma kernel for bf16 and fp16 by default), 'cpu_bf16': bool
     (precision "bf16" runs bf16 kernels on this CPU: it has AVX512-BF16 and LIIF_CUDA_CPU_BF16 is
     not "0"; otherwise float32)}."""
     return dict(_C.build_info())

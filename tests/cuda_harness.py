@@ -52,7 +52,7 @@ def tensor_core_path(precision, local_ensemble, depth, out_dim, shared, kernel):
     """The kernel the planner must choose for a reduced precision and an MLP of `depth` hidden
     layers 256 wide (csrc/cuda/liif_query_launch.h, plan_launch) on the harness's device, which
     runs wgmma: the wgmma kernel (or its warp-specialised or multicast form) where it is preferred
-    ("auto", the default, prefers the wgmma kernel), the precision is bf16 or fp16, there is a
+    ("auto", the default, prefers the multicast form), the precision is bf16 or fp16, there is a
     hidden-to-hidden layer, out_dim <= 32 and its shared memory fits (sm_90's); else the mma.sync
     kernel (16 warps for "mma16" and "auto", else 8) where there is a hidden-to-hidden layer,
     out_dim <= 32 and its 128 rows fit; else WMMA (whose tf32 block without the local ensemble
@@ -60,7 +60,7 @@ def tensor_core_path(precision, local_ensemble, depth, out_dim, shared, kernel):
     mma_fits = shared >= (SHARED_SM90 if precision == "tf32" else SHARED_SM80)
     if (kernel in ("auto", "wgmma", "wgmma_ws", "wgmma_mc") and precision != "tf32" and depth >= 2
             and out_dim <= 32 and shared >= SHARED_SM90):
-        return WGMMA_PATHS.get(kernel, WGMMA)
+        return WGMMA_PATHS.get(kernel, WGMMA_MC)
     if (kernel in ("auto", "mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc") and depth >= 2
             and out_dim <= 32 and mma_fits):
         return MMA16 if kernel in ("auto", "mma16") else MMA

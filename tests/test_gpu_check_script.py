@@ -312,7 +312,7 @@ def summary_line(summary, step):
 
 
 def test_gpu_mode_runs_the_optional_steps_within_the_budget(tmp_path):
-    """With 100 s of budget, memcheck and ncu (60 s limits) and racecheck (50 s, one step per
+    """With 100 s of budget, memcheck (60 s limit), ncu (75 s) and racecheck (50 s, one step per
     kernel) run (the fake tools take no time); the Set5 folder of the shared data (its path with a
     space) reaches the benchmark intact; a relative RESULTS_DIR is taken from where the script is
     run."""
@@ -347,7 +347,7 @@ def test_gpu_mode_build_failure(tmp_path, failing):
         assert "verdict: failed: build (" in summary
         # Without budget the optional steps are skipped, each saying what it would have needed.
         for step, limit in (("memcheck", 60), ("racecheck bf16-wgmma_mc", 50),
-                            ("ncu bf16-wgmma_mc", 60)):
+                            ("ncu bf16-wgmma_mc", 75)):
             assert f"needs {limit})" in summary_line(summary, step), (step, summary)
     else:
         assert "FAIL" in retried and summary_line(summary, "path bf16") is None, summary

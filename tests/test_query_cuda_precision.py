@@ -152,8 +152,8 @@ def test_multicast_wgmma_kernel_equals_wgmma_kernel(kernel, precision, queries):
 
 @pytest.mark.parametrize("precision", REDUCED)
 def test_default_kernel(precision):
-    """With LIIF_CUDA_TENSOR_CORE_KERNEL unset: the wgmma kernel for bf16 and fp16 where it runs,
-    else the 16-warp mma.sync kernel (on the GPUs whose shared memory holds its block)."""
+    """With LIIF_CUDA_TENSOR_CORE_KERNEL unset: the multicast wgmma kernel for bf16 and fp16 where
+    it runs, else the 16-warp mma.sync kernel (on the GPUs whose shared memory holds its block)."""
     major_minor = torch.cuda.get_device_capability()
     if major_minor not in ((8, 0), (9, 0)):
         pytest.skip(f"the mma.sync kernel's block needs an A100 / H100 / H200's shared memory "
@@ -168,7 +168,7 @@ def test_default_kernel(precision):
         torch.cuda.synchronize()
     names = sorted({e.name for e in prof.events() if "liif_query" in e.name})
     if runs_wgmma() and precision != "tf32":
-        assert any("liif_query_wgmma_kernel<" in n for n in names), names
+        assert any("liif_query_wgmma_mc_kernel<" in n for n in names), names
     else:  # the 16-warp form: 32 rows per warp
         assert any("liif_query_mma_kernel<" in n and ", 32>" in n for n in names), names
 

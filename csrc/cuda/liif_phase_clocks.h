@@ -6,6 +6,7 @@
 //
 // Thread 0 records at the block-wide barriers, so each phase is the block's. The warp-specialised
 // kernel pipelines its tiles across warpgroups: it records its start, its end and its tile count.
+// The multicast kernel, persistent too, records the phases of each block's last tile.
 #pragma once
 
 #include <cstdint>

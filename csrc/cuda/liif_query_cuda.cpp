@@ -23,8 +23,8 @@ namespace cuda {
 namespace {
 
 // LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "auto" (the
-// default, unset or empty too: the wgmma kernel on H100 / H200 with an sm_90a build for bf16 and
-// fp16, else mma.sync with 16 warps; plan_launch says why), "mma" (mma.sync with 8 warps per
+// default, unset or empty too: the multicast wgmma kernel on H100 / H200 with an sm_90a build for
+// bf16 and fp16, else mma.sync with 16 warps; plan_launch says why), "mma" (mma.sync with 8 warps per
 // block), "mma16" (its 16-warp form), "wmma" (the kernel mma.sync replaced), "wgmma", "wgmma_ws" or
 // "wgmma_mc" (the wgmma kernel, its warp-specialised form or its form with multicast weights: bf16
 // and fp16 on H100 / H200 with an sm_90a build). Read at every call, so that a benchmark can

@@ -3,11 +3,41 @@
 // their launch.
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "liif_query_cuda_launcher.h"
 #include "liif_query_planned_kernel.cuh"
 
 namespace liif {
 namespace cuda {
+namespace {
+
+// cudaOccupancyMaxActiveClusters for `config`, asked of the driver once per device, kernel and
+// shared-memory size, not at every call (a small query's kernel takes microseconds).
+template <typename T>
+cudaError_t max_active_clusters(QueryKernel<T> kernel, const cudaLaunchConfig_t& config,
+                                int* clusters) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, size_t>, int> known;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const auto key =
+      std::make_tuple(device, reinterpret_cast<const void*>(kernel), config.dynamicSmemBytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) {
+    *clusters = found->second;
+    return cudaSuccess;
+  }
+  err = cudaOccupancyMaxActiveClusters(clusters, kernel, &config);
+  if (err == cudaSuccess) known[key] = *clusters;
+  return err;
+}
+
+}  // namespace
 
 template <typename T>
 LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan,
@@ -24,14 +54,42 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(plan.shared_bytes));
   if (err != cudaSuccess) return {err, "setting the kernel's shared-memory size"};
-  int multiprocessors = 0;  // read for the persistent kernel only (launch_blocks)
+  int64_t resident = 0;  // blocks the device runs at once: for the persistent kernels only
+  const dim3 block(static_cast<unsigned>(plan.threads));
+  // The multicast kernel's blocks come in clusters (launch_blocks makes the grid whole clusters).
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(launch_cluster(plan));
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.blockDim = block;
+  config.dynamicSmemBytes = plan.shared_bytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  if (plan.path == KernelPath::kWgmmaMc) {
+    // As many clusters as fit the device at once, whatever else shares it (MPS, green contexts):
+    // a cluster that waited for another's SMs would only add a tail.
+    config.gridDim = dim3(static_cast<unsigned>(launch_cluster(plan)));
+    int clusters = 0;
+    err = max_active_clusters<T>(kernel, config, &clusters);
+    if (err != cudaSuccess) return {err, "reading how many of the kernel's clusters fit the device"};
+    if (clusters < 1) {
+      return {cudaErrorInvalidConfiguration,
+              "fitting a cluster of the multicast wgmma kernel on the device (none fits; run "
+              "LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma instead)"};
+    }
+    resident = static_cast<int64_t>(clusters) * launch_cluster(plan);
+  }
   if (plan.path == KernelPath::kWgmmaWs) {
-    int device = 0;
+    int device = 0, multiprocessors = 0;
     err = cudaGetDevice(&device);
     if (err == cudaSuccess) {
       err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
     }
     if (err != cudaSuccess) return {err, "reading the device's multiprocessor count"};
+    resident = multiprocessors;
     // Its warpgroups trade registers (setmaxnreg) within the block's pool, sized by the count
     // ptxas gave the kernel: with fewer than it was written for, the consumers would wait
     // forever for registers the pool does not have.
@@ -45,22 +103,9 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
               "LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma instead)"};
     }
   }
-  const dim3 grid(static_cast<unsigned>(launch_blocks(plan, multiprocessors)));
-  const dim3 block(static_cast<unsigned>(plan.threads));
+  const dim3 grid(static_cast<unsigned>(launch_blocks(plan, resident)));
   if (launch_cluster(plan) > 1) {
-    // The multicast kernel's blocks come in clusters (launch_blocks made the grid whole clusters).
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = static_cast<unsigned>(launch_cluster(plan));
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
     config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = plan.shared_bytes;
-    config.stream = stream;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
     err = cudaLaunchKernelEx(&config, kernel, params);
     if (err != cudaSuccess) return {err, "launching the kernel in clusters"};
   } else {

@@ -274,17 +274,21 @@ inline int launch_cluster(const LaunchPlan& plan) {
   return plan.path == KernelPath::kWgmmaMc ? kWgmmaMcCluster : 1;
 }
 
-// Blocks to launch for `plan` on a device of `multiprocessors` SMs: one per tile, rounded up to
-// whole clusters (a block past the last tile takes part in its cluster's weight stream and writes
-// nothing); but for the persistent kernel, one per SM (one block fits an SM), each looping over
-// its tiles.
-inline int64_t launch_blocks(const LaunchPlan& plan, int multiprocessors) {
+// Blocks to launch for `plan` on a device that runs `resident` of its blocks at once (one per SM
+// for these kernels; for the multicast kernel, its clusters' blocks: cudaOccupancyMaxActiveClusters
+// times two): one per tile for the kernels that are not persistent. The persistent ones loop over
+// tiles: the warp-specialised kernel with one block per SM, at most one per tile; the multicast
+// kernel with whole clusters, as many as run at once, at most one per pair of tiles (a block past
+// the last tile takes part in its cluster's weight stream and writes nothing).
+inline int64_t launch_blocks(const LaunchPlan& plan, int64_t resident) {
+  const int64_t at_once = resident > 0 ? resident : 1;
   if (plan.path == KernelPath::kWgmmaMc) {
-    return (plan.blocks + kWgmmaMcCluster - 1) / kWgmmaMcCluster * kWgmmaMcCluster;
+    const int64_t pairs = (plan.blocks + kWgmmaMcCluster - 1) / kWgmmaMcCluster;
+    const int64_t clusters = at_once / kWgmmaMcCluster > 0 ? at_once / kWgmmaMcCluster : 1;
+    return (pairs < clusters ? pairs : clusters) * kWgmmaMcCluster;
   }
   if (plan.path != KernelPath::kWgmmaWs) return plan.blocks;
-  const int64_t sms = multiprocessors > 0 ? multiprocessors : 1;
-  return plan.blocks < sms ? plan.blocks : sms;
+  return plan.blocks < at_once ? plan.blocks : at_once;
 }
 
 // Shared memory of one block, in this order: activation buffers, weight buffers (fast and
@@ -407,11 +411,13 @@ inline bool wgmma_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
 // mma.sync kernel (8 or 16 warps, as `preferred` says; unless `preferred` is the WMMA kernel), else
 // the WMMA kernel (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32
 // kernels.
-// kAuto, the default, is the wgmma kernel where it applies and fits, else the 16-warp mma.sync
-// kernel: the fastest of each on an H200 for every precision and size measured
-// (benchmarks/results/gpu_query_NVIDIA_H200_20261127_run1.json: at 1080p bf16 15.4 ms against
-// 16.1 and 17.0 ms for 16 and 8 warps; the wgmma kernel clean under memcheck and racecheck). The
-// warp-specialised form was 3% faster still, but racecheck reports hazards in it (docs/gpu.md).
+// kAuto, the default, is the multicast wgmma kernel where it applies and fits (else the wgmma
+// kernel), else the 16-warp mma.sync kernel: the fastest of each on an H200 for every precision and
+// size measured (benchmarks/results/gpu_query_NVIDIA_H200_20261128_run7.json: at 1080p bf16 11.5 ms
+// against 16.0 ms for the wgmma kernel, 15.4 for its warp-specialised form and 16.4 for 16 warps
+// of mma.sync; the multicast kernel clean under memcheck and racecheck; run 6's JSON: 16 warps of
+// mma.sync 6% faster than 8). The warp-specialised form stays selectable only: racecheck reports
+// hazards in it (docs/gpu.md).
 template <typename T>
 inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
                               bool has_tensor_cores,
@@ -422,9 +428,10 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
   const bool automatic = preferred == TensorCoreKernel::kAuto;
   const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
                   wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
-  const bool mc = preferred == TensorCoreKernel::kWgmmaMc && wgmma_path_applies(p, has_wgmma) &&
+  const bool mc = (preferred == TensorCoreKernel::kWgmmaMc || automatic) &&
+                  wgmma_path_applies(p, has_wgmma) &&
                   shared_bytes<float>(wgmma_mc_layout(p.precision, nn)) <= max_shared_bytes;
-  const bool wgmma = (preferred == TensorCoreKernel::kWgmma || automatic) &&
+  const bool wgmma = (preferred == TensorCoreKernel::kWgmma || (automatic && !mc)) &&
                      wgmma_path_applies(p, has_wgmma) &&
                      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
   if (ws || mc || wgmma ||

@@ -177,7 +177,9 @@ __device__ void stage_map(const QueryKernelParams<float>& p,
     if (tid == 0) {
       for (int r = 0; r < kMmaRows; ++r) rows += st.slot_of_row[r] >= 0 ? 1 : 0;
     }
-    record_phase(p, kPhaseStagedRows, rows);
+    // None for a tile without queries: a persistent block's last tile may be one, and its
+    // record would hide the tile before's.
+    if (rows > 0) record_phase(p, kPhaseStagedRows, rows);
   }
   // The copies: 16 bytes each, kFastWidth / 4 per slot, kBatch per thread in flight at once.
   constexpr int kPerRow = kFastWidth / 4;

@@ -127,8 +127,9 @@ template <typename T>
 void add_phase_clock_buffer(PreparedQuery<T>& p, const LaunchPlan& plan) {
   const bool records = phase_clock_kernel_name(plan.path) != nullptr;
   if (!(p.params.timing_probe & kProbePhaseClocks) || !records) return;
-  // A row per block launched, at least (the multicast kernel's grid is rounded up to clusters).
-  const int64_t rows = std::max(plan.blocks, launch_blocks(plan, 1));
+  // A row per block launched, at least: the most any device launches (the multicast kernel's
+  // grid is rounded up to whole clusters).
+  const int64_t rows = std::max(plan.blocks, launch_blocks(plan, plan.blocks + kWgmmaMcCluster));
   p.phase_clocks = at::zeros({rows, kPhaseSlots}, p.out.options().dtype(at::kLong));
   p.params.phase_clocks = p.phase_clocks.template data_ptr<int64_t>();
 }

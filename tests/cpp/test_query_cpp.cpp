@@ -159,28 +159,36 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaWs, false).path ==
              KernelPath::kMma,
          "mma.sync where the device does not run the warp-specialised wgmma kernel");
-  // The multicast form: the wgmma kernel's block, in clusters of two, a grid of whole clusters
-  // (1000 queries: 32 tiles; 1030: 33 tiles and a block without one).
+  // The multicast form: the wgmma kernel's block, in clusters of two, persistent: a grid of whole
+  // clusters, as many as run at once, at most one per pair of tiles (1000 queries: 32 tiles;
+  // 1030: 33 tiles and a block without one).
   const auto mc = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, true);
   expect(mc.path == KernelPath::kWgmmaMc && mc.threads == 256 && mc.shared_bytes <= 232448 &&
              mc.shared_bytes == wgmma.shared_bytes + 96 && liif::cuda::launch_cluster(mc) == 2 &&
-             liif::cuda::launch_cluster(wgmma) == 1 && liif::cuda::launch_blocks(mc, 132) == 32,
+             liif::cuda::launch_cluster(wgmma) == 1 && liif::cuda::launch_blocks(mc, 132) == 32 &&
+             liif::cuda::launch_blocks(mc, 8) == 8 && liif::cuda::launch_blocks(mc, 9) == 8 &&
+             liif::cuda::launch_blocks(mc, 1) == 2 && liif::cuda::launch_blocks(mc, 0) == 2,
          "the multicast wgmma kernel where it runs: 6 slots' two mbarriers more");
   p.total_queries = 1030;
   const auto odd = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, true);
-  expect(odd.blocks == 33 && liif::cuda::launch_blocks(odd, 132) == 34,
-         "an odd number of tiles launches a block more");
+  expect(odd.blocks == 33 && liif::cuda::launch_blocks(odd, 132) == 34 &&
+             liif::cuda::launch_blocks(odd, 34) == 34 && liif::cuda::launch_blocks(odd, 32) == 32,
+         "an odd number of tiles launches a block more, unless the clusters loop");
   p.total_queries = 1000;
   expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, false).path ==
              KernelPath::kMma,
          "mma.sync where the device does not run the multicast wgmma kernel");
-  // The default: the wgmma kernel where it runs and fits, else the 16-warp mma.sync kernel.
+  // The default: the multicast wgmma kernel where it runs and fits, else the wgmma kernel, else
+  // the 16-warp mma.sync kernel.
   const auto automatic = liif::cuda::plan_launch(p, 232448, true);
   expect(automatic.path == KernelPath::kMma16 && automatic.threads == 512,
          "by default the 16-warp mma.sync kernel where the device does not run wgmma");
   expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kAuto, true).path ==
+             KernelPath::kWgmmaMc,
+         "by default the multicast wgmma kernel where it runs");
+  expect(liif::cuda::plan_launch(p, wgmma.shared_bytes, true, TensorCoreKernel::kAuto, true).path ==
              KernelPath::kWgmma,
-         "by default the wgmma kernel where it runs");
+         "by default the wgmma kernel where only its ring fits, without the mbarriers");
   expect(liif::cuda::plan_launch(p, 166912, true, TensorCoreKernel::kAuto, true).path ==
              KernelPath::kMma16,
          "by default the 16-warp mma.sync kernel where the wgmma ring does not fit");

@@ -45,15 +45,20 @@ at::Tensor map_in_bands(const at::Tensor& input, const at::Tensor& weight, int64
 }
 
 // The emulated device's SMs: few, so that a persistent kernel's blocks take several tiles each
-// (the published problem of the tests has 3 to 9 tiles of 128 rows).
+// (the published problem of the tests has 3 to 9 tiles of 128 rows). For the multicast kernel, two
+// clusters at once: with 5 tiles, one cluster takes two pairs (the second with a tile only) and
+// the other one.
 constexpr int kEmulatedMultiprocessors = 2;
+constexpr int kEmulatedClusterBlocks = 2 * kWgmmaMcCluster;
 
 template <typename T>
 void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool reverse_order) {
   const QueryKernel<T> kernel = planned_kernel<T>(plan, params.precision);
   TORCH_CHECK(kernel != nullptr, "host harness: no kernel for this plan");
   const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
-  liif_harness::launch(static_cast<unsigned>(launch_blocks(plan, kEmulatedMultiprocessors)),
+  const int resident = plan.path == KernelPath::kWgmmaMc ? kEmulatedClusterBlocks
+                                                         : kEmulatedMultiprocessors;
+  liif_harness::launch(static_cast<unsigned>(launch_blocks(plan, resident)),
                        static_cast<unsigned>(plan.threads),
                        plan.shared_bytes,
                        [&] { kernel(params); }, reverse_order, workers,
