@@ -205,6 +205,23 @@ struct Neighbour {
 // neighbour in shared (or global) memory as it comes: collected in an array indexed by a runtime
 // k, the neighbours and their areas lived in local memory (a 144-byte stack frame in every forward
 // kernel); kept in registers, they spilled the kernels with the least room.
+// Neighbour k of the query (cy, cx), finite coordinates: its LR cell (iy, ix) and relative
+// coordinate, located(iy, ix, rel_y, rel_x); returns its area (before the ensemble's swap).
+template <typename T, typename Located>
+LIIF_HOST_DEVICE T locate_neighbour(const FeatureGrid<T>& g, T cy, T cx, int k, Located located) {
+  const T sy = clamp_coordinate(add_rn(cy, g.shift_y[k]), g.clamp_lo, g.clamp_hi);
+  const T sx = clamp_coordinate(add_rn(cx, g.shift_x[k]), g.clamp_lo, g.clamp_hi);
+  const int64_t iy = nearest_index(sy, g.size_y, g.height, g.fused_index);
+  const int64_t ix = nearest_index(sx, g.size_x, g.width, g.fused_index);
+  const T centre_y = add_rn(g.first_centre_y, mul_rn(g.step_y, static_cast<T>(iy)));
+  const T centre_x = add_rn(g.first_centre_x, mul_rn(g.step_x, static_cast<T>(ix)));
+  // The relative coordinate uses the original, unshifted and unclamped query coordinate.
+  const T rel_y = mul_rn(add_rn(cy, -centre_y), g.size_y);
+  const T rel_x = mul_rn(add_rn(cx, -centre_x), g.size_x);
+  located(iy, ix, rel_y, rel_x);
+  return add_rn(abs_value(mul_rn(rel_y, rel_x)), g.area_eps);
+}
+
 template <typename T, typename Located, typename Weight>
 LIIF_HOST_DEVICE bool visit_neighbours(const FeatureGrid<T>& g, T cy, T cx, Located located,
                                        Weight weight) {
@@ -212,17 +229,9 @@ LIIF_HOST_DEVICE bool visit_neighbours(const FeatureGrid<T>& g, T cy, T cx, Loca
   const int nn = g.num_neighbours;
   T total = T(0);
   for (int k = 0; k < nn; ++k) {
-    const T sy = clamp_coordinate(add_rn(cy, g.shift_y[k]), g.clamp_lo, g.clamp_hi);
-    const T sx = clamp_coordinate(add_rn(cx, g.shift_x[k]), g.clamp_lo, g.clamp_hi);
-    const int64_t iy = nearest_index(sy, g.size_y, g.height, g.fused_index);
-    const int64_t ix = nearest_index(sx, g.size_x, g.width, g.fused_index);
-    const T centre_y = add_rn(g.first_centre_y, mul_rn(g.step_y, static_cast<T>(iy)));
-    const T centre_x = add_rn(g.first_centre_x, mul_rn(g.step_x, static_cast<T>(ix)));
-    // The relative coordinate uses the original, unshifted and unclamped query coordinate.
-    const T rel_y = mul_rn(add_rn(cy, -centre_y), g.size_y);
-    const T rel_x = mul_rn(add_rn(cx, -centre_x), g.size_x);
-    located(k, iy, ix, rel_y, rel_x);
-    const T area = add_rn(abs_value(mul_rn(rel_y, rel_x)), g.area_eps);
+    const T area = locate_neighbour(g, cy, cx, k, [&](int64_t iy, int64_t ix, T rel_y, T rel_x) {
+      located(k, iy, ix, rel_y, rel_x);
+    });
     weight(k) = area;
     total = add_rn(total, area);  // stack(areas).sum(0): accumulated in neighbour order
   }

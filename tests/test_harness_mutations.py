@@ -18,6 +18,7 @@ WGMMA = os.path.join("cuda", "liif_query_wgmma_kernel.cuh")
 WGMMA_WS = os.path.join("cuda", "liif_query_wgmma_ws_kernel.cuh")
 WGMMA_MC = os.path.join("cuda", "liif_query_wgmma_mc_kernel.cuh")
 PREPARE = os.path.join("cuda", "liif_query_prepare.h")
+GEOMETRY = os.path.join("cuda", "liif_query_kernel.cuh")
 KERNEL_OF_FILE = {MMA: "mma", WGMMA: "wgmma", WGMMA_WS: "wgmma_ws", WGMMA_MC: "wgmma_mc"}
 
 # name: (the kernel's file, original text in it, the mutant's text[, the kernel checked, for a
@@ -100,6 +101,8 @@ MUTATIONS = {
         "them.\n    __syncthreads();\n", ""),
     "wgmma_mc: refills stop at a tile's last chunk, not the stream's": (WGMMA_MC,
         "released - 1 + kWgmmaMcStages < stream)", "released - 1 + kWgmmaMcStages < chunks)"),
+    "geometry by row: a row blends with its neighbour's area, not the opposite one's": (GEOMETRY,
+        "opposite = a3;  // neighbour 3 - k = k ^ 3", "opposite = a2;", "wgmma_mc"),
     "wgmma_mc weights: a chunk image's core matrices along k exchanged": (PREPARE,
         ".permute({0, 3, 1, 4, 2, 5})", ".permute({0, 4, 1, 3, 2, 5})", "wgmma_mc"),
 }

@@ -236,26 +236,30 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(compiled.grad, eager.grad)
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_capture_and_replay(precision):
+    """Capture and replay give the eager bits; bf16 runs the default tensor-core kernel (the
+    persistent multicast one on H100 / H200, whose launch asks the driver how many clusters fit)."""
     feat, coords, cells = to_cuda(*random_inputs(1, 64, 8, 8, 700, seed=5))
     mlp = make_mlp(580, [256] * 4, 3, torch.float32).cuda()
     with torch.no_grad():
-        expected = liif_cuda.query(feat, coords, cells, mlp)
+        expected = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
-            liif_cuda.query(feat, coords, cells, mlp)
+            liif_cuda.query(feat, coords, cells, mlp, precision=precision)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = liif_cuda.query(feat, coords, cells, mlp)
+            static_out = liif_cuda.query(feat, coords, cells, mlp, precision=precision)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, expected)
         coords.copy_(coords.flip(1))  # new inputs in the same memory
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_out, liif_cuda.query(feat, coords, cells, mlp))
+        assert torch.equal(static_out, liif_cuda.query(feat, coords, cells, mlp,
+                                                       precision=precision))
 
 
 def test_runs_on_the_current_stream():

@@ -23,8 +23,8 @@ from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
                           SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_MC, WGMMA_PATHS,
                           WGMMA_WS, load, reference, run, tensor_core_path)
-from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
-                     random_inputs, rounding_model_bound, tensor_core_problems)
+from helpers import (REDUCED, border_coords, build_tensor_core_problem, make_mlp,
+                     published_problem, random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from liif_rounding_model import KernelRounding, tf32_round_nearest_away
@@ -435,6 +435,31 @@ def test_warp_specialised_wgmma_kernel_equals_wgmma_kernel(precision, batch, hei
                       tensor_core_kernel="wgmma_ws")
     assert (path, path_ws) == (WGMMA, WGMMA_WS)
     assert torch.equal(plain, ws)
+
+
+@pytest.mark.parametrize("local_ensemble", [True, False])
+@pytest.mark.parametrize("cell_decode", [True, False])
+def test_geometry_by_row_equals_geometry_by_query(local_ensemble, cell_decode):
+    """The mma.sync and wgmma kernels find a tile's neighbours with one thread per (query,
+    neighbour) row, their areas' sum by shuffles; the warp-specialised kernel with one thread per
+    query (visit_neighbours): the same bits, on pixel borders, past the image, on NaN and infinite
+    coordinates (NaN outputs), with a partial last tile and two images (bits compared, so that NaN
+    counts)."""
+    feat, coords, cells = random_inputs(2, 8, 5, 7, 75, seed=21, spread=1.3)
+    g = torch.Generator().manual_seed(22)
+    coords[:, :30] = border_coords(5, 7, 2, 30, g, torch.float32)
+    coords[0, 31, 0] = float("nan")
+    coords[1, 40, 1] = float("inf")
+    coords[1, 41] = -float("inf")
+    flags = dict(local_ensemble=local_ensemble, feat_unfold=True, cell_decode=cell_decode)
+    mlp = make_mlp(ref.imnet_in_dim(8, True, cell_decode), [256] * 3, 3, torch.float32, seed=23)
+    by_row, path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel="wgmma",
+                       **flags)
+    by_query, path_ws = run(feat, coords, cells, mlp, precision="bf16",
+                            tensor_core_kernel="wgmma_ws", **flags)
+    assert (path, path_ws) == (WGMMA, WGMMA_WS)
+    assert torch.isnan(by_row[0, 31]).all() and torch.isnan(by_row[1, 40:42]).all()
+    assert torch.equal(by_row.view(torch.int32), by_query.view(torch.int32))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -18,8 +18,9 @@
 // This file is also compiled by the host compiler inside the host execution harness (tests/harness),
 // which runs the kernels without a GPU. It therefore uses only what the harness emulates: blockIdx.x,
 // threadIdx.x, blockDim.x, __syncthreads(), __syncwarp(), dynamic shared memory
-// (LIIF_DYNAMIC_SHARED), float2/float4, and what liif_tensor_core.cuh names (operand types, WMMA
-// fragments, asynchronous copies). No other warp primitives, no atomics or static __shared__ arrays.
+// (LIIF_DYNAMIC_SHARED), float2/float4, __shfl_xor_sync over a whole warp (load_geometry_by_row),
+// and what liif_tensor_core.cuh names (operand types, WMMA fragments, asynchronous copies). No other
+// warp primitives, no atomics or static __shared__ arrays.
 #pragma once
 
 #include <cmath>
@@ -125,6 +126,73 @@ __device__ void load_geometry(const QueryKernelParams<T>& p, const BlockShared<T
       }
     }
   }
+}
+
+// Step 1 for the mma.sync and wgmma kernels' tiles (32 queries, 128 rows): one thread per (query,
+// neighbour) row rather than per query, so that four warps share what one did alone while the
+// others waited (run 7: about 4,300 of the multicast kernel's 37,600 cycles per tile). Row
+// r = nn i + k of the tile is neighbour k of query i, as load_geometry orders them. With the local
+// ensemble a query's four rows are four neighbouring lanes: each thread has the others' areas by
+// shuffles, sums the four in neighbour order and divides the opposite neighbour's area by the sum:
+// visit_neighbours' operations on the same values, so the same bits. A block of Threads threads
+// and tiles of queries * nn = kMmaRows rows, whole warps of them, every lane taking part.
+template <int Threads, typename A>
+__device__ void load_geometry_by_row(const QueryKernelParams<float>& p,
+                                     const BlockShared<float, A>& s, int64_t first, int queries) {
+  static_assert(Threads >= kMmaRows && kMmaRows % 32 == 0, "a thread per row, whole warps");
+  const int nn = p.grid.num_neighbours;
+  const int r = static_cast<int>(threadIdx.x);
+  if (r >= queries * nn) return;  // the warps past the tile's rows
+  const int i = r / nn, k = r - i * nn;
+  const int64_t q = first + i;
+  const bool exists = q < p.total_queries;
+  float cy = 0.f, cx = 0.f;
+  if (exists) {
+    cy = p.coords[2 * q];
+    cx = p.coords[2 * q + 1];
+  }
+  const bool located = exists && is_finite(cy) && is_finite(cx);
+  int cell = -1;
+  float rel_y = 0.f, rel_x = 0.f, area = 0.f;
+  if (located) {
+    const int64_t image = q / p.queries_per_image;
+    area = locate_neighbour(p.grid, cy, cx, k, [&](int64_t iy, int64_t ix, float ry, float rx) {
+      // The host checks that B * H * W fits an int.
+      cell = static_cast<int>((image * p.grid.height + iy) * p.grid.width + ix);
+      rel_y = ry;
+      rel_x = rx;
+    });
+  }
+  // What is known now is stored now (the blend weight needs the other rows' areas): the query's
+  // state and scaled cell by its first row's thread.
+  s.cell[r] = located ? cell : -1;
+  s.rel_y[r] = rel_y;
+  s.rel_x[r] = rel_x;
+  if (k == 0) {
+    float scaled[2] = {0.f, 0.f};
+    if (exists && p.cells != nullptr) scaled_cell(p.grid, p.cells[2 * q], p.cells[2 * q + 1], scaled);
+    s.state[i] = exists ? (located ? 1 : 0) : -1;
+    s.cell_y[i] = scaled[0];
+    s.cell_x[i] = scaled[1];
+  }
+  // The total area (stack(areas).sum(0), in neighbour order) and the opposite neighbour's area.
+  float total = add_rn(0.f, area), opposite = area;
+  if (nn == kMaxNeighbours) {
+    // Lane k ^ m of the group holds neighbour k ^ m: am is neighbour k ^ m's area. Selects, not
+    // an array indexed by k, which would go to local memory.
+    const float a1 = __shfl_xor_sync(0xFFFFFFFFu, area, 1);
+    const float a2 = __shfl_xor_sync(0xFFFFFFFFu, area, 2);
+    const float a3 = __shfl_xor_sync(0xFFFFFFFFu, area, 3);
+    auto neighbour_area = [&](int j) {
+      const int m = j ^ k;
+      return m == 0 ? area : m == 1 ? a1 : m == 2 ? a2 : a3;
+    };
+    total = add_rn(add_rn(add_rn(add_rn(0.f, neighbour_area(0)), neighbour_area(1)),
+                          neighbour_area(2)),
+                   neighbour_area(3));
+    opposite = a3;  // neighbour 3 - k = k ^ 3
+  }
+  s.blend[r] = located ? opposite / total : 0.f;
 }
 
 // Step 2: layer 0 of every row into s.act (row pitch `pitch`), computed in T and stored as

@@ -69,8 +69,8 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
   config.attrs = &cluster;
   config.numAttrs = 1;
   if (plan.path == KernelPath::kWgmmaMc) {
-    // As many clusters as fit the device at once, whatever else shares it (MPS, green contexts):
-    // a cluster that waited for another's SMs would only add a tail.
+    // As many clusters as fit the device at once (as the occupancy API sees it; not other
+    // processes' work under MPS): clusters that waited for others' SMs would only add a tail.
     config.gridDim = dim3(static_cast<unsigned>(launch_cluster(plan)));
     int clusters = 0;
     err = max_active_clusters<T>(kernel, config, &clusters);

@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(mma_threads(WarpRows), 1)
     if (c < chunks && copy_weights) mma_fetch_chunk<kThreads>(weights, c, ring);
     async_copy_commit();
   }
-  load_geometry(p, s, first, layout.queries);
+  load_geometry_by_row<kThreads>(p, s, first, layout.queries);
   __syncthreads();
   record_phase(p, kPhaseGeometry);
   mma_first_layer<P, kThreads>(p, s, smem);

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
     if (c < copied_chunks) wgmma_fetch_chunk(weights, c, ring + c * kWgmmaChunkBytes);
     async_copy_commit();
   }
-  load_geometry(p, s, first, layout.queries);
+  load_geometry_by_row<kWgmmaThreads>(p, s, first, layout.queries);
   __syncthreads();
   record_phase(p, kPhaseGeometry);
   mma_first_layer<P, kWgmmaThreads>(p, s, smem);

@@ -82,16 +82,19 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
 
-  // Chunk c of the stream into ring slot `slot` (c % kWgmmaMcStages), by thread 0: the chunk
-  // announced on this block's full mbarrier, this block's part copied into the slot of every block
-  // of the cluster. The stream repeats a tile's chunks.
-  auto fetch = [&](int c, int slot) {
+  // The next chunk of the stream into ring slot `slot` (its index in the stream modulo
+  // kWgmmaMcStages), by thread 0: the chunk announced on this block's full mbarrier, this block's
+  // part copied into the slot of every block of the cluster. The stream repeats a tile's chunks:
+  // `fetched` counts them within the tile, rather than a division per chunk on thread 0's path.
+  int fetched = 0;
+  auto fetch = [&](int slot) {
     mbarrier_arrive_expect_tx(full + slot, chunk_bytes);
     if (chunk_bytes != 0) {
       bulk_copy(ring + slot * kWgmmaChunkBytes + rank * kPart,
-                weights + static_cast<int64_t>(c % chunks) * kWgmmaChunkBytes + rank * kPart,
+                weights + static_cast<int64_t>(fetched) * kWgmmaChunkBytes + rank * kPart,
                 kPart, full + slot, kWholeCluster);
     }
+    if (++fetched == chunks) fetched = 0;
   };
 
   if (threadIdx.x == 0) {
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   cluster_sync();
   // The first chunks stream in while the first tile's geometry and layer 0 are computed.
   if (threadIdx.x == 0) {
-    for (int c = 0; c < kWgmmaMcStages; ++c) fetch(c, c);
+    for (int c = 0; c < kWgmmaMcStages; ++c) fetch(c);
   }
 
   // Warp w owns rows 16 w .. +15 of each tile (warpgroup w / 4, its warp w % 4).
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
     if (threadIdx.x == 0 && released > 0 && released - 1 + kWgmmaMcStages < stream) {
       const int before = release_slot == 0 ? kWgmmaMcStages - 1 : release_slot - 1;
       mbarrier_wait(empty + before, release_slot == 0 ? release_parity ^ 1u : release_parity);
-      fetch(released - 1 + kWgmmaMcStages, before);
+      fetch(before);  // chunk released - 1 + kWgmmaMcStages of the stream
     }
     __syncwarp();  // lane 0 rejoins its warp before the next warpgroup-wide (.aligned) instruction
     ++released;
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
       record_phase(p, kPhaseStart);
       record_phase(p, kPhaseTiles, 1);
     }
-    load_geometry(p, s, first, layout.queries);
+    load_geometry_by_row<kWgmmaThreads>(p, s, first, layout.queries);
     __syncthreads();
     if (clocked) record_phase(p, kPhaseGeometry);
     mma_first_layer<P, kWgmmaThreads>(p, s, smem);
