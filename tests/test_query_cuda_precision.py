@@ -131,13 +131,15 @@ def test_map_staging_gives_the_same_bits(precision, kernel):
         assert torch.equal(staged, plain)
 
 
-@pytest.mark.parametrize("queries", [2000, 2048, 150])
+@pytest.mark.parametrize("queries", [2000, 2048, 150, 25376])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("kernel", kernels("wgmma_mc"))
 def test_multicast_wgmma_kernel_equals_wgmma_kernel(kernel, precision, queries):
     """The multicast form (clusters of two blocks sharing each weight chunk) gives the wgmma
     kernel's bits: the same products in the same order. 2000 and 150 queries make an odd number of
-    tiles of 32 (a block without one completes the last cluster), 2048 an even one."""
+    tiles of 32 (a block without one completes the last cluster), 2048 an even one; 25376 queries,
+    793 tiles, make each of an H100 / H200's 66 clusters loop over 6 or 7 pairs of tiles, the last
+    with a block without one."""
     if not runs_wgmma():
         pytest.skip("the multicast wgmma kernel needs an H100 / H200 (compute capability 9.0) and "
                     f"a build with TORCH_CUDA_ARCH_LIST 9.0a (this one: {liif_cuda.build_info()})")

@@ -404,6 +404,19 @@ inline bool wgmma_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
          (p.precision == Precision::kBf16 || p.precision == Precision::kFp16);
 }
 
+// The multicast kernel: where the wgmma kernel applies and its weight stream's chunks, counted in
+// an int (liif_query_wgmma_mc_kernel.cuh), fit one even on a single cluster (every pair of tiles'
+// chunks): always, but for hundreds of millions of queries with an MLP tens of layers deep.
+template <typename T>
+inline bool wgmma_mc_path_applies(const QueryKernelParams<T>& p, bool has_wgmma) {
+  if (!wgmma_path_applies(p, has_wgmma)) return false;
+  const int64_t queries_per_tile = kMmaRows / p.grid.num_neighbours;
+  const int64_t tiles = (p.total_queries + queries_per_tile - 1) / queries_per_tile;
+  const int64_t chunks =
+      static_cast<int64_t>(p.num_layers - 2) * (kFastWidth / mma_chunk_inputs(p.precision));
+  return (tiles + kWgmmaMcCluster - 1) / kWgmmaMcCluster * chunks <= INT32_MAX;
+}
+
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
 // A reduced precision runs the wgmma kernel (or its warp-specialised or multicast form) if
@@ -429,7 +442,7 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
   const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
                   wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
   const bool mc = (preferred == TensorCoreKernel::kWgmmaMc || automatic) &&
-                  wgmma_path_applies(p, has_wgmma) &&
+                  wgmma_mc_path_applies(p, has_wgmma) &&
                   shared_bytes<float>(wgmma_mc_layout(p.precision, nn)) <= max_shared_bytes;
   const bool wgmma = (preferred == TensorCoreKernel::kWgmma || (automatic && !mc)) &&
                      wgmma_path_applies(p, has_wgmma) &&

@@ -21,7 +21,8 @@
 //     with one weight stream through all of them (the next tile's first chunks stream in while
 //     the tile before is finished and the next one's geometry and layer 0 are computed). Run 7
 //     measured a block per tile: its phases summed to about 37,600 cycles per tile, its time to
-//     about 43,000 (1080p on an H200, docs/gpu.md); the difference is each block's start and end;
+//     about 43,000 (1080p on an H200, docs/gpu.md), the difference most likely each block's start
+//     (launch, mbarrier initialisation, cluster barrier, the ring's first chunks) and end;
 //   - the cluster synchronises when the mbarriers are initialised (before a copy or an arrival
 //     can reach a peer's); before a block exits, its thread 0 waits for the cluster's release of
 //     the last chunks (arrivals for them may still be on their way to its mbarriers). A block
@@ -76,7 +77,8 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1)
   const int64_t clusters = gridDim.x / kWgmmaMcCluster;
   const int64_t cluster = blockIdx.x / kWgmmaMcCluster;
   const int iterations = static_cast<int>((pairs - cluster + clusters - 1) / clusters);
-  const int stream = iterations * chunks;  // the chunks this block's ring carries
+  // The chunks this block's ring carries: an int even on one cluster (wgmma_mc_path_applies).
+  const int stream = iterations * chunks;
   // No copies with the no-weight-loads timing probe: the announcement alone completes a phase.
   const uint32_t chunk_bytes = p.timing_probe & kProbeNoWeightLoads ? 0 : kWgmmaChunkBytes;
   const int warp = static_cast<int>(threadIdx.x) / 32;

@@ -189,6 +189,13 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::plan_launch(p, wgmma.shared_bytes, true, TensorCoreKernel::kAuto, true).path ==
              KernelPath::kWgmma,
          "by default the wgmma kernel where only its ring fits, without the mbarriers");
+  // 2^36 queries: 2^31 tiles, whose 24 chunks each the multicast stream could not count in an int
+  // on one cluster.
+  p.total_queries = int64_t{1} << 36;
+  expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kAuto, true).path ==
+             KernelPath::kWgmma,
+         "the wgmma kernel where the multicast stream's chunks would not fit an int");
+  p.total_queries = 1000;
   expect(liif::cuda::plan_launch(p, 166912, true, TensorCoreKernel::kAuto, true).path ==
              KernelPath::kMma16,
          "by default the 16-warp mma.sync kernel where the wgmma ring does not fit");
