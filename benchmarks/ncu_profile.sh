@@ -11,6 +11,7 @@ PYTHON=${PYTHON:-python3}
 path=${1:?usage: bash benchmarks/ncu_profile.sh PATH_NAME}
 cd "$(dirname "$0")/.."
 folder=$(mktemp -d "${TMPDIR:-/tmp}/liif_ncu.XXXXXX") || exit 1
+trap 'rm -rf "$folder"' EXIT  # the report is large, and read here only
 report=$folder/report
 ncu --clock-control none -k regex:liif_query -c 1 --import-source yes -f -o "$report" \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
@@ -25,5 +26,4 @@ echo "== CUDA source lines with the most stall samples (ncu --page source)"
 ncu -i "$report.ncu-rep" --page source --csv --print-source cuda | "$PYTHON" benchmarks/ncu_stalls.py source
 echo "== SASS instructions with the most stall samples"
 ncu -i "$report.ncu-rep" --page source --csv --print-source sass | "$PYTHON" benchmarks/ncu_stalls.py source
-rm -rf "$folder"
 exit 0

@@ -197,14 +197,6 @@ struct Neighbour {
   T weight;        // blend weight: area of the diagonally opposite neighbour / total area
 };
 
-// The neighbours of the query (cy, cx), handed out as they are found rather than collected:
-// located(k, iy, ix, rel_y, rel_x) for k in [0, g.num_neighbours), and weight(k), a T& where the
-// blend weight of neighbour k goes (it first holds the neighbour's area). Returns false (and calls
-// neither) when a coordinate is NaN or infinite: the reference's output is then NaN, and the caller
-// writes NaN itself instead of letting a meaningless index reach memory. A GPU kernel stores each
-// neighbour in shared (or global) memory as it comes: collected in an array indexed by a runtime
-// k, the neighbours and their areas lived in local memory (a 144-byte stack frame in every forward
-// kernel); kept in registers, they spilled the kernels with the least room.
 // Neighbour k of the query (cy, cx), finite coordinates: its LR cell (iy, ix) and relative
 // coordinate, located(iy, ix, rel_y, rel_x); returns its area (before the ensemble's swap).
 template <typename T, typename Located>
@@ -222,6 +214,14 @@ LIIF_HOST_DEVICE T locate_neighbour(const FeatureGrid<T>& g, T cy, T cx, int k, 
   return add_rn(abs_value(mul_rn(rel_y, rel_x)), g.area_eps);
 }
 
+// The neighbours of the query (cy, cx), handed out as they are found rather than collected:
+// located(k, iy, ix, rel_y, rel_x) for k in [0, g.num_neighbours), and weight(k), a T& where the
+// blend weight of neighbour k goes (it first holds the neighbour's area). Returns false (and calls
+// neither) when a coordinate is NaN or infinite: the reference's output is then NaN, and the caller
+// writes NaN itself instead of letting a meaningless index reach memory. A GPU kernel stores each
+// neighbour in shared (or global) memory as it comes: collected in an array indexed by a runtime
+// k, the neighbours and their areas lived in local memory (a 144-byte stack frame in every forward
+// kernel); kept in registers, they spilled the kernels with the least room.
 template <typename T, typename Located, typename Weight>
 LIIF_HOST_DEVICE bool visit_neighbours(const FeatureGrid<T>& g, T cy, T cx, Located located,
                                        Weight weight) {
