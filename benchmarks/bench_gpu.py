@@ -47,9 +47,9 @@ HIDDEN = [256, 256, 256, 256]
 DEFAULT_CASES = "480x270x4,128x128x4"
 # variant: (runner, precision, tensor-core kernel), the precision naming the arithmetic whose peak
 # applies; the kernel is LIIF_CUDA_TENSOR_CORE_KERNEL's choice, named for each variant (mma.sync
-# with 8 warps, its 16-warp form, WMMA, or the wgmma kernel, its warp-specialised form or its form
-# with multicast weights on H100 / H200 with an sm_90a build; the default, "auto", is the multicast
-# form there, else mma16).
+# with 8 warps, its 16-warp form, WMMA, or the wgmma kernel, its warp-specialised form, its form
+# with multicast weights or that form's ping-pong schedule on H100 / H200 with an sm_90a build; the
+# default, "auto", is the multicast form there, else mma16).
 VARIANTS = {
     "reference": ("reference", "fp32", None),
     "reference-autocast-fp16": ("reference", "fp16", None),
@@ -69,6 +69,8 @@ VARIANTS = {
     "fused-fp16-wgmma_ws": ("fused", "fp16", "wgmma_ws"),
     "fused-bf16-wgmma_mc": ("fused", "bf16", "wgmma_mc"),
     "fused-fp16-wgmma_mc": ("fused", "fp16", "wgmma_mc"),
+    "fused-bf16-wgmma_pp": ("fused", "bf16", "wgmma_pp"),
+    "fused-fp16-wgmma_pp": ("fused", "fp16", "wgmma_pp"),
 }
 # Map staging (LIIF_CUDA_STAGE_MAP=1, an experiment: a tile's distinct first-layer map rows copied
 # into shared memory once): the same bits as the kernel's own row, which the line after the table
@@ -82,7 +84,7 @@ VARIANTS.update({name: ("fused", "bf16", base.split("-")[2]) for name, base in S
 # (docs/gpu.md, "what to try next"). Never counted against the targets.
 # Variant name: LIIF_CUDA_TIMING_PROBE's value.
 PROBES = {f"probe-bf16-{kernel}-{name}": value
-          for kernel in ("mma16", "wgmma", "wgmma_ws", "wgmma_mc")
+          for kernel in ("mma16", "wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp")
           for name, value in (("no-map-loads", "no-map-loads"),
                               ("no-weight-loads", "no-weight-loads"),
                               ("no-loads", "no-map-loads,no-weight-loads"))}
@@ -307,7 +309,7 @@ def measure_case(case, variants, repeats, device, peaks, failed, with_phase_cloc
     if with_phase_clocks:
         row["phase_clocks"] = {k: phase_clocks(k, inputs) for k in names
                                if VARIANTS[k][2] in ("mma", "mma16", "wgmma", "wgmma_ws",
-                                                     "wgmma_mc")}
+                                                     "wgmma_mc", "wgmma_pp")}
         print_phase_clocks(row["phase_clocks"], name_width)
     del inputs
     if device == "cuda":

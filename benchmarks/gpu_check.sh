@@ -11,7 +11,7 @@
 # path is left out of the benchmark, a failed build ends the run, each CUDA test file runs in a
 # process of its own (a crash loses that file only). A crash of a path or test process appends its
 # native stack, resolved to source lines, to its log (benchmarks/native_backtrace.c). Optional
-# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 520 s) would be exceeded.
+# steps are skipped when the time budget (GPU_CHECK_BUDGET_S, default 580 s) would be exceeded.
 # Files:
 #   summary.txt  environment, then one line per step (status, seconds), issue 14's targets met or
 #                not (benchmarks/gpu_targets.py), then the verdict
@@ -37,7 +37,7 @@ fi
 # RESULTS_DIR is relative to where the script was started; the rest to the checkout.
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-520}
+BUDGET=${GPU_CHECK_BUDGET_S:-580}
 SUMMARY=$RESULTS/summary.txt
 DEVICE=cuda
 [ $DRY_RUN = 1 ] && DEVICE=cpu
@@ -203,7 +203,8 @@ PATH_LIMIT=${GPU_CHECK_PATH_LIMIT_S:-60}  # run 4's paths took 4-12 s each
 HUNG_KERNELS=""
 # kernel_of PATH: the tensor-core kernel a path asks for by its suffix (none: the default's).
 kernel_of() {
-  case $1 in *-wgmma_ws) echo wgmma_ws ;; *-wgmma_mc) echo wgmma_mc ;; *-wgmma) echo wgmma ;;
+  case $1 in *-wgmma_ws) echo wgmma_ws ;; *-wgmma_mc) echo wgmma_mc ;; *-wgmma_pp) echo wgmma_pp ;;
+    *-wgmma) echo wgmma ;;
     *-mma16) echo mma16 ;;
     *-wmma) echo wmma ;; esac
 }
@@ -227,7 +228,7 @@ for p in $PATHS; do
   rc=$?
   resolve_backtraces "$RESULTS/paths.log"
   if [ $rc = 0 ]; then
-    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws|*-wgmma_mc)
+    case $p in tf32|bf16|fp16|*-wmma|*-mma16|*-wgmma|*-wgmma_ws|*-wgmma_mc|*-wgmma_pp)
       VARIANTS="$VARIANTS,fused-$p" ;;
     esac
   elif [ $rc = 124 ]; then
@@ -293,7 +294,7 @@ if [ $DRY_RUN = 0 ]; then
   }
   ncu_step() {
     command -v ncu > /dev/null || return 0
-    step "ncu $1" 75 "$RESULTS/tools.log" optional env PYTHON="$PYTHON" \
+    step "ncu $1" 60 "$RESULTS/tools.log" optional env PYTHON="$PYTHON" \
       bash benchmarks/ncu_profile.sh "$1"
   }
   if command -v compute-sanitizer > /dev/null; then
@@ -301,11 +302,13 @@ if [ $DRY_RUN = 0 ]; then
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 60 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
-      bf16-wgmma_mc bf16-wgmma_ws tf32 bf16-wmma) $SMALL
+      bf16-wgmma_mc bf16-wgmma_pp bf16-wgmma_ws tf32 bf16-wmma) $SMALL
   fi
-  # The default kernel (multicast wgmma) first, its racecheck and its profile, so that a short
-  # budget still checks and reads it; then the other kernels' racecheck, then their profiles.
-  for p in $(running bf16-wgmma_mc); do racecheck_step $p; ncu_step $p; done
+  # The default kernel (multicast wgmma) and its ping-pong schedule (the candidate to replace it)
+  # first, their racechecks and then their profiles, so that a short budget still checks and reads
+  # them; then the other kernels' racecheck, then their profiles.
+  for p in $(running bf16-wgmma_mc bf16-wgmma_pp); do racecheck_step $p; done
+  for p in $(running bf16-wgmma_mc bf16-wgmma_pp); do ncu_step $p; done
   for p in $(running bf16-mma16 bf16-wgmma bf16-wgmma_ws); do racecheck_step $p; done
   if [ $RACECHECK_WS = 1 ]; then
     # shellcheck disable=SC2086

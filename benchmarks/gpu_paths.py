@@ -10,8 +10,9 @@ median time. benchmarks/gpu_check.sh runs every path this way before anything el
 
 Paths: forward kernels (fast-fp32, generic-fp32, generic-fp64; tf32, bf16, fp16 on the mma.sync
 kernel, -mma16 on its 16-warp form, -wmma on the WMMA kernel, -wgmma on the wgmma kernel,
--wgmma_ws on its warp-specialised form and -wgmma_mc on its form with multicast weights where the
-GPU runs them: H100 / H200 with an sm_90a build), `backward`
+-wgmma_ws on its warp-specialised form, -wgmma_mc on its form with multicast weights and -wgmma_pp
+on that form's ping-pong schedule where the GPU runs them: H100 / H200 with an sm_90a build),
+`backward`
 (autograd against the reference's, float64 and float32; benchmarks/bench_gpu.py times forward +
 backward at the training shape), `graph`
 (capture and replay equal the eager result), `large` (a 64M-query call, checked on a sample).
@@ -41,7 +42,8 @@ TOLERANCE = {"fp32": 1e-5, "fp64": 1e-12, "tf32": 5e-4, "fp16": 1e-3, "bf16": 4e
 # path: (dtype, hidden widths, precision, kernel expected in the profile: its name, then after "@"
 # its last template argument where it has one); the reduced precisions on the mma.sync kernel (the
 # default: 8 warps of 64 rows), on its 16-warp form (-mma16: 32 rows per warp), on the WMMA
-# kernel and on the three wgmma kernels (LIIF_CUDA_TENSOR_CORE_KERNEL).
+# kernel and on the wgmma kernels (LIIF_CUDA_TENSOR_CORE_KERNEL; the multicast one's last template
+# argument is its ping-pong schedule).
 FORWARD = {
     "fast-fp32": (torch.float32, [256] * 4, "fp32", "liif_query_fast_kernel"),
     "generic-fp32": (torch.float32, [96, 80, 64], "fp32", "liif_query_generic_kernel"),
@@ -59,10 +61,13 @@ FORWARD = {
     "fp16-wgmma": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_kernel"),
     "bf16-wgmma_ws": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_ws_kernel"),
     "fp16-wgmma_ws": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_ws_kernel"),
-    "bf16-wgmma_mc": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_mc_kernel"),
-    "fp16-wgmma_mc": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_mc_kernel"),
+    "bf16-wgmma_mc": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_mc_kernel@false"),
+    "fp16-wgmma_mc": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_mc_kernel@false"),
+    "bf16-wgmma_pp": (torch.float32, [256] * 4, "bf16", "liif_query_wgmma_mc_kernel@true"),
+    "fp16-wgmma_pp": (torch.float32, [256] * 4, "fp16", "liif_query_wgmma_mc_kernel@true"),
 }
-WGMMA_SUFFIXES = ("-wgmma", "-wgmma_ws", "-wgmma_mc")  # the paths of the wgmma kernels
+# The paths of the wgmma kernels.
+WGMMA_SUFFIXES = ("-wgmma", "-wgmma_ws", "-wgmma_mc", "-wgmma_pp")
 SUFFIXES = ("-wmma", "-mma16") + WGMMA_SUFFIXES  # the tensor-core kernel a path's name selects
 PATHS = list(FORWARD) + ["backward", "graph", "large"]
 # The paths the GPU check runs (--list): all but the WMMA kernel's, which runs 1 to 3 measured and
@@ -74,23 +79,24 @@ CHECKED = [p for p in PATHS if not p.endswith("-wmma")]
 def runs_wgmma(device):
     """Whether liif_cuda plans the wgmma kernel on `device`: a compute capability 9.0 GPU and a
     build with sm_90a code (liif_cuda.build_info()["cuda_wgmma"]); elsewhere the mma.sync kernel
-    runs the -wgmma, -wgmma_ws and -wgmma_mc paths."""
+    runs the -wgmma, -wgmma_ws, -wgmma_mc and -wgmma_pp paths."""
     return (device.type == "cuda" and liif_cuda.build_info()["cuda_wgmma"]
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
 def kernel_ran(expected, names):
-    """Whether `expected` ("name" or "name@last template argument") is among the profiled kernel
-    names; the argument is checked in a demangled name ("..., 32>") or a mangled one ("Li32E"),
-    and not where the profiler shows neither."""
+    """Whether `expected` ("name" or "name@last template argument", an int or a bool) is among the
+    profiled kernel names; the argument is checked in a demangled name ("..., 32>", "..., true>")
+    or a mangled one ("Li32E", "Lb1E"), and not where the profiler shows neither."""
     name, _, argument = expected.partition("@")
+    mangled = {"true": "Lb1E", "false": "Lb0E"}.get(argument, f"Li{argument}E")
 
     def argument_matches(k):
         if not argument:
             return True
         if "<" in k:
             return f"{argument}>" in k.replace(" ", "")
-        return f"Li{argument}E" in k if k.startswith("_Z") else True
+        return mangled in k if k.startswith("_Z") else True
 
     return any(name in k and argument_matches(k) for k in names)
 

@@ -19,9 +19,9 @@ SHARED_DEFAULT = 49152  # without opting in: too small for the fast kernel, the 
 
 # The kernel that ran (csrc/cuda/liif_query_launch.h, KernelPath): TENSOR_CORE is the WMMA kernel,
 # MMA the mma.sync one, MMA16 its 16-warp form, WGMMA the wgmma one, WGMMA_WS its warp-specialised
-# form, WGMMA_MC its form with multicast weights.
-FAST, GENERIC, TENSOR_CORE, MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC = 1, 2, 3, 4, 5, 6, 7, 8
-WGMMA_PATHS = {"wgmma": WGMMA, "wgmma_ws": WGMMA_WS, "wgmma_mc": WGMMA_MC}
+# form, WGMMA_MC its form with multicast weights, WGMMA_PP that form's ping-pong schedule.
+FAST, GENERIC, TENSOR_CORE, MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC, WGMMA_PP = range(1, 10)
+WGMMA_PATHS = {"wgmma": WGMMA, "wgmma_ws": WGMMA_WS, "wgmma_mc": WGMMA_MC, "wgmma_pp": WGMMA_PP}
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,17 +51,18 @@ SHARED_SM80 = 166912
 def tensor_core_path(precision, local_ensemble, depth, out_dim, shared, kernel):
     """The kernel the planner must choose for a reduced precision and an MLP of `depth` hidden
     layers 256 wide (csrc/cuda/liif_query_launch.h, plan_launch) on the harness's device, which
-    runs wgmma: the wgmma kernel (or its warp-specialised or multicast form) where it is preferred
-    ("auto", the default, prefers the multicast form), the precision is bf16 or fp16, there is a
-    hidden-to-hidden layer, out_dim <= 32 and its shared memory fits (sm_90's); else the mma.sync
+    runs wgmma: the wgmma kernel (or its warp-specialised or multicast form, or the latter's
+    ping-pong schedule) where it is preferred ("auto", the default, prefers the multicast form),
+    the precision is bf16 or fp16, there is a hidden-to-hidden layer, out_dim <= 32 and its shared
+    memory fits (sm_90's); else the mma.sync
     kernel (16 warps for "mma16" and "auto", else 8) where there is a hidden-to-hidden layer,
     out_dim <= 32 and its 128 rows fit; else WMMA (whose tf32 block without the local ensemble
     does not fit sm_86: then the exact FAST kernel)."""
     mma_fits = shared >= (SHARED_SM90 if precision == "tf32" else SHARED_SM80)
-    if (kernel in ("auto", "wgmma", "wgmma_ws", "wgmma_mc") and precision != "tf32" and depth >= 2
+    if (kernel in ("auto", *WGMMA_PATHS) and precision != "tf32" and depth >= 2
             and out_dim <= 32 and shared >= SHARED_SM90):
         return WGMMA_PATHS.get(kernel, WGMMA_MC)
-    if (kernel in ("auto", "mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc") and depth >= 2
+    if (kernel in ("auto", "mma", "mma16", *WGMMA_PATHS) and depth >= 2
             and out_dim <= 32 and mma_fits):
         return MMA16 if kernel in ("auto", "mma16") else MMA
     if precision == "tf32" and shared == SHARED_SM86 and not local_ensemble:
@@ -75,8 +76,9 @@ FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
 def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, precision="fp32",
         tensor_core_kernel="mma", **flags):
     """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE,
-    MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC). `tensor_core_kernel`: the one preferred for a reduced
-    precision ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws" or "wgmma_mc")."""
+    MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC, WGMMA_PP). `tensor_core_kernel`: the one preferred for
+    a reduced precision ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc" or
+    "wgmma_pp")."""
     flags = {**FLAGS, **flags}
     weights, biases = liif_cuda.mlp_parameters(mlp)
     with torch.no_grad():

@@ -193,6 +193,30 @@ def test_a_failed_path_says_where_its_wrong_queries_are():
     assert found["first_wrong_tile"] == 5 and found["wrong_are_zero"] and found["wrong_queries"] == 32
 
 
+def test_kernel_ran_reads_the_last_template_argument():
+    """gpu_paths.kernel_ran, a forward path's check of the kernel that ran: its function and its
+    last template argument (an int, or a bool: the multicast kernel's two schedules share one
+    function), in a profile's demangled names or mangled ones."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from gpu_paths import kernel_ran
+    finally:
+        sys.path.pop(0)
+    params = "(liif::cuda::QueryKernelParams<float>)"
+    demangled = [f"void liif::cuda::liif_query_wgmma_mc_kernel<(liif::cuda::Precision)2, true>{params}",
+                 f"void liif::cuda::liif_query_mma_kernel<(liif::cuda::Precision)2, 32>{params}"]
+    mangled = ["_ZN4liif4cuda26liif_query_wgmma_mc_kernelILNS0_9PrecisionE2ELb1EEEvNS0_17QueryKernel"
+               "ParamsIfEE",
+               "_ZN4liif4cuda21liif_query_mma_kernelILNS0_9PrecisionE2ELi32EEEvNS0_17QueryKernelParam"
+               "sIfEE"]
+    for names in (demangled, mangled):
+        assert kernel_ran("liif_query_wgmma_mc_kernel@true", names)
+        assert not kernel_ran("liif_query_wgmma_mc_kernel@false", names)
+        assert kernel_ran("liif_query_mma_kernel@32", names)
+        assert not kernel_ran("liif_query_mma_kernel@64", names)
+        assert not kernel_ran("liif_query_wgmma_kernel", names)
+
+
 @pytest.mark.parametrize("path,spoil", [
     ("bf16", "none"), ("bf16", "above-model-bound"), ("bf16", "above-tolerance"), ("bf16", "nan"),
     ("generic-fp32", "none"), ("generic-fp32", "above-tolerance"), ("generic-fp32", "nan")])
@@ -273,7 +297,7 @@ elif "benchmarks/gpu_paths.py" in args:
     if rest[0] == "--list":
         if os.environ.get("FAKE_LIST_FAILS"):
             sys.exit("ImportError: liif_cuda/_C.so: undefined symbol")
-        print("bf16 bf16-wgmma bf16-wgmma_mc")
+        print("bf16 bf16-wgmma bf16-wgmma_mc bf16-wgmma_pp")
     else:
         print(rest[0], "ok")
 elif "benchmarks/bench_gpu.py" in args:
@@ -312,8 +336,9 @@ def summary_line(summary, step):
 
 
 def test_gpu_mode_runs_the_optional_steps_within_the_budget(tmp_path):
-    """With 100 s of budget, memcheck (60 s limit), ncu (75 s) and racecheck (50 s, one step per
-    kernel) run (the fake tools take no time); the Set5 folder of the shared data (its path with a
+    """With 100 s of budget, memcheck (60 s limit), ncu (60 s) and racecheck (50 s, one step per
+    kernel) run (the fake tools take no time), the multicast kernel's two schedules first; the Set5
+    folder of the shared data (its path with a
     space) reaches the benchmark intact; a relative RESULTS_DIR is taken from where the script is
     run."""
     shared = tmp_path / "shared data"
@@ -323,10 +348,15 @@ def test_gpu_mode_runs_the_optional_steps_within_the_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "building for 9.0a LIIF_WERROR 0" in (results / "build.log").read_text()
     assert " ok " in summary_line(summary, "build")
-    for step in ("path bf16", "path bf16-wgmma", "path bf16-wgmma_mc", "benchmark", "memcheck",
-                 "racecheck bf16-wgmma_mc", "racecheck bf16-wgmma_ws", "ncu bf16-wgmma",
-                 "ncu bf16-wgmma_mc"):
+    steps = ("path bf16", "path bf16-wgmma", "path bf16-wgmma_mc", "path bf16-wgmma_pp",
+             "benchmark", "memcheck", "racecheck bf16-wgmma_mc", "racecheck bf16-wgmma_pp",
+             "ncu bf16-wgmma_mc", "ncu bf16-wgmma_pp", "racecheck bf16-wgmma_ws", "ncu bf16-wgmma")
+    for step in steps:
         assert " ok " in summary_line(summary, step), (step, summary)
+    order = [x.split()[0] + " " + x.split()[1] for x in summary.splitlines()
+             if x.startswith(("racecheck ", "ncu "))]
+    assert order[:4] == ["racecheck bf16-wgmma_mc", "racecheck bf16-wgmma_pp", "ncu bf16-wgmma_mc",
+                         "ncu bf16-wgmma_pp"], summary
     assert len([x for x in summary.splitlines() if x.startswith("cuda tests ")]) == 6, summary
     assert summary_line(summary, "racecheck hazards") is None, summary  # only after a failure
     assert f"'--train-data', '{shared}/data/Set5'" in (results / "bench.log").read_text()
@@ -347,7 +377,7 @@ def test_gpu_mode_build_failure(tmp_path, failing):
         assert "verdict: failed: build (" in summary
         # Without budget the optional steps are skipped, each saying what it would have needed.
         for step, limit in (("memcheck", 60), ("racecheck bf16-wgmma_mc", 50),
-                            ("ncu bf16-wgmma_mc", 75)):
+                            ("ncu bf16-wgmma_mc", 60)):
             assert f"needs {limit})" in summary_line(summary, step), (step, summary)
     else:
         assert "FAIL" in retried and summary_line(summary, "path bf16") is None, summary

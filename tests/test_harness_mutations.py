@@ -84,23 +84,28 @@ MUTATIONS = {
     "map staging: slots not offset by the earlier warps' new cells": (MMA,
         "    for (int w = 0; w < warp; ++w) slot += st.new_cells[w];\n", ""),
     "wgmma_mc: a block copies its part into its own ring only": (WGMMA_MC,
-        "full + slot, kWholeCluster);", "full + slot, 1u << rank);"),
+        "full + fetch_slot, kWholeCluster);", "full + fetch_slot, 1u << rank);"),
     "wgmma_mc: a slot refilled before the cluster released it": (WGMMA_MC,
-        "      mbarrier_wait(empty + before, "
-        "release_slot == 0 ? release_parity ^ 1u : release_parity);\n", ""),
+        "      mbarrier_wait(empty + fetch_slot, fetch_parity);\n", ""),
     "wgmma_mc: a warp releases a slot in its own block only": (WGMMA_MC,
         "mbarrier_arrive(empty + release_slot, block);",
         "mbarrier_arrive(empty + release_slot, rank);"),
     "wgmma_mc: mbarriers used before the cluster saw them initialised": (WGMMA_MC,
         "  cluster_sync();\n  // The first chunks", "  // The first chunks"),
     "wgmma_mc: a block exits while its peer may still arrive on its mbarriers": (WGMMA_MC,
-        "for (int c = stream - kWgmmaMcStages; c < stream; ++c)",
+        "for (int c = stream - kStages; c < stream; ++c)",
         "for (int c = stream; c < stream; ++c)"),
     "wgmma_mc: the next tile's geometry written before the blend has read the tile's": (WGMMA_MC,
         "    // The blend has read the predictions and the geometry before the next tile overwrites "
         "them.\n    __syncthreads();\n", ""),
     "wgmma_mc: refills stop at a tile's last chunk, not the stream's": (WGMMA_MC,
-        "released - 1 + kWgmmaMcStages < stream)", "released - 1 + kWgmmaMcStages < chunks)"),
+        "while (next <= last && next < stream)", "while (next <= last && next < chunks)"),
+    # The leading warpgroup's thread 0 would wait for a release by the trailing warpgroup, which
+    # waits for the leading one to issue the layer's first chunks: a deadlock.
+    "wgmma_pp: the ring refilled by the leading warpgroup": (WGMMA_MC,
+        "kRefiller = kPingPong ? 128 : 0;", "kRefiller = kPingPong ? 0 : 0;", "wgmma_pp"),
+    "wgmma_pp: the trailing warpgroup's refills skip the cluster's release": (WGMMA_MC,
+        "      mbarrier_wait(empty + fetch_slot, fetch_parity);\n", "", "wgmma_pp"),
     "geometry by row: a row blends with its neighbour's area, not the opposite one's": (GEOMETRY,
         "opposite = a3;  // neighbour 3 - k = k ^ 3", "opposite = a2;", "wgmma_mc"),
     "wgmma_mc weights: a chunk image's core matrices along k exchanged": (PREPARE,
@@ -125,10 +130,11 @@ CHECK = textwrap.dedent("""
     kernel = sys.argv[4]
     precisions, expected_path = {"mma": (("bf16", "tf32"), 4), "wgmma": (("bf16", "fp16"), 6),
                                  "wgmma_ws": (("bf16", "fp16"), 7),
-                                 "wgmma_mc": (("bf16", "fp16"), 8)}[kernel]
+                                 "wgmma_mc": (("bf16", "fp16"), 8),
+                                 "wgmma_pp": (("bf16", "fp16"), 9)}[kernel]
     # 3 tiles of 128 rows; for the multicast kernel 5, so that on the harness's 2 clusters one
     # loops over two pairs of tiles, the second with a block past the last tile.
-    queries = 150 if kernel == "wgmma_mc" else 70
+    queries = 150 if kernel in ("wgmma_mc", "wgmma_pp") else 70
     feat, coords, cells, published = published_problem(1, 3, 4, queries, seed=11)
     flags = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
     # Three and two hidden-to-hidden layers: an even number of epilogues could undo a mistake.
@@ -163,7 +169,7 @@ def test_mutations_are_distinct_edits():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTATIONS) + ["unmutated mma", "unmutated wgmma",
                                                      "unmutated wgmma_ws", "unmutated wgmma_mc",
-                                                     "unmutated mma staged"])
+                                                     "unmutated wgmma_pp", "unmutated mma staged"])
 def test_harness_catches_the_mutant(name, tmp_path):
     """The unmutated copy passes the same check (so that a failure means the mutation)."""
     csrc = tmp_path / "csrc"

@@ -25,14 +25,21 @@ def has_tensor_cores():
 
 def runs_wgmma():
     """An H100 / H200 and a build with its sm_90a code: where LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma
-    (or wgmma_ws, wgmma_mc) runs the wgmma kernel (or its warp-specialised or multicast form;
-    elsewhere the mma.sync one)."""
+    (or wgmma_ws, wgmma_mc, wgmma_pp) runs the wgmma kernel (or its warp-specialised or multicast
+    form, or the latter's ping-pong schedule; elsewhere the mma.sync one)."""
     return liif_cuda.build_info()["cuda_wgmma"] and torch.cuda.get_device_capability() == (9, 0)
 
 
 # The tensor-core kernels liif_cuda.query can be asked for (LIIF_CUDA_TENSOR_CORE_KERNEL; "auto" is
 # the default's name).
-TENSOR_CORE_KERNELS = ["auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc"]
+TENSOR_CORE_KERNELS = ["auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc",
+                       "wgmma_pp"]
+# The wgmma kernels' names in a profile: the function, and the last template argument where two
+# share one (the multicast kernel's ping-pong schedule).
+WGMMA_KERNEL_NAMES = {"wgmma": ("liif_query_wgmma_kernel<", ""),
+                      "wgmma_ws": ("liif_query_wgmma_ws_kernel<", ""),
+                      "wgmma_mc": ("liif_query_wgmma_mc_kernel<", "false>"),
+                      "wgmma_pp": ("liif_query_wgmma_mc_kernel<", "true>")}
 # Kernels that hung on their path earlier in this run of benchmarks/gpu_check.sh: their cases skip,
 # so that one hang does not spend the check's test step too.
 HUNG_KERNELS = os.environ.get("LIIF_GPU_CHECK_HUNG_KERNELS", "").split()
@@ -43,6 +50,12 @@ def kernels(*names):
     return [pytest.param(k, marks=pytest.mark.skipif(
         k in HUNG_KERNELS, reason=f"the {k} kernel timed out on its path in this GPU check "
         "(gpu_check.sh's paths.log)")) for k in names]
+
+
+def ran(kernel, names):
+    """Whether the wgmma kernel `kernel` is among the profiled kernel names."""
+    function, argument = WGMMA_KERNEL_NAMES[kernel]
+    return any(function in n and argument in n.replace(" ", "") for n in names)
 
 
 def tensor_core_kernel(name):
@@ -84,7 +97,7 @@ def test_tensor_core_kernel_matches_reference(problem):
     assert relative_error(out, exact) <= bound
 
 
-@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws", "wgmma_mc"))
+@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"))
 @given(problem=tensor_core_problems())
 def test_wgmma_kernel_matches_reference(kernel, problem):
     """The wgmma kernels (the mma.sync one where they do not apply) held to the same bound."""
@@ -97,7 +110,7 @@ def test_wgmma_kernel_matches_reference(kernel, problem):
     assert relative_error(out, exact) <= bound
 
 
-@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws", "wgmma_mc"))
+@pytest.mark.parametrize("kernel", kernels("wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"))
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
     """On an H100 / H200 with an sm_90a build the wgmma kernel asked for is what runs (not a
@@ -111,7 +124,7 @@ def test_wgmma_kernel_runs_where_it_applies(precision, kernel):
         liif_cuda.query(feat, coords, cells, mlp, precision=precision)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
-    assert any(f"liif_query_{kernel}_kernel" in n for n in names), sorted(set(names))
+    assert ran(kernel, names), sorted(set(names))
 
 
 @pytest.mark.parametrize("kernel", kernels("mma", "mma16", "wgmma", "wgmma_mc"))
@@ -133,13 +146,13 @@ def test_map_staging_gives_the_same_bits(precision, kernel):
 
 @pytest.mark.parametrize("queries", [2000, 2048, 150, 25376])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("kernel", kernels("wgmma_mc"))
+@pytest.mark.parametrize("kernel", kernels("wgmma_mc", "wgmma_pp"))
 def test_multicast_wgmma_kernel_equals_wgmma_kernel(kernel, precision, queries):
-    """The multicast form (clusters of two blocks sharing each weight chunk) gives the wgmma
-    kernel's bits: the same products in the same order. 2000 and 150 queries make an odd number of
-    tiles of 32 (a block without one completes the last cluster), 2048 an even one; 25376 queries,
-    793 tiles, make each of an H100 / H200's 66 clusters loop over 6 or 7 pairs of tiles, the last
-    with a block without one."""
+    """The multicast form (clusters of two blocks sharing each weight chunk), in either schedule,
+    gives the wgmma kernel's bits: the same products in the same order. 2000 and 150 queries make
+    an odd number of tiles of 32 (a block without one completes the last cluster), 2048 an even
+    one; 25376 queries, 793 tiles, make each of an H100 / H200's 66 clusters loop over 6 or 7 pairs
+    of tiles, the last with a block without one."""
     if not runs_wgmma():
         pytest.skip("the multicast wgmma kernel needs an H100 / H200 (compute capability 9.0) and "
                     f"a build with TORCH_CUDA_ARCH_LIST 9.0a (this one: {liif_cuda.build_info()})")
@@ -170,7 +183,7 @@ def test_default_kernel(precision):
         torch.cuda.synchronize()
     names = sorted({e.name for e in prof.events() if "liif_query" in e.name})
     if runs_wgmma() and precision != "tf32":
-        assert any("liif_query_wgmma_mc_kernel<" in n for n in names), names
+        assert ran("wgmma_mc", names), names
     else:  # the 16-warp form: 32 rows per warp
         assert any("liif_query_mma_kernel<" in n and ", 32>" in n for n in names), names
 
@@ -201,7 +214,7 @@ def test_cpu_tensors_ignore_cuda_autocast():
     assert out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kernel", kernels("mma", "wgmma", "wgmma_ws", "wgmma_mc"))
+@pytest.mark.parametrize("kernel", kernels("mma", "wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"))
 @pytest.mark.parametrize("precision", REDUCED)
 def test_deterministic_and_graph_capturable(precision, kernel):
     feat, coords, cells, mlp = published(batch=1, queries=3000, seed=3)

@@ -22,7 +22,7 @@ import torch
 from conftest import PRECISION_TOLERANCE, TOLERANCE, relative_error
 from cuda_harness import (FAST, FLAGS, GENERIC, MMA, MMA16, SHARED_DEFAULT, SHARED_SM80,
                           SHARED_SM86, SHARED_SM90, TENSOR_CORE, WGMMA, WGMMA_MC, WGMMA_PATHS,
-                          WGMMA_WS, load, reference, run, tensor_core_path)
+                          WGMMA_PP, WGMMA_WS, load, reference, run, tensor_core_path)
 from helpers import (REDUCED, border_coords, build_tensor_core_problem, make_mlp,
                      published_problem, random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given, settings
@@ -32,7 +32,12 @@ from liif_rounding_model import KernelRounding, tf32_round_nearest_away
 import liif_reference as ref
 
 
-KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc"]
+KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"]
+# The kernels of 128-row tiles (all but WMMA).
+TILED = ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"]
+# Those that record every phase's clocks (the warp-specialised kernel records its total only).
+CLOCKED = ["mma", "mma16", "wgmma", "wgmma_mc", "wgmma_pp"]
+MULTICAST = ("wgmma_mc", "wgmma_pp")
 
 
 # Each example runs 256-thread blocks of emulated tensor-core tiles: half the profile's examples.
@@ -137,21 +142,24 @@ def test_kernel_choice_and_fallback(hidden, out_dim, shared, path):
 
 
 @pytest.mark.parametrize("kernel,fallback", [("mma", TENSOR_CORE), ("wgmma", MMA),
-                                             ("wgmma_ws", MMA), ("wgmma_mc", MMA)])
+                                             ("wgmma_ws", MMA), ("wgmma_mc", MMA),
+                                             ("wgmma_pp", MMA)])
 def test_tensor_core_kernels_exactly_where_their_blocks_fit(kernel, fallback):
     """bf16: the 128-row kernels run exactly where their blocks fit the device's limit, and a
     byte less runs the next kernel that does (the mma.sync kernel, else WMMA). Their blocks
     (csrc/cuda/liif_query_launch.h): 128 rows of 256 bf16 layer-0 activations padded by 16 bytes,
     or for the warp-specialised kernel two tiles' operands of 128 x 256 bf16 unpadded; a ring of
     4 chunks of 256 x 80 bytes (mma.sync), 6 (wgmma) or 5 (wgmma_ws) of 256 x 64, and for the
-    multicast kernel 6 with two 8-byte mbarriers each; and the float32 geometry of 128 rows and 32
-    queries (twice, for the warp-specialised kernel's two tiles)."""
+    multicast kernel 6 (8 with the ping-pong schedule) with two 8-byte mbarriers each; and the
+    float32 geometry of 128 rows and 32 queries (twice, for the warp-specialised kernel's two
+    tiles)."""
     rows, queries = 128, 32
     geometry = rows * (3 * 4 + 4) + queries * (2 * 4 + 4)
     act, ring, tiles = {"mma": (rows * (256 * 2 + 16), 4 * 256 * 80, 1),
                         "wgmma": (rows * (256 * 2 + 16), 6 * 256 * 64, 1),
                         "wgmma_ws": (2 * rows * 256 * 2, 5 * 256 * 64, 2),
-                        "wgmma_mc": (rows * (256 * 2 + 16), 6 * 256 * 64 + 6 * 2 * 8, 1)}[kernel]
+                        "wgmma_mc": (rows * (256 * 2 + 16), 6 * 256 * 64 + 6 * 2 * 8, 1),
+                        "wgmma_pp": (rows * (256 * 2 + 16), 8 * 256 * 64 + 8 * 2 * 8, 1)}[kernel]
     fits = act + ring + tiles * geometry
     feat, coords, cells = random_inputs(1, 4, 5, 6, 8, seed=5)
     mlp = make_mlp(ref.imnet_in_dim(4), [256, 256], 3, torch.float32)
@@ -263,7 +271,7 @@ def test_emulated_mma_tile_is_a_matrix_product(precision, via_ldmatrix):
     assert torch.equal(d, a @ b + c)
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
+@pytest.mark.parametrize("kernel", TILED)
 @pytest.mark.parametrize("precision", REDUCED)
 def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     """Threads run in order or in reverse between barriers: a missing barrier or a read of a
@@ -273,7 +281,7 @@ def test_mma_kernel_result_is_independent_of_thread_order(precision, kernel):
     again, _ = run(feat, coords, cells, mlp, reverse_order=True, precision=precision,
                    tensor_core_kernel=kernel)
     assert path == tensor_core_path(precision, True, 4, 3, SHARED_SM90, kernel)
-    assert path in (MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC)
+    assert path in (MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC, WGMMA_PP)
     assert torch.equal(out, again)
 
 
@@ -308,7 +316,7 @@ def test_default_kernel_is_multicast_wgmma_else_16_warps(precision, shared):
     assert torch.equal(out, named)
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
+@pytest.mark.parametrize("kernel", TILED)
 def test_timing_probe_without_map_loads(monkeypatch, kernel):
     """LIIF_CUDA_TIMING_PROBE=no-map-loads (benchmarks' probe rows) reads no map row: the result
     of an MLP whose first layer has zero feature columns (a zero map), bit for bit; unset, the
@@ -330,7 +338,7 @@ def test_timing_probe_without_map_loads(monkeypatch, kernel):
 
 
 @pytest.mark.parametrize("probes", ["no-weight-loads", "no-map-loads,no-weight-loads"])
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
+@pytest.mark.parametrize("kernel", TILED)
 def test_timing_probe_without_weight_loads(monkeypatch, kernel, probes):
     """LIIF_CUDA_TIMING_PROBE=no-weight-loads copies no hidden-layer weight into the ring (the
     harness hands the probe a misaligned weight pointer, so any copy would be an error), and the
@@ -344,13 +352,14 @@ def test_timing_probe_without_weight_loads(monkeypatch, kernel, probes):
     assert torch.isfinite(plain).all() and torch.isnan(probe).all()
 
 
-@pytest.mark.parametrize("kernel", ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc"])
+@pytest.mark.parametrize("kernel", TILED)
 def test_phase_clocks_probe(monkeypatch, capfd, kernel):
     """LIIF_CUDA_TIMING_PROBE=phase-clocks changes no output bit and prints one line: each phase's
     mean cycles per tile (the harness's clock is in nanoseconds), adding up to the block's total;
     for the warp-specialised kernel the total only. 180 queries: 6 tiles of 32, on 6 blocks, or
     on the emulated device's 2 SMs for the warp-specialised kernel, or its 2 clusters of 2 blocks
-    for the multicast kernel, which records each block's last tile (4 of the 6)."""
+    for the multicast kernel (either schedule), which records each block's last tile (4 of the
+    6)."""
     feat, coords, cells, mlp = published_problem(2, 4, 7, 90, seed=13)
     plain, _ = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel=kernel)
     assert "phase clocks" not in capfd.readouterr().err  # without the probe, no line
@@ -361,9 +370,9 @@ def test_phase_clocks_probe(monkeypatch, capfd, kernel):
     assert len(lines) == 1, lines
     values = dict(item.split("=") for item in lines[0].split(": ", 1)[1].split())
     phases = ["geometry", "first_layer", "layers", "blend"]
-    blocks = {"wgmma_ws": 2, "wgmma_mc": 4}.get(kernel, 6)
+    blocks = {"wgmma_ws": 2, "wgmma_mc": 4, "wgmma_pp": 4}.get(kernel, 6)
     assert values.pop("kernel") == kernel
-    assert int(values.pop("tiles")) == (4 if kernel == "wgmma_mc" else 6)
+    assert int(values.pop("tiles")) == (4 if kernel in MULTICAST else 6)
     assert int(values.pop("blocks")) == blocks
     total = float(values.pop("total"))
     assert total > 0
@@ -462,11 +471,12 @@ def test_geometry_by_row_equals_geometry_by_query(local_ensemble, cell_decode):
     assert torch.equal(by_row.view(torch.int32), by_query.view(torch.int32))
 
 
+@pytest.mark.parametrize("kernel", MULTICAST)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("batch,height,width,queries,tiles", [
     (2, 4, 7, 90, 6), (1, 9, 9, 150, 5), (1, 3, 3, 5, 1)])
-def test_multicast_wgmma_kernel_equals_wgmma_kernel(monkeypatch, capfd, precision, batch, height,
-                                                    width, queries, tiles):
+def test_multicast_wgmma_kernel_equals_wgmma_kernel(monkeypatch, capfd, kernel, precision, batch,
+                                                    height, width, queries, tiles):
     """The multicast form streams the same weights by bulk copies shared by a cluster of two
     blocks, with mbarriers instead of a barrier per chunk, but changes no sum's order: the same
     bits, in both thread orders (the harness runs a cluster's blocks together, each as far ahead
@@ -474,19 +484,38 @@ def test_multicast_wgmma_kernel_equals_wgmma_kernel(monkeypatch, capfd, precisio
     which takes part in its cluster's stream, writes nothing and records no phase clocks.
     Persistent: the emulated device runs 2 clusters at once, so that with 5 or 6 tiles (3 pairs)
     one cluster loops over two pairs and the other takes one; each block records its last tile's
-    clocks (so 4 blocks record 4 tiles here, and a block of the single tile's cluster none)."""
+    clocks (so 4 blocks record 4 tiles here, and a block of the single tile's cluster none).
+    The ping-pong schedule (wgmma_pp: the second warpgroup a few chunks behind the first in each
+    layer, the ring refilled by it) changes no sum either."""
     feat, coords, cells, mlp = published_problem(batch, height, width, queries, seed=9)
     plain, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel="wgmma")
     monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "phase-clocks")
     capfd.readouterr()
     for reverse_order in (False, True):
         multicast, path_mc = run(feat, coords, cells, mlp, reverse_order=reverse_order,
-                                 precision=precision, tensor_core_kernel="wgmma_mc")
-        assert (path, path_mc) == (WGMMA, WGMMA_MC)
+                                 precision=precision, tensor_core_kernel=kernel)
+        assert (path, path_mc) == (WGMMA, WGMMA_PATHS[kernel])
         assert torch.equal(plain, multicast)
         line = [x for x in capfd.readouterr().err.splitlines() if x.startswith("liif_cuda phase")]
         values = dict(item.split("=") for item in line[-1].split(": ", 1)[1].split())
         assert values["blocks"] == values["tiles"] == str(min(tiles, 4))
+
+
+@pytest.mark.parametrize("kernel", MULTICAST)
+@pytest.mark.parametrize("depth", [2, 8])
+def test_multicast_wgmma_kernel_equals_wgmma_kernel_at_other_depths(kernel, depth):
+    """The multicast stream and the ping-pong schedule over one hidden-to-hidden layer (a tile's
+    8 chunks: the ping-pong ring holds them all, the first fill is a whole tile) and over seven
+    (56 chunks a tile), on 5 tiles (one cluster loops over two pairs), in both thread orders: the
+    wgmma kernel's bits."""
+    feat, coords, cells, _ = published_problem(1, 9, 9, 150, seed=16)
+    mlp = make_mlp(580, [256] * depth, 3, torch.float32, seed=17)
+    plain, path = run(feat, coords, cells, mlp, precision="bf16", tensor_core_kernel="wgmma")
+    for reverse_order in (False, True):
+        out, used = run(feat, coords, cells, mlp, reverse_order=reverse_order, precision="bf16",
+                        tensor_core_kernel=kernel)
+        assert (path, used) == (WGMMA, WGMMA_PATHS[kernel])
+        assert torch.equal(out, plain)
 
 
 # The wgmma kernel: warpgroup-wide, asynchronous, emulated on each lane's own registers.

@@ -25,16 +25,16 @@ namespace {
 // LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "auto" (the
 // default, unset or empty too: the multicast wgmma kernel on H100 / H200 with an sm_90a build for
 // bf16 and fp16, else mma.sync with 16 warps; plan_launch says why), "mma" (mma.sync with 8 warps per
-// block), "mma16" (its 16-warp form), "wmma" (the kernel mma.sync replaced), "wgmma", "wgmma_ws" or
-// "wgmma_mc" (the wgmma kernel, its warp-specialised form or its form with multicast weights: bf16
-// and fp16 on H100 / H200 with an sm_90a build). Read at every call, so that a benchmark can
-// compare them in one process.
+// block), "mma16" (its 16-warp form), "wmma" (the kernel mma.sync replaced), "wgmma", "wgmma_ws",
+// "wgmma_mc" or "wgmma_pp" (the wgmma kernel, its warp-specialised form, its form with multicast
+// weights or that form's ping-pong schedule: bf16 and fp16 on H100 / H200 with an sm_90a build).
+// Read at every call, so that a benchmark can compare them in one process.
 TensorCoreKernel preferred_tensor_core_kernel() {
   const char* value = std::getenv("LIIF_CUDA_TENSOR_CORE_KERNEL");
   TensorCoreKernel kernel = TensorCoreKernel::kAuto;
   TORCH_CHECK(tensor_core_kernel_named(value, &kernel),
               "liif_cuda.query: LIIF_CUDA_TENSOR_CORE_KERNEL must be auto, mma, mma16, wmma, "
-              "wgmma, wgmma_ws or wgmma_mc, got '", value, "'");
+              "wgmma, wgmma_ws, wgmma_mc or wgmma_pp, got '", value, "'");
   return kernel;
 }
 

@@ -68,7 +68,7 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  if (plan.path == KernelPath::kWgmmaMc) {
+  if (is_multicast(plan.path)) {
     // As many clusters as fit the device at once (as the occupancy API sees it; not other
     // processes' work under MPS): clusters that waited for others' SMs would only add a tail.
     config.gridDim = dim3(static_cast<unsigned>(launch_cluster(plan)));

@@ -98,6 +98,12 @@ constexpr int kWgmmaWsLaunchRegisters = 65536 / kWgmmaWsThreads / 8 * 8;
 // kWgmmaMcStages chunks with a full and an empty mbarrier per slot.
 constexpr int kWgmmaMcCluster = 2;
 constexpr int kWgmmaMcStages = 6;
+// Its ping-pong form (the same kernel with kPingPong): the second warpgroup starts each hidden layer
+// kWgmmaPpLead chunks after the first, so that one warpgroup's end of a layer (bias, ReLU, the next
+// operands) runs while the other's products keep the tensor cores busy. A ring of kWgmmaPpStages
+// chunks: the leading warpgroup may run kWgmmaPpStages - 1 chunks ahead of the other's releases.
+constexpr int kWgmmaPpStages = 8;
+constexpr int kWgmmaPpLead = 4;
 
 LIIF_HOST_DEVICE constexpr int mma_chunk_inputs(Precision p) {
   return kMmaChunkRowBytes / operand_bytes(p);
@@ -110,8 +116,8 @@ LIIF_HOST_DEVICE constexpr int mma_act_pitch_bytes(Precision p) {
 // it from LIIF_CUDA_TENSOR_CORE_KERNEL): the default (kAuto: what an H200 measured fastest, see
 // plan_launch), mma.sync with 8 warps per block (kMma), the same with 16 warps of half the rows each
 // (kMma16), the WMMA kernel mma.sync replaced, or the wgmma kernel, its warp-specialised form or
-// its form with multicast weights (bf16 and fp16 on sm_90a builds and GPUs; elsewhere, and for
-// tf32, the mma.sync kernel runs).
+// its form with multicast weights, or that form's ping-pong schedule (bf16 and fp16 on sm_90a builds
+// and GPUs; elsewhere, and for tf32, the mma.sync kernel runs).
 enum class TensorCoreKernel : int {
   kMma = 0,
   kWmma = 1,
@@ -119,13 +125,13 @@ enum class TensorCoreKernel : int {
   kWgmma = 3,
   kWgmmaWs = 4,
   kAuto = 5,
-  kWgmmaMc = 6
+  kWgmmaMc = 6,
+  kWgmmaPp = 7
 };
 
-// The kernel a name ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws" or "wgmma_mc"; empty or
-// null: "auto")
-// selects, into *kernel; false for any other name. Shared by liif_cuda.query (the environment
-// variable) and the host harness (its argument).
+// The kernel a name ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc" or
+// "wgmma_pp"; empty or null: "auto") selects, into *kernel; false for any other name. Shared by
+// liif_cuda.query (the environment variable) and the host harness (its argument).
 inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "auto") == 0) {
     *kernel = TensorCoreKernel::kAuto;
@@ -141,6 +147,8 @@ inline bool tensor_core_kernel_named(const char* name, TensorCoreKernel* kernel)
     *kernel = TensorCoreKernel::kWgmmaWs;
   } else if (std::strcmp(name, "wgmma_mc") == 0) {
     *kernel = TensorCoreKernel::kWgmmaMc;
+  } else if (std::strcmp(name, "wgmma_pp") == 0) {
+    *kernel = TensorCoreKernel::kWgmmaPp;
   } else {
     return false;
   }
@@ -235,7 +243,7 @@ inline bool timing_probe_named(const char* name, int* probe) {
 
 // kTensorCore is the WMMA kernel, kMma the mma.sync one (8 warps), kMma16 its 16-warp form, kWgmma
 // the wgmma one, kWgmmaWs its warp-specialised, persistent form, kWgmmaMc its form with multicast
-// weights.
+// weights, kWgmmaPp that form's ping-pong schedule.
 enum class KernelPath : int {
   kNone = 0,
   kFast = 1,
@@ -245,8 +253,14 @@ enum class KernelPath : int {
   kMma16 = 5,
   kWgmma = 6,
   kWgmmaWs = 7,
-  kWgmmaMc = 8
+  kWgmmaMc = 8,
+  kWgmmaPp = 9
 };
+
+// The multicast kernel, in either schedule: clusters, persistent, its weights packed as ring slots.
+inline bool is_multicast(KernelPath path) {
+  return path == KernelPath::kWgmmaMc || path == KernelPath::kWgmmaPp;
+}
 
 // The name of a kernel that records the phase-clocks probe's clocks, null for the others.
 inline const char* phase_clock_kernel_name(KernelPath path) {
@@ -256,6 +270,7 @@ inline const char* phase_clock_kernel_name(KernelPath path) {
     case KernelPath::kWgmma: return "wgmma";
     case KernelPath::kWgmmaWs: return "wgmma_ws";
     case KernelPath::kWgmmaMc: return "wgmma_mc";
+    case KernelPath::kWgmmaPp: return "wgmma_pp";
     default: return nullptr;
   }
 }
@@ -271,7 +286,7 @@ struct LaunchPlan {
 
 // Blocks per cluster for `plan`: kWgmmaMcCluster for the multicast kernel, else 1 (no clusters).
 inline int launch_cluster(const LaunchPlan& plan) {
-  return plan.path == KernelPath::kWgmmaMc ? kWgmmaMcCluster : 1;
+  return is_multicast(plan.path) ? kWgmmaMcCluster : 1;
 }
 
 // Blocks to launch for `plan` on a device that runs `resident` of its blocks at once (one per SM
@@ -282,7 +297,7 @@ inline int launch_cluster(const LaunchPlan& plan) {
 // the last tile takes part in its cluster's weight stream and writes nothing).
 inline int64_t launch_blocks(const LaunchPlan& plan, int64_t resident) {
   const int64_t at_once = resident > 0 ? resident : 1;
-  if (plan.path == KernelPath::kWgmmaMc) {
+  if (is_multicast(plan.path)) {
     const int64_t pairs = (plan.blocks + kWgmmaMcCluster - 1) / kWgmmaMcCluster;
     const int64_t clusters = at_once / kWgmmaMcCluster > 0 ? at_once / kWgmmaMcCluster : 1;
     return (pairs < clusters ? pairs : clusters) * kWgmmaMcCluster;
@@ -342,12 +357,18 @@ LIIF_HOST_DEVICE SharedLayout wgmma_layout(Precision p, int num_neighbours) {
   return layout;
 }
 
-// The multicast wgmma kernel: the wgmma kernel's layout, its ring followed by the full and the empty
+// The multicast wgmma kernel: the wgmma kernel's layout, its ring of `stages` chunks
+// (kWgmmaMcStages, or kWgmmaPpStages for the ping-pong schedule) followed by the full and the empty
 // mbarrier of each slot (8 bytes each).
-LIIF_HOST_DEVICE SharedLayout wgmma_mc_layout(Precision p, int num_neighbours) {
+LIIF_HOST_DEVICE constexpr int wgmma_mc_stages(bool ping_pong) {
+  return ping_pong ? kWgmmaPpStages : kWgmmaMcStages;
+}
+LIIF_HOST_DEVICE SharedLayout wgmma_mc_layout(Precision p, int num_neighbours,
+                                              bool ping_pong = false) {
   SharedLayout layout = mma_layout(p, num_neighbours);
-  layout.weight_bytes = static_cast<int64_t>(kWgmmaMcStages) * kWgmmaChunkBytes +
-                        round_up_32(2 * 8 * kWgmmaMcStages);
+  const int stages = wgmma_mc_stages(ping_pong);
+  layout.weight_bytes =
+      static_cast<int64_t>(stages) * kWgmmaChunkBytes + round_up_32(2 * 8 * stages);
   return layout;
 }
 
@@ -419,18 +440,18 @@ inline bool wgmma_mc_path_applies(const QueryKernelParams<T>& p, bool has_wgmma)
 
 // Picks the kernel and its block size for a device that grants `max_shared_bytes` per block.
 // Returns path kNone when not even one query's activations fit (an MLP thousands of units wide).
-// A reduced precision runs the wgmma kernel (or its warp-specialised or multicast form) if
-// `preferred` and it applies (`has_wgmma`: the device runs this build's sm_90a code), else the
-// mma.sync kernel (8 or 16 warps, as `preferred` says; unless `preferred` is the WMMA kernel), else
-// the WMMA kernel (other MLP shapes, or too little shared memory: sm_86 / sm_89), else the float32
-// kernels.
+// A reduced precision runs the wgmma kernel (or its warp-specialised or multicast form, or the
+// latter's ping-pong schedule) if `preferred` and it applies (`has_wgmma`: the device runs this
+// build's sm_90a code), else the mma.sync kernel (8 or 16 warps, as `preferred` says; unless
+// `preferred` is the WMMA kernel), else the WMMA kernel (other MLP shapes, or too little shared
+// memory: sm_86 / sm_89), else the float32 kernels.
 // kAuto, the default, is the multicast wgmma kernel where it applies and fits (else the wgmma
 // kernel), else the 16-warp mma.sync kernel: the fastest of each on an H200 for every precision and
 // size measured (benchmarks/results/gpu_query_NVIDIA_H200_20261128_run7.json: at 1080p bf16 11.5 ms
 // against 16.0 ms for the wgmma kernel, 15.4 for its warp-specialised form and 16.4 for 16 warps
 // of mma.sync; the multicast kernel clean under memcheck and racecheck; run 6's JSON: 16 warps of
 // mma.sync 6% faster than 8). The warp-specialised form stays selectable only: racecheck reports
-// hazards in it (docs/gpu.md).
+// hazards in it (docs/gpu.md). The ping-pong schedule is selectable only until a GPU has measured it.
 template <typename T>
 inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_bytes,
                               bool has_tensor_cores,
@@ -441,26 +462,31 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
   const bool automatic = preferred == TensorCoreKernel::kAuto;
   const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
                   wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
+  const bool pp = preferred == TensorCoreKernel::kWgmmaPp && wgmma_mc_path_applies(p, has_wgmma) &&
+                  shared_bytes<float>(wgmma_mc_layout(p.precision, nn, true)) <= max_shared_bytes;
   const bool mc = (preferred == TensorCoreKernel::kWgmmaMc || automatic) &&
                   wgmma_mc_path_applies(p, has_wgmma) &&
                   shared_bytes<float>(wgmma_mc_layout(p.precision, nn)) <= max_shared_bytes;
   const bool wgmma = (preferred == TensorCoreKernel::kWgmma || (automatic && !mc)) &&
                      wgmma_path_applies(p, has_wgmma) &&
                      shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
-  if (ws || mc || wgmma ||
+  if (ws || pp || mc || wgmma ||
       (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
        shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
     // They share their 128 rows per block (per tile) and their layer-0 activations' pitch.
     const bool wide = preferred == TensorCoreKernel::kMma16 || automatic;
     plan.path = ws      ? KernelPath::kWgmmaWs
+                : pp    ? KernelPath::kWgmmaPp
                 : mc    ? KernelPath::kWgmmaMc
                 : wgmma ? KernelPath::kWgmma
                 : wide  ? KernelPath::kMma16
                         : KernelPath::kMma;
-    plan.threads = ws ? kWgmmaWsThreads : mc || wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
+    plan.threads =
+        ws ? kWgmmaWsThreads : pp || mc || wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
     plan.shared_bytes = ws      ? wgmma_ws_shared_bytes(p.precision, nn)
+                        : pp    ? shared_bytes<float>(wgmma_mc_layout(p.precision, nn, true))
                         : mc    ? shared_bytes<float>(wgmma_mc_layout(p.precision, nn))
                         : wgmma ? shared_bytes<float>(wgmma_layout(p.precision, nn))
                                 : shared_bytes<float>(mma_layout(p.precision, nn));

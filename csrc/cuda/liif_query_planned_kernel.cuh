@@ -39,8 +39,16 @@ inline QueryKernel<T> planned_kernel(const LaunchPlan& plan, Precision precision
     }
     if (plan.path == KernelPath::kWgmmaMc) {
       switch (precision) {
-        case Precision::kBf16: return liif_query_wgmma_mc_kernel<Precision::kBf16>;
-        case Precision::kFp16: return liif_query_wgmma_mc_kernel<Precision::kFp16>;
+        case Precision::kBf16: return liif_query_wgmma_mc_kernel<Precision::kBf16, false>;
+        case Precision::kFp16: return liif_query_wgmma_mc_kernel<Precision::kFp16, false>;
+        case Precision::kTf32:
+        case Precision::kFp32: break;
+      }
+    }
+    if (plan.path == KernelPath::kWgmmaPp) {
+      switch (precision) {
+        case Precision::kBf16: return liif_query_wgmma_mc_kernel<Precision::kBf16, true>;
+        case Precision::kFp16: return liif_query_wgmma_mc_kernel<Precision::kFp16, true>;
         case Precision::kTf32:
         case Precision::kFp32: break;
       }

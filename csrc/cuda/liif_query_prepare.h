@@ -160,8 +160,9 @@ inline bool requested_map_staging() {
 }
 
 // Map staging in `plan` where `requested`, the kernel stages (8- and 16-warp mma.sync, wgmma and
-// its multicast form; bf16 and fp16: tf32's block leaves no room) and kStagedCells rows fit after
-// its shared memory (at a 128-byte boundary), else nothing.
+// its multicast form; bf16 and fp16: tf32's block leaves no room, as does the ping-pong schedule's
+// ring of 8 slots) and kStagedCells rows fit after its shared memory (at a 128-byte boundary), else
+// nothing.
 template <typename T>
 void plan_map_staging(QueryKernelParams<T>& params, LaunchPlan& plan, size_t max_shared_bytes,
                       bool requested) {
@@ -210,7 +211,7 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
   p.params.act_pitch = plan.act_pitch;
   // The wgmma kernels read the mma.sync kernel's packing (and rearrange it as they copy), but for
   // the multicast one, whose bulk copies need each chunk as the image of its ring slot.
-  const bool image = plan.path == KernelPath::kWgmmaMc;
+  const bool image = is_multicast(plan.path);
   const bool mma = plan.path == KernelPath::kMma || plan.path == KernelPath::kMma16 ||
                    plan.path == KernelPath::kWgmma || plan.path == KernelPath::kWgmmaWs || image;
   if (plan.path == KernelPath::kTensorCore || mma) {

@@ -178,6 +178,19 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
   expect(liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaMc, false).path ==
              KernelPath::kMma,
          "mma.sync where the device does not run the multicast wgmma kernel");
+  // Its ping-pong schedule: the same launch with a ring of 8 slots (2 chunks of 16 KiB and their
+  // mbarriers more); only where asked for.
+  const auto pp = liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaPp, true);
+  expect(pp.path == KernelPath::kWgmmaPp && pp.threads == 256 && pp.shared_bytes <= 232448 &&
+             pp.shared_bytes == mc.shared_bytes + 2 * 16384 + 32 &&
+             liif::cuda::launch_cluster(pp) == 2 && liif::cuda::launch_blocks(pp, 132) == 32 &&
+             liif::cuda::launch_blocks(pp, 9) == 8 && pp.blocks == mc.blocks,
+         "the multicast wgmma kernel's ping-pong schedule where it runs");
+  expect(liif::cuda::plan_launch(p, pp.shared_bytes - 1, true, TensorCoreKernel::kWgmmaPp, true)
+                 .path == KernelPath::kMma &&
+             liif::cuda::plan_launch(p, 232448, true, TensorCoreKernel::kWgmmaPp, false).path ==
+                 KernelPath::kMma,
+         "mma.sync where the ping-pong schedule's ring does not fit or the device runs no wgmma");
   // The default: the multicast wgmma kernel where it runs and fits, else the wgmma kernel, else
   // the 16-warp mma.sync kernel.
   const auto automatic = liif::cuda::plan_launch(p, 232448, true);
@@ -205,6 +218,8 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
          "no name is the default");
   expect(liif::cuda::tensor_core_kernel_named("wgmma_mc", &named) &&
              named == TensorCoreKernel::kWgmmaMc &&
+             liif::cuda::tensor_core_kernel_named("wgmma_pp", &named) &&
+             named == TensorCoreKernel::kWgmmaPp &&
              liif::cuda::tensor_core_kernel_named("wgmma_ws", &named) &&
              named == TensorCoreKernel::kWgmmaWs &&
              liif::cuda::tensor_core_kernel_named("mma", &named) && named == TensorCoreKernel::kMma &&
@@ -231,7 +246,8 @@ void test_plan_runs_wgmma_only_where_the_device_does() {
          "timing probe names");
   p.precision = liif::cuda::Precision::kTf32;
   for (const TensorCoreKernel k :
-       {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs, TensorCoreKernel::kWgmmaMc}) {
+       {TensorCoreKernel::kWgmma, TensorCoreKernel::kWgmmaWs, TensorCoreKernel::kWgmmaMc,
+        TensorCoreKernel::kWgmmaPp}) {
     expect(liif::cuda::plan_launch(p, 232448, true, k, true).path == KernelPath::kMma,
            "mma.sync for tf32");
   }

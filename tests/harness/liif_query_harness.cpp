@@ -56,8 +56,8 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
   const QueryKernel<T> kernel = planned_kernel<T>(plan, params.precision);
   TORCH_CHECK(kernel != nullptr, "host harness: no kernel for this plan");
   const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
-  const int resident = plan.path == KernelPath::kWgmmaMc ? kEmulatedClusterBlocks
-                                                         : kEmulatedMultiprocessors;
+  const int resident =
+      is_multicast(plan.path) ? kEmulatedClusterBlocks : kEmulatedMultiprocessors;
   liif_harness::launch(static_cast<unsigned>(launch_blocks(plan, resident)),
                        static_cast<unsigned>(plan.threads),
                        plan.shared_bytes,
@@ -67,11 +67,12 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
 
 // Returns the output and the kernel that ran (KernelPath: 1 fast, 2 generic, 3 WMMA tensor cores,
 // 4 mma.sync tensor cores, 5 the 16-warp mma.sync kernel, 6 wgmma, 7 its warp-specialised form,
-// 8 its multicast form).
+// 8 its multicast form, 9 that form's ping-pong schedule).
 // `max_shared_bytes` stands for the device's per-block shared-memory limit (101376 on sm_86/sm_89,
 // 232448 on sm_90); the emulated device has tensor cores and kEmulatedMultiprocessors SMs;
-// `tensor_core_kernel` ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws" or "wgmma_mc") is the
-// kernel preferred for the reduced precisions (the emulated device runs the wgmma kernels).
+// `tensor_core_kernel` ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc" or
+// "wgmma_pp") is the kernel preferred for the reduced precisions (the emulated device runs the
+// wgmma kernels).
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
@@ -82,8 +83,8 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
   TensorCoreKernel preferred = TensorCoreKernel::kMma;
   TORCH_CHECK(!tensor_core_kernel.empty() &&
                   tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
-              "host harness: tensor_core_kernel must be auto, mma, mma16, wmma, wgmma, wgmma_ws or "
-              "wgmma_mc");
+              "host harness: tensor_core_kernel must be auto, mma, mma16, wmma, wgmma, wgmma_ws, "
+              "wgmma_mc or wgmma_pp");
   const std::vector<at::Tensor> w = weights.vec(), bs = biases.vec();
   const liif::QueryShape shape =
       liif::check_query_inputs(feat, coords, cells, w, bs, feat_unfold, cell_decode);
