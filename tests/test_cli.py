@@ -169,6 +169,10 @@ SCALE_MUST = "--scale must be a finite number > 0"
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "-1e-9"], SCALE_MUST),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--size", "0x4"], "positive"),
     (["upscale", "{img}", "-o", "{tmp}/o.gif", "--scale", "2"], "unsupported format"),
+    # A folder not made yet, likely: the message says what -o can be.
+    (["upscale", "{img}", "-o", "{tmp}/o13", "--scale", "2"],
+     "output {tmp}/o13 has no extension: with one input, -o names the output file (.png, .jpg, "
+     ".tif or .webp) or an existing folder"),
     (["upscale", "{img}", "-o", "{tmp}/o.png", "--scale", "2", "--format", "jpg"],
      "--format is for several inputs"),
     (["upscale", "{img}", "-o", "{tmp}/no/such/dir/o.png", "--scale", "2"], "does not exist"),

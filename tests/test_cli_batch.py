@@ -317,6 +317,31 @@ def test_size_keeps_the_aspect_ratio(tmp_path, photos, checkpoint, capsys, size,
         assert notices == []
 
 
+def test_scale_below_one_gives_a_notice(tmp_path, photos, checkpoint, capsys):
+    """--scale 0.5 shrinks, as asked, with a notice (as a --size smaller than the input has);
+    --scale 1 none."""
+    for scale, size, expected in ((0.5, (7, 5), 1), (1, (14, 10), 0)):
+        out = tmp_path / f"o{scale}.png"
+        assert run("upscale", photos / "a.png", "-o", out, "--scale", scale, "--model",
+                   checkpoint) == 0
+        assert Image.open(out).size == size
+        notices = [x for x in capsys.readouterr().err.splitlines() if x.startswith("notice:")]
+        assert notices == [f"notice: --scale 0.5 gives 7x5, smaller than {photos / 'a.png'} "
+                           f"(14x10): LIIF is made to enlarge"][:expected]
+
+
+def test_a_large_output_without_a_terminal_says_it_started(tmp_path, photos, checkpoint, capsys,
+                                                           monkeypatch):
+    """An output large enough for a progress bar gets, without a terminal (here: captured), a line
+    on stderr when its work starts instead (a log would keep the bar's fragments), and no bar."""
+    import liif_cuda.cli.upscale
+    monkeypatch.setattr(liif_cuda.cli.upscale, "PIXEL_BAR_MIN", 500)
+    out = tmp_path / "o.png"
+    assert run("upscale", photos / "a.png", "-o", out, "--scale", 2, "--model", checkpoint) == 0
+    err = capsys.readouterr().err
+    assert err == f"{out}: upscaling to 28x20 (0.0 megapixels) from 14x10\n"
+
+
 def test_size_of_another_aspect_ratio_gives_a_notice(tmp_path, photos, checkpoint, capsys):
     out = tmp_path / "o.png"
     assert run("upscale", photos / "a.png", "-o", out, "--size", "20x20", "--model",

@@ -148,8 +148,10 @@ def test_json_that_appears_during_the_evaluation_is_kept(tmp_path, folder, capsy
         out.write_text("someone else's")
         return real(*args, **kwargs)
     monkeypatch.setattr("liif_cuda.evaluation.evaluate", evaluate)
-    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
-                           "--json", out)
+    status = run("--model", "bicubic", "--data", folder, "--scales", 2, "--json", out)
+    # The evaluation's progress line (no terminal here), then the error.
+    progress, err = capsys.readouterr().err.strip().splitlines()
+    assert progress.startswith("evaluate: tiny x2: ") and err.startswith("liif-cuda: error: --json")
     assert status == 1 and "--overwrite" in err and out.read_text() == "someone else's"
 
 
@@ -274,3 +276,25 @@ def test_scales_with_spaces_are_accepted(folder, capsys):
     assert run("--model", "bicubic", "--data", folder, "--scales", " 2, 3 ") == 0
     out = capsys.readouterr().out
     assert "| x2 |" in out and "| x3 |" in out
+
+
+def test_a_log_gets_a_line_per_scale_and_the_table_says_what_it_is_of(folder, capsys):
+    """Without a terminal (here: captured) no bar, but a line on stderr as each scale is done, so
+    that a long evaluation in a log shows progress; the table's first line names the model and
+    the protocol."""
+    assert run("--model", "bicubic", "--data", folder, "--scales", "2,3", "--protocol",
+               "classic") == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert [x.split(": ")[1] for x in lines] == ["tiny x2", "tiny x3"], lines
+    assert all(x.startswith("evaluate: ") and " 2 images, PSNR " in x and x.endswith(" s")
+               for x in lines)
+    out = captured.out.splitlines()
+    assert out[0] == "bicubic, protocol classic, resize pillow (PSNR dB / SSIM):"
+    assert out[1].startswith("| scale | tiny PSNR / SSIM |")
+
+
+def test_evaluate_refuses_an_unknown_progress(folder):
+    from liif_cuda.evaluation import evaluate
+    with pytest.raises(ValueError, match="progress must be True, False or 'lines'"):
+        evaluate("bicubic", folder, [2], progress="bar")

@@ -78,7 +78,8 @@ def eval_command(args):
                            lr_dir=args.lr_dir, resize=args.resize, crop=args.crop, div2k=args.div2k,
                            device=args.device, precision=args.precision,
                            encoder_precision=args.encoder_precision,
-                           progress=sys.stderr.isatty())  # no bar fragments in a redirected log
+                           # a bar on a terminal; in a redirected log a line per scale instead
+                           progress=True if sys.stderr.isatty() else "lines")
     except ImageTooSmall as exc:
         option = {"scale": "--scales", "crop": "--crop", "protocol": "--protocol"}[exc.option]
         shown = f"{exc.value:g}" if isinstance(exc.value, float) else exc.value
@@ -87,6 +88,11 @@ def eval_command(args):
         raise CliError(f"--lr-dir: {exc}") from None
     except model_errors() as exc:
         raise CliError(f"--model: {exc}") from None
+    # What the table is of, so that a saved output says it.
+    setting = [args.model, f"protocol {args.protocol}", f"resize {args.resize}"]
+    if args.model != "bicubic":
+        setting += [f"precision {args.precision}", f"encoder precision {args.encoder_precision}"]
+    print(", ".join(setting) + " (PSNR dB / SSIM):")
     print(format_table(results))
     if args.json:  # written after the table is printed: a failure here does not lose the results
         try:

@@ -40,6 +40,9 @@ def plan_output(source, in_w, in_h, scale, size):
         # --size is in pixels: "--size 10x" (10 wide) is easily meant as "10 times".
         notice(f"--size gives {out_w}x{out_h}, smaller than {source} ({in_w}x{in_h}); to enlarge "
                f"by a factor, use --scale")
+    if size is None and out_w < in_w and out_h < in_h:
+        notice(f"--scale {scale:g} gives {out_w}x{out_h}, smaller than {source} ({in_w}x{in_h}): "
+               f"LIIF is made to enlarge")
     return out_w, out_h
 
 
@@ -55,9 +58,15 @@ def upscale_to_file(image, out_w, out_h, model, args, output, overwrite):
     """Upscales a loaded image into `output` (atomically); prints the result line."""
     from ..upscaling import upscale
     start = time.perf_counter()
+    large = out_h * out_w >= PIXEL_BAR_MIN
+    if large and not sys.stderr.isatty():
+        # No bar in a log (it would leave fragments there): a line that the work has started.
+        from tqdm import tqdm
+        tqdm.write(f"{output}: upscaling to {out_w}x{out_h} ({out_w * out_h / 1e6:.1f} megapixels) "
+                   f"from {image.width}x{image.height}", file=sys.stderr)
     result = upscale(image, size=(out_w, out_h), model=model, precision=args.precision,
                      encoder_precision=args.encoder_precision,
-                     progress=out_h * out_w >= PIXEL_BAR_MIN and sys.stderr.isatty())
+                     progress=large and sys.stderr.isatty())
     write_image(result, output, overwrite)
     say(f"{output}: {out_w}x{out_h} from {image.width}x{image.height} in "
         f"{time.perf_counter() - start:.1f} s")
@@ -113,6 +122,10 @@ def upscale_single(args, scale, size, local_rank):
     if args.format is not None:
         raise CliError("--format is for several inputs; with one input the extension of -o gives "
                        "the format", 2)
+    if out_ext == "":
+        # Likely meant as a folder that is not there yet (one input into an existing folder works).
+        raise CliError(f"output {args.output} has no extension: with one input, -o names the "
+                       f"output file (.png, .jpg, .tif or .webp) or an existing folder", 2)
     if out_ext not in OUTPUT_FORMATS:
         raise CliError(f"output {args.output}: unsupported format (use .png, .jpg, .tif or .webp)", 2)
     if os.path.exists(args.output) and os.path.samefile(source, args.output):

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import sys
+import time
 
 import numpy as np
 import torch
@@ -110,7 +112,9 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     """Scores `model` on every image of every folder in `data` at every scale. `model`: a LIIF
     model, a name or path for load_model, "bicubic", or any function (lr uint8 (h, w, 3), out_h,
     out_w) -> (out_h, out_w, 3) float prediction in [0, 1]. `precision` and `encoder_precision`
-    are upscale()'s. Returns {dataset: {scale: {"psnr",
+    are upscale()'s. `progress`: True, a progress bar over the images; "lines", a line on stderr
+    as each dataset's scale is done (for logs, where a bar would leave fragments); False, nothing.
+    Returns {dataset: {scale: {"psnr",
     "ssim", "images"}}} with per-image values; writes it as JSON to `json_path` if given
     (write_results). Before any work (and before loading a named model) every image's size is
     checked at every scale: an image whose LR image would be empty, or whose ground truth has no
@@ -139,8 +143,10 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         from ..upscaling import default_device
         device = device or default_device()
         model = load_model(model, device=device)
+    if progress not in (True, False, "lines"):
+        raise ValueError(f"progress must be True, False or 'lines', got {progress!r}")
     bar = None
-    if progress:
+    if progress is True:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(v) for v in files.values()) * len(scales), unit="img",
                    desc="evaluate")
@@ -150,6 +156,7 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
             results[dataset] = {}
             for scale in scales:
                 images = []
+                start = time.perf_counter()
                 for path in paths:
                     sample = make_sample(path, scale, protocol, resize, lr_dir)
                     out_h, out_w = sample.gt.shape[:2]
@@ -166,6 +173,10 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
                     "ssim": float(np.mean(ssims)) if ssims else None,
                     "images": images,
                 }
+                if progress == "lines":
+                    print(f"evaluate: {dataset} x{scale:g}: {len(images)} images, PSNR "
+                          f"{results[dataset][f'{scale:g}']['psnr']:.4f} dB, "
+                          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     finally:
         if bar is not None:
             bar.close()
