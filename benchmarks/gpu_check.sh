@@ -301,8 +301,8 @@ if [ $DRY_RUN = 0 ]; then
     # shellcheck disable=SC2086,SC2046
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "memcheck" 60 "$RESULTS/tools.log" optional \
       compute-sanitizer --tool memcheck --error-exitcode 3 \
-      "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16 bf16-mma16 bf16-wgmma \
-      bf16-wgmma_mc bf16-wgmma_pp bf16-wgmma_ws tf32 bf16-wmma) $SMALL
+      "$PYTHON" benchmarks/gpu_paths.py $(running fast-fp32 generic-fp32 bf16-mma16 bf16-wgmma \
+      bf16-wgmma_mc bf16-wgmma_pp bf16-wgmma_ws tf32-mma16 bf16-wmma) $SMALL
   fi
   # The default kernel (multicast wgmma) and its ping-pong schedule (the candidate to replace it)
   # first, their racechecks and then their profiles, so that a short budget still checks and reads
