@@ -247,7 +247,9 @@ __device__ __forceinline__ OperandQuad<typename Operand<P>::storage> first_layer
 // 4 (t % 64) .. +3, so its bias and weight columns stay in registers, and rows t / 64 + i Threads / 64.
 // The map rows come from L2 (or HBM), or from the staged rows (kStaged): each thread issues the
 // loads of kBatch rows before it uses any, so that their latencies overlap instead of adding up
-// over its rows.
+// over its rows. With 8 warps, 16 rows: a thread's 32 rows in two rounds of L2 latency, not four
+// (run 7: layer 0 took 8,700 cycles of the multicast kernel's tile; the accumulators are not live
+// yet, so the 64 registers are there: ptxas, no spills, the same counts).
 template <Precision P, int Threads, bool kStaged>
 __device__ void mma_first_layer_rows(const QueryKernelParams<float>& p,
                                      const BlockShared<float, unsigned char>& s,
@@ -256,8 +258,8 @@ __device__ void mma_first_layer_rows(const QueryKernelParams<float>& p,
   constexpr int kPitch = mma_act_pitch_bytes(P);
   constexpr int kGroups = kFastWidth / 4;
   constexpr int kStride = Threads / kGroups;  // rows between a thread's rows
-  // 8 loads in flight per thread (4 with 16 warps, whose 128 registers hold no more).
-  constexpr int kBatch = Threads > kThreadsPerBlock ? 4 : 8;
+  // 16 loads in flight per thread (4 with 16 warps, whose 128 registers hold no more).
+  constexpr int kBatch = Threads > kThreadsPerBlock ? 4 : 16;
   static_assert(kMmaRows % (kStride * kBatch) == 0, "whole batches of rows");
   const int tid = static_cast<int>(threadIdx.x);
   const int c = 4 * (tid % kGroups);
