@@ -1116,7 +1116,11 @@ class ThreadRank:
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_shared_validation_is_one_process_validation(images, world):
     """10 samples in batches of 3 (3, 3, 3, 1) shared among 1, 2, 3 or 5 ranks (5: one rank
-    without a batch): every rank returns the PSNR of one process validating them all."""
+    without a batch): every rank returns the PSNR of one process validating them all. Each rank
+    (a thread here) has its own copy of the model, as each process of a real run has: the model
+    keeps the feature map of its last gen_feat, which threads sharing one would overwrite in each
+    other's batches (a rehearsal run failed so)."""
+    import copy
     import threading
     torch.manual_seed(0)
     model = build_model(tiny_config(images)["model"])
@@ -1125,9 +1129,11 @@ def test_shared_validation_is_one_process_validation(images, world):
     whole = validate(model, torch.utils.data.DataLoader(val_set, batch_size=3), cpu, "fp32", 30000)
     board, barrier, results = [None] * world, threading.Barrier(world), [None] * world
 
+    models = [copy.deepcopy(model) for _ in range(world)]
+
     def rank(r):
-        results[r] = validate_shared(model, val_set, 3, ThreadRank(r, world, board, barrier), cpu,
-                                     "fp32", 30000, "original", {})
+        results[r] = validate_shared(models[r], val_set, 3, ThreadRank(r, world, board, barrier),
+                                     cpu, "fp32", 30000, "original", {})
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()

@@ -135,6 +135,9 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         raise ValueError(f"scales must be > 0, got {scales}")
     if crop is not None and not crop >= 0:
         raise ValueError(f"crop must be >= 0, got {crop}")
+    lines = isinstance(progress, str) and progress == "lines"
+    if not lines and progress not in (True, False):
+        raise ValueError(f"progress must be True, False or 'lines', got {progress!r}")
     check_protocol_options(protocol, crop, div2k)
     files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
     check_sizes(files, scales, protocol, crop, div2k, lr_dir)
@@ -143,10 +146,8 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         from ..upscaling import default_device
         device = device or default_device()
         model = load_model(model, device=device)
-    if progress not in (True, False, "lines"):
-        raise ValueError(f"progress must be True, False or 'lines', got {progress!r}")
     bar = None
-    if progress is True:
+    if progress and not lines:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(v) for v in files.values()) * len(scales), unit="img",
                    desc="evaluate")
@@ -173,7 +174,7 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
                     "ssim": float(np.mean(ssims)) if ssims else None,
                     "images": images,
                 }
-                if progress == "lines":
+                if lines:
                     print(f"evaluate: {dataset} x{scale:g}: {len(images)} images, PSNR "
                           f"{results[dataset][f'{scale:g}']['psnr']:.4f} dB, "
                           f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
