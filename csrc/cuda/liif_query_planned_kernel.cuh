@@ -37,18 +37,15 @@ inline QueryKernel<T> planned_kernel(const LaunchPlan& plan, Precision precision
         case Precision::kFp32: break;
       }
     }
-    if (plan.path == KernelPath::kWgmmaMc) {
+    if (is_multicast(plan.path)) {
+      const bool ping_pong = plan.path == KernelPath::kWgmmaPp;
       switch (precision) {
-        case Precision::kBf16: return liif_query_wgmma_mc_kernel<Precision::kBf16, false>;
-        case Precision::kFp16: return liif_query_wgmma_mc_kernel<Precision::kFp16, false>;
-        case Precision::kTf32:
-        case Precision::kFp32: break;
-      }
-    }
-    if (plan.path == KernelPath::kWgmmaPp) {
-      switch (precision) {
-        case Precision::kBf16: return liif_query_wgmma_mc_kernel<Precision::kBf16, true>;
-        case Precision::kFp16: return liif_query_wgmma_mc_kernel<Precision::kFp16, true>;
+        case Precision::kBf16:
+          return ping_pong ? liif_query_wgmma_mc_kernel<Precision::kBf16, true>
+                           : liif_query_wgmma_mc_kernel<Precision::kBf16, false>;
+        case Precision::kFp16:
+          return ping_pong ? liif_query_wgmma_mc_kernel<Precision::kFp16, true>
+                           : liif_query_wgmma_mc_kernel<Precision::kFp16, false>;
         case Precision::kTf32:
         case Precision::kFp32: break;
       }
