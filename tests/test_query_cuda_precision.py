@@ -3,12 +3,13 @@ CUDA graphs, torch.compile, and the PSNR of the official weights on Set5 per pre
 the reason, without a GPU; tests/test_tensor_core_harness.py runs the same kernel on the host."""
 
 import os
+import sys
 from unittest import mock
 
 import pytest
 import torch
-from conftest import (CUDA_SKIP_REASON, OFFICIAL_WEIGHTS, PRECISION_TOLERANCE, SHARED, TOLERANCE,
-                      deterministic_algorithms, relative_error, requires_shared)
+from conftest import (CUDA_SKIP_REASON, OFFICIAL_WEIGHTS, PRECISION_TOLERANCE, ROOT, SHARED,
+                      TOLERANCE, deterministic_algorithms, relative_error, requires_shared)
 from helpers import (REDUCED, build_tensor_core_problem, make_mlp, published_problem,
                      random_inputs, rounding_model_bound, tensor_core_problems)
 from hypothesis import given
@@ -34,12 +35,6 @@ def runs_wgmma():
 # the default's name).
 TENSOR_CORE_KERNELS = ["auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc",
                        "wgmma_pp"]
-# The wgmma kernels' names in a profile: the function, and the last template argument where two
-# share one (the multicast kernel's ping-pong schedule).
-WGMMA_KERNEL_NAMES = {"wgmma": ("liif_query_wgmma_kernel<", ""),
-                      "wgmma_ws": ("liif_query_wgmma_ws_kernel<", ""),
-                      "wgmma_mc": ("liif_query_wgmma_mc_kernel<", "false>"),
-                      "wgmma_pp": ("liif_query_wgmma_mc_kernel<", "true>")}
 # Kernels that hung on their path earlier in this run of benchmarks/gpu_check.sh: their cases skip,
 # so that one hang does not spend the check's test step too.
 HUNG_KERNELS = os.environ.get("LIIF_GPU_CHECK_HUNG_KERNELS", "").split()
@@ -53,9 +48,15 @@ def kernels(*names):
 
 
 def ran(kernel, names):
-    """Whether the wgmma kernel `kernel` is among the profiled kernel names."""
-    function, argument = WGMMA_KERNEL_NAMES[kernel]
-    return any(function in n and argument in n.replace(" ", "") for n in names)
+    """Whether the wgmma kernel `kernel` is among the profiled kernel names: the GPU check's own
+    test of a path's kernel (benchmarks/gpu_paths.py; the multicast kernel's two schedules share a
+    function and differ by its last template argument)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from gpu_paths import FORWARD, kernel_ran
+    finally:
+        sys.path.pop(0)
+    return kernel_ran(FORWARD[f"bf16-{kernel}"][3], names)
 
 
 def tensor_core_kernel(name):

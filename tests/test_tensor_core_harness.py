@@ -35,8 +35,6 @@ import liif_reference as ref
 KERNELS = ["mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"]
 # The kernels of 128-row tiles (all but WMMA).
 TILED = ["mma", "mma16", "wgmma", "wgmma_ws", "wgmma_mc", "wgmma_pp"]
-# Those that record every phase's clocks (the warp-specialised kernel records its total only).
-CLOCKED = ["mma", "mma16", "wgmma", "wgmma_mc", "wgmma_pp"]
 MULTICAST = ("wgmma_mc", "wgmma_pp")
 
 
