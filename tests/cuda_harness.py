@@ -74,17 +74,18 @@ FLAGS = dict(local_ensemble=True, feat_unfold=True, cell_decode=True)
 
 
 def run(feat, coords, cells, mlp, shared=SHARED_SM90, reverse_order=False, precision="fp32",
-        tensor_core_kernel="mma", **flags):
+        tensor_core_kernel="mma", clusters_fit=True, **flags):
     """The CUDA query path on the host: (output, the kernel that ran: FAST, GENERIC, TENSOR_CORE,
     MMA, MMA16, WGMMA, WGMMA_WS, WGMMA_MC, WGMMA_PP). `tensor_core_kernel`: the one preferred for
     a reduced precision ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc" or
-    "wgmma_pp")."""
+    "wgmma_pp"); `clusters_fit` False: the emulated device fits none of the multicast kernel's
+    clusters at once."""
     flags = {**FLAGS, **flags}
     weights, biases = liif_cuda.mlp_parameters(mlp)
     with torch.no_grad():
         return load()(feat, coords, cells if flags["cell_decode"] else None, weights, biases,
                       flags["local_ensemble"], flags["feat_unfold"], flags["cell_decode"],
-                      precision, shared, reverse_order, tensor_core_kernel)
+                      precision, shared, reverse_order, tensor_core_kernel, clusters_fit)
 
 
 def backward(grad_out, feat, coords, cells, weights, biases, needs_grad, chunk_rows=0,

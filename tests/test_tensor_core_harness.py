@@ -314,6 +314,33 @@ def test_default_kernel_is_multicast_wgmma_else_16_warps(precision, shared):
     assert torch.equal(out, named)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_auto_runs_the_wgmma_kernel_where_no_cluster_fits(monkeypatch, precision):
+    """Where no cluster of the multicast kernel fits the device at once (cudaOccupancyMaxActiveClusters
+    says 0 on a partitioned or shared GPU), "auto" runs the wgmma kernel instead, with its bits
+    (also with map staging and the phase clocks, which the first plan had set up); the multicast
+    kernel asked for by name is an error that says what to ask for instead."""
+    feat, coords, cells, mlp = published_problem(1, 4, 5, 40, seed=11)
+    out, path = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel="auto",
+                    clusters_fit=False)
+    wgmma, _ = run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel="wgmma")
+    multicast, multicast_path = run(feat, coords, cells, mlp, precision=precision,
+                                    tensor_core_kernel="auto")
+    assert (path, multicast_path) == (WGMMA, WGMMA_MC)
+    assert torch.equal(out, wgmma) and torch.equal(wgmma, multicast)
+    for kernel in ("wgmma_mc", "wgmma_pp"):
+        with pytest.raises(RuntimeError, match=f"LIIF_CUDA_TENSOR_CORE_KERNEL={kernel}: no cluster "
+                                               "of the multicast wgmma kernel fits the device; "
+                                               "set it to wgmma or unset it"):
+            run(feat, coords, cells, mlp, precision=precision, tensor_core_kernel=kernel,
+                clusters_fit=False)
+    monkeypatch.setenv("LIIF_CUDA_STAGE_MAP", "1")
+    monkeypatch.setenv("LIIF_CUDA_TIMING_PROBE", "phase-clocks")
+    staged, staged_path = run(feat, coords, cells, mlp, precision=precision,
+                              tensor_core_kernel="auto", clusters_fit=False)
+    assert staged_path == WGMMA and torch.equal(staged, wgmma)
+
+
 @pytest.mark.parametrize("kernel", TILED)
 def test_timing_probe_without_map_loads(monkeypatch, kernel):
     """LIIF_CUDA_TIMING_PROBE=no-map-loads (benchmarks' probe rows) reads no map row: the result

@@ -24,10 +24,11 @@ namespace {
 
 // LIIF_CUDA_TENSOR_CORE_KERNEL: which tensor-core kernel runs the reduced precisions, "auto" (the
 // default, unset or empty too: the multicast wgmma kernel on H100 / H200 with an sm_90a build for
-// bf16 and fp16, else mma.sync with 16 warps; plan_launch says why), "mma" (mma.sync with 8 warps per
-// block), "mma16" (its 16-warp form), "wmma" (the kernel mma.sync replaced), "wgmma", "wgmma_ws",
-// "wgmma_mc" or "wgmma_pp" (the wgmma kernel, its warp-specialised form, its form with multicast
-// weights or that form's ping-pong schedule: bf16 and fp16 on H100 / H200 with an sm_90a build).
+// bf16 and fp16, where its clusters fit the device, else the wgmma kernel, plan_and_launch; else
+// mma.sync with 16 warps; plan_launch says why), "mma" (mma.sync with 8 warps per block), "mma16"
+// (its 16-warp form), "wmma" (the kernel mma.sync replaced), "wgmma", "wgmma_ws", "wgmma_mc" or
+// "wgmma_pp" (the wgmma kernel, its warp-specialised form, its form with multicast weights or that
+// form's ping-pong schedule: bf16 and fp16 on H100 / H200 with an sm_90a build).
 // Read at every call, so that a benchmark can compare them in one process.
 TensorCoreKernel preferred_tensor_core_kernel() {
   const char* value = std::getenv("LIIF_CUDA_TENSOR_CORE_KERNEL");
@@ -83,14 +84,18 @@ std::tuple<at::Tensor, at::Tensor> query_cuda_keeping_map(
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_map);
+    auto launch = [&](const LaunchPlan& plan) {
+      const LaunchStatus status = launch_query_kernel(
+          prepared.params, plan, c10::cuda::getCurrentCUDAStream().stream());
+      if (status.no_cluster_fits) return false;
+      TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",
+                  status.stage, ": ", cudaGetErrorString(status.error));
+      return true;
+    };
     const LaunchPlan plan =
-        plan_prepared_query(prepared, static_cast<size_t>(max_shared),
-                            /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel(),
-                            runs_wgmma(major, minor));
-    const LaunchStatus status = launch_query_kernel(prepared.params, plan,
-                                                    c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(status.error == cudaSuccess, "liif_cuda.query (CUDA kernel): CUDA error ",
-                status.stage, ": ", cudaGetErrorString(status.error));
+        plan_and_launch(prepared, static_cast<size_t>(max_shared),
+                        /*has_tensor_cores=*/major >= 8, preferred_tensor_core_kernel(),
+                        runs_wgmma(major, minor), launch);
     print_phase_clocks(prepared.phase_clocks, plan);
     // The temporaries go back to the caching allocator, which keeps them for this stream until
     // the kernel is done with them.

@@ -14,9 +14,13 @@ namespace cuda {
 struct LaunchStatus {
   cudaError_t error = cudaSuccess;
   const char* stage = "";
+  // Nothing was launched: none of the plan's clusters fits the device at once (plan_and_launch
+  // then plans a kernel without clusters where it may).
+  bool no_cluster_fits = false;
 };
 
-// Launches the kernel `plan` names on `stream` (raising its dynamic shared-memory limit first).
+// Launches the kernel `plan` names on `stream` (raising its dynamic shared-memory limit first), or
+// nothing where none of its clusters fits the device (no_cluster_fits).
 // Defined for float and double.
 template <typename T>
 LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan,

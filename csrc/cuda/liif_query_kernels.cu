@@ -76,9 +76,8 @@ LaunchStatus launch_query_kernel(const QueryKernelParams<T>& params, const Launc
     err = max_active_clusters<T>(kernel, config, &clusters);
     if (err != cudaSuccess) return {err, "reading how many of the kernel's clusters fit the device"};
     if (clusters < 1) {
-      return {cudaErrorInvalidConfiguration,
-              "fitting a cluster of the multicast wgmma kernel on the device (none fits; run "
-              "LIIF_CUDA_TENSOR_CORE_KERNEL=wgmma instead)"};
+      return {cudaErrorInvalidConfiguration, "fitting a cluster of the kernel on the device",
+              /*no_cluster_fits=*/true};
     }
     resident = static_cast<int64_t>(clusters) * launch_cluster(plan);
   }

@@ -202,6 +202,9 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
                                bool has_wgmma = false) {
   LaunchPlan plan =
       plan_launch(p.params, max_shared_bytes, has_tensor_cores, preferred, has_wgmma);
+  // Whatever an earlier plan of the same query set (plan_and_launch plans again).
+  p.params.staged_cells = 0;
+  p.params.staged_offset = 0;
   TORCH_CHECK(plan.path != KernelPath::kNone,
               "liif_cuda.query (CUDA kernel): the activations of one query do not fit the ",
               max_shared_bytes, " bytes of shared memory a block may use (an MLP layer is too wide)");
@@ -253,6 +256,32 @@ LaunchPlan plan_prepared_query(PreparedQuery<T>& p, size_t max_shared_bytes, boo
   plan_map_staging(p.params, plan, max_shared_bytes, requested_map_staging());
   p.params.timing_probe = requested_timing_probe();
   add_phase_clock_buffer(p, plan);
+  return plan;
+}
+
+// Plans the launch of `p` and runs it with `launch(plan)`, which launches the kernel the plan names
+// and returns true, or returns false having launched nothing where none of the plan's clusters fits
+// the device at once (cudaOccupancyMaxActiveClusters: the multicast kernel's two blocks, each with
+// most of an SM's shared memory, on two SMs of one GPC; a partitioned or shared GPU may have no
+// such pair free). Then `auto`'s choice becomes the wgmma kernel, which needs no cluster, and a
+// multicast kernel asked for by name is an error that says what to ask for instead. Returns the
+// plan that ran.
+template <typename T, typename Launch>
+LaunchPlan plan_and_launch(PreparedQuery<T>& p, size_t max_shared_bytes, bool has_tensor_cores,
+                           TensorCoreKernel preferred, bool has_wgmma, Launch&& launch) {
+  LaunchPlan plan =
+      plan_prepared_query(p, max_shared_bytes, has_tensor_cores, preferred, has_wgmma);
+  if (launch(plan)) return plan;
+  TORCH_CHECK(preferred == TensorCoreKernel::kAuto,
+              "liif_cuda.query (CUDA kernel): LIIF_CUDA_TENSOR_CORE_KERNEL=",
+              phase_clock_kernel_name(plan.path),  // the kernel's name in that variable
+              ": no cluster of the multicast wgmma kernel fits the device; set it to wgmma or "
+              "unset it");
+  plan = plan_prepared_query(p, max_shared_bytes, has_tensor_cores, TensorCoreKernel::kWgmma,
+                             has_wgmma);
+  TORCH_CHECK(!is_multicast(plan.path) && launch(plan),
+              "liif_cuda.query (CUDA kernel): the wgmma kernel planned instead of the multicast "
+              "one did not launch");
   return plan;
 }
 

@@ -72,14 +72,15 @@ void run_kernel(const QueryKernelParams<T>& params, const LaunchPlan& plan, bool
 // 232448 on sm_90); the emulated device has tensor cores and kEmulatedMultiprocessors SMs;
 // `tensor_core_kernel` ("auto", "mma", "mma16", "wmma", "wgmma", "wgmma_ws", "wgmma_mc" or
 // "wgmma_pp") is the kernel preferred for the reduced precisions (the emulated device runs the
-// wgmma kernels).
+// wgmma kernels); `clusters_fit` false: no cluster fits the device (plan_and_launch).
 std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::Tensor& coords,
                                               const c10::optional<at::Tensor>& cells,
                                               at::TensorList weights, at::TensorList biases,
                                               bool local_ensemble, bool feat_unfold,
                                               bool cell_decode, c10::string_view precision,
                                               int64_t max_shared_bytes, bool reverse_order,
-                                              c10::string_view tensor_core_kernel) {
+                                              c10::string_view tensor_core_kernel,
+                                              bool clusters_fit) {
   TensorCoreKernel preferred = TensorCoreKernel::kMma;
   TORCH_CHECK(!tensor_core_kernel.empty() &&
                   tensor_core_kernel_named(std::string(tensor_core_kernel).c_str(), &preferred),
@@ -95,16 +96,22 @@ std::tuple<at::Tensor, int64_t> query_on_host(const at::Tensor& feat, const at::
     PreparedQuery<scalar_t> prepared =
         prepare_query<scalar_t>(feat, coords, cells, w, bs, local_ensemble, feat_unfold,
                                 cell_decode, arithmetic, shape, convolve_on_host);
+    // The emulated device fits the multicast kernel's clusters unless `clusters_fit` is false
+    // (as cudaOccupancyMaxActiveClusters may answer on a partitioned or shared GPU).
+    auto launch = [&](const LaunchPlan& plan) {
+      if (is_multicast(plan.path) && !clusters_fit) return false;
+      if (prepared.params.timing_probe & kProbeNoWeightLoads) {
+        // The probe copies no weight: a misaligned pointer makes any copy from it an error.
+        prepared.params.operand_weights =
+            static_cast<const unsigned char*>(prepared.params.operand_weights) + 8;
+      }
+      run_kernel(prepared.params, plan, reverse_order);
+      return true;
+    };
     // With the environment's map staging and timing probes, as liif_cuda.query reads them.
-    const LaunchPlan plan = plan_prepared_query(prepared, static_cast<size_t>(max_shared_bytes),
-                                                /*has_tensor_cores=*/true, preferred,
-                                                /*has_wgmma=*/true);
-    if (prepared.params.timing_probe & kProbeNoWeightLoads) {
-      // The probe copies no weight: a misaligned pointer makes any copy from it an error.
-      prepared.params.operand_weights =
-          static_cast<const unsigned char*>(prepared.params.operand_weights) + 8;
-    }
-    run_kernel(prepared.params, plan, reverse_order);
+    const LaunchPlan plan = plan_and_launch(prepared, static_cast<size_t>(max_shared_bytes),
+                                            /*has_tensor_cores=*/true, preferred,
+                                            /*has_wgmma=*/true, launch);
     print_phase_clocks(prepared.phase_clocks, plan);
     out = prepared.out;
     path = static_cast<int64_t>(plan.path);
@@ -676,7 +683,8 @@ TORCH_LIBRARY(liif_cuda_harness, m) {
   m.def(
       "query(Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, Tensor[] biases, "
       "bool local_ensemble, bool feat_unfold, bool cell_decode, str precision, "
-      "int max_shared_bytes, bool reverse_order, str tensor_core_kernel=\"mma\") -> (Tensor, int)");
+      "int max_shared_bytes, bool reverse_order, str tensor_core_kernel=\"mma\", "
+      "bool clusters_fit=True) -> (Tensor, int)");
   m.impl("query", c10::DispatchKey::CPU, &query_on_host);
   m.def(
       "query_backward(Tensor grad_out, Tensor feat, Tensor coords, Tensor? cells, Tensor[] weights, "
