@@ -169,12 +169,33 @@ def check_encoder_precision(encoder_precision, device):
         raise ValueError("encoder_precision='fp16' needs a CUDA device (on the CPU use 'bf16')")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_convolutions():
+    """Whether torch convolves bf16 on this CPU with oneDNN's bf16 kernels (AVX512BW/VL/DQ, AMX or
+    AVX-NE-CONVERT). Elsewhere autocast's bf16 convolutions take torch's plain loops: the encoder
+    of the quick start's upscale took 5.3x float32's time, a training step of the recipe 7.9x, on a
+    2-core AVX2-only AMD EPYC (docs/cpu_bf16.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the check: autocast as asked
+        return True
+
+
+def encoder_runs_in(encoder_precision, device_type):
+    """The precision the encoder runs in for `encoder_precision` on a device type: bf16 runs
+    float32 on a CPU without bf16 convolutions (cpu_has_bf16_convolutions), as the query's bf16
+    does on a CPU without AVX512-BF16."""
+    if encoder_precision == "bf16" and device_type == "cpu" and not cpu_has_bf16_convolutions():
+        return "fp32"
+    return encoder_precision
+
+
 def run_encoder(encoder, inp, encoder_precision):
     if inp.device.type == "cpu":
         # oneDNN's convolutions run about 1.4x faster (float32) and 1.5x (bf16) on channels-last
         # input (EDSR-baseline on 451x300, 2 cores); the result differs by float32 rounding only.
         inp = inp.contiguous(memory_format=torch.channels_last)
-    if encoder_precision == "fp32":
+    if encoder_runs_in(encoder_precision, inp.device.type) == "fp32":
         return encoder(inp)
     with torch.autocast(inp.device.type, dtype=_AUTOCAST_DTYPES[encoder_precision]):
         return encoder(inp).float()
@@ -255,7 +276,9 @@ def upscale(image: ImageT, scale: Optional[Scale] = None, size: Optional[Size] =
         precision: the query's arithmetic, "fp32" (exact), "tf32", "bf16" or "fp16" (CUDA tensor
             cores; "bf16" also on CPUs with AVX512-BF16; float32 elsewhere, see liif_cuda.query).
         encoder_precision: the encoder's, "fp32" (default) or, through torch.autocast, "bf16"
-            (CPU or CUDA) or "fp16" (CUDA); its features are rounded to that dtype.
+            (CUDA, and CPUs whose torch convolves bf16 natively: AVX512 or AMX; float32 on other
+            CPUs, where it would be several times slower) or "fp16" (CUDA); its features are
+            rounded to that dtype.
         tile: LR tile size for the encoder, >= 1 (default: the encoder's `default_tile`).
         chunk: queries per fused-operator call, >= 1.
         progress: show a tqdm progress bar over the output pixels.

@@ -596,6 +596,47 @@ def test_bench_train_memory_probe_steps_its_variant(monkeypatch):
     assert steps == [("liif_cuda-bf16", "cpu", "warm"), ("liif_cuda-bf16", "cpu", "measured")]
 
 
+# profile_train_step.py
+
+
+def test_profile_train_step_variants():
+    """Its variants' names: liif-cuda train's step per precision and the two diagnostics of a
+    reduced precision's step; any other name is refused before any work."""
+    pt = bench("profile_train_step")
+    assert pt.parse_variant("reference") == ("fp32", None)
+    assert pt.parse_variant("liif_cuda-bf16") == ("bf16", None)
+    assert pt.parse_variant("liif_cuda-bf16-query") == ("bf16", "query")
+    assert pt.parse_variant("liif_cuda-fp16-channels_last") == ("fp16", "channels_last")
+    for bad in ("liif_cuda", "liif_cuda-fp64", "liif_cuda-bf16-nhwc", "ref", "liif_cuda-bf16-query-x"):
+        with pytest.raises(SystemExit, match=f"--variants: unknown variant '{bad}'"):
+            pt.parse_variant(bad)
+
+
+def test_profile_train_step_diagnostic_layouts():
+    """The diagnostics compute train_step's loss: "query" with the encoder outside autocast
+    (float32 features under bf16), "channels_last" with the encoder's weights and input in that
+    memory format; in float32 all three give the same loss."""
+    pt = bench("profile_train_step")
+    torch.manual_seed(3)
+    batch = {"inp": torch.randn(2, 3, 6, 7), "coord": torch.rand(2, 20, 2) * 2 - 1,
+             "cell": torch.full((2, 20, 2), 0.1), "gt": torch.randn(2, 20, 3)}
+    losses, feat_dtypes = {}, {}
+    for layout in (None, "query", "channels_last"):
+        name = "liif_cuda-bf16" + (f"-{layout}" if layout else "")
+        model, _, precision, got_layout = pt.model_and_optimizer(name, "cpu")
+        assert (precision, got_layout) == ("bf16", layout)
+        conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (
+            layout == "channels_last")
+        losses[layout] = pt.forward_and_loss(model, batch, "fp32", layout).item()
+        pt.forward_and_loss(model, batch, "bf16", layout)
+        feat_dtypes[layout] = model.feat.dtype
+    assert feat_dtypes == {None: torch.bfloat16, "query": torch.float32,
+                           "channels_last": torch.bfloat16}
+    assert losses["query"] == pytest.approx(losses[None], rel=1e-6)
+    assert losses["channels_last"] == pytest.approx(losses[None], rel=1e-5)
+
+
 def test_bench_train_cuda_peak_memory(monkeypatch):
     """On CUDA: the peak allocated during the step above what was allocated before it, the peak
     of earlier work (here 1000) not counted."""

@@ -118,6 +118,29 @@ def test_precision_the_cpu_runs_in_float32_is_said(tmp_path, image, checkpoint, 
         assert notices == [], notices
 
 
+@pytest.mark.parametrize("command", ["upscale", "eval"])
+@pytest.mark.parametrize("native", [True, False])
+def test_encoder_bf16_the_cpu_runs_in_float32_is_said(tmp_path, image, checkpoint, capsys,
+                                                      monkeypatch, command, native):
+    """--encoder-precision bf16 on a CPU whose torch has no bf16 convolutions runs float32
+    (liif_cuda.upscaling.encoder_runs_in): a notice says so, once; where it has them, nothing."""
+    import liif_cuda.upscaling as upscaling
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: native)
+    if command == "upscale":
+        argv = ["upscale", image, "-o", tmp_path / "o.png", "--scale", 2]
+    else:
+        data = tmp_path / "data"
+        data.mkdir()
+        shutil.copy(image, data / "a.png")
+        argv = ["eval", "--data", data, "--scales", 2, "--protocol", "paper"]
+    assert run(*argv, "--model", checkpoint, "--device", "cpu", "--encoder-precision",
+               "bf16") == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "notice:" in line]
+    said = ("notice: --encoder-precision bf16 runs float32 on this CPU (torch has no bf16 "
+            "convolutions for it: they need AVX512 or AMX)")
+    assert notices == ([] if native else [said]), notices
+
+
 def error_of(capsys, *argv):
     status = run(*argv)
     err = capsys.readouterr().err.strip()
@@ -247,21 +270,21 @@ def argparse_error(capsys, *argv):
 @pytest.mark.parametrize("argv,expected", [
     # A typo in an option is named first, not the required option it was meant to give.
     (["upscale", "x.png", "-o", "y.png", "--scael", "2"],
-     "liif-cuda upscale: error: unrecognized option --scael; did you mean --scale or --size?"),
+     "liif-cuda: error: unrecognized option --scael; did you mean --scale or --size?"),
     (["upscale", "x.png", "-o", "y.png", "--scale", "2", "--overwirte"],
-     "liif-cuda upscale: error: unrecognized option --overwirte; did you mean --overwrite?"),
+     "liif-cuda: error: unrecognized option --overwirte; did you mean --overwrite?"),
     (["eval", "--model", "bicubic", "--data", "d", "--scales", "2", "--protocl", "mmedit"],
-     "liif-cuda eval: error: unrecognized option --protocl; did you mean --protocol?"),
+     "liif-cuda: error: unrecognized option --protocl; did you mean --protocol?"),
     (["train", "--config", "c.yaml", "--out", "r", "--devcie", "cpu"],
-     "liif-cuda train: error: unrecognized option --devcie; did you mean --device?"),
+     "liif-cuda: error: unrecognized option --devcie; did you mean --device?"),
     (["upscale", "x.png", "-o", "y.png", "--scale", "2", "--zzz"],
-     "liif-cuda upscale: error: unrecognized option --zzz (see"),
+     "liif-cuda: error: unrecognized option --zzz (see"),
     # argparse's own errors: one line, naming the command's --help instead of printing its usage.
     (["upscale", "x.png", "-o", "y.png", "--scale", "abc"],
-     "liif-cuda upscale: error: argument --scale: invalid float value: 'abc' "
+     "liif-cuda: error: argument --scale: invalid float value: 'abc' "
      "(see liif-cuda upscale --help)"),
     (["upscale", "x.png", "--scale", "2"],
-     "liif-cuda upscale: error: the following arguments are required: -o/--output"),
+     "liif-cuda: error: the following arguments are required: -o/--output"),
     (["upscal", "x.png"], "liif-cuda: error: argument command: invalid choice: 'upscal'"),
 ])
 def test_argument_errors_are_one_line(capsys, argv, expected):

@@ -93,7 +93,7 @@ def test_parser_takes_cpu_cuda_and_cuda_n(command):
 @pytest.mark.parametrize("command", COMMANDS)
 def test_malformed_device_is_a_usage_error(capsys, command, value):
     err = test_cli.argparse_error(capsys, *COMMANDS[command], "--device", value)
-    assert err == (f"liif-cuda {command}: error: argument --device: expected cpu, cuda or cuda:N "
+    assert err == (f"liif-cuda: error: argument --device: expected cpu, cuda or cuda:N "
                    f"(N a GPU index, 0 for the first), got {value!r} (see liif-cuda {command} "
                    f"--help)")
 

@@ -148,7 +148,15 @@ def test_upscale_uses_it():
     assert TOLERANCE[torch.float32] < relative(bf16, exact) <= PRECISION_TOLERANCE["bf16"]
 
 
-def test_upscale_encoder_in_bf16():
+@pytest.fixture
+def bf16_convolutions(monkeypatch):
+    """The CPU has bf16 convolutions (cpu_has_bf16_convolutions) whatever this one has: autocast's
+    bf16 runs, natively or (without AVX512 or AMX) in torch's plain loops, on the small model."""
+    import liif_cuda.upscaling as upscaling
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: True)
+
+
+def test_upscale_encoder_in_bf16(bf16_convolutions):
     """encoder_precision="bf16" runs the encoder under CPU autocast: close to float32, not equal."""
     model = small_model()
     exact = liif_cuda.upscale(image(), scale=2, model=model, device="cpu")
@@ -157,7 +165,7 @@ def test_upscale_encoder_in_bf16():
     assert 0 < relative(out, exact) <= 2e-2
 
 
-def test_upscale_encoder_in_bf16_gives_bf16_features(monkeypatch):
+def test_upscale_encoder_in_bf16_gives_bf16_features(monkeypatch, bf16_convolutions):
     """The encoder's features reach the query rounded to bf16 (autocast's dtype), which float32
     features and float16 ones (10 bits of mantissa, not bf16's 7) are not."""
     import liif_cuda.upscaling as upscaling
@@ -175,6 +183,27 @@ def test_upscale_encoder_in_bf16_gives_bf16_features(monkeypatch):
         liif_cuda.upscale(image(), scale=2, model=model, device="cpu", encoder_precision=precision)
         assert seen and all(f.dtype == torch.float32 for f in seen)
         assert all(torch.equal(f, f.bfloat16().float()) for f in seen) == bf16_features, precision
+
+
+def test_upscale_encoder_bf16_runs_float32_without_bf16_convolutions(monkeypatch):
+    """On a CPU whose torch has no bf16 convolutions (no AVX512 or AMX: autocast would take plain
+    loops, about 2x float32's time) encoder_precision="bf16" runs float32: float32's bits, as the
+    query's "bf16" computes float32 on a CPU without AVX512-BF16."""
+    import liif_cuda.upscaling as upscaling
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: False)
+    model = small_model()
+    exact = liif_cuda.upscale(image(), scale=2, model=model, device="cpu")
+    out = liif_cuda.upscale(image(), scale=2, model=model, device="cpu", encoder_precision="bf16")
+    assert np.array_equal(np.asarray(out), np.asarray(exact))
+    assert upscaling.encoder_runs_in("bf16", "cpu") == "fp32"
+    assert upscaling.encoder_runs_in("bf16", "cuda") == "bf16"
+    assert upscaling.encoder_runs_in("fp16", "cuda") == "fp16"
+
+
+def test_cpu_has_bf16_convolutions_is_torchs_answer():
+    """The check is torch's own (oneDNN's bf16 support), not a list of CPU flags kept here."""
+    import liif_cuda.upscaling as upscaling
+    assert upscaling.cpu_has_bf16_convolutions() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_upscale_encoder_precision_errors():

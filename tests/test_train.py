@@ -348,6 +348,22 @@ def test_bf16_training_runs_and_differs_slightly(images, tmp_path):
     assert ((a[key] - b[key]).norm() / a[key].norm()) < 0.05
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_on_a_cpu_without_bf16_convolutions_says_so(images, tmp_path, capsys,
+                                                                  monkeypatch, native):
+    """On a CPU whose torch has no bf16 convolutions (no AVX512 or AMX) a bf16 run goes on as
+    asked, and says that float32 is faster there; elsewhere, and in float32, nothing is said."""
+    import liif_cuda.upscaling as upscaling
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: native)
+    for precision in ("bf16", "fp32"):
+        train(tiny_config(images, epochs=1), str(tmp_path / f"{precision}"), device="cpu",
+              precision=precision, progress=False)
+        out = capsys.readouterr().out
+        said = "note: --precision bf16 on this CPU: torch has no bf16 convolutions" in out
+        assert said == (precision == "bf16" and not native), out
+        assert "epoch 1/1: loss" in out
+
+
 def test_init_from_a_checkpoint(images, tmp_path):
     first = str(tmp_path / "first")
     train(tiny_config(images, epochs=1), first, device="cpu", progress=False)

@@ -16,6 +16,7 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 
 import liif_cuda
+from liif_cuda.cli.common import CliError, check_precisions
 from liif_cuda.upscaling import ENCODER_PRECISIONS, default_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,13 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
+    device = args.device or default_device()
+    try:  # as liif-cuda upscale: a reduced precision that this CPU runs in float32 is said
+        check_precisions(args, device)
+    except CliError as exc:
+        parser.error(str(exc))
     original = Image.fromarray(data.chelsea())  # 451x300, scikit-image's sample photo of a cat
-    model = liif_cuda.load_model("edsr-baseline-liif", device=args.device or default_device())
+    model = liif_cuda.load_model("edsr-baseline-liif", device=device)
     start = time.perf_counter()
     precisions = dict(precision=args.precision, encoder_precision=args.encoder_precision)
     result = liif_cuda.upscale(original, scale=args.scale, model=model, **precisions)

@@ -12,8 +12,8 @@ PRECISION_HELP = ("query arithmetic: fp32 exact (default); tf32, bf16, fp16 on C
                   "bf16 also on CPUs with AVX512-BF16 (float32 on other CPUs)")
 # liif_cuda.upscaling.ENCODER_PRECISIONS
 ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
-ENCODER_PRECISION_HELP = ("encoder arithmetic: fp32 (default), or autocast in bf16 (CPU or CUDA) or "
-                          "fp16 (CUDA)")
+ENCODER_PRECISION_HELP = ("encoder arithmetic: fp32 (default), or autocast in bf16 (CUDA, or CPUs "
+                          "with AVX512 or AMX; float32 on other CPUs) or fp16 (CUDA)")
 
 
 # --device: the forms the three commands take (load.check_device takes the same and more).
@@ -105,9 +105,9 @@ def model_errors():
 
 
 def check_precisions(args, device):
-    """--encoder-precision fp16 without CUDA is refused; a --precision that the CPU runs in float32
-    (the operator's documented fallback) is said, since it looks like a reduced precision but
-    takes float32's time."""
+    """--encoder-precision fp16 without CUDA is refused; a --precision or --encoder-precision that
+    the CPU runs in float32 (the documented fallbacks) is said, since it looks like a reduced
+    precision but takes float32's time."""
     if args.encoder_precision == "fp16" and not is_cuda(device):
         raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
     if device != "cpu":
@@ -119,14 +119,20 @@ def check_precisions(args, device):
         from .. import build_info
         if not build_info()["cpu_bf16"]:
             notice("--precision bf16 runs float32 on this CPU (it has no AVX512-BF16)")
+    from ..upscaling import encoder_runs_in
+    if args.encoder_precision == "bf16" and encoder_runs_in("bf16", "cpu") == "fp32":
+        notice("--encoder-precision bf16 runs float32 on this CPU (torch has no bf16 "
+               "convolutions for it: they need AVX512 or AMX)")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's own errors (a bad value, a missing option) in one line, as the commands' errors,
-    instead of a usage block before it; the command's --help has the usage."""
+    """argparse's own errors (a bad value, a missing option) in one line with the commands' own
+    prefix ("liif-cuda: error:"), instead of a usage block before it; the command's --help has the
+    usage."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        program = self.prog.split()[0]  # "liif-cuda", also for a command's parser
+        self.exit(2, f"{program}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
