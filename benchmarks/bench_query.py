@@ -138,9 +138,13 @@ def main():
         parser.error(f"--variants: reference plus any of {VARIANTS}, got {args.variants!r}")
 
     rates = {"fp32": matmul_rate(), "bf16": matmul_rate(dtype=torch.bfloat16)}
+    bf16_kernels = liif_cuda.build_info()["cpu_bf16"]
     print(f"ATen matmul (4096x256 @ 256x256, {torch.get_num_threads()} threads): float32 "
           f"{rates['fp32'] / 1e9:.1f} GFLOP/s, bfloat16 {rates['bf16'] / 1e9:.1f} GFLOP/s; "
-          f"bf16 kernels on this CPU: {liif_cuda.build_info()['cpu_bf16']}")
+          f"bf16 kernels on this CPU: {bf16_kernels}")
+    # fused-bf16 computes float32 on a CPU without them: its floor is float32's there.
+    floor_rate = {"fused": rates["fp32"],
+                  "fused-bf16": rates["bf16"] if bf16_kernels else rates["fp32"]}
     rows = []
     fused = [v for v in variants if v != "reference"]
     header = f"{'LR':>8} {'scale':>5} {'queries':>9} {'ref q/s':>10}"
@@ -163,9 +167,9 @@ def main():
                 "memory_ratio": {v: mem[v] / mem["reference"] for v in fused},
                 "relative_error": rel_err,
                 "flops_per_query": flops,
-                # The floor of each variant: its arithmetic at the matmul rate of its dtype.
-                "floor_queries_per_s": {v: rates["bf16" if v == "fused-bf16" else "fp32"] / flops
-                                        for v in fused},
+                # The floor of each variant: its arithmetic at the matmul rate of the dtype it
+                # computes in.
+                "floor_queries_per_s": {v: floor_rate[v] / flops for v in fused},
             }
             row["fraction_of_floor"] = {v: qps[v] / row["floor_queries_per_s"][v] for v in fused}
             if "fused" in fused and "fused-bf16" in fused:
