@@ -522,7 +522,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             # The run goes on as asked (its precision is recorded in its checkpoints), but never
             # silently at a fraction of float32's speed.
             print("note: --precision bf16 on this CPU: torch has no bf16 convolutions for it "
-                  "(they need AVX512 or AMX), so the encoder's take plain loops and a step takes "
+                  "(they need AVX512 or AMX), so the encoder's run in plain loops and a step takes "
                   "several times float32's (7.9x on a 2-core AVX2 AMD EPYC); --precision fp32 "
                   "is faster here", flush=True)
     seed = config.get("seed", 0)
