@@ -29,9 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402
 from results_file import result_header, write_results  # noqa: E402
-from liif_cuda.training.trainer import autocast  # noqa: E402
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from liif_cuda.training.trainer import PRECISIONS, autocast  # noqa: E402
 
 
 def forward_and_loss(model, batch, precision, layout):
