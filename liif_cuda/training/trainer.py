@@ -516,11 +516,12 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
 def _train(config, out_dir, resume, init, dist, device_type, precision, workers, progress,
            normalisation):
     device = dist.device
-    if dist.main and precision == "bf16" and device_type == "cpu":
-        from ..upscaling import cpu_has_bf16_convolutions
-        if not cpu_has_bf16_convolutions():
-            # The run goes on as asked (its precision is recorded in its checkpoints), but never
-            # silently at a fraction of float32's speed.
+    if dist.main and precision == "bf16":
+        from ..upscaling import encoder_runs_in
+        if encoder_runs_in(precision, device_type) == "fp32":
+            # The condition of inference's float32 fallback; training goes on as asked (its
+            # precision is recorded in its checkpoints), but never silently at a fraction of
+            # float32's speed.
             print("note: --precision bf16 on this CPU: torch has no bf16 convolutions for it "
                   "(they need AVX512 or AMX), so the encoder's run in plain loops and a step takes "
                   "several times float32's (7.9x on a 2-core AVX2 AMD EPYC); --precision fp32 "
