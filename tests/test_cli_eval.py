@@ -10,6 +10,7 @@ import pytest
 import test_cli
 from conftest import SHARED, requires_shared
 from PIL import Image
+from test_cli import checkpoint  # noqa: F401  (a fixture: a small LIIF checkpoint)
 
 
 SET5 = os.path.join(SHARED, "data", "Set5")
@@ -298,3 +299,30 @@ def test_evaluate_refuses_an_unknown_progress(folder):
     from liif_cuda.evaluation import evaluate
     with pytest.raises(ValueError, match="progress must be True, False or 'lines'"):
         evaluate("bicubic", folder, [2], progress="bar")
+
+
+@pytest.mark.parametrize("query_bf16,convolutions_bf16", [(True, True), (False, True),
+                                                          (True, False), (False, False)])
+def test_a_precision_run_in_float32_is_recorded(tmp_path, folder, checkpoint, capsys, monkeypatch,
+                                                query_bf16, convolutions_bf16):
+    """bf16 asked for on a CPU that computes it in float32 (no AVX512-BF16 for the query, no bf16
+    convolutions for the encoder): the table's heading and the JSON say which ran float32, beside
+    what was asked for."""
+    import liif_cuda
+    import liif_cuda.upscaling as upscaling
+    info = {**liif_cuda.build_info(), "cpu_bf16": query_bf16}
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: info)
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: convolutions_bf16)
+    out = tmp_path / "r.json"
+    assert run("--model", checkpoint, "--data", folder, "--scales", 2, "--device", "cpu",
+               "--precision", "bf16", "--encoder-precision", "bf16", "--json", out) == 0
+    heading = capsys.readouterr().out.splitlines()[0]
+    ran = [name for name, native in (("encoder_precision", convolutions_bf16),
+                                     ("precision", query_bf16)) if not native]
+    record = json.loads(out.read_text())
+    assert (record["precision"], record["encoder_precision"]) == ("bf16", "bf16")
+    assert record["ran_float32"] == ran
+    marked = " (ran float32 on this CPU)"
+    assert (f", precision bf16{marked}" in heading) == (not query_bf16), heading
+    assert (f"encoder precision bf16{marked}" in heading) == (not convolutions_bf16), heading
+    assert heading.count(marked) == len(ran), heading

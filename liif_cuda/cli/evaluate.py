@@ -65,9 +65,10 @@ def eval_command(args):
     except OptionIgnored as exc:
         raise CliError(f"--{exc.option} {exc.detail}", 2) from None
     check_cuda_requested(args.device)
+    ran_float32 = []  # the reduced precisions asked for that this CPU computes in float32
     if args.model != "bicubic":
         from ..upscaling import default_device
-        check_precisions(args, args.device or default_device())
+        ran_float32 = check_precisions(args, args.device or default_device())
     for folder in args.data:
         if not os.path.isdir(folder):
             raise CliError(f"--data {folder} is not a folder")
@@ -91,7 +92,9 @@ def eval_command(args):
     # What the table is of, so that a saved output says it.
     setting = [args.model, f"protocol {args.protocol}", f"resize {args.resize}"]
     if args.model != "bicubic":
-        setting += [f"precision {args.precision}", f"encoder precision {args.encoder_precision}"]
+        for option in ("precision", "encoder_precision"):
+            ran = " (ran float32 on this CPU)" if option in ran_float32 else ""
+            setting.append(f"{option.replace('_', ' ')} {getattr(args, option)}{ran}")
     print(", ".join(setting) + " (PSNR dB / SSIM):")
     print(format_table(results))
     if args.json:  # written after the table is printed: a failure here does not lose the results
@@ -99,7 +102,7 @@ def eval_command(args):
             write_results(args.json, results, protocol=args.protocol, resize=args.resize,
                           crop=args.crop, div2k=args.div2k, lr_dir=args.lr_dir,
                           precision=args.precision, encoder_precision=args.encoder_precision,
-                          overwrite=args.overwrite)
+                          ran_float32=ran_float32, overwrite=args.overwrite)
         except FileExistsError:
             raise CliError(f"--json {args.json} appeared during the evaluation; not replacing it "
                            f"(pass --overwrite to replace it)") from None

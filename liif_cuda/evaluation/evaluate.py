@@ -72,15 +72,20 @@ def finite_or_none(value):
 
 
 def write_results(path, results, protocol="mmedit", resize="pillow", crop=None, div2k=False,
-                  lr_dir=None, precision="fp32", encoder_precision="fp32", overwrite=True):
+                  lr_dir=None, precision="fp32", encoder_precision="fp32", ran_float32=(),
+                  overwrite=True):
     """Writes evaluate()'s `results` with the settings that produced them as JSON to `path`, through
     a temporary file in the same folder renamed over it (never a partial file). With
     `overwrite=False` a file that exists at the time of the rename is left as it is
     (FileExistsError). Standard JSON: an infinite PSNR (a prediction equal to its ground truth) is
-    written as null, as is an SSIM the protocol does not compute."""
+    written as null, as is an SSIM the protocol does not compute. `precision` and
+    `encoder_precision` are those asked for; `ran_float32` names those of them ("precision",
+    "encoder_precision") that were computed in float32 instead (on a CPU without bf16 kernels or
+    bf16 convolutions: liif-cuda eval's notices)."""
     record = {"protocol": protocol, "resize": resize, "crop": crop, "div2k": div2k,
               "lr_dir": lr_dir, "precision": precision,
-              "encoder_precision": encoder_precision, "results": finite_or_none(results)}
+              "encoder_precision": encoder_precision, "ran_float32": sorted(ran_float32),
+              "results": finite_or_none(results)}
 
     def refuse_existing():
         if not overwrite and os.path.exists(path):
