@@ -460,19 +460,23 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
   LaunchPlan plan;
   const int nn = p.grid.num_neighbours;
   const bool automatic = preferred == TensorCoreKernel::kAuto;
+  // Each 128-row kernel's shared memory, computed once for its fit and the plan.
+  const size_t ws_bytes = wgmma_ws_shared_bytes(p.precision, nn);
+  const size_t pp_bytes = shared_bytes<float>(wgmma_mc_layout(p.precision, nn, true));
+  const size_t mc_bytes = shared_bytes<float>(wgmma_mc_layout(p.precision, nn));
+  const size_t wgmma_bytes = shared_bytes<float>(wgmma_layout(p.precision, nn));
+  const size_t mma_bytes = shared_bytes<float>(mma_layout(p.precision, nn));
   const bool ws = preferred == TensorCoreKernel::kWgmmaWs && wgmma_path_applies(p, has_wgmma) &&
-                  wgmma_ws_shared_bytes(p.precision, nn) <= max_shared_bytes;
+                  ws_bytes <= max_shared_bytes;
   const bool pp = preferred == TensorCoreKernel::kWgmmaPp && wgmma_mc_path_applies(p, has_wgmma) &&
-                  shared_bytes<float>(wgmma_mc_layout(p.precision, nn, true)) <= max_shared_bytes;
+                  pp_bytes <= max_shared_bytes;
   const bool mc = (preferred == TensorCoreKernel::kWgmmaMc || automatic) &&
-                  wgmma_mc_path_applies(p, has_wgmma) &&
-                  shared_bytes<float>(wgmma_mc_layout(p.precision, nn)) <= max_shared_bytes;
+                  wgmma_mc_path_applies(p, has_wgmma) && mc_bytes <= max_shared_bytes;
   const bool wgmma = (preferred == TensorCoreKernel::kWgmma || (automatic && !mc)) &&
-                     wgmma_path_applies(p, has_wgmma) &&
-                     shared_bytes<float>(wgmma_layout(p.precision, nn)) <= max_shared_bytes;
+                     wgmma_path_applies(p, has_wgmma) && wgmma_bytes <= max_shared_bytes;
   if (ws || pp || mc || wgmma ||
       (preferred != TensorCoreKernel::kWmma && mma_path_applies(p, has_tensor_cores) &&
-       shared_bytes<float>(mma_layout(p.precision, nn)) <= max_shared_bytes)) {
+       mma_bytes <= max_shared_bytes)) {
     // They share their 128 rows per block (per tile) and their layer-0 activations' pitch.
     const bool wide = preferred == TensorCoreKernel::kMma16 || automatic;
     plan.path = ws      ? KernelPath::kWgmmaWs
@@ -485,11 +489,7 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
         ws ? kWgmmaWsThreads : pp || mc || wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
-    plan.shared_bytes = ws      ? wgmma_ws_shared_bytes(p.precision, nn)
-                        : pp    ? shared_bytes<float>(wgmma_mc_layout(p.precision, nn, true))
-                        : mc    ? shared_bytes<float>(wgmma_mc_layout(p.precision, nn))
-                        : wgmma ? shared_bytes<float>(wgmma_layout(p.precision, nn))
-                                : shared_bytes<float>(mma_layout(p.precision, nn));
+    plan.shared_bytes = ws ? ws_bytes : pp ? pp_bytes : mc ? mc_bytes : wgmma ? wgmma_bytes : mma_bytes;
   } else if (tensor_core_path_applies(p, has_tensor_cores) &&
              shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
     plan.path = KernelPath::kTensorCore;
