@@ -62,8 +62,14 @@ def load_model(path_or_name: Union[str, os.PathLike] = DEFAULT_MODEL,
         path = name
     elif name in PRETRAINED:
         path = resolve(name)
+    elif os.path.isdir(name):
+        # A training run's folder, most likely: its checkpoints are files in it.
+        last = os.path.join(name, "epoch-last.pth")
+        hint = f" such as {last}" if os.path.isfile(last) else ""
+        raise ModelNotFound(f"{name!r} is a folder; pass a checkpoint file{hint} or a pretrained "
+                            f"name ({', '.join(sorted(PRETRAINED))})")
     else:
         raise ModelNotFound(f"{name!r} is neither a checkpoint file nor a pretrained name "
-                                f"({', '.join(sorted(PRETRAINED))})")
+                            f"({', '.join(sorted(PRETRAINED))})")
     model = model_from_checkpoint(read_checkpoint(path), source=path)
     return model.to(device) if device is not None else model

@@ -446,6 +446,19 @@ def test_unknown_name():
         liif_cuda.load_model("no-such-model")
 
 
+def test_a_folder_is_named_as_one(tmp_path):
+    """A run folder passed for its checkpoint: said to be a folder, with its last checkpoint as the
+    example where it has one."""
+    with pytest.raises(FileNotFoundError, match=r"is a folder; pass a checkpoint file or a "
+                                                r"pretrained name \(edsr-baseline-liif"):
+        liif_cuda.load_model(tmp_path)
+    (tmp_path / "epoch-last.pth").write_bytes(b"")
+    last = re.escape(str(tmp_path / "epoch-last.pth"))
+    with pytest.raises(FileNotFoundError, match=f"is a folder; pass a checkpoint file such as "
+                                                f"{last} or a pretrained name"):
+        liif_cuda.load_model(tmp_path)
+
+
 @requires_shared
 def test_official_weights_load():
     model = liif_cuda.load_model(OFFICIAL_WEIGHTS)

@@ -17,7 +17,7 @@ import liif_cuda.training.config
 import liif_cuda.training.trainer
 from liif_cuda import cli
 from liif_cuda.cli.upscale import upscale_device
-from liif_cuda.training.trainer import FP16_NEEDS_CUDA
+from liif_cuda.training.trainer import fp16_needs_cuda
 
 BUILD_INFO = liif_cuda.build_info()
 # Each command with its required arguments (files made by `place`); the device is checked first.
@@ -170,7 +170,7 @@ def test_cuda_0_is_cuda_for_the_precision_checks(capsys, gpus, work, command, op
     gpus(1)
     argv = COMMANDS[command] + [option, "fp16"]
     status, err = test_cli.error_of(capsys, *argv, "--device", "cpu")
-    expected = FP16_NEEDS_CUDA if command == "train" else \
+    expected = fp16_needs_cuda() if command == "train" else \
         "--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)"
     assert status == 2 and err == f"liif-cuda: error: {expected}", err
     assert started_on(capsys, work, command, argv + ["--device", "cuda:0"]) == "cuda:0"

@@ -683,7 +683,15 @@ def test_existing_run_is_refused_untouched(images, tmp_path):
     def stamp():  # the lock file takes the pid of each process that locks it
         return {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run) if f != ".lock"}
     before = stamp()
-    with pytest.raises(TrainingError, match="already holds checkpoints"):
+    # Every checkpoint counted: the first three named, the others as a number.
+    with pytest.raises(TrainingError, match=r"already holds checkpoints \(epoch-best.pth, "
+                                            r"epoch-last.pth\); pass --resume"):
+        train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
+    for name in ("epoch-1.pth", "epoch-2.pth", "epoch-3.pth"):
+        shutil.copy(os.path.join(run, "epoch-last.pth"), os.path.join(run, name))
+    before = stamp()
+    with pytest.raises(TrainingError, match=r"already holds checkpoints \(epoch-1.pth, "
+                                            r"epoch-2.pth, epoch-3.pth and 2 more\); pass"):
         train(tiny_config(images, epochs=2), run, device="cpu", progress=False)
     assert stamp() == before
     with pytest.raises(TrainingError, match="epoch-last.pth does not exist$"):
@@ -895,11 +903,13 @@ def test_init_from_another_architecture_is_refused(images, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda c: c.update(epochs_max=3), "unknown key config.epochs_max"),
+    (lambda c: c.update(epochs_max=3), r"^unknown key config.epochs_max \(did you mean epoch_max\? "
+                                       r"allowed: train_dataset, "),
+    (lambda c: c.update(zzz=3), r"^unknown key config.zzz \(allowed: train_dataset, "),
     (lambda c: c["train_dataset"]["dataset"].update(name="image-folders"),
      "unknown 'image-folders'"),
     (lambda c: c["train_dataset"]["wrapper"]["args"].update(sample_qq=3),
-     "unknown key train_dataset.wrapper.args.sample_qq"),
+     r"unknown key train_dataset.wrapper.args.sample_qq \(did you mean sample_q\? allowed:"),
     (lambda c: c["model"]["args"]["encoder_spec"].update(name="edsr"), "unknown 'edsr'"),
     (lambda c: c["model"]["args"]["encoder_spec"]["args"].update(no_upsampling=False),
      "no_upsampling must be true"),
@@ -1018,12 +1028,19 @@ def test_good_values_pass(images, key, value):
 
 @pytest.mark.parametrize("edit,match", [
     (lambda c: c["optimizer"]["args"].update(lr="1e-4"), "write 1.e-4"),
-    (lambda c: c.pop("data_norm"), "data_norm must be"),
+    (lambda c: c.pop("data_norm"), r"^data_norm is missing: add data_norm: \{inp: \{sub: \[0.5\], "
+                                   r"div: \[0.5\]\}, gt: \{sub: \[0.5\], div: \[0.5\]\}\} \(the "
+                                   r"published configs' normalisation"),
     (lambda c: c["data_norm"]["gt"].update(sub=[0.0]), "data_norm must be"),
     (lambda c: c["train_dataset"]["wrapper"]["args"].update(inp_size=24, scale_max=4),
      r"images smaller than the 96x96 HR patch.*0.png \(40x52\)"),
     (lambda c: c["train_dataset"]["dataset"]["args"].update(root_path="/nonexistent"),
-     "is not a folder"),
+     "^train_dataset.dataset.args.root_path /nonexistent is not a folder$"),
+    (lambda c: c["val_dataset"]["dataset"]["args"].update(root_path="/nonexistent"),
+     "^val_dataset.dataset.args.root_path /nonexistent is not a folder$"),
+    (lambda c: c["train_dataset"]["dataset"]["args"].update(root_path="./load/div2k/none"),
+     r"^train_dataset.dataset.args.root_path ./load/div2k/none is not a folder; the packaged "
+     r"configs read DIV2K from ./load/div2k/"),
     (lambda c: c.update(eval_type="div2k-4"), "use `liif-cuda eval`"),
     (lambda c: c.update(seed="x"), "seed must be an integer"),
     (lambda c: c["multi_step_lr"].update(milestones=1), "multi_step_lr.milestones must be a list"),
@@ -1036,6 +1053,19 @@ def test_bad_configs_fail_before_training(images, tmp_path, edit, match):
         train(config, run, device="cpu", progress=False)
     # A run that cannot start leaves no folder behind (nor the lock file it took in one).
     assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("native,instead", [(True, "bf16"), (False, "fp32")])
+def test_fp16_on_the_cpu_names_the_faster_precision(images, tmp_path, monkeypatch, native,
+                                                    instead):
+    """fp16 without CUDA is refused, pointing at bf16 only where torch has bf16 convolutions for
+    this CPU (elsewhere a bf16 step takes several times float32's)."""
+    import liif_cuda.upscaling as upscaling
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: native)
+    with pytest.raises(ValueError, match=f"^--precision fp16 needs CUDA \\(GradScaler\\); on this "
+                                         f"CPU use --precision {instead}$"):
+        train(tiny_config(images), str(tmp_path / "run"), precision="fp16", device="cpu")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_arguments(images, tmp_path):
@@ -1570,3 +1600,45 @@ def test_train_step_with_a_gradient_scaler():
     resumed = torch.amp.GradScaler("cpu", init_scale=1024.0)
     resumed.load_state_dict(checkpoint["liif_cuda"]["scaler"])
     assert resumed.get_scale() == 512.0
+
+
+def test_init_with_resume_is_a_usage_error(images, tmp_path, capsys):
+    import yaml
+
+    from liif_cuda import cli
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(images, epochs=1)))
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "run"), "--resume",
+                     "--init", "edsr-baseline-liif", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["liif-cuda: error: --init and --resume exclude each other (--resume goes on "
+                   "from the run's own last checkpoint)"], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_written_in_the_run_folder_is_kept_as_written(images, tmp_path):
+    """--config OUT/config.yaml: the run's config.yaml is that file, comments and layout included
+    (it was replaced by its normalised dump); on --resume with it, too. A different config there
+    is replaced."""
+    import yaml
+    run = tmp_path / "run"
+    run.mkdir()
+    text = "# my notes\n" + yaml.safe_dump(tiny_config(images, epochs=1), default_flow_style=True)
+    (run / "config.yaml").write_text(text)
+    train(load_config(str(run / "config.yaml")), str(run), device="cpu", progress=False)
+    assert (run / "config.yaml").read_text() == text
+    longer = text.replace("epoch_max: 1", "epoch_max: 2")
+    assert longer != text
+    (run / "config.yaml").write_text(longer)
+    train(load_config(str(run / "config.yaml")), str(run), resume=True, device="cpu",
+          progress=False)
+    assert (run / "config.yaml").read_text() == longer
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text(text)
+    config = tiny_config(images, epochs=1)
+    config["optimizer"]["args"]["lr"] = 2.e-4
+    train(config, str(other), device="cpu", progress=False)
+    written = load_config(str(other / "config.yaml"))
+    assert written["optimizer"]["args"]["lr"] == 2.e-4
+    assert not (other / "config.yaml").read_text().startswith("# my notes")

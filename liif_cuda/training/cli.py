@@ -35,10 +35,13 @@ def add_train_parser(sub, formatter_class=argparse.ArgumentDefaultsHelpFormatter
 def train_command(args):
     from ..cli.common import CliError, check_cuda_requested, is_cuda
     from .config import load_config
-    from .trainer import FP16_NEEDS_CUDA, TrainingError, torchrun_place, train
+    from .trainer import TrainingError, fp16_needs_cuda, torchrun_place, train
     # Usage errors (status 2), as in the other commands.
     if args.workers is not None and args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}", 2)
+    if args.resume and args.init is not None:
+        raise CliError("--init and --resume exclude each other (--resume goes on from the run's "
+                       "own last checkpoint)", 2)
     try:
         world = torchrun_place()[1]
     except TrainingError as exc:  # bad torchrun variables, a usage error as for `upscale`
@@ -47,7 +50,7 @@ def train_command(args):
     if args.precision == "fp16":
         from ..upscaling import default_device
         if not is_cuda(args.device or default_device()):
-            raise CliError(FP16_NEEDS_CUDA, 2)
+            raise CliError(fp16_needs_cuda(), 2)
     config = load_config(args.config)
     try:
         path = train(config, args.out, resume=args.resume, init=args.init, device=args.device,

@@ -2,6 +2,7 @@
 unknown key or name is an error naming it, so that a typo cannot silently train something else."""
 
 import copy
+import difflib
 import math
 import os
 
@@ -60,7 +61,9 @@ def _keys(value, allowed, where):
     _mapping(value, where)
     for key in value:
         if key not in allowed:
-            raise ConfigError(f"unknown key {where}.{key} (allowed: {', '.join(allowed)})")
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            guess = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"unknown key {where}.{key} ({guess}allowed: {', '.join(allowed)})")
     for key, required in allowed.items():
         if required and key not in value:
             raise ConfigError(f"{where}.{key} is missing")

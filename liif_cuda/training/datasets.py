@@ -264,6 +264,14 @@ def make_dataset(spec, seed, where="train_dataset"):
     """The wrapped dataset of a checked `train_dataset` / `val_dataset` (`where`) spec."""
     args = dict(spec["dataset"].get("args") or {})
     args.setdefault("cache", "none")
+    for key in ("root_path", "root_path_1", "root_path_2"):
+        folder = args.get(key)
+        if folder is not None and not os.path.isdir(folder):
+            # Named by its key: a config has two datasets, a paired one two folders.
+            hint = ("; the packaged configs read DIV2K from ./load/div2k/, for other images copy "
+                    "a config and edit its root_path: docs/training.md"
+                    if "load/div2k" in os.fspath(folder).replace(os.sep, "/") else "")
+            raise ConfigError(f"{where}.dataset.args.{key} {folder} is not a folder{hint}")
     if spec["dataset"]["name"] == "image-folder":
         dataset = ImageFolder(**args)
     else:

@@ -31,8 +31,13 @@ RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (blocks, layers per block,
 BAR_LOSS_EVERY = 20  # steps between the progress bar's loss readings
 
 
-# Refused before any work, by train() and (as a usage error) by `liif-cuda train`.
-FP16_NEEDS_CUDA = "--precision fp16 needs CUDA (GradScaler); on the CPU use --precision bf16"
+def fp16_needs_cuda():
+    """Why --precision fp16 is refused without CUDA, before any work, by train() and (as a usage
+    error) by `liif-cuda train`, and what to use instead on this CPU: bf16 where torch has bf16
+    convolutions for it, else fp32 (bf16 would run the encoder's convolutions in plain loops)."""
+    from ..upscaling import encoder_runs_in
+    instead = "bf16" if encoder_runs_in("bf16", "cpu") == "bf16" else "fp32"
+    return f"--precision fp16 needs CUDA (GradScaler); on this CPU use --precision {instead}"
 
 
 # -- the model and the optimisation ------------------------------------------------------------
@@ -49,7 +54,12 @@ def normalisation_of(config):
         sub, div = value.get("sub", [0.0]), value.get("div", [1.0])
         return (all(s == m for s, m in zip(sub * 3, mean))
                 and all(d == v for d, v in zip(div * 3, std)))
-    if norm is None or not (same("inp") and same("gt")):
+    if norm is None:
+        flow = f"{{sub: [{mean[0]}], div: [{std[0]}]}}"  # what to write, in YAML
+        raise ConfigError(f"data_norm is missing: add data_norm: {{inp: {flow}, gt: {flow}}} (the "
+                          f"published configs' normalisation, which checkpoints in the original "
+                          f"format imply)")
+    if not (same("inp") and same("gt")):
         raise ConfigError(f"data_norm must be inp and gt {expected} (the published configs' "
                           f"normalisation, which checkpoints in the original format imply), got "
                           f"{norm!r}")
@@ -361,9 +371,18 @@ def write_log(path, rows):
 
 
 def write_config(config, out_dir):
+    """The run's config as out_dir/config.yaml, unless that file already holds this config (as
+    read and checked): then it stays as it is, so that a config written there by hand and passed
+    as --config keeps its comments and layout."""
     import yaml
-    write_atomically(os.path.join(out_dir, "config.yaml"),
-                     lambda f: yaml.safe_dump(config, f, sort_keys=False), binary=False)
+    path = os.path.join(out_dir, "config.yaml")
+    try:
+        with open(path) as f:
+            if check_config(read_yaml(f, path)) == config:
+                return
+    except (OSError, ValueError):  # none there, unreadable or no config (ConfigError): replaced
+        pass
+    write_atomically(path, lambda f: yaml.safe_dump(config, f, sort_keys=False), binary=False)
 
 
 _UNSET = object()
@@ -455,7 +474,7 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError(FP16_NEEDS_CUDA)
+        raise ValueError(fp16_needs_cuda())
     check_config(config)  # a config built in Python, not by load_config, is checked all the same
     if "eval_type" in config:
         raise ConfigError("eval_type: liif-cuda train validates on val_dataset's samples as the "
@@ -493,7 +512,8 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
                                             "ended: start it again without --resume"
                                             if started else ""))
         if not resume and ckpts:
-            raise TrainingError(f"{out_dir} already holds checkpoints ({', '.join(ckpts[:3])}); "
+            shown = ", ".join(ckpts[:3]) + (f" and {len(ckpts) - 3} more" if len(ckpts) > 3 else "")
+            raise TrainingError(f"{out_dir} already holds checkpoints ({shown}); "
                                 f"pass --resume to continue that run or choose another folder")
         dist = Distributed(device)
         try:
@@ -523,7 +543,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             # precision is recorded in its checkpoints), but never silently at a fraction of
             # float32's speed.
             print("note: --precision bf16 on this CPU: torch has no bf16 convolutions for it "
-                  "(they need AVX512 or AMX), so the encoder's run in plain loops and a step takes "
+                  "(they need AVX512 or AMX), so the encoder's convolutions run in plain loops and a step takes "
                   "several times float32's (7.9x on a 2-core AVX2 AMD EPYC); --precision fp32 "
                   "is faster here", flush=True)
     seed = config.get("seed", 0)
@@ -599,7 +619,8 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
         restore_random_state(extra, f"{which} {resume_from}", device)
         start_epoch = state["epoch"] + 1
         if dist.main:
-            print(f"resuming from {resume_from}: epoch {state['epoch']} of {config['epoch_max']}"
+            print(f"resuming from {resume_from}, after epoch {state['epoch']} of "
+                  f"{config['epoch_max']}"
                   + ("; nothing left to train (raise epoch_max to go on)"
                      if start_epoch > config["epoch_max"] else ""), flush=True)
             saved = extra.get("precision")
