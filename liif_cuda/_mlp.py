@@ -21,6 +21,14 @@ def _sequential_parameters(seq):
             raise ValueError(
                 f"imnet: expected nn.ReLU at position {i} of the Sequential "
                 f"(Linear and ReLU alternating), got {type(m).__name__}")
+        base = nn.Linear if expect_linear else nn.ReLU
+        if type(m).forward is not base.forward:
+            # A subclass computing something else (a LoRA-style Linear, say): the fused op reads
+            # .weight and .bias only, and would leave it out silently.
+            raise ValueError(
+                f"imnet: {type(m).__name__} at position {i} of the Sequential overrides "
+                f"{base.__name__}.forward, which the fused query cannot run (it reads only the "
+                f"layers' weight and bias)")
         if expect_linear:
             weights.append(m.weight)
             biases.append(m.bias)
@@ -29,10 +37,47 @@ def _sequential_parameters(seq):
     return weights, biases
 
 
-# The classes whose forward is only `layers` applied to the last dimension: LIIF's MLP (the original
-# code's and liif_cuda.models'), mmediting's and mmagic's MLPRefiner; subclasses that keep their
-# forward count as them.
-_LAYERS_ONLY_CLASSES = ("MLP", "MLPRefiner")
+# The forwards that apply `layers` to the last dimension and do nothing else, as LIIF's MLP (the
+# original code's), mmediting's and mmagic's MLPRefiner and liif_cuda.models' MLP write them. A
+# module's own forward is accepted when its code is one of these, whatever its class is named:
+# forks of LIIF keep the name MLP for forwards that do more (an output activation), which the
+# fused op would silently leave out.
+def _forward_in_three_lines(self, x):
+    shape = x.shape[:-1]
+    x = self.layers(x.view(-1, x.shape[-1]))
+    return x.view(*shape, -1)
+
+
+def _forward_in_two_lines(self, x):
+    shape = x.shape[:-1]
+    return self.layers(x.view(-1, x.shape[-1])).view(*shape, -1)
+
+
+# The same with a docstring (mmediting's has one), which moves the constants' indices in the code.
+def _documented_forward_in_three_lines(self, x):
+    """A docstring."""
+    shape = x.shape[:-1]
+    x = self.layers(x.view(-1, x.shape[-1]))
+    return x.view(*shape, -1)
+
+
+def _documented_forward_in_two_lines(self, x):
+    """A docstring."""
+    shape = x.shape[:-1]
+    return self.layers(x.view(-1, x.shape[-1])).view(*shape, -1)
+
+
+def _code_key(code):
+    """What makes two functions' code the same computation: the bytecode, the names and variables
+    it uses and its constants but a docstring's text."""
+    return (code.co_code, code.co_names, code.co_varnames,
+            tuple(c for c in code.co_consts if not isinstance(c, str)))
+
+
+_LAYERS_ONLY_FORWARDS = frozenset(
+    _code_key(f.__code__) for f in (_forward_in_three_lines, _forward_in_two_lines,
+                                    _documented_forward_in_three_lines,
+                                    _documented_forward_in_two_lines))
 
 
 def _check_forward_is_layers(imnet):
@@ -40,13 +85,17 @@ def _check_forward_is_layers(imnet):
     more (an output activation, a residual) would be answered silently wrong. (The class that
     defines forward is found through the MRO, which torch.compile can trace.)"""
     owner = next(c for c in type(imnet).__mro__ if "forward" in c.__dict__)
-    if owner is nn.Sequential or owner is nn.Module or (
-            not isinstance(imnet, nn.Sequential) and owner.__name__ in _LAYERS_ONLY_CLASSES):
+    if owner is nn.Sequential or owner is nn.Module:
+        return
+    forward = owner.__dict__["forward"]
+    if (not isinstance(imnet, nn.Sequential) and hasattr(forward, "__code__")
+            and _code_key(forward.__code__) in _LAYERS_ONLY_FORWARDS):
         return
     raise ValueError(
         f"imnet: {type(imnet).__name__} defines its own forward, which the fused query cannot "
-        f"run (it computes only the Linear/ReLU layers); accepted are an nn.Sequential, LIIF's "
-        f"MLP and mmediting's MLPRefiner. If its forward only applies the layers, pass "
+        f"run (it computes only the Linear/ReLU layers); accepted are an nn.Sequential and modules "
+        f"whose forward is LIIF's MLP's or mmediting's MLPRefiner's. If its forward only applies "
+        f"the layers, pass "
         f"{'nn.Sequential(*imnet)' if isinstance(imnet, nn.Sequential) else 'imnet.layers'}")
 
 
@@ -54,8 +103,9 @@ def mlp_parameters(imnet) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(weights, biases) of an MLP given as the original code and mmediting build it.
 
     Accepted: an `nn.Sequential` of `Linear, ReLU, ..., Linear`; a module holding that Sequential as
-    `.layers` (LIIF's `MLP`, mmediting's `MLPRefiner`; another class, whose forward may do more than
-    the layers, is refused); or a sequence of `(weight, bias)` pairs with weights shaped (out, in).
+    `.layers` whose forward is LIIF's `MLP`'s or mmediting's `MLPRefiner`'s (another forward, which
+    may do more than the layers, is refused); or a sequence of `(weight, bias)` pairs with weights
+    shaped (out, in).
     A missing bias (`bias=False` or None) counts as zeros.
     """
     if isinstance(imnet, nn.Sequential):

@@ -81,8 +81,10 @@ def query(feat: torch.Tensor, coords: torch.Tensor, cells: Optional[torch.Tensor
             every channel (the reference's result) and never reads outside the map.
         cells: (B, Q, 2) size of an output pixel, (2 / H_out, 2 / W_out); may be None when
             `cell_decode` is False.
-        imnet: the MLP: an `nn.Sequential` of Linear/ReLU, a module with such a `.layers`
-            (LIIF's `MLP`, mmediting's `MLPRefiner`), or a sequence of (weight, bias) pairs.
+        imnet: the MLP: an `nn.Sequential` of Linear/ReLU, a module with such a `.layers` and
+            no forward of its own or that of LIIF's `MLP` / mmediting's `MLPRefiner` (any other
+            forward is refused: the fused op computes the layers only), or a sequence of
+            (weight, bias) pairs.
         local_ensemble, feat_unfold, cell_decode: LIIF's three flags (all True in published models).
         precision: the arithmetic of the MLP's hidden layers. "fp32" (exact, the default), or
             operands rounded once per layer with float32 accumulation: "tf32" (relative error

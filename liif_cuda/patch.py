@@ -90,7 +90,10 @@ def patch(model: Model) -> Model:
         patch(generator)
         return model
     if not callable(query_rgb):
-        raise TypeError(f"{type(model).__name__} has no query_rgb method: not a LIIF model")
+        inner = getattr(model, "module", None)  # DataParallel, DistributedDataParallel
+        hint = (" (it wraps a LIIF model as .module: patch(model.module), or patch before "
+                "wrapping)" if callable(getattr(inner, "query_rgb", None)) else "")
+        raise TypeError(f"{type(model).__name__} has no query_rgb method: not a LIIF model{hint}")
     if getattr(model, "imnet", None) is None:
         raise TypeError(f"{type(model).__name__}.imnet is missing or None: nothing to fuse (a LIIF "
                         f"without MLP only samples its features)")

@@ -168,8 +168,13 @@ def test_patch_an_mmagic_editor_patches_its_generator():
 
 
 def test_patch_rejects_non_liif():
-    with pytest.raises(TypeError, match="no query_rgb"):
+    with pytest.raises(TypeError, match="^Linear has no query_rgb method: not a LIIF model$"):
         liif_cuda.patch(torch.nn.Linear(2, 2))
+    wrapped = torch.nn.DataParallel(copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8),
+                                                             hidden_list=[16])))
+    with pytest.raises(TypeError, match=r"^DataParallel has no query_rgb method: not a LIIF model "
+                                        r"\(it wraps a LIIF model as .module: patch\(model.module\)"):
+        liif_cuda.patch(wrapped)
     model = MMEditStyleLIIF(copy_into_reference(LIIF(EDSRBaseline(n_resblocks=2, n_feats=8),
                                                      hidden_list=[16])))
     model.imnet = None
@@ -187,6 +192,12 @@ def test_patch_rejects_non_liif():
     model.imnet = TanhMLP(torch.nn.Sequential(torch.nn.Linear(8 * 9 + 4, 16), torch.nn.ReLU(),
                                               torch.nn.Linear(16, 3)))
     with pytest.raises(TypeError, match="^MMEditStyleLIIF.imnet: TanhMLP defines its own forward"):
+        liif_cuda.patch(model)
+    assert not getattr(type(model), "_liif_cuda_patched", False)
+    # Named as LIIF's MLP, as a fork of LIIF names its MLP with an output activation: the name
+    # lets nothing through.
+    TanhMLP.__name__ = TanhMLP.__qualname__ = "MLP"
+    with pytest.raises(TypeError, match="^MMEditStyleLIIF.imnet: MLP defines its own forward"):
         liif_cuda.patch(model)
     assert not getattr(type(model), "_liif_cuda_patched", False)
 

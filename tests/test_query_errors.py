@@ -35,6 +35,34 @@ _TanhMLP = type("MLP", (nn.Sequential,),
                 {"forward": lambda self, x: torch.tanh(nn.Sequential.forward(self, x))})
 
 
+# A module named as LIIF's MLP, holding .layers, whose forward does more (as forks of LIIF write
+# it: an output activation): refused by its forward's code, not let through by its name; so is a
+# subclass that inherits that forward.
+class MLP(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.layers = mlp.layers
+
+    def forward(self, x):
+        shape = x.shape[:-1]
+        x = self.layers(x.view(-1, x.shape[-1]))
+        return torch.sigmoid(x.view(*shape, -1))
+
+
+class _SigmoidMLPSubclass(MLP):
+    pass
+
+
+class _ScaledLinear(nn.Linear):  # a Linear that computes more than its weight and bias (LoRA-like)
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _LeakyReLU(nn.ReLU):
+    def forward(self, x):
+        return nn.functional.leaky_relu(x)
+
+
 CASES = {
     "feat rank": (lambda f, c, ce, m: (f[0], c, ce, m), {}, r"feat must be \(B, C, H, W\)"),
     "coords rank": (lambda f, c, ce, m: (f, c[0], ce, m), {}, r"coords must be \(B, Q, 2\)"),
@@ -103,6 +131,16 @@ CASES = {
                                  "_SequentialTanh defines its own forward"),
     "imnet Sequential named MLP": (lambda f, c, ce, m: (f, c, ce, _TanhMLP(*m.layers)), {},
                                    r"MLP defines its own forward.*pass nn.Sequential\(\*imnet\)"),
+    "imnet Linear subclass": (lambda f, c, ce, m: (f, c, ce, nn.Sequential(
+        m.layers[0], m.layers[1], _ScaledLinear(8, 3))), {},
+        "_ScaledLinear at position 2 of the Sequential overrides Linear.forward"),
+    "imnet ReLU subclass": (lambda f, c, ce, m: (f, c, ce, nn.Sequential(
+        m.layers[0], _LeakyReLU(), m.layers[2])), {},
+        "_LeakyReLU at position 1 of the Sequential overrides ReLU.forward"),
+    "imnet named MLP": (lambda f, c, ce, m: (f, c, ce, MLP(m)), {},
+                        r"^imnet: MLP defines its own forward.*pass imnet.layers$"),
+    "imnet subclass of a named MLP": (lambda f, c, ce, m: (f, c, ce, _SigmoidMLPSubclass(m)), {},
+                                      "_SigmoidMLPSubclass defines its own forward"),
     "feat without channels": (lambda f, c, ce, m: (f[:, :0], c, ce, m), {},
                               "feat must have C, H, W >= 1"),
     "imnet pair": (lambda f, c, ce, m: (f, c, ce, [(torch.randn(3, 31),)]), {},

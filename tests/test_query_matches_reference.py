@@ -104,6 +104,20 @@ class MLPRefiner(torch.nn.Module):
         return self.layers(x.view(-1, x.shape[-1])).view(*shape, -1)
 
 
+class ImplicitDecoder(torch.nn.Module):
+    """A fork's MLP under another name, with the original's forward: accepted by its code."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.layers = mlp.layers
+
+    def forward(self, x):
+        """Its docstring does not change its code."""
+        shape = x.shape[:-1]
+        x = self.layers(x.view(-1, x.shape[-1]))
+        return x.view(*shape, -1)
+
+
 def test_imnet_forms_agree():
     """Sequential, a module with .layers (LIIF's MLP, a subclass that keeps its forward,
     mmediting's MLPRefiner, a module with no forward of its own), and (weight, bias) pairs, with
@@ -113,7 +127,9 @@ def test_imnet_forms_agree():
     pairs = [(m.weight, m.bias) for m in mlp.layers if isinstance(m, torch.nn.Linear)]
     expected = ref.query_rgb(feat, coords, cells, mlp)
     for imnet in (mlp, mlp.layers, pairs, tuple(pairs), _MLPSubclass(mlp), MLPRefiner(mlp),
-                  _LayersHolder(mlp)):
+                  _LayersHolder(mlp), ImplicitDecoder(mlp), liif_cuda.models.MLP(40, 2, [16, 8])):
+        if isinstance(imnet, liif_cuda.models.MLP):
+            imnet.load_state_dict(mlp.state_dict())
         assert relative_error(liif_cuda.query(feat, coords, cells, imnet), expected) <= 1e-5
     no_bias = torch.nn.Sequential(torch.nn.Linear(40, 16, bias=False), torch.nn.ReLU(),
                                   torch.nn.Linear(16, 2))
@@ -250,3 +266,15 @@ def test_the_query_is_bilinear_interpolation_for_a_pass_through_mlp(query):
         torch.testing.assert_close(out[..., 2 * C + axis][outside],
                                    ((c - nearest_centre) * n)[outside], rtol=1e-7, atol=1e-9)
         assert outside.sum() > 20
+
+
+def test_parametrized_linear_is_accepted():
+    """weight_norm's parametrization (a Linear subclass that keeps Linear's forward, its weight
+    computed on access): the fused op reads the weight it computes."""
+    feat, coords, cells = random_inputs(1, 4, 5, 6, 30, seed=6)
+    mlp = make_mlp(40, [16], 2, torch.float32)
+    torch.nn.utils.parametrizations.weight_norm(mlp.layers[0])
+    with torch.no_grad():
+        mlp.layers[0].parametrizations.weight.original0.mul_(1.5)  # weight no longer the init's
+    expected = ref.query_rgb(feat, coords, cells, mlp)
+    assert relative_error(liif_cuda.query(feat, coords, cells, mlp), expected) <= 1e-5
