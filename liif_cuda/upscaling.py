@@ -190,6 +190,24 @@ def encoder_runs_in(encoder_precision, device_type):
     return encoder_precision
 
 
+def float32_fallbacks(precision, encoder_precision, device_type):
+    """Which of the reduced precisions asked for compute float32 on a device type instead: a list
+    of "precision" (the query's: tf32 and fp16 on any CPU, bf16 on a CPU without AVX512-BF16) and
+    "encoder_precision" (bf16 on a CPU without bf16 convolutions, encoder_runs_in)."""
+    if device_type != "cpu":
+        return []
+    fallbacks = []
+    if precision in ("tf32", "fp16"):
+        fallbacks.append("precision")
+    elif precision == "bf16":
+        from . import build_info
+        if not build_info()["cpu_bf16"]:
+            fallbacks.append("precision")
+    if encoder_precision == "bf16" and encoder_runs_in("bf16", "cpu") == "fp32":
+        fallbacks.append("encoder_precision")
+    return fallbacks
+
+
 def run_encoder(encoder, inp, encoder_precision):
     if inp.device.type == "cpu":
         # oneDNN's convolutions run about 1.4x faster (float32) and 1.5x (bf16) on channels-last

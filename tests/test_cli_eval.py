@@ -326,3 +326,20 @@ def test_a_precision_run_in_float32_is_recorded(tmp_path, folder, checkpoint, ca
     assert (f", precision bf16{marked}" in heading) == (not query_bf16), heading
     assert (f"encoder precision bf16{marked}" in heading) == (not convolutions_bf16), heading
     assert heading.count(marked) == len(ran), heading
+
+
+def test_evaluate_records_a_precision_run_in_float32(tmp_path, folder, checkpoint, monkeypatch):
+    """The Python API's JSON says the same as the command's: which precisions asked for the CPU
+    computed in float32."""
+    import liif_cuda
+    import liif_cuda.upscaling as upscaling
+    from liif_cuda.evaluation import evaluate
+    info = {**liif_cuda.build_info(), "cpu_bf16": False}
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: info)
+    monkeypatch.setattr(upscaling, "cpu_has_bf16_convolutions", lambda: True)
+    model = liif_cuda.load_model(checkpoint)
+    for precision, ran in (("bf16", ["precision"]), ("fp32", [])):
+        out = tmp_path / f"{precision}.json"
+        evaluate(model, folder, [2], protocol="paper", precision=precision,
+                 encoder_precision="bf16", json_path=str(out), progress=False)
+        assert json.loads(out.read_text())["ran_float32"] == ran

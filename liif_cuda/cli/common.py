@@ -111,23 +111,18 @@ def check_precisions(args, device):
     ("precision", "encoder_precision"), so that a saved result can say so."""
     if args.encoder_precision == "fp16" and not is_cuda(device):
         raise CliError("--encoder-precision fp16 needs a CUDA device (on the CPU use bf16)", 2)
-    if device != "cpu":
-        return []
-    ran_float32 = []
-    if args.precision in ("tf32", "fp16"):
-        notice(f"--precision {args.precision} runs float32 on the CPU (tf32 and fp16 are CUDA "
-               f"tensor-core precisions; the CPU's reduced precision is bf16)")
-        ran_float32.append("precision")
-    elif args.precision == "bf16":
-        from .. import build_info
-        if not build_info()["cpu_bf16"]:
+    from ..upscaling import float32_fallbacks
+    ran_float32 = float32_fallbacks(args.precision, args.encoder_precision,
+                                    "cpu" if device == "cpu" else "cuda")
+    if "precision" in ran_float32:
+        if args.precision == "bf16":
             notice("--precision bf16 runs float32 on this CPU (it has no AVX512-BF16)")
-            ran_float32.append("precision")
-    from ..upscaling import encoder_runs_in
-    if args.encoder_precision == "bf16" and encoder_runs_in("bf16", "cpu") == "fp32":
+        else:
+            notice(f"--precision {args.precision} runs float32 on the CPU (tf32 and fp16 are "
+                   f"CUDA tensor-core precisions; the CPU's reduced precision is bf16)")
+    if "encoder_precision" in ran_float32:
         notice("--encoder-precision bf16 runs float32 on this CPU (torch has no bf16 "
                "convolutions for it: they need AVX512 or AMX)")
-        ran_float32.append("encoder_precision")
     return ran_float32
 
 

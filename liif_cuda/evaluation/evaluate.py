@@ -187,8 +187,14 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
         if bar is not None:
             bar.close()
     if json_path:
+        ran_float32 = []  # only a LIIF model has precisions
+        if hasattr(model, "query_rgb"):
+            from ..upscaling import float32_fallbacks
+            device_type = torch.device(device or next(model.parameters()).device).type
+            ran_float32 = float32_fallbacks(precision, encoder_precision, device_type)
         write_results(json_path, results, protocol=protocol, resize=resize, crop=crop, div2k=div2k,
-                      lr_dir=lr_dir, precision=precision, encoder_precision=encoder_precision)
+                      lr_dir=lr_dir, precision=precision, encoder_precision=encoder_precision,
+                      ran_float32=ran_float32)
     return results
 
 

@@ -75,8 +75,10 @@ def mod12_shape(h, w, protocol):
     return h, w
 
 
-def downscale(gt, scale, resize="pillow"):
-    h_lr, w_lr = lr_shape(*gt.shape[:2], scale)
+def downscale(gt, lr_size, resize="pillow"):
+    """The LR image of the ground truth `gt`: (h_lr, w_lr) = `lr_size`, by Pillow's bicubic or
+    MATLAB's imresize."""
+    h_lr, w_lr = lr_size
     if resize == "matlab":
         return imresize(gt, output_shape=(h_lr, w_lr))
     return np.asarray(Image.fromarray(gt).resize((w_lr, h_lr), Image.BICUBIC))
@@ -121,7 +123,9 @@ def make_sample(path, scale, protocol, resize="pillow", lr_dir=None):
         lr = read_rgb(lr_path)
         check_lr_size(lr_path, *lr.shape[:2], path, *hr.shape[:2], scale, protocol)
     else:
-        lr = downscale(gt, scale, resize)
+        # The LR size is the image's (after GTmod12), as the original code and mmediting take it:
+        # floor(size / s) of the ground truth cropped to round(h_lr * s) can be a pixel less.
+        lr = downscale(gt, lr_shape(h12, w12, scale), resize)
     return Sample(os.path.basename(path), lr, gt, gray)
 
 
