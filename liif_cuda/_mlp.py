@@ -22,7 +22,7 @@ def _sequential_parameters(seq):
                 f"imnet: expected nn.ReLU at position {i} of the Sequential "
                 f"(Linear and ReLU alternating), got {type(m).__name__}")
         base = nn.Linear if expect_linear else nn.ReLU
-        if type(m).forward is not base.forward:
+        if type(m).forward is not base.forward or "forward" in vars(m):
             # A subclass computing something else (a LoRA-style Linear, say): the fused op reads
             # .weight and .bias only, and would leave it out silently.
             raise ValueError(
@@ -85,10 +85,13 @@ def _check_forward_is_layers(imnet):
     more (an output activation, a residual) would be answered silently wrong. (The class that
     defines forward is found through the MRO, which torch.compile can trace.)"""
     owner = next(c for c in type(imnet).__mro__ if "forward" in c.__dict__)
-    if owner is nn.Sequential or owner is nn.Module:
+    # A forward set on the instance (as hooks and patchers do) or a __call__ of its own runs
+    # instead of the class's forward.
+    replaced = "forward" in vars(imnet) or type(imnet).__call__ is not nn.Module.__call__
+    if not replaced and (owner is nn.Sequential or owner is nn.Module):
         return
     forward = owner.__dict__["forward"]
-    if (not isinstance(imnet, nn.Sequential) and hasattr(forward, "__code__")
+    if (not replaced and not isinstance(imnet, nn.Sequential) and hasattr(forward, "__code__")
             and _code_key(forward.__code__) in _LAYERS_ONLY_FORWARDS):
         return
     raise ValueError(

@@ -343,3 +343,11 @@ def test_evaluate_records_a_precision_run_in_float32(tmp_path, folder, checkpoin
         evaluate(model, folder, [2], protocol="paper", precision=precision,
                  encoder_precision="bf16", json_path=str(out), progress=False)
         assert json.loads(out.read_text())["ran_float32"] == ran
+    # A function, even one with a query_rgb attribute, has no precisions; nothing is recorded.
+    def predict(lr, out_h, out_w):
+        return np.zeros((out_h, out_w, 3))
+    predict.query_rgb = None
+    out = tmp_path / "function.json"
+    evaluate(predict, folder, [2], protocol="paper", precision="bf16", json_path=str(out),
+             progress=False)
+    assert json.loads(out.read_text())["ran_float32"] == []

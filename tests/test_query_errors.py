@@ -63,6 +63,17 @@ class _LeakyReLU(nn.ReLU):
         return nn.functional.leaky_relu(x)
 
 
+def _with_instance_forward(module, forward):
+    """A forward set on the instance (as hooks and patchers set it): it runs, not the class's."""
+    module.forward = forward
+    return module
+
+
+class _CallsSigmoid(nn.Sequential):  # a __call__ of its own runs instead of forward
+    def __call__(self, x):
+        return torch.sigmoid(super().__call__(x))
+
+
 CASES = {
     "feat rank": (lambda f, c, ce, m: (f[0], c, ce, m), {}, r"feat must be \(B, C, H, W\)"),
     "coords rank": (lambda f, c, ce, m: (f, c[0], ce, m), {}, r"coords must be \(B, Q, 2\)"),
@@ -137,6 +148,15 @@ CASES = {
     "imnet ReLU subclass": (lambda f, c, ce, m: (f, c, ce, nn.Sequential(
         m.layers[0], _LeakyReLU(), m.layers[2])), {},
         "_LeakyReLU at position 1 of the Sequential overrides ReLU.forward"),
+    "imnet Linear with an instance forward": (lambda f, c, ce, m: (f, c, ce, nn.Sequential(
+        m.layers[0], m.layers[1], _with_instance_forward(nn.Linear(8, 3), lambda x: 2 * x))), {},
+        "Linear at position 2 of the Sequential overrides Linear.forward"),
+    "imnet with an instance forward": (lambda f, c, ce, m: (f, c, ce, _with_instance_forward(
+        nn.Sequential(*m.layers), torch.sigmoid)), {}, "Sequential defines its own forward"),
+    "imnet MLP with an instance forward": (lambda f, c, ce, m: (f, c, ce, _with_instance_forward(
+        make_mlp(31, [8], 3, torch.float32), torch.sigmoid)), {}, "MLP defines its own forward"),
+    "imnet with its own call": (lambda f, c, ce, m: (f, c, ce, _CallsSigmoid(*m.layers)), {},
+                                "_CallsSigmoid defines its own forward"),
     "imnet named MLP": (lambda f, c, ce, m: (f, c, ce, MLP(m)), {},
                         r"^imnet: MLP defines its own forward.*pass imnet.layers$"),
     "imnet subclass of a named MLP": (lambda f, c, ce, m: (f, c, ce, _SigmoidMLPSubclass(m)), {},

@@ -1038,6 +1038,8 @@ def test_good_values_pass(images, key, value):
      "^train_dataset.dataset.args.root_path /nonexistent is not a folder$"),
     (lambda c: c["val_dataset"]["dataset"]["args"].update(root_path="/nonexistent"),
      "^val_dataset.dataset.args.root_path /nonexistent is not a folder$"),
+    (lambda c: c["val_dataset"]["dataset"]["args"].update(root_path=2024),  # YAML's number
+     "^val_dataset.dataset.args.root_path must be a folder's path, got 2024$"),
     (lambda c: c["train_dataset"]["dataset"]["args"].update(root_path="./load/div2k/none"),
      r"^train_dataset.dataset.args.root_path ./load/div2k/none is not a folder; the packaged "
      r"configs read DIV2K from ./load/div2k/"),

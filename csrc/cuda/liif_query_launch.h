@@ -489,7 +489,8 @@ inline LaunchPlan plan_launch(const QueryKernelParams<T>& p, size_t max_shared_b
         ws ? kWgmmaWsThreads : pp || mc || wgmma ? kWgmmaThreads : mma_threads(wide ? 32 : 64);
     plan.queries_per_block = kMmaRows / nn;
     plan.act_pitch = mma_act_pitch_bytes(p.precision) / operand_bytes(p.precision);
-    plan.shared_bytes = ws ? ws_bytes : pp ? pp_bytes : mc ? mc_bytes : wgmma ? wgmma_bytes : mma_bytes;
+    plan.shared_bytes =
+        ws ? ws_bytes : pp ? pp_bytes : mc ? mc_bytes : wgmma ? wgmma_bytes : mma_bytes;
   } else if (tensor_core_path_applies(p, has_tensor_cores) &&
              shared_bytes<float>(tensor_core_layout(p.precision, nn)) <= max_shared_bytes) {
     plan.path = KernelPath::kTensorCore;

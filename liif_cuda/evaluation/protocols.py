@@ -3,7 +3,7 @@ truth are made from an HR file, how the prediction is rounded, and how it is sco
 
 - "mmedit" (mmediting 0.x, the model card): GT = HR cropped top-left to a multiple of 12 (GTmod12), then
   to round(h_lr * s) x round(w_lr * s) with h_lr = floor(H / s + 1e-9); LR by Pillow bicubic of the 8-bit
-  GT; prediction clamped to [0, 1] and rounded to 8 bits; RGB PSNR and SSIM with `crop` pixels removed
+  GT to h_lr x w_lr (H and W the image's after GTmod12, not the GT's); prediction clamped to [0, 1] and rounded to 8 bits; RGB PSNR and SSIM with `crop` pixels removed
   (default the scale), SSIM of the Blue channel only (mmediting 0.x's quirk, see metrics.py).
 - "mmagic" (mmagic 1.x): as "mmedit" but the prediction is clamped to [0, 255] and not rounded, and SSIM
   averages the three channels.

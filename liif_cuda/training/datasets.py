@@ -266,6 +266,8 @@ def make_dataset(spec, seed, where="train_dataset"):
     args.setdefault("cache", "none")
     for key in ("root_path", "root_path_1", "root_path_2"):
         folder = args.get(key)
+        if folder is not None and not isinstance(folder, str):  # YAML reads `2024` as a number
+            raise ConfigError(f"{where}.dataset.args.{key} must be a folder's path, got {folder!r}")
         if folder is not None and not os.path.isdir(folder):
             # Named by its key: a config has two datasets, a paired one two folders.
             hint = ("; the packaged configs read DIV2K from ./load/div2k/, for other images copy "

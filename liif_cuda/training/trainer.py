@@ -543,9 +543,9 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             # precision is recorded in its checkpoints), but never silently at a fraction of
             # float32's speed.
             print("note: --precision bf16 on this CPU: torch has no bf16 convolutions for it "
-                  "(they need AVX512 or AMX), so the encoder's convolutions run in plain loops and a step takes "
-                  "several times float32's (7.9x on a 2-core AVX2 AMD EPYC); --precision fp32 "
-                  "is faster here", flush=True)
+                  "(they need AVX512 or AMX), so the encoder's convolutions run in plain loops "
+                  "and a step takes several times float32's (7.9x on a 2-core AVX2 AMD EPYC); "
+                  "--precision fp32 is faster here", flush=True)
     seed = config.get("seed", 0)
     torch.manual_seed(seed)
     model = build_model(config["model"], normalisation).to(device)
