@@ -1,5 +1,6 @@
-"""Inputs for the query tests."""
+"""Inputs for the query tests, and restatements the tests share."""
 
+import numpy as np
 import torch
 from conftest import TOLERANCE, relative_error
 from hypothesis import strategies as st
@@ -170,3 +171,24 @@ def rounding_model_bound(feat, coords, cells, mlp, precision, flags, tf32_map=Fa
         model = ref.query_rgb(feat, coords, cells, model_mlp, **flags)
     bound = 2 * relative_error(model, exact) + TOLERANCE[torch.float32]
     return exact, bound
+
+
+def matlab_resize_1d(x, out_len, scale):
+    """MATLAB imresize's bicubic along axis 0, written out directly: every output sample is the
+    normalised weighted sum of the input extended by symmetric padding (np.pad 'symmetric',
+    MATLAB's [1:n, n:-1:1]), with the cubic a = -0.5 kernel stretched by 1 / scale when shrinking
+    (antialiasing)."""
+    def cubic(t):
+        t = np.abs(t)
+        return np.where(t <= 1, 1.5 * t**3 - 2.5 * t**2 + 1,
+                        np.where(t <= 2, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2, 0.0))
+    n = x.shape[0]
+    pad = 4 * n
+    ext = np.pad(x, [(pad, pad)] + [(0, 0)] * (x.ndim - 1), mode="symmetric")
+    j = np.arange(-pad, n + pad) + 1.0  # 1-based positions of ext's samples
+    out = []
+    for i in range(1, out_len + 1):
+        u = i / scale + 0.5 * (1 - 1 / scale)
+        w = scale * cubic(scale * (u - j)) if scale < 1 else cubic(u - j)
+        out.append(np.tensordot(w / w.sum(), ext, axes=(0, 0)))
+    return np.stack(out)

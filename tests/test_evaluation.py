@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import OFFICIAL_WEIGHTS, SHARED, requires_shared
+from helpers import matlab_resize_1d
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
@@ -139,34 +140,13 @@ def test_matlab_imresize_properties():
     assert imresize(x, 0.5).dtype == np.uint8 and imresize(x, output_shape=(7, 3)).shape == (7, 3)
 
 
-def _matlab_resize_1d(x, out_len, scale):
-    """MATLAB imresize's bicubic along axis 0, written out directly: every output sample is the
-    normalised weighted sum of the input extended by symmetric padding (np.pad 'symmetric',
-    MATLAB's [1:n, n:-1:1]), with the cubic a = -0.5 kernel stretched by 1 / scale when shrinking
-    (antialiasing)."""
-    def cubic(t):
-        t = np.abs(t)
-        return np.where(t <= 1, 1.5 * t**3 - 2.5 * t**2 + 1,
-                        np.where(t <= 2, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2, 0.0))
-    n = x.shape[0]
-    pad = 4 * n
-    ext = np.pad(x, [(pad, pad)] + [(0, 0)] * (x.ndim - 1), mode="symmetric")
-    j = np.arange(-pad, n + pad) + 1.0  # 1-based positions of ext's samples
-    out = []
-    for i in range(1, out_len + 1):
-        u = i / scale + 0.5 * (1 - 1 / scale)
-        w = scale * cubic(scale * (u - j)) if scale < 1 else cubic(u - j)
-        out.append(np.tensordot(w / w.sum(), ext, axes=(0, 0)))
-    return np.stack(out)
-
-
 @pytest.mark.parametrize("scale", [0.5, 1 / 3, 0.75, 2, 2.5])
 def test_matlab_imresize_against_a_direct_restatement(scale):
     """Border samples included: the symmetric padding, the antialiasing kernel's width."""
     x = np.random.default_rng(7).uniform(0, 255, (9, 13))
     ours = imresize(x, scale)
     h, w = ours.shape
-    expected = _matlab_resize_1d(_matlab_resize_1d(x, h, scale).T, w, scale).T
+    expected = matlab_resize_1d(matlab_resize_1d(x, h, scale).T, w, scale).T
     assert np.allclose(ours, expected, rtol=0, atol=1e-9)
 
 

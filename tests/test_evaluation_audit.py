@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import matlab_resize_1d
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -158,25 +159,6 @@ def test_lr_size_for_non_integer_scales_is_the_spec_one(tmp_path, protocol, scal
     assert np.array_equal(sample.lr, expected)
 
 
-def _matlab_resize_1d(x, out_len, scale):
-    """MATLAB imresize's bicubic along axis 0, written out directly (as in test_evaluation.py):
-    symmetric padding, cubic a = -0.5 stretched by 1 / scale when shrinking, normalised weights."""
-    def cubic(t):
-        t = np.abs(t)
-        return np.where(t <= 1, 1.5 * t**3 - 2.5 * t**2 + 1,
-                        np.where(t <= 2, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2, 0.0))
-    n = x.shape[0]
-    pad = 4 * n
-    ext = np.pad(x, [(pad, pad)] + [(0, 0)] * (x.ndim - 1), mode="symmetric")
-    j = np.arange(-pad, n + pad) + 1.0
-    out = []
-    for i in range(1, out_len + 1):
-        u = i / scale + 0.5 * (1 - 1 / scale)
-        w = scale * cubic(scale * (u - j)) if scale < 1 else cubic(u - j)
-        out.append(np.tensordot(w / w.sum(), ext, axes=(0, 0)))
-    return np.stack(out)
-
-
 @pytest.mark.parametrize("in_shape,out_shape", [((9, 13), (4, 20)), ((12, 10), (30, 4)),
                                                 ((11, 11), (5, 7))])
 def test_imresize_to_a_size_uses_each_axis_own_scale(in_shape, out_shape):
@@ -184,7 +166,7 @@ def test_imresize_to_a_size_uses_each_axis_own_scale(in_shape, out_shape):
     for the rows and W / w for the columns (float input: no rounding)."""
     x = np.random.default_rng(23).uniform(0, 255, in_shape)
     (h, w), (oh, ow) = in_shape, out_shape
-    expected = _matlab_resize_1d(_matlab_resize_1d(x, oh, oh / h).T, ow, ow / w).T
+    expected = matlab_resize_1d(matlab_resize_1d(x, oh, oh / h).T, ow, ow / w).T
     assert np.allclose(imresize(x, output_shape=out_shape), expected, rtol=0, atol=1e-9)
 
 
@@ -194,8 +176,8 @@ def test_imresize_uint8_rounds_after_each_pass_as_matlab():
     fatheral/matlab_imresize project, by 1 in 14% of the values)."""
     x = np.random.default_rng(24).integers(0, 256, (12, 10), dtype=np.uint8)
     oh, ow = 5, 7  # rows shrink more (5/12) than columns (7/10): MATLAB resizes the rows first
-    rows = np.clip(np.round(_matlab_resize_1d(x.astype(np.float64), oh, oh / 12)), 0, 255)
-    both = np.clip(np.round(_matlab_resize_1d(rows.T, ow, ow / 10).T), 0, 255)
+    rows = np.clip(np.round(matlab_resize_1d(x.astype(np.float64), oh, oh / 12)), 0, 255)
+    both = np.clip(np.round(matlab_resize_1d(rows.T, ow, ow / 10).T), 0, 255)
     assert np.array_equal(imresize(x, output_shape=(oh, ow)), both.astype(np.uint8))
 
 
@@ -203,7 +185,7 @@ def test_imresize_uint8_rounds_half_away_from_zero():
     """MATLAB's uint8() rounds a tie up (half away from zero), where numpy rounds to even: at x2
     the cubic's weights are multiples of 1/128, and this row gives exactly 112.5 at column 6."""
     x = np.array([[20, 76, 123, 108, 103, 7]], np.uint8)
-    exact = _matlab_resize_1d(x.T.astype(np.float64), 12, 2.0).T
+    exact = matlab_resize_1d(x.T.astype(np.float64), 12, 2.0).T
     assert exact[0, 6] == 112.5  # the premise: a tie, whose even neighbour is 112
     assert imresize(x, output_shape=(1, 12))[0, 6] == 113
 
@@ -212,7 +194,7 @@ def test_imresize_clips_uint8_overshoot():
     """Bicubic overshoots at a step; a uint8 result is clipped to 0..255 (MATLAB saturates), not
     wrapped. The rows keep their size (scale 1, an exact identity), the columns double."""
     x = np.tile(np.array([0, 0, 0, 0, 255, 255, 255, 255], np.uint8), (3, 1))
-    cols = _matlab_resize_1d(x.T.astype(np.float64), 16, 2.0).T
+    cols = matlab_resize_1d(x.T.astype(np.float64), 16, 2.0).T
     assert cols.max() > 255.5 and cols.min() < -0.5  # the premise: the cubic overshoots
     assert np.array_equal(imresize(x, output_shape=(3, 16)),
                           np.clip(np.round(cols), 0, 255).astype(np.uint8))
