@@ -302,6 +302,8 @@ elif "benchmarks/gpu_paths.py" in args:
         print(rest[0], "ok")
 elif "benchmarks/bench_gpu.py" in args:
     print("benchmark arguments:", args[1:])
+elif "benchmarks/profile_train_step.py" in args:
+    print("training profile arguments:", args[1:])
 elif "pytest" in args:
     print("1 passed in 0.1s")
 elif args[:1] == ["-c"]:
@@ -336,11 +338,11 @@ def summary_line(summary, step):
 
 
 def test_gpu_mode_runs_the_optional_steps_within_the_budget(tmp_path):
-    """With 100 s of budget, memcheck (60 s limit), ncu (60 s) and racecheck (50 s, one step per
-    kernel) run (the fake tools take no time), the multicast kernel's two schedules first; the Set5
-    folder of the shared data (its path with a
-    space) reaches the benchmark intact; a relative RESULTS_DIR is taken from where the script is
-    run."""
+    """With 100 s of budget, memcheck (60 s limit), ncu (60 s), racecheck (50 s, one step per
+    kernel) and the training profile (90 s) run (the fake tools take no time), the multicast
+    kernel's two schedules first, the profile after the default kernel's ncu; the Set5 folder of
+    the shared data (its path with a space) reaches the benchmark and the profile intact; a
+    relative RESULTS_DIR is taken from where the script is run."""
     shared = tmp_path / "shared data"
     (shared / "data" / "Set5").mkdir(parents=True)
     proc, summary, results = run_gpu_mode(tmp_path, GPU_CHECK_BUDGET_S="100",
@@ -350,17 +352,26 @@ def test_gpu_mode_runs_the_optional_steps_within_the_budget(tmp_path):
     assert " ok " in summary_line(summary, "build")
     steps = ("path bf16", "path bf16-wgmma", "path bf16-wgmma_mc", "path bf16-wgmma_pp",
              "benchmark", "memcheck", "racecheck bf16-wgmma_mc", "racecheck bf16-wgmma_pp",
-             "ncu bf16-wgmma_mc", "ncu bf16-wgmma_pp", "racecheck bf16-wgmma_ws", "ncu bf16-wgmma")
+             "ncu bf16-wgmma_mc", "training profile", "ncu bf16-wgmma_pp",
+             "racecheck bf16-wgmma_ws", "ncu bf16-wgmma")
     for step in steps:
         assert " ok " in summary_line(summary, step), (step, summary)
+    lines = summary.splitlines()
+    at = {step: next(i for i, x in enumerate(lines) if x.startswith(step + " ")) for step in steps}
+    assert at["ncu bf16-wgmma_mc"] < at["training profile"] < at["ncu bf16-wgmma_pp"], summary
     order = [x.split()[0] + " " + x.split()[1] for x in summary.splitlines()
              if x.startswith(("racecheck ", "ncu "))]
     assert order[:4] == ["racecheck bf16-wgmma_mc", "racecheck bf16-wgmma_pp", "ncu bf16-wgmma_mc",
                          "ncu bf16-wgmma_pp"], summary
     assert len([x for x in summary.splitlines() if x.startswith("cuda tests ")]) == 6, summary
     assert summary_line(summary, "racecheck hazards") is None, summary  # only after a failure
-    assert f"'--train-data', '{shared}/data/Set5'" in (results / "bench.log").read_text()
+    bench_log = (results / "bench.log").read_text()
+    assert f"'--train-data', '{shared}/data/Set5'" in bench_log
+    assert f"training profile arguments: ['--data', '{shared}/data/Set5', '--device', 'cuda'" \
+        in bench_log
     assert "verdict: every step passed" in summary
+    # What the device tool brings back: at most 8 files, no folders (the profile's JSON stays out).
+    assert len(os.listdir(results)) <= 8 and all(f.is_file() for f in results.iterdir())
 
 
 @pytest.mark.parametrize("failing", ["9.0a", "9.0a 9.0"])

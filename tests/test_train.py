@@ -375,6 +375,18 @@ def test_init_from_a_checkpoint(images, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_first_k_above_the_images_says_so(images, tmp_path, capsys):
+    """first_k asks for more images than the folder has: all are used (as the original does) and a
+    note names the dataset; a first_k the folder meets says nothing."""
+    config = tiny_config(images, epochs=1)
+    config["train_dataset"]["dataset"]["args"]["first_k"] = 2   # the folder holds 2
+    config["val_dataset"]["dataset"]["args"]["first_k"] = 5
+    train(config, str(tmp_path / "run"), device="cpu", progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: val_dataset.dataset.args.first_k is 5, but there are 2 images: all 2 "
+                     "are used"]
+
+
 def test_init_with_another_normalisation_says_so(images, tmp_path, capsys, monkeypatch):
     """An mmediting EDSR checkpoint (mean 0.4488..., std 1) as --init: training goes on with the
     original (x - 0.5) / 0.5, and a note says so (it used to be silent)."""

@@ -260,6 +260,17 @@ class SRImplicitPaired(_Wrapper):
         return self.finish(idx, rng, crop_lr, crop_hr)
 
 
+def first_k_shortfall(spec, wrapped, where="train_dataset"):
+    """A note for a `first_k` above the images there are (the original takes them all, silently,
+    so a run on fewer images than its config says goes unnoticed), or None."""
+    first_k = (spec["dataset"].get("args") or {}).get("first_k")
+    folder = wrapped.dataset
+    count = len((folder.first if isinstance(folder, PairedImageFolders) else folder).paths)
+    if first_k is None or count >= first_k:
+        return None
+    return f"{where}.dataset.args.first_k is {first_k}, but there are {count} images: all {count} are used"
+
+
 def make_dataset(spec, seed, where="train_dataset"):
     """The wrapped dataset of a checked `train_dataset` / `val_dataset` (`where`) spec."""
     args = dict(spec["dataset"].get("args") or {})

@@ -23,7 +23,7 @@ from ..checkpoints import read_checkpoint
 from .checkpointing import (load_original_optimizer_state, load_original_state_dict,
                             make_checkpoint, save_atomically, without_mean_shift)
 from .config import ConfigError, TrainingError, check_config, read_yaml
-from .datasets import make_dataset
+from .datasets import first_k_shortfall, make_dataset
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "val_psnr", "seconds"]
@@ -652,6 +652,10 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
     val_set = None
     if config.get("val_dataset") is not None:
         val_set = make_dataset(config["val_dataset"], seed + 1, "val_dataset")  # the same samples
+    for where, dataset in (("train_dataset", train_set), ("val_dataset", val_set)):
+        shortfall = dataset is not None and first_k_shortfall(config[where], dataset, where)
+        if shortfall and dist.main:
+            print(f"note: {shortfall}", flush=True)
 
     train_model = model
     if dist.enabled:
@@ -705,11 +709,13 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
                                        device, precision, config.get("eval_bsize") or 30000,
                                        normalisation, loader_args)
         if dist.main:
+            # One measure for log.csv and the printed line: training and validation, not saving.
+            seconds = time.perf_counter() - started
             improved = val_psnr is not None and val_psnr > best
             best = val_psnr if improved else best
             rows.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / count,
                          "val_psnr": "" if val_psnr is None else f"{val_psnr:.4f}",
-                         "seconds": f"{time.perf_counter() - started:.2f}"})
+                         "seconds": f"{seconds:.2f}"})
             # The log first: a run stopped before the checkpoint below resumes from the previous
             # one and rewrites this row.
             write_log(log_path, rows)
@@ -724,7 +730,7 @@ def _train(config, out_dir, resume, init, dist, device_type, precision, workers,
             summary = f"epoch {epoch}/{epoch_max}: loss {loss_sum / count:.4f}, lr {lr:g}"
             if val_psnr is not None:
                 summary += f", val PSNR {val_psnr:.2f} dB"
-            print(f"{summary}, {time.perf_counter() - started:.1f} s", flush=True)
+            print(f"{summary}, {seconds:.1f} s", flush=True)
         dist.barrier()
     if not dist.main:
         return None
