@@ -21,8 +21,14 @@ import glob
 import os
 
 import setuptools
-import torch
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError:
+    # --no-build-isolation builds against the environment's torch, which must come first.
+    raise SystemExit("liif_cuda builds against an installed torch, and there is none: pip install "
+                     "torch, then pip install --no-build-isolation . (docs/install.md)") from None
 
 # pyproject.toml's `license = "BSD-3-Clause"` (an SPDX expression) needs setuptools 77; with
 # --no-build-isolation the installed setuptools is used whatever pyproject.toml asks for.

@@ -12,7 +12,9 @@ except ImportError as _error:
     if any(name.startswith("_C.") for name in os.listdir(_here)):
         # Built, but it does not load (another torch than it was built against, say).
         raise ImportError(f"liif_cuda's compiled extension in {_here} does not load ({_error}); "
-                          f"rebuild it: bash tools/setup_env.sh (docs/install.md)") from None
+                          f"rebuild it against the installed torch: bash tools/setup_env.sh in a "
+                          f"checkout, else pip install --no-build-isolation --force-reinstall "
+                          f"--no-deps SOURCE (the checkout or the sdist; docs/install.md)") from None
     # Most often the checkout's source folder, which Python finds first from the checkout's root
     # (python -m, torchrun -m, a script there): it has no compiled _C. (Python's own message here,
     # a "partially initialized module" and a "circular import", would only mislead.)
