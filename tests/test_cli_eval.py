@@ -201,6 +201,33 @@ def test_lr_dir_file_of_another_size(tmp_path, folder, capsys, no_work):
                                    f"protocol needs a 13x15 LR image")
 
 
+def test_lr_dir_file_missing(tmp_path, folder, capsys, no_work):
+    """Named by the option, as a file of another size is."""
+    (tmp_path / "LR" / "X2").mkdir(parents=True)
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--scales", 2,
+                           "--protocol", "paper", "--lr-dir", tmp_path / "LR")
+    assert status == 1 and err == (f"liif-cuda: error: --lr-dir: no LR file for 0.png at x2 under "
+                                   f"{tmp_path / 'LR'} (tried X2/0x2.png and similar)")
+
+
+def test_lr_dir_with_two_data_folders(tmp_path, folder, capsys, no_work):
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--data", folder,
+                           "--scales", 2, "--protocol", "paper", "--lr-dir", tmp_path)
+    assert status == 2 and err == ("liif-cuda: error: --lr-dir goes with exactly one --data (its "
+                                   "LR files), got 2")
+
+
+def test_two_data_folders_of_one_name(tmp_path, folder, capsys, no_work):
+    """The results are keyed by the folder's name: the first folder's used to vanish from the
+    table and the JSON, silently."""
+    other = tmp_path / "elsewhere" / "tiny"
+    os.makedirs(other)
+    status, err = error_of(capsys, "--model", "bicubic", "--data", folder, "--data", other,
+                           "--scales", 2)
+    assert status == 1 and err == (f"liif-cuda: error: data folders {folder} and {other} are both "
+                                   f"named tiny, which names their results; rename or link one")
+
+
 @pytest.mark.filterwarnings("error")
 def test_crop_that_leaves_the_ssim_window_is_accepted(folder, capsys):
     assert run("--model", "bicubic", "--data", folder, "--scales", 2, "--crop", 6) == 0

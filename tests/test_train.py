@@ -375,6 +375,19 @@ def test_init_from_a_checkpoint(images, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_default_device_without_the_cuda_kernels(images, tmp_path, capsys, monkeypatch):
+    """A GPU visible, liif_cuda built without its CUDA kernels, no --device: training runs on the
+    CPU, as upscale and eval choose, and says why (it used to choose CUDA and fail)."""
+    import liif_cuda
+    import liif_cuda.training.trainer
+    monkeypatch.setattr(liif_cuda.training.trainer, "gpu_visible", lambda: True)
+    monkeypatch.setattr(liif_cuda, "build_info", lambda: {"cuda": False})
+    train(tiny_config(images, epochs=1), str(tmp_path / "run"), progress=False)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: a GPU is visible, but this liif_cuda was built without its CUDA "
+                     "kernels: training on the CPU (docs/install.md says how to build them)"]
+
+
 def test_first_k_above_the_images_says_so(images, tmp_path, capsys):
     """first_k asks for more images than the folder has: all are used (as the original does) and a
     note names the dataset; a first_k the folder meets says nothing."""

@@ -55,8 +55,8 @@ def check_json_path(path, overwrite):
 def eval_command(args):
     from ..evaluation import evaluate, format_table
     from ..evaluation.evaluate import write_results
-    from ..evaluation.protocols import (ImageTooSmall, LRFileMismatch, OptionIgnored,
-                                        check_protocol_options)
+    from ..evaluation.protocols import (ImageTooSmall, LRFileMismatch, LRFileMissing,
+                                        OptionIgnored, check_protocol_options)
     scales = parse_scales(args.scales)
     if args.crop is not None and args.crop < 0:
         raise CliError(f"--crop must be >= 0, got {args.crop}", 2)
@@ -64,6 +64,9 @@ def eval_command(args):
         check_protocol_options(args.protocol, args.crop, args.div2k)
     except OptionIgnored as exc:
         raise CliError(f"--{exc.option} {exc.detail}", 2) from None
+    if args.lr_dir is not None and len(args.data) != 1:
+        raise CliError(f"--lr-dir goes with exactly one --data (its LR files), got "
+                       f"{len(args.data)}", 2)
     check_cuda_requested(args.device)
     ran_float32 = []  # the reduced precisions asked for that this CPU computes in float32
     if args.model != "bicubic":
@@ -85,7 +88,7 @@ def eval_command(args):
         option = {"scale": "--scales", "crop": "--crop", "protocol": "--protocol"}[exc.option]
         shown = f"{exc.value:g}" if isinstance(exc.value, float) else exc.value
         raise CliError(f"{option} {shown}: {exc.detail}") from None
-    except LRFileMismatch as exc:
+    except (LRFileMismatch, LRFileMissing) as exc:
         raise CliError(f"--lr-dir: {exc}") from None
     except model_errors() as exc:
         raise CliError(f"--model: {exc}") from None

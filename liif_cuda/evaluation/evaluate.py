@@ -125,9 +125,10 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     checked at every scale: an image whose LR image would be empty, or whose ground truth has no
     pixels left after the border is removed (fewer than SSIM's 11x11 where SSIM is computed),
     raises protocols.ImageTooSmall, a ValueError naming the image, its size and the setting; with
-    `lr_dir`, an LR file missing (FileNotFoundError) or of another size (protocols.LRFileMismatch)
-    is found then too. `crop` applies under mmedit and mmagic only, `div2k` under paper only; given
-    under another protocol they are refused (protocols.OptionIgnored) rather than ignored."""
+    `lr_dir`, an LR file missing (protocols.LRFileMissing, a FileNotFoundError) or of another size
+    (protocols.LRFileMismatch) is found then too. `crop` applies under mmedit and mmagic only,
+    `div2k` under paper only; given under another protocol they are refused
+    (protocols.OptionIgnored) rather than ignored."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if resize not in ("pillow", "matlab"):
@@ -144,7 +145,13 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     if not lines and progress not in (True, False):
         raise ValueError(f"progress must be True, False or 'lines', got {progress!r}")
     check_protocol_options(protocol, crop, div2k)
-    files = {os.path.basename(os.path.normpath(d)): list_images(d) for d in data}
+    names = [os.path.basename(os.path.normpath(d)) for d in data]
+    for name in names:
+        if names.count(name) > 1:  # the results are keyed by name: one would replace the other
+            twice = [d for d, n in zip(data, names) if n == name]
+            raise ValueError(f"data folders {' and '.join(twice)} are both named {name}, which "
+                             f"names their results; rename or link one")
+    files = {name: list_images(d) for name, d in zip(names, data)}
     check_sizes(files, scales, protocol, crop, div2k, lr_dir)
     if isinstance(model, str) and model != "bicubic":
         from ..load import load_model

@@ -84,6 +84,10 @@ def downscale(gt, lr_size, resize="pillow"):
     return np.asarray(Image.fromarray(gt).resize((w_lr, h_lr), Image.BICUBIC))
 
 
+class LRFileMissing(FileNotFoundError):
+    """No LR file in `lr_dir` for an HR image at a scale."""
+
+
 def find_lr_file(lr_dir, name, scale):
     stem = os.path.splitext(name)[0]
     s = f"{scale:g}"
@@ -93,8 +97,8 @@ def find_lr_file(lr_dir, name, scale):
                 path = os.path.join(folder, candidate + ext)
                 if os.path.isfile(path):
                     return path
-    raise FileNotFoundError(f"no LR file for {name} at x{s} under {lr_dir} (tried X{s}/{stem}x{s}.png "
-                            f"and similar)")
+    raise LRFileMissing(f"no LR file for {name} at x{s} under {lr_dir} (tried X{s}/{stem}x{s}.png "
+                        f"and similar)")
 
 
 class LRFileMismatch(ValueError):

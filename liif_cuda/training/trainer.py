@@ -438,6 +438,10 @@ def _from_worker(exc):
 
 # -- the loop ------------------------------------------------------------------------------------
 
+def gpu_visible():
+    return torch.cuda.is_available()
+
+
 def train(config, out_dir, resume=False, init=None, device=None, precision="fp32", workers=None,
           progress=True):
     """Trains the model of a checked config (liif_cuda.training.load_config) into `out_dir`.
@@ -447,8 +451,9 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
             is refused (TrainingError) and nothing in it is touched.
         init: start from a pretrained model: a name ("edsr-baseline-liif") or a checkpoint path
             (any layout load_model reads); its architecture must be the config's.
-        device: "cpu", "cuda" or "cuda:N" (default: CUDA when available); under torchrun each
-            process takes cuda:LOCAL_RANK ("cuda"), and "cuda:N" is refused (TrainingError).
+        device: "cpu", "cuda" or "cuda:N" (default: CUDA where a GPU is visible and liif_cuda
+            has its CUDA kernels, else the CPU, with a note if a GPU is visible); under torchrun
+            each process takes cuda:LOCAL_RANK ("cuda"), and "cuda:N" is refused (TrainingError).
         precision: "fp32", "bf16" (autocast on the CPU or CUDA) or "fp16" (CUDA autocast with a
             GradScaler).
         workers: DataLoader worker processes (default: 4 on CUDA, 0 on the CPU, where they would
@@ -459,7 +464,14 @@ def train(config, out_dir, resume=False, init=None, device=None, precision="fp32
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None:
+        # As upscale and eval choose: CUDA where a GPU is visible and liif_cuda has its CUDA kernels.
+        from ..upscaling import default_device
+        device = default_device()
+        if device == "cpu" and gpu_visible() and os.environ.get("RANK", "0") == "0":
+            print("note: a GPU is visible, but this liif_cuda was built without its CUDA kernels: "
+                  "training on the CPU (docs/install.md says how to build them)", flush=True)
+    device = str(device)
     try:
         dev = torch.device(device)
     except RuntimeError:  # torch's "Invalid device string"
