@@ -268,7 +268,8 @@ def first_k_shortfall(spec, wrapped, where="train_dataset"):
     count = len((folder.first if isinstance(folder, PairedImageFolders) else folder).paths)
     if first_k is None or count >= first_k:
         return None
-    return f"{where}.dataset.args.first_k is {first_k}, but there are {count} images: all {count} are used"
+    return (f"{where}.dataset.args.first_k is {first_k}, but there are {count} images: all "
+            f"{count} are used")
 
 
 def make_dataset(spec, seed, where="train_dataset"):
