@@ -190,6 +190,12 @@ def encoder_runs_in(encoder_precision, device_type):
     return encoder_precision
 
 
+def parameters_device(model):
+    """The device of a model's parameters: the CPU for a model without any."""
+    params = next(model.parameters(), None)
+    return params.device if params is not None else torch.device("cpu")
+
+
 def float32_fallbacks(precision, encoder_precision, device_type):
     """Which of the reduced precisions asked for compute float32 on a device type instead: a list
     of "precision" (the query's: tf32 and fp16 on any CPU, bf16 on a CPU without AVX512-BF16) and
@@ -313,11 +319,10 @@ def upscale(image: ImageT, scale: Optional[Scale] = None, size: Optional[Size] =
         device = str(device or default_device())
         model = _cached_model(model or DEFAULT_MODEL, device)
     else:
-        params = next(model.parameters(), None)
-        model_device = params.device if params is not None else torch.device("cpu")
-        if device is not None and torch.device(device) != model_device:
+        on = parameters_device(model)
+        if device is not None and torch.device(device) != on:
             model = model.to(device)
-        device = device or model_device
+        device = device or on
     check_encoder_precision(encoder_precision, device)
     bar = None
     if progress:

@@ -196,10 +196,8 @@ def evaluate(model, data, scales, protocol="mmedit", lr_dir=None, resize="pillow
     if json_path:
         ran_float32 = []  # only a model (which predict() hands to upscale) has precisions
         if isinstance(model, torch.nn.Module):
-            from ..upscaling import float32_fallbacks
-            weight = next(model.parameters(), None)  # on the CPU without any, as in upscale()
-            device_type = (torch.device(device).type if device else
-                           weight.device.type if weight is not None else "cpu")
+            from ..upscaling import float32_fallbacks, parameters_device
+            device_type = torch.device(device or parameters_device(model)).type  # as upscale()
             ran_float32 = float32_fallbacks(precision, encoder_precision, device_type)
         write_results(json_path, results, protocol=protocol, resize=resize, crop=crop, div2k=div2k,
                       lr_dir=lr_dir, precision=precision, encoder_precision=encoder_precision,

@@ -20,14 +20,21 @@ from .config import ConfigError, TrainingError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def not_a_folder(what, folder):
+    """The error for a dataset folder that is not one, named as `what` (a config key), with a hint
+    where the path is the packaged configs' (they read DIV2K from ./load/div2k/, as the original
+    code did)."""
+    hint = ("; the packaged configs read DIV2K from ./load/div2k/, for other images copy a config "
+            "and edit its root_path: docs/training.md"
+            if "load/div2k" in os.fspath(folder).replace(os.sep, "/") else "")
+    return ConfigError(f"{what} {folder} is not a folder{hint}")
+
+
 def list_images(root_path, split_file=None, split_key=None, first_k=None):
     """The image files of a folder: sorted, or the names listed under `split_key` in the JSON
     `split_file`; the first `first_k` of them."""
     if not os.path.isdir(root_path):
-        # The packaged configs read DIV2K from ./load/div2k/ as the original code did.
-        raise ConfigError(f"dataset root_path {root_path} is not a folder (the packaged configs "
-                          f"read DIV2K from ./load/div2k/; for other images copy a config and "
-                          f"edit its root_path: docs/training.md)")
+        raise not_a_folder("dataset root_path", root_path)
     if split_file is not None:
         with open(split_file) as f:
             names = json.load(f)[split_key]
@@ -282,10 +289,7 @@ def make_dataset(spec, seed, where="train_dataset"):
             raise ConfigError(f"{where}.dataset.args.{key} must be a folder's path, got {folder!r}")
         if folder is not None and not os.path.isdir(folder):
             # Named by its key: a config has two datasets, a paired one two folders.
-            hint = ("; the packaged configs read DIV2K from ./load/div2k/, for other images copy "
-                    "a config and edit its root_path: docs/training.md"
-                    if "load/div2k" in os.fspath(folder).replace(os.sep, "/") else "")
-            raise ConfigError(f"{where}.dataset.args.{key} {folder} is not a folder{hint}")
+            raise not_a_folder(f"{where}.dataset.args.{key}", folder)
     if spec["dataset"]["name"] == "image-folder":
         dataset = ImageFolder(**args)
     else:
